@@ -1,0 +1,122 @@
+//! The chunk directory: encrypted chunks on disk, named by their SHA-256.
+//!
+//! Layout: `chunks/<first two hex chars>/<64 hex chars>`, plus `chunks/tmp/`
+//! for writes in progress. A chunk file is only ever created by writing a temp
+//! file and renaming it into place; the database row that makes it "present"
+//! is written only after [`ChunkDir::sync`] has made those renames durable.
+//! So a crash can leave stray files, never a present chunk that is missing or
+//! short. Reads re-hash every chunk, and a chunk that fails its hash is moved
+//! to `quarantine/` instead of being served.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+
+use crate::crypto::{ChunkId, Hash};
+use crate::error::{Error, IoContext, Result};
+
+/// Upper bound on one chunk's ciphertext: the largest allowed chunk size plus the GCM tag.
+pub const MAX_CHUNK_BYTES: usize = crate::manifest::MAX_CHUNK_SIZE as usize + 16;
+
+#[derive(Debug, Clone)]
+pub struct ChunkDir {
+    root: PathBuf,
+    quarantine: PathBuf,
+}
+
+impl ChunkDir {
+    /// Open (creating the tmp dir if needed) and clear writes left by a crash.
+    pub fn open(root: &Path, quarantine: &Path) -> Result<ChunkDir> {
+        let tmp = root.join("tmp");
+        fs::create_dir_all(&tmp).ctx(format!("creating {}", tmp.display()))?;
+        fs::create_dir_all(quarantine).ctx(format!("creating {}", quarantine.display()))?;
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(ChunkDir { root: root.to_path_buf(), quarantine: quarantine.to_path_buf() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join(&hex[..2]).join(hex)
+    }
+
+    /// Verify `data` against `id` and write it into place (temp file, rename).
+    /// Durable only after [`sync`](Self::sync); record it as present after that.
+    pub fn write(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
+        let actual = Hash::of(data);
+        if actual != *id {
+            return Err(Error::integrity(format!("chunk {id} has the wrong content (its hash is {actual})")));
+        }
+        let path = self.path(id);
+        let dir = path.parent().expect("chunk path has a parent");
+        let tmp = self.root.join("tmp").join(format!("{}.{:016x}", id.to_hex(), rand::rngs::OsRng.next_u64()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
+            f.write_all(data).ctx(format!("writing chunk {}", tmp.display()))?;
+            drop(f);
+            if !dir.exists() {
+                fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
+            }
+            fs::rename(&tmp, &path).ctx(format!("renaming chunk into {}", path.display()))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Make every write so far durable (file data and renames) with one syncfs(2).
+    pub fn sync(&self) -> Result<()> {
+        let d = fs::File::open(&self.root).ctx(format!("opening {}", self.root.display()))?;
+        // SAFETY: syncfs takes a valid open file descriptor and has no memory effects.
+        let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
+        if rc != 0 {
+            return Err(Error::from_io(std::io::Error::last_os_error(), "syncing the chunk directory"));
+        }
+        Ok(())
+    }
+
+    /// Read a chunk and check its hash. A mismatch quarantines the file and is a DATA_LOSS error.
+    pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let path = self.path(id);
+        let mut f = fs::File::open(&path).ctx(format!("chunk {id}"))?;
+        let len = f.metadata().ctx(format!("chunk {id}"))?.len() as usize;
+        if len > MAX_CHUNK_BYTES {
+            self.quarantine(id)?;
+            return Err(Error::integrity(format!("chunk {id} on disk is {len} bytes, larger than any chunk")));
+        }
+        let mut data = Vec::with_capacity(len);
+        f.read_to_end(&mut data).ctx(format!("reading chunk {id}"))?;
+        if Hash::of(&data) != *id {
+            self.quarantine(id)?;
+            return Err(Error::integrity(format!(
+                "chunk {id} on disk fails its hash; moved to quarantine (run `bitsync verify`, then re-sync it from a peer)"
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Move a bad chunk out of the way so it is never served again.
+    pub fn quarantine(&self, id: &ChunkId) -> Result<()> {
+        let from = self.path(id);
+        let to = self.quarantine.join(id.to_hex());
+        match fs::rename(&from, &to) {
+            Ok(()) => {
+                tracing::warn!(chunk = %id, "chunk failed its hash and was quarantined");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::from_io(e, format!("quarantining chunk {id}"))),
+        }
+    }
+}

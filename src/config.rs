@@ -1,0 +1,155 @@
+//! The node's settings file, `<data-dir>/config.toml`.
+//!
+//! Every field is optional; `bitsync init` writes [`DEFAULT_CONFIG`], which
+//! documents each one. Unknown keys are an error, so a typo never silently
+//! falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, IoContext, Result};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+
+pub const DEFAULT_CONFIG: &str = r#"# bitsync node configuration.
+# Every setting is optional; the values shown are the defaults.
+
+# A name other nodes see for this node.
+name = ""
+
+# Federation listener (gRPC over mutual TLS). Port 0 picks a free port;
+# the bound address is logged and shown by `grpcurl ... bitsync.v1.Admin/Status`.
+listen = "127.0.0.1:7450"
+
+# Addresses written into invite tokens. Empty: the bound listen address
+# (and the onion address when Tor is on).
+advertise = []
+
+# Plaintext bytes per chunk for new items (4096 ..= 2097152).
+chunk_size = 1048576
+
+[limits]
+# Concurrent streaming calls (StreamChunks, Watch) one peer may hold open.
+max_streams_per_peer = 16
+# Deadline for one unary call, server and client side.
+request_timeout_secs = 60
+# Largest ListManifests page the server returns.
+list_page_max = 1000
+# Most chunk ids in one StreamChunks request.
+max_chunks_per_request = 4096
+
+[tor]
+# Serve Federation on an onion service with embedded Tor (arti); no tor daemon needed.
+enabled = false
+# Dial .onion peers through an external tor's SOCKS5 port instead of embedded Tor.
+# socks = "127.0.0.1:9050"
+# Extra arti configuration (TOML), merged over the defaults: e.g. a private test network.
+# arti_config = "/path/to/arti.toml"
+bootstrap_timeout_secs = 120
+connect_timeout_secs = 60
+
+# Mirror sources: `bitsync serve` keeps a Watch stream open to each and pulls what is new.
+# [[mirror]]
+# peer = "<node id of a trusted peer>"
+"#;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub name: String,
+    pub listen: String,
+    pub advertise: Vec<String>,
+    pub chunk_size: u32,
+    pub limits: Limits,
+    pub tor: TorConfig,
+    pub mirror: Vec<MirrorConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_streams_per_peer: u32,
+    pub request_timeout_secs: u64,
+    pub list_page_max: u32,
+    pub max_chunks_per_request: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TorConfig {
+    pub enabled: bool,
+    pub socks: Option<String>,
+    pub arti_config: Option<PathBuf>,
+    pub bootstrap_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorConfig {
+    pub peer: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            name: String::new(),
+            listen: DEFAULT_LISTEN.to_string(),
+            advertise: Vec::new(),
+            chunk_size: crate::manifest::DEFAULT_CHUNK_SIZE,
+            limits: Limits::default(),
+            tor: TorConfig::default(),
+            mirror: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_streams_per_peer: 16, request_timeout_secs: 60, list_page_max: 1000, max_chunks_per_request: 4096 }
+    }
+}
+
+impl Default for TorConfig {
+    fn default() -> Self {
+        TorConfig { enabled: false, socks: None, arti_config: None, bootstrap_timeout_secs: 120, connect_timeout_secs: 60 }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).ctx(format!("reading {}", path.display()))?;
+        Config::parse(&text).map_err(|e| e.context(path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let c: Config = toml::from_str(text).map_err(|e| Error::invalid(format!("bad configuration: {e}")))?;
+        let m = crate::manifest::MIN_CHUNK_SIZE..=crate::manifest::MAX_CHUNK_SIZE;
+        if !m.contains(&c.chunk_size) {
+            return Err(Error::invalid(format!("chunk_size {} is outside {m:?}", c.chunk_size)));
+        }
+        if c.limits.list_page_max == 0 || c.limits.max_chunks_per_request == 0 || c.limits.max_streams_per_peer == 0 {
+            return Err(Error::invalid("limits must be positive"));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_parses_to_defaults() {
+        let c = Config::parse(DEFAULT_CONFIG).unwrap();
+        assert_eq!(c.listen, DEFAULT_LISTEN);
+        assert_eq!(c.chunk_size, crate::manifest::DEFAULT_CHUNK_SIZE);
+        assert!(!c.tor.enabled);
+    }
+
+    #[test]
+    fn typo_is_an_error() {
+        assert!(Config::parse("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! Items in and out of the store: publish (`put`), read back (`get`), audit (`verify`).
+//!
+//! Both directions stream one chunk at a time, so memory stays at a few
+//! chunks whatever the item's size. `get` checks the manifest signature and
+//! unwraps the key before writing a byte, verifies each chunk's hash and GCM
+//! tag as it goes, and writes a file output atomically: a tampered item
+//! leaves no output file behind.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use crate::crypto::{self, ContentId, Hash, ItemKey};
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::{self, Cipher, ItemMeta, Manifest};
+use crate::node::Node;
+
+/// Chunks written between two syncs of the chunk dir during `put`.
+const SYNC_EVERY: usize = 64;
+
+pub struct PutOptions {
+    pub kind: String,
+    pub name: String,
+}
+
+/// Read `input` to the end and publish it as a new item. Returns its content id.
+pub fn put(node: &Node, input: &mut dyn Read, opts: &PutOptions, progress: &dyn Fn(u64)) -> Result<ContentId> {
+    if opts.kind.is_empty() || opts.kind.len() > 64 {
+        return Err(Error::invalid("kind must be 1 to 64 characters"));
+    }
+    let chunk_size = node.config.chunk_size as usize;
+    let key = ItemKey::random();
+    let mut ids = Vec::new();
+    let mut present = Vec::new();
+    let mut size = 0u64;
+    let mut cur = read_full(input, chunk_size)?;
+    let mut index = 0u64;
+    loop {
+        let next = if cur.len() == chunk_size { read_full(input, chunk_size)? } else { Vec::new() };
+        let last = next.is_empty();
+        size += cur.len() as u64;
+        let ct = crypto::encrypt_chunk(&key, index, last, &cur);
+        let id = Hash::of(&ct);
+        node.chunks.write(&id, &ct)?;
+        ids.push(id);
+        present.push((id, ct.len() as u64));
+        progress(size);
+        if ids.len() % SYNC_EVERY == 0 {
+            node.chunks.sync()?;
+        }
+        if last {
+            break;
+        }
+        cur = next;
+        index += 1;
+    }
+    node.chunks.sync()?;
+    let meta = ItemMeta { name: opts.name.clone() }.encode_to_vec();
+    let body = manifest::native_body(
+        &node.identity,
+        &opts.kind,
+        size,
+        chunk_size as u32,
+        ids,
+        crypto::encrypt_meta(&key, &meta),
+        manifest::now_ms(),
+    );
+    let m = Manifest::create(&node.identity, body)?;
+    let envelopes = envelopes_for_new_item(node, &key)?;
+    node.db.insert_manifest(&m, &envelopes, &present)?;
+    Ok(m.id())
+}
+
+/// Envelopes for this node and every trusted peer whose public key is known
+/// (peers known only by id get theirs just in time, when they first ask).
+pub fn envelopes_for_new_item(node: &Node, key: &ItemKey) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = vec![(node.id().to_hex(), crypto::wrap_key(node.identity.public(), key))];
+    for p in node.db.peers()? {
+        if p.state != crate::store::PeerState::Trusted {
+            continue;
+        }
+        if let Some(spki) = &p.public_key {
+            let public = crate::identity::public_key_from_spki(spki)?;
+            out.push((p.node_id.to_hex(), crypto::wrap_key(&public, key)));
+        }
+    }
+    Ok(out)
+}
+
+fn read_full(input: &mut dyn Read, n: usize) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(n);
+    input.take(n as u64).read_to_end(&mut buf).ctx("reading input")?;
+    Ok(buf)
+}
+
+/// The item key from this node's own envelope.
+pub fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
+    let wrapped = node.db.envelope(&m.id(), &node.id().to_hex())?.ok_or_else(|| {
+        Error::denied(format!("item {} has no envelope for this node; it cannot be decrypted here", m.id()))
+    })?;
+    let key = crypto::unwrap_key(node.identity.private(), &wrapped)
+        .map_err(|e| e.context(format!("item {}", m.id())))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {}", m.id())))?;
+    Ok(key)
+}
+
+/// The decrypted metadata of an item this node holds a key for.
+pub fn item_meta(node: &Node, m: &Manifest) -> Result<ItemMeta> {
+    let key = own_key(node, m)?;
+    let plain = crypto::decrypt_meta(&key, &m.body().encrypted_meta)?;
+    ItemMeta::decode(plain.as_slice()).map_err(|e| Error::integrity(format!("item {} metadata: {e}", m.id())))
+}
+
+pub fn load_manifest(node: &Node, id: &ContentId) -> Result<Manifest> {
+    node.db
+        .manifest(id)?
+        .map(|(m, _)| m)
+        .ok_or_else(|| Error::not_found(format!("no item {id} on this node (see `bitsync ls`)")))
+}
+
+/// Where `get` writes.
+pub enum Output<'a> {
+    File(&'a Path),
+    Stream(&'a mut dyn Write),
+}
+
+/// Decrypt and verify an item into `out`. Returns its metadata and size.
+pub fn get(node: &Node, id: &ContentId, out: Output<'_>, progress: &dyn Fn(u64)) -> Result<(ItemMeta, u64)> {
+    let m = load_manifest(node, id)?;
+    let key = own_key(node, &m)?;
+    let meta = ItemMeta::decode(crypto::decrypt_meta(&key, &m.body().encrypted_meta)?.as_slice())
+        .map_err(|e| Error::integrity(format!("item {id} metadata: {e}")))?;
+    match out {
+        Output::Stream(w) => {
+            let n = decrypt_to(node, &m, &key, w, progress)?;
+            w.flush().ctx("flushing output")?;
+            Ok((meta, n))
+        }
+        Output::File(path) => {
+            let tmp = temp_sibling(path);
+            let result = (|| -> Result<u64> {
+                let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
+                let n = {
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+                    let n = decrypt_to(node, &m, &key, &mut w, progress)?;
+                    w.flush().ctx(format!("writing {}", tmp.display()))?;
+                    n
+                };
+                f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
+                fs::rename(&tmp, path).ctx(format!("renaming output into {}", path.display()))?;
+                Ok(n)
+            })();
+            if result.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            Ok((meta, result?))
+        }
+    }
+}
+
+fn temp_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+    path.with_file_name(format!(".{name}.bitsync-{}.tmp", std::process::id()))
+}
+
+fn decrypt_to(node: &Node, m: &Manifest, key: &ItemKey, w: &mut dyn Write, progress: &dyn Fn(u64)) -> Result<u64> {
+    match m.body().cipher() {
+        Cipher::Aes256GcmChunked => {}
+        Cipher::AxonAes256Cbc => return crate::legacy::decrypt_to(node, m, key, w, progress),
+        Cipher::Unspecified => return Err(Error::integrity("manifest names no cipher")),
+    }
+    let n = m.chunk_count();
+    let mut written = 0u64;
+    for (i, id) in m.chunk_ids().enumerate() {
+        let ct = node.chunks.read(&id).map_err(|e| match e.kind() {
+            crate::error::Kind::NotFound => {
+                Error::not_found(format!("item {} is incomplete: chunk {i} ({id}) is not here yet", m.id()))
+            }
+            _ => e,
+        })?;
+        if ct.len() as u64 != m.chunk_len(i) {
+            return Err(Error::integrity(format!("chunk {i} of item {} has the wrong length", m.id())));
+        }
+        let plain = crypto::decrypt_chunk(key, i as u64, i + 1 == n, &ct)?;
+        w.write_all(&plain).ctx("writing output")?;
+        written += plain.len() as u64;
+        progress(written);
+    }
+    if written != m.body().size {
+        return Err(Error::integrity(format!("item {} decrypted to {written} bytes, manifest says {}", m.id(), m.body().size)));
+    }
+    Ok(written)
+}
+
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub manifests_checked: u64,
+    pub problems: Vec<String>,
+}
+
+/// Re-hash every chunk, re-verify every manifest and check the database.
+/// A chunk that fails its hash is quarantined and forgotten, so the next sync fetches it again.
+pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> {
+    let mut r = VerifyReport::default();
+    for line in node.db.integrity_check()? {
+        r.problems.push(format!("database: {line}"));
+    }
+    let chunks = node.db.chunk_list()?;
+    let total: u64 = chunks.iter().map(|(_, s)| *s).sum();
+    let mut done = 0u64;
+    for (id, size) in &chunks {
+        match node.chunks.read(id) {
+            Ok(_) => {}
+            Err(e) => {
+                node.db.forget_chunk(id)?;
+                r.problems.push(format!("chunk {id}: {e}"));
+            }
+        }
+        r.chunks_checked += 1;
+        done += size;
+        progress(done, total);
+    }
+    for cid in node.db.content_ids()? {
+        r.manifests_checked += 1;
+        match node.db.manifest(&cid) {
+            Ok(Some(_)) => {
+                let missing = node.db.missing_chunks(&cid)?;
+                if !missing.is_empty() {
+                    r.problems.push(format!("item {cid}: {} of its chunks are missing", missing.len()));
+                }
+            }
+            Ok(None) => r.problems.push(format!("item {cid}: vanished during verify")),
+            Err(e) => r.problems.push(format!("item {cid}: {e}")),
+        }
+    }
+    Ok(r)
+}

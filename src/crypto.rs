@@ -1,0 +1,290 @@
+//! Every cryptographic primitive the node uses, in one room.
+//!
+//! - [`Hash`]: SHA-256 digests, which name chunks, manifests and nodes.
+//! - Chunk and metadata encryption: AES-256-GCM under a random per-item key,
+//!   with a nonce that binds each chunk to its index and to whether it is the
+//!   last one, so reordering, substitution and truncation all fail to decrypt.
+//! - Envelopes: the item key wrapped with RSA-OAEP-SHA256 for one recipient.
+//! - Manifest signatures: RSA-PSS-SHA256 over a domain-separated message.
+//! - Passphrase sealing (node keys, backups): scrypt then AES-256-GCM.
+//!
+//! The exact byte layouts are specified in docs/FORMAT.md.
+
+use std::fmt;
+use std::str::FromStr;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+use rsa::pss::{BlindedSigningKey, Signature, VerifyingKey};
+use rsa::signature::{RandomizedSigner, SignatureEncoding, Verifier};
+use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::error::{Error, Result};
+
+/// A SHA-256 digest. Shown and parsed as 64 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash(pub [u8; 32]);
+
+/// Names a chunk: SHA-256 of its ciphertext.
+pub type ChunkId = Hash;
+/// Names an item: SHA-256 of its signed manifest body.
+pub type ContentId = Hash;
+/// Names a node: SHA-256 of its public key's SubjectPublicKeyInfo DER.
+pub type NodeId = Hash;
+
+impl Hash {
+    pub fn of(data: &[u8]) -> Hash {
+        Hash(Sha256::digest(data).into())
+    }
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+    pub fn from_slice(b: &[u8]) -> Result<Hash> {
+        let a: [u8; 32] =
+            b.try_into().map_err(|_| Error::invalid(format!("expected a 32-byte hash, got {} bytes", b.len())))?;
+        Ok(Hash(a))
+    }
+    /// Parse a hex id, naming `what` in the error ("content id", "node id", …).
+    pub fn parse(s: &str, what: &str) -> Result<Hash> {
+        let s = s.trim();
+        let mut a = [0u8; 32];
+        if s.len() != 64 || hex::decode_to_slice(s, &mut a).is_err() {
+            return Err(Error::invalid(format!("{what} {s:?} is not 64 hex characters")));
+        }
+        Ok(Hash(a))
+    }
+    /// The first 12 hex characters, for logs and tables.
+    pub fn short(&self) -> String {
+        self.to_hex()[..12].to_string()
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({})", self.short())
+    }
+}
+impl FromStr for Hash {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Hash> {
+        Hash::parse(s, "id")
+    }
+}
+
+/// A random AES-256 item key. Zeroed when dropped.
+#[derive(Clone)]
+pub struct ItemKey(Zeroizing<[u8; 32]>);
+
+impl ItemKey {
+    pub fn random() -> ItemKey {
+        let mut k = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(k.as_mut());
+        ItemKey(k)
+    }
+    pub fn from_bytes(b: &[u8]) -> Result<ItemKey> {
+        let a: [u8; 32] =
+            b.try_into().map_err(|_| Error::integrity(format!("item key has {} bytes, expected 32", b.len())))?;
+        Ok(ItemKey(Zeroizing::new(a)))
+    }
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(self.0.as_ref().into())
+    }
+}
+
+impl fmt::Debug for ItemKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ItemKey(..)")
+    }
+}
+
+const DOMAIN_CHUNK: u8 = 0;
+const DOMAIN_META: u8 = 1;
+const CHUNK_AAD: &[u8] = b"bitsync-chunk-v1";
+const META_AAD: &[u8] = b"bitsync-meta-v1";
+
+/// The 96-bit nonce: domain byte, two zero bytes, the 64-bit big-endian index, the last-chunk flag.
+fn nonce(domain: u8, index: u64, last: bool) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[0] = domain;
+    n[3..11].copy_from_slice(&index.to_be_bytes());
+    n[11] = last as u8;
+    n
+}
+
+/// Encrypt chunk `index` of an item; `last` marks the final chunk.
+pub fn encrypt_chunk(key: &ItemKey, index: u64, last: bool, plain: &[u8]) -> Vec<u8> {
+    let n = nonce(DOMAIN_CHUNK, index, last);
+    key.cipher()
+        .encrypt(Nonce::from_slice(&n), Payload { msg: plain, aad: CHUNK_AAD })
+        .expect("AES-GCM encryption of a bounded chunk cannot fail")
+}
+
+/// Decrypt chunk `index`; fails if the chunk was moved, swapped, truncated or altered.
+pub fn decrypt_chunk(key: &ItemKey, index: u64, last: bool, ct: &[u8]) -> Result<Vec<u8>> {
+    let n = nonce(DOMAIN_CHUNK, index, last);
+    key.cipher().decrypt(Nonce::from_slice(&n), Payload { msg: ct, aad: CHUNK_AAD }).map_err(|_| {
+        Error::integrity(format!(
+            "chunk {index} does not decrypt: it was altered, reordered or the item was truncated"
+        ))
+    })
+}
+
+pub fn encrypt_meta(key: &ItemKey, plain: &[u8]) -> Vec<u8> {
+    let n = nonce(DOMAIN_META, 0, true);
+    key.cipher()
+        .encrypt(Nonce::from_slice(&n), Payload { msg: plain, aad: META_AAD })
+        .expect("AES-GCM encryption of metadata cannot fail")
+}
+
+/// Decrypt the manifest's metadata. Success also proves `key` is this item's key.
+pub fn decrypt_meta(key: &ItemKey, ct: &[u8]) -> Result<Vec<u8>> {
+    let n = nonce(DOMAIN_META, 0, true);
+    key.cipher()
+        .decrypt(Nonce::from_slice(&n), Payload { msg: ct, aad: META_AAD })
+        .map_err(|_| Error::integrity("item metadata does not decrypt: wrong key or altered manifest"))
+}
+
+/// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label).
+pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
+    recipient
+        .encrypt(&mut rand::rngs::OsRng, Oaep::new::<Sha256>(), key.as_bytes())
+        .expect("RSA-OAEP of 32 bytes fits any key of 1024 bits or more")
+}
+
+/// Unwrap an envelope with this node's private key.
+///
+/// Uses blinding. rsa 0.9's arithmetic is not constant-time (RUSTSEC-2023-0071),
+/// so the node never offers an unwrap oracle: it only unwraps envelopes stored
+/// for itself, at most once per item and requesting peer (docs/PROTOCOL.md).
+pub fn unwrap_key(private: &RsaPrivateKey, wrapped: &[u8]) -> Result<ItemKey> {
+    let plain = Zeroizing::new(
+        private
+            .decrypt_blinded(&mut rand::rngs::OsRng, Oaep::new::<Sha256>(), wrapped)
+            .map_err(|_| Error::integrity("envelope does not unwrap with this node's key"))?,
+    );
+    ItemKey::from_bytes(&plain)
+}
+
+const SIGN_PREFIX: &[u8] = b"bitsync-manifest-v1\0";
+
+fn signed_message(body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(SIGN_PREFIX.len() + body.len());
+    m.extend_from_slice(SIGN_PREFIX);
+    m.extend_from_slice(body);
+    m
+}
+
+/// RSA-PSS-SHA256 (salt 32 bytes) over the prefix and the manifest body.
+pub fn sign_manifest(private: &RsaPrivateKey, body: &[u8]) -> Vec<u8> {
+    let key = BlindedSigningKey::<Sha256>::new(private.clone());
+    key.sign_with_rng(&mut rand::rngs::OsRng, &signed_message(body)).to_vec()
+}
+
+pub fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
+    let sig = Signature::try_from(signature).map_err(|_| Error::integrity("manifest signature is malformed"))?;
+    VerifyingKey::<Sha256>::new(public.clone())
+        .verify(&signed_message(body), &sig)
+        .map_err(|_| Error::integrity("manifest signature does not verify: the manifest was altered"))
+}
+
+// ---- passphrase sealing ----------------------------------------------------
+
+const SEAL_MAGIC: &[u8; 4] = b"BSS1";
+/// scrypt cost: 2^15 × 8 × 128 bytes = 32 MiB of memory per attempt.
+const SCRYPT_LOG_N: u8 = 15;
+const SCRYPT_R: u32 = 8;
+const SCRYPT_P: u32 = 1;
+
+fn seal_key(pass: &[u8], salt: &[u8], log_n: u8, r: u32, p: u32) -> Result<Zeroizing<[u8; 32]>> {
+    let params = scrypt::Params::new(log_n, r, p, 32)
+        .map_err(|e| Error::invalid(format!("sealed data has bad scrypt parameters: {e}")))?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    scrypt::scrypt(pass, salt, &params, out.as_mut())
+        .map_err(|e| Error::invalid(format!("scrypt failed: {e}")))?;
+    Ok(out)
+}
+
+/// Seal `plain` under a passphrase: magic, scrypt parameters, salt, nonce, AES-256-GCM ciphertext.
+pub fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
+    let mut salt = [0u8; 16];
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let mut header = Vec::with_capacity(41);
+    header.extend_from_slice(SEAL_MAGIC);
+    header.push(SCRYPT_LOG_N);
+    header.extend_from_slice(&SCRYPT_R.to_be_bytes());
+    header.extend_from_slice(&SCRYPT_P.to_be_bytes());
+    header.extend_from_slice(&salt);
+    header.extend_from_slice(&nonce);
+    let k = seal_key(passphrase.as_bytes(), &salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P).expect("constant parameters");
+    let ct = Aes256Gcm::new(k.as_ref().into())
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad: &header })
+        .expect("sealing cannot fail");
+    header.extend_from_slice(&ct);
+    header
+}
+
+pub fn is_sealed(data: &[u8]) -> bool {
+    data.starts_with(SEAL_MAGIC)
+}
+
+/// Open sealed data; a wrong passphrase is an [`Kind::Auth`](crate::error::Kind::Auth) error.
+pub fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+    if sealed.len() < 41 + 16 || !is_sealed(sealed) {
+        return Err(Error::integrity("sealed data is truncated or not bitsync-sealed"));
+    }
+    let (header, ct) = sealed.split_at(41);
+    let log_n = header[4];
+    let r = u32::from_be_bytes(header[5..9].try_into().unwrap());
+    let p = u32::from_be_bytes(header[9..13].try_into().unwrap());
+    if log_n > 22 || r > 64 || p > 16 {
+        return Err(Error::invalid("sealed data asks for an unreasonable scrypt cost"));
+    }
+    let k = seal_key(passphrase.as_bytes(), &header[13..29], log_n, r, p)?;
+    let plain = Aes256Gcm::new(k.as_ref().into())
+        .decrypt(Nonce::from_slice(&header[29..41]), Payload { msg: ct, aad: header })
+        .map_err(|_| Error::auth("wrong passphrase (or the sealed file was altered)"))?;
+    Ok(Zeroizing::new(plain))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_binds_index_and_last_flag() {
+        let k = ItemKey::random();
+        let ct = encrypt_chunk(&k, 3, false, b"hello");
+        assert_eq!(decrypt_chunk(&k, 3, false, &ct).unwrap(), b"hello");
+        assert!(decrypt_chunk(&k, 4, false, &ct).is_err());
+        assert!(decrypt_chunk(&k, 3, true, &ct).is_err());
+        assert!(decrypt_chunk(&ItemKey::random(), 3, false, &ct).is_err());
+    }
+
+    #[test]
+    fn seal_round_trip_and_wrong_passphrase() {
+        let s = seal("correct horse", b"secret");
+        assert_eq!(&unseal("correct horse", &s).unwrap()[..], b"secret");
+        let e = unseal("wrong", &s).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::Auth);
+    }
+
+    #[test]
+    fn hash_parse_rejects_bad_hex() {
+        assert!(Hash::parse("zz", "content id").is_err());
+        let h = Hash::of(b"x");
+        assert_eq!(Hash::parse(&h.to_hex(), "id").unwrap(), h);
+    }
+}

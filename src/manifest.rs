@@ -1,0 +1,199 @@
+//! Signed manifests: what an item is made of, vouched for by its publisher.
+//!
+//! The body is a protobuf [`ManifestBody`] whose bytes are signed as they are
+//! (RSA-PSS-SHA256, see [`crypto::sign_manifest`]). The content id is the
+//! SHA-256 of those body bytes, never of the plaintext, so equal files
+//! published twice get different ids and reveal nothing about each other.
+//! Envelopes (the item key wrapped per recipient) live beside the manifest,
+//! outside the signed body, so new recipients can be added without re-signing.
+
+use prost::Message;
+use rsa::RsaPublicKey;
+
+use crate::crypto::{self, ChunkId, ContentId, Hash, NodeId};
+use crate::error::{Error, Result};
+use crate::identity::{self, Identity};
+pub use crate::proto::{Cipher, ItemMeta, ManifestBody};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+/// Chunks stay well under tonic's 4 MiB message limit.
+pub const MAX_CHUNK_SIZE: u32 = 2 * 1024 * 1024;
+/// A manifest body larger than this is refused before decoding (about 100k chunks).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024 + 64 * 1024;
+const GCM_TAG: u64 = 16;
+
+/// A manifest whose structure and signature have been checked.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    body_bytes: Vec<u8>,
+    signature: Vec<u8>,
+    body: ManifestBody,
+    id: ContentId,
+    publisher: NodeId,
+}
+
+impl Manifest {
+    /// Encode and sign a new body with this node's key.
+    pub fn create(identity: &Identity, body: ManifestBody) -> Result<Manifest> {
+        let body_bytes = body.encode_to_vec();
+        let signature = crypto::sign_manifest(identity.private(), &body_bytes);
+        Manifest::from_signed(body_bytes, signature)
+    }
+
+    /// Accept a manifest received or read from storage: decode, check its
+    /// structure, and verify the publisher's signature over the exact bytes.
+    pub fn from_signed(body_bytes: Vec<u8>, signature: Vec<u8>) -> Result<Manifest> {
+        if body_bytes.len() > MAX_BODY_BYTES {
+            return Err(Error::invalid(format!("manifest body is {} bytes, over the limit", body_bytes.len())));
+        }
+        let id = Hash::of(&body_bytes);
+        let body = ManifestBody::decode(body_bytes.as_slice())
+            .map_err(|e| Error::integrity(format!("manifest {id} does not decode: {e}")))?;
+        check_structure(&body).map_err(|e| e.context(format!("manifest {id}")))?;
+        let public = identity::public_key_from_spki(&body.publisher_key)
+            .map_err(|e| e.context(format!("manifest {id}: publisher key")))?;
+        crypto::verify_manifest(&public, &body_bytes, &signature).map_err(|e| e.context(format!("manifest {id}")))?;
+        let publisher = identity::node_id_of(&body.publisher_key);
+        Ok(Manifest { body_bytes, signature, body, id, publisher })
+    }
+
+    pub fn id(&self) -> ContentId {
+        self.id
+    }
+    pub fn body(&self) -> &ManifestBody {
+        &self.body
+    }
+    pub fn body_bytes(&self) -> &[u8] {
+        &self.body_bytes
+    }
+    pub fn signature(&self) -> &[u8] {
+        &self.signature
+    }
+    pub fn publisher(&self) -> NodeId {
+        self.publisher
+    }
+    pub fn publisher_key(&self) -> Result<RsaPublicKey> {
+        identity::public_key_from_spki(&self.body.publisher_key)
+    }
+    pub fn chunk_count(&self) -> usize {
+        self.body.chunk_ids.len()
+    }
+    pub fn chunk_id(&self, index: usize) -> ChunkId {
+        Hash::from_slice(&self.body.chunk_ids[index]).expect("checked in check_structure")
+    }
+    pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
+        self.body.chunk_ids.iter().map(|c| Hash::from_slice(c).expect("checked in check_structure"))
+    }
+    /// Ciphertext length of chunk `index`, as the structure dictates.
+    pub fn chunk_len(&self, index: usize) -> u64 {
+        chunk_cipher_len(&self.body, index)
+    }
+}
+
+/// Number of ciphertext bytes the item's cipher produces for `size` plaintext bytes.
+fn cipher_total(body: &ManifestBody) -> u64 {
+    match body.cipher() {
+        Cipher::Aes256GcmChunked => {
+            let n = expected_chunks(body);
+            body.size + n * GCM_TAG
+        }
+        _ => (body.size / 16 + 1) * 16,
+    }
+}
+
+fn expected_chunks(body: &ManifestBody) -> u64 {
+    let cs = body.chunk_size as u64;
+    match body.cipher() {
+        Cipher::Aes256GcmChunked => body.size.div_ceil(cs).max(1),
+        _ => cipher_total(body).div_ceil(cs),
+    }
+}
+
+fn chunk_cipher_len(body: &ManifestBody, index: usize) -> u64 {
+    let n = body.chunk_ids.len() as u64;
+    let i = index as u64;
+    let cs = body.chunk_size as u64;
+    match body.cipher() {
+        Cipher::Aes256GcmChunked => {
+            let plain = if i + 1 < n { cs } else { body.size - cs * (n - 1) };
+            plain + GCM_TAG
+        }
+        _ => {
+            if i + 1 < n {
+                cs
+            } else {
+                cipher_total(body) - cs * (n - 1)
+            }
+        }
+    }
+}
+
+fn check_structure(b: &ManifestBody) -> Result<()> {
+    if b.format_version != FORMAT_VERSION {
+        return Err(Error::invalid(format!("unsupported format version {}", b.format_version)));
+    }
+    match b.cipher() {
+        Cipher::Aes256GcmChunked => {
+            if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&b.chunk_size) {
+                return Err(Error::integrity(format!("chunk size {} is out of range", b.chunk_size)));
+            }
+        }
+        Cipher::AxonAes256Cbc => {
+            if b.chunk_size == 0 || b.chunk_size > MAX_CHUNK_SIZE || b.chunk_size % 16 != 0 {
+                return Err(Error::integrity(format!("legacy chunk size {} is out of range", b.chunk_size)));
+            }
+            if b.legacy_iv.len() != 16 || b.legacy_plain_sha256.len() != 32 {
+                return Err(Error::integrity("legacy manifest lacks its IV or plaintext hash"));
+            }
+        }
+        Cipher::Unspecified => return Err(Error::integrity("manifest names no cipher")),
+    }
+    if b.chunk_ids.iter().any(|c| c.len() != 32) {
+        return Err(Error::integrity("a chunk id is not 32 bytes"));
+    }
+    let want = expected_chunks(b);
+    if b.chunk_ids.len() as u64 != want {
+        return Err(Error::integrity(format!(
+            "lists {} chunks but {} bytes in chunks of {} need {}",
+            b.chunk_ids.len(),
+            b.size,
+            b.chunk_size,
+            want
+        )));
+    }
+    Ok(())
+}
+
+/// Build the body for a native item (chunks already encrypted and hashed).
+pub fn native_body(
+    publisher: &Identity,
+    kind: &str,
+    size: u64,
+    chunk_size: u32,
+    chunk_ids: Vec<ChunkId>,
+    encrypted_meta: Vec<u8>,
+    created_at_ms: i64,
+) -> ManifestBody {
+    ManifestBody {
+        format_version: FORMAT_VERSION,
+        publisher_key: publisher.spki().to_vec(),
+        kind: kind.to_string(),
+        size,
+        chunk_size,
+        chunk_ids: chunk_ids.into_iter().map(|c| c.0.to_vec()).collect(),
+        created_at_ms,
+        encrypted_meta,
+        cipher: Cipher::Aes256GcmChunked as i32,
+        legacy_iv: Vec::new(),
+        legacy_plain_sha256: Vec::new(),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

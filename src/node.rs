@@ -1,0 +1,214 @@
+//! A data dir and the node opened from it.
+//!
+//! ```text
+//! <data-dir>/config.toml   settings (commented defaults written by init)
+//!            node.key      RSA-3072 private key, PKCS#8 PEM or sealed (0600)
+//!            bitsync.db    SQLite database (+ -wal, -shm)
+//!            chunks/       encrypted chunks by id, chunks/tmp/ for writes in progress
+//!            quarantine/   chunks that failed their hash
+//!            tor/          embedded Tor state, including the onion service key
+//!            admin.sock    Admin gRPC socket while `bitsync serve` runs (0600)
+//! ```
+//!
+//! `init` never leaves a half-made data dir: a new one is built beside its
+//! final path and renamed into place; in an existing empty directory (as
+//! systemd's StateDirectory creates) the database, which marks a finished
+//! init, is written last.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use crate::chunks::ChunkDir;
+use crate::config::{Config, DEFAULT_CONFIG};
+use crate::crypto::NodeId;
+use crate::error::{Error, IoContext, Kind, Result};
+use crate::identity::{self, Identity};
+use crate::store::Db;
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+}
+
+impl Paths {
+    pub fn new(root: impl Into<PathBuf>) -> Paths {
+        Paths { root: root.into() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.toml")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.root.join("node.key")
+    }
+    pub fn db(&self) -> PathBuf {
+        self.root.join("bitsync.db")
+    }
+    pub fn chunks(&self) -> PathBuf {
+        self.root.join("chunks")
+    }
+    pub fn quarantine(&self) -> PathBuf {
+        self.root.join("quarantine")
+    }
+    pub fn tor(&self) -> PathBuf {
+        self.root.join("tor")
+    }
+    pub fn admin_socket(&self) -> PathBuf {
+        self.root.join("admin.sock")
+    }
+    fn is_initialized(&self) -> bool {
+        self.config().is_file() && self.key().is_file() && self.db().is_file()
+    }
+}
+
+/// `$BITSYNC_DATA_DIR` is handled by clap; this is the fallback:
+/// `$XDG_DATA_HOME/bitsync`, else `~/.local/share/bitsync`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("bitsync");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".local/share/bitsync"),
+        None => PathBuf::from(".bitsync"),
+    }
+}
+
+pub enum InitOutcome {
+    Created(NodeId),
+    AlreadyInitialized(NodeId),
+}
+
+/// Create a data dir with a new identity. An existing, complete data dir is
+/// left untouched (so `bitsync init && bitsync serve` can be run every time).
+pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
+    let paths = Paths::new(root);
+    if paths.is_initialized() {
+        let db = Db::open(&paths.db())?;
+        let id = db.setting("node_id")?.ok_or_else(|| Error::integrity("database has no node id"))?;
+        return Ok(InitOutcome::AlreadyInitialized(crate::crypto::Hash::parse(&id, "node id")?));
+    }
+    let identity = Identity::generate()?;
+    if root.exists() {
+        let leftovers: Vec<_> = fs::read_dir(root)
+            .ctx(format!("reading {}", root.display()))?
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| !matches!(n.to_str(), Some("config.toml" | "node.key" | ".node.key.tmp")))
+            .collect();
+        if !leftovers.is_empty() {
+            return Err(Error::exists(format!(
+                "{} exists and is not a bitsync data dir; choose an empty or new directory",
+                root.display()
+            )));
+        }
+        fill(&paths, &identity, passphrase)?;
+    } else {
+        let parent = root.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
+        let name = root.file_name().and_then(|n| n.to_str()).unwrap_or("bitsync");
+        let tmp = parent.join(format!(".{name}.init-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let result = fs::create_dir(&tmp)
+            .ctx(format!("creating {}", tmp.display()))
+            .and_then(|_| fill(&Paths::new(&tmp), &identity, passphrase))
+            .and_then(|_| fs::rename(&tmp, root).ctx(format!("moving the new data dir to {}", root.display())))
+            .and_then(|_| identity::sync_dir(parent));
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        result?;
+    }
+    Ok(InitOutcome::Created(identity.id()))
+}
+
+fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<()> {
+    fs::set_permissions(&paths.root, fs::Permissions::from_mode(0o700))
+        .ctx(format!("setting mode 0700 on {}", paths.root.display()))?;
+    identity.save(&paths.key(), passphrase)?;
+    crate::identity::write_private_file(&paths.config(), DEFAULT_CONFIG.as_bytes())?;
+    for d in [paths.chunks(), paths.quarantine()] {
+        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
+    }
+    let tmp_db = paths.root.join(".bitsync.db.init");
+    let _ = fs::remove_file(&tmp_db);
+    drop(Db::create(&tmp_db, &identity.id())?);
+    fs::rename(&tmp_db, paths.db()).ctx("moving the new database into place")?;
+    identity::sync_dir(&paths.root)
+}
+
+/// An opened data dir: configuration, identity, database and chunks.
+pub struct Node {
+    pub paths: Paths,
+    pub config: Config,
+    pub identity: Identity,
+    pub db: Db,
+    pub chunks: ChunkDir,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Node({})", self.paths.root.display())
+    }
+}
+
+impl Node {
+    /// Open an initialized data dir; `passphrase` is asked only for a sealed key.
+    pub fn open(root: &Path, passphrase: &dyn Fn() -> Result<Zeroizing<String>>) -> Result<Node> {
+        let paths = Paths::new(root);
+        match fs::metadata(root) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::not_found(format!(
+                    "no bitsync data dir at {}: run `bitsync init` first (or pass --data-dir)",
+                    root.display()
+                )))
+            }
+            Err(e) => return Err(Error::from_io(e, format!("data dir {}", root.display()))),
+            Ok(_) => {}
+        }
+        if let Err(e) = fs::read_dir(root) {
+            return Err(Error::from_io(e, format!("data dir {} is not readable", root.display())));
+        }
+        if !paths.is_initialized() {
+            return Err(Error::not_found(format!(
+                "{} is not an initialized bitsync data dir: run `bitsync init --data-dir {}`",
+                root.display(),
+                root.display()
+            )));
+        }
+        let config = Config::load(&paths.config())?;
+        let identity = Identity::load(&paths.key(), passphrase)?;
+        let db = Db::open(&paths.db())?;
+        let stored = db.setting("node_id")?.unwrap_or_default();
+        if stored != identity.id().to_hex() {
+            return Err(Error::integrity(format!(
+                "node key {} does not belong to database {} (key is {}, database says {})",
+                paths.key().display(),
+                paths.db().display(),
+                identity.id(),
+                stored
+            )));
+        }
+        let chunks = ChunkDir::open(&paths.chunks(), &paths.quarantine())?;
+        Ok(Node { paths, config, identity, db, chunks })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.identity.id()
+    }
+
+    /// The name peers see: the configured one, else the first 12 hex chars of the id.
+    pub fn name(&self) -> String {
+        if self.config.name.is_empty() {
+            self.id().short()
+        } else {
+            self.config.name.clone()
+        }
+    }
+}
+
+/// A passphrase source for nodes whose key is not sealed: asking is a bug.
+pub fn no_passphrase() -> Result<Zeroizing<String>> {
+    Err(Error::new(Kind::Auth, "the node key is sealed: set BITSYNC_PASSPHRASE or pass --passphrase-file"))
+}
