@@ -44,6 +44,9 @@ pub enum Command {
         /// Print the public key (PEM) as well
         #[arg(long)]
         public_key: bool,
+        /// Print the node's TLS certificate (PEM) as well, for grpcurl or grpcio
+        #[arg(long)]
+        cert: bool,
     },
     /// Publish a file (or - for stdin) as a new item; prints its content id last
     Put {
@@ -75,6 +78,24 @@ pub enum Command {
     },
     /// Re-hash every chunk, check every manifest signature and the database
     Verify,
+    /// Run the node: Federation on TCP (mutual TLS), Admin on <data-dir>/admin.sock
+    Serve {
+        /// Federation address, overriding `listen` in config.toml (port 0 picks one)
+        #[arg(long, value_name = "HOST:PORT")]
+        listen: Option<String>,
+    },
+    /// Make a one-time invite token on the running node (printed as the last line)
+    Invite {
+        /// How long the token stays valid (e.g. 30m, 1h, 2d)
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Make this node a complete copy of a peer's instance, from an invite token or a trusted peer's id
+    Clone {
+        token_or_peer: String,
+    },
+    /// Show the running node's status (JSON)
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -153,7 +174,101 @@ pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
-pub fn run_sync(cli: &Cli) -> Result<()> {
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io(format!("starting the async runtime: {e}")))
+}
+
+pub fn run(cli: &Cli) -> Result<()> {
+    crate::tls::install_crypto_provider();
+    match &cli.command {
+        Command::Serve { listen } => {
+            let n = cli.open_node()?;
+            let opts = crate::server::ServeOptions { listen: listen.clone() };
+            runtime()?.block_on(crate::server::serve(n, opts))
+        }
+        Command::Invite { ttl } => runtime()?.block_on(async {
+            let sock = crate::node::Paths::new(cli.data_dir()).admin_socket();
+            let mut admin = crate::proto::admin_client::AdminClient::new(crate::transport::admin_channel(&sock).await?);
+            let r = admin
+                .create_invite(crate::proto::CreateInviteRequest { ttl_seconds: ttl.as_secs().max(1) })
+                .await
+                .map_err(Error::from)?
+                .into_inner();
+            eprintln!("one-time invite, valid for {}; on the other node run: bitsync clone <token>", humantime::format_duration(*ttl));
+            println!("{}", r.token);
+            Ok(())
+        }),
+        Command::Status => runtime()?.block_on(async {
+            let sock = crate::node::Paths::new(cli.data_dir()).admin_socket();
+            let mut admin = crate::proto::admin_client::AdminClient::new(crate::transport::admin_channel(&sock).await?);
+            let s = admin.status(crate::proto::StatusRequest {}).await.map_err(Error::from)?.into_inner();
+            let jobs: Vec<_> = s.jobs.iter().map(|j| {
+                let p = j.progress.clone().unwrap_or_default();
+                serde_json::json!({"kind": j.kind, "peer": j.peer, "items_done": p.items_done, "bytes_done": p.bytes_done})
+            }).collect();
+            let v = serde_json::json!({
+                "node_id": s.node_id, "name": s.name, "version": s.version, "listen_address": s.listen_address,
+                "onion_address": s.onion_address, "manifests": s.manifests, "chunks": s.chunks,
+                "stored_bytes": s.stored_bytes, "head_seq": s.head_seq, "trusted_peers": s.trusted_peers,
+                "jobs": jobs, "uptime_ms": s.uptime_ms,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            Ok(())
+        }),
+        Command::Clone { token_or_peer } => {
+            let dir = cli.data_dir();
+            if !dir.join("bitsync.db").exists() {
+                if let InitOutcome::Created(id) = node::init(&dir, None)? {
+                    eprintln!("initialized {} as node {id}", dir.display());
+                }
+            }
+            let n = cli.open_node()?;
+            runtime()?.block_on(clone_command(n, token_or_peer))
+        }
+        _ => run_sync(cli),
+    }
+}
+
+async fn clone_command(n: Node, target: &str) -> Result<()> {
+    let n = std::sync::Arc::new(n);
+    let dialer = crate::server::dialer(&n, n.identity.clone()).await?;
+    let rep = crate::replicator::Replicator::new(n.clone(), dialer);
+    let pb = progress_bar(0, "clone");
+    let out = crate::replicator::clone_now(&rep, target, |p| {
+        pb.set_length(p.bytes_total);
+        pb.set_position(p.bytes_done);
+    })
+    .await;
+    pb.finish_and_clear();
+    let out = out?;
+    // Exit 0 only if every item here is complete and verified.
+    let incomplete: Vec<_> = n
+        .db
+        .content_ids()?
+        .into_iter()
+        .filter(|id| !n.db.is_complete(id).unwrap_or(false))
+        .collect();
+    let secs = out.elapsed.as_secs_f64().max(0.001);
+    println!(
+        "cloned {} items, {} bytes in {:.1} s ({:.1} MB/s)",
+        out.items,
+        out.bytes,
+        secs,
+        out.bytes as f64 / secs / 1e6
+    );
+    for e in &out.errors {
+        eprintln!("  problem: {e}");
+    }
+    if !incomplete.is_empty() {
+        return Err(Error::unavailable(format!("{} item(s) are incomplete; run the clone again to resume", incomplete.len())));
+    }
+    Ok(())
+}
+
+fn run_sync(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Init { seal } => {
             let pass = if *seal { Some(cli.passphrase(true)?) } else { None };
@@ -169,11 +284,14 @@ pub fn run_sync(cli: &Cli) -> Result<()> {
                 }
             }
         }
-        Command::Id { public_key } => {
+        Command::Id { public_key, cert } => {
             let n = cli.open_node()?;
             println!("{}", n.id());
             if *public_key {
                 print!("{}", n.identity.public_pem());
+            }
+            if *cert {
+                print!("{}", crate::tls::certificate_pem(&n.identity)?);
             }
         }
         Command::Put { file, kind, name } => {
@@ -257,6 +375,9 @@ pub fn run_sync(cli: &Cli) -> Result<()> {
             if !report.problems.is_empty() {
                 return Err(Error::integrity(format!("verify found {} problem(s)", report.problems.len())));
             }
+        }
+        Command::Serve { .. } | Command::Invite { .. } | Command::Clone { .. } | Command::Status => {
+            unreachable!("async commands are dispatched by run()")
         }
     }
     Ok(())

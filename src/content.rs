@@ -100,7 +100,8 @@ pub fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
     let wrapped = node.db.envelope(&m.id(), &node.id().to_hex())?.ok_or_else(|| {
         Error::denied(format!("item {} has no envelope for this node; it cannot be decrypted here", m.id()))
     })?;
-    let key = crypto::unwrap_key(node.identity.private(), &wrapped)
+    let key = node.identity
+        .unwrap_key(&wrapped)
         .map_err(|e| e.context(format!("item {}", m.id())))?;
     crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {}", m.id())))?;
     Ok(key)

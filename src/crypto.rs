@@ -6,6 +6,12 @@
 //!   last one, so reordering, substitution and truncation all fail to decrypt.
 //! - Envelopes: the item key wrapped with RSA-OAEP-SHA256 for one recipient.
 //! - Manifest signatures: RSA-PSS-SHA256 over a domain-separated message.
+//!
+//! Only public-key operations live here (wrapping, verifying), done with the
+//! `rsa` crate. Private-key operations (unwrapping, signing) belong to
+//! [`Identity`](crate::identity::Identity), which does them with aws-lc's
+//! constant-time RSA: the `rsa` crate's private-key arithmetic is not
+//! constant-time (RUSTSEC-2023-0071), and a peer can choose what a node unwraps.
 //! - Passphrase sealing (node keys, backups): scrypt then AES-256-GCM.
 //!
 //! The exact byte layouts are specified in docs/FORMAT.md.
@@ -16,9 +22,9 @@ use std::str::FromStr;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
-use rsa::pss::{BlindedSigningKey, Signature, VerifyingKey};
-use rsa::signature::{RandomizedSigner, SignatureEncoding, Verifier};
-use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
+use rsa::pss::{Signature, VerifyingKey};
+use rsa::signature::Verifier;
+use rsa::{Oaep, RsaPublicKey};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -162,35 +168,17 @@ pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
         .expect("RSA-OAEP of 32 bytes fits any key of 1024 bits or more")
 }
 
-/// Unwrap an envelope with this node's private key.
-///
-/// Uses blinding. rsa 0.9's arithmetic is not constant-time (RUSTSEC-2023-0071),
-/// so the node never offers an unwrap oracle: it only unwraps envelopes stored
-/// for itself, at most once per item and requesting peer (docs/PROTOCOL.md).
-pub fn unwrap_key(private: &RsaPrivateKey, wrapped: &[u8]) -> Result<ItemKey> {
-    let plain = Zeroizing::new(
-        private
-            .decrypt_blinded(&mut rand::rngs::OsRng, Oaep::new::<Sha256>(), wrapped)
-            .map_err(|_| Error::integrity("envelope does not unwrap with this node's key"))?,
-    );
-    ItemKey::from_bytes(&plain)
-}
-
-const SIGN_PREFIX: &[u8] = b"bitsync-manifest-v1\0";
-
-fn signed_message(body: &[u8]) -> Vec<u8> {
+/// The message a manifest signature covers: a domain prefix, then the body bytes.
+pub fn signed_message(body: &[u8]) -> Vec<u8> {
+    const SIGN_PREFIX: &[u8] = b"bitsync-manifest-v1\0";
     let mut m = Vec::with_capacity(SIGN_PREFIX.len() + body.len());
     m.extend_from_slice(SIGN_PREFIX);
     m.extend_from_slice(body);
     m
 }
 
-/// RSA-PSS-SHA256 (salt 32 bytes) over the prefix and the manifest body.
-pub fn sign_manifest(private: &RsaPrivateKey, body: &[u8]) -> Vec<u8> {
-    let key = BlindedSigningKey::<Sha256>::new(private.clone());
-    key.sign_with_rng(&mut rand::rngs::OsRng, &signed_message(body)).to_vec()
-}
-
+/// Check an RSA-PSS-SHA256 (salt 32 bytes) manifest signature. Signing is
+/// [`Identity::sign_manifest`](crate::identity::Identity::sign_manifest).
 pub fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
     let sig = Signature::try_from(signature).map_err(|_| Error::integrity("manifest signature is malformed"))?;
     VerifyingKey::<Sha256>::new(public.clone())

@@ -6,25 +6,34 @@
 //! On disk the private key is PKCS#8 PEM (mode 0600), or, when sealed with a
 //! passphrase, a `BITSYNC SEALED KEY` PEM block holding the PKCS#8 DER sealed
 //! by [`crypto::seal`](crate::crypto::seal).
+//!
+//! Private-key operations (unwrapping envelopes, signing manifests) run on
+//! aws-lc, whose RSA is constant-time; the `rsa` crate is used only for
+//! public-key work (see the note in [`crypto`](crate::crypto)).
 
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+use aws_lc_rs::rsa::{KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA256_MGF1SHA256};
+use aws_lc_rs::signature::{RsaKeyPair, RSA_PSS_SHA256};
 use base64::Engine;
-use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
-use rsa::{RsaPrivateKey, RsaPublicKey};
+use rsa::pkcs8::{DecodePublicKey, EncodePublicKey, LineEnding};
+use rsa::RsaPublicKey;
 use zeroize::Zeroizing;
 
-use crate::crypto::{self, NodeId};
+use crate::crypto::{self, ItemKey, NodeId};
 use crate::error::{Error, IoContext, Result};
 
-pub const KEY_BITS: usize = 3072;
 const SEALED_LABEL: &str = "BITSYNC SEALED KEY";
+const KEY_LABEL: &str = "PRIVATE KEY";
 
 pub struct Identity {
-    private: RsaPrivateKey,
+    pkcs8: Zeroizing<Vec<u8>>,
+    decrypting: OaepPrivateDecryptingKey,
+    signing: RsaKeyPair,
     public: RsaPublicKey,
     spki: Vec<u8>,
     id: NodeId,
@@ -47,21 +56,49 @@ pub fn public_key_from_spki(der: &[u8]) -> Result<RsaPublicKey> {
 }
 
 impl Identity {
+    /// A new RSA-3072 key pair.
     pub fn generate() -> Result<Identity> {
-        let private = RsaPrivateKey::new(&mut rand::rngs::OsRng, KEY_BITS)
-            .map_err(|e| Error::io(format!("generating an RSA-{KEY_BITS} key: {e}")))?;
-        Identity::from_private(private)
+        let key = PrivateDecryptingKey::generate(KeySize::Rsa3072)
+            .map_err(|_| Error::io("generating an RSA-3072 key failed"))?;
+        let der = AsDer::<Pkcs8V1Der>::as_der(&key).map_err(|_| Error::io("encoding the new key failed"))?;
+        Identity::from_pkcs8(Zeroizing::new(der.as_ref().to_vec()))
     }
 
-    fn from_private(private: RsaPrivateKey) -> Result<Identity> {
-        let public = private.to_public_key();
-        let spki = public
-            .to_public_key_der()
+    fn from_pkcs8(pkcs8: Zeroizing<Vec<u8>>) -> Result<Identity> {
+        let bad = |what: &str| Error::integrity(format!("node key is not a usable RSA key ({what})"));
+        let key = PrivateDecryptingKey::from_pkcs8(&pkcs8).map_err(|_| bad("PKCS#8 decode"))?;
+        if key.key_size_bits() < 2048 {
+            return Err(bad("shorter than 2048 bits"));
+        }
+        let decrypting = OaepPrivateDecryptingKey::new(key).map_err(|_| bad("OAEP"))?;
+        let signing = RsaKeyPair::from_pkcs8(&pkcs8).map_err(|_| bad("signing"))?;
+        let public = rsa::pkcs1::DecodeRsaPublicKey::from_pkcs1_der(aws_lc_rs::signature::KeyPair::public_key(&signing).as_ref())
+            .map_err(|_| bad("public key"))?;
+        let spki = RsaPublicKey::to_public_key_der(&public)
             .map_err(|e| Error::io(format!("encoding public key: {e}")))?
             .as_bytes()
             .to_vec();
         let id = node_id_of(&spki);
-        Ok(Identity { private, public, spki, id })
+        Ok(Identity { pkcs8, decrypting, signing, public, spki, id })
+    }
+
+    /// Unwrap an envelope addressed to this node (RSA-OAEP-SHA256, constant-time).
+    pub fn unwrap_key(&self, wrapped: &[u8]) -> Result<ItemKey> {
+        let mut buf = Zeroizing::new(vec![0u8; self.decrypting.min_output_size()]);
+        let plain = self
+            .decrypting
+            .decrypt(&OAEP_SHA256_MGF1SHA256, wrapped, &mut buf, None)
+            .map_err(|_| Error::integrity("envelope does not unwrap with this node's key"))?;
+        ItemKey::from_bytes(plain)
+    }
+
+    /// RSA-PSS-SHA256 (salt 32 bytes) over [`crypto::signed_message`].
+    pub fn sign_manifest(&self, body: &[u8]) -> Vec<u8> {
+        let mut sig = vec![0u8; self.signing.public_modulus_len()];
+        self.signing
+            .sign(&RSA_PSS_SHA256, &aws_lc_rs::rand::SystemRandom::new(), &crypto::signed_message(body), &mut sig)
+            .expect("RSA signing with a valid key cannot fail");
+        sig
     }
 
     pub fn id(&self) -> NodeId {
@@ -70,9 +107,6 @@ impl Identity {
     pub fn public(&self) -> &RsaPublicKey {
         &self.public
     }
-    pub fn private(&self) -> &RsaPrivateKey {
-        &self.private
-    }
     /// SubjectPublicKeyInfo DER of the public key.
     pub fn spki(&self) -> &[u8] {
         &self.spki
@@ -80,28 +114,14 @@ impl Identity {
 
     /// PKCS#8 DER of the private key, for the TLS stack. Zeroed when dropped.
     pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
-        let doc = self.private.to_pkcs8_der().expect("an RSA key always encodes");
-        Zeroizing::new(doc.as_bytes().to_vec())
+        self.pkcs8.clone()
     }
 
     /// The file contents for this key: PKCS#8 PEM, or sealed under `passphrase`.
     pub fn key_file_bytes(&self, passphrase: Option<&str>) -> Zeroizing<Vec<u8>> {
         match passphrase {
-            None => {
-                let pem = self.private.to_pkcs8_pem(LineEnding::LF).expect("an RSA key always encodes");
-                Zeroizing::new(pem.as_bytes().to_vec())
-            }
-            Some(p) => {
-                let sealed = crypto::seal(p, &self.pkcs8_der());
-                let b64 = base64::engine::general_purpose::STANDARD.encode(sealed);
-                let mut out = format!("-----BEGIN {SEALED_LABEL}-----\n");
-                for line in b64.as_bytes().chunks(64) {
-                    out.push_str(std::str::from_utf8(line).unwrap());
-                    out.push('\n');
-                }
-                out.push_str(&format!("-----END {SEALED_LABEL}-----\n"));
-                Zeroizing::new(out.into_bytes())
-            }
+            None => pem_encode(KEY_LABEL, &self.pkcs8),
+            Some(p) => pem_encode(SEALED_LABEL, &crypto::seal(p, &self.pkcs8)),
         }
     }
 
@@ -109,12 +129,6 @@ impl Identity {
     pub fn save(&self, path: &Path, passphrase: Option<&str>) -> Result<()> {
         let bytes = self.key_file_bytes(passphrase);
         write_private_file(path, &bytes)
-    }
-
-    /// Whether the key file at `path` needs a passphrase.
-    pub fn is_sealed_file(path: &Path) -> Result<bool> {
-        let text = fs::read_to_string(path).ctx(format!("reading node key {}", path.display()))?;
-        Ok(text.contains(SEALED_LABEL))
     }
 
     /// Load the key at `path`; `passphrase` is asked for only if the key is sealed.
@@ -126,26 +140,44 @@ impl Identity {
                 .ctx(format!("setting mode 0600 on {}", path.display()))?;
         }
         let text = Zeroizing::new(fs::read_to_string(path).ctx(format!("reading node key {}", path.display()))?);
-        let private = if text.contains(SEALED_LABEL) {
-            let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-            let sealed = base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map_err(|_| Error::integrity(format!("node key {} is not valid base64", path.display())))?;
+        let der = pem_decode(&text)
+            .ok_or_else(|| Error::integrity(format!("node key {} is not PEM", path.display())))?;
+        let pkcs8 = if text.contains(SEALED_LABEL) {
             let pass = passphrase()?;
-            let der = crypto::unseal(&pass, &sealed)
-                .map_err(|e| e.context(format!("opening sealed node key {}", path.display())))?;
-            RsaPrivateKey::from_pkcs8_der(&der)
+            crypto::unseal(&pass, &der).map_err(|e| e.context(format!("opening sealed node key {}", path.display())))?
         } else {
-            RsaPrivateKey::from_pkcs8_pem(&text)
-        }
-        .map_err(|e| Error::integrity(format!("node key {} is not a PKCS#8 RSA key: {e}", path.display())))?;
-        Identity::from_private(private)
+            der
+        };
+        Identity::from_pkcs8(pkcs8).map_err(|e| e.context(path.display()))
     }
 
     /// The public key as PEM, for operators and tests.
     pub fn public_pem(&self) -> String {
         self.public.to_public_key_pem(LineEnding::LF).expect("an RSA key always encodes")
     }
+}
+
+fn pem_encode(label: &str, der: &[u8]) -> Zeroizing<Vec<u8>> {
+    let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
+    let mut out = Zeroizing::new(format!("-----BEGIN {label}-----\n"));
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    Zeroizing::new(out.as_bytes().to_vec())
+}
+
+/// The bytes of the first PEM block in `text`.
+fn pem_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
+    let b64: Zeroizing<String> = Zeroizing::new(
+        text.lines()
+            .skip_while(|l| !l.starts_with("-----BEGIN "))
+            .skip(1)
+            .take_while(|l| !l.starts_with("-----END "))
+            .collect(),
+    );
+    base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok().map(Zeroizing::new)
 }
 
 /// Atomically write a file only the owner may read.

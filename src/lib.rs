@@ -36,10 +36,16 @@ pub mod content;
 pub mod crypto;
 pub mod error;
 pub mod identity;
+pub mod invite;
 pub mod legacy;
 pub mod manifest;
 pub mod node;
+pub mod replicator;
+pub mod server;
 pub mod store;
+pub mod tls;
+pub mod tor;
+pub mod transport;
 
 /// Types generated from `proto/bitsync/v1/*.proto`.
 pub mod proto {

@@ -38,7 +38,7 @@ impl Manifest {
     /// Encode and sign a new body with this node's key.
     pub fn create(identity: &Identity, body: ManifestBody) -> Result<Manifest> {
         let body_bytes = body.encode_to_vec();
-        let signature = crypto::sign_manifest(identity.private(), &body_bytes);
+        let signature = identity.sign_manifest(&body_bytes);
         Manifest::from_signed(body_bytes, signature)
     }
 

@@ -142,7 +142,7 @@ fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<
 pub struct Node {
     pub paths: Paths,
     pub config: Config,
-    pub identity: Identity,
+    pub identity: std::sync::Arc<Identity>,
     pub db: Db,
     pub chunks: ChunkDir,
 }
@@ -178,7 +178,7 @@ impl Node {
             )));
         }
         let config = Config::load(&paths.config())?;
-        let identity = Identity::load(&paths.key(), passphrase)?;
+        let identity = std::sync::Arc::new(Identity::load(&paths.key(), passphrase)?);
         let db = Db::open(&paths.db())?;
         let stored = db.setting("node_id")?.unwrap_or_default();
         if stored != identity.id().to_hex() {

@@ -545,6 +545,16 @@ impl Db {
         .collect()
     }
 
+    /// Whether every chunk of `m` is present (for manifests not yet stored).
+    pub fn is_complete_list(&self, m: &Manifest) -> Result<bool> {
+        for c in m.chunk_ids() {
+            if !self.has_chunk(&c)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     pub fn is_complete(&self, content_id: &ContentId) -> Result<bool> {
         Ok(self.missing_chunks(content_id)?.is_empty())
     }

@@ -1,0 +1,185 @@
+//! `bitsync.v1.Admin`: the operator's handle on a running node, on the
+//! Unix socket `<data-dir>/admin.sock` (mode 0600). Long jobs (Clone, Sync)
+//! stream progress and end with the job's status code; the job itself runs
+//! on, whether or not anyone is still watching.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{peer_to_proto, ServerState};
+use crate::content;
+use crate::crypto::Hash;
+use crate::error::Error;
+use crate::invite::Invite;
+use crate::manifest::now_ms;
+use crate::proto::admin_server::Admin;
+use crate::proto::*;
+use crate::replicator::JobState;
+use crate::store::PeerState;
+
+const MAX_INVITE_TTL: u64 = 30 * 24 * 3600;
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+pub struct AdminService {
+    state: Arc<ServerState>,
+}
+
+impl AdminService {
+    pub fn new(state: Arc<ServerState>) -> AdminService {
+        AdminService { state }
+    }
+}
+
+type ProgressStream = ReceiverStream<Result<Progress, Status>>;
+
+/// Forward a job's progress (at most every 200 ms) and end with its status.
+fn progress_stream(mut rx: watch::Receiver<JobState>) -> ProgressStream {
+    let (tx, out) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let s = rx.borrow_and_update().clone();
+            if tx.send(Ok(s.progress.clone())).await.is_err() {
+                return; // the caller left; the job goes on
+            }
+            if let Some(result) = s.result {
+                if let Err(e) = result {
+                    let _ = tx.send(Err(e.into())).await;
+                }
+                return;
+            }
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(out)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    type CloneStream = ProgressStream;
+    type SyncStream = ProgressStream;
+
+    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let node = &self.state.node;
+        let stats = node.db.stats()?;
+        let jobs = self
+            .state
+            .replicator
+            .jobs()
+            .into_iter()
+            .map(|j| Job { kind: j.kind.to_string(), peer: j.peer, progress: Some(j.progress) })
+            .collect();
+        Ok(Response::new(StatusResponse {
+            node_id: node.id().to_hex(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            name: node.name(),
+            listen_address: self.state.listen_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            onion_address: self.state.onion_address.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default(),
+            manifests: stats.manifests,
+            chunks: stats.chunks,
+            stored_bytes: stats.stored_bytes,
+            head_seq: stats.head_seq,
+            trusted_peers: stats.trusted_peers,
+            jobs,
+            uptime_ms: self.state.started.elapsed().as_millis() as i64,
+        }))
+    }
+
+    async fn list_content(&self, req: Request<ListContentRequest>) -> Result<Response<ListContentResponse>, Status> {
+        let r = req.into_inner();
+        let node = self.state.node.clone();
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
+        let resp = blocking(move || -> Result<ListContentResponse, Error> {
+            let mut page = node.db.list_after(r.after_seq, limit + 1)?;
+            let more = page.len() > limit as usize;
+            page.truncate(limit as usize);
+            let mut items = Vec::with_capacity(page.len());
+            for s in &page {
+                let m = content::load_manifest(&node, &s.content_id)?;
+                items.push(ContentInfo {
+                    content_id: s.content_id.to_hex(),
+                    seq: s.seq,
+                    kind: s.kind.clone(),
+                    name: content::item_meta(&node, &m).map(|m| m.name).unwrap_or_default(),
+                    size: s.size,
+                    created_at_ms: s.created_at_ms,
+                    publisher: s.publisher.to_hex(),
+                    complete: node.db.is_complete(&s.content_id)?,
+                });
+            }
+            Ok(ListContentResponse { next_after_seq: page.last().map(|s| s.seq).unwrap_or(r.after_seq), more, items })
+        })
+        .await??;
+        Ok(Response::new(resp))
+    }
+
+    async fn list_peers(&self, _req: Request<ListPeersRequest>) -> Result<Response<ListPeersResponse>, Status> {
+        let peers = self.state.node.db.peers()?.iter().map(peer_to_proto).collect();
+        Ok(Response::new(ListPeersResponse { peers }))
+    }
+
+    async fn add_peer(&self, req: Request<AddPeerRequest>) -> Result<Response<PeerInfo>, Status> {
+        let r = req.into_inner();
+        let id = Hash::parse(&r.node_id, "node id")?;
+        if id == self.state.node.id() {
+            return Err(Status::invalid_argument("that is this node's own id"));
+        }
+        crate::cli::check_address(&r.address)?;
+        let p = self.state.node.db.upsert_peer(&id, &r.name, &r.address, PeerState::Trusted, r.mirror)?;
+        tracing::info!(peer = %id, "peer trusted by the operator");
+        Ok(Response::new(peer_to_proto(&p)))
+    }
+
+    async fn revoke_peer(&self, req: Request<RevokePeerRequest>) -> Result<Response<PeerInfo>, Status> {
+        let id = Hash::parse(&req.into_inner().node_id, "node id")?;
+        let p = self.state.node.db.revoke_peer(&id)?;
+        tracing::info!(peer = %id, "peer revoked by the operator");
+        Ok(Response::new(peer_to_proto(&p)))
+    }
+
+    async fn create_invite(&self, req: Request<CreateInviteRequest>) -> Result<Response<CreateInviteResponse>, Status> {
+        let ttl = match req.into_inner().ttl_seconds {
+            0 => 3600,
+            t if t > MAX_INVITE_TTL => {
+                return Err(Status::invalid_argument(format!("ttl is over the maximum of {MAX_INVITE_TTL} s")))
+            }
+            t => t,
+        };
+        let expires = now_ms() + (ttl as i64) * 1000;
+        let inv = Invite::new(self.state.node.id(), self.state.advertised(), expires);
+        self.state.node.db.create_invite(&inv.secret_hash(), expires)?;
+        Ok(Response::new(CreateInviteResponse { token: inv.encode(), expires_at_ms: expires }))
+    }
+
+    async fn clone(&self, req: Request<CloneRequest>) -> Result<Response<Self::CloneStream>, Status> {
+        let target = req.into_inner().token_or_peer;
+        let rx = self.state.replicator.start_clone(&target)?;
+        Ok(Response::new(progress_stream(rx)))
+    }
+
+    async fn sync(&self, req: Request<SyncRequest>) -> Result<Response<Self::SyncStream>, Status> {
+        let peer = Hash::parse(&req.into_inner().peer, "peer node id")?;
+        let rx = self.state.replicator.start_sync(peer)?;
+        Ok(Response::new(progress_stream(rx)))
+    }
+
+    async fn verify(&self, _req: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        let node = self.state.node.clone();
+        let r = blocking(move || content::verify(&node, &|_, _| {})).await??;
+        Ok(Response::new(VerifyResponse {
+            chunks_checked: r.chunks_checked,
+            manifests_checked: r.manifests_checked,
+            problems: r.problems,
+        }))
+    }
+}

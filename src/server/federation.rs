@@ -1,0 +1,396 @@
+//! `bitsync.v1.Federation`: what trusted peers may ask of this node.
+//!
+//! Auth rule for every call but `Join`: the caller presented a client
+//! certificate (else UNAUTHENTICATED) whose node id is a trusted peer right
+//! now (else PERMISSION_DENIED, logged with the refused id). Streams re-check
+//! trust before every message, so revoking a peer cuts its open streams too.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::ServerState;
+use crate::crypto::{self, ContentId, Hash, NodeId};
+use crate::error::{Error, Kind};
+use crate::identity;
+use crate::proto::federation_server::Federation;
+use crate::proto::*;
+use crate::store::Summary;
+use crate::transport::CallerInfo;
+
+/// Chunks read ahead of what the client has taken (HTTP/2 flow control does the rest).
+const CHUNK_WINDOW: usize = 4;
+/// Most manifests in one GetManifests call.
+pub const MAX_MANIFEST_BATCH: usize = 1000;
+const DEFAULT_PAGE: u32 = 500;
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+pub struct FederationService {
+    state: Arc<ServerState>,
+    keys_recorded: Mutex<HashSet<NodeId>>,
+}
+
+pub(crate) fn problem(e: &Error) -> Problem {
+    Problem { code: e.code() as i32, message: e.message().to_string() }
+}
+
+pub fn summary_to_proto(s: &Summary) -> ManifestSummary {
+    ManifestSummary {
+        content_id: s.content_id.to_hex(),
+        seq: s.seq,
+        kind: s.kind.clone(),
+        size: s.size,
+        chunk_count: s.chunk_count,
+        created_at_ms: s.created_at_ms,
+        publisher: s.publisher.to_hex(),
+    }
+}
+
+/// Holds one of a peer's stream slots until dropped.
+struct StreamSlot {
+    state: Arc<ServerState>,
+    peer: NodeId,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut s = self.state.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = s.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                s.remove(&self.peer);
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))
+}
+
+impl FederationService {
+    pub fn new(state: Arc<ServerState>) -> FederationService {
+        FederationService { state, keys_recorded: Mutex::new(HashSet::new()) }
+    }
+
+    fn caller<T>(req: &Request<T>) -> Result<(NodeId, Vec<u8>, String), Status> {
+        let info = req
+            .extensions()
+            .get::<CallerInfo>()
+            .ok_or_else(|| Status::unauthenticated("federation calls need mutual TLS with a node certificate"))?;
+        let (id, spki) = info.node.clone().ok_or_else(|| {
+            Status::unauthenticated("no client certificate was presented: federation calls need mutual TLS with a node key")
+        })?;
+        Ok((id, spki, info.remote.clone()))
+    }
+
+    /// The caller, if it is a trusted peer right now.
+    fn trusted<T>(&self, req: &Request<T>) -> Result<(NodeId, Vec<u8>), Status> {
+        let (id, spki, remote) = Self::caller(req)?;
+        self.check_trusted(&id, &remote)?;
+        let first = self.keys_recorded.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        if first {
+            self.state.node.db.set_peer_key(&id, &spki).map_err(Status::from)?;
+        }
+        Ok((id, spki))
+    }
+
+    fn check_trusted(&self, id: &NodeId, remote: &str) -> Result<(), Status> {
+        if self.state.node.db.is_trusted(id).map_err(Status::from)? {
+            return Ok(());
+        }
+        tracing::warn!(node = %id, %remote, "refused a call from a node that is not a trusted peer");
+        Err(Status::permission_denied(format!(
+            "node {id} is not a trusted peer of node {} (untrusted or revoked)",
+            self.state.node.id()
+        )))
+    }
+
+    fn stream_slot(&self, peer: NodeId) -> Result<StreamSlot, Status> {
+        let max = self.state.node.config.limits.max_streams_per_peer;
+        let mut s = self.state.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = s.entry(peer).or_insert(0);
+        if *n >= max {
+            return Err(Status::resource_exhausted(format!(
+                "node {peer} already has {n} streams open here (limit {max}); wait for one to finish"
+            )));
+        }
+        *n += 1;
+        Ok(StreamSlot { state: self.state.clone(), peer })
+    }
+}
+
+/// The manifest and the caller's envelope for one item, re-keying just in time.
+fn manifest_for(state: &ServerState, caller: &NodeId, caller_spki: &[u8], id: &str) -> ManifestResult {
+    let mut out = ManifestResult { content_id: id.to_string(), ..Default::default() };
+    match manifest_for_inner(state, caller, caller_spki, id) {
+        Ok((m, envelope, seq)) => {
+            out.manifest = Some(SignedManifest { body: m.body_bytes().to_vec(), signature: m.signature().to_vec() });
+            out.envelope = Some(Envelope { recipient: caller.to_hex(), wrapped_key: envelope });
+            out.seq = seq;
+        }
+        Err(e) => out.problem = Some(problem(&e)),
+    }
+    out
+}
+
+fn manifest_for_inner(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    id: &str,
+) -> Result<(crate::manifest::Manifest, Vec<u8>, u64), Error> {
+    let node = &state.node;
+    let cid: ContentId = Hash::parse(id, "content id")?;
+    let (m, seq) = node.db.manifest(&cid)?.ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+    let recipient = caller.to_hex();
+    if let Some(env) = node.db.envelope(&cid, &recipient)? {
+        return Ok((m, env, seq));
+    }
+    // Just-in-time rekey: unwrap our own envelope, wrap for the caller, keep it.
+    let own = node.db.envelope(&cid, &node.id().to_hex())?.ok_or_else(|| {
+        Error::new(Kind::NotFound, format!("this node holds no key for item {cid}, so it cannot re-key it for you"))
+    })?;
+    let key = node.identity.unwrap_key(&own).map_err(|e| e.context(format!("item {cid}")))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {cid}")))?;
+    let public = identity::public_key_from_spki(caller_spki)?;
+    let wrapped = crypto::wrap_key(&public, &key);
+    node.db.add_envelope(&cid, &recipient, &wrapped)?;
+    tracing::debug!(item = %cid.short(), peer = %caller.short(), "re-keyed item for peer");
+    // A concurrent call may have stored its own wrap first: return the stored one.
+    let env = node.db.envelope(&cid, &recipient)?.unwrap_or(wrapped);
+    let seq = node.db.manifest(&cid)?.map(|(_, s)| s).unwrap_or(seq);
+    Ok((m, env, seq))
+}
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    type StreamChunksStream = ReceiverStream<Result<ChunkData, Status>>;
+    type WatchStream = ReceiverStream<Result<WatchEvent, Status>>;
+
+    async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        self.trusted(&req)?;
+        let node = &self.state.node;
+        Ok(Response::new(HelloResponse {
+            node_id: node.id().to_hex(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            name: node.name(),
+            allowed: ["list", "fetch", "watch", "config"].iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let (id, spki, remote) = Self::caller(&req)?;
+        let r = req.into_inner();
+        if id == self.state.node.id() {
+            return Err(Status::invalid_argument("a node cannot join itself"));
+        }
+        let hash = crate::invite::hash_secret_text(&r.secret)?;
+        let name: String = r.name.chars().take(64).collect();
+        let address: String = r.address.chars().take(256).collect();
+        let db = &self.state.node.db;
+        if let Err(e) = db.redeem_invite(&hash, &id, &name, &address) {
+            tracing::warn!(node = %id, %remote, "refused a join: {e}");
+            return Err(e.into());
+        }
+        db.set_peer_key(&id, &spki)?;
+        tracing::info!(node = %id, name = %name, "node joined with an invite and is now a trusted peer");
+        Ok(Response::new(JoinResponse { node_id: self.state.node.id().to_hex(), name: self.state.node.name() }))
+    }
+
+    async fn list_manifests(
+        &self,
+        req: Request<ListManifestsRequest>,
+    ) -> Result<Response<ListManifestsResponse>, Status> {
+        self.trusted(&req)?;
+        let r = req.into_inner();
+        let max = self.state.node.config.limits.list_page_max;
+        let limit = if r.limit == 0 { DEFAULT_PAGE.min(max) } else { r.limit.min(max) };
+        let mut page = self.state.node.db.list_after(r.after_seq, limit + 1)?;
+        let more = page.len() > limit as usize;
+        page.truncate(limit as usize);
+        let next = page.last().map(|s| s.seq).unwrap_or(r.after_seq);
+        Ok(Response::new(ListManifestsResponse {
+            manifests: page.iter().map(summary_to_proto).collect(),
+            next_after_seq: next,
+            more,
+        }))
+    }
+
+    async fn get_manifests(
+        &self,
+        req: Request<GetManifestsRequest>,
+    ) -> Result<Response<GetManifestsResponse>, Status> {
+        let (caller, spki) = self.trusted(&req)?;
+        let ids = req.into_inner().content_ids;
+        if ids.len() > MAX_MANIFEST_BATCH {
+            return Err(Status::resource_exhausted(format!(
+                "{} ids in one GetManifests; the limit is {MAX_MANIFEST_BATCH}",
+                ids.len()
+            )));
+        }
+        let state = self.state.clone();
+        // Re-keying is RSA work: spread a batch over the cores.
+        let results = blocking(move || {
+            let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+            let per = ids.len().div_ceil(workers).max(16);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = ids
+                    .chunks(per)
+                    .map(|part| {
+                        let state = &state;
+                        let spki = &spki;
+                        s.spawn(move || {
+                            part.iter().map(|id| manifest_for(state, &caller, spki, id)).collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().expect("rekey worker panicked")).collect::<Vec<_>>()
+            })
+        })
+        .await?;
+        Ok(Response::new(GetManifestsResponse { results }))
+    }
+
+    async fn stream_chunks(
+        &self,
+        req: Request<StreamChunksRequest>,
+    ) -> Result<Response<Self::StreamChunksStream>, Status> {
+        let (caller, _) = self.trusted(&req)?;
+        let ids = req.into_inner().chunk_ids;
+        let max = self.state.node.config.limits.max_chunks_per_request as usize;
+        if ids.len() > max {
+            return Err(Status::resource_exhausted(format!(
+                "{} chunk ids in one StreamChunks; the limit is {max}",
+                ids.len()
+            )));
+        }
+        let parsed = ids
+            .iter()
+            .map(|s| Hash::parse(s, "chunk id"))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Status::from)?;
+        let slot = self.stream_slot(caller)?;
+        let (tx, rx) = mpsc::channel(CHUNK_WINDOW);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            for id in parsed {
+                if !state.node.db.is_trusted(&caller).unwrap_or(false) {
+                    tracing::warn!(node = %caller, "ending a chunk stream: the peer was revoked");
+                    let _ = tx.send(Err(Status::permission_denied(format!("node {caller} was revoked")))).await;
+                    return;
+                }
+                let st = state.clone();
+                let msg = blocking(move || read_chunk(&st, &id)).await;
+                let msg = match msg {
+                    Ok(m) => m,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return; // the client went away
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn get_instance_config(
+        &self,
+        req: Request<GetInstanceConfigRequest>,
+    ) -> Result<Response<InstanceConfig>, Status> {
+        self.trusted(&req)?;
+        let node = &self.state.node;
+        let settings = node.db.public_settings()?.into_iter().collect();
+        let peers = node.db.peers()?.iter().map(super::peer_to_proto).collect();
+        Ok(Response::new(InstanceConfig { node_id: node.id().to_hex(), name: node.name(), settings, peers }))
+    }
+
+    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let (caller, _) = self.trusted(&req)?;
+        let mut cursor = req.into_inner().after_seq;
+        let slot = self.stream_slot(caller)?;
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut head = state.head.clone();
+            let mut shutdown = state.shutdown.clone();
+            let mut last_sent = tokio::time::Instant::now();
+            loop {
+                if !state.node.db.is_trusted(&caller).unwrap_or(false) {
+                    let ev = WatchEvent { kind: watch_event::Kind::Revoked as i32, seq: cursor, content_id: String::new() };
+                    let _ = tx.send(Ok(ev)).await;
+                    tracing::info!(node = %caller, "ended a watch stream: the peer was revoked");
+                    return;
+                }
+                let page = match state.node.db.list_after(cursor, 256) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                for s in &page {
+                    let ev = WatchEvent { kind: watch_event::Kind::Item as i32, seq: s.seq, content_id: s.content_id.to_hex() };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                    cursor = s.seq;
+                    last_sent = tokio::time::Instant::now();
+                }
+                if !page.is_empty() {
+                    continue;
+                }
+                if last_sent.elapsed() >= HEARTBEAT {
+                    let ev = WatchEvent { kind: watch_event::Kind::Heartbeat as i32, seq: cursor, content_id: String::new() };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                    last_sent = tokio::time::Instant::now();
+                }
+                tokio::select! {
+                    _ = head.changed() => {}
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
+    let node = &state.node;
+    let missing = || ChunkData {
+        chunk_id: id.to_hex(),
+        data: Vec::new(),
+        problem: Some(Problem { code: tonic::Code::NotFound as i32, message: format!("chunk {id} is not here") }),
+    };
+    match node.db.has_chunk(id) {
+        Ok(true) => {}
+        Ok(false) => return missing(),
+        Err(e) => return ChunkData { chunk_id: id.to_hex(), data: Vec::new(), problem: Some(problem(&e)) },
+    }
+    match node.chunks.read(id) {
+        Ok(data) => ChunkData { chunk_id: id.to_hex(), data, problem: None },
+        Err(e) => {
+            if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound {
+                // Quarantined (or gone): no longer present.
+                let _ = node.db.forget_chunk(id);
+            }
+            if e.kind() == Kind::NotFound {
+                return missing();
+            }
+            ChunkData { chunk_id: id.to_hex(), data: Vec::new(), problem: Some(problem(&e)) }
+        }
+    }
+}

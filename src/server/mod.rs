@@ -1,0 +1,289 @@
+//! `bitsync serve`: the node's network face.
+//!
+//! Two gRPC servers run side by side:
+//! - Federation (peer-facing) on TCP, and on an onion service when Tor is
+//!   on, every connection inside node-pinned mutual TLS;
+//! - Admin (operator-facing) on `<data-dir>/admin.sock`, mode 0600: whoever
+//!   can open that socket is the operator.
+//!
+//! Both also serve `grpc.health.v1` and server reflection (v1 and v1alpha,
+//! for older grpcurl), so a stock grpcurl can list, describe and call
+//! everything. SIGTERM or SIGINT stops accepting, ends watch streams, lets
+//! in-flight calls finish for a few seconds, then exits.
+
+pub mod admin;
+pub mod federation;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::crypto::NodeId;
+use crate::error::{Error, IoContext, Result};
+use crate::node::Node;
+use crate::proto::admin_server::AdminServer;
+use crate::proto::federation_server::FederationServer;
+use crate::proto::PeerInfo;
+use crate::replicator::Replicator;
+use crate::store::Peer;
+use crate::transport::{self, Dialer, OnionRoute};
+
+const MAX_MESSAGE: usize = 8 * 1024 * 1024;
+const DRAIN: Duration = Duration::from_secs(10);
+/// How often the database is polled for changes made by other processes
+/// (e.g. `bitsync put` while the node runs); bounds mirror lag.
+const HEAD_POLL: Duration = Duration::from_millis(50);
+
+/// State shared by the services of one running node.
+pub struct ServerState {
+    pub node: Arc<Node>,
+    pub replicator: Arc<Replicator>,
+    /// The current head seq; changes wake watch streams.
+    pub head: watch::Receiver<u64>,
+    pub shutdown: watch::Receiver<bool>,
+    pub streams: Mutex<HashMap<NodeId, u32>>,
+    pub started: Instant,
+    pub listen_address: Mutex<String>,
+    pub onion_address: Mutex<Option<String>>,
+}
+
+impl ServerState {
+    /// Addresses for invite tokens: configured ones, else the bound address (and onion).
+    pub fn advertised(&self) -> Vec<String> {
+        let mut out = self.node.config.advertise.clone();
+        if out.is_empty() {
+            out.push(self.listen_address.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        }
+        if let Some(o) = self.onion_address.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            out.insert(0, o);
+        }
+        out
+    }
+}
+
+pub fn peer_to_proto(p: &Peer) -> PeerInfo {
+    PeerInfo {
+        node_id: p.node_id.to_hex(),
+        name: p.name.clone(),
+        address: p.address.clone(),
+        state: p.state.as_str().to_string(),
+        mirror: p.mirror,
+        added_at_ms: p.added_at_ms,
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ServeOptions {
+    /// Overrides `listen` from config.toml.
+    pub listen: Option<String>,
+}
+
+fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+)> {
+    let err = |e: tonic_reflection::server::Error| Error::io(format!("building reflection: {e}"));
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(err)?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(err)?;
+    Ok((v1, v1alpha))
+}
+
+/// A dialer configured from the node's settings (TCP, plus Tor for onion peers).
+pub async fn dialer(node: &Node, identity: Arc<crate::identity::Identity>) -> Result<Dialer> {
+    let tor = &node.config.tor;
+    let route = match &tor.socks {
+        Some(s) => OnionRoute::Socks(s.parse().map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?),
+        None => OnionRoute::None,
+    };
+    Ok(Dialer::new(
+        identity,
+        route,
+        Duration::from_secs(tor.connect_timeout_secs),
+        Duration::from_secs(node.config.limits.request_timeout_secs),
+    ))
+}
+
+/// A node serving in this process (tests and `bitsync serve` both use it).
+pub struct RunningNode {
+    pub state: Arc<ServerState>,
+    /// The bound federation address.
+    pub listen_address: std::net::SocketAddr,
+    pub admin_socket: std::path::PathBuf,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stop accepting, end streams, give in-flight calls a few seconds to finish.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let drained = tokio::time::timeout(DRAIN, futures::future::join_all(self.tasks)).await;
+        if drained.is_err() {
+            tracing::warn!("some calls were still running after {DRAIN:?}; closing them");
+        }
+        let _ = std::fs::remove_file(&self.admin_socket);
+    }
+}
+
+/// Run the node until SIGTERM/SIGINT.
+pub async fn serve(node: Node, opts: ServeOptions) -> Result<()> {
+    let running = start(node, opts).await?;
+    eprintln!(
+        "bitsync node {} listening on {}, admin on {}",
+        running.state.node.id(),
+        running.listen_address,
+        running.admin_socket.display()
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight calls");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Start serving; returns once the listeners are bound.
+pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
+    let node = Arc::new(node);
+    let listen = opts.listen.clone().unwrap_or_else(|| node.config.listen.clone());
+
+    // Admin socket first: it tells us whether another node already runs here.
+    let sock = node.paths.admin_socket();
+    if sock.exists() {
+        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+            return Err(Error::exists(format!(
+                "a node is already running on {} (its admin socket answers)",
+                node.paths.root.display()
+            )));
+        }
+        std::fs::remove_file(&sock).ctx(format!("removing stale {}", sock.display()))?;
+    }
+    let admin_listener = tokio::net::UnixListener::bind(&sock).ctx(format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).ctx("setting admin socket mode")?;
+
+    let tcp = tokio::net::TcpListener::bind(&listen)
+        .await
+        .map_err(|e| Error::from_io(e, format!("binding federation listener {listen}")))?;
+    let bound = tcp.local_addr().ctx("reading bound address")?;
+    tracing::info!(node = %node.id(), "federation listening on {bound}");
+
+    let identity = node.identity.clone();
+    let dialer = dialer(&node, identity.clone()).await?;
+    let replicator = Replicator::new(node.clone(), dialer);
+    replicator.set_advertised_address(bound.to_string());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (head_tx, head_rx) = watch::channel(node.db.head_seq()?);
+    let state = Arc::new(ServerState {
+        node: node.clone(),
+        replicator: replicator.clone(),
+        head: head_rx,
+        shutdown: shutdown_rx.clone(),
+        streams: Mutex::new(HashMap::new()),
+        started: Instant::now(),
+        listen_address: Mutex::new(bound.to_string()),
+        onion_address: Mutex::new(None),
+    });
+
+    // Head poller: wakes watch streams when anything is added, by any process.
+    {
+        let node = node.clone();
+        let mut sd = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(HEAD_POLL) => {}
+                    _ = sd.changed() => return,
+                }
+                if let Ok(h) = node.db.head_seq() {
+                    head_tx.send_if_modified(|v| {
+                        let changed = *v != h;
+                        *v = h;
+                        changed
+                    });
+                }
+            }
+        });
+    }
+
+    let (conn_tx, conn_rx) = mpsc::channel(64);
+    let tls = crate::tls::server_config(&identity)?;
+    tokio::spawn(transport::accept_tcp(tcp, tls, conn_tx));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<FederationServer<federation::FederationService>>().await;
+    health_reporter.set_serving::<AdminServer<admin::AdminService>>().await;
+    let (refl_v1, refl_v1alpha) = reflection()?;
+    let (refl2_v1, refl2_v1alpha) = reflection()?;
+
+    let limits = &node.config.limits;
+    let fed_svc = FederationServer::new(federation::FederationService::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let fed_shutdown = wait_for(shutdown_rx.clone());
+    let fed = Server::builder()
+        .timeout(Duration::from_secs(limits.request_timeout_secs))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(fed_svc)
+        .add_service(health.clone())
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), fed_shutdown);
+
+    let admin_svc = AdminServer::new(admin::AdminService::new(state.clone()))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let admin = Server::builder()
+        .add_service(admin_svc)
+        .add_service(health)
+        .add_service(refl2_v1)
+        .add_service(refl2_v1alpha)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), wait_for(shutdown_rx.clone()));
+
+    tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
+
+    let log = |what: &'static str| move |r: std::result::Result<(), tonic::transport::Error>| {
+        if let Err(e) = r {
+            tracing::error!("{what} server failed: {e}");
+        }
+    };
+    let fed_log = log("federation");
+    let admin_log = log("admin");
+    let tasks = vec![
+        tokio::spawn(async move { fed_log(fed.await) }),
+        tokio::spawn(async move { admin_log(admin.await) }),
+    ];
+    Ok(RunningNode { state, listen_address: bound, admin_socket: sock, shutdown_tx, tasks })
+}
+
+async fn wait_for(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

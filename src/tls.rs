@@ -1,0 +1,220 @@
+//! Mutual TLS pinned to node ids.
+//!
+//! Every node presents a self-signed certificate made from its identity key,
+//! so the certificate's public key *is* the node: its SHA-256 (over the
+//! SubjectPublicKeyInfo DER) is the node id. There is no CA and no hostname
+//! check. A client pins the node id it expects and aborts the handshake on
+//! anything else; a server accepts any well-formed certificate (the handshake
+//! proves possession of the key), reads the caller's node id from it, and
+//! decides per call whether that node is trusted (see `server::federation`).
+//! Only TLS 1.3 is offered.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::crypto::NodeId;
+use crate::error::{Error, Result};
+use crate::identity::{self, Identity};
+
+/// The name in every node certificate; clients that insist on a hostname
+/// (grpcurl, grpcio) use it as the server name override.
+pub const CERT_NAME: &str = "bitsync";
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Install ring as rustls' process-wide provider, so no second provider in the
+/// dependency graph can make rustls pick one at random (or panic).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A self-signed certificate over this node's identity key.
+pub fn certificate(id: &Identity) -> Result<CertificateDer<'static>> {
+    let der = id.pkcs8_der();
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der.as_slice()), &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| Error::io(format!("loading the node key for TLS: {e}")))?;
+    let mut params = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()])
+        .map_err(|e| Error::io(format!("certificate parameters: {e}")))?;
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, format!("bitsync node {}", id.id()));
+    params.distinguished_name = dn;
+    let cert = params.self_signed(&key).map_err(|e| Error::io(format!("signing the node certificate: {e}")))?;
+    Ok(cert.der().clone())
+}
+
+/// The certificate as PEM, for third-party clients (grpcurl, grpcio).
+pub fn certificate_pem(id: &Identity) -> Result<String> {
+    use base64::Engine;
+    let der = certificate(id)?;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    Ok(out)
+}
+
+/// The SubjectPublicKeyInfo DER inside a certificate.
+pub fn spki_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| Error::auth(format!("peer certificate does not parse: {e}")))?;
+    Ok(parsed.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// The node id and key of a peer, from the certificate it presented.
+pub fn peer_node(certs: Option<&[CertificateDer<'_>]>) -> Option<(NodeId, Vec<u8>)> {
+    let cert = certs?.first()?;
+    let spki = spki_of(cert).ok()?;
+    Some((identity::node_id_of(&spki), spki))
+}
+
+fn key_der(id: &Identity) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.pkcs8_der().to_vec()))
+}
+
+fn tls_err(e: rustls::Error) -> Error {
+    Error::io(format!("TLS configuration: {e}"))
+}
+
+/// Server side: present our certificate; accept (but do not require) any node's certificate.
+pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
+    let p = provider();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(Arc::new(AnyNode { provider: p }))
+        .with_single_cert(vec![certificate(id)?], key_der(id))
+        .map_err(tls_err)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client side: present our certificate; accept only the node `expected`.
+pub fn client_config(id: &Identity, expected: NodeId) -> Result<Arc<rustls::ClientConfig>> {
+    let p = provider();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(p.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedNode { expected, provider: p }))
+        .with_client_auth_cert(vec![certificate(id)?], key_der(id))
+        .map_err(tls_err)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from(CERT_NAME).expect("static name is valid")
+}
+
+fn check_rsa(cert: &CertificateDer<'_>) -> std::result::Result<NodeId, rustls::Error> {
+    let spki = spki_of(cert).map_err(|e| rustls::Error::General(e.to_string()))?;
+    identity::public_key_from_spki(&spki)
+        .map_err(|_| rustls::Error::General("peer certificate key is not an RSA key".into()))?;
+    Ok(identity::node_id_of(&spki))
+}
+
+#[derive(Debug)]
+struct PinnedNode {
+    expected: NodeId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedNode {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        let got = check_rsa(end_entity)?;
+        if got != self.expected {
+            tracing::warn!(expected = %self.expected, presented = %got, "refused a peer presenting the wrong node id");
+            return Err(rustls::Error::General(format!(
+                "peer presented node id {got}, expected {}",
+                self.expected
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct AnyNode {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AnyNode {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    /// Optional, so a caller without a certificate gets a clear UNAUTHENTICATED
+    /// status from gRPC instead of a bare handshake failure.
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+        check_rsa(end_entity)?;
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

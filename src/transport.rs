@@ -1,0 +1,262 @@
+//! Byte streams between nodes: TCP, or Tor (embedded arti or an external
+//! SOCKS5 proxy) for `.onion` addresses, always wrapped in node-pinned mutual
+//! TLS (see [`tls`](crate::tls)) before gRPC sees them.
+//!
+//! One gRPC channel per peer carries every call to it (HTTP/2 multiplexing),
+//! so a clone over Tor builds one circuit, not one per chunk.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::crypto::NodeId;
+use crate::error::{Error, Result};
+use crate::identity::Identity;
+use crate::tls;
+
+/// Any byte stream a connection can run on.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+
+/// Who is on the other end of a server-side connection, as TLS established it.
+#[derive(Clone, Debug)]
+pub struct CallerInfo {
+    /// Node id and SubjectPublicKeyInfo DER from the client certificate, if one was presented.
+    pub node: Option<(NodeId, Vec<u8>)>,
+    /// Remote address for logs ("onion" for Tor streams).
+    pub remote: String,
+}
+
+/// An accepted, TLS-authenticated connection handed to tonic.
+pub struct PeerConn {
+    io: tokio_rustls::server::TlsStream<BoxIo>,
+    info: CallerInfo,
+}
+
+impl tonic::transport::server::Connected for PeerConn {
+    type ConnectInfo = CallerInfo;
+    fn connect_info(&self) -> CallerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Run the TLS handshake on an accepted stream and queue the connection for
+/// tonic. Handshakes run concurrently, each bounded, so one slow peer cannot
+/// stall the listener.
+pub fn accept(io: BoxIo, remote: String, acceptor: TlsAcceptor, out: mpsc::Sender<io::Result<PeerConn>>) {
+    tokio::spawn(async move {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => {
+                let node = tls::peer_node(tls.get_ref().1.peer_certificates());
+                let _ = out.send(Ok(PeerConn { io: tls, info: CallerInfo { node, remote } })).await;
+            }
+            Ok(Err(e)) => tracing::info!(%remote, "TLS handshake failed: {e}"),
+            Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
+        }
+    });
+}
+
+/// Accept TCP connections forever, feeding TLS connections into `out`.
+pub async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, out: mpsc::Sender<io::Result<PeerConn>>) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        match listener.accept().await {
+            Ok((stream, addr)) => {
+                let _ = stream.set_nodelay(true);
+                accept(Box::new(stream), addr.to_string(), acceptor.clone(), out.clone());
+            }
+            Err(e) => {
+                tracing::warn!("accepting a TCP connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if out.is_closed() {
+            return;
+        }
+    }
+}
+
+/// How this node reaches `.onion` addresses.
+#[derive(Clone, Default)]
+pub enum OnionRoute {
+    /// Tor is off: onion addresses are refused with a clear error.
+    #[default]
+    None,
+    /// An external tor's SOCKS5 port (the proxy resolves the name).
+    Socks(SocketAddr),
+    /// The embedded Tor client.
+    Arti(crate::tor::Tor),
+}
+
+/// Dials peers. Cheap to clone.
+#[derive(Clone)]
+pub struct Dialer {
+    identity: Arc<Identity>,
+    onion: OnionRoute,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+}
+
+/// Split "host:port" / "xxx.onion[:port]"; onion addresses default to port 7450.
+pub fn split_address(address: &str) -> Result<(String, u16, bool)> {
+    let (host, port) = match address.rsplit_once(':') {
+        Some((h, p)) => {
+            let port = p.parse::<u16>().map_err(|_| Error::invalid(format!("address {address:?} has a bad port")))?;
+            (h.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+        }
+        None if address.ends_with(".onion") => (address.to_string(), 7450),
+        None => return Err(Error::invalid(format!("address {address:?} is not host:port"))),
+    };
+    if host.is_empty() {
+        return Err(Error::invalid(format!("address {address:?} has no host")));
+    }
+    let onion = host.ends_with(".onion");
+    Ok((host, port, onion))
+}
+
+impl Dialer {
+    pub fn new(identity: Arc<Identity>, onion: OnionRoute, connect_timeout: Duration, request_timeout: Duration) -> Dialer {
+        Dialer { identity, onion, connect_timeout, request_timeout }
+    }
+
+    async fn open(&self, host: &str, port: u16, onion: bool) -> Result<BoxIo> {
+        let unreachable = |e: String| Error::unavailable(format!("cannot reach {host}:{port}: {e}"));
+        if !onion {
+            let s = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect((host, port)))
+                .await
+                .map_err(|_| unreachable("connect timed out".into()))?
+                .map_err(|e| unreachable(e.to_string()))?;
+            let _ = s.set_nodelay(true);
+            return Ok(Box::new(s));
+        }
+        match &self.onion {
+            OnionRoute::None => Err(Error::invalid(format!(
+                "{host} is an onion address but Tor is off: set [tor] enabled = true or [tor] socks in config.toml"
+            ))),
+            OnionRoute::Socks(proxy) => {
+                let s = crate::tor::socks5_connect(*proxy, host, port, self.connect_timeout)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                Ok(Box::new(s))
+            }
+            OnionRoute::Arti(tor) => {
+                let (h, p) = crate::tor::parse_onion_target(&format!("{host}:{port}"))
+                    .map_err(|e| Error::invalid(e.to_string()))?;
+                let s = crate::tor::connect(tor, &h, p, self.connect_timeout)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
+                Ok(Box::new(s))
+            }
+        }
+    }
+
+    /// One TLS connection to `peer` at `address`, pinned to its node id.
+    async fn tls_stream(&self, peer: NodeId, address: &str) -> Result<tokio_rustls::client::TlsStream<BoxIo>> {
+        let (host, port, onion) = split_address(address)?;
+        let io = self.open(&host, port, onion).await?;
+        let connector = TlsConnector::from(tls::client_config(&self.identity, peer)?);
+        tokio::time::timeout(self.connect_timeout, connector.connect(tls::server_name(), io))
+            .await
+            .map_err(|_| Error::unavailable(format!("TLS handshake with {address} timed out")))?
+            .map_err(|e| {
+                let msg = e.to_string();
+                if msg.contains("expected") {
+                    Error::denied(format!("{address} is not node {peer}: {msg}"))
+                } else {
+                    Error::unavailable(format!("TLS handshake with {address} failed: {msg}"))
+                }
+            })
+    }
+
+    /// A gRPC channel to `peer`. Connects now, so an unreachable or wrong peer
+    /// fails here with a clear error; later reconnects reuse the same checks.
+    pub async fn channel(&self, peer: NodeId, address: &str) -> Result<Channel> {
+        // Fail fast with the real reason (tonic would only say "transport error").
+        let first = self.tls_stream(peer, address).await?;
+        let slot = Arc::new(std::sync::Mutex::new(Some(first)));
+        let me = self.clone();
+        let addr = address.to_string();
+        let connector = tower::service_fn(move |_: Uri| {
+            let me = me.clone();
+            let addr = addr.clone();
+            let slot = slot.clone();
+            async move {
+                let ready = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let stream = match ready {
+                    Some(s) => s,
+                    None => me.tls_stream(peer, &addr).await.map_err(|e| io::Error::other(e.to_string()))?,
+                };
+                Ok::<_, io::Error>(TokioIo::new(stream))
+            }
+        });
+        Endpoint::from_static("http://bitsync.peer")
+            .timeout(self.request_timeout)
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| Error::unavailable(format!("connecting to {address}: {e}")))
+    }
+}
+
+/// A channel to the Admin service on a node's Unix socket.
+pub async fn admin_channel(socket: &std::path::Path) -> Result<Channel> {
+    if !socket.exists() {
+        return Err(Error::unavailable(format!(
+            "no node is running here ({} does not exist): start one with `bitsync serve`",
+            socket.display()
+        )));
+    }
+    let path = socket.to_path_buf();
+    let connector = tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move { Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+    });
+    Endpoint::from_static("http://bitsync.admin")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| Error::unavailable(format!("connecting to {}: {e} (is `bitsync serve` running?)", socket.display())))
+}
