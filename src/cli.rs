@@ -83,6 +83,9 @@ pub enum Command {
         /// Federation address, overriding `listen` in config.toml (port 0 picks one)
         #[arg(long, value_name = "HOST:PORT")]
         listen: Option<String>,
+        /// Also serve on an onion service with embedded Tor (as `[tor] enabled = true`)
+        #[arg(long)]
+        tor: bool,
     },
     /// Make a one-time invite token on the running node (printed as the last line)
     Invite {
@@ -93,9 +96,20 @@ pub enum Command {
     /// Make this node a complete copy of a peer's instance, from an invite token or a trusted peer's id
     Clone {
         token_or_peer: String,
+        /// Take chunks from this local backup repository (hash-checked); only the rest comes over the network
+        #[arg(long, value_name = "DIR")]
+        from_backup: Option<PathBuf>,
     },
     /// Show the running node's status (JSON)
     Status,
+    /// Add a snapshot of this node to a backup repository (or: backup verify|ls --repo DIR)
+    Backup(crate::backup::cli::BackupArgs),
+    /// Restore a backup snapshot into a new data dir (--data-dir)
+    Restore(crate::backup::cli::RestoreArgs),
+    /// Copy this instance's database and chunks elsewhere: consistent, verified, atomic
+    CloneInstance(crate::backup::cli::CloneInstanceArgs),
+    /// Import an Axon BBS backup directory (legacy items; with --axon-key also native ones)
+    ImportAxon(crate::backup::cli::ImportAxonArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -184,9 +198,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 pub fn run(cli: &Cli) -> Result<()> {
     crate::tls::install_crypto_provider();
     match &cli.command {
-        Command::Serve { listen } => {
+        Command::Serve { listen, tor } => {
             let n = cli.open_node()?;
-            let opts = crate::server::ServeOptions { listen: listen.clone() };
+            let opts = crate::server::ServeOptions { listen: listen.clone(), tor: *tor };
             runtime()?.block_on(crate::server::serve(n, opts))
         }
         Command::Invite { ttl } => runtime()?.block_on(async {
@@ -207,7 +221,9 @@ pub fn run(cli: &Cli) -> Result<()> {
             let s = admin.status(crate::proto::StatusRequest {}).await.map_err(Error::from)?.into_inner();
             let jobs: Vec<_> = s.jobs.iter().map(|j| {
                 let p = j.progress.clone().unwrap_or_default();
-                serde_json::json!({"kind": j.kind, "peer": j.peer, "items_done": p.items_done, "bytes_done": p.bytes_done})
+                let phase = crate::proto::progress::Phase::try_from(p.phase).map(|ph| ph.as_str_name()).unwrap_or("PHASE_UNSPECIFIED");
+                serde_json::json!({"kind": j.kind, "peer": j.peer, "phase": phase, "items_done": p.items_done,
+                    "bytes_done": p.bytes_done, "last_error": p.errors.last()})
             }).collect();
             let v = serde_json::json!({
                 "node_id": s.node_id, "name": s.name, "version": s.version, "listen_address": s.listen_address,
@@ -218,7 +234,8 @@ pub fn run(cli: &Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&v).expect("json"));
             Ok(())
         }),
-        Command::Clone { token_or_peer } => {
+        Command::Clone { token_or_peer, from_backup } => {
+            let local = from_backup.as_deref().map(crate::backup::hybrid::RepoChunks::open).transpose()?.map(std::sync::Arc::new);
             let dir = cli.data_dir();
             if !dir.join("bitsync.db").exists() {
                 if let InitOutcome::Created(id) = node::init(&dir, None)? {
@@ -226,16 +243,19 @@ pub fn run(cli: &Cli) -> Result<()> {
                 }
             }
             let n = cli.open_node()?;
-            runtime()?.block_on(clone_command(n, token_or_peer))
+            runtime()?.block_on(clone_command(n, token_or_peer, local))
         }
         _ => run_sync(cli),
     }
 }
 
-async fn clone_command(n: Node, target: &str) -> Result<()> {
+async fn clone_command(n: Node, target: &str, local: Option<std::sync::Arc<crate::backup::hybrid::RepoChunks>>) -> Result<()> {
     let n = std::sync::Arc::new(n);
-    let dialer = crate::server::dialer(&n, n.identity.clone()).await?;
+    let (dialer, _) = crate::server::dialer(&n)?;
     let rep = crate::replicator::Replicator::new(n.clone(), dialer);
+    if let Some(l) = &local {
+        rep.set_local_chunks(l.clone());
+    }
     let pb = progress_bar(0, "clone");
     let out = crate::replicator::clone_now(&rep, target, |p| {
         pb.set_length(p.bytes_total);
@@ -243,27 +263,38 @@ async fn clone_command(n: Node, target: &str) -> Result<()> {
     })
     .await;
     pb.finish_and_clear();
-    let out = out?;
+    if let Some(l) = &local {
+        use std::sync::atomic::Ordering::Relaxed;
+        use crate::backup::hybrid::ChunkSource;
+        eprintln!("{} chunks ({} bytes) taken from {}, each hash-checked", l.hits.load(Relaxed), l.hit_bytes.load(Relaxed), l.describe());
+    }
+    let (out, failure) = match out {
+        Ok(o) => (o, None),
+        Err((e, o)) => (o, Some(e)),
+    };
+    for e in out.errors.iter().filter(|e| failure.as_ref().map(|f| f.message() != e.as_str()).unwrap_or(true)) {
+        eprintln!("  problem: {e}");
+    }
+    if let Some(e) = failure {
+        if out.bytes > 0 || out.items > 0 {
+            eprintln!("received {} items, {} bytes before stopping; they are kept", out.items, out.bytes);
+        }
+        return Err(e);
+    }
     // Exit 0 only if every item here is complete and verified.
-    let incomplete: Vec<_> = n
-        .db
-        .content_ids()?
-        .into_iter()
-        .filter(|id| !n.db.is_complete(id).unwrap_or(false))
-        .collect();
+    let ids = n.db.content_ids()?;
+    let incomplete = ids.iter().filter(|id| !n.db.is_complete(id).unwrap_or(false)).count();
     let secs = out.elapsed.as_secs_f64().max(0.001);
     println!(
-        "cloned {} items, {} bytes in {:.1} s ({:.1} MB/s)",
+        "cloned {} items ({} new), {} bytes received in {:.1} s ({:.1} MB/s)",
+        ids.len(),
         out.items,
         out.bytes,
         secs,
         out.bytes as f64 / secs / 1e6
     );
-    for e in &out.errors {
-        eprintln!("  problem: {e}");
-    }
-    if !incomplete.is_empty() {
-        return Err(Error::unavailable(format!("{} item(s) are incomplete; run the clone again to resume", incomplete.len())));
+    if incomplete > 0 {
+        return Err(Error::unavailable(format!("{incomplete} item(s) are incomplete; run the clone again to resume")));
     }
     Ok(())
 }
@@ -287,6 +318,9 @@ fn run_sync(cli: &Cli) -> Result<()> {
         Command::Id { public_key, cert } => {
             let n = cli.open_node()?;
             println!("{}", n.id());
+            if let Ok(onion) = std::fs::read_to_string(n.paths.tor().join("hostname")) {
+                println!("{}:{}", onion.trim(), crate::server::ONION_PORT);
+            }
             if *public_key {
                 print!("{}", n.identity.public_pem());
             }
@@ -376,6 +410,10 @@ fn run_sync(cli: &Cli) -> Result<()> {
                 return Err(Error::integrity(format!("verify found {} problem(s)", report.problems.len())));
             }
         }
+        Command::Backup(a) => crate::backup::cli::backup(cli, a)?,
+        Command::Restore(a) => crate::backup::cli::restore(cli, a)?,
+        Command::CloneInstance(a) => crate::backup::cli::clone_instance(cli, a)?,
+        Command::ImportAxon(a) => crate::backup::cli::import_axon(cli, a)?,
         Command::Serve { .. } | Command::Invite { .. } | Command::Clone { .. } | Command::Status => {
             unreachable!("async commands are dispatched by run()")
         }

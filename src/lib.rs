@@ -15,6 +15,14 @@
 //!   (manifests, envelopes, chunk index, peers, the sequence cursor).
 //! - [`node`] and [`config`]: a data dir opened as a node.
 //! - [`content`] (and [`legacy`] for Axon's cipher): put, get, verify.
+//! - [`tls`], [`invite`] and [`server`]: the gRPC services (Federation for
+//!   peers, Admin for the operator) inside mutual TLS pinned to node ids.
+//! - [`transport`] and [`tor`]: byte streams to peers over TCP or Tor.
+//! - [`replicator`]: the client half: clone, sync and mirrors.
+//! - [`axon`]: reading Axon BBS backups for import.
+//! - [`backup`]: offline copies: backup repositories, restore, clone-instance,
+//!   and importing Axon backups.
+//! - [`cli`]: the `bitsync` command.
 //!
 //! The byte formats are specified in `docs/FORMAT.md` and the wire protocol in
 //! `docs/PROTOCOL.md`.
@@ -29,6 +37,8 @@
 //! - No private key or passphrase is ever sent, logged or stored unsealed
 //!   outside `node.key` (mode 0600).
 
+pub mod axon;
+pub mod backup;
 pub mod chunks;
 pub mod cli;
 pub mod config;

@@ -1,17 +1,36 @@
 //! The replicator: the client half of the protocol, inside the node.
 //!
-//! One engine serves `clone`, `sync` and mirrors. For each page of the
-//! peer's listing (by sequence cursor) it fetches the manifests it lacks
-//! (verifying each signature and unwrapping its envelope), works out which
-//! chunks are missing, streams them over a few parallel `StreamChunks` calls
-//! with a bounded number of bytes in flight, verifies each against its id,
-//! writes and syncs them, records them, and only then records the manifests
-//! whose chunks are all present. The peer's cursor is saved last, and only up
-//! to the last item that is completely stored: a failure never skips data,
-//! and a restart after a crash re-sends at most the chunks that were in flight.
+//! One engine serves `clone`, `sync` and mirrors. It pages through the
+//! peer's listing by sequence cursor. For each page it fetches the manifests
+//! it lacks (verifying each signature and unwrapping its envelope, spread
+//! over the cores), works out which chunks are missing, and streams them over
+//! a few parallel `StreamChunks` calls; HTTP/2 flow control and a small
+//! read-ahead on the sender bound the bytes in flight, so memory stays at a
+//! few chunks per stream whatever the instance's size. Each chunk is verified
+//! against its id, written to a temp file and renamed into place; every few
+//! chunks one `syncfs` makes them durable and only then are they recorded as
+//! present. A manifest is recorded as soon as all its chunks are present,
+//! never before.
 //!
-//! A chunk the peer cannot deliver (missing, or failing its hash) is asked of
-//! the other trusted peers; a peer that sent wrong bytes is reported.
+//! The peer's cursor moves only over the unbroken prefix of listed items that
+//! are completely stored (or rejected for good), and is saved as it moves
+//! (at most about once a second, and whenever the sync stops): a failure never
+//! skips data. After a crash, chunk files that were renamed into place but not
+//! yet recorded are re-hashed and adopted instead of fetched again, so a
+//! restart re-sends at most what was on the wire when the process died.
+//!
+//! A chunk the peer cannot deliver (missing, or quarantined because it failed
+//! its hash there) is asked of the other trusted peers; a peer that sends
+//! wrong bytes is reported and its chunk is not stored. An item that stays
+//! incomplete blocks the cursor, but the sync goes on with the rest of the
+//! listing and then fails naming the chunks and what the peers said.
+//!
+//! Mirrors (`[[mirror]]` in config.toml, or peers added with `--mirror`, also
+//! while the node runs) keep a `Watch` stream open to their source, sync on
+//! every event and reconcile every minute; a lost connection is retried with
+//! exponential backoff and jitter. Each shows in `Admin/Status` as a job whose
+//! phase is DONE while it is up to date and FAILED (with the reason) while it
+//! is stopped, e.g. when the source revoked this node.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -22,7 +41,7 @@ use rand::Rng;
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
-use crate::crypto::{self, ChunkId, Hash, NodeId};
+use crate::crypto::{self, ChunkId, ContentId, Hash, NodeId};
 use crate::error::{Error, Kind, Result};
 use crate::invite::Invite;
 use crate::manifest::Manifest;
@@ -38,9 +57,16 @@ const MANIFEST_BATCH: usize = 200;
 const CHUNKS_PER_STREAM: usize = 64;
 /// Parallel StreamChunks calls per sync.
 const PARALLEL_STREAMS: usize = 4;
-/// Chunks written between two syncs of the chunk dir (and one db transaction).
-const RECORD_EVERY: usize = 32;
+/// Chunks written but not yet synced and recorded, at most (the writers wait
+/// beyond this). One syncfs and one transaction cover everything queued.
+const RECORD_QUEUE: usize = 64;
 const MAX_MESSAGE: usize = 8 * 1024 * 1024;
+/// How often the cursor is saved while it moves within a sync.
+const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How often `run_mirrors` looks for mirror sources added while the node runs.
+const MIRROR_RESCAN: Duration = Duration::from_secs(2);
+/// Progress keeps at most this many error lines (the newest).
+const MAX_ERRORS: usize = 100;
 
 pub type Client = FederationClient<Channel>;
 
@@ -51,7 +77,9 @@ pub fn client(channel: Channel) -> Client {
 /// What a finished job reports.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
+    /// Items that became complete here during this job.
     pub items: u64,
+    /// Chunk bytes received (and stored) during this job.
     pub bytes: u64,
     pub elapsed: Duration,
     pub errors: Vec<String>,
@@ -90,14 +118,163 @@ impl Tracker {
     }
     fn error(&self, msg: String) {
         tracing::warn!("{msg}");
-        self.update(|p| {
-            if p.errors.len() < 100 {
-                p.errors.push(msg)
-            }
-        });
+        self.update(|p| push_error(p, msg));
     }
     fn phase(&self, phase: Phase) {
         self.update(|p| p.phase = phase as i32);
+    }
+}
+
+fn push_error(p: &mut Progress, msg: String) {
+    if p.errors.len() >= MAX_ERRORS {
+        p.errors.remove(0);
+    }
+    p.errors.push(msg);
+}
+
+/// The code name of a peer's per-item or per-chunk problem, e.g. `DataLoss`.
+fn code_name(code: i32) -> String {
+    format!("{:?}", tonic::Code::from_i32(code))
+}
+
+/// Check a GetManifests result: signature, id, and that our envelope opens it.
+fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<(Manifest, Vec<u8>)> {
+    if let Some(p) = &r.problem {
+        return Err(Error::from(tonic::Status::new(tonic::Code::from_i32(p.code), p.message.clone())));
+    }
+    let sm = r.manifest.as_ref().ok_or_else(|| Error::integrity("result has no manifest"))?;
+    let env = r.envelope.as_ref().ok_or_else(|| Error::integrity("result has no envelope"))?;
+    let m = Manifest::from_signed(sm.body.clone(), sm.signature.clone())?;
+    if m.id().to_hex() != r.content_id {
+        return Err(Error::integrity(format!("peer sent manifest {} when {} was asked for", m.id(), r.content_id)));
+    }
+    if env.recipient != node.id().to_hex() {
+        return Err(Error::integrity("peer sent an envelope for another node"));
+    }
+    let key = node.identity.unwrap_key(&env.wrapped_key)?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+        .map_err(|_| Error::integrity("the envelope the peer sent does not open this item"))?;
+    Ok((m, env.wrapped_key.clone()))
+}
+
+/// [`accept_manifest`] over a batch, spread over the cores (RSA work).
+fn accept_all(node: &Node, results: &[ManifestResult]) -> Vec<Result<(Manifest, Vec<u8>)>> {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per = results.len().div_ceil(workers).max(8);
+    if results.len() <= per {
+        return results.iter().map(|r| accept_manifest(node, r)).collect();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = results
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|r| accept_manifest(node, r)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("manifest checker panicked")).collect()
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::io(format!("replicator worker failed: {e}")))?
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ItemState {
+    /// Chunks (or the manifest) still to come.
+    Working,
+    /// Complete here, manifest stored.
+    Done,
+    /// Refused for good (bad signature, envelope that does not open it): skipped.
+    Rejected,
+    /// Could not be completed in this sync: blocks the cursor.
+    Failed,
+}
+
+/// One listed item being brought in.
+struct Item {
+    seq: u64,
+    content_id: String,
+    /// The verified manifest and our envelope, to store once every chunk is present.
+    pending: Option<(Manifest, Vec<u8>)>,
+    /// Distinct chunks still missing.
+    remaining: usize,
+    state: ItemState,
+    /// Why it failed, if it did.
+    problem: Option<String>,
+}
+
+/// The peer's cursor as this sync moves it.
+struct Cursor {
+    peer: NodeId,
+    /// Everything listed up to here is stored.
+    value: u64,
+    saved: u64,
+    saved_at: Instant,
+    /// An item could not be completed: the cursor stays where it is.
+    blocked: bool,
+}
+
+impl Cursor {
+    async fn save(&mut self, node: &Arc<Node>, force: bool) -> Result<()> {
+        if self.value == self.saved || (!force && self.saved_at.elapsed() < CURSOR_SAVE_EVERY) {
+            return Ok(());
+        }
+        let (n, id, v) = (node.clone(), self.peer, self.value);
+        blocking(move || n.db.set_cursor(&id, v)).await?;
+        self.saved = v;
+        self.saved_at = Instant::now();
+        Ok(())
+    }
+}
+
+/// What one StreamChunks call achieved.
+#[derive(Default)]
+struct GroupOut {
+    /// Not delivered, with the reason.
+    failed: Vec<(ChunkId, String)>,
+    /// Chunk bytes received and stored.
+    bytes: u64,
+    /// The call broke off (the chunks it did not get are in neither list);
+    /// true when the failure is local (writing or recording), not the peer's.
+    error: Option<(Error, bool)>,
+}
+
+/// The work on one page of the listing.
+struct PageWork {
+    items: Vec<Item>,
+    /// Missing chunk -> the items waiting for it.
+    waiters: HashMap<ChunkId, Vec<usize>>,
+    /// Missing chunks in listing order.
+    order: Vec<ChunkId>,
+    /// Why each undelivered chunk was not delivered (the last reason).
+    problems: HashMap<ChunkId, String>,
+    /// Items before this index are settled (done, rejected or failed).
+    next: usize,
+    /// Other trusted peers asked for chunks the source could not send.
+    others_asked: Vec<String>,
+}
+
+impl PageWork {
+    /// Mark chunks present; returns the items that just became complete.
+    fn arrived(&mut self, chunks: &[ChunkId]) -> Vec<usize> {
+        let mut ready = Vec::new();
+        for c in chunks {
+            self.problems.remove(c);
+            if let Some(ws) = self.waiters.remove(c) {
+                for i in ws {
+                    let it = &mut self.items[i];
+                    it.remaining -= 1;
+                    if it.remaining == 0 && it.state == ItemState::Working {
+                        ready.push(i);
+                    }
+                }
+            }
+        }
+        ready.sort_unstable();
+        ready
+    }
+
+    fn still_missing(&self) -> Vec<ChunkId> {
+        self.order.iter().filter(|c| self.waiters.contains_key(c)).copied().collect()
     }
 }
 
@@ -110,6 +287,8 @@ pub struct Replicator {
     /// Open channels, one per peer, reused by every job (HTTP/2 multiplexing).
     channels: Mutex<HashMap<NodeId, Channel>>,
     advertise: Mutex<String>,
+    /// Consulted before streaming chunks from a peer (`clone --from-backup`); every chunk hash-checked.
+    local_chunks: Mutex<Option<Arc<dyn crate::backup::hybrid::ChunkSource>>>,
 }
 
 impl Replicator {
@@ -121,7 +300,13 @@ impl Replicator {
             peer_locks: Mutex::new(HashMap::new()),
             channels: Mutex::new(HashMap::new()),
             advertise: Mutex::new(String::new()),
+            local_chunks: Mutex::new(None),
         })
+    }
+
+    /// Take chunks from `src` (verified) before asking peers for them.
+    pub fn set_local_chunks(&self, src: Arc<dyn crate::backup::hybrid::ChunkSource>) {
+        *self.local_chunks.lock().unwrap_or_else(|p| p.into_inner()) = Some(src);
     }
 
     /// The address sent to peers we join, so they can reach us back.
@@ -133,9 +318,12 @@ impl Replicator {
         &self.node
     }
 
-    /// Running jobs, for `Admin/Status`.
+    /// Running jobs (and mirrors), for `Admin/Status`.
     pub fn jobs(&self) -> Vec<JobState> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(|j| j.state.borrow().clone()).collect()
+        let mut v: Vec<JobState> =
+            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(|j| j.state.borrow().clone()).collect();
+        v.sort_by(|a, b| (a.kind, &a.peer).cmp(&(b.kind, &b.peer)));
+        v
     }
 
     /// Start a job, or join the one already running under the same key.
@@ -166,7 +354,7 @@ impl Replicator {
             tracker.update(|p| {
                 p.phase = if result.is_ok() { Phase::Done as i32 } else { Phase::Failed as i32 };
                 if let Err(e) = &result {
-                    p.errors.push(e.to_string());
+                    push_error(p, e.to_string());
                 }
             });
             tx.send_modify(|s| s.result = Some(result.map(|_| ())));
@@ -227,8 +415,15 @@ impl Replicator {
         } else {
             self.trusted_peer(&Hash::parse(target, "node id")?)?
         };
-        let ch = self.channel(&peer.node_id, &peer.address).await?;
-        let cfg = client(ch).get_instance_config(GetInstanceConfigRequest {}).await.map_err(Error::from)?.into_inner();
+        let ch = match self.channel(&peer.node_id, &peer.address).await {
+            Ok(c) => c,
+            Err(e) => return Err(e.context(format!("cloning from {}", peer.node_id.short()))),
+        };
+        let cfg = client(ch)
+            .get_instance_config(GetInstanceConfigRequest {})
+            .await
+            .map_err(|s| Error::from(s).context(format!("asking {} for its instance", peer.node_id.short())))?
+            .into_inner();
         let mut imported = 0;
         for p in &cfg.peers {
             let Ok(id) = Hash::parse(&p.node_id, "node id") else { continue };
@@ -264,7 +459,11 @@ impl Replicator {
                         name: self.node.name(),
                         address: self.advertise.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                     };
-                    let resp = client(ch.clone()).join(req).await.map_err(Error::from)?.into_inner();
+                    let resp = client(ch.clone())
+                        .join(req)
+                        .await
+                        .map_err(|s| Error::from(s).context(format!("joining {} with the invite", inv.node_id.short())))?
+                        .into_inner();
                     let p = self.node.db.upsert_peer(&inv.node_id, &resp.name, address, PeerState::Trusted, false)?;
                     self.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(inv.node_id, ch);
                     tracing::info!(peer = %inv.node_id, "joined peer with an invite");
@@ -298,249 +497,473 @@ impl Replicator {
         let ch = self.channel(&peer.node_id, &peer.address).await?;
         let mut fed = client(ch.clone());
         // Re-read: the cursor may have moved since `peer` was loaded.
-        let mut cursor = self.node.db.peer(&peer.node_id)?.map(|p| p.cursor).unwrap_or(0);
+        let value = self.node.db.peer(&peer.node_id)?.map(|p| p.cursor).unwrap_or(0);
+        let mut cursor = Cursor { peer: peer.node_id, value, saved: value, saved_at: Instant::now(), blocked: false };
         let mut out = Outcome::default();
-        let mut blocked = false;
-        loop {
-            t.phase(Phase::Listing);
-            let page = fed
-                .list_manifests(ListManifestsRequest { after_seq: cursor, limit: PAGE })
-                .await
-                .map_err(|s| Error::from(s).context(format!("listing manifests of {}", peer.node_id.short())))?
-                .into_inner();
-            if page.manifests.is_empty() {
-                break;
-            }
-            let (done_upto, page_out) = self.sync_page(peer, &ch, &page.manifests, t).await?;
-            out.items += page_out.items;
-            out.bytes += page_out.bytes;
-            out.errors.extend(page_out.errors);
-            if let Some(seq) = done_upto {
-                if seq > cursor {
-                    cursor = seq;
-                    self.node.db.set_cursor(&peer.node_id, cursor)?;
+        let mut problems: Vec<String> = Vec::new();
+        let mut incomplete = 0usize;
+        let mut after = cursor.value;
+        let result: Result<()> = async {
+            loop {
+                t.phase(Phase::Listing);
+                let page = fed
+                    .list_manifests(ListManifestsRequest { after_seq: after, limit: PAGE })
+                    .await
+                    .map_err(|s| Error::from(s).context(format!("listing the items of {}", peer.node_id.short())))?
+                    .into_inner();
+                let Some(last) = page.manifests.last().map(|s| s.seq) else { break };
+                let failed = self.sync_page(peer, &ch, &page.manifests, &mut cursor, &mut out, t).await?;
+                incomplete += failed.len();
+                problems.extend(failed);
+                after = last;
+                if !page.more {
+                    break;
                 }
             }
-            if done_upto != page.manifests.last().map(|s| s.seq) {
-                blocked = true;
-                break;
-            }
-            if !page.more {
-                break;
-            }
+            Ok(())
         }
+        .await;
+        // Keep what was achieved, even when the sync broke off.
+        let saved = cursor.save(&self.node, true).await;
         out.elapsed = started.elapsed();
-        if blocked {
+        result?;
+        saved?;
+        if incomplete > 0 {
+            let first = problems.first().cloned().unwrap_or_default();
+            let more = if incomplete > 1 { format!(" (and {} more item(s); see the problems listed)", incomplete - 1) } else { String::new() };
+            out.errors.extend(problems);
             return Err(Error::unavailable(format!(
-                "sync from {} stopped at seq {cursor}: {} (run it again to resume)",
+                "sync from {} is incomplete, stopped at seq {}: {first}{more}; run it again to resume once a trusted peer has the data",
                 peer.node_id.short(),
-                out.errors.last().cloned().unwrap_or_else(|| "an item could not be completed".into())
+                cursor.value,
             )));
         }
         Ok(out)
     }
 
-    /// Sync one page. Returns the highest seq up to which every item is
-    /// stored (or rejected for good), and what was done.
+    /// Sync one page of the listing: store every item whose data can be had,
+    /// move the cursor over the settled prefix. Returns one line per item that
+    /// could not be completed.
     async fn sync_page(
         &self,
         peer: &Peer,
         ch: &Channel,
         page: &[ManifestSummary],
+        cursor: &mut Cursor,
+        out: &mut Outcome,
         t: &Tracker,
-    ) -> Result<(Option<u64>, Outcome)> {
-        let node = &self.node;
-        let me = node.id().to_hex();
-        let mut out = Outcome::default();
-        t.update(|p| {
-            p.items_total += page.len() as u64;
-            p.bytes_total += page.iter().map(|s| s.size).sum::<u64>();
-        });
-        // 1. Which items need their manifest (or our envelope) fetched?
-        let mut need = Vec::new();
-        let mut local: HashMap<String, Manifest> = HashMap::new();
-        for s in page {
-            let id = Hash::parse(&s.content_id, "content id")?;
-            match node.db.manifest(&id) {
-                Ok(Some((m, _))) if node.db.envelope(&id, &me)?.is_some() => {
-                    local.insert(s.content_id.clone(), m);
+    ) -> Result<Vec<String>> {
+        let me = self.node.id().to_hex();
+        // 1. What do we hold already? (No signature checks: the rows were verified when stored.)
+        let node = self.node.clone();
+        let listed: Vec<(u64, String)> = page.iter().map(|s| (s.seq, s.content_id.clone())).collect();
+        let me2 = me.clone();
+        let local: Vec<Option<Vec<ChunkId>>> = blocking(move || {
+            listed
+                .iter()
+                .map(|(_, cid)| {
+                    let id: ContentId = Hash::parse(cid, "content id")?;
+                    if node.db.has_manifest(&id)? && node.db.envelope(&id, &me2)?.is_some() {
+                        Ok(Some(node.db.missing_chunks(&id)?.into_iter().map(|(_, c)| c).collect()))
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect()
+        })
+        .await?;
+        let mut work = PageWork {
+            items: Vec::new(),
+            waiters: HashMap::new(),
+            order: Vec::new(),
+            problems: HashMap::new(),
+            next: 0,
+            others_asked: Vec::new(),
+        };
+        let mut need: Vec<usize> = Vec::new();
+        let mut local_missing: HashMap<usize, Vec<ChunkId>> = HashMap::new();
+        let (mut new_items, mut new_bytes) = (0u64, 0u64);
+        for (i, (s, l)) in page.iter().zip(local).enumerate() {
+            work.items.push(Item {
+                seq: s.seq,
+                content_id: s.content_id.clone(),
+                pending: None,
+                remaining: 0,
+                state: ItemState::Working,
+                problem: None,
+            });
+            match l {
+                Some(missing) if missing.is_empty() => work.items[i].state = ItemState::Done,
+                Some(missing) => {
+                    local_missing.insert(i, missing);
+                    new_items += 1;
+                    new_bytes += s.size + 16 * s.chunk_count as u64;
                 }
-                _ => need.push(s.content_id.clone()),
+                None => {
+                    need.push(i);
+                    new_items += 1;
+                    new_bytes += s.size + 16 * s.chunk_count as u64;
+                }
             }
         }
-        // 2. Fetch and verify them.
-        t.phase(Phase::Manifests);
-        let mut fetched: HashMap<String, (Manifest, Vec<u8>)> = HashMap::new();
-        let mut failed: HashMap<String, bool> = HashMap::new(); // id -> permanent?
+        t.update(|p| {
+            p.items_total += new_items;
+            p.bytes_total += new_bytes;
+        });
+        // 2. Fetch and verify the manifests we lack.
+        if !need.is_empty() {
+            t.phase(Phase::Manifests);
+        }
         let mut fed = client(ch.clone());
         for batch in need.chunks(MANIFEST_BATCH) {
+            let ids: Vec<String> = batch.iter().map(|&i| work.items[i].content_id.clone()).collect();
             let resp = fed
-                .get_manifests(GetManifestsRequest { content_ids: batch.to_vec() })
+                .get_manifests(GetManifestsRequest { content_ids: ids })
                 .await
-                .map_err(|s| Error::from(s).context("fetching manifests"))?
+                .map_err(|s| Error::from(s).context(format!("fetching manifests from {}", peer.node_id.short())))?
                 .into_inner();
-            for r in resp.results {
-                match self.accept_manifest(&r) {
-                    Ok((m, env)) => {
-                        fetched.insert(r.content_id.clone(), (m, env));
-                    }
+            let node = self.node.clone();
+            let results = resp.results;
+            let checked = blocking(move || {
+                let c = accept_all(&node, &results);
+                Ok(results.into_iter().map(|r| r.content_id).zip(c).collect::<Vec<_>>())
+            })
+            .await?;
+            let index: HashMap<String, usize> = batch.iter().map(|&i| (work.items[i].content_id.clone(), i)).collect();
+            let mut answered = HashSet::new();
+            let mut accepted = Vec::new();
+            for (cid, r) in checked {
+                let Some(&i) = index.get(cid.as_str()) else {
+                    t.error(format!("peer {} sent item {cid} that was not asked for", peer.node_id.short()));
+                    continue;
+                };
+                answered.insert(i);
+                match r {
+                    Ok(me_env) => accepted.push((i, me_env)),
                     Err(e) => {
                         let permanent = e.kind() == Kind::Integrity;
-                        t.error(format!(
-                            "item {} from {}: {e}{}",
-                            r.content_id,
-                            peer.node_id.short(),
-                            if permanent { " (rejected)" } else { "" }
-                        ));
-                        out.errors.push(e.to_string());
-                        failed.insert(r.content_id.clone(), permanent);
+                        let msg = format!("item {cid} from {}: {e}{}", peer.node_id.short(), if permanent { " (rejected)" } else { "" });
+                        t.error(msg.clone());
+                        let it = &mut work.items[i];
+                        it.state = if permanent { ItemState::Rejected } else { ItemState::Failed };
+                        it.problem = Some(msg);
                     }
                 }
             }
+            for &i in batch {
+                if !answered.contains(&i) {
+                    let it = &mut work.items[i];
+                    it.state = ItemState::Failed;
+                    it.problem = Some(format!("item {}: {} did not answer for it", it.content_id, peer.node_id.short()));
+                }
+            }
+            // Which of their chunks are here already?
+            let node = self.node.clone();
+            let ids: Vec<Vec<ChunkId>> = accepted.iter().map(|(_, (m, _))| m.chunk_ids().collect()).collect();
+            let missing: Vec<Vec<ChunkId>> = blocking(move || {
+                ids.into_iter()
+                    .map(|cs| {
+                        let mut v = Vec::new();
+                        for c in cs {
+                            if !node.db.has_chunk(&c)? {
+                                v.push(c);
+                            }
+                        }
+                        Ok(v)
+                    })
+                    .collect()
+            })
+            .await?;
+            for ((i, me_env), miss) in accepted.into_iter().zip(missing) {
+                work.items[i].pending = Some(me_env);
+                local_missing.insert(i, miss);
+            }
         }
-        // 3. Missing chunks of every item we can store.
-        let mut missing: Vec<ChunkId> = Vec::new();
-        let mut seen = HashSet::new();
-        for s in page {
-            let m = match (local.get(&s.content_id), fetched.get(&s.content_id)) {
-                (Some(m), _) | (None, Some((m, _))) => m,
-                _ => continue,
-            };
-            for c in m.chunk_ids() {
-                if seen.insert(c) && !node.db.has_chunk(&c)? {
-                    missing.push(c);
+        // 3. Every missing chunk, once, in listing order.
+        let mut ready = Vec::new();
+        for i in 0..work.items.len() {
+            let Some(miss) = local_missing.remove(&i) else { continue };
+            let mut mine = HashSet::new();
+            for c in miss {
+                if mine.insert(c) {
+                    let w = work.waiters.entry(c).or_default();
+                    if w.is_empty() {
+                        work.order.push(c);
+                    }
+                    w.push(i);
+                }
+            }
+            work.items[i].remaining = mine.len();
+            if mine.is_empty() {
+                ready.push(i);
+            }
+        }
+        self.settle(&mut work, ready, cursor, out, t).await?;
+        // 4. Chunk files a crashed run renamed into place but never recorded.
+        if !work.order.is_empty() {
+            let node = self.node.clone();
+            let order = work.order.clone();
+            let adopted = blocking(move || adopt_strays(&node, &order)).await?;
+            if !adopted.is_empty() {
+                tracing::info!("adopted {} chunk file(s) left by an interrupted run", adopted.len());
+                let ready = work.arrived(&adopted);
+                self.settle(&mut work, ready, cursor, out, t).await?;
+            }
+        }
+        // 4b. Chunks a local source holds (`clone --from-backup`), each hash-checked before it is stored.
+        let local = self.local_chunks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(src), false) = (local, work.order.is_empty()) {
+            let (node, want) = (self.node.clone(), work.still_missing());
+            let got = blocking(move || crate::backup::hybrid::fill_from_local(&node, &*src, &want)).await?;
+            let ready = work.arrived(&got);
+            self.settle(&mut work, ready, cursor, out, t).await?;
+        }
+        // 5. Stream the rest from the peer, then ask the other trusted peers for what it could not send.
+        if !work.order.is_empty() {
+            t.phase(Phase::Chunks);
+            let want = work.still_missing();
+            self.fetch_into(peer, ch, want, &mut work, cursor, out, t).await??;
+            let mut left = work.still_missing();
+            if !left.is_empty() {
+                for other in self.node.db.peers()? {
+                    if left.is_empty() {
+                        break;
+                    }
+                    if other.node_id == peer.node_id
+                        || other.node_id == self.node.id()
+                        || other.state != PeerState::Trusted
+                        || other.address.is_empty()
+                    {
+                        continue;
+                    }
+                    let och = match self.channel(&other.node_id, &other.address).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            t.error(format!("asking {} for {} chunk(s): {e}", other.node_id.short(), left.len()));
+                            continue;
+                        }
+                    };
+                    tracing::info!("asking {} for {} chunk(s) {} could not send", other.node_id.short(), left.len(), peer.node_id.short());
+                    work.others_asked.push(other.node_id.short());
+                    // A local failure (disk full, database) ends the sync; a peer's is reported and the next asked.
+                    if let Err(e) = self.fetch_into(&other, &och, left.clone(), &mut work, cursor, out, t).await? {
+                        t.error(format!("fetching chunks from {}: {e}", other.node_id.short()));
+                        if e.kind() == Kind::Unavailable {
+                            self.drop_channel(&other.node_id);
+                        }
+                    }
+                    left = work.still_missing();
                 }
             }
         }
-        t.phase(Phase::Chunks);
-        let bad = self.fetch_chunks(peer, ch, &missing, t).await?;
-        // 4. Record every item whose chunks are all present, in seq order, and
-        //    find how far the cursor may move.
-        let mut done_upto = None;
-        let mut cursor_ok = true;
-        for s in page {
-            let stored = if let Some((m, env)) = fetched.get(&s.content_id) {
-                if m.chunk_ids().all(|c| !bad.contains(&c)) && node.db.is_complete_list(m)? {
-                    node.db.insert_manifest(m, &[(me.clone(), env.clone())], &[])?;
-                    true
-                } else {
-                    false
+        // 6. Whatever is still missing fails its items; the cursor stops before the first.
+        let mut first_missing: HashMap<usize, ChunkId> = HashMap::new();
+        for c in &work.order {
+            if let Some(ws) = work.waiters.get(c) {
+                for &i in ws {
+                    first_missing.entry(i).or_insert(*c);
                 }
-            } else if let Some(m) = local.get(&s.content_id) {
-                node.db.is_complete_list(m)?
-            } else {
-                failed.get(&s.content_id).copied().unwrap_or(false) // rejected for good: skip
-            };
-            if stored && (fetched.contains_key(&s.content_id) || local.contains_key(&s.content_id)) {
-                out.items += 1;
-                out.bytes += s.size;
-                t.update(|p| p.items_done += 1);
             }
-            if !stored {
-                if !failed.contains_key(&s.content_id) {
-                    out.errors.push(format!("item {} is incomplete: some chunks could not be fetched", s.content_id));
+        }
+        let asked = if work.others_asked.is_empty() {
+            "no other trusted peer to ask".to_string()
+        } else {
+            format!("also asked {}", work.others_asked.join(", "))
+        };
+        let mut failed = Vec::new();
+        for (i, it) in work.items.iter_mut().enumerate() {
+            if it.state == ItemState::Working {
+                it.state = ItemState::Failed;
+                if it.problem.is_none() {
+                    let why = match first_missing.get(&i) {
+                        Some(c) => match work.problems.get(c) {
+                            Some(p) => format!("chunk {c}: {p}"),
+                            None => format!("chunk {c} was not delivered"),
+                        },
+                        None => "some chunks could not be fetched".into(),
+                    };
+                    it.problem = Some(format!(
+                        "item {} is incomplete, {} chunk(s) missing: {why} ({asked})",
+                        it.content_id, it.remaining
+                    ));
                 }
-                cursor_ok = false;
             }
-            if cursor_ok {
-                done_upto = Some(s.seq);
-            }
-        }
-        Ok((done_upto, out))
-    }
-
-    /// Check a GetManifests result: signature, id, and that our envelope opens it.
-    fn accept_manifest(&self, r: &ManifestResult) -> Result<(Manifest, Vec<u8>)> {
-        if let Some(p) = &r.problem {
-            return Err(Error::from(tonic::Status::new(tonic::Code::from_i32(p.code), p.message.clone())));
-        }
-        let sm = r.manifest.as_ref().ok_or_else(|| Error::integrity("result has no manifest"))?;
-        let env = r.envelope.as_ref().ok_or_else(|| Error::integrity("result has no envelope"))?;
-        let m = Manifest::from_signed(sm.body.clone(), sm.signature.clone())?;
-        if m.id().to_hex() != r.content_id {
-            return Err(Error::integrity(format!("peer sent manifest {} when {} was asked for", m.id(), r.content_id)));
-        }
-        if env.recipient != self.node.id().to_hex() {
-            return Err(Error::integrity("peer sent an envelope for another node"));
-        }
-        let key = self.node.identity.unwrap_key(&env.wrapped_key)?;
-        crypto::decrypt_meta(&key, &m.body().encrypted_meta)
-            .map_err(|_| Error::integrity("the envelope the peer sent does not open this item"))?;
-        Ok((m, env.wrapped_key.clone()))
-    }
-
-    /// Fetch `ids` from `peer` over parallel streams; what it cannot deliver is
-    /// asked of the other trusted peers. Returns the ids still not stored.
-    async fn fetch_chunks(&self, peer: &Peer, ch: &Channel, ids: &[ChunkId], t: &Tracker) -> Result<HashSet<ChunkId>> {
-        if ids.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let mut failed = self.fetch_from(peer, ch, ids, t).await?;
-        if failed.is_empty() {
-            return Ok(failed);
-        }
-        for other in self.node.db.peers()? {
-            if failed.is_empty() {
-                break;
-            }
-            if other.node_id == peer.node_id || other.state != PeerState::Trusted || other.address.is_empty() {
-                continue;
-            }
-            let Ok(och) = self.channel(&other.node_id, &other.address).await else { continue };
-            let want: Vec<ChunkId> = failed.iter().copied().collect();
-            match self.fetch_from(&other, &och, &want, t).await {
-                Ok(still) => failed = still,
-                Err(e) => t.error(format!("fetching chunks from {}: {e}", other.node_id.short())),
+            if it.state == ItemState::Failed {
+                failed.push(it.problem.clone().unwrap_or_else(|| format!("item {} is incomplete", it.content_id)));
             }
         }
+        self.advance(&mut work, cursor).await?;
         Ok(failed)
     }
 
-    async fn fetch_from(&self, peer: &Peer, ch: &Channel, ids: &[ChunkId], t: &Tracker) -> Result<HashSet<ChunkId>> {
+    /// Stream `ids` from `peer` over parallel calls, storing items as they
+    /// complete. The outer error is local (this node's disk or database), the
+    /// inner one the peer's or the connection's.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_into(
+        &self,
+        peer: &Peer,
+        ch: &Channel,
+        ids: Vec<ChunkId>,
+        work: &mut PageWork,
+        cursor: &mut Cursor,
+        out: &mut Outcome,
+        t: &Tracker,
+    ) -> Result<Result<()>> {
         let groups: Vec<Vec<ChunkId>> = ids.chunks(CHUNKS_PER_STREAM).map(|c| c.to_vec()).collect();
-        let results: Vec<Result<HashSet<ChunkId>>> = futures::stream::iter(groups)
-            .map(|g| self.stream_group(peer, ch.clone(), g, t))
-            .buffer_unordered(PARALLEL_STREAMS)
-            .collect()
-            .await;
-        let mut failed = HashSet::new();
-        for r in results {
-            failed.extend(r?);
+        let (rec_tx, mut recorded) = spawn_recorder(self.node.clone());
+        // The calls hold the only senders: once they are dropped, the recorder flushes and ends.
+        let mut calls = Some(Box::pin(
+            futures::stream::iter(groups)
+                .map(move |g| self.stream_group(peer, ch.clone(), g, rec_tx.clone(), t))
+                .buffer_unordered(PARALLEL_STREAMS),
+        ));
+        let mut peer_error = None;
+        let mut local_error = None;
+        loop {
+            tokio::select! {
+                g = next_or_pending(&mut calls) => match g {
+                    Some(g) => {
+                        out.bytes += g.bytes;
+                        for (c, why) in g.failed {
+                            let p = work.problems.entry(c).or_default();
+                            if !p.is_empty() {
+                                p.push_str("; ");
+                            }
+                            p.push_str(&why);
+                        }
+                        match g.error {
+                            Some((e, true)) => local_error = local_error.or(Some(e)),
+                            Some((e, false)) => peer_error = peer_error.or(Some(e)),
+                            None => {}
+                        }
+                        if local_error.is_some() || peer_error.is_some() {
+                            // Stop the other calls; what they wrote but did not hand over is adopted next time.
+                            calls = None;
+                        }
+                    }
+                    None => calls = None,
+                },
+                r = recorded.recv() => match r {
+                    Some(Ok(ids)) => {
+                        let ready = work.arrived(&ids);
+                        self.settle(work, ready, cursor, out, t).await?;
+                    }
+                    Some(Err(e)) => {
+                        local_error = local_error.or(Some(e));
+                        calls = None;
+                    }
+                    None => break, // every writer is gone and the recorder has flushed
+                },
+            }
         }
-        Ok(failed)
+        match (local_error, peer_error) {
+            (Some(e), _) => Err(e),
+            (None, Some(e)) => Ok(Err(e)),
+            (None, None) => Ok(Ok(())),
+        }
     }
 
-    /// One StreamChunks call: verify, write, and record in synced batches.
-    async fn stream_group(&self, peer: &Peer, ch: Channel, ids: Vec<ChunkId>, t: &Tracker) -> Result<HashSet<ChunkId>> {
+    /// Store the manifests of items that just became complete, then move the cursor.
+    async fn settle(&self, work: &mut PageWork, ready: Vec<usize>, cursor: &mut Cursor, out: &mut Outcome, t: &Tracker) -> Result<()> {
+        if !ready.is_empty() {
+            let me = self.node.id().to_hex();
+            let mut to_store = Vec::new();
+            for &i in &ready {
+                if let Some(p) = work.items[i].pending.take() {
+                    to_store.push((i, p));
+                }
+            }
+            let node = self.node.clone();
+            let stored: Vec<(usize, bool)> = blocking(move || {
+                let mut r = Vec::new();
+                for (i, (m, env)) in to_store {
+                    // Re-check: a chunk may have been quarantined meanwhile.
+                    let complete = node.db.is_complete_list(&m)?;
+                    if complete {
+                        node.db.insert_manifest(&m, &[(me.clone(), env)], &[])?;
+                    }
+                    r.push((i, complete));
+                }
+                Ok(r)
+            })
+            .await?;
+            let not_stored: HashSet<usize> = stored.iter().filter(|(_, ok)| !ok).map(|(i, _)| *i).collect();
+            let mut done = 0u64;
+            for i in ready {
+                let it = &mut work.items[i];
+                if not_stored.contains(&i) {
+                    it.state = ItemState::Failed;
+                    it.problem = Some(format!("item {}: a chunk vanished while it was being stored", it.content_id));
+                } else {
+                    it.state = ItemState::Done;
+                    done += 1;
+                }
+            }
+            out.items += done;
+            t.update(|p| p.items_done += done);
+        }
+        self.advance(work, cursor).await
+    }
+
+    /// Move the cursor over the settled prefix of the page and save it now and then.
+    async fn advance(&self, work: &mut PageWork, cursor: &mut Cursor) -> Result<()> {
+        while !cursor.blocked && work.next < work.items.len() {
+            let it = &work.items[work.next];
+            match it.state {
+                ItemState::Done | ItemState::Rejected => {
+                    cursor.value = cursor.value.max(it.seq);
+                    work.next += 1;
+                }
+                ItemState::Failed => cursor.blocked = true,
+                ItemState::Working => break,
+            }
+        }
+        cursor.save(&self.node, false).await
+    }
+
+    /// One StreamChunks call: verify and write each chunk, then hand it to the recorder.
+    async fn stream_group(
+        &self,
+        peer: &Peer,
+        ch: Channel,
+        ids: Vec<ChunkId>,
+        recorder: tokio::sync::mpsc::Sender<(ChunkId, u64)>,
+        t: &Tracker,
+    ) -> GroupOut {
+        let mut out = GroupOut::default();
+        let who = peer.node_id.short();
         let req = StreamChunksRequest { chunk_ids: ids.iter().map(|c| c.to_hex()).collect() };
-        let mut stream = client(ch)
-            .stream_chunks(req)
-            .await
-            .map_err(|s| Error::from(s).context(format!("streaming chunks from {}", peer.node_id.short())))?
-            .into_inner();
+        let mut stream = match client(ch).stream_chunks(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) => {
+                out.error = Some((Error::from(s).context(format!("streaming chunks from {who}")), false));
+                return out;
+            }
+        };
         let wanted: HashSet<ChunkId> = ids.iter().copied().collect();
         let mut pending: HashSet<ChunkId> = wanted.clone();
-        let mut failed = HashSet::new();
-        let mut batch: Vec<(ChunkId, u64)> = Vec::new();
-        let mut result = Ok(());
         loop {
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(s) => {
-                    result = Err(Error::from(s).context(format!("chunk stream from {}", peer.node_id.short())));
+                    out.error = Some((Error::from(s).context(format!("chunk stream from {who}")), false));
                     break;
                 }
             };
-            let Ok(id) = Hash::parse(&msg.chunk_id, "chunk id") else { continue };
-            if !wanted.contains(&id) {
-                t.error(format!("peer {} sent chunk {id} that was not asked for", peer.node_id.short()));
+            let Ok(id) = Hash::parse(&msg.chunk_id, "chunk id") else {
+                t.error(format!("peer {who} sent a malformed chunk id {:?}", msg.chunk_id));
+                continue;
+            };
+            if !wanted.contains(&id) || !pending.remove(&id) {
+                t.error(format!("peer {who} sent chunk {id} that was not asked for"));
                 continue;
             }
-            pending.remove(&id);
             if let Some(p) = msg.problem {
-                t.error(format!("chunk {id} from {}: {}", peer.node_id.short(), p.message));
-                failed.insert(id);
+                let why = format!("{} from {who}: {}", code_name(p.code), p.message);
+                t.error(format!("chunk {id}: {why}"));
+                out.failed.push((id, why));
                 continue;
             }
             let node = self.node.clone();
@@ -548,167 +971,275 @@ impl Replicator {
             let len = data.len() as u64;
             let write = tokio::task::spawn_blocking(move || node.chunks.write(&id, &data))
                 .await
-                .map_err(|e| Error::io(format!("chunk writer failed: {e}")))?;
+                .unwrap_or_else(|e| Err(Error::io(format!("chunk writer failed: {e}"))));
             match write {
                 Ok(()) => {
-                    batch.push((id, len));
+                    out.bytes += len;
                     t.update(|p| p.bytes_done += len);
+                    if recorder.send((id, len)).await.is_err() {
+                        out.error = Some((Error::io("the chunk recorder stopped"), true));
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == Kind::Integrity => {
-                    t.error(format!("peer {} sent wrong bytes for chunk {id}; not stored, asking another peer", peer.node_id));
-                    failed.insert(id);
+                    let why = format!("{who} sent wrong bytes for it (not stored)");
+                    t.error(format!("chunk {id}: {why}"));
+                    out.failed.push((id, why));
                 }
                 Err(e) => {
-                    result = Err(e);
+                    out.error = Some((e, true));
                     break;
                 }
             }
-            if batch.len() >= RECORD_EVERY {
-                self.record(&mut batch).await?;
+        }
+        if out.error.is_none() {
+            for id in pending {
+                out.failed.push((id, format!("{who} ended the stream without sending it")));
             }
         }
-        self.record(&mut batch).await?;
-        result?;
-        failed.extend(pending);
-        Ok(failed)
+        out
     }
 
-    /// Make written chunks durable, then mark them present.
-    async fn record(&self, batch: &mut Vec<(ChunkId, u64)>) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let node = self.node.clone();
-        let b = std::mem::take(batch);
-        tokio::task::spawn_blocking(move || {
-            node.chunks.sync()?;
-            node.db.record_chunks(&b)
-        })
-        .await
-        .map_err(|e| Error::io(format!("chunk recorder failed: {e}")))?
-    }
-
-    /// Keep every mirror source in sync until `shutdown` fires.
-    pub async fn run_mirrors(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
-        let mut sources: Vec<NodeId> = Vec::new();
+    /// Keep every mirror source in sync until `shutdown` fires. Sources are
+    /// `[[mirror]]` entries and trusted peers marked as mirrors; the list is
+    /// re-read every few seconds, so `bitsync peer add ... --mirror` (or
+    /// Admin/AddPeer) takes effect without a restart.
+    pub async fn run_mirrors(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut running: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
         for m in &self.node.config.mirror {
-            match Hash::parse(&m.peer, "mirror peer") {
-                Ok(id) => sources.push(id),
-                Err(e) => tracing::error!("config.toml [[mirror]]: {e}"),
+            if let Err(e) = Hash::parse(&m.peer, "mirror peer") {
+                tracing::error!("config.toml [[mirror]]: {e}");
             }
         }
-        if let Ok(peers) = self.node.db.peers() {
-            sources.extend(peers.iter().filter(|p| p.mirror && p.state == PeerState::Trusted).map(|p| p.node_id));
-        }
-        sources.sort();
-        sources.dedup();
-        for id in sources {
-            let me = self.clone();
-            let sd = shutdown.clone();
-            tokio::spawn(async move { me.mirror(id, sd).await });
-        }
-    }
-
-    /// Follow one source: sync, then watch for events and sync on each,
-    /// reconciling periodically; reconnect with exponential backoff and jitter.
-    async fn mirror(self: Arc<Self>, source: NodeId, mut shutdown: watch::Receiver<bool>) {
-        const RECONCILE: Duration = Duration::from_secs(60);
-        let mut backoff = Duration::from_millis(500);
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let started = Instant::now();
-            match self.mirror_once(source, &mut shutdown, RECONCILE).await {
-                Ok(()) => return, // shutdown
-                Err(e) if e.kind() == Kind::Denied || e.kind() == Kind::NotFound => {
-                    tracing::warn!(peer = %source, "mirror stopped: {e}");
-                    backoff = Duration::from_secs(60);
+            running.retain(|_, h| !h.is_finished());
+            for id in self.mirror_sources() {
+                if running.contains_key(&id) {
+                    continue;
                 }
-                Err(e) => tracing::warn!(peer = %source, "mirror connection lost: {e}; retrying in {backoff:?}"),
+                let me = self.clone();
+                let sd = shutdown.clone();
+                running.insert(id, tokio::spawn(async move { me.mirror(id, sd).await }));
             }
-            self.drop_channel(&source);
-            if started.elapsed() > Duration::from_secs(30) {
-                backoff = Duration::from_millis(500);
-            }
-            let jitter = rand::thread_rng().gen_range(0.5..1.5);
             tokio::select! {
-                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = tokio::time::sleep(MIRROR_RESCAN) => {}
                 _ = shutdown.changed() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(60));
         }
     }
 
-    async fn mirror_once(&self, source: NodeId, shutdown: &mut watch::Receiver<bool>, reconcile: Duration) -> Result<()> {
-        let peer = self.trusted_peer(&source)?;
+    /// Mirror sources right now: `[[mirror]]` entries plus trusted peers marked as mirrors.
+    fn mirror_sources(&self) -> Vec<NodeId> {
+        let mut sources: Vec<NodeId> =
+            self.node.config.mirror.iter().filter_map(|m| Hash::parse(&m.peer, "mirror peer").ok()).collect();
+        match self.node.db.peers() {
+            Ok(peers) => sources.extend(peers.iter().filter(|p| p.mirror && p.state == PeerState::Trusted).map(|p| p.node_id)),
+            Err(e) => tracing::warn!("reading mirror peers: {e}"),
+        }
+        sources.retain(|id| *id != self.node.id());
+        sources.sort();
+        sources.dedup();
+        sources
+    }
+
+    /// Follow one source: sync, then watch for events and sync on each,
+    /// reconciling periodically; reconnect with exponential backoff and jitter.
+    /// Ends when the source is no longer a mirror source, or at shutdown.
+    async fn mirror(self: Arc<Self>, source: NodeId, mut shutdown: watch::Receiver<bool>) {
+        const RECONCILE: Duration = Duration::from_secs(60);
+        const MAX_BACKOFF: Duration = Duration::from_secs(60);
         let key = format!("mirror:{}", source.to_hex());
         let (tx, _rx) = watch::channel(JobState {
             kind: "mirror",
             peer: source.to_hex(),
-            progress: Progress { peer: source.to_hex(), ..Default::default() },
+            progress: Progress { peer: source.to_hex(), phase: Phase::Connecting as i32, ..Default::default() },
             result: None,
         });
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Arc::new(Job { state: tx.clone() }));
         let t = Tracker { state: tx, started: Instant::now() };
-        let r = async {
-            self.sync_peer(&peer, &t).await?;
-            let ch = self.channel(&source, &peer.address).await?;
-            let cursor = self.node.db.peer(&source)?.map(|p| p.cursor).unwrap_or(0);
-            let mut events = client(ch)
-                .watch(WatchRequest { after_seq: cursor })
-                .await
-                .map_err(|s| Error::from(s).context("opening the watch stream"))?
-                .into_inner();
-            tracing::info!(peer = %source, "mirroring");
-            let mut tick = tokio::time::interval(reconcile);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    ev = events.message() => {
-                        let ev = ev.map_err(Error::from)?.ok_or_else(|| Error::unavailable("source closed the watch stream"))?;
-                        match watch_event::Kind::try_from(ev.kind) {
-                            Ok(watch_event::Kind::Revoked) => return Err(Error::denied("the source revoked this mirror")),
-                            Ok(watch_event::Kind::Item) => {
-                                let cur = self.node.db.peer(&source)?.map(|p| p.cursor).unwrap_or(0);
-                                if ev.seq > cur {
-                                    self.sync_peer(&peer, &t).await?;
-                                }
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            if !self.mirror_sources().contains(&source) {
+                tracing::info!(peer = %source, "stopped mirroring: no longer a mirror source");
+                break;
+            }
+            let started = Instant::now();
+            let err = match self.mirror_once(source, &mut shutdown, RECONCILE, &t).await {
+                Ok(()) => break, // shutdown
+                Err(e) => e,
+            };
+            self.drop_channel(&source);
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(500);
+            }
+            if matches!(err.kind(), Kind::Denied | Kind::NotFound | Kind::Auth) {
+                backoff = MAX_BACKOFF;
+            }
+            let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+            let msg = if matches!(err.kind(), Kind::Denied | Kind::Auth) {
+                format!("mirror of {} stopped: {err}; retrying in {}s", source.short(), wait.as_secs())
+            } else {
+                format!("mirror of {} interrupted: {err}; retrying in {:.1}s", source.short(), wait.as_secs_f64())
+            };
+            tracing::warn!(peer = %source, "{msg}");
+            t.update(|p| {
+                p.phase = Phase::Failed as i32;
+                push_error(p, msg);
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => break,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    }
+
+    async fn mirror_once(&self, source: NodeId, shutdown: &mut watch::Receiver<bool>, reconcile: Duration, t: &Tracker) -> Result<()> {
+        let peer = self.trusted_peer(&source)?;
+        let synced = |r: Result<Outcome>| -> Result<()> {
+            r?;
+            t.phase(Phase::Done);
+            Ok(())
+        };
+        synced(self.sync_peer(&peer, t).await)?;
+        let ch = self.channel(&source, &peer.address).await?;
+        let cursor = self.node.db.peer(&source)?.map(|p| p.cursor).unwrap_or(0);
+        let mut events = client(ch)
+            .watch(WatchRequest { after_seq: cursor })
+            .await
+            .map_err(|s| Error::from(s).context("opening the watch stream"))?
+            .into_inner();
+        tracing::info!(peer = %source, "mirroring");
+        let mut tick = tokio::time::interval(reconcile);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                ev = events.message() => {
+                    let ev = ev.map_err(Error::from)?.ok_or_else(|| Error::unavailable("the source closed the watch stream"))?;
+                    match watch_event::Kind::try_from(ev.kind) {
+                        Ok(watch_event::Kind::Revoked) => return Err(Error::denied("the source revoked this node's trust")),
+                        Ok(watch_event::Kind::Item) => {
+                            let cur = self.node.db.peer(&source)?.map(|p| p.cursor).unwrap_or(0);
+                            if ev.seq > cur {
+                                synced(self.sync_peer(&peer, t).await)?;
                             }
-                            _ => {}
                         }
+                        _ => {}
                     }
-                    _ = tick.tick() => { self.sync_peer(&peer, &t).await?; }
-                    _ = shutdown.changed() => return Ok(()),
                 }
+                _ = tick.tick() => {
+                    if !self.mirror_sources().contains(&source) {
+                        return Err(Error::not_found("no longer a mirror source"));
+                    }
+                    synced(self.sync_peer(&peer, t).await)?;
+                }
+                _ = shutdown.changed() => return Ok(()),
             }
         }
-        .await;
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
-        r
     }
 }
 
+/// Group commit for received chunks: writers hand over each chunk they wrote
+/// (verified, renamed into place); one `syncfs` and one transaction then make
+/// everything handed over so far durable and present, while the writers go on
+/// writing the next ones. Each batch recorded is reported back, in order; an
+/// error is reported once and ends the recorder (the writers then stop).
+fn spawn_recorder(
+    node: Arc<Node>,
+) -> (tokio::sync::mpsc::Sender<(ChunkId, u64)>, tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, u64)>(RECORD_QUEUE);
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
+            let n = node.clone();
+            let r = blocking(move || {
+                n.chunks.sync()?;
+                n.db.record_chunks(&batch)
+            })
+            .await;
+            let failed = r.is_err();
+            if done_tx.send(r.map(|()| ids)).is_err() || failed {
+                return;
+            }
+        }
+    });
+    (tx, done_rx)
+}
+
+async fn next_or_pending<S: futures::Stream + Unpin>(s: &mut Option<S>) -> Option<S::Item> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Chunk files present on disk but not recorded (a run died between rename
+/// and record): keep those whose bytes hash to their id, remove the others.
+/// Returns the adopted ids, synced and recorded.
+fn adopt_strays(node: &Node, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+    let mut adopted = Vec::new();
+    for id in ids {
+        let path = node.chunks.path(id);
+        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        if meta.len() as usize > crate::chunks::MAX_CHUNK_BYTES {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(data) if Hash::of(&data) == *id => adopted.push((*id, data.len() as u64)),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    if adopted.is_empty() {
+        return Ok(Vec::new());
+    }
+    node.chunks.sync()?;
+    node.db.record_chunks(&adopted)?;
+    Ok(adopted.into_iter().map(|(c, _)| c).collect())
+}
+
 /// Run a clone to completion in this process (the `bitsync clone` command).
-pub async fn clone_now(rep: &Arc<Replicator>, target: &str, on_progress: impl Fn(&Progress)) -> Result<Outcome> {
-    let mut rx = rep.start_clone(target)?;
+/// On failure, the error comes with what was achieved.
+pub async fn clone_now(
+    rep: &Arc<Replicator>,
+    target: &str,
+    on_progress: impl Fn(&Progress),
+) -> std::result::Result<Outcome, (Error, Outcome)> {
+    let mut rx = rep.start_clone(target).map_err(|e| (e, Outcome::default()))?;
     loop {
         {
             let s = rx.borrow_and_update();
             on_progress(&s.progress);
             if let Some(r) = &s.result {
                 let p = &s.progress;
-                r.clone()?;
-                return Ok(Outcome {
+                let out = Outcome {
                     items: p.items_done,
                     bytes: p.bytes_done,
                     elapsed: Duration::from_millis(p.elapsed_ms as u64),
                     errors: p.errors.clone(),
-                });
+                };
+                return match r {
+                    Ok(()) => Ok(out),
+                    Err(e) => Err((e.clone(), out)),
+                };
             }
         }
         if rx.changed().await.is_err() {
-            return Err(Error::io("clone job ended without a result"));
+            return Err((Error::io("clone job ended without a result"), Outcome::default()));
         }
     }
 }

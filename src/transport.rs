@@ -117,16 +117,38 @@ pub async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, o
     }
 }
 
+/// The embedded Tor client, bootstrapped on first use and shared by dialing
+/// and the onion service, so a node that never meets an onion address never
+/// starts Tor.
+pub struct TorHandle {
+    opts: crate::tor::TorOptions,
+    client: tokio::sync::OnceCell<crate::tor::Tor>,
+}
+
+impl TorHandle {
+    pub fn new(opts: crate::tor::TorOptions) -> Arc<TorHandle> {
+        Arc::new(TorHandle { opts, client: tokio::sync::OnceCell::new() })
+    }
+
+    /// The bootstrapped client (bootstrapping it now if needed, bounded by the configured timeout).
+    pub async fn get(&self) -> Result<crate::tor::Tor> {
+        self.client
+            .get_or_try_init(|| async {
+                tracing::info!("starting embedded Tor");
+                crate::tor::bootstrap(&self.opts).await.map_err(|e| Error::unavailable(format!("Tor: {e}")))
+            })
+            .await
+            .cloned()
+    }
+}
+
 /// How this node reaches `.onion` addresses.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub enum OnionRoute {
-    /// Tor is off: onion addresses are refused with a clear error.
-    #[default]
-    None,
     /// An external tor's SOCKS5 port (the proxy resolves the name).
     Socks(SocketAddr),
     /// The embedded Tor client.
-    Arti(crate::tor::Tor),
+    Arti(Arc<TorHandle>),
 }
 
 /// Dials peers. Cheap to clone.
@@ -170,20 +192,18 @@ impl Dialer {
             let _ = s.set_nodelay(true);
             return Ok(Box::new(s));
         }
+        let (host, port) =
+            crate::tor::parse_onion_target(&format!("{host}:{port}")).map_err(|e| Error::invalid(e.to_string()))?;
         match &self.onion {
-            OnionRoute::None => Err(Error::invalid(format!(
-                "{host} is an onion address but Tor is off: set [tor] enabled = true or [tor] socks in config.toml"
-            ))),
             OnionRoute::Socks(proxy) => {
-                let s = crate::tor::socks5_connect(*proxy, host, port, self.connect_timeout)
+                let s = crate::tor::socks5_connect(*proxy, &host, port, self.connect_timeout)
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
                 Ok(Box::new(s))
             }
-            OnionRoute::Arti(tor) => {
-                let (h, p) = crate::tor::parse_onion_target(&format!("{host}:{port}"))
-                    .map_err(|e| Error::invalid(e.to_string()))?;
-                let s = crate::tor::connect(tor, &h, p, self.connect_timeout)
+            OnionRoute::Arti(handle) => {
+                let tor = handle.get().await?;
+                let s = crate::tor::connect(&tor, &host, port, self.connect_timeout)
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
                 Ok(Box::new(s))

@@ -28,6 +28,8 @@ const CHUNK_WINDOW: usize = 4;
 pub const MAX_MANIFEST_BATCH: usize = 1000;
 const DEFAULT_PAGE: u32 = 500;
 const HEARTBEAT: Duration = Duration::from_secs(15);
+/// How long a stream ending at shutdown waits to queue its final status.
+const SHUTDOWN_SEND: Duration = Duration::from_secs(2);
 
 pub struct FederationService {
     state: Arc<ServerState>,
@@ -210,7 +212,7 @@ impl Federation for FederationService {
         let r = req.into_inner();
         let max = self.state.node.config.limits.list_page_max;
         let limit = if r.limit == 0 { DEFAULT_PAGE.min(max) } else { r.limit.min(max) };
-        let mut page = self.state.node.db.list_after(r.after_seq, limit + 1)?;
+        let mut page = self.state.node.db.list_after(r.after_seq, limit.saturating_add(1))?;
         let more = page.len() > limit as usize;
         page.truncate(limit as usize);
         let next = page.last().map(|s| s.seq).unwrap_or(r.after_seq);
@@ -279,7 +281,16 @@ impl Federation for FederationService {
         let state = self.state.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let mut shutdown = state.shutdown.clone();
+            let me = state.node.id();
+            // Shutting down: end the stream with UNAVAILABLE (the client resumes
+            // later or elsewhere) instead of holding the drain for a long stream.
+            let stopping = || Status::unavailable(format!("node {me} is shutting down; retry the chunks not received"));
             for id in parsed {
+                if *shutdown.borrow() {
+                    let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send(Err(stopping()))).await;
+                    return;
+                }
                 if !state.node.db.is_trusted(&caller).unwrap_or(false) {
                     tracing::warn!(node = %caller, "ending a chunk stream: the peer was revoked");
                     let _ = tx.send(Err(Status::permission_denied(format!("node {caller} was revoked")))).await;
@@ -294,8 +305,14 @@ impl Federation for FederationService {
                         return;
                     }
                 };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return; // the client went away
+                tokio::select! {
+                    sent = tx.send(Ok(msg)) => if sent.is_err() {
+                        return; // the client went away
+                    },
+                    _ = shutdown.changed() => {
+                        let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send(Err(stopping()))).await;
+                        return;
+                    }
                 }
             }
         });
@@ -339,6 +356,10 @@ impl Federation for FederationService {
                     }
                 };
                 for s in &page {
+                    // Trust is re-checked before every message, not only every page.
+                    if !state.node.db.is_trusted(&caller).unwrap_or(false) {
+                        break;
+                    }
                     let ev = WatchEvent { kind: watch_event::Kind::Item as i32, seq: s.seq, content_id: s.content_id.to_hex() };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;

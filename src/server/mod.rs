@@ -31,7 +31,7 @@ use crate::proto::federation_server::FederationServer;
 use crate::proto::PeerInfo;
 use crate::replicator::Replicator;
 use crate::store::Peer;
-use crate::transport::{self, Dialer, OnionRoute};
+use crate::transport::{self, Dialer, OnionRoute, TorHandle};
 
 const MAX_MESSAGE: usize = 8 * 1024 * 1024;
 const DRAIN: Duration = Duration::from_secs(10);
@@ -81,6 +81,8 @@ pub fn peer_to_proto(p: &Peer) -> PeerInfo {
 pub struct ServeOptions {
     /// Overrides `listen` from config.toml.
     pub listen: Option<String>,
+    /// Serve on an onion service too, as `[tor] enabled = true` does.
+    pub tor: bool,
 }
 
 fn reflection() -> Result<(
@@ -101,19 +103,32 @@ fn reflection() -> Result<(
     Ok((v1, v1alpha))
 }
 
-/// A dialer configured from the node's settings (TCP, plus Tor for onion peers).
-pub async fn dialer(node: &Node, identity: Arc<crate::identity::Identity>) -> Result<Dialer> {
+/// A dialer configured from the node's settings: TCP, and for onion peers
+/// either the configured SOCKS5 proxy or embedded Tor (started on first use).
+/// Returns the embedded Tor handle too, which `start` uses for the onion service.
+pub fn dialer(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
     let tor = &node.config.tor;
-    let route = match &tor.socks {
-        Some(s) => OnionRoute::Socks(s.parse().map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?),
-        None => OnionRoute::None,
+    let (route, handle) = match &tor.socks {
+        Some(s) => {
+            let addr = s.parse().map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?;
+            (OnionRoute::Socks(addr), None)
+        }
+        None => {
+            let h = TorHandle::new(crate::tor::TorOptions {
+                state_dir: node.paths.tor(),
+                arti_config: tor.arti_config.clone(),
+                bootstrap_timeout: Duration::from_secs(tor.bootstrap_timeout_secs),
+            });
+            (OnionRoute::Arti(h.clone()), Some(h))
+        }
     };
-    Ok(Dialer::new(
-        identity,
+    let dialer = Dialer::new(
+        node.identity.clone(),
         route,
         Duration::from_secs(tor.connect_timeout_secs),
         Duration::from_secs(node.config.limits.request_timeout_secs),
-    ))
+    );
+    Ok((dialer, handle))
 }
 
 /// A node serving in this process (tests and `bitsync serve` both use it).
@@ -179,7 +194,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     tracing::info!(node = %node.id(), "federation listening on {bound}");
 
     let identity = node.identity.clone();
-    let dialer = dialer(&node, identity.clone()).await?;
+    let (dialer, tor) = dialer(&node)?;
     let replicator = Replicator::new(node.clone(), dialer);
     replicator.set_advertised_address(bound.to_string());
 
@@ -219,11 +234,25 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let tls = crate::tls::server_config(&identity)?;
-    tokio::spawn(transport::accept_tcp(tcp, tls, conn_tx));
+    tokio::spawn(transport::accept_tcp(tcp, tls.clone(), conn_tx.clone()));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<FederationServer<federation::FederationService>>().await;
     health_reporter.set_serving::<AdminServer<admin::AdminService>>().await;
+    if opts.tor || node.config.tor.enabled {
+        match tor {
+            Some(handle) => {
+                health_reporter.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing).await;
+                tokio::spawn(serve_onion(state.clone(), handle, tls, conn_tx, health_reporter.clone(), shutdown_rx.clone()));
+            }
+            None => {
+                return Err(Error::invalid(
+                    "[tor] socks is set: this node dials through an external tor; host the onion service with that \
+                     tor's HiddenServicePort (docs/TOR.md), or remove `socks` to use embedded Tor",
+                ))
+            }
+        }
+    }
     let (refl_v1, refl_v1alpha) = reflection()?;
     let (refl2_v1, refl2_v1alpha) = reflection()?;
 
@@ -268,6 +297,63 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         tokio::spawn(async move { admin_log(admin.await) }),
     ];
     Ok(RunningNode { state, listen_address: bound, admin_socket: sock, shutdown_tx, tasks })
+}
+
+/// Health service name that is SERVING once the onion service is reachable.
+pub const TOR_HEALTH: &str = "bitsync.v1.Federation.Tor";
+/// The virtual port advertised for the onion service (every port is accepted).
+pub const ONION_PORT: u16 = 7450;
+
+/// Bootstrap embedded Tor, launch the onion service and feed its streams to
+/// the Federation server, through the same TLS as TCP. A failure here is
+/// logged and leaves the TCP listener working.
+async fn serve_onion(
+    state: Arc<ServerState>,
+    tor: Arc<TorHandle>,
+    tls: Arc<rustls::ServerConfig>,
+    conns: mpsc::Sender<std::io::Result<transport::PeerConn>>,
+    health: tonic_health::server::HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let run = async {
+        let client = tor.get().await?;
+        let (svc, streams) = crate::tor::launch_onion_service(&client, "bitsync")
+            .await
+            .map_err(|e| Error::unavailable(format!("launching the onion service: {e}")))?;
+        let mut streams = Box::pin(streams);
+        let address = format!("{}:{ONION_PORT}", svc.address());
+        let hostname = state.node.paths.tor().join("hostname");
+        crate::identity::write_private_file(&hostname, format!("{}\n", svc.address()).as_bytes())?;
+        *state.onion_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.clone());
+        tracing::info!("onion service {address} launched; waiting until it is reachable");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let timeout = Duration::from_secs(state.node.config.tor.bootstrap_timeout_secs);
+        let reachable = svc.wait_reachable(timeout);
+        tokio::pin!(reachable);
+        let mut announced = false;
+        loop {
+            tokio::select! {
+                r = &mut reachable, if !announced => {
+                    announced = true;
+                    match r {
+                        Ok(()) => {
+                            health.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::Serving).await;
+                            tracing::info!("onion service {address} is reachable");
+                        }
+                        Err(e) => tracing::warn!("onion service {address} not reachable yet: {e}"),
+                    }
+                }
+                s = futures::StreamExt::next(&mut streams) => match s {
+                    Some(stream) => transport::accept(Box::new(stream), "onion".into(), acceptor.clone(), conns.clone()),
+                    None => return Err(Error::unavailable("the onion service stopped")),
+                },
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    };
+    if let Err(e) = run.await {
+        tracing::error!("Tor: {e}; federation stays available on TCP");
+    }
 }
 
 async fn wait_for(mut rx: watch::Receiver<bool>) {

@@ -1,0 +1,146 @@
+//! Backup and restore against `cp -r`, side by side in one run.
+//!
+//! ```sh
+//! cargo bench --bench backup                        # a 2 GiB instance
+//! BITSYNC_BENCH_MB=256 cargo bench --bench backup   # smaller
+//! ```
+//!
+//! Builds an instance of BITSYNC_BENCH_MB MiB (items of 64 MiB, 1 MiB chunks)
+//! with the library, then times, with the release `bitsync` binary:
+//!
+//! 1. `cp -r` of the data dir, and `cp -r` followed by `sync` (a backup
+//!    fsyncs what it writes; plain `cp -r` leaves it in the page cache);
+//! 2. `bitsync backup --with-identity` into a new repository (target ≤ 1.3× `cp -r`);
+//! 3. a second backup with nothing changed (target < 5 % of the first);
+//! 4. `bitsync restore` of that snapshot into a new data dir, against `cp -r`.
+//!
+//! Each timing is the best of BITSYNC_BENCH_ROUNDS (default 2) runs, with a
+//! `sync` before each so one step's writeback does not land in the next.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+const PASS: &str = "bench passphrase";
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().expect("run command");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sync() {
+    sh(&mut Command::new("sync"));
+}
+
+fn bitsync(data_dir: &Path) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--data-dir").arg(data_dir).env("BITSYNC_PASSPHRASE", PASS).env_remove("BITSYNC_DATA_DIR");
+    c
+}
+
+/// Best of `rounds` runs of `prepare` (untimed) then `run` (timed).
+fn best(rounds: usize, mut prepare: impl FnMut(), mut run: impl FnMut()) -> Duration {
+    let mut best = Duration::MAX;
+    for _ in 0..rounds {
+        prepare();
+        sync();
+        let t = Instant::now();
+        run();
+        best = best.min(t.elapsed());
+    }
+    best
+}
+
+fn rm(p: &Path) {
+    let _ = std::fs::remove_dir_all(p);
+}
+
+fn fill(seed: u64, buf: &mut [u8]) {
+    let mut x = seed | 1;
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+}
+
+fn main() {
+    let mb: u64 = std::env::var("BITSYNC_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).max(1);
+    let base = std::env::var_os("BITSYNC_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::TempDir::new_in(&base).expect("temp dir");
+    let data = tmp.path().join("node");
+    let repo = tmp.path().join("repo");
+    let cp_dst = tmp.path().join("cp-copy");
+    let restored = tmp.path().join("restored");
+
+    // The instance: MB MiB in items of up to 64 MiB.
+    sh(bitsync(&data).arg("init"));
+    let t = Instant::now();
+    {
+        let node = bitsync::node::Node::open(&data, &bitsync::node::no_passphrase).expect("open node");
+        let mut left = mb << 20;
+        let mut i = 0u64;
+        let mut buf = vec![0u8; 64 << 20];
+        while left > 0 {
+            let n = left.min(64 << 20) as usize;
+            fill(i + 1, &mut buf[..n]);
+            let opts = bitsync::content::PutOptions { kind: "file".into(), name: format!("item-{i}") };
+            bitsync::content::put(&node, &mut &buf[..n], &opts, &|_| {}).expect("put");
+            left -= n as u64;
+            i += 1;
+        }
+    }
+    sync();
+    let du = |p: &Path| -> u64 {
+        let out = Command::new("du").arg("-sb").arg(p).output().expect("du");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)
+    };
+    let size = du(&data);
+    println!("instance: {mb} MiB of content, data dir {:.1} MiB, built in {:.1} s", size as f64 / 1048576.0, t.elapsed().as_secs_f64());
+    println!("rounds: best of {rounds}; binary: {BIN}");
+
+    let cp = best(rounds, || rm(&cp_dst), || sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst)));
+    let cp_sync = best(
+        rounds,
+        || rm(&cp_dst),
+        || {
+            sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst));
+            sync();
+        },
+    );
+    rm(&cp_dst);
+    let first = best(rounds, || rm(&repo), || sh(bitsync(&data).args(["backup", "--with-identity", "--repo"]).arg(&repo)));
+    let second = best(rounds, || {}, || sh(bitsync(&data).args(["backup", "--with-identity", "--repo"]).arg(&repo)));
+    let restore = best(rounds, || rm(&restored), || sh(bitsync(&restored).args(["restore", "--repo"]).arg(&repo)));
+    rm(&restored);
+    sh(bitsync(&data).args(["backup", "verify", "--repo"]).arg(&repo));
+
+    let s = |d: Duration| d.as_secs_f64();
+    let rate = |d: Duration| size as f64 / 1048576.0 / d.as_secs_f64().max(1e-9);
+    println!();
+    println!("{:<40} {:>9} {:>11}", "step", "seconds", "MiB/s");
+    for (name, d) in [
+        ("cp -r data dir", cp),
+        ("cp -r data dir; sync", cp_sync),
+        ("bitsync backup (first, --with-identity)", first),
+        ("bitsync backup (second, unchanged)", second),
+        ("bitsync restore", restore),
+    ] {
+        println!("{:<40} {:>9.3} {:>11.1}", name, s(d), rate(d));
+    }
+    println!();
+    println!("first backup / cp -r          = {:.2}x   (target <= 1.3x)", s(first) / s(cp));
+    println!("first backup / (cp -r; sync)  = {:.2}x", s(first) / s(cp_sync));
+    println!("second backup / first backup  = {:.1}%   (target < 5%)", 100.0 * s(second) / s(first));
+    println!("restore / cp -r               = {:.2}x", s(restore) / s(cp));
+    println!("restore / (cp -r; sync)       = {:.2}x", s(restore) / s(cp_sync));
+}

@@ -1,0 +1,260 @@
+//! put/get throughput and peak memory, against `cp` of the same file.
+//!
+//! `cargo bench --bench putget` (release build). Runs the real `bitsync`
+//! binary as a child process, so the figures are what a user sees: process
+//! start, key loading, SQLite, chunk files, fsyncs and all.
+//!
+//! Each round, on one temp directory (same disk for everything):
+//!
+//! 1. `cp IN OUT`                     — the baseline (does not fsync)
+//! 2. `cp IN OUT && sync OUT`         — the baseline made durable, as bitsync is
+//! 3. `bitsync put IN`                — into a freshly initialized data dir
+//! 4. `bitsync get ID -o OUT`         — from that data dir
+//!
+//! Before every timed step the input is read once (page cache equally warm
+//! for every contender), outputs of the previous step are removed, and
+//! `sync()` runs so no step pays for another's write-back. The median of the
+//! rounds is reported. Peak RSS and CPU times come from wait4(2)'s rusage.
+//!
+//! Environment:
+//! - `BITSYNC_BENCH_MB`      input size in MiB (default 1024)
+//! - `BITSYNC_BENCH_ROUNDS`  rounds (default 3)
+//! - `BITSYNC_BENCH_DIR`     where to put the files (default: cargo's target tmp dir)
+//! - `BITSYNC_BENCH_BIN`     the bitsync binary to measure (default: the one cargo built)
+//!
+//! Targets (from the issue): put and get ≥ 0.5 × cp throughput, peak RSS < 64 MiB.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+const MIB: u64 = 1024 * 1024;
+
+struct Run {
+    wall: Duration,
+    user: Duration,
+    sys: Duration,
+    max_rss_kib: u64,
+    stdout: String,
+}
+
+fn tv(t: libc::timeval) -> Duration {
+    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+}
+
+/// Run `cmd` to completion; time it and read its rusage with wait4.
+fn run(cmd: &mut Command) -> Run {
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).env_remove("RUST_LOG");
+    let start = Instant::now();
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain data; wait4 fills it for our own child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let wall = start.elapsed();
+    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed (wait status {status:#x})"
+    );
+    Run { wall, user: tv(ru.ru_utime), sys: tv(ru.ru_stime), max_rss_kib: ru.ru_maxrss as u64, stdout }
+}
+
+fn sync_all() {
+    // SAFETY: sync(2) has no preconditions.
+    unsafe { libc::sync() };
+}
+
+/// Read a file once so it sits in the page cache.
+fn warm(path: &Path) {
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    while f.read(&mut buf).unwrap() > 0 {}
+}
+
+fn make_input(path: &Path, bytes: u64) {
+    let mut f = File::create(path).unwrap();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut buf = vec![0u8; MIB as usize];
+    let mut left = bytes;
+    while left > 0 {
+        for w in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+fn bin() -> PathBuf {
+    std::env::var_os("BITSYNC_BENCH_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(BIN))
+}
+
+fn bitsync(data: &Path) -> Command {
+    let mut c = Command::new(bin());
+    c.env("BITSYNC_DATA_DIR", data).env_remove("BITSYNC_PASSPHRASE");
+    c
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[derive(Default)]
+struct Series {
+    mbps: Vec<f64>,
+    wall: Vec<f64>,
+    user: Vec<f64>,
+    sys: Vec<f64>,
+    rss_kib: u64,
+}
+
+impl Series {
+    fn add(&mut self, r: &Run, bytes: u64) {
+        let s = r.wall.as_secs_f64();
+        self.mbps.push(bytes as f64 / 1e6 / s);
+        self.wall.push(s);
+        self.user.push(r.user.as_secs_f64());
+        self.sys.push(r.sys.as_secs_f64());
+        self.rss_kib = self.rss_kib.max(r.max_rss_kib);
+    }
+    fn mbps(&self) -> f64 {
+        median(self.mbps.clone())
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument is a filter we do not support.
+    let mb: u64 = std::env::var("BITSYNC_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let base: PathBuf = std::env::var_os("BITSYNC_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
+    fs::create_dir_all(&base).unwrap();
+    let tmp = tempfile::tempdir_in(&base).unwrap();
+    let bytes = mb * MIB;
+    let input = tmp.path().join("input.bin");
+    let out = tmp.path().join("output.bin");
+    let data = tmp.path().join("data");
+
+    eprintln!("putget: {mb} MiB input, {rounds} round(s), in {}", tmp.path().display());
+    eprintln!("putget: binary {}", bin().display());
+    make_input(&input, bytes);
+
+    let (mut cp, mut cp_sync, mut put, mut get) =
+        (Series::default(), Series::default(), Series::default(), Series::default());
+    for round in 1..=rounds {
+        // cp
+        let _ = fs::remove_file(&out);
+        sync_all();
+        warm(&input);
+        let r = run(Command::new("cp").arg(&input).arg(&out));
+        cp.add(&r, bytes);
+        fs::remove_file(&out).unwrap();
+
+        // cp + sync of the copy (coreutils `sync FILE` fsyncs that file)
+        sync_all();
+        warm(&input);
+        let r = run(Command::new("sh").arg("-c").arg("cp \"$1\" \"$2\" && sync \"$2\"").arg("sh").arg(&input).arg(&out));
+        cp_sync.add(&r, bytes);
+        fs::remove_file(&out).unwrap();
+
+        // put, into a fresh data dir
+        let _ = fs::remove_dir_all(&data);
+        run(bitsync(&data).arg("init"));
+        sync_all();
+        warm(&input);
+        let r = run(bitsync(&data).arg("put").arg(&input));
+        let id = r.stdout.lines().last().unwrap_or("").trim().to_string();
+        assert_eq!(id.len(), 64, "put printed no content id: {:?}", r.stdout);
+        put.add(&r, bytes);
+
+        // get
+        sync_all();
+        let r = run(bitsync(&data).arg("get").arg(&id).arg("-o").arg(&out));
+        assert_eq!(fs::metadata(&out).unwrap().len(), bytes, "get wrote the wrong size");
+        get.add(&r, bytes);
+        if round == 1 {
+            // Once: the round trip is exact.
+            assert!(files_equal(&input, &out), "get output differs from the input");
+        }
+        fs::remove_file(&out).unwrap();
+        fs::remove_dir_all(&data).unwrap();
+        eprintln!(
+            "putget: round {round}: cp {:.0}, cp+sync {:.0}, put {:.0}, get {:.0} MB/s",
+            cp.mbps.last().unwrap(),
+            cp_sync.mbps.last().unwrap(),
+            put.mbps.last().unwrap(),
+            get.mbps.last().unwrap()
+        );
+    }
+
+    println!();
+    println!("put/get vs cp: {mb} MiB ({bytes} bytes), median of {rounds} round(s); MB/s = 10^6 bytes per second");
+    println!();
+    println!("| step | MB/s | wall s | user s | sys s | peak RSS MiB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, s) in [("cp", &cp), ("cp + sync", &cp_sync), ("bitsync put", &put), ("bitsync get", &get)] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
+            s.mbps(),
+            median(s.wall.clone()),
+            median(s.user.clone()),
+            median(s.sys.clone()),
+            s.rss_kib as f64 / 1024.0
+        );
+    }
+    println!();
+    let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+    let (pr, gr) = (put.mbps() / cp.mbps(), get.mbps() / cp.mbps());
+    println!("put / cp        = {pr:.2}  (target >= 0.5: {})", verdict(pr >= 0.5));
+    println!("get / cp        = {gr:.2}  (target >= 0.5: {})", verdict(gr >= 0.5));
+    println!("put / (cp+sync) = {:.2}", put.mbps() / cp_sync.mbps());
+    println!("get / (cp+sync) = {:.2}", get.mbps() / cp_sync.mbps());
+    let (prss, grss) = (put.rss_kib as f64 / 1024.0, get.rss_kib as f64 / 1024.0);
+    println!("peak RSS put    = {prss:.1} MiB  (target < 64: {})", verdict(prss < 64.0));
+    println!("peak RSS get    = {grss:.1} MiB  (target < 64: {})", verdict(grss < 64.0));
+}
+
+fn files_equal(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).unwrap() {
+            0 => break,
+            k => n += k,
+        }
+    }
+    n
+}

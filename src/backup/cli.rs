@@ -1,0 +1,380 @@
+//! Command-line arguments and output of `backup`, `restore`, `clone-instance`
+//! and `import-axon` (dispatched from [`crate::cli`]).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{clone_instance, human_bytes, import_axon, repo, restore};
+use crate::cli::{progress_bar, Cli};
+use crate::error::{Error, Result};
+use crate::node::Paths;
+
+/// `bitsync backup --repo DIR` makes a snapshot; `bitsync backup verify|ls --repo DIR` read the repository.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    /// Backup repository (created on first use; must be empty or a repository)
+    #[arg(long, value_name = "DIR", required = true)]
+    pub repo: Option<PathBuf>,
+    /// After the snapshot, keep only the newest N snapshots and the chunks they need
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_last: Option<u32>,
+    /// Include the node key, sealed with a passphrase (terminal prompt, --passphrase-file or BITSYNC_PASSPHRASE)
+    #[arg(long)]
+    pub with_identity: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Re-hash every file a snapshot needs and check its database; non-zero exit on any problem
+    Verify {
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// Snapshot id (or unique prefix, or `latest`) [default: every snapshot]
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<String>,
+    },
+    /// List the snapshots of a repository
+    Ls {
+        #[arg(long, value_name = "DIR")]
+        repo: PathBuf,
+        /// One JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Backup repository
+    #[arg(long, value_name = "DIR")]
+    pub repo: PathBuf,
+    /// Snapshot id (or unique prefix) [default: the latest]
+    #[arg(long, value_name = "ID")]
+    pub snapshot: Option<String>,
+    /// Give the restored node a new key; every item is re-wrapped for it
+    #[arg(long)]
+    pub new_identity: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CloneInstanceArgs {
+    /// Database to copy [default: this node's, <data-dir>/bitsync.db]
+    #[arg(long, value_name = "FILE")]
+    pub source_db: Option<PathBuf>,
+    /// Where the copy of the database goes
+    #[arg(long, value_name = "FILE")]
+    pub dest_db: PathBuf,
+    /// Chunk directory to copy [default: this node's, <data-dir>/chunks]
+    #[arg(long, value_name = "DIR")]
+    pub source_attachments: Option<PathBuf>,
+    /// Where the copy of the chunks goes
+    #[arg(long, value_name = "DIR")]
+    pub dest_attachments: PathBuf,
+    /// Replace an existing destination without asking
+    #[arg(long)]
+    pub force: bool,
+    /// Give the copy its own key (node.key next to --dest-db), to run it beside the original
+    #[arg(long)]
+    pub new_identity: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportAxonArgs {
+    /// The Axon backup directory (backup_YYYYMMDD_HHMMSS/)
+    pub dir: PathBuf,
+    /// The Axon instance's RSA private key (PEM): also decrypt, check and re-publish each item natively
+    #[arg(long, value_name = "KEY.pem")]
+    pub axon_key: Option<PathBuf>,
+}
+
+fn bytes_bar(what: &str) -> impl Fn(u64, u64) + Sync {
+    let pb = progress_bar(0, what);
+    move |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+        if done >= total {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
+    match &a.command {
+        Some(BackupCommand::Verify { repo, snapshot }) => return verify(repo, snapshot.as_deref()),
+        Some(BackupCommand::Ls { repo, json }) => return list(repo, *json),
+        None => {}
+    }
+    let repo_dir = a.repo.as_ref().ok_or_else(|| Error::invalid("--repo DIR is required"))?;
+    let data_dir = cli.data_dir();
+    let paths = Paths::new(&data_dir);
+    // The key is read only with --with-identity; a plain backup needs no passphrase.
+    let mut held = None;
+    if a.with_identity {
+        repo::data_dir_node_id(&data_dir)?;
+        let key_text = std::fs::read_to_string(paths.key())
+            .map_err(|e| Error::from_io(e, format!("node key {}", paths.key().display())))?;
+        let sealed_on_node = key_text.contains("BITSYNC SEALED KEY");
+        drop(zeroize::Zeroizing::new(key_text));
+        // One passphrase: it opens a sealed node key and seals the backup's copy.
+        let pass = cli.passphrase(!sealed_on_node)?;
+        let identity = crate::identity::Identity::load(&paths.key(), &|| Ok(pass.clone()))?;
+        held = Some((identity, pass, sealed_on_node));
+    }
+    let opts = repo::BackupOptions {
+        keep_last: a.keep_last.map(|n| n as usize),
+        identity: held.as_ref().map(|(identity, pass, sealed_on_node)| repo::WithIdentity {
+            identity,
+            passphrase: pass.as_str(),
+            sealed_on_node: *sealed_on_node,
+        }),
+    };
+    let started = std::time::Instant::now();
+    let out = repo::backup(&data_dir, repo_dir, &opts, &bytes_bar("backup"))?;
+    let s = &out.snapshot;
+    eprintln!(
+        "snapshot {} of node {}: {} items, {} chunks ({}); {} new chunks ({}) copied, {} already in the repository; {}; {:.1} s",
+        s.id,
+        &s.node_id[..12],
+        s.counts.manifests,
+        s.counts.chunks,
+        human_bytes(s.counts.chunk_bytes),
+        out.new_chunks.copied,
+        human_bytes(out.new_chunks.copied_bytes),
+        out.new_chunks.skipped,
+        if s.identity.is_some() { "node key included, sealed" } else { "no node key (add --with-identity to restore with it)" },
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(p) = &out.pruned {
+        eprintln!(
+            "pruned {} snapshot(s){}, {} chunk(s) ({}) no snapshot needs",
+            p.removed_snapshots.len(),
+            if p.removed_snapshots.is_empty() { String::new() } else { format!(" ({})", p.removed_snapshots.join(", ")) },
+            p.removed_chunks,
+            human_bytes(p.removed_bytes)
+        );
+        if let Some(w) = &p.chunk_gc_skipped {
+            eprintln!("warning: {w}");
+        }
+    }
+    println!("{}", s.id);
+    Ok(())
+}
+
+fn verify(repo_dir: &std::path::Path, snapshot: Option<&str>) -> Result<()> {
+    let r = repo::verify(repo_dir, snapshot, &bytes_bar("verify"))?;
+    for p in &r.problems {
+        println!("{p}");
+    }
+    eprintln!(
+        "checked {} snapshot(s): {} files, {} chunks ({}): {} problem(s)",
+        r.snapshots.len(),
+        r.files_checked,
+        r.chunks_checked,
+        human_bytes(r.bytes_checked),
+        r.problems.len()
+    );
+    if !r.problems.is_empty() {
+        return Err(Error::integrity(format!("backup verify found {} problem(s) in {}", r.problems.len(), repo_dir.display())));
+    }
+    Ok(())
+}
+
+fn list(repo_dir: &std::path::Path, json: bool) -> Result<()> {
+    let r = repo::Repo::open(repo_dir)?;
+    let (all, bad) = r.list()?;
+    if json {
+        let v: Vec<_> = all
+            .iter()
+            .map(|m| {
+                serde_json::json!({"id": m.id, "node_id": m.node_id, "created_at": m.created_at,
+                    "created_at_ms": m.created_at_ms, "manifests": m.counts.manifests, "chunks": m.counts.chunks,
+                    "chunk_bytes": m.counts.chunk_bytes, "with_identity": m.identity.is_some()})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+    } else {
+        println!("{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  KEY", "SNAPSHOT", "TIME", "NODE", "ITEMS", "CHUNKS", "SIZE");
+        for m in &all {
+            println!(
+                "{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  {}",
+                m.id,
+                m.created_at,
+                &m.node_id[..12.min(m.node_id.len())],
+                m.counts.manifests,
+                m.counts.chunks,
+                human_bytes(m.counts.chunk_bytes),
+                if m.identity.is_some() { "sealed" } else { "-" }
+            );
+        }
+    }
+    for (name, e) in &bad {
+        eprintln!("snapshots/{name}: unreadable: {e}");
+    }
+    Ok(())
+}
+
+pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
+    let dest = cli.data_dir();
+    let opts = restore::RestoreOptions { snapshot: a.snapshot.as_deref(), new_identity: a.new_identity };
+    let out = restore::restore(&a.repo, &dest, &opts, &|| cli.passphrase(false), &bytes_bar("restore"))?;
+    eprintln!(
+        "restored snapshot {} into {}: {} items, {} chunks ({})",
+        out.snapshot,
+        out.data_dir.display(),
+        out.manifests,
+        out.chunks,
+        human_bytes(out.chunk_bytes)
+    );
+    if let Some(r) = &out.rekey {
+        eprintln!(
+            "new identity {} (was {}): {} item key(s) re-wrapped for it{}",
+            out.node_id,
+            out.old_node_id,
+            r.rewrapped,
+            if r.without_key > 0 { format!(", {} item(s) had no key for the old node and stay unreadable here", r.without_key) } else { String::new() }
+        );
+        if out.peers_to_retrust.is_empty() {
+            eprintln!("no trusted peers: nothing else to do");
+        } else {
+            eprintln!("these peers trusted the old id {} and must now trust the new one; on each, run:", out.old_node_id);
+            for (id, name, address) in &out.peers_to_retrust {
+                let label = if name.is_empty() { String::new() } else { format!(" ({name})") };
+                eprintln!("  peer {id}{label} at {address}: bitsync peer add {} <this node's HOST:PORT>", out.node_id);
+            }
+        }
+    }
+    println!("{}", out.node_id);
+    Ok(())
+}
+
+pub fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
+    let data_dir = cli.data_dir();
+    let paths = Paths::new(&data_dir);
+    let o = clone_instance::CloneOptions {
+        source_db: a.source_db.clone().unwrap_or_else(|| paths.db()),
+        source_attachments: a.source_attachments.clone().unwrap_or_else(|| paths.chunks()),
+        dest_db: a.dest_db.clone(),
+        dest_attachments: a.dest_attachments.clone(),
+        force: a.force,
+        new_identity: a.new_identity,
+    };
+    let plan = clone_instance::plan(&o)?;
+    eprint!("{}", clone_instance::describe(&o, &plan));
+    let mut o = o;
+    if !plan.existing.is_empty() && !o.force {
+        if !std::io::stdin().is_terminal() {
+            return Err(Error::exists(format!(
+                "{} exists and there is no terminal to confirm on: pass --force to replace it (nothing was changed)",
+                plan.existing[0].display()
+            )));
+        }
+        if !super::confirm("Replace the existing destination?")? {
+            return Err(Error::exists("not replaced: the destination was left as it was"));
+        }
+        o.force = true;
+    }
+    let source_key = a.source_db.as_ref().map(|p| p.parent().unwrap_or(std::path::Path::new(".")).join("node.key"));
+    let source_key = source_key.unwrap_or_else(|| paths.key());
+    let pass = || cli.passphrase(false);
+    let out = clone_instance::run(&o, &plan, Some((&source_key, &pass)), &bytes_bar("clone-instance"))?;
+    eprintln!(
+        "cloned in {:.1} s: database {} (integrity_check ok), {} chunks ({}) copied and re-hashed",
+        out.elapsed.as_secs_f64(),
+        human_bytes(out.db_bytes),
+        out.chunks.copied,
+        human_bytes(out.chunks.copied_bytes)
+    );
+    match (&out.rekey, &out.key_path) {
+        (Some(r), Some(k)) => {
+            eprintln!(
+                "the copy is node {} (source {}): new key {}, {} item key(s) re-wrapped",
+                out.node_id,
+                out.source_node_id,
+                k.display(),
+                r.rewrapped
+            );
+            if let Some(c) = &out.config_path {
+                eprintln!("copied the source's configuration to {}: change `listen` there before running the copy beside the original", c.display());
+            }
+        }
+        _ => eprintln!(
+            "the copy keeps node id {}: it needs the original node.key to run, and must never run at the same time as the original (use --new-identity for that)",
+            out.source_node_id
+        ),
+    }
+    println!("{}", out.node_id);
+    Ok(())
+}
+
+pub fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
+    let key = a.axon_key.as_deref().map(import_axon::load_axon_key).transpose()?;
+    let node = cli.open_node()?;
+    let report = import_axon::import(&node, &a.dir, key.as_ref(), &|label| tracing::info!("importing {label}"))?;
+    let mut applet = None;
+    let (mut imported, mut already) = (0, 0);
+    for it in &report.items {
+        if applet.as_deref() != Some(it.applet.as_str()) {
+            println!("applet '{}'", it.applet);
+            applet = Some(it.applet.clone());
+        }
+        let what = match &it.kind {
+            crate::axon::AxonItemKind::AppletCode => "code".to_string(),
+            crate::axon::AxonItemKind::AppletData { instance_id, owner_username } => {
+                format!("data of {owner_username} (id {instance_id})")
+            }
+        };
+        match &it.status {
+            import_axon::Status::Imported { legacy, native, already: was, note } => {
+                imported += 1;
+                if *was {
+                    already += 1;
+                }
+                let mut parts = Vec::new();
+                if let Some(l) = legacy {
+                    parts.push(format!("legacy {}", l));
+                }
+                if let Some(n) = native {
+                    parts.push(format!("native {}", n));
+                }
+                println!("  {what}: complete, {}{}", if *was { "already imported: " } else { "imported: " }, parts.join(", "));
+                if let Some(n) = note {
+                    println!("    note: {n}");
+                }
+            }
+            import_axon::Status::Incomplete { problems } => {
+                let missing = problems.iter().any(|p| p.contains("is missing"));
+                let corrupt = problems.iter().any(|p| !p.contains("is missing"));
+                let state = match (missing, corrupt) {
+                    (true, true) => "MISSING and CORRUPT pieces",
+                    (true, false) => "MISSING pieces",
+                    _ => "CORRUPT",
+                };
+                println!("  {what}: {state}, not imported");
+                for p in problems {
+                    println!("    {p}");
+                }
+            }
+            import_axon::Status::Failed { reason } => println!("  {what}: FAILED, not imported: {reason}"),
+        }
+    }
+    let skipped = report.skipped();
+    eprintln!(
+        "Axon backup of {}: {} item(s), {} imported ({} already here), {} not imported",
+        report.backup_date,
+        report.items.len(),
+        imported,
+        already,
+        skipped
+    );
+    if skipped > 0 {
+        return Err(Error::integrity(format!(
+            "{skipped} Axon item(s) were incomplete or damaged and were not imported (see above); the rest were"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! `bitsync clone-instance`: a consistent, verified copy of an instance's
+//! database and chunk directory ("attachments") at other paths, with the
+//! interface of CISO Assistant's `clone_instance` command.
+//!
+//! - The database is copied with SQLite's online backup API, so a live node's
+//!   WAL content is included, then checked with `PRAGMA integrity_check`.
+//! - The chunks copied are those the copy's database lists as present, each
+//!   re-hashed; a damaged source chunk stops the copy (the source is never
+//!   changed: nothing is quarantined).
+//! - Everything is built under temporary names and renamed into place. When
+//!   the database and the attachments share a parent directory that does not
+//!   exist yet, that whole directory appears with one rename; otherwise the
+//!   attachments are renamed first and the database last, so the database
+//!   (what makes a data dir) never refers to chunks that are not there.
+//! - An existing destination is replaced only with `--force`, or after a yes
+//!   on the terminal; with no terminal the command refuses.
+//! - `--new-identity`: the copy gets its own RSA-3072 key, written as
+//!   `node.key` next to `--dest-db` (sealed with the same passphrase if the
+//!   source key is sealed, else plain with mode 0600); every item the source
+//!   could open is re-wrapped for it (see [`dbcopy::rekey`]). The source's
+//!   `config.toml` is copied next to `--dest-db` too when none is there, so
+//!   `<dest-db dir>` is a runnable data dir when `--dest-attachments` is
+//!   `<dest-db dir>/chunks`. Without `--new-identity` no key is written: the
+//!   copy keeps the source's node id and must never run beside it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::copy::{self, CopyJob, CopyStats};
+use super::dbcopy::{self, RekeyReport};
+use super::{fsync_dir, human_bytes, syncfs, temp_sibling, TempTree};
+use crate::crypto::NodeId;
+use crate::error::{Error, IoContext, Result};
+use crate::identity::Identity;
+
+pub struct CloneOptions {
+    pub source_db: PathBuf,
+    pub source_attachments: PathBuf,
+    pub dest_db: PathBuf,
+    pub dest_attachments: PathBuf,
+    pub force: bool,
+    pub new_identity: bool,
+}
+
+/// Sizes shown before copying.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub db_bytes: u64,
+    pub wal_bytes: u64,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub node_id: NodeId,
+    /// What already exists at the destination and would be replaced.
+    pub existing: Vec<PathBuf>,
+    pub free: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct CloneOutcome {
+    pub db_bytes: u64,
+    pub chunks: CopyStats,
+    pub source_node_id: NodeId,
+    pub node_id: NodeId,
+    pub rekey: Option<RekeyReport>,
+    pub key_path: Option<PathBuf>,
+    pub config_path: Option<PathBuf>,
+    pub elapsed: std::time::Duration,
+}
+
+fn parent_of(p: &Path) -> PathBuf {
+    p.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Check the paths and measure what would be copied (reads only).
+pub fn plan(o: &CloneOptions) -> Result<Plan> {
+    if !o.source_db.is_file() {
+        return Err(Error::not_found(format!("source database {} does not exist", o.source_db.display())));
+    }
+    if !o.source_attachments.is_dir() {
+        return Err(Error::not_found(format!("source attachments {} is not a directory", o.source_attachments.display())));
+    }
+    let (sd, sa, dd, da) =
+        (absolute(&o.source_db), absolute(&o.source_attachments), absolute(&o.dest_db), absolute(&o.dest_attachments));
+    if dd == sd || da == sa {
+        return Err(Error::invalid("the destination is the source; choose other --dest-db and --dest-attachments"));
+    }
+    if da.starts_with(&sa) || sa.starts_with(&da) || dd.starts_with(&sa) || dd.starts_with(&da) {
+        return Err(Error::invalid(
+            "--dest-attachments, --source-attachments and --dest-db must not be inside one another",
+        ));
+    }
+    if dd.is_dir() {
+        return Err(Error::invalid(format!("--dest-db {} is a directory; give the database file's path", dd.display())));
+    }
+    let facts = dbcopy::facts(&o.source_db)?;
+    let db_bytes = fs::metadata(&o.source_db).map(|m| m.len()).unwrap_or(0);
+    let wal_bytes = fs::metadata(wal_path(&o.source_db)).map(|m| m.len()).unwrap_or(0);
+    let mut existing = Vec::new();
+    if o.dest_db.exists() {
+        existing.push(o.dest_db.clone());
+    }
+    if !super::is_missing_or_empty_dir(&o.dest_attachments)? {
+        existing.push(o.dest_attachments.clone());
+    }
+    if o.new_identity && key_path(o).exists() {
+        existing.push(key_path(o));
+    }
+    Ok(Plan {
+        db_bytes,
+        wal_bytes,
+        chunks: facts.chunks.len() as u64,
+        chunk_bytes: facts.chunk_bytes(),
+        node_id: facts.node_id,
+        existing,
+        free: super::free_space(&o.dest_attachments),
+    })
+}
+
+fn wal_path(db: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-wal", db.display()))
+}
+fn shm_path(db: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-shm", db.display()))
+}
+
+/// Where `--new-identity` writes the copy's key: `node.key` next to `--dest-db`.
+pub fn key_path(o: &CloneOptions) -> PathBuf {
+    parent_of(&o.dest_db).join("node.key")
+}
+
+/// Make the copy. The caller has shown the plan and obtained consent when
+/// `plan.existing` is not empty. `source_key` is the source's node key file
+/// (needed with `--new-identity` to unwrap item keys).
+pub fn run(
+    o: &CloneOptions,
+    plan: &Plan,
+    source_key: Option<(&Path, &dyn Fn() -> Result<Zeroizing<String>>)>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<CloneOutcome> {
+    let started = std::time::Instant::now();
+    if !plan.existing.is_empty() && !o.force {
+        return Err(Error::exists(format!("{} exists; pass --force to replace it", plan.existing[0].display())));
+    }
+    // Open the source key first: a wrong passphrase stops before anything is written.
+    let mut old_identity = None;
+    let mut sealed = None;
+    if o.new_identity {
+        let (path, pass) = source_key.ok_or_else(|| Error::invalid("--new-identity needs the source node key"))?;
+        if !path.is_file() {
+            return Err(Error::not_found(format!(
+                "--new-identity needs the source's node key to re-wrap item keys, and {} does not exist",
+                path.display()
+            )));
+        }
+        let text = Zeroizing::new(fs::read_to_string(path).ctx(format!("reading {}", path.display()))?);
+        let is_sealed = text.contains("BITSYNC SEALED KEY");
+        let once = std::cell::OnceCell::new();
+        let cached = || -> Result<Zeroizing<String>> {
+            if let Some(p) = once.get() {
+                return Ok(Zeroizing::clone(p));
+            }
+            let p = pass()?;
+            let _ = once.set(p.clone());
+            Ok(p)
+        };
+        let id = Identity::load(path, &cached)?;
+        if id.id() != plan.node_id {
+            return Err(Error::integrity(format!(
+                "node key {} ({}) does not belong to {} ({})",
+                path.display(),
+                id.id(),
+                o.source_db.display(),
+                plan.node_id
+            )));
+        }
+        if is_sealed {
+            sealed = Some(cached()?);
+        }
+        old_identity = Some(id);
+    }
+    super::check_space(&o.dest_attachments, plan.chunk_bytes + plan.db_bytes + plan.wal_bytes)?;
+
+    // Where to build. One fresh directory for everything when possible.
+    let db_parent = parent_of(&o.dest_db);
+    let att_parent = parent_of(&o.dest_attachments);
+    let whole_dir = absolute(&db_parent) == absolute(&att_parent) && !db_parent.exists();
+    let mut guards: Vec<TempTree> = Vec::new();
+    let (stage_db, stage_att, stage_root) = if whole_dir {
+        let root = temp_sibling(&db_parent, "clone");
+        let _ = fs::remove_dir_all(&root);
+        let grand = parent_of(&db_parent);
+        fs::create_dir_all(&grand).ctx(format!("creating {}", grand.display()))?;
+        guards.push(TempTree::new(root.clone()));
+        super::create_private_dir(&root)?;
+        let name = |p: &Path| p.file_name().map(PathBuf::from).unwrap_or_default();
+        (root.join(name(&o.dest_db)), root.join(name(&o.dest_attachments)), Some(root))
+    } else {
+        for p in [&db_parent, &att_parent] {
+            fs::create_dir_all(p).ctx(format!("creating {}", p.display()))?;
+        }
+        let sa = temp_sibling(&o.dest_attachments, "clone");
+        let sd = temp_sibling(&o.dest_db, "clone");
+        let _ = fs::remove_dir_all(&sa);
+        let _ = fs::remove_file(&sd);
+        guards.push(TempTree::new(sa.clone()));
+        guards.push(TempTree::new(sd.clone()));
+        (sd, sa, None)
+    };
+
+    // 1. The database, consistent, checked.
+    dbcopy::snapshot_db(&o.source_db, &stage_db)?;
+    let problems = dbcopy::integrity_problems(&stage_db)?;
+    if !problems.is_empty() {
+        return Err(Error::integrity(format!(
+            "the copy of {} fails PRAGMA integrity_check: {}",
+            o.source_db.display(),
+            problems.join("; ")
+        )));
+    }
+    let facts = dbcopy::facts(&stage_db)?;
+
+    // 2. Every chunk it lists, re-hashed.
+    fs::create_dir_all(&stage_att).ctx(format!("creating {}", stage_att.display()))?;
+    let tmp = stage_att.join("tmp");
+    let job = CopyJob {
+        src_root: &o.source_attachments,
+        dst_root: &stage_att,
+        tmp_dir: &tmp,
+        skip_existing: false,
+        src_label: "the source attachments",
+    };
+    let total = facts.chunk_bytes();
+    let stats = copy::copy_chunks(&job, &facts.chunks, &|d| progress(d, total))
+        .map_err(|e| e.context("clone stopped, nothing was written to the destination"))?;
+    // Leave an empty tmp/ as a data dir's chunk dir has.
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).ctx(format!("creating {}", tmp.display()))?;
+
+    // 3. A new identity for a copy that runs beside the original.
+    let mut rekey = None;
+    let mut node_id = facts.node_id;
+    let new_identity = if let Some(old) = &old_identity {
+        let new = Identity::generate()?;
+        rekey = Some(dbcopy::rekey(&stage_db, old, &new)?);
+        node_id = new.id();
+        Some(new)
+    } else {
+        None
+    };
+    super::fsync_file(&stage_db)?;
+    syncfs(&stage_att)?;
+
+    // 4. Into place.
+    let mut key_written = None;
+    let mut config_written = None;
+    let source_config = parent_of(&o.source_db).join("config.toml");
+    let write_extras = |dir: &Path, key_written: &mut Option<PathBuf>, config_written: &mut Option<PathBuf>| -> Result<()> {
+        if let Some(n) = &new_identity {
+            let p = dir.join("node.key");
+            n.save(&p, sealed.as_deref().map(|s| s.as_str()))?;
+            *key_written = Some(key_path(o));
+            let cfg = dir.join("config.toml");
+            if !cfg.exists() && source_config.is_file() {
+                let text = fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
+                crate::identity::write_private_file(&cfg, &text)?;
+                *config_written = Some(parent_of(&o.dest_db).join("config.toml"));
+            }
+            if absolute(&o.dest_attachments) == absolute(&parent_of(&o.dest_db).join("chunks")) {
+                fs::create_dir_all(dir.join("quarantine")).ctx("creating quarantine/")?;
+            }
+        }
+        Ok(())
+    };
+    if let Some(root) = stage_root {
+        write_extras(&root, &mut key_written, &mut config_written)?;
+        fsync_dir(&root)?;
+        fs::rename(&root, &db_parent).ctx(format!("moving the copy into {}", db_parent.display()))?;
+        guards.clear_disarmed();
+        fsync_dir(&parent_of(&db_parent))?;
+    } else {
+        // Attachments first; the database, which makes the copy a data dir, last.
+        let old_att = temp_sibling(&o.dest_attachments, "replaced");
+        let had_att = o.dest_attachments.exists();
+        if had_att {
+            let _ = fs::remove_dir_all(&old_att);
+            fs::rename(&o.dest_attachments, &old_att).ctx(format!("moving the old {} aside", o.dest_attachments.display()))?;
+        }
+        if let Err(e) = fs::rename(&stage_att, &o.dest_attachments) {
+            if had_att {
+                let _ = fs::rename(&old_att, &o.dest_attachments);
+            }
+            return Err(Error::from_io(e, format!("moving the copy into {}", o.dest_attachments.display())));
+        }
+        if had_att {
+            let _ = fs::remove_dir_all(&old_att);
+        }
+        fsync_dir(&att_parent)?;
+        write_extras(&db_parent, &mut key_written, &mut config_written)?;
+        // A stale -wal beside the old database would be replayed into the new one.
+        for side in [wal_path(&o.dest_db), shm_path(&o.dest_db)] {
+            match fs::remove_file(&side) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::from_io(e, format!("removing {}", side.display()))),
+            }
+        }
+        fs::rename(&stage_db, &o.dest_db).ctx(format!("moving the database copy to {}", o.dest_db.display()))?;
+        guards.clear_disarmed();
+        fsync_dir(&db_parent)?;
+    }
+    let db_bytes = fs::metadata(&o.dest_db).map(|m| m.len()).unwrap_or(0);
+    Ok(CloneOutcome {
+        db_bytes,
+        chunks: stats,
+        source_node_id: facts.node_id,
+        node_id,
+        rekey,
+        key_path: key_written,
+        config_path: config_written,
+        elapsed: started.elapsed(),
+    })
+}
+
+trait DisarmAll {
+    fn clear_disarmed(&mut self);
+}
+impl DisarmAll for Vec<TempTree> {
+    fn clear_disarmed(&mut self) {
+        for g in self.iter_mut() {
+            g.disarm();
+        }
+        self.clear();
+    }
+}
+
+/// The plan as people read it, before copying.
+pub fn describe(o: &CloneOptions, p: &Plan) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "source: node {}\n  database    {} ({}{})\n  attachments {} ({} chunks, {})\n",
+        p.node_id,
+        o.source_db.display(),
+        human_bytes(p.db_bytes),
+        if p.wal_bytes > 0 { format!(" + {} not yet checkpointed in -wal", human_bytes(p.wal_bytes)) } else { String::new() },
+        o.source_attachments.display(),
+        p.chunks,
+        human_bytes(p.chunk_bytes)
+    ));
+    s.push_str(&format!(
+        "destination:\n  database    {}\n  attachments {}{}\n",
+        o.dest_db.display(),
+        o.dest_attachments.display(),
+        match p.free {
+            Some(f) => format!("\n  free space  {}", human_bytes(f)),
+            None => String::new(),
+        }
+    ));
+    if o.new_identity {
+        s.push_str(&format!("  new node key {} (the copy gets its own identity)\n", key_path(o).display()));
+    }
+    for e in &p.existing {
+        s.push_str(&format!("  {} exists and will be replaced\n", e.display()));
+    }
+    s
+}

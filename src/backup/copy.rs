@@ -1,0 +1,184 @@
+//! The chunk copy engine shared by backup, restore and clone-instance.
+//!
+//! Chunks are copied between directories laid out like a data dir's
+//! `chunks/` (`<first two hex chars>/<64 hex chars>`). Each chunk is read
+//! whole (chunks are at most [`MAX_CHUNK_BYTES`]), hashed, compared with its
+//! id, written to a temporary file and renamed into place; the caller makes
+//! the batch durable with one syncfs(2) before recording anything that
+//! depends on it. The source is only ever read: a chunk failing its hash is
+//! reported by path and stops the copy, it is not quarantined.
+//!
+//! Several threads copy at once (SHA-256 and the page cache both scale), each
+//! with its own reusable buffer.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::chunks::MAX_CHUNK_BYTES;
+use crate::crypto::{ChunkId, Hash};
+use crate::error::{Error, IoContext, Result};
+
+/// `root/<xx>/<hex>`: where chunk `id` lives under a chunk directory.
+pub fn chunk_path(root: &Path, id: &ChunkId) -> PathBuf {
+    let hex = id.to_hex();
+    root.join(&hex[..2]).join(hex)
+}
+
+/// What a copy did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CopyStats {
+    /// Chunks written to the destination.
+    pub copied: u64,
+    pub copied_bytes: u64,
+    /// Chunks already present at the destination with the right size.
+    pub skipped: u64,
+}
+
+pub struct CopyJob<'a> {
+    pub src_root: &'a Path,
+    pub dst_root: &'a Path,
+    /// Where temporary files go (same filesystem as `dst_root`).
+    pub tmp_dir: &'a Path,
+    /// Skip chunks whose destination file exists with the expected size
+    /// (incremental backups). Without it every chunk is written.
+    pub skip_existing: bool,
+    /// How the source is named in errors ("the data dir", "the repository").
+    pub src_label: &'a str,
+}
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4)
+}
+
+/// Copy every chunk in `list` (id, ciphertext size) from `src_root` to
+/// `dst_root`, re-hashing each. Stops at the first failure and returns it;
+/// chunks already renamed into place stay (they are whole and named by their
+/// hash, so they are harmless and reused by the next run).
+pub fn copy_chunks(job: &CopyJob<'_>, list: &[(ChunkId, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result<CopyStats> {
+    fs::create_dir_all(job.tmp_dir).ctx(format!("creating {}", job.tmp_dir.display()))?;
+    fs::create_dir_all(job.dst_root).ctx(format!("creating {}", job.dst_root.display()))?;
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let copied = AtomicU64::new(0);
+    let copied_bytes = AtomicU64::new(0);
+    let skipped = AtomicU64::new(0);
+    let done_bytes = AtomicU64::new(0);
+    let made_dirs: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    std::thread::scope(|s| {
+        for worker in 0..threads() {
+            let (next, stop, first_error) = (&next, &stop, &first_error);
+            let (copied, copied_bytes, skipped, done_bytes, made_dirs) =
+                (&copied, &copied_bytes, &skipped, &done_bytes, &made_dirs);
+            s.spawn(move || {
+                let mut buf = Vec::with_capacity(MAX_CHUNK_BYTES);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((id, size)) = list.get(i) else { break };
+                    match copy_one(job, id, *size, &mut buf, worker, &mut n, made_dirs) {
+                        Ok(true) => {
+                            copied.fetch_add(1, Ordering::Relaxed);
+                            copied_bytes.fetch_add(*size, Ordering::Relaxed);
+                        }
+                        Ok(false) => {
+                            skipped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            break;
+                        }
+                    }
+                    progress(done_bytes.fetch_add(*size, Ordering::Relaxed) + size);
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(CopyStats {
+        copied: copied.into_inner(),
+        copied_bytes: copied_bytes.into_inner(),
+        skipped: skipped.into_inner(),
+    })
+}
+
+/// Copy one chunk; `Ok(false)` when it was already there.
+fn copy_one(
+    job: &CopyJob<'_>,
+    id: &ChunkId,
+    size: u64,
+    buf: &mut Vec<u8>,
+    worker: usize,
+    n: &mut u64,
+    made_dirs: &Mutex<HashSet<String>>,
+) -> Result<bool> {
+    let dst = chunk_path(job.dst_root, id);
+    if job.skip_existing {
+        if let Ok(m) = fs::metadata(&dst) {
+            if m.len() == size {
+                return Ok(false);
+            }
+        }
+    }
+    let src = chunk_path(job.src_root, id);
+    read_verified(&src, id, size, buf, job.src_label)?;
+    let hex = id.to_hex();
+    let prefix = hex[..2].to_string();
+    let known = made_dirs.lock().unwrap_or_else(|p| p.into_inner()).contains(&prefix);
+    if !known {
+        let d = job.dst_root.join(&prefix);
+        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
+        made_dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(prefix);
+    }
+    *n += 1;
+    let tmp = job.tmp_dir.join(format!("{hex}.{}.{worker}.{n}", std::process::id()));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
+        f.write_all(buf).ctx(format!("writing {}", tmp.display()))?;
+        drop(f);
+        fs::rename(&tmp, &dst).ctx(format!("renaming a chunk into {}", dst.display()))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|_| true)
+}
+
+/// Read the chunk file at `path` into `buf` and check it is chunk `id` of
+/// `size` bytes (`size` 0: any size). Errors name the file.
+pub fn read_verified(path: &Path, id: &ChunkId, size: u64, buf: &mut Vec<u8>, src_label: &str) -> Result<()> {
+    buf.clear();
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(format!(
+                "chunk {id} is missing from {src_label} ({})",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(Error::from_io(e, format!("opening chunk {}", path.display()))),
+    };
+    let len = f.metadata().ctx(format!("chunk {}", path.display()))?.len();
+    if len > MAX_CHUNK_BYTES as u64 || (size != 0 && len != size) {
+        return Err(Error::integrity(format!(
+            "chunk {} in {src_label} is {len} bytes, expected {size}: it is damaged",
+            path.display()
+        )));
+    }
+    f.read_to_end(buf).ctx(format!("reading chunk {}", path.display()))?;
+    let actual = Hash::of(buf);
+    if actual != *id {
+        return Err(Error::integrity(format!(
+            "chunk {} in {src_label} fails its hash (its SHA-256 is {actual}): it is damaged",
+            path.display()
+        )));
+    }
+    Ok(())
+}

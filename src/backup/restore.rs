@@ -1,0 +1,182 @@
+//! `bitsync restore`: a snapshot back into a fresh data dir.
+//!
+//! The data dir is built beside its final path (`.<name>.restore-<pid>`) and
+//! renamed into place only when it is complete, synced and opens as a node,
+//! so a failed restore leaves nothing at the destination. Before anything is
+//! written the snapshot's own files are re-hashed, its database passes
+//! `PRAGMA integrity_check` and agrees with `snapshot.json`, and the sealed key
+//! opens with the passphrase; each chunk is then re-hashed as it is copied,
+//! and a chunk that fails aborts the restore before the data dir appears.
+//!
+//! Two modes:
+//! - same identity (disaster recovery): the snapshot's key is written back as
+//!   `node.key`, sealed again with the same passphrase if the node's key was
+//!   sealed when the backup was taken, unsealed (mode 0600) otherwise;
+//! - `--new-identity`: a new RSA-3072 key; every item the old node could open
+//!   gets an envelope for the new node id (unwrapped with the snapshot's key),
+//!   the old node's envelopes are dropped, each changed item moves to a new
+//!   seq, and `meta.node_id` is rewritten. Peers that trusted the old id must
+//!   trust the new one; the outcome lists them.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::copy::{self, CopyJob};
+use super::dbcopy::{self, RekeyReport};
+use super::repo::{self, Repo, CONFIG_FILE, DB_FILE};
+use super::{fsync_dir, syncfs, TempTree};
+use crate::crypto::NodeId;
+use crate::error::{Error, IoContext, Result};
+use crate::identity::{self, Identity};
+use crate::node::{Node, Paths};
+
+pub struct RestoreOptions<'a> {
+    pub snapshot: Option<&'a str>,
+    pub new_identity: bool,
+}
+
+#[derive(Debug)]
+pub struct RestoreOutcome {
+    pub snapshot: String,
+    pub data_dir: PathBuf,
+    pub old_node_id: NodeId,
+    pub node_id: NodeId,
+    pub manifests: u64,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub rekey: Option<RekeyReport>,
+    /// Trusted peers (id, name, address) that must now trust the new node id.
+    pub peers_to_retrust: Vec<(String, String, String)>,
+}
+
+/// Restore a snapshot of the repository at `repo_root` into the new data dir `dest`.
+pub fn restore(
+    repo_root: &Path,
+    dest: &Path,
+    opts: &RestoreOptions<'_>,
+    passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<RestoreOutcome> {
+    if !super::is_missing_or_empty_dir(dest)? {
+        return Err(Error::exists(format!(
+            "{} exists and is not empty; restore only into a new or empty directory",
+            dest.display()
+        )));
+    }
+    let repo = Repo::open(repo_root)?;
+    let _lock = repo.lock_shared()?;
+    let meta = repo.find(opts.snapshot)?;
+
+    // 1. Verify what the snapshot is made of (its chunks are checked as they are copied).
+    let problems = repo::verify_files(&repo, &meta)?;
+    if !problems.is_empty() {
+        return Err(Error::integrity(format!(
+            "snapshot {} is damaged, nothing was restored: {}",
+            meta.id,
+            problems.join("; ")
+        )));
+    }
+    // 2. The key, before anything is written: a wrong passphrase stops here.
+    let passphrase_once = std::cell::OnceCell::new();
+    let pass = || -> Result<Zeroizing<String>> {
+        if let Some(p) = passphrase_once.get() {
+            return Ok(Zeroizing::clone(p));
+        }
+        let p = passphrase()?;
+        let _ = passphrase_once.set(p.clone());
+        Ok(p)
+    };
+    let old = repo::open_identity(&repo, &meta, &pass)?;
+    let sealed_on_node = meta.identity.as_ref().map(|i| i.sealed_on_node).unwrap_or(false);
+    let new = if opts.new_identity { Some(Identity::generate()?) } else { None };
+    let list = repo::chunk_list(&meta)?;
+    super::check_space(dest, meta.counts.chunk_bytes + meta.files.iter().map(|f| f.size).sum::<u64>())?;
+
+    // 3. Build the data dir beside its final place.
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
+    let staging = super::temp_sibling(dest, "restore");
+    let _ = fs::remove_dir_all(&staging);
+    let mut guard = TempTree::new(staging.clone());
+    super::create_private_dir(&staging)?;
+    let paths = Paths::new(&staging);
+    let snap_dir = repo.snapshot_dir(&meta.id);
+    for d in [paths.chunks(), paths.quarantine()] {
+        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
+    }
+    let job = CopyJob {
+        src_root: &repo.chunks(),
+        dst_root: &paths.chunks(),
+        tmp_dir: &paths.chunks().join("tmp"),
+        skip_existing: false,
+        src_label: "the backup repository",
+    };
+    copy::copy_chunks(&job, &list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(|e| {
+        e.context(format!("restore of snapshot {} stopped, nothing was written to {}", meta.id, dest.display()))
+    })?;
+    let entry = |name: &str| meta.files.iter().find(|f| f.path == name);
+    let db_entry = entry(DB_FILE).ok_or_else(|| Error::integrity("snapshot lists no database"))?;
+    repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
+    match entry(CONFIG_FILE) {
+        Some(c) => {
+            let text = fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
+            if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
+                return Err(Error::integrity("the snapshot's config.toml changed while it was read"));
+            }
+            identity::write_private_file(&paths.config(), &text)?
+        }
+        None => identity::write_private_file(&paths.config(), crate::config::DEFAULT_CONFIG.as_bytes())?,
+    }
+    // Same sealing as the node had: sealed with the backup passphrase, or plain 0600.
+    let key_pass = if sealed_on_node { Some(pass()?) } else { None };
+    let key_pass = key_pass.as_deref().map(|s| s.as_str());
+    let mut rekey = None;
+    let (node_id, identity_used) = match &new {
+        Some(n) => {
+            rekey = Some(dbcopy::rekey(&paths.db(), &old, n)?);
+            n.save(&paths.key(), key_pass)?;
+            (n.id(), n)
+        }
+        None => {
+            old.save(&paths.key(), key_pass)?;
+            (old.id(), &old)
+        }
+    };
+    // It must open as a node (key matches the db, config parses) and be sound.
+    {
+        let pass_for_open = || pass();
+        let node = Node::open(&staging, &pass_for_open)
+            .map_err(|e| e.context("the restored data dir does not open"))?;
+        if node.id() != identity_used.id() {
+            return Err(Error::integrity("the restored node has an unexpected id"));
+        }
+        let problems = node.db.integrity_check()?;
+        if !problems.is_empty() {
+            return Err(Error::integrity(format!("the restored database fails integrity_check: {}", problems.join("; "))));
+        }
+    }
+    let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
+    fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
+    syncfs(&staging)?;
+    fsync_dir(&staging)?;
+
+    // 4. Appear at once. (rename(2) replaces an empty directory.)
+    fs::rename(&staging, dest).ctx(format!("moving the restored data dir to {}", dest.display()))?;
+    guard.disarm();
+    fsync_dir(parent)?;
+
+    let facts = dbcopy::facts(&Paths::new(dest).db())?;
+    Ok(RestoreOutcome {
+        snapshot: meta.id.clone(),
+        data_dir: dest.to_path_buf(),
+        old_node_id: old.id(),
+        node_id,
+        manifests: facts.manifests,
+        chunks: facts.chunks.len() as u64,
+        chunk_bytes: facts.chunk_bytes(),
+        rekey,
+        peers_to_retrust: if opts.new_identity { facts.trusted_peers } else { Vec::new() },
+    })
+}
