@@ -41,7 +41,10 @@ fn sync() {
 
 fn bitsync(data_dir: &Path) -> Command {
     let mut c = Command::new(BIN);
-    c.arg("--data-dir").arg(data_dir).env("BITSYNC_PASSPHRASE", PASS).env_remove("BITSYNC_DATA_DIR");
+    c.arg("--data-dir")
+        .arg(data_dir)
+        .env("BITSYNC_PASSPHRASE", PASS)
+        .env_remove("BITSYNC_DATA_DIR");
     c
 }
 
@@ -73,9 +76,18 @@ fn fill(seed: u64, buf: &mut [u8]) {
 }
 
 fn main() {
-    let mb: u64 = std::env::var("BITSYNC_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
-    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(2).max(1);
-    let base = std::env::var_os("BITSYNC_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let mb: u64 = std::env::var("BITSYNC_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048);
+    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
+    let base = std::env::var_os("BITSYNC_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
     let tmp = tempfile::TempDir::new_in(&base).expect("temp dir");
     let data = tmp.path().join("node");
     let repo = tmp.path().join("repo");
@@ -86,14 +98,18 @@ fn main() {
     sh(bitsync(&data).arg("init"));
     let t = Instant::now();
     {
-        let node = bitsync::node::Node::open(&data, &bitsync::node::no_passphrase).expect("open node");
+        let node =
+            bitsync::node::Node::open(&data, &bitsync::node::no_passphrase).expect("open node");
         let mut left = mb << 20;
         let mut i = 0u64;
         let mut buf = vec![0u8; 64 << 20];
         while left > 0 {
             let n = left.min(64 << 20) as usize;
             fill(i + 1, &mut buf[..n]);
-            let opts = bitsync::content::PutOptions { kind: "file".into(), name: format!("item-{i}") };
+            let opts = bitsync::content::PutOptions {
+                kind: "file".into(),
+                name: format!("item-{i}"),
+            };
             bitsync::content::put(&node, &mut &buf[..n], &opts, &|_| {}).expect("put");
             left -= n as u64;
             i += 1;
@@ -102,13 +118,26 @@ fn main() {
     sync();
     let du = |p: &Path| -> u64 {
         let out = Command::new("du").arg("-sb").arg(p).output().expect("du");
-        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0)
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0)
     };
     let size = du(&data);
-    println!("instance: {mb} MiB of content, data dir {:.1} MiB, built in {:.1} s", size as f64 / 1048576.0, t.elapsed().as_secs_f64());
+    println!(
+        "instance: {mb} MiB of content, data dir {:.1} MiB, built in {:.1} s",
+        size as f64 / 1048576.0,
+        t.elapsed().as_secs_f64()
+    );
     println!("rounds: best of {rounds}; binary: {BIN}");
 
-    let cp = best(rounds, || rm(&cp_dst), || sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst)));
+    let cp = best(
+        rounds,
+        || rm(&cp_dst),
+        || sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst)),
+    );
     let cp_sync = best(
         rounds,
         || rm(&cp_dst),
@@ -118,11 +147,33 @@ fn main() {
         },
     );
     rm(&cp_dst);
-    let first = best(rounds, || rm(&repo), || sh(bitsync(&data).args(["backup", "--with-identity", "--repo"]).arg(&repo)));
-    let second = best(rounds, || {}, || sh(bitsync(&data).args(["backup", "--with-identity", "--repo"]).arg(&repo)));
-    let restore = best(rounds, || rm(&restored), || sh(bitsync(&restored).args(["restore", "--repo"]).arg(&repo)));
+    let first = best(
+        rounds,
+        || rm(&repo),
+        || {
+            sh(bitsync(&data)
+                .args(["backup", "--with-identity", "--repo"])
+                .arg(&repo))
+        },
+    );
+    let second = best(
+        rounds,
+        || {},
+        || {
+            sh(bitsync(&data)
+                .args(["backup", "--with-identity", "--repo"])
+                .arg(&repo))
+        },
+    );
+    let restore = best(
+        rounds,
+        || rm(&restored),
+        || sh(bitsync(&restored).args(["restore", "--repo"]).arg(&repo)),
+    );
     rm(&restored);
-    sh(bitsync(&data).args(["backup", "verify", "--repo"]).arg(&repo));
+    sh(bitsync(&data)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
 
     let s = |d: Duration| d.as_secs_f64();
     let rate = |d: Duration| size as f64 / 1048576.0 / d.as_secs_f64().max(1e-9);
@@ -138,9 +189,21 @@ fn main() {
         println!("{:<40} {:>9.3} {:>11.1}", name, s(d), rate(d));
     }
     println!();
-    println!("first backup / cp -r          = {:.2}x   (target <= 1.3x)", s(first) / s(cp));
-    println!("first backup / (cp -r; sync)  = {:.2}x", s(first) / s(cp_sync));
-    println!("second backup / first backup  = {:.1}%   (target < 5%)", 100.0 * s(second) / s(first));
+    println!(
+        "first backup / cp -r          = {:.2}x   (target <= 1.3x)",
+        s(first) / s(cp)
+    );
+    println!(
+        "first backup / (cp -r; sync)  = {:.2}x",
+        s(first) / s(cp_sync)
+    );
+    println!(
+        "second backup / first backup  = {:.1}%   (target < 5%)",
+        100.0 * s(second) / s(first)
+    );
     println!("restore / cp -r               = {:.2}x", s(restore) / s(cp));
-    println!("restore / (cp -r; sync)       = {:.2}x", s(restore) / s(cp_sync));
+    println!(
+        "restore / (cp -r; sync)       = {:.2}x",
+        s(restore) / s(cp_sync)
+    );
 }

@@ -47,9 +47,14 @@ fn tv(t: libc::timeval) -> Duration {
 
 /// Run `cmd` to completion; time it and read its rusage with wait4.
 fn run(cmd: &mut Command) -> Run {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).env_remove("RUST_LOG");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env_remove("RUST_LOG");
     let start = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     let pid = child.id() as libc::pid_t;
     let mut status: libc::c_int = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
@@ -58,12 +63,23 @@ fn run(cmd: &mut Command) -> Run {
     let wall = start.elapsed();
     assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
     let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{cmd:?} failed (wait status {status:#x})"
     );
-    Run { wall, user: tv(ru.ru_utime), sys: tv(ru.ru_stime), max_rss_kib: ru.ru_maxrss as u64, stdout }
+    Run {
+        wall,
+        user: tv(ru.ru_utime),
+        sys: tv(ru.ru_stime),
+        max_rss_kib: ru.ru_maxrss as u64,
+        stdout,
+    }
 }
 
 fn sync_all() {
@@ -98,12 +114,15 @@ fn make_input(path: &Path, bytes: u64) {
 }
 
 fn bin() -> PathBuf {
-    std::env::var_os("BITSYNC_BENCH_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(BIN))
+    std::env::var_os("BITSYNC_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(BIN))
 }
 
 fn bitsync(data: &Path) -> Command {
     let mut c = Command::new(bin());
-    c.env("BITSYNC_DATA_DIR", data).env_remove("BITSYNC_PASSPHRASE");
+    c.env("BITSYNC_DATA_DIR", data)
+        .env_remove("BITSYNC_PASSPHRASE");
     c
 }
 
@@ -142,8 +161,15 @@ impl Series {
 
 fn main() {
     // `cargo bench` passes --bench; any other argument is a filter we do not support.
-    let mb: u64 = std::env::var("BITSYNC_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
-    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3).max(1);
+    let mb: u64 = std::env::var("BITSYNC_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let base: PathBuf = std::env::var_os("BITSYNC_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
@@ -154,12 +180,19 @@ fn main() {
     let out = tmp.path().join("output.bin");
     let data = tmp.path().join("data");
 
-    eprintln!("putget: {mb} MiB input, {rounds} round(s), in {}", tmp.path().display());
+    eprintln!(
+        "putget: {mb} MiB input, {rounds} round(s), in {}",
+        tmp.path().display()
+    );
     eprintln!("putget: binary {}", bin().display());
     make_input(&input, bytes);
 
-    let (mut cp, mut cp_sync, mut put, mut get) =
-        (Series::default(), Series::default(), Series::default(), Series::default());
+    let (mut cp, mut cp_sync, mut put, mut get) = (
+        Series::default(),
+        Series::default(),
+        Series::default(),
+        Series::default(),
+    );
     for round in 1..=rounds {
         // cp
         let _ = fs::remove_file(&out);
@@ -172,7 +205,12 @@ fn main() {
         // cp + sync of the copy (coreutils `sync FILE` fsyncs that file)
         sync_all();
         warm(&input);
-        let r = run(Command::new("sh").arg("-c").arg("cp \"$1\" \"$2\" && sync \"$2\"").arg("sh").arg(&input).arg(&out));
+        let r = run(Command::new("sh")
+            .arg("-c")
+            .arg("cp \"$1\" \"$2\" && sync \"$2\"")
+            .arg("sh")
+            .arg(&input)
+            .arg(&out));
         cp_sync.add(&r, bytes);
         fs::remove_file(&out).unwrap();
 
@@ -189,11 +227,18 @@ fn main() {
         // get
         sync_all();
         let r = run(bitsync(&data).arg("get").arg(&id).arg("-o").arg(&out));
-        assert_eq!(fs::metadata(&out).unwrap().len(), bytes, "get wrote the wrong size");
+        assert_eq!(
+            fs::metadata(&out).unwrap().len(),
+            bytes,
+            "get wrote the wrong size"
+        );
         get.add(&r, bytes);
         if round == 1 {
             // Once: the round trip is exact.
-            assert!(files_equal(&input, &out), "get output differs from the input");
+            assert!(
+                files_equal(&input, &out),
+                "get output differs from the input"
+            );
         }
         fs::remove_file(&out).unwrap();
         fs::remove_dir_all(&data).unwrap();
@@ -211,7 +256,12 @@ fn main() {
     println!();
     println!("| step | MB/s | wall s | user s | sys s | peak RSS MiB |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
-    for (name, s) in [("cp", &cp), ("cp + sync", &cp_sync), ("bitsync put", &put), ("bitsync get", &get)] {
+    for (name, s) in [
+        ("cp", &cp),
+        ("cp + sync", &cp_sync),
+        ("bitsync put", &put),
+        ("bitsync get", &get),
+    ] {
         println!(
             "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
             s.mbps(),
@@ -224,13 +274,25 @@ fn main() {
     println!();
     let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
     let (pr, gr) = (put.mbps() / cp.mbps(), get.mbps() / cp.mbps());
-    println!("put / cp        = {pr:.2}  (target >= 0.5: {})", verdict(pr >= 0.5));
-    println!("get / cp        = {gr:.2}  (target >= 0.5: {})", verdict(gr >= 0.5));
+    println!(
+        "put / cp        = {pr:.2}  (target >= 0.5: {})",
+        verdict(pr >= 0.5)
+    );
+    println!(
+        "get / cp        = {gr:.2}  (target >= 0.5: {})",
+        verdict(gr >= 0.5)
+    );
     println!("put / (cp+sync) = {:.2}", put.mbps() / cp_sync.mbps());
     println!("get / (cp+sync) = {:.2}", get.mbps() / cp_sync.mbps());
     let (prss, grss) = (put.rss_kib as f64 / 1024.0, get.rss_kib as f64 / 1024.0);
-    println!("peak RSS put    = {prss:.1} MiB  (target < 64: {})", verdict(prss < 64.0));
-    println!("peak RSS get    = {grss:.1} MiB  (target < 64: {})", verdict(grss < 64.0));
+    println!(
+        "peak RSS put    = {prss:.1} MiB  (target < 64: {})",
+        verdict(prss < 64.0)
+    );
+    println!(
+        "peak RSS get    = {grss:.1} MiB  (target < 64: {})",
+        verdict(grss < 64.0)
+    );
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {

@@ -53,7 +53,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
 const MIB: u64 = 1024 * 1024;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn bench_dir() -> PathBuf {
@@ -77,9 +80,14 @@ struct Run {
 
 /// Run `cmd` to completion; time it and read its peak RSS with wait4.
 fn run(cmd: &mut Command) -> Run {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).env_remove("RUST_LOG");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .env_remove("RUST_LOG");
     let start = Instant::now();
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
     let pid = child.id() as libc::pid_t;
     let mut status: libc::c_int = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
@@ -94,8 +102,15 @@ fn run(cmd: &mut Command) -> Run {
     let wall = start.elapsed();
     assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
     let stdout = reader.join().unwrap();
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{cmd:?} failed (wait status {status:#x})");
-    Run { wall, max_rss_kib: ru.ru_maxrss as u64, stdout }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed (wait status {status:#x})"
+    );
+    Run {
+        wall,
+        max_rss_kib: ru.ru_maxrss as u64,
+        stdout,
+    }
 }
 
 fn cli(dir: &Path, args: &[&str]) -> String {
@@ -135,13 +150,28 @@ impl Served {
         let end = Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.starts_with("bitsync node ") && l.contains(" listening on ")) {
-                let addr = line.split(" listening on ").nth(1).unwrap().split(',').next().unwrap().trim().to_string();
+            if let Some(line) = text
+                .lines()
+                .find(|l| l.starts_with("bitsync node ") && l.contains(" listening on "))
+            {
+                let addr = line
+                    .split(" listening on ")
+                    .nth(1)
+                    .unwrap()
+                    .split(',')
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .to_string();
                 if dir.join("admin.sock").exists() {
                     return Served { child, addr, log };
                 }
             }
-            assert!(Instant::now() < end, "serve on {} did not start:\n{text}", dir.display());
+            assert!(
+                Instant::now() < end,
+                "serve on {} did not start:\n{text}",
+                dir.display()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -163,7 +193,10 @@ impl Drop for Served {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        eprintln!("(serve did not stop on SIGTERM; killed; log {})", self.log.display());
+        eprintln!(
+            "(serve did not stop on SIGTERM; killed; log {})",
+            self.log.display()
+        );
     }
 }
 
@@ -176,9 +209,30 @@ fn new_node(dir: &Path) -> Node {
 /// Make two nodes trust each other (the source learns the other's key now,
 /// as it would at the first call, so new items carry its envelope).
 fn trust(source: &Node, other: &Node, source_addr: &str, mirror: bool) {
-    source.db.upsert_peer(&other.id(), "bench", "127.0.0.1:9", PeerState::Trusted, false).unwrap();
-    source.db.set_peer_key(&other.id(), other.identity.spki()).unwrap();
-    other.db.upsert_peer(&source.id(), "source", source_addr, PeerState::Trusted, mirror).unwrap();
+    source
+        .db
+        .upsert_peer(
+            &other.id(),
+            "bench",
+            "127.0.0.1:9",
+            PeerState::Trusted,
+            false,
+        )
+        .unwrap();
+    source
+        .db
+        .set_peer_key(&other.id(), other.identity.spki())
+        .unwrap();
+    other
+        .db
+        .upsert_peer(
+            &source.id(),
+            "source",
+            source_addr,
+            PeerState::Trusted,
+            mirror,
+        )
+        .unwrap();
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -244,9 +298,17 @@ impl Read for Pattern {
 
 fn main() {
     bitsync::tls::install_crypto_provider();
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let want = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
-    println!("replication bench on {} cores, binary {BIN}", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    println!(
+        "replication bench on {} cores, binary {BIN}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     if want("clone") {
         clone_bench();
     }
@@ -261,7 +323,11 @@ fn main() {
 // ---- (a) clone vs rsync vs cp -r ---------------------------------------------------
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn clone_bench() {
@@ -277,14 +343,29 @@ fn clone_bench() {
     let mut i = 0u64;
     while left > 0 {
         let n = left.min(per_item);
-        let opts = PutOptions { kind: "file".into(), name: format!("part-{i}") };
-        content::put(&src, &mut Pattern { left: n, x: 0x9E37_79B9_7F4A_7C15 ^ i }, &opts, &|_| {}).unwrap();
+        let opts = PutOptions {
+            kind: "file".into(),
+            name: format!("part-{i}"),
+        };
+        content::put(
+            &src,
+            &mut Pattern {
+                left: n,
+                x: 0x9E37_79B9_7F4A_7C15 ^ i,
+            },
+            &opts,
+            &|_| {},
+        )
+        .unwrap();
         left -= n;
         i += 1;
     }
     let a_id = src.id().to_hex();
     drop(src);
-    println!("  setup: {i} items published in {:.1} s (not part of the figures)", secs(t.elapsed()));
+    println!(
+        "  setup: {i} items published in {:.1} s (not part of the figures)",
+        secs(t.elapsed())
+    );
     let served = Served::start(&a);
 
     // rsync daemon serving the source's chunk dir.
@@ -311,7 +392,8 @@ fn clone_bench() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let (mut t_rsync, mut t_rsync_sync, mut t_cp, mut t_cp_sync, mut t_clone) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut t_rsync, mut t_rsync_sync, mut t_cp, mut t_cp_sync, mut t_clone) =
+        (vec![], vec![], vec![], vec![], vec![]);
     let mut clone_rss = 0u64;
     let chunks = a.join("chunks");
     for r in 0..rounds {
@@ -319,7 +401,10 @@ fn clone_bench() {
         let dst = tmp.path().join(format!("rsync-{r}"));
         warm(&chunks);
         sync_all();
-        let run1 = run(Command::new("rsync").arg("-a").arg(format!("rsync://127.0.0.1:{port}/chunks/")).arg(&dst));
+        let run1 = run(Command::new("rsync")
+            .arg("-a")
+            .arg(format!("rsync://127.0.0.1:{port}/chunks/"))
+            .arg(&dst));
         let s0 = Instant::now();
         sync_all();
         t_rsync.push(run1.wall);
@@ -341,12 +426,27 @@ fn clone_bench() {
         let b = tmp.path().join(format!("b-{r}"));
         let bn = new_node(&b);
         cli(&a, &["peer", "add", &bn.id().to_hex(), "127.0.0.1:9"]);
-        bn.db.upsert_peer(&Hash::parse(&a_id, "id").unwrap(), "a", &served.addr, PeerState::Trusted, false).unwrap();
+        bn.db
+            .upsert_peer(
+                &Hash::parse(&a_id, "id").unwrap(),
+                "a",
+                &served.addr,
+                PeerState::Trusted,
+                false,
+            )
+            .unwrap();
         drop(bn);
         warm(&chunks);
         sync_all();
-        let run3 = run(Command::new(BIN).arg("--data-dir").arg(&b).args(["clone", &a_id]));
-        assert!(run3.stdout.contains(&format!("cloned {i} items ({i} new)")), "clone said: {}", run3.stdout);
+        let run3 = run(Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&b)
+            .args(["clone", &a_id]));
+        assert!(
+            run3.stdout.contains(&format!("cloned {i} items ({i} new)")),
+            "clone said: {}",
+            run3.stdout
+        );
         t_clone.push(run3.wall);
         clone_rss = clone_rss.max(run3.max_rss_kib);
         std::fs::remove_dir_all(&b).unwrap();
@@ -364,14 +464,42 @@ fn clone_bench() {
     drop(served);
 
     let mbs = |d: Duration| (mb * MIB) as f64 / secs(d) / 1e6;
-    let (r, rs, c, cs, k) = (median(t_rsync), median(t_rsync_sync), median(t_cp), median(t_cp_sync), median(t_clone));
-    println!("  rsync daemon -a        {:6.2} s  {:7.1} MB/s   (+ sync: {:.2} s)", secs(r), mbs(r), secs(rs));
-    println!("  cp -r                  {:6.2} s  {:7.1} MB/s   (+ sync: {:.2} s)", secs(c), mbs(c), secs(cs));
-    println!("  bitsync clone (mTLS)   {:6.2} s  {:7.1} MB/s   (durable when it returns)", secs(k), mbs(k));
+    let (r, rs, c, cs, k) = (
+        median(t_rsync),
+        median(t_rsync_sync),
+        median(t_cp),
+        median(t_cp_sync),
+        median(t_clone),
+    );
+    println!(
+        "  rsync daemon -a        {:6.2} s  {:7.1} MB/s   (+ sync: {:.2} s)",
+        secs(r),
+        mbs(r),
+        secs(rs)
+    );
+    println!(
+        "  cp -r                  {:6.2} s  {:7.1} MB/s   (+ sync: {:.2} s)",
+        secs(c),
+        mbs(c),
+        secs(cs)
+    );
+    println!(
+        "  bitsync clone (mTLS)   {:6.2} s  {:7.1} MB/s   (durable when it returns)",
+        secs(k),
+        mbs(k)
+    );
     let ok = |v: bool| if v { "ok" } else { "MISSED" };
     let (q1, q2) = (secs(k) / secs(r), secs(k) / secs(c));
-    println!("  clone / rsync    = {q1:.2}x  target <= 1.0   {}   (vs rsync + sync: {:.2}x)", ok(q1 <= 1.0), secs(k) / secs(rs));
-    println!("  clone / cp -r    = {q2:.2}x  target <= 1.5   {}   (vs cp -r + sync: {:.2}x)", ok(q2 <= 1.5), secs(k) / secs(cs));
+    println!(
+        "  clone / rsync    = {q1:.2}x  target <= 1.0   {}   (vs rsync + sync: {:.2}x)",
+        ok(q1 <= 1.0),
+        secs(k) / secs(rs)
+    );
+    println!(
+        "  clone / cp -r    = {q2:.2}x  target <= 1.5   {}   (vs cp -r + sync: {:.2}x)",
+        ok(q2 <= 1.5),
+        secs(k) / secs(cs)
+    );
     let (s_mib, c_mib) = (server_hwm as f64 / 1024.0, clone_rss as f64 / 1024.0);
     println!("  peak RSS: serving node (VmHWM) {s_mib:.1} MiB, cloner (ru_maxrss) {c_mib:.1} MiB   target <= 100 MiB each   {}", ok(s_mib <= 100.0 && c_mib <= 100.0));
 }
@@ -384,7 +512,14 @@ fn wait_mirror_ready(dir: &Path) {
     loop {
         let s = cli(dir, &["status"]);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
-        if v["jobs"].as_array().map(|j| j.iter().any(|j| j["kind"] == "mirror" && j["phase"] == "DONE")).unwrap_or(false) {
+        if v["jobs"]
+            .as_array()
+            .map(|j| {
+                j.iter()
+                    .any(|j| j["kind"] == "mirror" && j["phase"] == "DONE")
+            })
+            .unwrap_or(false)
+        {
             return;
         }
         assert!(Instant::now() < end, "the mirror did not come up: {s}");
@@ -395,12 +530,17 @@ fn wait_mirror_ready(dir: &Path) {
 /// Poll the mirror's database (read-only) until `content_id` is stored.
 fn wait_stored(db: &rusqlite::Connection, content_id: &str, limit: Duration) -> Duration {
     let start = Instant::now();
-    let mut st = db.prepare("SELECT 1 FROM manifests WHERE content_id = ?1").unwrap();
+    let mut st = db
+        .prepare("SELECT 1 FROM manifests WHERE content_id = ?1")
+        .unwrap();
     loop {
         if st.exists([content_id]).unwrap() {
             return start.elapsed();
         }
-        assert!(start.elapsed() < limit, "item {content_id} did not reach the mirror within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "item {content_id} did not reach the mirror within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -423,16 +563,29 @@ fn lag_bench() {
     drop((an, bn));
     let _sb = Served::start(&b);
     wait_mirror_ready(&b);
-    let db = rusqlite::Connection::open_with_flags(b.join("bitsync.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let db = rusqlite::Connection::open_with_flags(
+        b.join("bitsync.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     let mut lags = Vec::new();
     let mut puts = Vec::new();
     let input = tmp.path().join("in");
     for i in 0..n {
         let mut data = Vec::new();
-        Pattern { left: MIB, x: 0x1234_5678 + i as u64 }.read_to_end(&mut data).unwrap();
+        Pattern {
+            left: MIB,
+            x: 0x1234_5678 + i as u64,
+        }
+        .read_to_end(&mut data)
+        .unwrap();
         std::fs::write(&input, &data).unwrap();
-        let p = run(Command::new(BIN).arg("--data-dir").arg(&a).arg("put").arg(&input));
+        let p = run(Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&a)
+            .arg("put")
+            .arg(&input));
         let id = p.stdout.lines().last().unwrap().trim().to_string();
         lags.push(wait_stored(&db, &id, Duration::from_secs(30)));
         puts.push(p.wall);
@@ -450,7 +603,11 @@ fn lag_bench() {
         ms(p99),
         ms(*lags.last().unwrap())
     );
-    println!("  p50 target < 250 ms {}   p99 target < 1000 ms {}", ok(ms(p50) < 250.0), ok(ms(p99) < 1000.0));
+    println!(
+        "  p50 target < 250 ms {}   p99 target < 1000 ms {}",
+        ok(ms(p50) < 250.0),
+        ok(ms(p99) < 1000.0)
+    );
 }
 
 // ---- (c) incremental sync ------------------------------------------------------------
@@ -469,7 +626,9 @@ fn proxy(target: SocketAddr) -> Proxy {
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(client) = c else { continue };
-            let Ok(server) = TcpStream::connect(target) else { continue };
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
             let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -500,7 +659,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
 /// for the source and `other` (signing spread over the cores, chunk files
 /// synced once, manifests inserted in order).
 fn fill_small_items(src: &Node, other: &Node, n: usize) {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let (own, theirs) = (src.id().to_hex(), other.id().to_hex());
     let other_pub = other.identity.public().clone();
     let made: Vec<(Manifest, Vec<(String, Vec<u8>)>, (Hash, u64))> = std::thread::scope(|s| {
@@ -517,7 +678,10 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
                             let ct = crypto::encrypt_chunk(&key, 0, true, &plain);
                             let cid = Hash::of(&ct);
                             src.chunks.write(&cid, &ct).unwrap();
-                            let meta = ItemMeta { name: format!("item-{i}") }.encode_to_vec();
+                            let meta = ItemMeta {
+                                name: format!("item-{i}"),
+                            }
+                            .encode_to_vec();
                             let body = manifest::native_body(
                                 &src.identity,
                                 "message",
@@ -538,7 +702,10 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
     });
     src.chunks.sync().unwrap();
     for (m, envs, chunk) in &made {
@@ -554,7 +721,10 @@ fn incremental_bench() {
     let (an, bn) = (new_node(&a), new_node(&b));
     let t = Instant::now();
     fill_small_items(&an, &bn, n);
-    println!("  setup: {n} items signed and stored on the source in {:.1} s (not part of the figures)", secs(t.elapsed()));
+    println!(
+        "  setup: {n} items signed and stored on the source in {:.1} s (not part of the figures)",
+        secs(t.elapsed())
+    );
     drop(an);
     let sa = Served::start(&a);
     let px = proxy(sa.addr.parse().unwrap());
@@ -563,7 +733,10 @@ fn incremental_bench() {
     let a_id = an.id().to_hex();
     drop((an, bn));
 
-    let c = run(Command::new(BIN).arg("--data-dir").arg(&b).args(["clone", &a_id]));
+    let c = run(Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&b)
+        .args(["clone", &a_id]));
     println!(
         "  first, the clone of {n} items: {:.1} s ({:.0} items/s), {:.1} MiB on the wire, cloner peak RSS {:.1} MiB",
         secs(c.wall),
@@ -573,18 +746,31 @@ fn incremental_bench() {
     );
     let _sb = Served::start(&b);
     wait_mirror_ready(&b);
-    let db = rusqlite::Connection::open_with_flags(b.join("bitsync.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let db = rusqlite::Connection::open_with_flags(
+        b.join("bitsync.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
     db.busy_timeout(Duration::from_secs(10)).unwrap();
     let ok = |v: bool| if v { "ok" } else { "MISSED" };
     for (label, size) in [("1 KiB", 1024u64), ("1 MiB", MIB)] {
         std::thread::sleep(Duration::from_millis(500));
         let input = tmp.path().join("in");
         let mut data = Vec::new();
-        Pattern { left: size, x: 77 + size }.read_to_end(&mut data).unwrap();
+        Pattern {
+            left: size,
+            x: 77 + size,
+        }
+        .read_to_end(&mut data)
+        .unwrap();
         std::fs::write(&input, &data).unwrap();
         let before = px.bytes.load(Ordering::Relaxed);
         let t0 = Instant::now();
-        let p = run(Command::new(BIN).arg("--data-dir").arg(&a).arg("put").arg(&input));
+        let p = run(Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&a)
+            .arg("put")
+            .arg(&input));
         let id = p.stdout.lines().last().unwrap().trim().to_string();
         let lag = wait_stored(&db, &id, Duration::from_secs(60));
         let total = t0.elapsed();

@@ -113,8 +113,14 @@ impl AxonItem {
     pub fn label(&self) -> String {
         match &self.kind {
             AxonItemKind::AppletCode => format!("applet '{}'", self.applet),
-            AxonItemKind::AppletData { instance_id, owner_username } => {
-                format!("data '{}' of {} (id {})", self.applet, owner_username, instance_id)
+            AxonItemKind::AppletData {
+                instance_id,
+                owner_username,
+            } => {
+                format!(
+                    "data '{}' of {} (id {})",
+                    self.applet, owner_username, instance_id
+                )
             }
         }
     }
@@ -175,31 +181,64 @@ pub enum AxonError {
     /// `field` is a path such as `code_manifest.chunk_hashes[3]` or
     /// `[0].data_manifest`.
     #[error("{}: field `{field}` {problem}", path.display())]
-    Field { path: PathBuf, field: String, problem: String },
+    Field {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
     /// The private key's id is not among the item's envelopes: the item was
     /// not encrypted to this key.
     #[error(
         "{item}: no key envelope for this key (key id {key_id}); the item has envelopes for {}",
         if available.is_empty() { "no key at all".to_string() } else { available.join(", ") }
     )]
-    NoEnvelope { item: String, key_id: String, available: Vec<String> },
+    NoEnvelope {
+        item: String,
+        key_id: String,
+        available: Vec<String>,
+    },
     /// The envelope for this key's id did not decrypt with it.
     #[error("{item}: the key envelope for key id {key_id} does not open with this key: {reason}")]
-    Unwrap { item: String, key_id: String, reason: String },
-    #[error("{item}: the key envelope for key id {key_id} holds {len} bytes, not a 32-byte AES-256 key")]
-    KeyLength { item: String, key_id: String, len: usize },
+    Unwrap {
+        item: String,
+        key_id: String,
+        reason: String,
+    },
+    #[error(
+        "{item}: the key envelope for key id {key_id} holds {len} bytes, not a 32-byte AES-256 key"
+    )]
+    KeyLength {
+        item: String,
+        key_id: String,
+        len: usize,
+    },
     #[error("{item}: piece {index} is missing ({})", path.display())]
-    PieceMissing { item: String, index: usize, path: PathBuf },
+    PieceMissing {
+        item: String,
+        index: usize,
+        path: PathBuf,
+    },
     #[error("{item}: piece {index} is corrupt ({}): {reason}", path.display())]
-    PieceCorrupt { item: String, index: usize, path: PathBuf, reason: String },
+    PieceCorrupt {
+        item: String,
+        index: usize,
+        path: PathBuf,
+        reason: String,
+    },
     /// The item as a whole cannot be a CBC ciphertext (no pieces, a length
     /// that is not a whole number of blocks, pieces and hashes not matching).
     #[error("{item}: {problem}")]
     BadItem { item: String, problem: String },
-    #[error("{item}: the decrypted content has bad PKCS7 padding: wrong AES key, or a damaged backup")]
+    #[error(
+        "{item}: the decrypted content has bad PKCS7 padding: wrong AES key, or a damaged backup"
+    )]
     Padding { item: String },
     #[error("{item}: the decrypted content has SHA-256 {actual}, the manifest says {expected}: wrong AES key, or a damaged backup")]
-    ContentHash { item: String, expected: String, actual: String },
+    ContentHash {
+        item: String,
+        expected: String,
+        actual: String,
+    },
     /// Writing the plaintext to the caller's writer failed.
     #[error("{item}: writing the decrypted content failed: {source}")]
     Output {
@@ -239,10 +278,16 @@ pub fn open(dir: &Path) -> Result<AxonBackup> {
     let mut listed = Vec::with_capacity(applets.len());
     for (i, entry) in applets.iter().enumerate() {
         let field = format!("applets[{i}]");
-        let name = entry.as_str().ok_or_else(|| field_err(&mpath, &field, "is not a string"))?;
+        let name = entry
+            .as_str()
+            .ok_or_else(|| field_err(&mpath, &field, "is not a string"))?;
         let folder = folder_name(name);
         if !is_single_component(&folder) {
-            return Err(field_err(&mpath, &field, format!("{name:?} does not give a usable folder name ({folder:?})")));
+            return Err(field_err(
+                &mpath,
+                &field,
+                format!("{name:?} does not give a usable folder name ({folder:?})"),
+            ));
         }
         if let Some((j, other)) = folders.insert(folder.clone(), (i, name)) {
             return Err(field_err(
@@ -261,7 +306,11 @@ pub fn open(dir: &Path) -> Result<AxonBackup> {
     for (name, folder) in listed {
         read_applet(&dir.join(folder), name, &mut items)?;
     }
-    Ok(AxonBackup { dir: dir.to_path_buf(), backup_date, items })
+    Ok(AxonBackup {
+        dir: dir.to_path_buf(),
+        backup_date,
+        items,
+    })
 }
 
 /// Axon's folder name for an applet: `/` and spaces become `_`.
@@ -288,30 +337,54 @@ fn read_applet(applet_dir: &Path, name: &str, items: &mut Vec<AxonItem>) -> Resu
             format!("is {md_name:?}, but {BACKUP_MANIFEST} lists this folder's applet as {name:?}"),
         ));
     }
-    let manifest = parse_manifest(&mdpath, md.child_name("code_manifest"), md.req("code_manifest")?)?;
+    let manifest = parse_manifest(
+        &mdpath,
+        md.child_name("code_manifest"),
+        md.req("code_manifest")?,
+    )?;
     let created_at = md.opt_str("created_at")?.map(str::to_owned);
     let chunk_paths = piece_paths(&applet_dir.join("chunks"), manifest.chunk_hashes.len());
-    items.push(AxonItem { applet: name.to_owned(), kind: AxonItemKind::AppletCode, manifest, chunk_paths, created_at });
+    items.push(AxonItem {
+        applet: name.to_owned(),
+        kind: AxonItemKind::AppletCode,
+        manifest,
+        chunk_paths,
+        created_at,
+    });
 
     let dpath = applet_dir.join(APPLET_DATA);
     let Some(dvalue) = read_json_if_present(&dpath)? else {
         return Ok(());
     };
-    let list = dvalue.as_array().ok_or_else(|| field_err(&dpath, "(top level)", "is not a list"))?;
+    let list = dvalue
+        .as_array()
+        .ok_or_else(|| field_err(&dpath, "(top level)", "is not a list"))?;
     for (j, entry) in list.iter().enumerate() {
         let e = Obj::new(&dpath, format!("[{j}]"), entry)?;
         let instance_id = e.req_id("id")?;
         let owner_username = e.req_str("owner_username")?.to_owned();
         if !is_single_component(&owner_username) {
-            return Err(e.err("owner_username", format!("{owner_username:?} cannot name a folder under data_chunks/")));
+            return Err(e.err(
+                "owner_username",
+                format!("{owner_username:?} cannot name a folder under data_chunks/"),
+            ));
         }
-        let manifest = parse_manifest(&dpath, e.child_name("data_manifest"), e.req("data_manifest")?)?;
+        let manifest = parse_manifest(
+            &dpath,
+            e.child_name("data_manifest"),
+            e.req("data_manifest")?,
+        )?;
         let created_at = e.opt_str("last_updated")?.map(str::to_owned);
-        let chunk_paths =
-            piece_paths(&applet_dir.join("data_chunks").join(&owner_username), manifest.chunk_hashes.len());
+        let chunk_paths = piece_paths(
+            &applet_dir.join("data_chunks").join(&owner_username),
+            manifest.chunk_hashes.len(),
+        );
         items.push(AxonItem {
             applet: name.to_owned(),
-            kind: AxonItemKind::AppletData { instance_id, owner_username },
+            kind: AxonItemKind::AppletData {
+                instance_id,
+                owner_username,
+            },
             manifest,
             chunk_paths,
             created_at,
@@ -330,8 +403,9 @@ fn parse_manifest(file: &Path, at: String, value: &Value) -> Result<AxonManifest
     let decoded;
     let value = match value {
         Value::String(s) => {
-            decoded = serde_json::from_str::<Value>(s)
-                .map_err(|e| field_err(file, &at, format!("is a string but not valid JSON: {e}")))?;
+            decoded = serde_json::from_str::<Value>(s).map_err(|e| {
+                field_err(file, &at, format!("is a string but not valid JSON: {e}"))
+            })?;
             &decoded
         }
         v => v,
@@ -344,15 +418,21 @@ fn parse_manifest(file: &Path, at: String, value: &Value) -> Result<AxonManifest
     let chunk_size = chunk_size
         .as_u64()
         .filter(|n| (1..=u64::from(u32::MAX)).contains(n))
-        .ok_or_else(|| o.err("chunk_size", format!("is {chunk_size}, not a positive whole number of bytes")))?
-        as u32;
+        .ok_or_else(|| {
+            o.err(
+                "chunk_size",
+                format!("is {chunk_size}, not a positive whole number of bytes"),
+            )
+        })? as u32;
 
     let hashes = o.req_array("chunk_hashes")?;
     let mut chunk_hashes = Vec::with_capacity(hashes.len());
     for (i, h) in hashes.iter().enumerate() {
         let name = format!("chunk_hashes[{i}]");
         let s = h.as_str().ok_or_else(|| o.err(&name, "is not a string"))?;
-        chunk_hashes.push(parse_hash(s).ok_or_else(|| o.err(&name, "is not 64 hex characters (a SHA-256)"))?);
+        chunk_hashes.push(
+            parse_hash(s).ok_or_else(|| o.err(&name, "is not 64 hex characters (a SHA-256)"))?,
+        );
     }
 
     let iv_b64 = o.req_str("encryption_iv")?;
@@ -362,16 +442,26 @@ fn parse_manifest(file: &Path, at: String, value: &Value) -> Result<AxonManifest
         .ok_or_else(|| o.err("encryption_iv", "is not base64 of 16 bytes"))?;
 
     let keys = o.req("encrypted_aes_keys")?;
-    let keys = keys.as_object().ok_or_else(|| o.err("encrypted_aes_keys", "is not a JSON object"))?;
+    let keys = keys
+        .as_object()
+        .ok_or_else(|| o.err("encrypted_aes_keys", "is not a JSON object"))?;
     let mut encrypted_aes_keys = BTreeMap::new();
     for (id, env) in keys {
         let name = format!("encrypted_aes_keys.{id}");
-        let s = env.as_str().ok_or_else(|| o.err(&name, "is not a string"))?;
+        let s = env
+            .as_str()
+            .ok_or_else(|| o.err(&name, "is not a string"))?;
         let bytes = decode_b64(s).map_err(|e| o.err(&name, format!("is not base64: {e}")))?;
         encrypted_aes_keys.insert(id.clone(), bytes);
     }
 
-    Ok(AxonManifest { content_hash, chunk_size, chunk_hashes, iv, encrypted_aes_keys })
+    Ok(AxonManifest {
+        content_hash,
+        chunk_size,
+        chunk_hashes,
+        iv,
+        encrypted_aes_keys,
+    })
 }
 
 fn parse_hash(s: &str) -> Option<[u8; 32]> {
@@ -393,25 +483,39 @@ fn decode_b64(s: &str) -> std::result::Result<Vec<u8>, base64::DecodeError> {
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read(path).map_err(|e| io_err(path, "cannot read", e))?;
-    serde_json::from_slice(&text).map_err(|source| AxonError::Json { path: path.to_path_buf(), source })
+    serde_json::from_slice(&text).map_err(|source| AxonError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
     match std::fs::read(path) {
         Ok(text) => serde_json::from_slice(&text)
             .map(Some)
-            .map_err(|source| AxonError::Json { path: path.to_path_buf(), source }),
+            .map_err(|source| AxonError::Json {
+                path: path.to_path_buf(),
+                source,
+            }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(io_err(path, "cannot read", e)),
     }
 }
 
 fn io_err(path: &Path, action: &'static str, source: io::Error) -> AxonError {
-    AxonError::Io { path: path.to_path_buf(), action, source }
+    AxonError::Io {
+        path: path.to_path_buf(),
+        action,
+        source,
+    }
 }
 
 fn field_err(path: &Path, field: &str, problem: impl Into<String>) -> AxonError {
-    AxonError::Field { path: path.to_path_buf(), field: field.to_owned(), problem: problem.into() }
+    AxonError::Field {
+        path: path.to_path_buf(),
+        field: field.to_owned(),
+        problem: problem.into(),
+    }
 }
 
 /// A JSON object being read, with the file and the path of fields leading to
@@ -427,7 +531,11 @@ impl<'a> Obj<'a> {
         match value.as_object() {
             Some(map) => Ok(Obj { file, at, map }),
             None => {
-                let field = if at.is_empty() { "(top level)" } else { at.as_str() };
+                let field = if at.is_empty() {
+                    "(top level)"
+                } else {
+                    at.as_str()
+                };
                 Err(field_err(file, field, "is not a JSON object"))
             }
         }
@@ -457,15 +565,20 @@ impl<'a> Obj<'a> {
     }
 
     fn req_str(&self, key: &str) -> Result<&'a str> {
-        self.req(key)?.as_str().ok_or_else(|| self.err(key, "is not a string"))
+        self.req(key)?
+            .as_str()
+            .ok_or_else(|| self.err(key, "is not a string"))
     }
 
     fn req_array(&self, key: &str) -> Result<&'a Vec<Value>> {
-        self.req(key)?.as_array().ok_or_else(|| self.err(key, "is not a list"))
+        self.req(key)?
+            .as_array()
+            .ok_or_else(|| self.err(key, "is not a list"))
     }
 
     fn req_hash(&self, key: &str) -> Result<[u8; 32]> {
-        parse_hash(self.req_str(key)?).ok_or_else(|| self.err(key, "is not 64 hex characters (a SHA-256)"))
+        parse_hash(self.req_str(key)?)
+            .ok_or_else(|| self.err(key, "is not 64 hex characters (a SHA-256)"))
     }
 
     /// An id: a string, or a whole number kept in decimal.
@@ -540,7 +653,9 @@ fn piece_problem(item: &AxonItem, index: usize, len: u64, actual: [u8; 32]) -> O
         return Some("the manifest has no hash for this piece".to_owned());
     };
     if len > chunk_size {
-        return Some(format!("longer than the manifest's chunk_size of {chunk_size} bytes"));
+        return Some(format!(
+            "longer than the manifest's chunk_size of {chunk_size} bytes"
+        ));
     }
     if actual == *expected {
         return None;
@@ -551,7 +666,11 @@ fn piece_problem(item: &AxonItem, index: usize, len: u64, actual: [u8; 32]) -> O
     } else if !last && len < chunk_size {
         format!("truncated: {len} of {chunk_size} bytes (SHA-256 does not match)")
     } else {
-        format!("SHA-256 is {}, the manifest says {} ({len} bytes)", hex::encode(actual), hex::encode(expected))
+        format!(
+            "SHA-256 is {}, the manifest says {} ({len} bytes)",
+            hex::encode(actual),
+            hex::encode(expected)
+        )
     })
 }
 
@@ -581,7 +700,11 @@ pub fn unwrap_key(item: &AxonItem, private_key: &RsaPrivateKey) -> Result<Zeroiz
     let keys = &item.manifest.encrypted_aes_keys;
     let envelope = keys
         .get(&id)
-        .or_else(|| keys.iter().find(|(k, _)| k.eq_ignore_ascii_case(&id)).map(|(_, v)| v))
+        .or_else(|| {
+            keys.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(&id))
+                .map(|(_, v)| v)
+        })
         .ok_or_else(|| AxonError::NoEnvelope {
             item: item.label(),
             key_id: id.clone(),
@@ -590,9 +713,17 @@ pub fn unwrap_key(item: &AxonItem, private_key: &RsaPrivateKey) -> Result<Zeroiz
     let plain = private_key
         .decrypt_blinded(&mut rand::thread_rng(), Oaep::new::<Sha256>(), envelope)
         .map(Zeroizing::new)
-        .map_err(|e| AxonError::Unwrap { item: item.label(), key_id: id.clone(), reason: e.to_string() })?;
+        .map_err(|e| AxonError::Unwrap {
+            item: item.label(),
+            key_id: id.clone(),
+            reason: e.to_string(),
+        })?;
     if plain.len() != 32 {
-        return Err(AxonError::KeyLength { item: item.label(), key_id: id, len: plain.len() });
+        return Err(AxonError::KeyLength {
+            item: item.label(),
+            key_id: id,
+            len: plain.len(),
+        });
     }
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&plain);
@@ -618,10 +749,20 @@ pub fn decrypt_item(item: &AxonItem, key: &[u8; 32], out: &mut impl Write) -> Re
     let m = &item.manifest;
     let n = item.chunk_paths.len();
     if n != m.chunk_hashes.len() {
-        return Err(bad_item(item, format!("{} piece paths for {} piece hashes", n, m.chunk_hashes.len())));
+        return Err(bad_item(
+            item,
+            format!(
+                "{} piece paths for {} piece hashes",
+                n,
+                m.chunk_hashes.len()
+            ),
+        ));
     }
     if n == 0 {
-        return Err(bad_item(item, "the manifest lists no pieces; an AES-CBC ciphertext is never empty"));
+        return Err(bad_item(
+            item,
+            "the manifest lists no pieces; an AES-CBC ciphertext is never empty",
+        ));
     }
     let limit = u64::from(m.chunk_size);
     let mut dec = cbc::Decryptor::<Aes256>::new(key.into(), (&m.iv).into());
@@ -637,18 +778,29 @@ pub fn decrypt_item(item: &AxonItem, key: &[u8; 32], out: &mut impl Write) -> Re
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(AxonError::PieceMissing { item: item.label(), index, path: path.clone() })
+                return Err(AxonError::PieceMissing {
+                    item: item.label(),
+                    index,
+                    path: path.clone(),
+                })
             }
             Err(e) => return Err(io_err(path, "cannot open chunk", e)),
         };
         // The file's size, where known, saves the buffer from growing by doubling.
         let hint = file.metadata().map(|m| m.len().min(limit + 1)).unwrap_or(0);
         buf.reserve(hint as usize);
-        file.take(limit + 1).read_to_end(&mut buf).map_err(|e| io_err(path, "cannot read chunk", e))?;
+        file.take(limit + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| io_err(path, "cannot read chunk", e))?;
         let piece = &buf[carry..];
         let actual: [u8; 32] = Sha256::digest(piece).into();
         if let Some(reason) = piece_problem(item, index, piece.len() as u64, actual) {
-            return Err(AxonError::PieceCorrupt { item: item.label(), index, path: path.clone(), reason });
+            return Err(AxonError::PieceCorrupt {
+                item: item.label(),
+                index,
+                path: path.clone(),
+                reason,
+            });
         }
         ciphertext_len += piece.len() as u64;
 
@@ -665,10 +817,15 @@ pub fn decrypt_item(item: &AxonItem, key: &[u8; 32], out: &mut impl Write) -> Re
 
         let plain_end = if last {
             if whole == 0 {
-                return Err(bad_item(item, "the last piece ends no AES block, so the padding cannot be found"));
+                return Err(bad_item(
+                    item,
+                    "the last piece ends no AES block, so the padding cannot be found",
+                ));
             }
             let pad = buf[whole - 1] as usize;
-            if !(1..=16).contains(&pad) || buf[whole - pad..whole].iter().any(|&b| b as usize != pad) {
+            if !(1..=16).contains(&pad)
+                || buf[whole - pad..whole].iter().any(|&b| b as usize != pad)
+            {
                 return Err(AxonError::Padding { item: item.label() });
             }
             whole - pad
@@ -677,7 +834,10 @@ pub fn decrypt_item(item: &AxonItem, key: &[u8; 32], out: &mut impl Write) -> Re
         };
         let plain = &buf[..plain_end];
         content.update(plain);
-        out.write_all(plain).map_err(|source| AxonError::Output { item: item.label(), source })?;
+        out.write_all(plain).map_err(|source| AxonError::Output {
+            item: item.label(),
+            source,
+        })?;
         written += plain.len() as u64;
         buf.drain(..whole);
     }
@@ -694,5 +854,8 @@ pub fn decrypt_item(item: &AxonItem, key: &[u8; 32], out: &mut impl Write) -> Re
 }
 
 fn bad_item(item: &AxonItem, problem: impl Into<String>) -> AxonError {
-    AxonError::BadItem { item: item.label(), problem: problem.into() }
+    AxonError::BadItem {
+        item: item.label(),
+        problem: problem.into(),
+    }
 }

@@ -19,7 +19,11 @@ use crate::node::{self, InitOutcome, Node};
 use crate::store::PeerState;
 
 #[derive(Parser, Debug)]
-#[command(name = "bitsync", version, about = "A peer-to-peer federation node: encrypted chunks, signed manifests, gRPC over mutual TLS or Tor")]
+#[command(
+    name = "bitsync",
+    version,
+    about = "A peer-to-peer federation node: encrypted chunks, signed manifests, gRPC over mutual TLS or Tor"
+)]
 pub struct Cli {
     /// Data dir of the node [default: $XDG_DATA_HOME/bitsync or ~/.local/share/bitsync]
     #[arg(long, global = true, env = "BITSYNC_DATA_DIR", value_name = "DIR")]
@@ -147,10 +151,15 @@ impl Cli {
             }
         }
         if let Some(f) = &self.passphrase_file {
-            let text = Zeroizing::new(std::fs::read_to_string(f).ctx(format!("passphrase file {}", f.display()))?);
+            let text = Zeroizing::new(
+                std::fs::read_to_string(f).ctx(format!("passphrase file {}", f.display()))?,
+            );
             let p = text.trim_end_matches(['\n', '\r']).to_string();
             if p.is_empty() {
-                return Err(Error::invalid(format!("passphrase file {} is empty", f.display())));
+                return Err(Error::invalid(format!(
+                    "passphrase file {} is empty",
+                    f.display()
+                )));
             }
             return Ok(Zeroizing::new(p));
         }
@@ -159,9 +168,11 @@ impl Cli {
                 "a passphrase is needed and there is no terminal: set BITSYNC_PASSPHRASE or pass --passphrase-file",
             ));
         }
-        let p = Zeroizing::new(rpassword::prompt_password("passphrase: ").ctx("reading passphrase")?);
+        let p =
+            Zeroizing::new(rpassword::prompt_password("passphrase: ").ctx("reading passphrase")?);
         if confirm {
-            let again = Zeroizing::new(rpassword::prompt_password("again: ").ctx("reading passphrase")?);
+            let again =
+                Zeroizing::new(rpassword::prompt_password("again: ").ctx("reading passphrase")?);
             if *again != *p {
                 return Err(Error::invalid("the passphrases differ"));
             }
@@ -178,11 +189,17 @@ impl Cli {
 }
 
 pub fn progress_bar(total: u64, what: &str) -> ProgressBar {
-    let pb = if std::io::stderr().is_terminal() { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let pb = if std::io::stderr().is_terminal() {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -249,7 +266,11 @@ pub fn run(cli: &Cli) -> Result<()> {
     }
 }
 
-async fn clone_command(n: Node, target: &str, local: Option<std::sync::Arc<crate::backup::hybrid::RepoChunks>>) -> Result<()> {
+async fn clone_command(
+    n: Node,
+    target: &str,
+    local: Option<std::sync::Arc<crate::backup::hybrid::RepoChunks>>,
+) -> Result<()> {
     let n = std::sync::Arc::new(n);
     let (dialer, _) = crate::server::dialer(&n)?;
     let rep = crate::replicator::Replicator::new(n.clone(), dialer);
@@ -264,26 +285,42 @@ async fn clone_command(n: Node, target: &str, local: Option<std::sync::Arc<crate
     .await;
     pb.finish_and_clear();
     if let Some(l) = &local {
-        use std::sync::atomic::Ordering::Relaxed;
         use crate::backup::hybrid::ChunkSource;
-        eprintln!("{} chunks ({} bytes) taken from {}, each hash-checked", l.hits.load(Relaxed), l.hit_bytes.load(Relaxed), l.describe());
+        use std::sync::atomic::Ordering::Relaxed;
+        eprintln!(
+            "{} chunks ({} bytes) taken from {}, each hash-checked",
+            l.hits.load(Relaxed),
+            l.hit_bytes.load(Relaxed),
+            l.describe()
+        );
     }
     let (out, failure) = match out {
         Ok(o) => (o, None),
         Err((e, o)) => (o, Some(e)),
     };
-    for e in out.errors.iter().filter(|e| failure.as_ref().map(|f| f.message() != e.as_str()).unwrap_or(true)) {
+    for e in out.errors.iter().filter(|e| {
+        failure
+            .as_ref()
+            .map(|f| f.message() != e.as_str())
+            .unwrap_or(true)
+    }) {
         eprintln!("  problem: {e}");
     }
     if let Some(e) = failure {
         if out.bytes > 0 || out.items > 0 {
-            eprintln!("received {} items, {} bytes before stopping; they are kept", out.items, out.bytes);
+            eprintln!(
+                "received {} items, {} bytes before stopping; they are kept",
+                out.items, out.bytes
+            );
         }
         return Err(e);
     }
     // Exit 0 only if every item here is complete and verified.
     let ids = n.db.content_ids()?;
-    let incomplete = ids.iter().filter(|id| !n.db.is_complete(id).unwrap_or(false)).count();
+    let incomplete = ids
+        .iter()
+        .filter(|id| !n.db.is_complete(id).unwrap_or(false))
+        .count();
     let secs = out.elapsed.as_secs_f64().max(0.001);
     println!(
         "cloned {} items ({} new), {} bytes received in {:.1} s ({:.1} MB/s)",
@@ -294,7 +331,9 @@ async fn clone_command(n: Node, target: &str, local: Option<std::sync::Arc<crate
         out.bytes as f64 / secs / 1e6
     );
     if incomplete > 0 {
-        return Err(Error::unavailable(format!("{incomplete} item(s) are incomplete; run the clone again to resume")));
+        return Err(Error::unavailable(format!(
+            "{incomplete} item(s) are incomplete; run the clone again to resume"
+        )));
     }
     Ok(())
 }
@@ -302,7 +341,11 @@ async fn clone_command(n: Node, target: &str, local: Option<std::sync::Arc<crate
 fn run_sync(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Init { seal } => {
-            let pass = if *seal { Some(cli.passphrase(true)?) } else { None };
+            let pass = if *seal {
+                Some(cli.passphrase(true)?)
+            } else {
+                None
+            };
             let dir = cli.data_dir();
             match node::init(&dir, pass.as_deref().map(|s| s.as_str()))? {
                 InitOutcome::Created(id) => {
@@ -330,19 +373,31 @@ fn run_sync(cli: &Cli) -> Result<()> {
         }
         Command::Put { file, kind, name } => {
             let n = cli.open_node()?;
-            let (mut input, total, default_name): (Box<dyn std::io::Read>, u64, String) = if file == Path::new("-") {
+            let (mut input, total, default_name): (Box<dyn std::io::Read>, u64, String) = if file
+                == Path::new("-")
+            {
                 (Box::new(std::io::stdin().lock()), 0, String::new())
             } else {
                 let f = std::fs::File::open(file).ctx(format!("input file {}", file.display()))?;
                 let meta = f.metadata().ctx(format!("input file {}", file.display()))?;
                 if meta.is_dir() {
-                    return Err(Error::invalid(format!("{} is a directory; put takes a file", file.display())));
+                    return Err(Error::invalid(format!(
+                        "{} is a directory; put takes a file",
+                        file.display()
+                    )));
                 }
-                let nm = file.file_name().and_then(|s| s.to_str()).unwrap_or("").to_string();
+                let nm = file
+                    .file_name()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("")
+                    .to_string();
                 (Box::new(f), meta.len(), nm)
             };
             let pb = progress_bar(total, "put");
-            let opts = PutOptions { kind: kind.clone(), name: name.clone().unwrap_or(default_name) };
+            let opts = PutOptions {
+                kind: kind.clone(),
+                name: name.clone().unwrap_or(default_name),
+            };
             let id = content::put(&n, &mut input, &opts, &|done| pb.set_position(done))?;
             pb.finish_and_clear();
             println!("{id}");
@@ -372,14 +427,25 @@ fn run_sync(cli: &Cli) -> Result<()> {
         Command::Peer { command } => {
             let n = cli.open_node()?;
             match command {
-                PeerCommand::Add { node_id, address, name, mirror } => {
+                PeerCommand::Add {
+                    node_id,
+                    address,
+                    name,
+                    mirror,
+                } => {
                     let id = Hash::parse(node_id, "node id")?;
                     if id == n.id() {
                         return Err(Error::invalid("that is this node's own id"));
                     }
                     check_address(address)?;
-                    let p = n.db.upsert_peer(&id, name, address, PeerState::Trusted, *mirror)?;
-                    eprintln!("trusted {} at {}{}", p.node_id, p.address, if p.mirror { " (mirror)" } else { "" });
+                    let p =
+                        n.db.upsert_peer(&id, name, address, PeerState::Trusted, *mirror)?;
+                    eprintln!(
+                        "trusted {} at {}{}",
+                        p.node_id,
+                        p.address,
+                        if p.mirror { " (mirror)" } else { "" }
+                    );
                 }
                 PeerCommand::Ls { json } => list_peers(&n, *json)?,
                 PeerCommand::Revoke { node_id } => {
@@ -407,14 +473,20 @@ fn run_sync(cli: &Cli) -> Result<()> {
                 report.problems.len()
             );
             if !report.problems.is_empty() {
-                return Err(Error::integrity(format!("verify found {} problem(s)", report.problems.len())));
+                return Err(Error::integrity(format!(
+                    "verify found {} problem(s)",
+                    report.problems.len()
+                )));
             }
         }
         Command::Backup(a) => crate::backup::cli::backup(cli, a)?,
         Command::Restore(a) => crate::backup::cli::restore(cli, a)?,
         Command::CloneInstance(a) => crate::backup::cli::clone_instance(cli, a)?,
         Command::ImportAxon(a) => crate::backup::cli::import_axon(cli, a)?,
-        Command::Serve { .. } | Command::Invite { .. } | Command::Clone { .. } | Command::Status => {
+        Command::Serve { .. }
+        | Command::Invite { .. }
+        | Command::Clone { .. }
+        | Command::Status => {
             unreachable!("async commands are dispatched by run()")
         }
     }
@@ -430,7 +502,9 @@ pub fn check_address(a: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(format!("address {a:?} is not host:port or an .onion address")))
+        Err(Error::invalid(format!(
+            "address {a:?} is not host:port or an .onion address"
+        )))
     }
 }
 
@@ -443,7 +517,9 @@ fn list_content(n: &Node, json: bool) -> Result<()> {
         after = last.seq;
         for s in page {
             let m = content::load_manifest(n, &s.content_id)?;
-            let name = content::item_meta(n, &m).map(|m| m.name).unwrap_or_default();
+            let name = content::item_meta(n, &m)
+                .map(|m| m.name)
+                .unwrap_or_default();
             let complete = n.db.is_complete(&s.content_id)?;
             rows.push((s, name, complete));
         }
@@ -462,7 +538,10 @@ fn list_content(n: &Node, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
     }
-    println!("{:<64}  {:<8} {:>12}  {:<8}  NAME", "CONTENT ID", "KIND", "SIZE", "STATE");
+    println!(
+        "{:<64}  {:<8} {:>12}  {:<8}  NAME",
+        "CONTENT ID", "KIND", "SIZE", "STATE"
+    );
     for (s, name, complete) in rows {
         println!(
             "{:<64}  {:<8} {:>12}  {:<8}  {}",
@@ -489,7 +568,10 @@ fn list_peers(n: &Node, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
     }
-    println!("{:<64}  {:<8}  {:<6}  {:<24}  NAME", "NODE ID", "STATE", "MIRROR", "ADDRESS");
+    println!(
+        "{:<64}  {:<8}  {:<6}  {:<24}  NAME",
+        "NODE ID", "STATE", "MIRROR", "ADDRESS"
+    );
     for p in peers {
         println!(
             "{:<64}  {:<8}  {:<6}  {:<24}  {}",

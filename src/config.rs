@@ -107,13 +107,24 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_streams_per_peer: 16, request_timeout_secs: 60, list_page_max: 1000, max_chunks_per_request: 4096 }
+        Limits {
+            max_streams_per_peer: 16,
+            request_timeout_secs: 60,
+            list_page_max: 1000,
+            max_chunks_per_request: 4096,
+        }
     }
 }
 
 impl Default for TorConfig {
     fn default() -> Self {
-        TorConfig { enabled: false, socks: None, arti_config: None, bootstrap_timeout_secs: 120, connect_timeout_secs: 60 }
+        TorConfig {
+            enabled: false,
+            socks: None,
+            arti_config: None,
+            bootstrap_timeout_secs: 120,
+            connect_timeout_secs: 60,
+        }
     }
 }
 
@@ -124,12 +135,19 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config> {
-        let c: Config = toml::from_str(text).map_err(|e| Error::invalid(format!("bad configuration: {e}")))?;
+        let c: Config =
+            toml::from_str(text).map_err(|e| Error::invalid(format!("bad configuration: {e}")))?;
         let m = crate::manifest::MIN_CHUNK_SIZE..=crate::manifest::MAX_CHUNK_SIZE;
         if !m.contains(&c.chunk_size) {
-            return Err(Error::invalid(format!("chunk_size {} is outside {m:?}", c.chunk_size)));
+            return Err(Error::invalid(format!(
+                "chunk_size {} is outside {m:?}",
+                c.chunk_size
+            )));
         }
-        if c.limits.list_page_max == 0 || c.limits.max_chunks_per_request == 0 || c.limits.max_streams_per_peer == 0 {
+        if c.limits.list_page_max == 0
+            || c.limits.max_chunks_per_request == 0
+            || c.limits.max_streams_per_peer == 0
+        {
             return Err(Error::invalid("limits must be positive"));
         }
         Ok(c)

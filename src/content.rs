@@ -26,7 +26,12 @@ pub struct PutOptions {
 }
 
 /// Read `input` to the end and publish it as a new item. Returns its content id.
-pub fn put(node: &Node, input: &mut dyn Read, opts: &PutOptions, progress: &dyn Fn(u64)) -> Result<ContentId> {
+pub fn put(
+    node: &Node,
+    input: &mut dyn Read,
+    opts: &PutOptions,
+    progress: &dyn Fn(u64),
+) -> Result<ContentId> {
     if opts.kind.is_empty() || opts.kind.len() > 64 {
         return Err(Error::invalid("kind must be 1 to 64 characters"));
     }
@@ -38,7 +43,11 @@ pub fn put(node: &Node, input: &mut dyn Read, opts: &PutOptions, progress: &dyn 
     let mut cur = read_full(input, chunk_size)?;
     let mut index = 0u64;
     loop {
-        let next = if cur.len() == chunk_size { read_full(input, chunk_size)? } else { Vec::new() };
+        let next = if cur.len() == chunk_size {
+            read_full(input, chunk_size)?
+        } else {
+            Vec::new()
+        };
         let last = next.is_empty();
         size += cur.len() as u64;
         let ct = crypto::encrypt_chunk(&key, index, last, &cur);
@@ -57,7 +66,10 @@ pub fn put(node: &Node, input: &mut dyn Read, opts: &PutOptions, progress: &dyn 
         index += 1;
     }
     node.chunks.sync()?;
-    let meta = ItemMeta { name: opts.name.clone() }.encode_to_vec();
+    let meta = ItemMeta {
+        name: opts.name.clone(),
+    }
+    .encode_to_vec();
     let body = manifest::native_body(
         &node.identity,
         &opts.kind,
@@ -76,7 +88,10 @@ pub fn put(node: &Node, input: &mut dyn Read, opts: &PutOptions, progress: &dyn 
 /// Envelopes for this node and every trusted peer whose public key is known
 /// (peers known only by id get theirs just in time, when they first ask).
 pub fn envelopes_for_new_item(node: &Node, key: &ItemKey) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out = vec![(node.id().to_hex(), crypto::wrap_key(node.identity.public(), key))];
+    let mut out = vec![(
+        node.id().to_hex(),
+        crypto::wrap_key(node.identity.public(), key),
+    )];
     for p in node.db.peers()? {
         if p.state != crate::store::PeerState::Trusted {
             continue;
@@ -91,19 +106,30 @@ pub fn envelopes_for_new_item(node: &Node, key: &ItemKey) -> Result<Vec<(String,
 
 fn read_full(input: &mut dyn Read, n: usize) -> Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(n);
-    input.take(n as u64).read_to_end(&mut buf).ctx("reading input")?;
+    input
+        .take(n as u64)
+        .read_to_end(&mut buf)
+        .ctx("reading input")?;
     Ok(buf)
 }
 
 /// The item key from this node's own envelope.
 pub fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
-    let wrapped = node.db.envelope(&m.id(), &node.id().to_hex())?.ok_or_else(|| {
-        Error::denied(format!("item {} has no envelope for this node; it cannot be decrypted here", m.id()))
-    })?;
-    let key = node.identity
+    let wrapped = node
+        .db
+        .envelope(&m.id(), &node.id().to_hex())?
+        .ok_or_else(|| {
+            Error::denied(format!(
+                "item {} has no envelope for this node; it cannot be decrypted here",
+                m.id()
+            ))
+        })?;
+    let key = node
+        .identity
         .unwrap_key(&wrapped)
         .map_err(|e| e.context(format!("item {}", m.id())))?;
-    crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {}", m.id())))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+        .map_err(|e| e.context(format!("item {}", m.id())))?;
     Ok(key)
 }
 
@@ -111,7 +137,8 @@ pub fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
 pub fn item_meta(node: &Node, m: &Manifest) -> Result<ItemMeta> {
     let key = own_key(node, m)?;
     let plain = crypto::decrypt_meta(&key, &m.body().encrypted_meta)?;
-    ItemMeta::decode(plain.as_slice()).map_err(|e| Error::integrity(format!("item {} metadata: {e}", m.id())))
+    ItemMeta::decode(plain.as_slice())
+        .map_err(|e| Error::integrity(format!("item {} metadata: {e}", m.id())))
 }
 
 pub fn load_manifest(node: &Node, id: &ContentId) -> Result<Manifest> {
@@ -128,7 +155,12 @@ pub enum Output<'a> {
 }
 
 /// Decrypt and verify an item into `out`. Returns its metadata and size.
-pub fn get(node: &Node, id: &ContentId, out: Output<'_>, progress: &dyn Fn(u64)) -> Result<(ItemMeta, u64)> {
+pub fn get(
+    node: &Node,
+    id: &ContentId,
+    out: Output<'_>,
+    progress: &dyn Fn(u64),
+) -> Result<(ItemMeta, u64)> {
     let m = load_manifest(node, id)?;
     let key = own_key(node, &m)?;
     let meta = ItemMeta::decode(crypto::decrypt_meta(&key, &m.body().encrypted_meta)?.as_slice())
@@ -162,11 +194,20 @@ pub fn get(node: &Node, id: &ContentId, out: Output<'_>, progress: &dyn Fn(u64))
 }
 
 fn temp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("output");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("output");
     path.with_file_name(format!(".{name}.bitsync-{}.tmp", std::process::id()))
 }
 
-fn decrypt_to(node: &Node, m: &Manifest, key: &ItemKey, w: &mut dyn Write, progress: &dyn Fn(u64)) -> Result<u64> {
+fn decrypt_to(
+    node: &Node,
+    m: &Manifest,
+    key: &ItemKey,
+    w: &mut dyn Write,
+    progress: &dyn Fn(u64),
+) -> Result<u64> {
     match m.body().cipher() {
         Cipher::Aes256GcmChunked => {}
         Cipher::AxonAes256Cbc => return crate::legacy::decrypt_to(node, m, key, w, progress),
@@ -176,13 +217,17 @@ fn decrypt_to(node: &Node, m: &Manifest, key: &ItemKey, w: &mut dyn Write, progr
     let mut written = 0u64;
     for (i, id) in m.chunk_ids().enumerate() {
         let ct = node.chunks.read(&id).map_err(|e| match e.kind() {
-            crate::error::Kind::NotFound => {
-                Error::not_found(format!("item {} is incomplete: chunk {i} ({id}) is not here yet", m.id()))
-            }
+            crate::error::Kind::NotFound => Error::not_found(format!(
+                "item {} is incomplete: chunk {i} ({id}) is not here yet",
+                m.id()
+            )),
             _ => e,
         })?;
         if ct.len() as u64 != m.chunk_len(i) {
-            return Err(Error::integrity(format!("chunk {i} of item {} has the wrong length", m.id())));
+            return Err(Error::integrity(format!(
+                "chunk {i} of item {} has the wrong length",
+                m.id()
+            )));
         }
         let plain = crypto::decrypt_chunk(key, i as u64, i + 1 == n, &ct)?;
         w.write_all(&plain).ctx("writing output")?;
@@ -190,7 +235,11 @@ fn decrypt_to(node: &Node, m: &Manifest, key: &ItemKey, w: &mut dyn Write, progr
         progress(written);
     }
     if written != m.body().size {
-        return Err(Error::integrity(format!("item {} decrypted to {written} bytes, manifest says {}", m.id(), m.body().size)));
+        return Err(Error::integrity(format!(
+            "item {} decrypted to {written} bytes, manifest says {}",
+            m.id(),
+            m.body().size
+        )));
     }
     Ok(written)
 }
@@ -230,10 +279,15 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
             Ok(Some(_)) => {
                 let missing = node.db.missing_chunks(&cid)?;
                 if !missing.is_empty() {
-                    r.problems.push(format!("item {cid}: {} of its chunks are missing", missing.len()));
+                    r.problems.push(format!(
+                        "item {cid}: {} of its chunks are missing",
+                        missing.len()
+                    ));
                 }
             }
-            Ok(None) => r.problems.push(format!("item {cid}: vanished during verify")),
+            Ok(None) => r
+                .problems
+                .push(format!("item {cid}: vanished during verify")),
             Err(e) => r.problems.push(format!("item {cid}: {e}")),
         }
     }

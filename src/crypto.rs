@@ -49,8 +49,9 @@ impl Hash {
         hex::encode(self.0)
     }
     pub fn from_slice(b: &[u8]) -> Result<Hash> {
-        let a: [u8; 32] =
-            b.try_into().map_err(|_| Error::invalid(format!("expected a 32-byte hash, got {} bytes", b.len())))?;
+        let a: [u8; 32] = b.try_into().map_err(|_| {
+            Error::invalid(format!("expected a 32-byte hash, got {} bytes", b.len()))
+        })?;
         Ok(Hash(a))
     }
     /// Parse a hex id, naming `what` in the error ("content id", "node id", …).
@@ -58,7 +59,9 @@ impl Hash {
         let s = s.trim();
         let mut a = [0u8; 32];
         if s.len() != 64 || hex::decode_to_slice(s, &mut a).is_err() {
-            return Err(Error::invalid(format!("{what} {s:?} is not 64 hex characters")));
+            return Err(Error::invalid(format!(
+                "{what} {s:?} is not 64 hex characters"
+            )));
         }
         Ok(Hash(a))
     }
@@ -96,8 +99,9 @@ impl ItemKey {
         ItemKey(k)
     }
     pub fn from_bytes(b: &[u8]) -> Result<ItemKey> {
-        let a: [u8; 32] =
-            b.try_into().map_err(|_| Error::integrity(format!("item key has {} bytes, expected 32", b.len())))?;
+        let a: [u8; 32] = b.try_into().map_err(|_| {
+            Error::integrity(format!("item key has {} bytes, expected 32", b.len()))
+        })?;
         Ok(ItemKey(Zeroizing::new(a)))
     }
     pub fn as_bytes(&self) -> &[u8; 32] {
@@ -132,24 +136,44 @@ fn nonce(domain: u8, index: u64, last: bool) -> [u8; 12] {
 pub fn encrypt_chunk(key: &ItemKey, index: u64, last: bool, plain: &[u8]) -> Vec<u8> {
     let n = nonce(DOMAIN_CHUNK, index, last);
     key.cipher()
-        .encrypt(Nonce::from_slice(&n), Payload { msg: plain, aad: CHUNK_AAD })
+        .encrypt(
+            Nonce::from_slice(&n),
+            Payload {
+                msg: plain,
+                aad: CHUNK_AAD,
+            },
+        )
         .expect("AES-GCM encryption of a bounded chunk cannot fail")
 }
 
 /// Decrypt chunk `index`; fails if the chunk was moved, swapped, truncated or altered.
 pub fn decrypt_chunk(key: &ItemKey, index: u64, last: bool, ct: &[u8]) -> Result<Vec<u8>> {
     let n = nonce(DOMAIN_CHUNK, index, last);
-    key.cipher().decrypt(Nonce::from_slice(&n), Payload { msg: ct, aad: CHUNK_AAD }).map_err(|_| {
-        Error::integrity(format!(
+    key.cipher()
+        .decrypt(
+            Nonce::from_slice(&n),
+            Payload {
+                msg: ct,
+                aad: CHUNK_AAD,
+            },
+        )
+        .map_err(|_| {
+            Error::integrity(format!(
             "chunk {index} does not decrypt: it was altered, reordered or the item was truncated"
         ))
-    })
+        })
 }
 
 pub fn encrypt_meta(key: &ItemKey, plain: &[u8]) -> Vec<u8> {
     let n = nonce(DOMAIN_META, 0, true);
     key.cipher()
-        .encrypt(Nonce::from_slice(&n), Payload { msg: plain, aad: META_AAD })
+        .encrypt(
+            Nonce::from_slice(&n),
+            Payload {
+                msg: plain,
+                aad: META_AAD,
+            },
+        )
         .expect("AES-GCM encryption of metadata cannot fail")
 }
 
@@ -157,14 +181,26 @@ pub fn encrypt_meta(key: &ItemKey, plain: &[u8]) -> Vec<u8> {
 pub fn decrypt_meta(key: &ItemKey, ct: &[u8]) -> Result<Vec<u8>> {
     let n = nonce(DOMAIN_META, 0, true);
     key.cipher()
-        .decrypt(Nonce::from_slice(&n), Payload { msg: ct, aad: META_AAD })
-        .map_err(|_| Error::integrity("item metadata does not decrypt: wrong key or altered manifest"))
+        .decrypt(
+            Nonce::from_slice(&n),
+            Payload {
+                msg: ct,
+                aad: META_AAD,
+            },
+        )
+        .map_err(|_| {
+            Error::integrity("item metadata does not decrypt: wrong key or altered manifest")
+        })
 }
 
 /// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label).
 pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
     recipient
-        .encrypt(&mut rand::rngs::OsRng, Oaep::new::<Sha256>(), key.as_bytes())
+        .encrypt(
+            &mut rand::rngs::OsRng,
+            Oaep::new::<Sha256>(),
+            key.as_bytes(),
+        )
         .expect("RSA-OAEP of 32 bytes fits any key of 1024 bits or more")
 }
 
@@ -180,10 +216,13 @@ pub fn signed_message(body: &[u8]) -> Vec<u8> {
 /// Check an RSA-PSS-SHA256 (salt 32 bytes) manifest signature. Signing is
 /// [`Identity::sign_manifest`](crate::identity::Identity::sign_manifest).
 pub fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
-    let sig = Signature::try_from(signature).map_err(|_| Error::integrity("manifest signature is malformed"))?;
+    let sig = Signature::try_from(signature)
+        .map_err(|_| Error::integrity("manifest signature is malformed"))?;
     VerifyingKey::<Sha256>::new(public.clone())
         .verify(&signed_message(body), &sig)
-        .map_err(|_| Error::integrity("manifest signature does not verify: the manifest was altered"))
+        .map_err(|_| {
+            Error::integrity("manifest signature does not verify: the manifest was altered")
+        })
 }
 
 // ---- passphrase sealing ----------------------------------------------------
@@ -216,9 +255,22 @@ pub fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
     header.extend_from_slice(&SCRYPT_P.to_be_bytes());
     header.extend_from_slice(&salt);
     header.extend_from_slice(&nonce);
-    let k = seal_key(passphrase.as_bytes(), &salt, SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P).expect("constant parameters");
+    let k = seal_key(
+        passphrase.as_bytes(),
+        &salt,
+        SCRYPT_LOG_N,
+        SCRYPT_R,
+        SCRYPT_P,
+    )
+    .expect("constant parameters");
     let ct = Aes256Gcm::new(k.as_ref().into())
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad: &header })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plain,
+                aad: &header,
+            },
+        )
         .expect("sealing cannot fail");
     header.extend_from_slice(&ct);
     header
@@ -231,18 +283,28 @@ pub fn is_sealed(data: &[u8]) -> bool {
 /// Open sealed data; a wrong passphrase is an [`Kind::Auth`](crate::error::Kind::Auth) error.
 pub fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
     if sealed.len() < 41 + 16 || !is_sealed(sealed) {
-        return Err(Error::integrity("sealed data is truncated or not bitsync-sealed"));
+        return Err(Error::integrity(
+            "sealed data is truncated or not bitsync-sealed",
+        ));
     }
     let (header, ct) = sealed.split_at(41);
     let log_n = header[4];
     let r = u32::from_be_bytes(header[5..9].try_into().unwrap());
     let p = u32::from_be_bytes(header[9..13].try_into().unwrap());
     if log_n > 22 || r > 64 || p > 16 {
-        return Err(Error::invalid("sealed data asks for an unreasonable scrypt cost"));
+        return Err(Error::invalid(
+            "sealed data asks for an unreasonable scrypt cost",
+        ));
     }
     let k = seal_key(passphrase.as_bytes(), &header[13..29], log_n, r, p)?;
     let plain = Aes256Gcm::new(k.as_ref().into())
-        .decrypt(Nonce::from_slice(&header[29..41]), Payload { msg: ct, aad: header })
+        .decrypt(
+            Nonce::from_slice(&header[29..41]),
+            Payload {
+                msg: ct,
+                aad: header,
+            },
+        )
         .map_err(|_| Error::auth("wrong passphrase (or the sealed file was altered)"))?;
     Ok(Zeroizing::new(plain))
 }

@@ -39,7 +39,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into() }
+        Error {
+            kind,
+            message: message.into(),
+        }
     }
     pub fn invalid(m: impl Into<String>) -> Self {
         Self::new(Kind::Invalid, m)
@@ -78,7 +81,10 @@ impl Error {
 
     /// Prefix the message with what was being done, keeping the kind.
     pub fn context(self, what: impl fmt::Display) -> Self {
-        Error { kind: self.kind, message: format!("{what}: {}", self.message) }
+        Error {
+            kind: self.kind,
+            message: format!("{what}: {}", self.message),
+        }
     }
 
     /// The process exit code for this kind (2 is shared with clap's usage errors).
@@ -122,7 +128,9 @@ impl Error {
             _ => Kind::Io,
         };
         let hint = match kind {
-            Kind::Exhausted => " (free some space and run the command again; nothing half-written was kept)",
+            Kind::Exhausted => {
+                " (free some space and run the command again; nothing half-written was kept)"
+            }
             Kind::Denied => " (check the owner and mode of the file or directory)",
             _ => "",
         };
@@ -146,7 +154,9 @@ impl From<rusqlite::Error> for Error {
                     return Error::exhausted(format!("database: {e} (free some space and retry)"))
                 }
                 rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase => {
-                    return Error::integrity(format!("database is corrupt: {e} (restore from a backup)"))
+                    return Error::integrity(format!(
+                        "database is corrupt: {e} (restore from a backup)"
+                    ))
                 }
                 _ => {}
             }
@@ -175,7 +185,11 @@ impl From<tonic::Status> for Error {
             C::ResourceExhausted => Kind::Exhausted,
             _ => Kind::Io,
         };
-        let msg = if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
+        let msg = if s.message().is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            s.message().to_string()
+        };
         Error::new(kind, msg)
     }
 }

@@ -17,7 +17,9 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
-use aws_lc_rs::rsa::{KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA256_MGF1SHA256};
+use aws_lc_rs::rsa::{
+    KeySize, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA256_MGF1SHA256,
+};
 use aws_lc_rs::signature::{RsaKeyPair, RSA_PSS_SHA256};
 use base64::Engine;
 use rsa::pkcs8::{DecodePublicKey, EncodePublicKey, LineEnding};
@@ -52,7 +54,8 @@ pub fn node_id_of(spki_der: &[u8]) -> NodeId {
 
 /// Parse a peer's SubjectPublicKeyInfo DER as an RSA public key.
 pub fn public_key_from_spki(der: &[u8]) -> Result<RsaPublicKey> {
-    RsaPublicKey::from_public_key_der(der).map_err(|e| Error::invalid(format!("not an RSA public key: {e}")))
+    RsaPublicKey::from_public_key_der(der)
+        .map_err(|e| Error::invalid(format!("not an RSA public key: {e}")))
 }
 
 impl Identity {
@@ -60,26 +63,37 @@ impl Identity {
     pub fn generate() -> Result<Identity> {
         let key = PrivateDecryptingKey::generate(KeySize::Rsa3072)
             .map_err(|_| Error::io("generating an RSA-3072 key failed"))?;
-        let der = AsDer::<Pkcs8V1Der>::as_der(&key).map_err(|_| Error::io("encoding the new key failed"))?;
+        let der = AsDer::<Pkcs8V1Der>::as_der(&key)
+            .map_err(|_| Error::io("encoding the new key failed"))?;
         Identity::from_pkcs8(Zeroizing::new(der.as_ref().to_vec()))
     }
 
     fn from_pkcs8(pkcs8: Zeroizing<Vec<u8>>) -> Result<Identity> {
-        let bad = |what: &str| Error::integrity(format!("node key is not a usable RSA key ({what})"));
+        let bad =
+            |what: &str| Error::integrity(format!("node key is not a usable RSA key ({what})"));
         let key = PrivateDecryptingKey::from_pkcs8(&pkcs8).map_err(|_| bad("PKCS#8 decode"))?;
         if key.key_size_bits() < 2048 {
             return Err(bad("shorter than 2048 bits"));
         }
         let decrypting = OaepPrivateDecryptingKey::new(key).map_err(|_| bad("OAEP"))?;
         let signing = RsaKeyPair::from_pkcs8(&pkcs8).map_err(|_| bad("signing"))?;
-        let public = rsa::pkcs1::DecodeRsaPublicKey::from_pkcs1_der(aws_lc_rs::signature::KeyPair::public_key(&signing).as_ref())
-            .map_err(|_| bad("public key"))?;
+        let public = rsa::pkcs1::DecodeRsaPublicKey::from_pkcs1_der(
+            aws_lc_rs::signature::KeyPair::public_key(&signing).as_ref(),
+        )
+        .map_err(|_| bad("public key"))?;
         let spki = RsaPublicKey::to_public_key_der(&public)
             .map_err(|e| Error::io(format!("encoding public key: {e}")))?
             .as_bytes()
             .to_vec();
         let id = node_id_of(&spki);
-        Ok(Identity { pkcs8, decrypting, signing, public, spki, id })
+        Ok(Identity {
+            pkcs8,
+            decrypting,
+            signing,
+            public,
+            spki,
+            id,
+        })
     }
 
     /// Unwrap an envelope addressed to this node (RSA-OAEP-SHA256, constant-time).
@@ -96,7 +110,12 @@ impl Identity {
     pub fn sign_manifest(&self, body: &[u8]) -> Vec<u8> {
         let mut sig = vec![0u8; self.signing.public_modulus_len()];
         self.signing
-            .sign(&RSA_PSS_SHA256, &aws_lc_rs::rand::SystemRandom::new(), &crypto::signed_message(body), &mut sig)
+            .sign(
+                &RSA_PSS_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                &crypto::signed_message(body),
+                &mut sig,
+            )
             .expect("RSA signing with a valid key cannot fail");
         sig
     }
@@ -132,19 +151,25 @@ impl Identity {
     }
 
     /// Load the key at `path`; `passphrase` is asked for only if the key is sealed.
-    pub fn load(path: &Path, passphrase: &dyn Fn() -> Result<Zeroizing<String>>) -> Result<Identity> {
+    pub fn load(
+        path: &Path,
+        passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+    ) -> Result<Identity> {
         let meta = fs::metadata(path).ctx(format!("node key {}", path.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
             tracing::warn!(path = %path.display(), "node key is readable by group or others; fixing mode to 0600");
             fs::set_permissions(path, fs::Permissions::from_mode(0o600))
                 .ctx(format!("setting mode 0600 on {}", path.display()))?;
         }
-        let text = Zeroizing::new(fs::read_to_string(path).ctx(format!("reading node key {}", path.display()))?);
+        let text = Zeroizing::new(
+            fs::read_to_string(path).ctx(format!("reading node key {}", path.display()))?,
+        );
         let der = pem_decode(&text)
             .ok_or_else(|| Error::integrity(format!("node key {} is not PEM", path.display())))?;
         let pkcs8 = if text.contains(SEALED_LABEL) {
             let pass = passphrase()?;
-            crypto::unseal(&pass, &der).map_err(|e| e.context(format!("opening sealed node key {}", path.display())))?
+            crypto::unseal(&pass, &der)
+                .map_err(|e| e.context(format!("opening sealed node key {}", path.display())))?
         } else {
             der
         };
@@ -153,7 +178,9 @@ impl Identity {
 
     /// The public key as PEM, for operators and tests.
     pub fn public_pem(&self) -> String {
-        self.public.to_public_key_pem(LineEnding::LF).expect("an RSA key always encodes")
+        self.public
+            .to_public_key_pem(LineEnding::LF)
+            .expect("an RSA key always encodes")
     }
 }
 
@@ -177,13 +204,19 @@ fn pem_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
             .take_while(|l| !l.starts_with("-----END "))
             .collect(),
     );
-    base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok().map(Zeroizing::new)
+    base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()
+        .map(Zeroizing::new)
 }
 
 /// Atomically write a file only the owner may read.
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("key")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("key")
+    ));
     let result = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
@@ -192,7 +225,8 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
             .mode(0o600)
             .open(&tmp)
             .ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).ctx(format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)
+            .ctx(format!("writing {}", tmp.display()))?;
         f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).ctx(format!("renaming {} into place", tmp.display()))?;
         sync_dir(dir)
@@ -205,5 +239,7 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// fsync a directory so a rename inside it survives a crash.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).ctx(format!("syncing directory {}", dir.display()))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(format!("syncing directory {}", dir.display()))
 }

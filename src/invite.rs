@@ -29,7 +29,12 @@ impl Invite {
     pub fn new(node_id: NodeId, addresses: Vec<String>, expires_at_ms: i64) -> Invite {
         let mut secret = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret);
-        Invite { node_id, addresses, secret, expires_at_ms }
+        Invite {
+            node_id,
+            addresses,
+            secret,
+            expires_at_ms,
+        }
     }
 
     /// What the inviter stores instead of the secret.
@@ -44,7 +49,10 @@ impl Invite {
             secret: self.secret.to_vec(),
             expires_at_ms: self.expires_at_ms,
         };
-        format!("{PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t.encode_to_vec()))
+        format!(
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t.encode_to_vec())
+        )
     }
 
     pub fn is_token(s: &str) -> bool {
@@ -52,16 +60,28 @@ impl Invite {
     }
 
     pub fn decode(s: &str) -> Result<Invite> {
-        let bad = |why: &str| Error::invalid(format!("invite token is malformed ({why}); copy the whole last line `bitsync invite` printed"));
-        let b64 = s.trim().strip_prefix(PREFIX).ok_or_else(|| bad("missing prefix"))?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(b64).map_err(|_| bad("not base64url"))?;
+        let bad = |why: &str| {
+            Error::invalid(format!("invite token is malformed ({why}); copy the whole last line `bitsync invite` printed"))
+        };
+        let b64 = s
+            .trim()
+            .strip_prefix(PREFIX)
+            .ok_or_else(|| bad("missing prefix"))?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(b64)
+            .map_err(|_| bad("not base64url"))?;
         let t = InviteToken::decode(bytes.as_slice()).map_err(|_| bad("does not decode"))?;
         let node_id = Hash::parse(&t.node_id, "node id").map_err(|_| bad("node id"))?;
         let secret: [u8; 32] = t.secret.as_slice().try_into().map_err(|_| bad("secret"))?;
         if t.addresses.is_empty() {
             return Err(bad("no address"));
         }
-        Ok(Invite { node_id, addresses: t.addresses, secret, expires_at_ms: t.expires_at_ms })
+        Ok(Invite {
+            node_id,
+            addresses: t.addresses,
+            secret,
+            expires_at_ms: t.expires_at_ms,
+        })
     }
 
     /// The secret as sent in `JoinRequest.secret`.

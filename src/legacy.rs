@@ -18,16 +18,28 @@ use crate::node::Node;
 
 type CbcDec = cbc::Decryptor<aes::Aes256>;
 
-pub fn decrypt_to(node: &Node, m: &Manifest, key: &ItemKey, w: &mut dyn Write, progress: &dyn Fn(u64)) -> Result<u64> {
+pub fn decrypt_to(
+    node: &Node,
+    m: &Manifest,
+    key: &ItemKey,
+    w: &mut dyn Write,
+    progress: &dyn Fn(u64),
+) -> Result<u64> {
     let body = m.body();
-    let mut dec = CbcDec::new(key.as_bytes().into(), GenericArray::from_slice(&body.legacy_iv));
+    let mut dec = CbcDec::new(
+        key.as_bytes().into(),
+        GenericArray::from_slice(&body.legacy_iv),
+    );
     let mut hasher = Sha256::new();
     let mut held: Option<[u8; 16]> = None;
     let mut written = 0u64;
     for (i, id) in m.chunk_ids().enumerate() {
         let mut ct = node.chunks.read(&id)?;
         if ct.len() as u64 != m.chunk_len(i) || ct.len() % 16 != 0 {
-            return Err(Error::integrity(format!("legacy chunk {i} of item {} has the wrong length", m.id())));
+            return Err(Error::integrity(format!(
+                "legacy chunk {i} of item {} has the wrong length",
+                m.id()
+            )));
         }
         for block in ct.chunks_exact_mut(16) {
             dec.decrypt_block_mut(GenericArray::from_mut_slice(block));
@@ -48,14 +60,20 @@ pub fn decrypt_to(node: &Node, m: &Manifest, key: &ItemKey, w: &mut dyn Write, p
     let last = held.ok_or_else(|| Error::integrity("legacy item has no ciphertext"))?;
     let pad = last[15] as usize;
     if pad == 0 || pad > 16 || last[16 - pad..].iter().any(|&b| b as usize != pad) {
-        return Err(Error::integrity(format!("legacy item {} has bad CBC padding: wrong key or altered", m.id())));
+        return Err(Error::integrity(format!(
+            "legacy item {} has bad CBC padding: wrong key or altered",
+            m.id()
+        )));
     }
     let tail = &last[..16 - pad];
     hasher.update(tail);
     w.write_all(tail).ctx("writing output")?;
     written += tail.len() as u64;
     if hasher.finalize().as_slice() != body.legacy_plain_sha256.as_slice() {
-        return Err(Error::integrity(format!("legacy item {} does not match its plaintext hash", m.id())));
+        return Err(Error::integrity(format!(
+            "legacy item {} does not match its plaintext hash",
+            m.id()
+        )));
     }
     progress(written);
     Ok(written)

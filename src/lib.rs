@@ -62,7 +62,8 @@ pub mod proto {
     tonic::include_proto!("bitsync.v1");
 
     /// The encoded file descriptor set, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("bitsync_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("bitsync_descriptor");
 }
 
 pub use error::{Error, Result};

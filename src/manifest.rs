@@ -46,7 +46,10 @@ impl Manifest {
     /// structure, and verify the publisher's signature over the exact bytes.
     pub fn from_signed(body_bytes: Vec<u8>, signature: Vec<u8>) -> Result<Manifest> {
         if body_bytes.len() > MAX_BODY_BYTES {
-            return Err(Error::invalid(format!("manifest body is {} bytes, over the limit", body_bytes.len())));
+            return Err(Error::invalid(format!(
+                "manifest body is {} bytes, over the limit",
+                body_bytes.len()
+            )));
         }
         let id = Hash::of(&body_bytes);
         let body = ManifestBody::decode(body_bytes.as_slice())
@@ -54,9 +57,16 @@ impl Manifest {
         check_structure(&body).map_err(|e| e.context(format!("manifest {id}")))?;
         let public = identity::public_key_from_spki(&body.publisher_key)
             .map_err(|e| e.context(format!("manifest {id}: publisher key")))?;
-        crypto::verify_manifest(&public, &body_bytes, &signature).map_err(|e| e.context(format!("manifest {id}")))?;
+        crypto::verify_manifest(&public, &body_bytes, &signature)
+            .map_err(|e| e.context(format!("manifest {id}")))?;
         let publisher = identity::node_id_of(&body.publisher_key);
-        Ok(Manifest { body_bytes, signature, body, id, publisher })
+        Ok(Manifest {
+            body_bytes,
+            signature,
+            body,
+            id,
+            publisher,
+        })
     }
 
     pub fn id(&self) -> ContentId {
@@ -84,7 +94,10 @@ impl Manifest {
         Hash::from_slice(&self.body.chunk_ids[index]).expect("checked in check_structure")
     }
     pub fn chunk_ids(&self) -> impl Iterator<Item = ChunkId> + '_ {
-        self.body.chunk_ids.iter().map(|c| Hash::from_slice(c).expect("checked in check_structure"))
+        self.body
+            .chunk_ids
+            .iter()
+            .map(|c| Hash::from_slice(c).expect("checked in check_structure"))
     }
     /// Ciphertext length of chunk `index`, as the structure dictates.
     pub fn chunk_len(&self, index: usize) -> u64 {
@@ -117,7 +130,11 @@ fn chunk_cipher_len(body: &ManifestBody, index: usize) -> u64 {
     let cs = body.chunk_size as u64;
     match body.cipher() {
         Cipher::Aes256GcmChunked => {
-            let plain = if i + 1 < n { cs } else { body.size - cs * (n - 1) };
+            let plain = if i + 1 < n {
+                cs
+            } else {
+                body.size - cs * (n - 1)
+            };
             plain + GCM_TAG
         }
         _ => {
@@ -132,20 +149,31 @@ fn chunk_cipher_len(body: &ManifestBody, index: usize) -> u64 {
 
 fn check_structure(b: &ManifestBody) -> Result<()> {
     if b.format_version != FORMAT_VERSION {
-        return Err(Error::invalid(format!("unsupported format version {}", b.format_version)));
+        return Err(Error::invalid(format!(
+            "unsupported format version {}",
+            b.format_version
+        )));
     }
     match b.cipher() {
         Cipher::Aes256GcmChunked => {
             if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&b.chunk_size) {
-                return Err(Error::integrity(format!("chunk size {} is out of range", b.chunk_size)));
+                return Err(Error::integrity(format!(
+                    "chunk size {} is out of range",
+                    b.chunk_size
+                )));
             }
         }
         Cipher::AxonAes256Cbc => {
             if b.chunk_size == 0 || b.chunk_size > MAX_CHUNK_SIZE || b.chunk_size % 16 != 0 {
-                return Err(Error::integrity(format!("legacy chunk size {} is out of range", b.chunk_size)));
+                return Err(Error::integrity(format!(
+                    "legacy chunk size {} is out of range",
+                    b.chunk_size
+                )));
             }
             if b.legacy_iv.len() != 16 || b.legacy_plain_sha256.len() != 32 {
-                return Err(Error::integrity("legacy manifest lacks its IV or plaintext hash"));
+                return Err(Error::integrity(
+                    "legacy manifest lacks its IV or plaintext hash",
+                ));
             }
         }
         Cipher::Unspecified => return Err(Error::integrity("manifest names no cipher")),

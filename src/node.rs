@@ -86,8 +86,12 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
     let paths = Paths::new(root);
     if paths.is_initialized() {
         let db = Db::open(&paths.db())?;
-        let id = db.setting("node_id")?.ok_or_else(|| Error::integrity("database has no node id"))?;
-        return Ok(InitOutcome::AlreadyInitialized(crate::crypto::Hash::parse(&id, "node id")?));
+        let id = db
+            .setting("node_id")?
+            .ok_or_else(|| Error::integrity("database has no node id"))?;
+        return Ok(InitOutcome::AlreadyInitialized(crate::crypto::Hash::parse(
+            &id, "node id",
+        )?));
     }
     let identity = Identity::generate()?;
     if root.exists() {
@@ -95,7 +99,12 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
             .ctx(format!("reading {}", root.display()))?
             .flatten()
             .map(|e| e.file_name())
-            .filter(|n| !matches!(n.to_str(), Some("config.toml" | "node.key" | ".node.key.tmp")))
+            .filter(|n| {
+                !matches!(
+                    n.to_str(),
+                    Some("config.toml" | "node.key" | ".node.key.tmp")
+                )
+            })
             .collect();
         if !leftovers.is_empty() {
             return Err(Error::exists(format!(
@@ -105,15 +114,23 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
         }
         fill(&paths, &identity, passphrase)?;
     } else {
-        let parent = root.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = root
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
-        let name = root.file_name().and_then(|n| n.to_str()).unwrap_or("bitsync");
+        let name = root
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("bitsync");
         let tmp = parent.join(format!(".{name}.init-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         let result = fs::create_dir(&tmp)
             .ctx(format!("creating {}", tmp.display()))
             .and_then(|_| fill(&Paths::new(&tmp), &identity, passphrase))
-            .and_then(|_| fs::rename(&tmp, root).ctx(format!("moving the new data dir to {}", root.display())))
+            .and_then(|_| {
+                fs::rename(&tmp, root).ctx(format!("moving the new data dir to {}", root.display()))
+            })
             .and_then(|_| identity::sync_dir(parent));
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
@@ -168,7 +185,10 @@ impl Node {
             Ok(_) => {}
         }
         if let Err(e) = fs::read_dir(root) {
-            return Err(Error::from_io(e, format!("data dir {} is not readable", root.display())));
+            return Err(Error::from_io(
+                e,
+                format!("data dir {} is not readable", root.display()),
+            ));
         }
         if !paths.is_initialized() {
             return Err(Error::not_found(format!(
@@ -191,7 +211,13 @@ impl Node {
             )));
         }
         let chunks = ChunkDir::open(&paths.chunks(), &paths.quarantine())?;
-        Ok(Node { paths, config, identity, db, chunks })
+        Ok(Node {
+            paths,
+            config,
+            identity,
+            db,
+            chunks,
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -210,5 +236,8 @@ impl Node {
 
 /// A passphrase source for nodes whose key is not sealed: asking is a bug.
 pub fn no_passphrase() -> Result<Zeroizing<String>> {
-    Err(Error::new(Kind::Auth, "the node key is sealed: set BITSYNC_PASSPHRASE or pass --passphrase-file"))
+    Err(Error::new(
+        Kind::Auth,
+        "the node key is sealed: set BITSYNC_PASSPHRASE or pass --passphrase-file",
+    ))
 }

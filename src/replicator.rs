@@ -71,7 +71,9 @@ const MAX_ERRORS: usize = 100;
 pub type Client = FederationClient<Channel>;
 
 pub fn client(channel: Channel) -> Client {
-    FederationClient::new(channel).max_decoding_message_size(MAX_MESSAGE).max_encoding_message_size(MAX_MESSAGE)
+    FederationClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
 }
 
 /// What a finished job reports.
@@ -140,13 +142,26 @@ fn code_name(code: i32) -> String {
 /// Check a GetManifests result: signature, id, and that our envelope opens it.
 fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<(Manifest, Vec<u8>)> {
     if let Some(p) = &r.problem {
-        return Err(Error::from(tonic::Status::new(tonic::Code::from_i32(p.code), p.message.clone())));
+        return Err(Error::from(tonic::Status::new(
+            tonic::Code::from_i32(p.code),
+            p.message.clone(),
+        )));
     }
-    let sm = r.manifest.as_ref().ok_or_else(|| Error::integrity("result has no manifest"))?;
-    let env = r.envelope.as_ref().ok_or_else(|| Error::integrity("result has no envelope"))?;
+    let sm = r
+        .manifest
+        .as_ref()
+        .ok_or_else(|| Error::integrity("result has no manifest"))?;
+    let env = r
+        .envelope
+        .as_ref()
+        .ok_or_else(|| Error::integrity("result has no envelope"))?;
     let m = Manifest::from_signed(sm.body.clone(), sm.signature.clone())?;
     if m.id().to_hex() != r.content_id {
-        return Err(Error::integrity(format!("peer sent manifest {} when {} was asked for", m.id(), r.content_id)));
+        return Err(Error::integrity(format!(
+            "peer sent manifest {} when {} was asked for",
+            m.id(),
+            r.content_id
+        )));
     }
     if env.recipient != node.id().to_hex() {
         return Err(Error::integrity("peer sent an envelope for another node"));
@@ -159,7 +174,10 @@ fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<(Manifest, Vec<u8>
 
 /// [`accept_manifest`] over a batch, spread over the cores (RSA work).
 fn accept_all(node: &Node, results: &[ManifestResult]) -> Vec<Result<(Manifest, Vec<u8>)>> {
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
     let per = results.len().div_ceil(workers).max(8);
     if results.len() <= per {
         return results.iter().map(|r| accept_manifest(node, r)).collect();
@@ -167,14 +185,25 @@ fn accept_all(node: &Node, results: &[ManifestResult]) -> Vec<Result<(Manifest, 
     std::thread::scope(|s| {
         let handles: Vec<_> = results
             .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(|r| accept_manifest(node, r)).collect::<Vec<_>>()))
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|r| accept_manifest(node, r))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("manifest checker panicked")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("manifest checker panicked"))
+            .collect()
     })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::io(format!("replicator worker failed: {e}")))?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io(format!("replicator worker failed: {e}")))?
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -274,7 +303,11 @@ impl PageWork {
     }
 
     fn still_missing(&self) -> Vec<ChunkId> {
-        self.order.iter().filter(|c| self.waiters.contains_key(c)).copied().collect()
+        self.order
+            .iter()
+            .filter(|c| self.waiters.contains_key(c))
+            .copied()
+            .collect()
     }
 }
 
@@ -320,14 +353,25 @@ impl Replicator {
 
     /// Running jobs (and mirrors), for `Admin/Status`.
     pub fn jobs(&self) -> Vec<JobState> {
-        let mut v: Vec<JobState> =
-            self.jobs.lock().unwrap_or_else(|p| p.into_inner()).values().map(|j| j.state.borrow().clone()).collect();
+        let mut v: Vec<JobState> = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|j| j.state.borrow().clone())
+            .collect();
         v.sort_by(|a, b| (a.kind, &a.peer).cmp(&(b.kind, &b.peer)));
         v
     }
 
     /// Start a job, or join the one already running under the same key.
-    fn start<F, Fut>(self: &Arc<Self>, key: String, kind: &'static str, peer: String, work: F) -> watch::Receiver<JobState>
+    fn start<F, Fut>(
+        self: &Arc<Self>,
+        key: String,
+        kind: &'static str,
+        peer: String,
+        work: F,
+    ) -> watch::Receiver<JobState>
     where
         F: FnOnce(Arc<Replicator>, Arc<Tracker>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<Outcome>> + Send + 'static,
@@ -339,7 +383,11 @@ impl Replicator {
         let initial = JobState {
             kind,
             peer: peer.clone(),
-            progress: Progress { phase: Phase::Connecting as i32, peer, ..Default::default() },
+            progress: Progress {
+                phase: Phase::Connecting as i32,
+                peer,
+                ..Default::default()
+            },
             result: None,
         };
         let (tx, rx) = watch::channel(initial);
@@ -348,11 +396,21 @@ impl Replicator {
         drop(jobs);
         let me = self.clone();
         tokio::spawn(async move {
-            let tracker = Arc::new(Tracker { state: tx.clone(), started: Instant::now() });
+            let tracker = Arc::new(Tracker {
+                state: tx.clone(),
+                started: Instant::now(),
+            });
             let result = work(me.clone(), tracker.clone()).await;
-            me.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+            me.jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
             tracker.update(|p| {
-                p.phase = if result.is_ok() { Phase::Done as i32 } else { Phase::Failed as i32 };
+                p.phase = if result.is_ok() {
+                    Phase::Done as i32
+                } else {
+                    Phase::Failed as i32
+                };
                 if let Err(e) = &result {
                     push_error(p, e.to_string());
                 }
@@ -371,42 +429,68 @@ impl Replicator {
         } else {
             Hash::parse(&target, "node id")?.to_hex()
         };
-        Ok(self.start(format!("sync:{key}"), "clone", key, move |me, t| async move { me.clone_peer(&target, &t).await }))
+        Ok(self.start(
+            format!("sync:{key}"),
+            "clone",
+            key,
+            move |me, t| async move { me.clone_peer(&target, &t).await },
+        ))
     }
 
     /// Pull what is new from one trusted peer (runs in the background).
     pub fn start_sync(self: &Arc<Self>, peer: NodeId) -> Result<watch::Receiver<JobState>> {
         let p = self.trusted_peer(&peer)?;
-        Ok(self.start(format!("sync:{}", peer.to_hex()), "sync", peer.to_hex(), move |me, t| async move {
-            me.sync_peer(&p, &t).await
-        }))
+        Ok(self.start(
+            format!("sync:{}", peer.to_hex()),
+            "sync",
+            peer.to_hex(),
+            move |me, t| async move { me.sync_peer(&p, &t).await },
+        ))
     }
 
     fn trusted_peer(&self, id: &NodeId) -> Result<Peer> {
         let p = self.node.db.peer(id)?.ok_or_else(|| {
-            Error::not_found(format!("node {id} is not a peer of this node: add it with `bitsync peer add`"))
+            Error::not_found(format!(
+                "node {id} is not a peer of this node: add it with `bitsync peer add`"
+            ))
         })?;
         if p.state != PeerState::Trusted {
-            return Err(Error::denied(format!("node {id} is {}, not trusted", p.state.as_str())));
+            return Err(Error::denied(format!(
+                "node {id} is {}, not trusted",
+                p.state.as_str()
+            )));
         }
         if p.address.is_empty() {
-            return Err(Error::invalid(format!("peer {id} has no address: set one with `bitsync peer add {id} HOST:PORT`")));
+            return Err(Error::invalid(format!(
+                "peer {id} has no address: set one with `bitsync peer add {id} HOST:PORT`"
+            )));
         }
         Ok(p)
     }
 
     async fn channel(&self, peer: &NodeId, address: &str) -> Result<Channel> {
-        if let Some(c) = self.channels.lock().unwrap_or_else(|p| p.into_inner()).get(peer) {
+        if let Some(c) = self
+            .channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(peer)
+        {
             return Ok(c.clone());
         }
         let c = self.dialer.channel(*peer, address).await?;
-        self.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(*peer, c.clone());
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*peer, c.clone());
         Ok(c)
     }
 
     /// Forget a peer's channel after a transport failure, so the next try redials.
     fn drop_channel(&self, peer: &NodeId) {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(peer);
+        self.channels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(peer);
     }
 
     async fn clone_peer(&self, target: &str, t: &Tracker) -> Result<Outcome> {
@@ -422,11 +506,15 @@ impl Replicator {
         let cfg = client(ch)
             .get_instance_config(GetInstanceConfigRequest {})
             .await
-            .map_err(|s| Error::from(s).context(format!("asking {} for its instance", peer.node_id.short())))?
+            .map_err(|s| {
+                Error::from(s).context(format!("asking {} for its instance", peer.node_id.short()))
+            })?
             .into_inner();
         let mut imported = 0;
         for p in &cfg.peers {
-            let Ok(id) = Hash::parse(&p.node_id, "node id") else { continue };
+            let Ok(id) = Hash::parse(&p.node_id, "node id") else {
+                continue;
+            };
             if id == self.node.id() || id == peer.node_id || p.state != "trusted" {
                 continue;
             }
@@ -440,7 +528,10 @@ impl Replicator {
             }
         }
         if imported > 0 {
-            tracing::info!("imported {imported} peer(s) from {} for review (`bitsync peer ls`)", peer.node_id.short());
+            tracing::info!(
+                "imported {imported} peer(s) from {} for review (`bitsync peer ls`)",
+                peer.node_id.short()
+            );
         }
         self.sync_peer(&peer, t).await
     }
@@ -457,15 +548,31 @@ impl Replicator {
                     let req = JoinRequest {
                         secret: inv.secret_text(),
                         name: self.node.name(),
-                        address: self.advertise.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                        address: self
+                            .advertise
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone(),
                     };
                     let resp = client(ch.clone())
                         .join(req)
                         .await
-                        .map_err(|s| Error::from(s).context(format!("joining {} with the invite", inv.node_id.short())))?
+                        .map_err(|s| {
+                            Error::from(s)
+                                .context(format!("joining {} with the invite", inv.node_id.short()))
+                        })?
                         .into_inner();
-                    let p = self.node.db.upsert_peer(&inv.node_id, &resp.name, address, PeerState::Trusted, false)?;
-                    self.channels.lock().unwrap_or_else(|p| p.into_inner()).insert(inv.node_id, ch);
+                    let p = self.node.db.upsert_peer(
+                        &inv.node_id,
+                        &resp.name,
+                        address,
+                        PeerState::Trusted,
+                        false,
+                    )?;
+                    self.channels
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(inv.node_id, ch);
                     tracing::info!(peer = %inv.node_id, "joined peer with an invite");
                     return Ok(p);
                 }
@@ -497,8 +604,19 @@ impl Replicator {
         let ch = self.channel(&peer.node_id, &peer.address).await?;
         let mut fed = client(ch.clone());
         // Re-read: the cursor may have moved since `peer` was loaded.
-        let value = self.node.db.peer(&peer.node_id)?.map(|p| p.cursor).unwrap_or(0);
-        let mut cursor = Cursor { peer: peer.node_id, value, saved: value, saved_at: Instant::now(), blocked: false };
+        let value = self
+            .node
+            .db
+            .peer(&peer.node_id)?
+            .map(|p| p.cursor)
+            .unwrap_or(0);
+        let mut cursor = Cursor {
+            peer: peer.node_id,
+            value,
+            saved: value,
+            saved_at: Instant::now(),
+            blocked: false,
+        };
         let mut out = Outcome::default();
         let mut problems: Vec<String> = Vec::new();
         let mut incomplete = 0usize;
@@ -507,12 +625,22 @@ impl Replicator {
             loop {
                 t.phase(Phase::Listing);
                 let page = fed
-                    .list_manifests(ListManifestsRequest { after_seq: after, limit: PAGE })
+                    .list_manifests(ListManifestsRequest {
+                        after_seq: after,
+                        limit: PAGE,
+                    })
                     .await
-                    .map_err(|s| Error::from(s).context(format!("listing the items of {}", peer.node_id.short())))?
+                    .map_err(|s| {
+                        Error::from(s)
+                            .context(format!("listing the items of {}", peer.node_id.short()))
+                    })?
                     .into_inner();
-                let Some(last) = page.manifests.last().map(|s| s.seq) else { break };
-                let failed = self.sync_page(peer, &ch, &page.manifests, &mut cursor, &mut out, t).await?;
+                let Some(last) = page.manifests.last().map(|s| s.seq) else {
+                    break;
+                };
+                let failed = self
+                    .sync_page(peer, &ch, &page.manifests, &mut cursor, &mut out, t)
+                    .await?;
                 incomplete += failed.len();
                 problems.extend(failed);
                 after = last;
@@ -530,7 +658,14 @@ impl Replicator {
         saved?;
         if incomplete > 0 {
             let first = problems.first().cloned().unwrap_or_default();
-            let more = if incomplete > 1 { format!(" (and {} more item(s); see the problems listed)", incomplete - 1) } else { String::new() };
+            let more = if incomplete > 1 {
+                format!(
+                    " (and {} more item(s); see the problems listed)",
+                    incomplete - 1
+                )
+            } else {
+                String::new()
+            };
             out.errors.extend(problems);
             return Err(Error::unavailable(format!(
                 "sync from {} is incomplete, stopped at seq {}: {first}{more}; run it again to resume once a trusted peer has the data",
@@ -556,7 +691,8 @@ impl Replicator {
         let me = self.node.id().to_hex();
         // 1. What do we hold already? (No signature checks: the rows were verified when stored.)
         let node = self.node.clone();
-        let listed: Vec<(u64, String)> = page.iter().map(|s| (s.seq, s.content_id.clone())).collect();
+        let listed: Vec<(u64, String)> =
+            page.iter().map(|s| (s.seq, s.content_id.clone())).collect();
         let me2 = me.clone();
         let local: Vec<Option<Vec<ChunkId>>> = blocking(move || {
             listed
@@ -564,7 +700,13 @@ impl Replicator {
                 .map(|(_, cid)| {
                     let id: ContentId = Hash::parse(cid, "content id")?;
                     if node.db.has_manifest(&id)? && node.db.envelope(&id, &me2)?.is_some() {
-                        Ok(Some(node.db.missing_chunks(&id)?.into_iter().map(|(_, c)| c).collect()))
+                        Ok(Some(
+                            node.db
+                                .missing_chunks(&id)?
+                                .into_iter()
+                                .map(|(_, c)| c)
+                                .collect(),
+                        ))
                     } else {
                         Ok(None)
                     }
@@ -616,25 +758,41 @@ impl Replicator {
         }
         let mut fed = client(ch.clone());
         for batch in need.chunks(MANIFEST_BATCH) {
-            let ids: Vec<String> = batch.iter().map(|&i| work.items[i].content_id.clone()).collect();
+            let ids: Vec<String> = batch
+                .iter()
+                .map(|&i| work.items[i].content_id.clone())
+                .collect();
             let resp = fed
                 .get_manifests(GetManifestsRequest { content_ids: ids })
                 .await
-                .map_err(|s| Error::from(s).context(format!("fetching manifests from {}", peer.node_id.short())))?
+                .map_err(|s| {
+                    Error::from(s)
+                        .context(format!("fetching manifests from {}", peer.node_id.short()))
+                })?
                 .into_inner();
             let node = self.node.clone();
             let results = resp.results;
             let checked = blocking(move || {
                 let c = accept_all(&node, &results);
-                Ok(results.into_iter().map(|r| r.content_id).zip(c).collect::<Vec<_>>())
+                Ok(results
+                    .into_iter()
+                    .map(|r| r.content_id)
+                    .zip(c)
+                    .collect::<Vec<_>>())
             })
             .await?;
-            let index: HashMap<String, usize> = batch.iter().map(|&i| (work.items[i].content_id.clone(), i)).collect();
+            let index: HashMap<String, usize> = batch
+                .iter()
+                .map(|&i| (work.items[i].content_id.clone(), i))
+                .collect();
             let mut answered = HashSet::new();
             let mut accepted = Vec::new();
             for (cid, r) in checked {
                 let Some(&i) = index.get(cid.as_str()) else {
-                    t.error(format!("peer {} sent item {cid} that was not asked for", peer.node_id.short()));
+                    t.error(format!(
+                        "peer {} sent item {cid} that was not asked for",
+                        peer.node_id.short()
+                    ));
                     continue;
                 };
                 answered.insert(i);
@@ -642,10 +800,18 @@ impl Replicator {
                     Ok(me_env) => accepted.push((i, me_env)),
                     Err(e) => {
                         let permanent = e.kind() == Kind::Integrity;
-                        let msg = format!("item {cid} from {}: {e}{}", peer.node_id.short(), if permanent { " (rejected)" } else { "" });
+                        let msg = format!(
+                            "item {cid} from {}: {e}{}",
+                            peer.node_id.short(),
+                            if permanent { " (rejected)" } else { "" }
+                        );
                         t.error(msg.clone());
                         let it = &mut work.items[i];
-                        it.state = if permanent { ItemState::Rejected } else { ItemState::Failed };
+                        it.state = if permanent {
+                            ItemState::Rejected
+                        } else {
+                            ItemState::Failed
+                        };
                         it.problem = Some(msg);
                     }
                 }
@@ -654,12 +820,19 @@ impl Replicator {
                 if !answered.contains(&i) {
                     let it = &mut work.items[i];
                     it.state = ItemState::Failed;
-                    it.problem = Some(format!("item {}: {} did not answer for it", it.content_id, peer.node_id.short()));
+                    it.problem = Some(format!(
+                        "item {}: {} did not answer for it",
+                        it.content_id,
+                        peer.node_id.short()
+                    ));
                 }
             }
             // Which of their chunks are here already?
             let node = self.node.clone();
-            let ids: Vec<Vec<ChunkId>> = accepted.iter().map(|(_, (m, _))| m.chunk_ids().collect()).collect();
+            let ids: Vec<Vec<ChunkId>> = accepted
+                .iter()
+                .map(|(_, (m, _))| m.chunk_ids().collect())
+                .collect();
             let missing: Vec<Vec<ChunkId>> = blocking(move || {
                 ids.into_iter()
                     .map(|cs| {
@@ -682,7 +855,9 @@ impl Replicator {
         // 3. Every missing chunk, once, in listing order.
         let mut ready = Vec::new();
         for i in 0..work.items.len() {
-            let Some(miss) = local_missing.remove(&i) else { continue };
+            let Some(miss) = local_missing.remove(&i) else {
+                continue;
+            };
             let mut mine = HashSet::new();
             for c in miss {
                 if mine.insert(c) {
@@ -705,16 +880,24 @@ impl Replicator {
             let order = work.order.clone();
             let adopted = blocking(move || adopt_strays(&node, &order)).await?;
             if !adopted.is_empty() {
-                tracing::info!("adopted {} chunk file(s) left by an interrupted run", adopted.len());
+                tracing::info!(
+                    "adopted {} chunk file(s) left by an interrupted run",
+                    adopted.len()
+                );
                 let ready = work.arrived(&adopted);
                 self.settle(&mut work, ready, cursor, out, t).await?;
             }
         }
         // 4b. Chunks a local source holds (`clone --from-backup`), each hash-checked before it is stored.
-        let local = self.local_chunks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let local = self
+            .local_chunks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         if let (Some(src), false) = (local, work.order.is_empty()) {
             let (node, want) = (self.node.clone(), work.still_missing());
-            let got = blocking(move || crate::backup::hybrid::fill_from_local(&node, &*src, &want)).await?;
+            let got = blocking(move || crate::backup::hybrid::fill_from_local(&node, &*src, &want))
+                .await?;
             let ready = work.arrived(&got);
             self.settle(&mut work, ready, cursor, out, t).await?;
         }
@@ -722,7 +905,8 @@ impl Replicator {
         if !work.order.is_empty() {
             t.phase(Phase::Chunks);
             let want = work.still_missing();
-            self.fetch_into(peer, ch, want, &mut work, cursor, out, t).await??;
+            self.fetch_into(peer, ch, want, &mut work, cursor, out, t)
+                .await??;
             let mut left = work.still_missing();
             if !left.is_empty() {
                 for other in self.node.db.peers()? {
@@ -739,15 +923,30 @@ impl Replicator {
                     let och = match self.channel(&other.node_id, &other.address).await {
                         Ok(c) => c,
                         Err(e) => {
-                            t.error(format!("asking {} for {} chunk(s): {e}", other.node_id.short(), left.len()));
+                            t.error(format!(
+                                "asking {} for {} chunk(s): {e}",
+                                other.node_id.short(),
+                                left.len()
+                            ));
                             continue;
                         }
                     };
-                    tracing::info!("asking {} for {} chunk(s) {} could not send", other.node_id.short(), left.len(), peer.node_id.short());
+                    tracing::info!(
+                        "asking {} for {} chunk(s) {} could not send",
+                        other.node_id.short(),
+                        left.len(),
+                        peer.node_id.short()
+                    );
                     work.others_asked.push(other.node_id.short());
                     // A local failure (disk full, database) ends the sync; a peer's is reported and the next asked.
-                    if let Err(e) = self.fetch_into(&other, &och, left.clone(), &mut work, cursor, out, t).await? {
-                        t.error(format!("fetching chunks from {}: {e}", other.node_id.short()));
+                    if let Err(e) = self
+                        .fetch_into(&other, &och, left.clone(), &mut work, cursor, out, t)
+                        .await?
+                    {
+                        t.error(format!(
+                            "fetching chunks from {}: {e}",
+                            other.node_id.short()
+                        ));
                         if e.kind() == Kind::Unavailable {
                             self.drop_channel(&other.node_id);
                         }
@@ -789,7 +988,11 @@ impl Replicator {
                 }
             }
             if it.state == ItemState::Failed {
-                failed.push(it.problem.clone().unwrap_or_else(|| format!("item {} is incomplete", it.content_id)));
+                failed.push(
+                    it.problem
+                        .clone()
+                        .unwrap_or_else(|| format!("item {} is incomplete", it.content_id)),
+                );
             }
         }
         self.advance(&mut work, cursor).await?;
@@ -865,7 +1068,14 @@ impl Replicator {
     }
 
     /// Store the manifests of items that just became complete, then move the cursor.
-    async fn settle(&self, work: &mut PageWork, ready: Vec<usize>, cursor: &mut Cursor, out: &mut Outcome, t: &Tracker) -> Result<()> {
+    async fn settle(
+        &self,
+        work: &mut PageWork,
+        ready: Vec<usize>,
+        cursor: &mut Cursor,
+        out: &mut Outcome,
+        t: &Tracker,
+    ) -> Result<()> {
         if !ready.is_empty() {
             let me = self.node.id().to_hex();
             let mut to_store = Vec::new();
@@ -888,13 +1098,20 @@ impl Replicator {
                 Ok(r)
             })
             .await?;
-            let not_stored: HashSet<usize> = stored.iter().filter(|(_, ok)| !ok).map(|(i, _)| *i).collect();
+            let not_stored: HashSet<usize> = stored
+                .iter()
+                .filter(|(_, ok)| !ok)
+                .map(|(i, _)| *i)
+                .collect();
             let mut done = 0u64;
             for i in ready {
                 let it = &mut work.items[i];
                 if not_stored.contains(&i) {
                     it.state = ItemState::Failed;
-                    it.problem = Some(format!("item {}: a chunk vanished while it was being stored", it.content_id));
+                    it.problem = Some(format!(
+                        "item {}: a chunk vanished while it was being stored",
+                        it.content_id
+                    ));
                 } else {
                     it.state = ItemState::Done;
                     done += 1;
@@ -933,11 +1150,16 @@ impl Replicator {
     ) -> GroupOut {
         let mut out = GroupOut::default();
         let who = peer.node_id.short();
-        let req = StreamChunksRequest { chunk_ids: ids.iter().map(|c| c.to_hex()).collect() };
+        let req = StreamChunksRequest {
+            chunk_ids: ids.iter().map(|c| c.to_hex()).collect(),
+        };
         let mut stream = match client(ch).stream_chunks(req).await {
             Ok(s) => s.into_inner(),
             Err(s) => {
-                out.error = Some((Error::from(s).context(format!("streaming chunks from {who}")), false));
+                out.error = Some((
+                    Error::from(s).context(format!("streaming chunks from {who}")),
+                    false,
+                ));
                 return out;
             }
         };
@@ -948,12 +1170,18 @@ impl Replicator {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(s) => {
-                    out.error = Some((Error::from(s).context(format!("chunk stream from {who}")), false));
+                    out.error = Some((
+                        Error::from(s).context(format!("chunk stream from {who}")),
+                        false,
+                    ));
                     break;
                 }
             };
             let Ok(id) = Hash::parse(&msg.chunk_id, "chunk id") else {
-                t.error(format!("peer {who} sent a malformed chunk id {:?}", msg.chunk_id));
+                t.error(format!(
+                    "peer {who} sent a malformed chunk id {:?}",
+                    msg.chunk_id
+                ));
                 continue;
             };
             if !wanted.contains(&id) || !pending.remove(&id) {
@@ -994,7 +1222,8 @@ impl Replicator {
         }
         if out.error.is_none() {
             for id in pending {
-                out.failed.push((id, format!("{who} ended the stream without sending it")));
+                out.failed
+                    .push((id, format!("{who} ended the stream without sending it")));
             }
         }
         out
@@ -1033,10 +1262,20 @@ impl Replicator {
 
     /// Mirror sources right now: `[[mirror]]` entries plus trusted peers marked as mirrors.
     fn mirror_sources(&self) -> Vec<NodeId> {
-        let mut sources: Vec<NodeId> =
-            self.node.config.mirror.iter().filter_map(|m| Hash::parse(&m.peer, "mirror peer").ok()).collect();
+        let mut sources: Vec<NodeId> = self
+            .node
+            .config
+            .mirror
+            .iter()
+            .filter_map(|m| Hash::parse(&m.peer, "mirror peer").ok())
+            .collect();
         match self.node.db.peers() {
-            Ok(peers) => sources.extend(peers.iter().filter(|p| p.mirror && p.state == PeerState::Trusted).map(|p| p.node_id)),
+            Ok(peers) => sources.extend(
+                peers
+                    .iter()
+                    .filter(|p| p.mirror && p.state == PeerState::Trusted)
+                    .map(|p| p.node_id),
+            ),
             Err(e) => tracing::warn!("reading mirror peers: {e}"),
         }
         sources.retain(|id| *id != self.node.id());
@@ -1055,11 +1294,21 @@ impl Replicator {
         let (tx, _rx) = watch::channel(JobState {
             kind: "mirror",
             peer: source.to_hex(),
-            progress: Progress { peer: source.to_hex(), phase: Phase::Connecting as i32, ..Default::default() },
+            progress: Progress {
+                peer: source.to_hex(),
+                phase: Phase::Connecting as i32,
+                ..Default::default()
+            },
             result: None,
         });
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), Arc::new(Job { state: tx.clone() }));
-        let t = Tracker { state: tx, started: Instant::now() };
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), Arc::new(Job { state: tx.clone() }));
+        let t = Tracker {
+            state: tx,
+            started: Instant::now(),
+        };
         let mut backoff = Duration::from_millis(500);
         loop {
             if *shutdown.borrow() {
@@ -1083,9 +1332,17 @@ impl Replicator {
             }
             let wait = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
             let msg = if matches!(err.kind(), Kind::Denied | Kind::Auth) {
-                format!("mirror of {} stopped: {err}; retrying in {}s", source.short(), wait.as_secs())
+                format!(
+                    "mirror of {} stopped: {err}; retrying in {}s",
+                    source.short(),
+                    wait.as_secs()
+                )
             } else {
-                format!("mirror of {} interrupted: {err}; retrying in {:.1}s", source.short(), wait.as_secs_f64())
+                format!(
+                    "mirror of {} interrupted: {err}; retrying in {:.1}s",
+                    source.short(),
+                    wait.as_secs_f64()
+                )
             };
             tracing::warn!(peer = %source, "{msg}");
             t.update(|p| {
@@ -1098,10 +1355,19 @@ impl Replicator {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     }
 
-    async fn mirror_once(&self, source: NodeId, shutdown: &mut watch::Receiver<bool>, reconcile: Duration, t: &Tracker) -> Result<()> {
+    async fn mirror_once(
+        &self,
+        source: NodeId,
+        shutdown: &mut watch::Receiver<bool>,
+        reconcile: Duration,
+        t: &Tracker,
+    ) -> Result<()> {
         let peer = self.trusted_peer(&source)?;
         let synced = |r: Result<Outcome>| -> Result<()> {
             r?;
@@ -1153,7 +1419,10 @@ impl Replicator {
 /// error is reported once and ends the recorder (the writers then stop).
 fn spawn_recorder(
     node: Arc<Node>,
-) -> (tokio::sync::mpsc::Sender<(ChunkId, u64)>, tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>) {
+) -> (
+    tokio::sync::mpsc::Sender<(ChunkId, u64)>,
+    tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>,
+) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, u64)>(RECORD_QUEUE);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -1192,7 +1461,9 @@ fn adopt_strays(node: &Node, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
     let mut adopted = Vec::new();
     for id in ids {
         let path = node.chunks.path(id);
-        let Ok(meta) = std::fs::metadata(&path) else { continue };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
         if meta.len() as usize > crate::chunks::MAX_CHUNK_BYTES {
             let _ = std::fs::remove_file(&path);
             continue;
@@ -1219,7 +1490,9 @@ pub async fn clone_now(
     target: &str,
     on_progress: impl Fn(&Progress),
 ) -> std::result::Result<Outcome, (Error, Outcome)> {
-    let mut rx = rep.start_clone(target).map_err(|e| (e, Outcome::default()))?;
+    let mut rx = rep
+        .start_clone(target)
+        .map_err(|e| (e, Outcome::default()))?;
     loop {
         {
             let s = rx.borrow_and_update();
@@ -1239,7 +1512,10 @@ pub async fn clone_now(
             }
         }
         if rx.changed().await.is_err() {
-            return Err((Error::io("clone job ended without a result"), Outcome::default()));
+            return Err((
+                Error::io("clone job ended without a result"),
+                Outcome::default(),
+            ));
         }
     }
 }

@@ -138,11 +138,13 @@ pub struct Db {
 }
 
 fn hex_id(s: String, what: &str) -> Result<Hash> {
-    Hash::parse(&s, what).map_err(|_| Error::integrity(format!("database holds a malformed {what}: {s:?}")))
+    Hash::parse(&s, what)
+        .map_err(|_| Error::integrity(format!("database holds a malformed {what}: {s:?}")))
 }
 
 fn connect(path: &Path) -> Result<Connection> {
-    let c = Connection::open(path).map_err(|e| Error::from(e).context(format!("opening {}", path.display())))?;
+    let c = Connection::open(path)
+        .map_err(|e| Error::from(e).context(format!("opening {}", path.display())))?;
     c.busy_timeout(Duration::from_secs(30))?;
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "FULL")?;
@@ -165,13 +167,22 @@ impl Db {
 
     pub fn open(path: &Path) -> Result<Db> {
         if !path.exists() {
-            return Err(Error::not_found(format!("database {} does not exist", path.display())));
+            return Err(Error::not_found(format!(
+                "database {} does not exist",
+                path.display()
+            )));
         }
         let writer = connect(path)?;
         let version: Option<String> = writer
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .optional()
-            .map_err(|e| Error::from(e).context(format!("{} is not a bitsync database", path.display())))?;
+            .map_err(|e| {
+                Error::from(e).context(format!("{} is not a bitsync database", path.display()))
+            })?;
         if version.as_deref() != Some(SCHEMA_VERSION) {
             return Err(Error::invalid(format!(
                 "{} has schema version {:?}; this bitsync reads {SCHEMA_VERSION}",
@@ -180,7 +191,10 @@ impl Db {
             )));
         }
         let reader = connect(path)?;
-        Ok(Db { writer: Mutex::new(writer), reader: Mutex::new(reader) })
+        Ok(Db {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
     }
 
     fn w(&self) -> MutexGuard<'_, Connection> {
@@ -193,18 +207,25 @@ impl Db {
     // ---- settings ----
 
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
-        Ok(self.r().query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        Ok(self
+            .r()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
     }
 
     pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
-        self.w().execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)", params![key, value])?;
+        self.w().execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )?;
         Ok(())
     }
 
     /// Settings a peer may see (no secrets are ever stored here).
     pub fn public_settings(&self) -> Result<Vec<(String, String)>> {
         let c = self.r();
-        let mut st = c.prepare("SELECT key, value FROM meta WHERE key NOT LIKE 'secret%' ORDER BY key")?;
+        let mut st =
+            c.prepare("SELECT key, value FROM meta WHERE key NOT LIKE 'secret%' ORDER BY key")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -229,10 +250,18 @@ impl Db {
         ))
     }
 
-    const PEER_COLS: &'static str = "node_id, name, address, state, mirror, public_key, added_at_ms, cursor";
+    const PEER_COLS: &'static str =
+        "node_id, name, address, state, mirror, public_key, added_at_ms, cursor";
 
     /// Add or update a peer. Re-adding a revoked peer trusts it again.
-    pub fn upsert_peer(&self, id: &NodeId, name: &str, address: &str, state: PeerState, mirror: bool) -> Result<Peer> {
+    pub fn upsert_peer(
+        &self,
+        id: &NodeId,
+        name: &str,
+        address: &str,
+        state: PeerState,
+        mirror: bool,
+    ) -> Result<Peer> {
         self.w().execute(
             "INSERT INTO peers(node_id, name, address, state, mirror, added_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT(node_id) DO UPDATE SET
@@ -242,7 +271,8 @@ impl Db {
                mirror = excluded.mirror OR peers.mirror",
             params![id.to_hex(), name, address, state.as_str(), mirror as i64, now_ms()],
         )?;
-        self.peer(id)?.ok_or_else(|| Error::io("peer vanished after insert"))
+        self.peer(id)?
+            .ok_or_else(|| Error::io("peer vanished after insert"))
     }
 
     /// Record a peer learned from another node, unless this node already knows it.
@@ -260,15 +290,20 @@ impl Db {
             [id.to_hex()],
         )?;
         if n == 0 {
-            return Err(Error::not_found(format!("node {id} is not in the peer list (see `bitsync peer ls`)")));
+            return Err(Error::not_found(format!(
+                "node {id} is not in the peer list (see `bitsync peer ls`)"
+            )));
         }
-        self.peer(id)?.ok_or_else(|| Error::io("peer vanished after update"))
+        self.peer(id)?
+            .ok_or_else(|| Error::io("peer vanished after update"))
     }
 
     pub fn peer(&self, id: &NodeId) -> Result<Option<Peer>> {
         let c = self.r();
         let sql = format!("SELECT {} FROM peers WHERE node_id = ?1", Self::PEER_COLS);
-        let row = c.query_row(&sql, [id.to_hex()], Self::peer_from_row).optional()?;
+        let row = c
+            .query_row(&sql, [id.to_hex()], Self::peer_from_row)
+            .optional()?;
         Ok(row.map(|(_, mut p)| {
             p.node_id = *id;
             p
@@ -277,7 +312,10 @@ impl Db {
 
     pub fn peers(&self) -> Result<Vec<Peer>> {
         let c = self.r();
-        let sql = format!("SELECT {} FROM peers ORDER BY added_at_ms, node_id", Self::PEER_COLS);
+        let sql = format!(
+            "SELECT {} FROM peers ORDER BY added_at_ms, node_id",
+            Self::PEER_COLS
+        );
         let mut st = c.prepare(&sql)?;
         let rows = st.query_map([], Self::peer_from_row)?;
         let mut out = Vec::new();
@@ -293,7 +331,11 @@ impl Db {
     pub fn is_trusted(&self, id: &NodeId) -> Result<bool> {
         let state: Option<String> = self
             .r()
-            .query_row("SELECT state FROM peers WHERE node_id = ?1", [id.to_hex()], |r| r.get(0))
+            .query_row(
+                "SELECT state FROM peers WHERE node_id = ?1",
+                [id.to_hex()],
+                |r| r.get(0),
+            )
             .optional()?;
         Ok(state.as_deref() == Some("trusted"))
     }
@@ -308,15 +350,21 @@ impl Db {
     }
 
     pub fn set_cursor(&self, id: &NodeId, cursor: u64) -> Result<()> {
-        self.w().execute("UPDATE peers SET cursor = ?2 WHERE node_id = ?1", params![id.to_hex(), cursor as i64])?;
+        self.w().execute(
+            "UPDATE peers SET cursor = ?2 WHERE node_id = ?1",
+            params![id.to_hex(), cursor as i64],
+        )?;
         Ok(())
     }
 
     // ---- manifests and envelopes ----
 
     fn bump_seq(tx: &rusqlite::Transaction<'_>) -> Result<u64> {
-        let v: i64 =
-            tx.query_row("UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value", [], |r| r.get(0))?;
+        let v: i64 = tx.query_row(
+            "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(v as u64)
     }
 
@@ -340,8 +388,14 @@ impl Db {
                 params![id.to_hex(), *size as i64, now],
             )?;
         }
-        let exists: bool =
-            tx.query_row("SELECT 1 FROM manifests WHERE content_id = ?1", [&cid], |_| Ok(())).optional()?.is_some();
+        let exists: bool = tx
+            .query_row(
+                "SELECT 1 FROM manifests WHERE content_id = ?1",
+                [&cid],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
         let mut changed = !exists;
         if !exists {
             let seq = Self::bump_seq(&tx)?;
@@ -362,7 +416,9 @@ impl Db {
                     now
                 ],
             )?;
-            let mut st = tx.prepare("INSERT INTO manifest_chunks(content_id, idx, chunk_id) VALUES (?1, ?2, ?3)")?;
+            let mut st = tx.prepare(
+                "INSERT INTO manifest_chunks(content_id, idx, chunk_id) VALUES (?1, ?2, ?3)",
+            )?;
             for (i, id) in m.chunk_ids().enumerate() {
                 st.execute(params![cid, i as i64, id.to_hex()])?;
             }
@@ -376,10 +432,17 @@ impl Db {
         }
         let seq = if changed && exists {
             let seq = Self::bump_seq(&tx)?;
-            tx.execute("UPDATE manifests SET seq = ?2 WHERE content_id = ?1", params![cid, seq as i64])?;
+            tx.execute(
+                "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
+                params![cid, seq as i64],
+            )?;
             Some(seq)
         } else if changed {
-            Some(tx.query_row("SELECT seq FROM manifests WHERE content_id = ?1", [&cid], |r| r.get::<_, i64>(0))? as u64)
+            Some(tx.query_row(
+                "SELECT seq FROM manifests WHERE content_id = ?1",
+                [&cid],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
         } else {
             None
         };
@@ -388,7 +451,12 @@ impl Db {
     }
 
     /// Add one envelope (just-in-time rekey). Returns false if one already existed.
-    pub fn add_envelope(&self, content_id: &ContentId, recipient: &str, wrapped: &[u8]) -> Result<bool> {
+    pub fn add_envelope(
+        &self,
+        content_id: &ContentId,
+        recipient: &str,
+        wrapped: &[u8],
+    ) -> Result<bool> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let cid = content_id.to_hex();
@@ -398,7 +466,10 @@ impl Db {
         )?;
         if n > 0 {
             let seq = Self::bump_seq(&tx)?;
-            tx.execute("UPDATE manifests SET seq = ?2 WHERE content_id = ?1", params![cid, seq as i64])?;
+            tx.execute(
+                "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
+                params![cid, seq as i64],
+            )?;
         }
         tx.commit()?;
         Ok(n > 0)
@@ -419,7 +490,11 @@ impl Db {
     pub fn has_manifest(&self, id: &ContentId) -> Result<bool> {
         Ok(self
             .r()
-            .query_row("SELECT 1 FROM manifests WHERE content_id = ?1", [id.to_hex()], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM manifests WHERE content_id = ?1",
+                [id.to_hex()],
+                |_| Ok(()),
+            )
             .optional()?
             .is_some())
     }
@@ -428,14 +503,21 @@ impl Db {
     pub fn manifest(&self, id: &ContentId) -> Result<Option<(Manifest, u64)>> {
         let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
             .r()
-            .query_row("SELECT body, signature, seq FROM manifests WHERE content_id = ?1", [id.to_hex()], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .query_row(
+                "SELECT body, signature, seq FROM manifests WHERE content_id = ?1",
+                [id.to_hex()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
             .optional()?;
-        let Some((body, sig, seq)) = row else { return Ok(None) };
+        let Some((body, sig, seq)) = row else {
+            return Ok(None);
+        };
         let m = Manifest::from_signed(body, sig)?;
         if m.id() != *id {
-            return Err(Error::integrity(format!("stored manifest {id} hashes to {}: it was altered", m.id())));
+            return Err(Error::integrity(format!(
+                "stored manifest {id} hashes to {}: it was altered",
+                m.id()
+            )));
         }
         Ok(Some((m, seq as u64)))
     }
@@ -475,7 +557,11 @@ impl Db {
     }
 
     pub fn head_seq(&self) -> Result<u64> {
-        Ok(self.r().query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .r()
+            .query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
     }
 
     /// Every content id, in seq order (for verify, backup and rekeying).
@@ -502,7 +588,9 @@ impl Db {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
-            let mut st = tx.prepare_cached("INSERT OR IGNORE INTO chunks(chunk_id, size, stored_at_ms) VALUES (?1, ?2, ?3)")?;
+            let mut st = tx.prepare_cached(
+                "INSERT OR IGNORE INTO chunks(chunk_id, size, stored_at_ms) VALUES (?1, ?2, ?3)",
+            )?;
             let now = now_ms();
             for (id, size) in chunks {
                 st.execute(params![id.to_hex(), *size as i64, now])?;
@@ -514,7 +602,8 @@ impl Db {
 
     /// Forget a chunk (it failed its hash and was quarantined).
     pub fn forget_chunk(&self, id: &ChunkId) -> Result<()> {
-        self.w().execute("DELETE FROM chunks WHERE chunk_id = ?1", [id.to_hex()])?;
+        self.w()
+            .execute("DELETE FROM chunks WHERE chunk_id = ?1", [id.to_hex()])?;
         Ok(())
     }
 
@@ -525,7 +614,9 @@ impl Db {
             "SELECT mc.idx, mc.chunk_id FROM manifest_chunks mc LEFT JOIN chunks c ON c.chunk_id = mc.chunk_id
              WHERE mc.content_id = ?1 AND c.chunk_id IS NULL ORDER BY mc.idx",
         )?;
-        let rows = st.query_map([content_id.to_hex()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = st.query_map([content_id.to_hex()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
         rows.map(|r| {
             let (i, id) = r?;
             Ok((i as u32, hex_id(id, "chunk id")?))
@@ -562,10 +653,19 @@ impl Db {
     pub fn stats(&self) -> Result<Stats> {
         let c = self.r();
         let manifests: i64 = c.query_row("SELECT COUNT(*) FROM manifests", [], |r| r.get(0))?;
-        let (chunks, bytes): (i64, i64) =
-            c.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        let head: i64 = c.query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| r.get(0))?;
-        let trusted: i64 = c.query_row("SELECT COUNT(*) FROM peers WHERE state = 'trusted'", [], |r| r.get(0))?;
+        let (chunks, bytes): (i64, i64) = c.query_row(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let head: i64 = c.query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| {
+            r.get(0)
+        })?;
+        let trusted: i64 = c.query_row(
+            "SELECT COUNT(*) FROM peers WHERE state = 'trusted'",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(Stats {
             manifests: manifests as u64,
             chunks: chunks as u64,
@@ -595,7 +695,13 @@ impl Db {
     }
 
     /// Redeem an invite for `joiner`: trusts it and burns the invite, atomically.
-    pub fn redeem_invite(&self, secret_hash: &Hash, joiner: &NodeId, name: &str, address: &str) -> Result<()> {
+    pub fn redeem_invite(
+        &self,
+        secret_hash: &Hash,
+        joiner: &NodeId,
+        name: &str,
+        address: &str,
+    ) -> Result<()> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row: Option<(i64, Option<String>)> = tx
@@ -607,13 +713,18 @@ impl Db {
             .optional()?;
         match row {
             None => return Err(Error::auth("invite secret is not valid for this node")),
-            Some((_, Some(_))) => return Err(Error::auth("invite was already used; ask for a new one")),
+            Some((_, Some(_))) => {
+                return Err(Error::auth("invite was already used; ask for a new one"))
+            }
             Some((exp, None)) if exp < now_ms() => {
                 return Err(Error::auth("invite has expired; ask for a new one"))
             }
             _ => {}
         }
-        tx.execute("UPDATE invites SET used_by = ?2 WHERE secret_hash = ?1", params![secret_hash.to_hex(), joiner.to_hex()])?;
+        tx.execute(
+            "UPDATE invites SET used_by = ?2 WHERE secret_hash = ?1",
+            params![secret_hash.to_hex(), joiner.to_hex()],
+        )?;
         tx.execute(
             "INSERT INTO peers(node_id, name, address, state, added_at_ms) VALUES (?1, ?2, ?3, 'trusted', ?4)
              ON CONFLICT(node_id) DO UPDATE SET state = 'trusted',

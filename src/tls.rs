@@ -38,14 +38,22 @@ pub fn install_crypto_provider() {
 /// A self-signed certificate over this node's identity key.
 pub fn certificate(id: &Identity) -> Result<CertificateDer<'static>> {
     let der = id.pkcs8_der();
-    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der.as_slice()), &rcgen::PKCS_RSA_SHA256)
-        .map_err(|e| Error::io(format!("loading the node key for TLS: {e}")))?;
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+        &PrivatePkcs8KeyDer::from(der.as_slice()),
+        &rcgen::PKCS_RSA_SHA256,
+    )
+    .map_err(|e| Error::io(format!("loading the node key for TLS: {e}")))?;
     let mut params = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()])
         .map_err(|e| Error::io(format!("certificate parameters: {e}")))?;
     let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::CommonName, format!("bitsync node {}", id.id()));
+    dn.push(
+        rcgen::DnType::CommonName,
+        format!("bitsync node {}", id.id()),
+    );
     params.distinguished_name = dn;
-    let cert = params.self_signed(&key).map_err(|e| Error::io(format!("signing the node certificate: {e}")))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| Error::io(format!("signing the node certificate: {e}")))?;
     Ok(cert.der().clone())
 }
 
@@ -105,7 +113,10 @@ pub fn client_config(id: &Identity, expected: NodeId) -> Result<Arc<rustls::Clie
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedNode { expected, provider: p }))
+        .with_custom_certificate_verifier(Arc::new(PinnedNode {
+            expected,
+            provider: p,
+        }))
         .with_client_auth_cert(vec![certificate(id)?], key_der(id))
         .map_err(tls_err)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -155,7 +166,12 @@ impl ServerCertVerifier for PinnedNode {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -164,11 +180,18 @@ impl ServerCertVerifier for PinnedNode {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -204,7 +227,12 @@ impl ClientCertVerifier for AnyNode {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn verify_tls13_signature(
         &self,
@@ -212,9 +240,16 @@ impl ClientCertVerifier for AnyNode {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -106,8 +106,9 @@ fn chain(e: &dyn StdError) -> String {
 
 /// Create an Arti client from `opts` and bootstrap it, bounded by `opts.bootstrap_timeout`.
 ///
-/// On timeout the error carries Arti's last bootstrap status (e.g. "Stuck at 0%: ..."), which
-/// usually names the cause (unreachable authorities, clock skew, ...).
+/// Every failure, including running out of time, is [`TorError::Bootstrap`]. On timeout the
+/// message carries Arti's last bootstrap status (e.g. "0%: connecting to the internet;
+/// directory is fetching a consensus"), which usually hints at the cause.
 pub async fn bootstrap(opts: &TorOptions) -> Result<Tor, TorError> {
     let started = Instant::now();
     let config = build_config(opts)?;
@@ -127,7 +128,7 @@ pub async fn bootstrap(opts: &TorOptions) -> Result<Tor, TorError> {
     )
     .await
     .map_err(|_| {
-        TorError::Timeout(format!(
+        TorError::Bootstrap(format!(
             "creating the Tor client (state dir {} locked by another process?) took longer than {:?}",
             opts.state_dir.display(),
             opts.bootstrap_timeout
@@ -157,9 +158,8 @@ fn build_config(opts: &TorOptions) -> Result<arti_client::TorClientConfig, TorEr
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| TorError::Io(format!("reading arti config {}", path.display()), e))?;
-            toml::from_str::<TorClientConfigBuilder>(&text).map_err(|e| {
-                TorError::Config(format!("arti config {}: {e}", path.display()))
-            })?
+            toml::from_str::<TorClientConfigBuilder>(&text)
+                .map_err(|e| TorError::Config(format!("arti config {}: {e}", path.display())))?
         }
     };
     let cache = opts.state_dir.join("cache");
@@ -196,7 +196,9 @@ pub fn parse_onion_target(addr: &str) -> Result<(String, u16), TorError> {
     let addr_trim = addr.trim();
     let (host, port) = match addr_trim.rsplit_once(':') {
         Some((h, p)) => {
-            let port: u16 = p.parse().map_err(|_| bad("port is not a number in 1..65535"))?;
+            let port: u16 = p
+                .parse()
+                .map_err(|_| bad("port is not a number in 1..65535"))?;
             if port == 0 {
                 return Err(bad("port 0 is not allowed"));
             }
@@ -213,10 +215,21 @@ pub fn parse_onion_target(addr: &str) -> Result<(String, u16), TorError> {
     }
     match label.len() {
         56 => {}
-        16 => return Err(bad("v2 onion address (16 characters); only v3 (56) are supported")),
-        n => return Err(bad(&format!("expected 56 base32 characters before .onion, got {n}"))),
+        16 => {
+            return Err(bad(
+                "v2 onion address (16 characters); only v3 (56) are supported",
+            ))
+        }
+        n => {
+            return Err(bad(&format!(
+                "expected 56 base32 characters before .onion, got {n}"
+            )))
+        }
     }
-    if !label.bytes().all(|c| matches!(c, b'a'..=b'z' | b'2'..=b'7')) {
+    if !label
+        .bytes()
+        .all(|c| matches!(c, b'a'..=b'z' | b'2'..=b'7'))
+    {
         return Err(bad("contains characters outside base32 (a-z, 2-7)"));
     }
     host.parse::<HsId>().map_err(|e| bad(&chain(&e)))?;
@@ -233,7 +246,10 @@ pub async fn connect(
 ) -> Result<DataStream, TorError> {
     match tokio::time::timeout(timeout, tor.connect((host, port))).await {
         Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(TorError::Unreachable(format!("{host}:{port}: {}", chain(&e)))),
+        Ok(Err(e)) => Err(TorError::Unreachable(format!(
+            "{host}:{port}: {}",
+            chain(&e)
+        ))),
         Err(_) => Err(TorError::Timeout(format!(
             "connecting to {host}:{port} over Tor took longer than {timeout:?}"
         ))),
@@ -273,9 +289,13 @@ async fn socks5_handshake(proxy: SocketAddr, host: &str, port: u16) -> Result<Tc
         .await
         .map_err(io("connecting to the proxy"))?;
     // Greeting: version 5, one method offered: 0 = no authentication.
-    s.write_all(&[5, 1, 0]).await.map_err(io("sending greeting"))?;
+    s.write_all(&[5, 1, 0])
+        .await
+        .map_err(io("sending greeting"))?;
     let mut reply = [0u8; 2];
-    s.read_exact(&mut reply).await.map_err(io("reading method choice"))?;
+    s.read_exact(&mut reply)
+        .await
+        .map_err(io("reading method choice"))?;
     match reply {
         [5, 0] => {}
         [5, 0xff] => {
@@ -296,9 +316,14 @@ async fn socks5_handshake(proxy: SocketAddr, host: &str, port: u16) -> Result<Tc
     req.extend_from_slice(&port.to_be_bytes());
     s.write_all(&req).await.map_err(io("sending CONNECT"))?;
     let mut head = [0u8; 4];
-    s.read_exact(&mut head).await.map_err(io("reading CONNECT reply"))?;
+    s.read_exact(&mut head)
+        .await
+        .map_err(io("reading CONNECT reply"))?;
     if head[0] != 5 {
-        return Err(TorError::Socks(format!("{proxy}: bad reply version {}", head[0])));
+        return Err(TorError::Socks(format!(
+            "{proxy}: bad reply version {}",
+            head[0]
+        )));
     }
     if head[1] != 0 {
         let msg = format!("{host}:{port} via {proxy}: {}", socks_reply_text(head[1]));
@@ -310,13 +335,21 @@ async fn socks5_handshake(proxy: SocketAddr, host: &str, port: u16) -> Result<Tc
         4 => 16,
         3 => {
             let mut l = [0u8; 1];
-            s.read_exact(&mut l).await.map_err(io("reading CONNECT reply"))?;
+            s.read_exact(&mut l)
+                .await
+                .map_err(io("reading CONNECT reply"))?;
             l[0] as usize
         }
-        t => return Err(TorError::Socks(format!("{proxy}: unknown address type {t} in reply"))),
+        t => {
+            return Err(TorError::Socks(format!(
+                "{proxy}: unknown address type {t} in reply"
+            )))
+        }
     };
     let mut skip = vec![0u8; addr_len + 2];
-    s.read_exact(&mut skip).await.map_err(io("reading CONNECT reply"))?;
+    s.read_exact(&mut skip)
+        .await
+        .map_err(io("reading CONNECT reply"))?;
     Ok(s)
 }
 
@@ -356,7 +389,9 @@ pub struct OnionService {
 
 impl std::fmt::Debug for OnionService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OnionService").field("address", &self.address).finish()
+        f.debug_struct("OnionService")
+            .field("address", &self.address)
+            .finish()
     }
 }
 
@@ -411,7 +446,9 @@ impl OnionService {
                     return Err(TorError::Timeout(format!(
                         "onion service {} not reachable after {timeout:?}: state {state:?}{}",
                         self.address,
-                        problem.map(|p| format!(", problem: {p}")).unwrap_or_default()
+                        problem
+                            .map(|p| format!(", problem: {p}"))
+                            .unwrap_or_default()
                     )))
                 }
             }
@@ -432,7 +469,13 @@ impl OnionService {
 pub async fn launch_onion_service(
     tor: &Tor,
     nickname: &str,
-) -> Result<(OnionService, impl Stream<Item = DataStream> + Send + 'static), TorError> {
+) -> Result<
+    (
+        OnionService,
+        impl Stream<Item = DataStream> + Send + 'static,
+    ),
+    TorError,
+> {
     let nick: HsNickname = nickname.parse().map_err(|e| {
         TorError::OnionService(format!("invalid nickname {nickname:?}: {}", chain(&e)))
     })?;

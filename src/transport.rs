@@ -52,13 +52,21 @@ impl tonic::transport::server::Connected for PeerConn {
 }
 
 impl AsyncRead for PeerConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for PeerConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -84,12 +92,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Run the TLS handshake on an accepted stream and queue the connection for
 /// tonic. Handshakes run concurrently, each bounded, so one slow peer cannot
 /// stall the listener.
-pub fn accept(io: BoxIo, remote: String, acceptor: TlsAcceptor, out: mpsc::Sender<io::Result<PeerConn>>) {
+pub fn accept(
+    io: BoxIo,
+    remote: String,
+    acceptor: TlsAcceptor,
+    out: mpsc::Sender<io::Result<PeerConn>>,
+) {
     tokio::spawn(async move {
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
             Ok(Ok(tls)) => {
                 let node = tls::peer_node(tls.get_ref().1.peer_certificates());
-                let _ = out.send(Ok(PeerConn { io: tls, info: CallerInfo { node, remote } })).await;
+                let _ = out
+                    .send(Ok(PeerConn {
+                        io: tls,
+                        info: CallerInfo { node, remote },
+                    }))
+                    .await;
             }
             Ok(Err(e)) => tracing::info!(%remote, "TLS handshake failed: {e}"),
             Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
@@ -98,13 +116,22 @@ pub fn accept(io: BoxIo, remote: String, acceptor: TlsAcceptor, out: mpsc::Sende
 }
 
 /// Accept TCP connections forever, feeding TLS connections into `out`.
-pub async fn accept_tcp(listener: TcpListener, tls: Arc<rustls::ServerConfig>, out: mpsc::Sender<io::Result<PeerConn>>) {
+pub async fn accept_tcp(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    out: mpsc::Sender<io::Result<PeerConn>>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                accept(Box::new(stream), addr.to_string(), acceptor.clone(), out.clone());
+                accept(
+                    Box::new(stream),
+                    addr.to_string(),
+                    acceptor.clone(),
+                    out.clone(),
+                );
             }
             Err(e) => {
                 tracing::warn!("accepting a TCP connection failed: {e}");
@@ -127,7 +154,10 @@ pub struct TorHandle {
 
 impl TorHandle {
     pub fn new(opts: crate::tor::TorOptions) -> Arc<TorHandle> {
-        Arc::new(TorHandle { opts, client: tokio::sync::OnceCell::new() })
+        Arc::new(TorHandle {
+            opts,
+            client: tokio::sync::OnceCell::new(),
+        })
     }
 
     /// The bootstrapped client (bootstrapping it now if needed, bounded by the configured timeout).
@@ -135,7 +165,9 @@ impl TorHandle {
         self.client
             .get_or_try_init(|| async {
                 tracing::info!("starting embedded Tor");
-                crate::tor::bootstrap(&self.opts).await.map_err(|e| Error::unavailable(format!("Tor: {e}")))
+                crate::tor::bootstrap(&self.opts)
+                    .await
+                    .map_err(|e| Error::unavailable(format!("Tor: {e}")))
             })
             .await
             .cloned()
@@ -164,11 +196,20 @@ pub struct Dialer {
 pub fn split_address(address: &str) -> Result<(String, u16, bool)> {
     let (host, port) = match address.rsplit_once(':') {
         Some((h, p)) => {
-            let port = p.parse::<u16>().map_err(|_| Error::invalid(format!("address {address:?} has a bad port")))?;
-            (h.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| Error::invalid(format!("address {address:?} has a bad port")))?;
+            (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                port,
+            )
         }
         None if address.ends_with(".onion") => (address.to_string(), 7450),
-        None => return Err(Error::invalid(format!("address {address:?} is not host:port"))),
+        None => {
+            return Err(Error::invalid(format!(
+                "address {address:?} is not host:port"
+            )))
+        }
     };
     if host.is_empty() {
         return Err(Error::invalid(format!("address {address:?} has no host")));
@@ -178,22 +219,36 @@ pub fn split_address(address: &str) -> Result<(String, u16, bool)> {
 }
 
 impl Dialer {
-    pub fn new(identity: Arc<Identity>, onion: OnionRoute, connect_timeout: Duration, request_timeout: Duration) -> Dialer {
-        Dialer { identity, onion, connect_timeout, request_timeout }
+    pub fn new(
+        identity: Arc<Identity>,
+        onion: OnionRoute,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Dialer {
+        Dialer {
+            identity,
+            onion,
+            connect_timeout,
+            request_timeout,
+        }
     }
 
     async fn open(&self, host: &str, port: u16, onion: bool) -> Result<BoxIo> {
-        let unreachable = |e: String| Error::unavailable(format!("cannot reach {host}:{port}: {e}"));
+        let unreachable =
+            |e: String| Error::unavailable(format!("cannot reach {host}:{port}: {e}"));
         if !onion {
-            let s = tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect((host, port)))
-                .await
-                .map_err(|_| unreachable("connect timed out".into()))?
-                .map_err(|e| unreachable(e.to_string()))?;
+            let s = tokio::time::timeout(
+                self.connect_timeout,
+                tokio::net::TcpStream::connect((host, port)),
+            )
+            .await
+            .map_err(|_| unreachable("connect timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
             let _ = s.set_nodelay(true);
             return Ok(Box::new(s));
         }
-        let (host, port) =
-            crate::tor::parse_onion_target(&format!("{host}:{port}")).map_err(|e| Error::invalid(e.to_string()))?;
+        let (host, port) = crate::tor::parse_onion_target(&format!("{host}:{port}"))
+            .map_err(|e| Error::invalid(e.to_string()))?;
         match &self.onion {
             OnionRoute::Socks(proxy) => {
                 let s = crate::tor::socks5_connect(*proxy, &host, port, self.connect_timeout)
@@ -203,30 +258,56 @@ impl Dialer {
             }
             OnionRoute::Arti(handle) => {
                 let tor = handle.get().await?;
-                let s = crate::tor::connect(&tor, &host, port, self.connect_timeout)
-                    .await
-                    .map_err(|e| unreachable(e.to_string()))?;
-                Ok(Box::new(s))
+                // Circuits to an onion service fail now and then (e.g. while
+                // HSDirs rotate); retry with exponential backoff and jitter
+                // until the connect deadline.
+                let deadline = tokio::time::Instant::now() + self.connect_timeout;
+                let mut backoff = Duration::from_millis(500);
+                loop {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match crate::tor::connect(&tor, &host, port, left).await {
+                        Ok(s) => return Ok(Box::new(s)),
+                        Err(e) => {
+                            let pause = backoff
+                                .mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
+                            if tokio::time::Instant::now() + pause >= deadline {
+                                return Err(unreachable(e.to_string()));
+                            }
+                            tracing::info!(
+                                "onion connect to {host} failed ({e}); retrying in {pause:?}"
+                            );
+                            tokio::time::sleep(pause).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(8));
+                        }
+                    }
+                }
             }
         }
     }
 
     /// One TLS connection to `peer` at `address`, pinned to its node id.
-    async fn tls_stream(&self, peer: NodeId, address: &str) -> Result<tokio_rustls::client::TlsStream<BoxIo>> {
+    async fn tls_stream(
+        &self,
+        peer: NodeId,
+        address: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<BoxIo>> {
         let (host, port, onion) = split_address(address)?;
         let io = self.open(&host, port, onion).await?;
         let connector = TlsConnector::from(tls::client_config(&self.identity, peer)?);
-        tokio::time::timeout(self.connect_timeout, connector.connect(tls::server_name(), io))
-            .await
-            .map_err(|_| Error::unavailable(format!("TLS handshake with {address} timed out")))?
-            .map_err(|e| {
-                let msg = e.to_string();
-                if msg.contains("expected") {
-                    Error::denied(format!("{address} is not node {peer}: {msg}"))
-                } else {
-                    Error::unavailable(format!("TLS handshake with {address} failed: {msg}"))
-                }
-            })
+        tokio::time::timeout(
+            self.connect_timeout,
+            connector.connect(tls::server_name(), io),
+        )
+        .await
+        .map_err(|_| Error::unavailable(format!("TLS handshake with {address} timed out")))?
+        .map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("expected") {
+                Error::denied(format!("{address} is not node {peer}: {msg}"))
+            } else {
+                Error::unavailable(format!("TLS handshake with {address} failed: {msg}"))
+            }
+        })
     }
 
     /// A gRPC channel to `peer`. Connects now, so an unreachable or wrong peer
@@ -245,7 +326,10 @@ impl Dialer {
                 let ready = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let stream = match ready {
                     Some(s) => s,
-                    None => me.tls_stream(peer, &addr).await.map_err(|e| io::Error::other(e.to_string()))?,
+                    None => me
+                        .tls_stream(peer, &addr)
+                        .await
+                        .map_err(|e| io::Error::other(e.to_string()))?,
                 };
                 Ok::<_, io::Error>(TokioIo::new(stream))
             }
@@ -278,5 +362,10 @@ pub async fn admin_channel(socket: &std::path::Path) -> Result<Channel> {
     Endpoint::from_static("http://bitsync.admin")
         .connect_with_connector(connector)
         .await
-        .map_err(|e| Error::unavailable(format!("connecting to {}: {e} (is `bitsync serve` running?)", socket.display())))
+        .map_err(|e| {
+            Error::unavailable(format!(
+                "connecting to {}: {e} (is `bitsync serve` running?)",
+                socket.display()
+            ))
+        })
 }

@@ -8,11 +8,11 @@ mod axon_fixture;
 use std::path::{Path, PathBuf};
 
 use axon_fixture::{
-    axon_key_id, content, corrupt_piece, delete_piece, edit_json, folder_for, other_key, shared_key, truncate_piece,
-    Builder, Written, AXON_CHUNK_SIZE, BACKUP_DATE,
+    axon_key_id, content, corrupt_piece, delete_piece, edit_json, folder_for, other_key,
+    shared_key, truncate_piece, Builder, Written, AXON_CHUNK_SIZE, BACKUP_DATE,
 };
-use bitsync::axon::{self, AxonBackup, AxonError, AxonItem, AxonItemKind, ChunkState};
 use base64::Engine;
+use bitsync::axon::{self, AxonBackup, AxonError, AxonItem, AxonItemKind, ChunkState};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -46,7 +46,9 @@ fn find<'a>(backup: &'a AxonBackup, applet: &str, owner: Option<&str>) -> &'a Ax
             i.applet == applet
                 && match &i.kind {
                     AxonItemKind::AppletCode => owner.is_none(),
-                    AxonItemKind::AppletData { owner_username, .. } => owner == Some(owner_username.as_str()),
+                    AxonItemKind::AppletData { owner_username, .. } => {
+                        owner == Some(owner_username.as_str())
+                    }
                 }
         })
         .unwrap_or_else(|| panic!("no item {applet:?} / {owner:?}"))
@@ -79,33 +81,61 @@ fn clean_backup_opens_with_every_item_in_order() {
 
     assert_eq!(b.dir, w.dir);
     assert_eq!(b.backup_date, BACKUP_DATE);
-    let got: Vec<(&str, Option<&str>)> = b.items.iter().map(|i| (i.applet.as_str(), owner_of(i))).collect();
-    let want: Vec<(&str, Option<&str>)> = w.items.iter().map(|i| (i.applet.as_str(), i.owner.as_deref())).collect();
+    let got: Vec<(&str, Option<&str>)> = b
+        .items
+        .iter()
+        .map(|i| (i.applet.as_str(), owner_of(i)))
+        .collect();
+    let want: Vec<(&str, Option<&str>)> = w
+        .items
+        .iter()
+        .map(|i| (i.applet.as_str(), i.owner.as_deref()))
+        .collect();
     assert_eq!(got, want);
 
     for (item, written) in b.items.iter().zip(&w.items) {
         assert_eq!(item.chunk_paths, written.chunk_paths, "{}", item.label());
         assert_eq!(item.manifest.chunk_hashes.len(), written.chunk_paths.len());
         assert_eq!(item.manifest.chunk_size, AXON_CHUNK_SIZE as u32);
-        assert_eq!(item.manifest.content_hash, <[u8; 32]>::from(Sha256::digest(&written.plaintext)));
+        assert_eq!(
+            item.manifest.content_hash,
+            <[u8; 32]>::from(Sha256::digest(&written.plaintext))
+        );
         assert_eq!(item.manifest.encrypted_aes_keys.len(), 1);
         match &item.kind {
             AxonItemKind::AppletCode => {
-                assert_eq!(item.created_at.as_deref(), Some("2025-01-02T03:04:05.123456+00:00"));
+                assert_eq!(
+                    item.created_at.as_deref(),
+                    Some("2025-01-02T03:04:05.123456+00:00")
+                );
             }
-            AxonItemKind::AppletData { instance_id, owner_username } => {
+            AxonItemKind::AppletData {
+                instance_id,
+                owner_username,
+            } => {
                 assert_eq!(Some(instance_id), written.instance_id.as_ref());
                 assert_eq!(Some(owner_username), written.owner.as_ref());
-                assert_eq!(item.created_at.as_deref(), Some("2025-03-01T10:20:30.000001+00:00"));
+                assert_eq!(
+                    item.created_at.as_deref(),
+                    Some("2025-03-01T10:20:30.000001+00:00")
+                );
             }
         }
     }
 
     let pieces = |applet, owner| find(&b, applet, owner).chunk_paths.len();
-    assert_eq!(pieces("empty", None), 1, "empty plaintext is one block of padding");
+    assert_eq!(
+        pieces("empty", None),
+        1,
+        "empty plaintext is one block of padding"
+    );
     assert_eq!(pieces("tiny", None), 1);
     assert_eq!(pieces("one piece", None), 1);
-    assert_eq!(pieces("exact piece", None), 2, "a full piece of plaintext spills its padding");
+    assert_eq!(
+        pieces("exact piece", None),
+        2,
+        "a full piece of plaintext spills its padding"
+    );
     assert_eq!(pieces(CHESS, None), 4);
     assert_eq!(pieces("tiny", Some("alice")), 1);
     assert_eq!(pieces("tiny", Some("bob")), 2);
@@ -113,8 +143,13 @@ fn clean_backup_opens_with_every_item_in_order() {
 
     assert_eq!(find(&b, "tiny", None).label(), "applet 'tiny'");
     let alice = find(&b, "tiny", Some("alice"));
-    let AxonItemKind::AppletData { instance_id, .. } = &alice.kind else { unreachable!() };
-    assert_eq!(alice.label(), format!("data 'tiny' of alice (id {instance_id})"));
+    let AxonItemKind::AppletData { instance_id, .. } = &alice.kind else {
+        unreachable!()
+    };
+    assert_eq!(
+        alice.label(),
+        format!("data 'tiny' of alice (id {instance_id})")
+    );
 }
 
 #[test]
@@ -125,7 +160,11 @@ fn clean_backup_checks_all_ok() {
     for item in &b.items {
         let states = axon::check_item(item).unwrap();
         assert_eq!(states.len(), item.chunk_paths.len());
-        assert!(states.iter().all(|s| *s == ChunkState::Ok), "{}: {states:?}", item.label());
+        assert!(
+            states.iter().all(|s| *s == ChunkState::Ok),
+            "{}: {states:?}",
+            item.label()
+        );
     }
 }
 
@@ -139,7 +178,11 @@ fn every_item_decrypts_to_the_written_plaintext() {
         let key = axon::unwrap_key(item, &w.key).unwrap();
         assert_eq!(*key, written.aes_key, "{}", item.label());
         let plain = decrypt_to_vec(item, &key).unwrap();
-        assert!(plain == written.plaintext, "{}: plaintext differs", item.label());
+        assert!(
+            plain == written.plaintext,
+            "{}: plaintext differs",
+            item.label()
+        );
     }
 }
 
@@ -154,16 +197,28 @@ fn corrupted_piece_is_reported_and_stops_decryption() {
 
     let states = axon::check_item(item).unwrap();
     assert_eq!(states[0], ChunkState::Ok);
-    assert!(matches!(&states[1], ChunkState::Corrupt { reason } if reason.contains("SHA-256")), "{states:?}");
+    assert!(
+        matches!(&states[1], ChunkState::Corrupt { reason } if reason.contains("SHA-256")),
+        "{states:?}"
+    );
     assert_eq!(states[2..], [ChunkState::Ok, ChunkState::Ok]);
 
     let err = decrypt_with(item, &w.key).unwrap_err();
-    assert!(matches!(&err, AxonError::PieceCorrupt { index: 1, path, .. } if path == bad), "{err:?}");
+    assert!(
+        matches!(&err, AxonError::PieceCorrupt { index: 1, path, .. } if path == bad),
+        "{err:?}"
+    );
     let msg = err.to_string();
-    assert!(msg.contains("piece 1") && msg.contains(&bad.display().to_string()) && msg.contains(CHESS), "{msg}");
+    assert!(
+        msg.contains("piece 1") && msg.contains(&bad.display().to_string()) && msg.contains(CHESS),
+        "{msg}"
+    );
 
     // Other items are untouched.
-    assert!(axon::check_item(find(&b, CHESS, Some("carol"))).unwrap().iter().all(|s| *s == ChunkState::Ok));
+    assert!(axon::check_item(find(&b, CHESS, Some("carol")))
+        .unwrap()
+        .iter()
+        .all(|s| *s == ChunkState::Ok));
 }
 
 #[test]
@@ -175,9 +230,15 @@ fn missing_piece_is_reported_and_stops_decryption() {
     let b = axon::open(&w.dir).unwrap();
     let item = find(&b, "tiny", Some("bob"));
 
-    assert_eq!(axon::check_item(item).unwrap(), vec![ChunkState::Missing, ChunkState::Ok]);
+    assert_eq!(
+        axon::check_item(item).unwrap(),
+        vec![ChunkState::Missing, ChunkState::Ok]
+    );
     let err = decrypt_with(item, &w.key).unwrap_err();
-    assert!(matches!(&err, AxonError::PieceMissing { index: 0, path, .. } if path == gone), "{err:?}");
+    assert!(
+        matches!(&err, AxonError::PieceMissing { index: 0, path, .. } if path == gone),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("piece 0 is missing"), "{err}");
 }
 
@@ -187,8 +248,14 @@ fn missing_chunk_folder_makes_every_piece_missing() {
     let w = standard(&backup_dir(&tmp));
     std::fs::remove_dir_all(w.dir.join(folder_for(CHESS)).join("chunks")).unwrap();
     let b = axon::open(&w.dir).unwrap();
-    assert_eq!(axon::check_item(find(&b, CHESS, None)).unwrap(), vec![ChunkState::Missing; 4]);
-    assert!(axon::check_item(find(&b, CHESS, Some("carol"))).unwrap().iter().all(|s| *s == ChunkState::Ok));
+    assert_eq!(
+        axon::check_item(find(&b, CHESS, None)).unwrap(),
+        vec![ChunkState::Missing; 4]
+    );
+    assert!(axon::check_item(find(&b, CHESS, Some("carol")))
+        .unwrap()
+        .iter()
+        .all(|s| *s == ChunkState::Ok));
 }
 
 #[test]
@@ -208,19 +275,31 @@ fn truncated_piece_is_corrupt() {
         s => panic!("{s:?}"),
     };
     assert!(
-        reason.contains("truncated") && reason.contains(&format!("{} of {AXON_CHUNK_SIZE}", AXON_CHUNK_SIZE - 100))
+        reason.contains("truncated")
+            && reason.contains(&format!("{} of {AXON_CHUNK_SIZE}", AXON_CHUNK_SIZE - 100))
     );
-    assert!(matches!(states[3], ChunkState::Corrupt { .. }), "a shortened last piece no longer matches its hash");
+    assert!(
+        matches!(states[3], ChunkState::Corrupt { .. }),
+        "a shortened last piece no longer matches its hash"
+    );
 
     let err = decrypt_with(item, &w.key).unwrap_err();
-    assert!(matches!(err, AxonError::PieceCorrupt { index: 2, .. }), "{err:?}");
+    assert!(
+        matches!(err, AxonError::PieceCorrupt { index: 2, .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("truncated"), "{err}");
 
     // A piece emptied altogether.
     let alice = &w.item("tiny", Some("alice")).chunk_paths[0];
     std::fs::write(alice, b"").unwrap();
     let states = axon::check_item(find(&b, "tiny", Some("alice"))).unwrap();
-    assert_eq!(states, vec![ChunkState::Corrupt { reason: "empty file".into() }]);
+    assert_eq!(
+        states,
+        vec![ChunkState::Corrupt {
+            reason: "empty file".into()
+        }]
+    );
 }
 
 #[test]
@@ -235,10 +314,16 @@ fn oversized_piece_is_corrupt_and_not_read_whole() {
     let item = find(&b, "exact piece", None);
 
     let states = axon::check_item(item).unwrap();
-    assert!(matches!(&states[0], ChunkState::Corrupt { reason } if reason.contains("longer than")), "{states:?}");
+    assert!(
+        matches!(&states[0], ChunkState::Corrupt { reason } if reason.contains("longer than")),
+        "{states:?}"
+    );
     assert_eq!(states[1], ChunkState::Ok);
     let err = decrypt_with(item, &w.key).unwrap_err();
-    assert!(matches!(err, AxonError::PieceCorrupt { index: 0, .. }), "{err:?}");
+    assert!(
+        matches!(err, AxonError::PieceCorrupt { index: 0, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -251,7 +336,11 @@ fn wrong_private_key_has_no_envelope() {
 
     let err = axon::unwrap_key(item, &wrong).unwrap_err();
     match &err {
-        AxonError::NoEnvelope { item: label, key_id, available } => {
+        AxonError::NoEnvelope {
+            item: label,
+            key_id,
+            available,
+        } => {
             assert_eq!(label, "applet 'tiny'");
             assert_eq!(key_id, &axon_key_id(&wrong.to_public_key()));
             assert_eq!(available, &vec![axon_key_id(&w.key.to_public_key())]);
@@ -259,7 +348,10 @@ fn wrong_private_key_has_no_envelope() {
         e => panic!("{e:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.contains("applet 'tiny'") && msg.contains("no key envelope for this key"), "{msg}");
+    assert!(
+        msg.contains("applet 'tiny'") && msg.contains("no key envelope for this key"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -268,15 +360,26 @@ fn damaged_envelope_does_not_open() {
     let w = standard(&backup_dir(&tmp));
     let id = axon_key_id(&w.key.to_public_key());
     edit_json(&w.metadata_path("tiny"), |m| {
-        let env = m["code_manifest"]["encrypted_aes_keys"][&id].as_str().unwrap();
-        let mut bytes = base64::engine::general_purpose::STANDARD.decode(env).unwrap();
+        let env = m["code_manifest"]["encrypted_aes_keys"][&id]
+            .as_str()
+            .unwrap();
+        let mut bytes = base64::engine::general_purpose::STANDARD
+            .decode(env)
+            .unwrap();
         bytes[100] ^= 1;
-        m["code_manifest"]["encrypted_aes_keys"][&id] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+        m["code_manifest"]["encrypted_aes_keys"][&id] =
+            json!(base64::engine::general_purpose::STANDARD.encode(bytes));
     });
     let b = axon::open(&w.dir).unwrap();
     let err = axon::unwrap_key(find(&b, "tiny", None), &w.key).unwrap_err();
-    assert!(matches!(&err, AxonError::Unwrap { key_id, .. } if *key_id == id), "{err:?}");
-    assert!(err.to_string().contains("does not open with this key"), "{err}");
+    assert!(
+        matches!(&err, AxonError::Unwrap { key_id, .. } if *key_id == id),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("does not open with this key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -284,12 +387,20 @@ fn wrong_aes_key_fails_decryption() {
     let tmp = tempfile::tempdir().unwrap();
     let w = standard(&backup_dir(&tmp));
     let b = axon::open(&w.dir).unwrap();
-    for (applet, owner) in [("tiny", None), (CHESS, None), ("empty", None), ("tiny", Some("bob"))] {
+    for (applet, owner) in [
+        ("tiny", None),
+        (CHESS, None),
+        ("empty", None),
+        ("tiny", Some("bob")),
+    ] {
         let item = find(&b, applet, owner);
         for wrong in [[0u8; 32], w.item("one piece", None).aes_key] {
             let err = decrypt_to_vec(item, &wrong).unwrap_err();
             assert!(
-                matches!(err, AxonError::Padding { .. } | AxonError::ContentHash { .. }),
+                matches!(
+                    err,
+                    AxonError::Padding { .. } | AxonError::ContentHash { .. }
+                ),
                 "{}: {err:?}",
                 item.label()
             );
@@ -337,7 +448,9 @@ fn key_id_is_axons_md5_of_the_stripped_spki_pem() {
         let id = axon::key_id(&pk);
         assert_eq!(id, axon_key_id(&pk));
         assert_eq!(id.len(), 32);
-        assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+        assert!(id
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
     }
 }
 
@@ -363,17 +476,42 @@ fn open_after_edit(file: &str, edit: impl FnOnce(&mut Value)) -> (AxonError, Pat
 }
 
 fn remove(v: &mut Value, pointer: &str, key: &str) {
-    v.pointer_mut(pointer).unwrap().as_object_mut().unwrap().remove(key).expect("field to remove");
+    v.pointer_mut(pointer)
+        .unwrap()
+        .as_object_mut()
+        .unwrap()
+        .remove(key)
+        .expect("field to remove");
 }
 
 #[test]
 fn missing_or_malformed_fields_name_the_file_and_field() {
     type Edit = Box<dyn FnOnce(&mut Value)>;
     let cases: Vec<(&str, Edit, &str, &str)> = vec![
-        ("metadata", Box::new(|v| remove(v, "", "code_manifest")), "code_manifest", "is missing"),
-        ("metadata", Box::new(|v| remove(v, "", "name")), "name", "is missing"),
-        ("metadata", Box::new(|v| v["code_manifest"] = Value::Null), "code_manifest", "is null"),
-        ("metadata", Box::new(|v| v["code_manifest"] = json!(17)), "code_manifest", "is not a JSON object"),
+        (
+            "metadata",
+            Box::new(|v| remove(v, "", "code_manifest")),
+            "code_manifest",
+            "is missing",
+        ),
+        (
+            "metadata",
+            Box::new(|v| remove(v, "", "name")),
+            "name",
+            "is missing",
+        ),
+        (
+            "metadata",
+            Box::new(|v| v["code_manifest"] = Value::Null),
+            "code_manifest",
+            "is null",
+        ),
+        (
+            "metadata",
+            Box::new(|v| v["code_manifest"] = json!(17)),
+            "code_manifest",
+            "is not a JSON object",
+        ),
         (
             "metadata",
             Box::new(|v| remove(v, "/code_manifest", "encryption_iv")),
@@ -386,7 +524,12 @@ fn missing_or_malformed_fields_name_the_file_and_field() {
             "code_manifest.content_hash",
             "is missing",
         ),
-        ("metadata", Box::new(|v| remove(v, "/code_manifest", "chunk_size")), "code_manifest.chunk_size", "is missing"),
+        (
+            "metadata",
+            Box::new(|v| remove(v, "/code_manifest", "chunk_size")),
+            "code_manifest.chunk_size",
+            "is missing",
+        ),
         (
             "metadata",
             Box::new(|v| remove(v, "/code_manifest", "chunk_hashes")),
@@ -411,7 +554,12 @@ fn missing_or_malformed_fields_name_the_file_and_field() {
             "code_manifest.content_hash",
             "64 hex",
         ),
-        ("metadata", Box::new(|v| v["code_manifest"]["chunk_size"] = json!(0)), "code_manifest.chunk_size", "positive"),
+        (
+            "metadata",
+            Box::new(|v| v["code_manifest"]["chunk_size"] = json!(0)),
+            "code_manifest.chunk_size",
+            "positive",
+        ),
         (
             "metadata",
             Box::new(|v| v["code_manifest"]["chunk_size"] = json!("262144")),
@@ -436,10 +584,30 @@ fn missing_or_malformed_fields_name_the_file_and_field() {
             "code_manifest",
             "not valid JSON",
         ),
-        ("metadata", Box::new(|v| v["created_at"] = json!(12)), "created_at", "is not a string"),
-        ("applet_data", Box::new(|v| remove(v, "/0", "data_manifest")), "[0].data_manifest", "is missing"),
-        ("applet_data", Box::new(|v| remove(v, "/1", "owner_username")), "[1].owner_username", "is missing"),
-        ("applet_data", Box::new(|v| remove(v, "/1", "id")), "[1].id", "is missing"),
+        (
+            "metadata",
+            Box::new(|v| v["created_at"] = json!(12)),
+            "created_at",
+            "is not a string",
+        ),
+        (
+            "applet_data",
+            Box::new(|v| remove(v, "/0", "data_manifest")),
+            "[0].data_manifest",
+            "is missing",
+        ),
+        (
+            "applet_data",
+            Box::new(|v| remove(v, "/1", "owner_username")),
+            "[1].owner_username",
+            "is missing",
+        ),
+        (
+            "applet_data",
+            Box::new(|v| remove(v, "/1", "id")),
+            "[1].id",
+            "is missing",
+        ),
         (
             "applet_data",
             Box::new(|v| remove(v, "/1/data_manifest", "encryption_iv")),
@@ -452,15 +620,39 @@ fn missing_or_malformed_fields_name_the_file_and_field() {
             "[0].data_manifest.chunk_hashes[0]",
             "not a string",
         ),
-        ("applet_data", Box::new(|v| *v = json!({"not": "a list"})), "(top level)", "is not a list"),
-        ("backup_manifest", Box::new(|v| remove(v, "", "applets")), "applets", "is missing"),
-        ("backup_manifest", Box::new(|v| remove(v, "", "backup_date")), "backup_date", "is missing"),
-        ("backup_manifest", Box::new(|v| v["applets"] = json!(["game", 3])), "applets[1]", "is not a string"),
+        (
+            "applet_data",
+            Box::new(|v| *v = json!({"not": "a list"})),
+            "(top level)",
+            "is not a list",
+        ),
+        (
+            "backup_manifest",
+            Box::new(|v| remove(v, "", "applets")),
+            "applets",
+            "is missing",
+        ),
+        (
+            "backup_manifest",
+            Box::new(|v| remove(v, "", "backup_date")),
+            "backup_date",
+            "is missing",
+        ),
+        (
+            "backup_manifest",
+            Box::new(|v| v["applets"] = json!(["game", 3])),
+            "applets[1]",
+            "is not a string",
+        ),
     ];
     for (file, edit, field, problem) in cases {
         let (err, path) = open_after_edit(file, edit);
         match &err {
-            AxonError::Field { path: p, field: f, problem: pr } => {
+            AxonError::Field {
+                path: p,
+                field: f,
+                problem: pr,
+            } => {
                 assert_eq!(p, &path, "{err}");
                 assert_eq!(f, field, "{err}");
                 assert!(pr.contains(problem), "{err}");
@@ -468,7 +660,10 @@ fn missing_or_malformed_fields_name_the_file_and_field() {
             e => panic!("{field}: expected a field error, got {e:?}"),
         }
         let msg = err.to_string();
-        assert!(msg.contains(&path.display().to_string()) && msg.contains(&format!("`{field}`")), "{msg}");
+        assert!(
+            msg.contains(&path.display().to_string()) && msg.contains(&format!("`{field}`")),
+            "{msg}"
+        );
     }
 }
 
@@ -478,11 +673,17 @@ fn missing_metadata_file_and_bad_json_name_the_file() {
     let w = Builder::new().applet("game", 10).write(&backup_dir(&tmp));
     std::fs::write(w.metadata_path("game"), "{\"name\": \"game\",").unwrap();
     let err = axon::open(&w.dir).unwrap_err();
-    assert!(matches!(&err, AxonError::Json { path, .. } if *path == w.metadata_path("game")), "{err:?}");
+    assert!(
+        matches!(&err, AxonError::Json { path, .. } if *path == w.metadata_path("game")),
+        "{err:?}"
+    );
 
     std::fs::remove_file(w.metadata_path("game")).unwrap();
     let err = axon::open(&w.dir).unwrap_err();
-    assert!(matches!(&err, AxonError::Io { path, .. } if *path == w.metadata_path("game")), "{err:?}");
+    assert!(
+        matches!(&err, AxonError::Io { path, .. } if *path == w.metadata_path("game")),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("metadata.json"), "{err}");
 }
 
@@ -491,13 +692,17 @@ fn manifest_as_json_string_or_object_parse_alike() {
     let tmp = tempfile::tempdir().unwrap();
     let w = standard(&backup_dir(&tmp));
     let before = axon::open(&w.dir).unwrap();
-    edit_json(&w.metadata_path(CHESS), |m| m["code_manifest"] = json!(m["code_manifest"].to_string()));
+    edit_json(&w.metadata_path(CHESS), |m| {
+        m["code_manifest"] = json!(m["code_manifest"].to_string())
+    });
     edit_json(&w.applet_data_path("tiny"), |d| {
         for e in d.as_array_mut().unwrap() {
             e["data_manifest"] = json!(e["data_manifest"].to_string());
         }
     });
-    assert!(std::fs::read_to_string(w.metadata_path(CHESS)).unwrap().contains("\"code_manifest\": \"{"));
+    assert!(std::fs::read_to_string(w.metadata_path(CHESS))
+        .unwrap()
+        .contains("\"code_manifest\": \"{"));
     let after = axon::open(&w.dir).unwrap();
     for (a, b) in before.items.iter().zip(&after.items) {
         assert_eq!(a.manifest, b.manifest, "{}", a.label());
@@ -519,14 +724,20 @@ fn manifest_as_json_string_or_object_parse_alike() {
 #[test]
 fn unknown_fields_are_ignored() {
     let tmp = tempfile::tempdir().unwrap();
-    let w =
-        Builder::new().extra_fields(true).applet("game", 300_000).data("game", "alice", 50).write(&backup_dir(&tmp));
+    let w = Builder::new()
+        .extra_fields(true)
+        .applet("game", 300_000)
+        .data("game", "alice", 50)
+        .write(&backup_dir(&tmp));
     let text = std::fs::read_to_string(w.metadata_path("game")).unwrap();
     assert!(text.contains("axon_future_field") && text.contains("\"compression\""));
     let b = axon::open(&w.dir).unwrap();
     assert_eq!(b.items.len(), 2);
     for (item, written) in b.items.iter().zip(&w.items) {
-        assert!(axon::check_item(item).unwrap().iter().all(|s| *s == ChunkState::Ok));
+        assert!(axon::check_item(item)
+            .unwrap()
+            .iter()
+            .all(|s| *s == ChunkState::Ok));
         assert_eq!(decrypt_with(item, &w.key).unwrap(), written.plaintext);
     }
 }
@@ -534,9 +745,20 @@ fn unknown_fields_are_ignored() {
 #[test]
 fn optional_fields_may_be_absent_and_ids_may_be_numbers() {
     let tmp = tempfile::tempdir().unwrap();
-    let w = Builder::new().applet("game", 10).data("game", "alice", 10).write(&backup_dir(&tmp));
+    let w = Builder::new()
+        .applet("game", 10)
+        .data("game", "alice", 10)
+        .write(&backup_dir(&tmp));
     edit_json(&w.metadata_path("game"), |m| {
-        for k in ["id", "description", "author_pubkey", "parameters", "is_local", "category", "created_at"] {
+        for k in [
+            "id",
+            "description",
+            "author_pubkey",
+            "parameters",
+            "is_local",
+            "category",
+            "created_at",
+        ] {
             m.as_object_mut().unwrap().remove(k);
         }
     });
@@ -545,7 +767,12 @@ fn optional_fields_may_be_absent_and_ids_may_be_numbers() {
         d[0]["last_updated"] = Value::Null;
         d[0].as_object_mut().unwrap().remove("owner_pubkey");
     });
-    for f in ["total_applets", "total_chunks", "total_data_instances", "total_high_scores"] {
+    for f in [
+        "total_applets",
+        "total_chunks",
+        "total_data_instances",
+        "total_high_scores",
+    ] {
         edit_json(&w.backup_manifest_path(), |m| {
             m.as_object_mut().unwrap().remove(f);
         });
@@ -553,8 +780,17 @@ fn optional_fields_may_be_absent_and_ids_may_be_numbers() {
     let b = axon::open(&w.dir).unwrap();
     assert_eq!(b.items[0].created_at, None);
     assert_eq!(b.items[1].created_at, None);
-    assert_eq!(b.items[1].kind, AxonItemKind::AppletData { instance_id: "42".into(), owner_username: "alice".into() });
-    assert_eq!(decrypt_with(&b.items[1], &w.key).unwrap(), w.items[1].plaintext);
+    assert_eq!(
+        b.items[1].kind,
+        AxonItemKind::AppletData {
+            instance_id: "42".into(),
+            owner_username: "alice".into()
+        }
+    );
+    assert_eq!(
+        decrypt_with(&b.items[1], &w.key).unwrap(),
+        w.items[1].plaintext
+    );
 }
 
 #[test]
@@ -573,19 +809,34 @@ fn applet_names_map_to_folder_names() {
         ("Café Ω ♞", "Café_Ω_♞"),
         ("plain", "plain"),
     ] {
-        assert!(w.dir.join(folder).join("metadata.json").is_file(), "{folder}");
+        assert!(
+            w.dir.join(folder).join("metadata.json").is_file(),
+            "{folder}"
+        );
         assert_eq!(folder_for(name), folder);
     }
     // Python's json.dump escapes non-ASCII, as the fixture does.
-    assert!(std::fs::read_to_string(w.backup_manifest_path()).unwrap().contains("Caf\\u00e9 \\u03a9 \\u265e"));
+    assert!(std::fs::read_to_string(w.backup_manifest_path())
+        .unwrap()
+        .contains("Caf\\u00e9 \\u03a9 \\u265e"));
 
     let b = axon::open(&w.dir).unwrap();
     assert_eq!(b.items.len(), 2 * names.len());
     for (item, written) in b.items.iter().zip(&w.items) {
         assert_eq!(item.applet, written.applet);
         let folder = w.dir.join(folder_for(&written.applet));
-        let sub = if written.owner.is_some() { folder.join("data_chunks").join("erin") } else { folder.join("chunks") };
-        assert!(item.chunk_paths.iter().all(|p| p.parent() == Some(sub.as_path())), "{:?}", item.chunk_paths);
+        let sub = if written.owner.is_some() {
+            folder.join("data_chunks").join("erin")
+        } else {
+            folder.join("chunks")
+        };
+        assert!(
+            item.chunk_paths
+                .iter()
+                .all(|p| p.parent() == Some(sub.as_path())),
+            "{:?}",
+            item.chunk_paths
+        );
         assert_eq!(decrypt_with(item, &w.key).unwrap(), written.plaintext);
     }
     assert_eq!(find(&b, "a/b/c", None).label(), "applet 'a/b/c'");
@@ -595,18 +846,29 @@ fn applet_names_map_to_folder_names() {
 fn applets_sharing_a_folder_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     // Axon wrote both into a_b; the second overwrote the first's metadata.
-    let w = Builder::new().applet("a b", 10).applet("a/b", 10).write(&backup_dir(&tmp));
+    let w = Builder::new()
+        .applet("a b", 10)
+        .applet("a/b", 10)
+        .write(&backup_dir(&tmp));
     let err = axon::open(&w.dir).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(&err, AxonError::Field { field, .. } if field == "applets[1]"), "{err:?}");
-    assert!(msg.contains("\"a b\"") && msg.contains("\"a/b\"") && msg.contains("\"a_b\""), "{msg}");
+    assert!(
+        matches!(&err, AxonError::Field { field, .. } if field == "applets[1]"),
+        "{err:?}"
+    );
+    assert!(
+        msg.contains("\"a b\"") && msg.contains("\"a/b\"") && msg.contains("\"a_b\""),
+        "{msg}"
+    );
 }
 
 #[test]
 fn metadata_name_must_match_the_listed_applet() {
     let tmp = tempfile::tempdir().unwrap();
     let w = Builder::new().applet("game", 10).write(&backup_dir(&tmp));
-    edit_json(&w.metadata_path("game"), |m| m["name"] = json!("other game"));
+    edit_json(&w.metadata_path("game"), |m| {
+        m["name"] = json!("other game")
+    });
     let err = axon::open(&w.dir).unwrap_err();
     assert!(
         matches!(&err, AxonError::Field { field, path, .. } if field == "name" && *path == w.metadata_path("game")),
@@ -619,16 +881,27 @@ fn metadata_name_must_match_the_listed_applet() {
 fn names_that_escape_the_backup_are_refused() {
     for bad in ["..", ".", ""] {
         let tmp = tempfile::tempdir().unwrap();
-        let w = Builder::new().applet("game", 10).data("game", "alice", 10).write(&backup_dir(&tmp));
-        edit_json(&w.applet_data_path("game"), |d| d[0]["owner_username"] = json!(bad));
+        let w = Builder::new()
+            .applet("game", 10)
+            .data("game", "alice", 10)
+            .write(&backup_dir(&tmp));
+        edit_json(&w.applet_data_path("game"), |d| {
+            d[0]["owner_username"] = json!(bad)
+        });
         let err = axon::open(&w.dir).unwrap_err();
-        assert!(matches!(&err, AxonError::Field { field, .. } if field == "[0].owner_username"), "{bad:?}: {err:?}");
+        assert!(
+            matches!(&err, AxonError::Field { field, .. } if field == "[0].owner_username"),
+            "{bad:?}: {err:?}"
+        );
 
         let tmp = tempfile::tempdir().unwrap();
         let w = Builder::new().applet("game", 10).write(&backup_dir(&tmp));
         edit_json(&w.backup_manifest_path(), |m| m["applets"] = json!([bad]));
         let err = axon::open(&w.dir).unwrap_err();
-        assert!(matches!(&err, AxonError::Field { field, .. } if field == "applets[0]"), "{bad:?}: {err:?}");
+        assert!(
+            matches!(&err, AxonError::Field { field, .. } if field == "applets[0]"),
+            "{bad:?}: {err:?}"
+        );
     }
 }
 
@@ -645,7 +918,10 @@ fn pieces_need_not_end_on_a_block_boundary() {
         let b = axon::open(&w.dir).unwrap();
         for (item, written) in b.items.iter().zip(&w.items) {
             assert_eq!(item.manifest.chunk_size, chunk_size as u32);
-            assert!(axon::check_item(item).unwrap().iter().all(|s| *s == ChunkState::Ok));
+            assert!(axon::check_item(item)
+                .unwrap()
+                .iter()
+                .all(|s| *s == ChunkState::Ok));
             assert_eq!(
                 decrypt_with(item, &w.key).unwrap(),
                 written.plaintext,
@@ -660,7 +936,9 @@ fn pieces_need_not_end_on_a_block_boundary() {
 fn a_manifest_without_pieces_cannot_decrypt() {
     let tmp = tempfile::tempdir().unwrap();
     let w = Builder::new().applet("game", 10).write(&backup_dir(&tmp));
-    edit_json(&w.metadata_path("game"), |m| m["code_manifest"]["chunk_hashes"] = json!([]));
+    edit_json(&w.metadata_path("game"), |m| {
+        m["code_manifest"]["chunk_hashes"] = json!([])
+    });
     let b = axon::open(&w.dir).unwrap();
     assert_eq!(axon::check_item(&b.items[0]).unwrap(), vec![]);
     let err = decrypt_to_vec(&b.items[0], &w.items[0].aes_key).unwrap_err();
@@ -672,7 +950,10 @@ fn a_failing_writer_is_reported() {
     struct Full;
     impl std::io::Write for Full {
         fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-            Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "disk full"))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "disk full",
+            ))
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
@@ -754,7 +1035,11 @@ fn known_answer_from_pyca_cryptography() {
         format!(r#"{{"id": "0b6f5a52-8a7e-4a58-9d3e-3f0f3d8d1c11", "name": "Known Answer", "code_manifest": {KAT_CODE_MANIFEST}}}"#),
     )
     .unwrap();
-    std::fs::write(folder.join("chunks/0.chunk"), hex::decode(KAT_CIPHERTEXT_HEX).unwrap()).unwrap();
+    std::fs::write(
+        folder.join("chunks/0.chunk"),
+        hex::decode(KAT_CIPHERTEXT_HEX).unwrap(),
+    )
+    .unwrap();
 
     let b = axon::open(&dir).unwrap();
     assert_eq!(b.items.len(), 1);

@@ -22,12 +22,18 @@ use util::*;
 
 fn backup_cmd(home: &Path, data: &Path, repo: &Path) -> std::process::Command {
     let mut c = bitsync(home);
-    c.arg("--data-dir").arg(data).args(["backup", "--repo"]).arg(repo);
+    c.arg("--data-dir")
+        .arg(data)
+        .args(["backup", "--repo"])
+        .arg(repo);
     c
 }
 
 fn snapshot_json(repo: &Path, id: &str) -> serde_json::Value {
-    serde_json::from_slice(&fs::read(repo.join("snapshots").join(id).join("snapshot.json")).unwrap()).unwrap()
+    serde_json::from_slice(
+        &fs::read(repo.join("snapshots").join(id).join("snapshot.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 /// A backup taken while another thread keeps publishing items restores to a
@@ -48,7 +54,8 @@ fn backup_while_writing_then_verify_and_restore() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicUsize::new(0));
-    let log: Arc<Mutex<Vec<(ContentId, Vec<u8>)>>> = Arc::default();
+    type Log = Arc<Mutex<Vec<(ContentId, Vec<u8>)>>>;
+    let log: Log = Arc::default();
     let writer = {
         let (stop, written, log, data) = (stop.clone(), written.clone(), log.clone(), data.clone());
         std::thread::spawn(move || {
@@ -63,36 +70,66 @@ fn backup_while_writing_then_verify_and_restore() {
             }
         })
     };
-    assert!(wait_until(Duration::from_secs(30), || written.load(Ordering::SeqCst) >= 3), "writer never started");
+    assert!(
+        wait_until(Duration::from_secs(30), || written.load(Ordering::SeqCst)
+            >= 3),
+        "writer never started"
+    );
     let mut grew_during_a_backup = false;
     for _ in 0..2 {
         let before = written.load(Ordering::SeqCst);
-        ok(backup_cmd(home, &data, &repo).arg("--with-identity").env("BITSYNC_PASSPHRASE", PASS));
+        ok(backup_cmd(home, &data, &repo)
+            .arg("--with-identity")
+            .env("BITSYNC_PASSPHRASE", PASS));
         grew_during_a_backup |= written.load(Ordering::SeqCst) > before;
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    assert!(grew_during_a_backup, "the writer should have published items while a backup ran");
+    assert!(
+        grew_during_a_backup,
+        "the writer should have published items while a backup ran"
+    );
     for (id, b) in log.lock().unwrap().drain(..) {
         originals.insert(id, b);
     }
 
-    let v = ok(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    let v = ok(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
     assert!(v.stderr.contains("0 problem(s)"), "{v:?}");
 
     let restored = tmp.path().join("restored");
-    let r = ok(bitsync(home).arg("--data-dir").arg(&restored).args(["restore", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    let r = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&restored)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     let src = open(&data);
-    assert_eq!(r.last_line(), src.id().to_hex(), "same identity restore keeps the node id");
+    assert_eq!(
+        r.last_line(),
+        src.id().to_hex(),
+        "same identity restore keeps the node id"
+    );
     // The restored node is self-consistent: every chunk re-hashed, every item complete.
     ok(bitsync(home).arg("--data-dir").arg(&restored).arg("verify"));
     let dst = open(&restored);
     let ids = dst.db.content_ids().unwrap();
     let latest = snapshots(home, &repo).pop().unwrap();
-    assert_eq!(ids.len() as u64, snapshot_json(&repo, &latest)["counts"]["manifests"].as_u64().unwrap());
-    assert!(ids.len() >= 3 + 3, "the snapshot holds the seed items and some written during the backups");
+    assert_eq!(
+        ids.len() as u64,
+        snapshot_json(&repo, &latest)["counts"]["manifests"]
+            .as_u64()
+            .unwrap()
+    );
+    assert!(
+        ids.len() >= 3 + 3,
+        "the snapshot holds the seed items and some written during the backups"
+    );
     for id in &ids {
-        let want = originals.get(id).unwrap_or_else(|| panic!("restored item {id} was never written"));
+        let want = originals
+            .get(id)
+            .unwrap_or_else(|| panic!("restored item {id} was never written"));
         assert_eq!(&get(&dst, id), want, "item {id} differs after restore");
         assert_eq!(get(&src, id), get(&dst, id));
     }
@@ -112,20 +149,36 @@ fn second_backup_adds_only_new_chunks() {
     assert_eq!(count_files(&repo.join("chunks")), chunks_in_node);
 
     let r = ok(&mut backup_cmd(home, &data, &repo));
-    assert_eq!(count_files(&repo.join("chunks")), chunks_in_node, "an unchanged instance adds no chunk");
+    assert_eq!(
+        count_files(&repo.join("chunks")),
+        chunks_in_node,
+        "an unchanged instance adds no chunk"
+    );
     assert!(r.stderr.contains(" 0 new chunks"), "{r:?}");
 
     // 3 × 4096 + 100 bytes → 4 chunks.
     put(&node, "new", &util::data(99, 3 * 4096 + 100));
     let r = ok(&mut backup_cmd(home, &data, &repo));
-    assert_eq!(count_files(&repo.join("chunks")), chunks_in_node + 4, "exactly the new item's chunks");
+    assert_eq!(
+        count_files(&repo.join("chunks")),
+        chunks_in_node + 4,
+        "exactly the new item's chunks"
+    );
     assert!(r.stderr.contains(" 4 new chunks"), "{r:?}");
     let ids = snapshots(home, &repo);
     assert_eq!(ids.len(), 3);
-    assert_eq!(snapshot_json(&repo, &ids[2])["chunks"].as_array().unwrap().len(), chunks_in_node + 4);
+    assert_eq!(
+        snapshot_json(&repo, &ids[2])["chunks"]
+            .as_array()
+            .unwrap()
+            .len(),
+        chunks_in_node + 4
+    );
     // Each snapshot's own files: the database and config, never the chunks again.
     assert_eq!(count_files(&repo.join("snapshots")), 3 * 3);
-    ok(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    ok(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
 }
 
 /// --keep-last removes old snapshots, then only chunks no remaining snapshot lists.
@@ -154,16 +207,31 @@ fn keep_last_keeps_what_remaining_snapshots_need() {
     let left = snapshots(home, &repo);
     assert_eq!(left.len(), 2);
     for id in &left {
-        assert_eq!(snapshot_json(&repo, id)["node_id"].as_str().unwrap(), b.id().to_hex());
+        assert_eq!(
+            snapshot_json(&repo, id)["node_id"].as_str().unwrap(),
+            b.id().to_hex()
+        );
     }
     for (c, _) in &a_chunks {
-        assert!(!chunk_file(&repo.join("chunks"), c).exists(), "chunk {c} of the pruned snapshot is gone");
+        assert!(
+            !chunk_file(&repo.join("chunks"), c).exists(),
+            "chunk {c} of the pruned snapshot is gone"
+        );
     }
     let b_chunks = b.db.chunk_list().unwrap();
-    assert_eq!(count_files(&repo.join("chunks")), b_chunks.len(), "nothing else was removed or kept");
-    let v = ok(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    assert_eq!(
+        count_files(&repo.join("chunks")),
+        b_chunks.len(),
+        "nothing else was removed or kept"
+    );
+    let v = ok(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
     assert!(v.stderr.contains("checked 2 snapshot(s)"), "{v:?}");
-    assert!(run(backup_cmd(home, &b_dir, &repo).args(["--keep-last", "0"])).code == 2, "--keep-last 0 is a usage error");
+    assert!(
+        run(backup_cmd(home, &b_dir, &repo).args(["--keep-last", "0"])).code == 2,
+        "--keep-last 0 is a usage error"
+    );
 }
 
 /// `restore --new-identity`: a new key, every item re-wrapped and readable,
@@ -179,43 +247,81 @@ fn restore_with_new_identity_reads_every_item() {
         items.insert(put(&node, &format!("n{i}"), &b), b);
     }
     let peer = Hash::of(b"some peer");
-    node.db.upsert_peer(&peer, "alice", "127.0.0.1:7777", bitsync::store::PeerState::Trusted, false).unwrap();
+    node.db
+        .upsert_peer(
+            &peer,
+            "alice",
+            "127.0.0.1:7777",
+            bitsync::store::PeerState::Trusted,
+            false,
+        )
+        .unwrap();
     let old_id = node.id();
     let old_head = node.db.head_seq().unwrap();
     drop(node);
 
     // Without --with-identity there is no key to unwrap with: refused, nothing written.
     ok(&mut backup_cmd(home, &data, &repo));
-    let r = run(bitsync(home).arg("--data-dir").arg(tmp.path().join("x")).args(["restore", "--new-identity", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    let r = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(tmp.path().join("x"))
+        .args(["restore", "--new-identity", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("without --with-identity"), "{r:?}");
     assert!(!tmp.path().join("x").exists());
 
-    ok(backup_cmd(home, &data, &repo).arg("--with-identity").env("BITSYNC_PASSPHRASE", PASS));
+    ok(backup_cmd(home, &data, &repo)
+        .arg("--with-identity")
+        .env("BITSYNC_PASSPHRASE", PASS));
     let restored = tmp.path().join("restored");
-    let r = ok(bitsync(home).arg("--data-dir").arg(&restored).args(["restore", "--new-identity", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    let r = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&restored)
+        .args(["restore", "--new-identity", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     let new_id = Hash::parse(&r.last_line(), "node id").unwrap();
     assert_ne!(new_id, old_id);
-    assert!(r.stderr.contains(&peer.to_hex()) && r.stderr.contains("alice"), "names the peer to re-trust: {r:?}");
-    assert!(r.stderr.contains(&format!("bitsync peer add {new_id}")), "{r:?}");
+    assert!(
+        r.stderr.contains(&peer.to_hex()) && r.stderr.contains("alice"),
+        "names the peer to re-trust: {r:?}"
+    );
+    assert!(
+        r.stderr.contains(&format!("bitsync peer add {new_id}")),
+        "{r:?}"
+    );
 
     let n = open(&restored);
     assert_eq!(n.id(), new_id);
     assert_eq!(n.db.setting("node_id").unwrap().unwrap(), new_id.to_hex());
-    assert_eq!(n.db.head_seq().unwrap(), old_head + items.len() as u64, "each re-keyed item took a new seq");
+    assert_eq!(
+        n.db.head_seq().unwrap(),
+        old_head + items.len() as u64,
+        "each re-keyed item took a new seq"
+    );
     for s in n.db.list_after(0, 100).unwrap() {
         assert!(s.seq > old_head);
     }
     for (id, want) in &items {
         assert_eq!(&get(&n, id), want);
-        assert!(n.db.envelope(id, &old_id.to_hex()).unwrap().is_none(), "old node's envelope dropped");
+        assert!(
+            n.db.envelope(id, &old_id.to_hex()).unwrap().is_none(),
+            "old node's envelope dropped"
+        );
         assert!(n.db.envelope(id, &new_id.to_hex()).unwrap().is_some());
     }
     // The new key was written unsealed like the original's, mode 0600.
     use std::os::unix::fs::PermissionsExt;
     let key = restored.join("node.key");
-    assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-    assert!(fs::read_to_string(&key).unwrap().contains("BEGIN PRIVATE KEY"));
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(fs::read_to_string(&key)
+        .unwrap()
+        .contains("BEGIN PRIVATE KEY"));
     // The original is untouched.
     assert_eq!(open(&data).db.head_seq().unwrap(), old_head);
 }
@@ -227,42 +333,80 @@ fn verify_names_damaged_and_missing_files() {
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
     let node = init_node(&data, 4096);
     put(&node, "x", &util::data(5, 20_000));
-    ok(backup_cmd(home, &data, &repo).arg("--with-identity").env("BITSYNC_PASSPHRASE", PASS));
+    ok(backup_cmd(home, &data, &repo)
+        .arg("--with-identity")
+        .env("BITSYNC_PASSPHRASE", PASS));
     let snap = snapshots(home, &repo).pop().unwrap();
     let chunks = node.db.chunk_list().unwrap();
 
     // 1. A chunk.
     let c = chunk_file(&repo.join("chunks"), &chunks[1].0);
     flip_byte(&c, 100);
-    let r = run(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    let r = run(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
     assert_eq!(r.code, 5, "{r:?}");
-    let rel = format!("chunks/{}/{}", &chunks[1].0.to_hex()[..2], chunks[1].0.to_hex());
-    assert!(r.stdout.contains(&rel) && r.stdout.contains("damaged"), "{r:?}");
+    let rel = format!(
+        "chunks/{}/{}",
+        &chunks[1].0.to_hex()[..2],
+        chunks[1].0.to_hex()
+    );
+    assert!(
+        r.stdout.contains(&rel) && r.stdout.contains("damaged"),
+        "{r:?}"
+    );
     assert_eq!(r.stdout.lines().count(), 1, "exactly one problem: {r:?}");
     // Restore stops before the data dir appears.
     let dest = tmp.path().join("dest");
-    let rr = run(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    let rr = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(rr.code, 5, "{rr:?}");
     assert!(!dest.exists(), "nothing left at the destination");
-    assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains("restore")));
+    assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .contains("restore")));
     flip_byte(&c, 100); // repaired
 
     // 2. The database copy: hash mismatch named.
     let db = repo.join("snapshots").join(&snap).join("bitsync.db");
     flip_byte(&db, 5000);
-    let r = run(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    let r = run(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
     assert_eq!(r.code, 5, "{r:?}");
-    assert!(r.stdout.contains(&format!("snapshots/{snap}/bitsync.db: damaged")), "{r:?}");
+    assert!(
+        r.stdout
+            .contains(&format!("snapshots/{snap}/bitsync.db: damaged")),
+        "{r:?}"
+    );
     flip_byte(&db, 5000);
 
     // 3. A missing file.
     fs::remove_file(repo.join("snapshots").join(&snap).join("config.toml")).unwrap();
     fs::remove_file(&c).unwrap();
-    let r = run(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo).args(["--snapshot", &snap[..10]]));
+    let r = run(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo)
+        .args(["--snapshot", &snap[..10]]));
     assert_eq!(r.code, 5, "{r:?}");
-    assert!(r.stdout.contains(&format!("snapshots/{snap}/config.toml: missing")), "{r:?}");
+    assert!(
+        r.stdout
+            .contains(&format!("snapshots/{snap}/config.toml: missing")),
+        "{r:?}"
+    );
     assert!(r.stdout.contains(&format!("{rel}: missing")), "{r:?}");
-    let rr = run(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    let rr = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(rr.code, 5, "{rr:?}");
     assert!(rr.stderr.contains("config.toml: missing"), "{rr:?}");
     assert!(!dest.exists());
@@ -288,34 +432,68 @@ fn killed_backup_leaves_the_repository_valid() {
     }
     let all = node.db.chunk_list().unwrap();
     let total = all.len();
-    let stuck = all.iter().map(|(c, _)| *c).find(|c| !first_chunks.iter().any(|(f, _)| f == c)).unwrap();
+    let stuck = all
+        .iter()
+        .map(|(c, _)| *c)
+        .find(|c| !first_chunks.iter().any(|(f, _)| f == c))
+        .unwrap();
     let stuck_path = chunk_file(&data.join("chunks"), &stuck);
     let aside = tmp.path().join("stuck.chunk");
     fs::rename(&stuck_path, &aside).unwrap();
-    let st = std::process::Command::new("mkfifo").arg(&stuck_path).status().unwrap();
+    let st = std::process::Command::new("mkfifo")
+        .arg(&stuck_path)
+        .status()
+        .unwrap();
     assert!(st.success());
 
-    let mut child = backup_cmd(home, &data, &repo).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let blocked = wait_until(Duration::from_secs(60), || count_files(&repo.join("chunks")) == total - 1);
+    let mut child = backup_cmd(home, &data, &repo)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let blocked = wait_until(Duration::from_secs(60), || {
+        count_files(&repo.join("chunks")) == total - 1
+    });
     let still_running = child.try_wait().unwrap().is_none();
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
     fs::remove_file(&stuck_path).unwrap();
     fs::rename(&aside, &stuck_path).unwrap();
-    assert!(blocked && still_running, "the backup should have copied all chunks but one and be waiting");
+    assert!(
+        blocked && still_running,
+        "the backup should have copied all chunks but one and be waiting"
+    );
     assert_eq!(status.signal(), Some(9));
 
-    assert_eq!(snapshots(home, &repo), first, "no half-made snapshot is visible");
-    let v = ok(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    assert_eq!(
+        snapshots(home, &repo),
+        first,
+        "no half-made snapshot is visible"
+    );
+    let v = ok(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
     assert!(v.stderr.contains("checked 1 snapshot(s)"), "{v:?}");
-    assert!(count_files(&repo.join("tmp")) > 0, "the killed run's staging is under tmp/");
+    assert!(
+        count_files(&repo.join("tmp")) > 0,
+        "the killed run's staging is under tmp/"
+    );
 
     let r = ok(&mut backup_cmd(home, &data, &repo));
-    assert!(r.stderr.contains(" 1 new chunks"), "only the missing chunk is copied on the next run: {r:?}");
+    assert!(
+        r.stderr.contains(" 1 new chunks"),
+        "only the missing chunk is copied on the next run: {r:?}"
+    );
     assert_eq!(snapshots(home, &repo).len(), 2);
-    assert_eq!(count_files(&repo.join("tmp")), 0, "the next run cleared the leftovers");
+    assert_eq!(
+        count_files(&repo.join("tmp")),
+        0,
+        "the next run cleared the leftovers"
+    );
     assert_eq!(count_files(&repo.join("chunks")), total);
-    ok(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    ok(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
 }
 
 /// Bad input: clear one-line errors, distinct exit codes, nothing written.
@@ -332,29 +510,50 @@ fn bad_input_is_refused_without_writing() {
     fs::write(junk.join("notes.txt"), b"mine").unwrap();
     let r = run(&mut backup_cmd(home, &data, &junk));
     assert_eq!(r.code, 4, "{r:?}");
-    assert!(r.stderr.contains("is not a bitsync backup repository"), "{r:?}");
+    assert!(
+        r.stderr.contains("is not a bitsync backup repository"),
+        "{r:?}"
+    );
     assert_eq!(tree(&junk), vec![("notes.txt".into(), b"mine".to_vec())]);
-    let r = run(bitsync(home).args(["backup", "verify", "--repo"]).arg(&junk));
+    let r = run(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&junk));
     assert_eq!(r.code, 3, "{r:?}");
-    let r = run(bitsync(home).args(["backup", "verify", "--repo"]).arg(tmp.path().join("nowhere")));
+    let r = run(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(tmp.path().join("nowhere")));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(!tmp.path().join("nowhere").exists());
 
     // Backing up something that is not a data dir.
     let r = run(&mut backup_cmd(home, &tmp.path().join("nonode"), &repo));
     assert_eq!(r.code, 3, "{r:?}");
-    assert!(!repo.exists(), "no repository is created for a failed backup");
+    assert!(
+        !repo.exists(),
+        "no repository is created for a failed backup"
+    );
 
     // A wrong passphrase: nothing written.
-    ok(backup_cmd(home, &data, &repo).arg("--with-identity").env("BITSYNC_PASSPHRASE", PASS));
+    ok(backup_cmd(home, &data, &repo)
+        .arg("--with-identity")
+        .env("BITSYNC_PASSPHRASE", PASS));
     let dest = tmp.path().join("dest");
-    let r = run(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", "wrong"));
+    let r = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", "wrong"));
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("wrong passphrase"), "{r:?}");
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {r:?}");
     assert!(!dest.exists());
     // No passphrase and no terminal.
-    let r = run(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo));
+    let r = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo));
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("BITSYNC_PASSPHRASE"), "{r:?}");
     assert!(!dest.exists());
@@ -362,19 +561,35 @@ fn bad_input_is_refused_without_writing() {
     // A destination that is not empty.
     fs::create_dir(&dest).unwrap();
     fs::write(dest.join("keep"), b"k").unwrap();
-    let r = run(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    let r = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(r.code, 4, "{r:?}");
     assert_eq!(tree(&dest), vec![("keep".into(), b"k".to_vec())]);
     // An empty destination directory is fine.
     fs::remove_file(dest.join("keep")).unwrap();
-    ok(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo).env("BITSYNC_PASSPHRASE", PASS));
+    ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
     ok(bitsync(home).arg("--data-dir").arg(&dest).arg("verify"));
 
     // An unknown snapshot.
-    let r = run(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo).args(["--snapshot", "1999"]));
+    let r = run(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo)
+        .args(["--snapshot", "1999"]));
     assert_eq!(r.code, 3, "{r:?}");
     // `backup` without --repo is a usage error; `backup verify` without it too.
-    assert_eq!(run(bitsync(home).arg("--data-dir").arg(&data).arg("backup")).code, 2);
+    assert_eq!(
+        run(bitsync(home).arg("--data-dir").arg(&data).arg("backup")).code,
+        2
+    );
     assert_eq!(run(bitsync(home).args(["backup", "verify"])).code, 2);
 }
 
@@ -384,26 +599,62 @@ fn bad_input_is_refused_without_writing() {
 fn sealed_node_key_round_trips_sealed() {
     let tmp = TempDir::new().unwrap();
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
-    ok(bitsync(home).arg("--data-dir").arg(&data).args(["init", "--seal"]).env("BITSYNC_PASSPHRASE", PASS));
+    ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["init", "--seal"])
+        .env("BITSYNC_PASSPHRASE", PASS));
     let file = tmp.path().join("in.bin");
     fs::write(&file, util::data(3, 50_000)).unwrap();
-    let id = ok(bitsync(home).arg("--data-dir").arg(&data).arg("put").arg(&file).env("BITSYNC_PASSPHRASE", PASS)).last_line();
+    let id = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("put")
+        .arg(&file)
+        .env("BITSYNC_PASSPHRASE", PASS))
+    .last_line();
     // A plain backup needs no passphrase at all.
     ok(&mut backup_cmd(home, &data, &repo));
-    let r = run(backup_cmd(home, &data, &repo).arg("--with-identity").env("BITSYNC_PASSPHRASE", "not it"));
+    let r = run(backup_cmd(home, &data, &repo)
+        .arg("--with-identity")
+        .env("BITSYNC_PASSPHRASE", "not it"));
     assert_eq!(r.code, 6, "{r:?}");
     assert_eq!(snapshots(home, &repo).len(), 1);
     let pf = tmp.path().join("pass.txt");
     fs::write(&pf, format!("{PASS}\n")).unwrap();
-    ok(backup_cmd(home, &data, &repo).arg("--with-identity").arg("--passphrase-file").arg(&pf));
-    let raw = fs::read(repo.join("snapshots").join(snapshots(home, &repo).pop().unwrap()).join("node.key.sealed")).unwrap();
-    assert!(!String::from_utf8_lossy(&raw).contains("BEGIN PRIVATE KEY"), "the key is never unsealed in a backup");
+    ok(backup_cmd(home, &data, &repo)
+        .arg("--with-identity")
+        .arg("--passphrase-file")
+        .arg(&pf));
+    let raw = fs::read(
+        repo.join("snapshots")
+            .join(snapshots(home, &repo).pop().unwrap())
+            .join("node.key.sealed"),
+    )
+    .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&raw).contains("BEGIN PRIVATE KEY"),
+        "the key is never unsealed in a backup"
+    );
 
     let dest = tmp.path().join("dest");
-    ok(bitsync(home).arg("--data-dir").arg(&dest).args(["restore", "--repo"]).arg(&repo).arg("--passphrase-file").arg(&pf));
-    assert!(fs::read_to_string(dest.join("node.key")).unwrap().contains("BITSYNC SEALED KEY"));
+    ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .arg("--passphrase-file")
+        .arg(&pf));
+    assert!(fs::read_to_string(dest.join("node.key"))
+        .unwrap()
+        .contains("BITSYNC SEALED KEY"));
     let out = tmp.path().join("out.bin");
-    ok(bitsync(home).arg("--data-dir").arg(&dest).args(["get", &id, "-o"]).arg(&out).env("BITSYNC_PASSPHRASE", PASS));
+    ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&dest)
+        .args(["get", &id, "-o"])
+        .arg(&out)
+        .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(fs::read(&out).unwrap(), fs::read(&file).unwrap());
 }
 
@@ -412,7 +663,9 @@ fn sealed_node_key_round_trips_sealed() {
 /// valid. Needs `unshare -Urm`; reported as skipped where it is not allowed.
 #[test]
 fn no_space_left_keeps_earlier_snapshots() {
-    let probe = std::process::Command::new("unshare").args(["-Urm", "true"]).output();
+    let probe = std::process::Command::new("unshare")
+        .args(["-Urm", "true"])
+        .output();
     if !matches!(probe, Ok(ref o) if o.status.success()) {
         eprintln!("SKIPPED no_space_left_keeps_earlier_snapshots: cannot create a mount namespace here (unshare -Urm)");
         return;
@@ -440,12 +693,21 @@ echo "snapshots=$(ls "{mnt}/repo/snapshots" | wc -l)"
         big = big.display(),
         err = tmp.path().join("err.txt").display()
     );
-    let out = std::process::Command::new("unshare").args(["-Urm", "sh", "-c", &script]).output().unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["-Urm", "sh", "-c", &script])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let err = fs::read_to_string(tmp.path().join("err.txt")).unwrap_or_default();
     assert!(text.contains("first=0"), "{text} {err}");
-    assert!(text.contains("second=9"), "out of space is exit 9: {text} {err}");
-    assert!(err.contains("No space left") || err.contains("free some space"), "{err}");
+    assert!(
+        text.contains("second=9"),
+        "out of space is exit 9: {text} {err}"
+    );
+    assert!(
+        err.contains("No space left") || err.contains("free some space"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(text.contains("verify=0"), "{text}");
     assert!(text.contains("snapshots=1"), "{text}");
@@ -469,7 +731,11 @@ impl Serve {
             .unwrap();
         let mut s = Serve { child };
         let ready = wait_until(Duration::from_secs(60), || {
-            assert!(s.child.try_wait().unwrap().is_none(), "serve exited: {}", fs::read_to_string(dir.with_extension("serve.log")).unwrap_or_default());
+            assert!(
+                s.child.try_wait().unwrap().is_none(),
+                "serve exited: {}",
+                fs::read_to_string(dir.with_extension("serve.log")).unwrap_or_default()
+            );
             run(bitsync(home).arg("--data-dir").arg(dir).arg("status")).code == 0
         });
         assert!(ready, "serve never answered status");
@@ -510,16 +776,32 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     flip_byte(&chunk_file(&repo.join("chunks"), &bad), 3);
 
     // A repository that is not one is refused before anything is created.
-    let r = run(bitsync(home).arg("--data-dir").arg(tmp.path().join("b0")).args(["clone", "x", "--from-backup"]).arg(tmp.path()));
+    let r = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(tmp.path().join("b0"))
+        .args(["clone", "x", "--from-backup"])
+        .arg(tmp.path()));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(!tmp.path().join("b0").exists());
 
     let _serve = Serve::start(home, &a);
-    let token = ok(bitsync(home).arg("--data-dir").arg(&a).args(["invite", "--ttl", "10m"])).last_line();
+    let token = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&a)
+        .args(["invite", "--ttl", "10m"]))
+    .last_line();
     let b = tmp.path().join("b");
-    let r = ok(bitsync(home).arg("--data-dir").arg(&b).args(["clone", &token, "--from-backup"]).arg(&repo));
+    let r = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&b)
+        .args(["clone", &token, "--from-backup"])
+        .arg(&repo));
     let local = format!("{} chunks", in_backup.len() - 1);
-    assert!(r.stderr.contains(&format!("{local} (")) && r.stderr.contains("taken from backup repository"), "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("{local} ("))
+            && r.stderr.contains("taken from backup repository"),
+        "{r:?}"
+    );
     let received: u64 = r
         .stdout
         .split(" bytes received")
@@ -527,7 +809,11 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
         .and_then(|s| s.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no byte count: {r:?}"));
-    assert_eq!(received, z_bytes + bad_size, "only the new item and the damaged chunk crossed the network");
+    assert_eq!(
+        received,
+        z_bytes + bad_size,
+        "only the new item and the damaged chunk crossed the network"
+    );
     let nb = open(&b);
     assert_ne!(nb.id(), open(&a).id());
     for (id, want) in &items {

@@ -35,7 +35,13 @@ impl Out {
     }
     /// The last non-empty stdout line (put prints the content id last).
     fn last_line(&self) -> String {
-        self.text().lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string()
+        self.text()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_string()
     }
 }
 
@@ -100,8 +106,16 @@ impl T {
     /// Run, insisting on a failure with exactly `code`.
     fn fails(&self, args: &[&str], code: i32) -> Out {
         let o = self.run(args);
-        assert_eq!(o.code, code, "bitsync {args:?}: expected exit {code}, got {}; stderr: {}", o.code, o.stderr);
-        assert!(o.stderr.contains("bitsync:"), "no error line on stderr: {:?}", o.stderr);
+        assert_eq!(
+            o.code, code,
+            "bitsync {args:?}: expected exit {code}, got {}; stderr: {}",
+            o.code, o.stderr
+        );
+        assert!(
+            o.stderr.contains("bitsync:"),
+            "no error line on stderr: {:?}",
+            o.stderr
+        );
         o
     }
 
@@ -128,20 +142,26 @@ impl T {
 
     fn ls_json(&self) -> Vec<serde_json::Value> {
         let o = self.ok(&["ls", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("ls --json prints JSON");
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("ls --json prints JSON");
         v.as_array().expect("ls --json prints an array").clone()
     }
 
     fn peers_json(&self) -> Vec<serde_json::Value> {
         let o = self.ok(&["peer", "ls", "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("peer ls --json prints JSON");
-        v.as_array().expect("peer ls --json prints an array").clone()
+        let v: serde_json::Value =
+            serde_json::from_slice(&o.stdout).expect("peer ls --json prints JSON");
+        v.as_array()
+            .expect("peer ls --json prints an array")
+            .clone()
     }
 }
 
 fn assert_hex64(s: &str) {
     assert!(
-        s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        s.len() == 64
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
         "not a 64-char lowercase hex id: {s:?}"
     );
 }
@@ -163,7 +183,9 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// Every chunk file under `<data>/chunks/xx/`, excluding `chunks/tmp/`.
 fn chunk_files(data: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(dirs) = fs::read_dir(data.join("chunks")) else { return out };
+    let Ok(dirs) = fs::read_dir(data.join("chunks")) else {
+        return out;
+    };
     for d in dirs.flatten() {
         if d.file_name() == "tmp" || !d.path().is_dir() {
             continue;
@@ -178,7 +200,13 @@ fn chunk_files(data: &Path) -> Vec<PathBuf> {
 
 /// Names of the entries of a directory (not recursive).
 fn entries(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir).map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn flip_byte(path: &Path, at: usize) {
@@ -206,7 +234,10 @@ fn round_trip_at_chunk_boundaries() {
         let id = t.put_bytes(&format!("in-{size}"), &data);
         let back = t.get_file(&id, &format!("out-{size}"));
         assert_eq!(back.len(), data.len(), "size {size}: length differs");
-        assert!(back == data, "size {size}: content differs after the round trip");
+        assert!(
+            back == data,
+            "size {size}: content differs after the round trip"
+        );
         ids.push(id);
     }
     let unique: BTreeSet<_> = ids.iter().collect();
@@ -214,7 +245,10 @@ fn round_trip_at_chunk_boundaries() {
     let list = t.ls_json();
     assert_eq!(list.len(), cases.len());
     for ((size, chunks), id) in cases.iter().zip(&ids) {
-        let row = list.iter().find(|r| r["content_id"] == id.as_str()).expect("put item is listed");
+        let row = list
+            .iter()
+            .find(|r| r["content_id"] == id.as_str())
+            .expect("put item is listed");
         assert_eq!(row["size"], *size as u64);
         assert_eq!(row["chunks"], *chunks, "size {size}");
         assert_eq!(row["complete"], true);
@@ -223,7 +257,10 @@ fn round_trip_at_chunk_boundaries() {
     // Chunks on disk: one per chunk, each plaintext + 16-byte tag.
     let files = chunk_files(&t.data);
     assert_eq!(files.len() as u64, cases.iter().map(|c| c.1).sum::<u64>());
-    let mut lens: Vec<u64> = files.iter().map(|f| fs::metadata(f).unwrap().len()).collect();
+    let mut lens: Vec<u64> = files
+        .iter()
+        .map(|f| fs::metadata(f).unwrap().len())
+        .collect();
     lens.sort();
     assert_eq!(lens, vec![16, 17, 17, MIB as u64 + 16, MIB as u64 + 16]);
     t.ok(&["verify"]);
@@ -249,15 +286,27 @@ fn put_from_stdin_and_get_to_stdout() {
     t.init();
     let data = pseudo_random(3 * MIB + 7, 9);
     let mut c = t.cmd(&["put", "-", "--kind", "message", "--name", "from-stdin"]);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let feed = data.clone();
     let w = std::thread::spawn(move || stdin.write_all(&feed));
     let o = child.wait_with_output().unwrap();
     w.join().unwrap().unwrap();
-    assert!(o.status.success(), "put - failed: {}", String::from_utf8_lossy(&o.stderr));
-    let id = String::from_utf8(o.stdout).unwrap().lines().last().unwrap().trim().to_string();
+    assert!(
+        o.status.success(),
+        "put - failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let id = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string();
     assert_hex64(&id);
 
     // get with no -o, and with -o -, both write to stdout.
@@ -280,7 +329,11 @@ fn put_prints_content_id_last_and_ls_shows_it() {
     // An empty node lists nothing.
     assert!(t.ls_json().is_empty());
     let table = t.ok(&["ls"]).text();
-    assert_eq!(table.lines().count(), 1, "empty ls prints only the header: {table:?}");
+    assert_eq!(
+        table.lines().count(),
+        1,
+        "empty ls prints only the header: {table:?}"
+    );
     assert!(table.contains("CONTENT ID"));
 
     let a = t.put_bytes("alpha.txt", b"hello\n");
@@ -291,16 +344,32 @@ fn put_prints_content_id_last_and_ls_shows_it() {
 
     let table = t.ok(&["ls"]).text();
     for (id, name) in [(&a, "alpha.txt"), (&b, "beta.bin"), (&a2, "alpha.txt")] {
-        let line = table.lines().find(|l| l.starts_with(id.as_str())).unwrap_or_else(|| panic!("{id} not in ls:\n{table}"));
-        assert!(line.contains(name) && line.contains("file") && line.contains(" ok "), "bad ls line: {line:?}");
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("{id} not in ls:\n{table}"));
+        assert!(
+            line.contains(name) && line.contains("file") && line.contains(" ok "),
+            "bad ls line: {line:?}"
+        );
     }
 
     let list = t.ls_json();
     assert_eq!(list.len(), 3);
-    let ids: Vec<&str> = list.iter().map(|r| r["content_id"].as_str().unwrap()).collect();
-    assert_eq!(ids, vec![a.as_str(), b.as_str(), a2.as_str()], "ls --json is in seq order");
+    let ids: Vec<&str> = list
+        .iter()
+        .map(|r| r["content_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![a.as_str(), b.as_str(), a2.as_str()],
+        "ls --json is in seq order"
+    );
     let seqs: Vec<u64> = list.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs increase: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seqs increase: {seqs:?}"
+    );
     for r in &list {
         assert_eq!(r["publisher"], node.as_str());
         assert_eq!(r["kind"], "file");
@@ -320,8 +389,16 @@ fn init_twice_keeps_the_same_id() {
     let key_before = fs::read(t.data.join("node.key")).unwrap();
     let again = t.ok(&["init"]);
     assert_eq!(again.last_line(), first);
-    assert!(again.stderr.contains("already initialized"), "stderr: {}", again.stderr);
-    assert_eq!(fs::read(t.data.join("node.key")).unwrap(), key_before, "init must not touch an existing key");
+    assert!(
+        again.stderr.contains("already initialized"),
+        "stderr: {}",
+        again.stderr
+    );
+    assert_eq!(
+        fs::read(t.data.join("node.key")).unwrap(),
+        key_before,
+        "init must not touch an existing key"
+    );
     assert_eq!(t.ok(&["id"]).last_line(), first);
 
     // Layout and modes.
@@ -335,7 +412,10 @@ fn init_twice_keeps_the_same_id() {
     assert_eq!(mode(&t.data), 0o700);
     assert_eq!(mode(&t.data.join("node.key")), 0o600);
     let key = String::from_utf8(key_before).unwrap();
-    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "unsealed key is PKCS#8 PEM");
+    assert!(
+        key.starts_with("-----BEGIN PRIVATE KEY-----"),
+        "unsealed key is PKCS#8 PEM"
+    );
 }
 
 #[test]
@@ -350,8 +430,14 @@ fn id_is_sha256_of_the_public_key_spki() {
     assert_eq!(pem.first().copied(), Some("-----BEGIN PUBLIC KEY-----"));
     assert_eq!(pem.last().copied(), Some("-----END PUBLIC KEY-----"));
     let b64: String = pem[1..pem.len() - 1].concat();
-    let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
-    assert_eq!(hex::encode(Sha256::digest(&der)), id, "node id = SHA-256 of the SPKI DER");
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(
+        hex::encode(Sha256::digest(&der)),
+        id,
+        "node id = SHA-256 of the SPKI DER"
+    );
 }
 
 // ---- peers -----------------------------------------------------------------------
@@ -376,7 +462,10 @@ fn peer_add_ls_revoke() {
     assert_eq!(get(&p1)["mirror"], false);
     assert_eq!(get(&p2)["mirror"], true);
     let table = t.ok(&["peer", "ls"]).text();
-    assert!(table.contains(&p1) && table.contains(&p2) && table.contains("trusted"), "{table}");
+    assert!(
+        table.contains(&p1) && table.contains(&p2) && table.contains("trusted"),
+        "{table}"
+    );
 
     t.ok(&["peer", "revoke", &p1]);
     let peers = t.peers_json();
@@ -387,7 +476,10 @@ fn peer_add_ls_revoke() {
     // Re-adding a revoked peer trusts it again.
     t.ok(&["peer", "add", &p1, "peer-one.example:7450"]);
     let peers = t.peers_json();
-    assert_eq!(peers.iter().find(|p| p["node_id"] == p1.as_str()).unwrap()["state"], "trusted");
+    assert_eq!(
+        peers.iter().find(|p| p["node_id"] == p1.as_str()).unwrap()["state"],
+        "trusted"
+    );
 
     // Errors.
     t.fails(&["peer", "add", "not-a-node-id", "h:1"], 2);
@@ -412,19 +504,43 @@ fn verify_is_clean_then_names_a_flipped_chunk() {
     t.put_bytes("a", &pseudo_random(2 * MIB + 10, 3));
     t.put_bytes("b", b"small");
     let o = t.ok(&["verify"]);
-    assert!(o.stderr.contains("checked 4 chunks and 2 manifests: 0 problem"), "{}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("checked 4 chunks and 2 manifests: 0 problem"),
+        "{}",
+        o.stderr
+    );
     assert!(o.stdout.is_empty());
 
     let files = chunk_files(&t.data);
-    let victim = files.iter().find(|f| fs::metadata(f).unwrap().len() > 100).unwrap();
+    let victim = files
+        .iter()
+        .find(|f| fs::metadata(f).unwrap().len() > 100)
+        .unwrap();
     let victim_id = victim.file_name().unwrap().to_str().unwrap().to_string();
-    assert_eq!(victim.parent().unwrap().file_name().unwrap().to_str().unwrap(), &victim_id[..2]);
+    assert_eq!(
+        victim
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        &victim_id[..2]
+    );
     flip_byte(victim, 1000);
 
     let o = t.fails(&["verify"], 5);
-    assert!(o.text().contains(&victim_id), "verify output must name chunk {victim_id}: {}", o.text());
+    assert!(
+        o.text().contains(&victim_id),
+        "verify output must name chunk {victim_id}: {}",
+        o.text()
+    );
     assert!(!victim.exists(), "the bad chunk is moved out of chunks/");
-    assert!(t.data.join("quarantine").join(&victim_id).exists(), "the bad chunk is in quarantine/");
+    assert!(
+        t.data.join("quarantine").join(&victim_id).exists(),
+        "the bad chunk is in quarantine/"
+    );
     // Still not clean: the item lacks a chunk now.
     let o = t.fails(&["verify"], 5);
     assert!(o.text().contains("missing"), "{}", o.text());
@@ -459,7 +575,11 @@ fn missing_data_dir_exits_3_and_creates_nothing() {
     ];
     for args in &commands {
         let o = t.fails(args, 3);
-        assert!(o.stderr.contains("bitsync init"), "{args:?}: message must say to run `bitsync init`: {}", o.stderr);
+        assert!(
+            o.stderr.contains("bitsync init"),
+            "{args:?}: message must say to run `bitsync init`: {}",
+            o.stderr
+        );
         assert!(o.stdout.is_empty(), "{args:?} printed on stdout");
         assert!(!t.data.exists(), "{args:?} created the data dir");
         assert_eq!(entries(t.root()), before, "{args:?} created something");
@@ -470,7 +590,11 @@ fn missing_data_dir_exits_3_and_creates_nothing() {
     for args in &commands {
         let o = t.fails(args, 3);
         assert!(o.stderr.contains("bitsync init"), "{args:?}: {}", o.stderr);
-        assert!(entries(&t.data).is_empty(), "{args:?} wrote into an uninitialized dir: {:?}", entries(&t.data));
+        assert!(
+            entries(&t.data).is_empty(),
+            "{args:?} wrote into an uninitialized dir: {:?}",
+            entries(&t.data)
+        );
     }
 }
 
@@ -480,11 +604,17 @@ fn missing_input_file_exits_3_and_stores_nothing() {
     t.init();
     let missing = t.root().join("no-such-file");
     let o = t.fails(&["put", missing.to_str().unwrap()], 3);
-    assert!(o.stderr.contains("no-such-file"), "names the file: {}", o.stderr);
+    assert!(
+        o.stderr.contains("no-such-file"),
+        "names the file: {}",
+        o.stderr
+    );
     assert!(t.ls_json().is_empty());
     assert!(chunk_files(&t.data).is_empty());
     let db = rusqlite::Connection::open(t.data.join("bitsync.db")).unwrap();
-    let n: i64 = db.query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get(0)).unwrap();
+    let n: i64 = db
+        .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(n, 0);
 
     // A directory is not an input file either.
@@ -525,14 +655,23 @@ fn sealed_key_needs_the_right_passphrase() {
     let id = o.last_line();
     assert_hex64(&id);
     let key = fs::read_to_string(t.data.join("node.key")).unwrap();
-    assert!(key.starts_with("-----BEGIN BITSYNC SEALED KEY-----\n"), "{key}");
+    assert!(
+        key.starts_with("-----BEGIN BITSYNC SEALED KEY-----\n"),
+        "{key}"
+    );
     assert!(key.trim_end().ends_with("-----END BITSYNC SEALED KEY-----"));
     assert!(!key.contains("PRIVATE KEY"));
     let b64: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-    let sealed = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let sealed = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
     assert_eq!(&sealed[..4], b"BSS1");
     assert_eq!(sealed[4], 15, "scrypt log_n");
-    assert_eq!(&sealed[5..13], &[0, 0, 0, 8, 0, 0, 0, 1], "scrypt r and p, big-endian");
+    assert_eq!(
+        &sealed[5..13],
+        &[0, 0, 0, 8, 0, 0, 0, 1],
+        "scrypt r and p, big-endian"
+    );
 
     // Right passphrase: everything works.
     let o = t.run_env(&["id"], &pass);
@@ -543,7 +682,12 @@ fn sealed_key_needs_the_right_passphrase() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let cid = o.last_line();
     let o = t.run_env(&["get", &cid], &pass);
-    assert_eq!((o.code, o.stdout.as_slice()), (0, &b"sealed node content"[..]), "{}", o.stderr);
+    assert_eq!(
+        (o.code, o.stdout.as_slice()),
+        (0, &b"sealed node content"[..]),
+        "{}",
+        o.stderr
+    );
 
     // A passphrase file works too.
     let pf = t.root().join("pass.txt");
@@ -552,7 +696,13 @@ fn sealed_key_needs_the_right_passphrase() {
     assert_eq!((o.code, o.last_line()), (0, id.clone()), "{}", o.stderr);
 
     // Wrong passphrase: exit 6, from every command.
-    for args in [vec!["id"], vec!["ls"], vec!["get", cid.as_str()], vec!["verify"], vec!["peer", "ls"]] {
+    for args in [
+        vec!["id"],
+        vec!["ls"],
+        vec!["get", cid.as_str()],
+        vec!["verify"],
+        vec!["peer", "ls"],
+    ] {
         let o = t.run_env(&args, &wrong);
         assert_eq!(o.code, 6, "{args:?}: {}", o.stderr);
         assert!(o.stderr.contains("wrong passphrase"), "{}", o.stderr);
@@ -560,11 +710,19 @@ fn sealed_key_needs_the_right_passphrase() {
     }
     let wf = t.root().join("wrong.txt");
     fs::write(&wf, "nope\n").unwrap();
-    assert_eq!(t.run(&["--passphrase-file", wf.to_str().unwrap(), "id"]).code, 6);
+    assert_eq!(
+        t.run(&["--passphrase-file", wf.to_str().unwrap(), "id"])
+            .code,
+        6
+    );
     // No passphrase at all, and no terminal to ask on.
     let o = t.run(&["id"]);
     assert_eq!(o.code, 6, "{}", o.stderr);
-    assert!(o.stderr.contains("BITSYNC_PASSPHRASE"), "says how to give one: {}", o.stderr);
+    assert!(
+        o.stderr.contains("BITSYNC_PASSPHRASE"),
+        "says how to give one: {}",
+        o.stderr
+    );
     // init on the sealed dir does not need the passphrase and changes nothing.
     assert_eq!(t.ok(&["init"]).last_line(), id);
 }
@@ -576,8 +734,16 @@ fn data_dir_that_is_a_file_is_a_clear_error() {
     for args in [vec!["id"], vec!["ls"], vec!["init"]] {
         let o = t.run(&args);
         assert_ne!(o.code, 0, "{args:?} succeeded on a file");
-        assert!(o.stderr.contains(t.data.to_str().unwrap()), "{args:?}: names the path: {}", o.stderr);
-        assert!(o.stderr.contains("ot a directory"), "{args:?}: says why: {}", o.stderr);
+        assert!(
+            o.stderr.contains(t.data.to_str().unwrap()),
+            "{args:?}: names the path: {}",
+            o.stderr
+        );
+        assert!(
+            o.stderr.contains("ot a directory"),
+            "{args:?}: says why: {}",
+            o.stderr
+        );
     }
     assert_eq!(fs::read(&t.data).unwrap(), b"not a directory");
 }
@@ -589,9 +755,21 @@ fn unreadable_data_dir_is_a_clear_error() {
     fs::set_permissions(&t.data, fs::Permissions::from_mode(0o000)).unwrap();
     let check = |o: Out| {
         assert_ne!(o.code, 0, "succeeded on an unreadable data dir");
-        assert!(o.stderr.contains(t.data.to_str().unwrap()), "names the path: {}", o.stderr);
-        assert!(o.stderr.contains("Permission denied"), "says why: {}", o.stderr);
-        assert_eq!(o.code, 7, "permission problems are Denied (7): {}", o.stderr);
+        assert!(
+            o.stderr.contains(t.data.to_str().unwrap()),
+            "names the path: {}",
+            o.stderr
+        );
+        assert!(
+            o.stderr.contains("Permission denied"),
+            "says why: {}",
+            o.stderr
+        );
+        assert_eq!(
+            o.code, 7,
+            "permission problems are Denied (7): {}",
+            o.stderr
+        );
     };
     if !is_root() {
         check(t.run(&["id"]));
@@ -609,7 +787,9 @@ fn unreadable_data_dir_is_a_clear_error() {
                 stdout: o.stdout,
                 stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
             }),
-            Err(e) => eprintln!("skipping the unreadable-dir assertion: cannot run as nobody here: {e}"),
+            Err(e) => {
+                eprintln!("skipping the unreadable-dir assertion: cannot run as nobody here: {e}")
+            }
         }
     }
     fs::set_permissions(&t.data, fs::Permissions::from_mode(0o700)).unwrap();
@@ -626,7 +806,9 @@ fn concurrent_commands_do_not_break_a_running_put() {
     let t = T::new();
     t.init();
     let cfg = t.data.join("config.toml");
-    let text = fs::read_to_string(&cfg).unwrap().replace("chunk_size = 1048576", "chunk_size = 4096");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("chunk_size = 1048576", "chunk_size = 4096");
     fs::write(&cfg, text).unwrap();
     let input = t.root().join("in");
     fs::write(&input, pseudo_random(8 * MIB, 4)).unwrap();
@@ -662,7 +844,11 @@ fn init_resumes_after_an_interrupted_init_in_an_existing_dir() {
     fs::remove_file(t.data.join("bitsync.db")).unwrap();
     fs::write(t.data.join(".bitsync.db.init"), b"").unwrap();
     let o = t.run(&["init"]);
-    assert_eq!(o.code, 0, "init after an interrupted init failed: {}", o.stderr);
+    assert_eq!(
+        o.code, 0,
+        "init after an interrupted init failed: {}",
+        o.stderr
+    );
     t.ok(&["id"]);
 }
 

@@ -39,7 +39,12 @@ struct Cfg {
 
 impl Default for Cfg {
     fn default() -> Self {
-        Cfg { chunk_size: 4096, list_page_max: 1000, max_chunks_per_request: 4096, max_streams_per_peer: 16 }
+        Cfg {
+            chunk_size: 4096,
+            list_page_max: 1000,
+            max_chunks_per_request: 4096,
+            max_streams_per_peer: 16,
+        }
     }
 }
 
@@ -66,9 +71,19 @@ fn make_node(cfg: &Cfg) -> (TempDir, Node) {
 /// A node serving Federation on 127.0.0.1:0 and Admin on its socket.
 async fn serve_node(cfg: &Cfg) -> (TempDir, RunningNode) {
     let (tmp, n) = make_node(cfg);
-    let running = within(30, "the node to start", server::start(n, ServeOptions { listen: Some("127.0.0.1:0".into()), ..Default::default() }))
-        .await
-        .unwrap();
+    let running = within(
+        30,
+        "the node to start",
+        server::start(
+            n,
+            ServeOptions {
+                listen: Some("127.0.0.1:0".into()),
+                ..Default::default()
+            },
+        ),
+    )
+    .await
+    .unwrap();
     (tmp, running)
 }
 
@@ -77,7 +92,10 @@ fn server_node(s: &RunningNode) -> &Node {
 }
 
 fn trust(server: &RunningNode, peer: &NodeId) {
-    server_node(server).db.upsert_peer(peer, "", "", PeerState::Trusted, false).unwrap();
+    server_node(server)
+        .db
+        .upsert_peer(peer, "", "", PeerState::Trusted, false)
+        .unwrap();
 }
 
 /// The node's own dialer (Tor is never started for TCP peers).
@@ -98,7 +116,11 @@ async fn connect(caller: &Node, server: &RunningNode) -> Client {
 }
 
 async fn admin(server: &RunningNode) -> AdminClient<tonic::transport::Channel> {
-    AdminClient::new(bitsync::transport::admin_channel(&server.admin_socket).await.unwrap())
+    AdminClient::new(
+        bitsync::transport::admin_channel(&server.admin_socket)
+            .await
+            .unwrap(),
+    )
 }
 
 async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
@@ -123,7 +145,16 @@ fn data(seed: u64, len: usize) -> Vec<u8> {
 
 fn put(n: &Node, name: &str, bytes: &[u8]) -> ContentId {
     let mut r: &[u8] = bytes;
-    content::put(n, &mut r, &PutOptions { kind: "file".into(), name: name.into() }, &|_| {}).unwrap()
+    content::put(
+        n,
+        &mut r,
+        &PutOptions {
+            kind: "file".into(),
+            name: name.into(),
+        },
+        &|_| {},
+    )
+    .unwrap()
 }
 
 fn db_conn(n: &Node) -> rusqlite::Connection {
@@ -142,7 +173,13 @@ fn envelope_rows(n: &Node, item: &ContentId, recipient: Option<&NodeId>) -> i64 
                 |r| r.get(0),
             )
             .unwrap(),
-        None => c.query_row("SELECT COUNT(*) FROM envelopes WHERE content_id = ?1", [item.to_hex()], |r| r.get(0)).unwrap(),
+        None => c
+            .query_row(
+                "SELECT COUNT(*) FROM envelopes WHERE content_id = ?1",
+                [item.to_hex()],
+                |r| r.get(0),
+            )
+            .unwrap(),
     }
 }
 
@@ -154,7 +191,9 @@ fn code_of<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
 }
 
 /// Read a whole chunk stream (bounded).
-async fn drain_chunks(s: &mut tonic::Streaming<ChunkData>) -> Result<Vec<ChunkData>, tonic::Status> {
+async fn drain_chunks(
+    s: &mut tonic::Streaming<ChunkData>,
+) -> Result<Vec<ChunkData>, tonic::Status> {
     let mut out = Vec::new();
     loop {
         match within(30, "a chunk message", s.message()).await? {
@@ -165,7 +204,12 @@ async fn drain_chunks(s: &mut tonic::Streaming<ChunkData>) -> Result<Vec<ChunkDa
 }
 
 fn manifest_of(r: &ManifestResult) -> Manifest {
-    let sm = r.manifest.as_ref().unwrap_or_else(|| panic!("result for {} has no manifest: {:?}", r.content_id, r.problem));
+    let sm = r.manifest.as_ref().unwrap_or_else(|| {
+        panic!(
+            "result for {} has no manifest: {:?}",
+            r.content_id, r.problem
+        )
+    });
     Manifest::from_signed(sm.body.clone(), sm.signature.clone()).expect("the manifest verifies")
 }
 
@@ -176,13 +220,18 @@ fn manifest_of(r: &ManifestResult) -> Manifest {
 /// whose envelopes changed is listed again at its new seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_pages_never_skip_while_items_are_added() {
-    let cfg = Cfg { list_page_max: 7, ..Cfg::default() };
+    let cfg = Cfg {
+        list_page_max: 7,
+        ..Cfg::default()
+    };
     let (_s_dir, s) = serve_node(&cfg).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
 
     // Published before A's key is known, so A's envelopes come just in time.
-    let mut published: Vec<ContentId> = (0..20).map(|i| put(server_node(&s), &format!("early {i}"), &data(i, 100))).collect();
+    let mut published: Vec<ContentId> = (0..20)
+        .map(|i| put(server_node(&s), &format!("early {i}"), &data(i, 100)))
+        .collect();
     let mut fed = connect(&a, &s).await;
 
     let hello = fed.hello(HelloRequest {}).await.unwrap().into_inner();
@@ -207,25 +256,51 @@ async fn listing_pages_never_skip_while_items_are_added() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "listing did not converge");
-        let page = fed.list_manifests(ListManifestsRequest { after_seq: cursor, limit: 1000 }).await.unwrap().into_inner();
+        let page = fed
+            .list_manifests(ListManifestsRequest {
+                after_seq: cursor,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         pages += 1;
-        assert!(page.manifests.len() <= 7, "page of {} over list_page_max 7", page.manifests.len());
+        assert!(
+            page.manifests.len() <= 7,
+            "page of {} over list_page_max 7",
+            page.manifests.len()
+        );
         let mut prev = cursor;
         for m in &page.manifests {
             assert!(m.seq > prev, "seqs must rise: {} after {prev}", m.seq);
             prev = m.seq;
-            listings.entry(m.content_id.clone()).or_default().push(m.seq);
+            listings
+                .entry(m.content_id.clone())
+                .or_default()
+                .push(m.seq);
         }
         if let Some(last) = page.manifests.last() {
             assert_eq!(page.next_after_seq, last.seq);
         } else {
-            assert_eq!(page.next_after_seq, cursor, "an empty page keeps the cursor");
+            assert_eq!(
+                page.next_after_seq, cursor,
+                "an empty page keeps the cursor"
+            );
             assert!(!page.more);
         }
         // After the first page, re-key the first three items (already passed).
         if pages == 1 {
-            let ids: Vec<String> = page.manifests.iter().take(3).map(|m| m.content_id.clone()).collect();
-            let r = fed.get_manifests(GetManifestsRequest { content_ids: ids }).await.unwrap().into_inner();
+            let ids: Vec<String> = page
+                .manifests
+                .iter()
+                .take(3)
+                .map(|m| m.content_id.clone())
+                .collect();
+            let r = fed
+                .get_manifests(GetManifestsRequest { content_ids: ids })
+                .await
+                .unwrap()
+                .into_inner();
             for res in r.results {
                 assert!(res.problem.is_none(), "{:?}", res.problem);
                 rekeyed.insert(res.content_id.clone(), res.seq);
@@ -242,31 +317,63 @@ async fn listing_pages_never_skip_while_items_are_added() {
     published.extend(within(30, "the writer", writer).await.unwrap());
     // One more pass: the writer may have committed after our last empty page.
     loop {
-        let page = fed.list_manifests(ListManifestsRequest { after_seq: cursor, limit: 0 }).await.unwrap().into_inner();
+        let page = fed
+            .list_manifests(ListManifestsRequest {
+                after_seq: cursor,
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         for m in &page.manifests {
-            listings.entry(m.content_id.clone()).or_default().push(m.seq);
+            listings
+                .entry(m.content_id.clone())
+                .or_default()
+                .push(m.seq);
         }
         cursor = page.next_after_seq;
         if !page.more {
             break;
         }
     }
-    assert!(pages > 50 / 7, "the listing must have taken several pages, took {pages}");
+    assert!(
+        pages > 50 / 7,
+        "the listing must have taken several pages, took {pages}"
+    );
 
     for id in &published {
-        assert!(listings.contains_key(&id.to_hex()), "item {id} was skipped by the cursor");
+        assert!(
+            listings.contains_key(&id.to_hex()),
+            "item {id} was skipped by the cursor"
+        );
     }
-    assert_eq!(listings.len(), published.len(), "listed ids that were never published");
+    assert_eq!(
+        listings.len(),
+        published.len(),
+        "listed ids that were never published"
+    );
     assert_eq!(rekeyed.len(), 3);
     for (id, new_seq) in &rekeyed {
         let seqs = &listings[id];
-        assert_eq!(seqs.len(), 2, "re-keyed item {id} must be listed again, was listed at {seqs:?}");
-        assert_eq!(seqs[1], *new_seq, "listed again at the seq GetManifests reported");
+        assert_eq!(
+            seqs.len(),
+            2,
+            "re-keyed item {id} must be listed again, was listed at {seqs:?}"
+        );
+        assert_eq!(
+            seqs[1], *new_seq,
+            "listed again at the seq GetManifests reported"
+        );
         assert!(seqs[1] > seqs[0]);
     }
     for (id, seqs) in &listings {
         if !rekeyed.contains_key(id) {
-            assert_eq!(seqs.len(), 1, "item {id} listed {} times without changing", seqs.len());
+            assert_eq!(
+                seqs.len(),
+                1,
+                "item {id} listed {} times without changing",
+                seqs.len()
+            );
         }
     }
 
@@ -274,7 +381,14 @@ async fn listing_pages_never_skip_while_items_are_added() {
     let mut all = Vec::new();
     let mut c = 0;
     loop {
-        let page = fed.list_manifests(ListManifestsRequest { after_seq: c, limit: 0 }).await.unwrap().into_inner();
+        let page = fed
+            .list_manifests(ListManifestsRequest {
+                after_seq: c,
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(page.manifests.len() <= 7);
         all.extend(page.manifests.iter().map(|m| m.content_id.clone()));
         c = page.next_after_seq;
@@ -300,12 +414,21 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     let (_b_dir, b) = make_node(&Cfg::default());
     trust(&s, &a.id());
     trust(&s, &b.id());
-    let contents: Vec<Vec<u8>> = (0..5).map(|i| data(100 + i, 3 * 4096 + 17 * i as usize)).collect();
-    let items: Vec<ContentId> =
-        contents.iter().enumerate().map(|(i, c)| put(server_node(&s), &format!("item-{i}.bin"), c)).collect();
+    let contents: Vec<Vec<u8>> = (0..5)
+        .map(|i| data(100 + i, 3 * 4096 + 17 * i as usize))
+        .collect();
+    let items: Vec<ContentId> = contents
+        .iter()
+        .enumerate()
+        .map(|(i, c)| put(server_node(&s), &format!("item-{i}.bin"), c))
+        .collect();
     let ids: Vec<String> = items.iter().map(|i| i.to_hex()).collect();
     for it in &items {
-        assert_eq!(envelope_rows(server_node(&s), it, None), 1, "only the server's own envelope so far");
+        assert_eq!(
+            envelope_rows(server_node(&s), it, None),
+            1,
+            "only the server's own envelope so far"
+        );
     }
     let head0 = server_node(&s).db.head_seq().unwrap();
 
@@ -313,36 +436,73 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     let fa2 = connect(&a, &s).await;
     let fb = connect(&b, &s).await;
     // A asks twice at once (two connections), B at the same time.
-    let req = || GetManifestsRequest { content_ids: ids.clone() };
+    let req = || GetManifestsRequest {
+        content_ids: ids.clone(),
+    };
     let (ra1, ra2, rb) = within(60, "concurrent GetManifests", async {
         let (mut x, mut y, mut z) = (fa1.clone(), fa2.clone(), fb.clone());
-        tokio::join!(x.get_manifests(req()), y.get_manifests(req()), z.get_manifests(req()))
+        tokio::join!(
+            x.get_manifests(req()),
+            y.get_manifests(req()),
+            z.get_manifests(req())
+        )
     })
     .await;
-    let (ra1, ra2, rb) = (ra1.unwrap().into_inner(), ra2.unwrap().into_inner(), rb.unwrap().into_inner());
+    let (ra1, ra2, rb) = (
+        ra1.unwrap().into_inner(),
+        ra2.unwrap().into_inner(),
+        rb.unwrap().into_inner(),
+    );
     assert_eq!(ra1.results.len(), 5);
 
     for (i, it) in items.iter().enumerate() {
-        assert_eq!(envelope_rows(server_node(&s), it, Some(&a.id())), 1, "one envelope row for (item {i}, A)");
-        assert_eq!(envelope_rows(server_node(&s), it, Some(&b.id())), 1, "one envelope row for (item {i}, B)");
+        assert_eq!(
+            envelope_rows(server_node(&s), it, Some(&a.id())),
+            1,
+            "one envelope row for (item {i}, A)"
+        );
+        assert_eq!(
+            envelope_rows(server_node(&s), it, Some(&b.id())),
+            1,
+            "one envelope row for (item {i}, B)"
+        );
         assert_eq!(envelope_rows(server_node(&s), it, None), 3);
         let (x, y, z) = (&ra1.results[i], &ra2.results[i], &rb.results[i]);
         assert_eq!(x.content_id, ids[i], "results come in request order");
         let ea = x.envelope.as_ref().unwrap();
         assert_eq!(ea.recipient, a.id().to_hex());
-        assert_eq!(ea.wrapped_key, y.envelope.as_ref().unwrap().wrapped_key, "both of A's calls got the stored envelope");
-        let stored = server_node(&s).db.envelope(it, &a.id().to_hex()).unwrap().unwrap();
+        assert_eq!(
+            ea.wrapped_key,
+            y.envelope.as_ref().unwrap().wrapped_key,
+            "both of A's calls got the stored envelope"
+        );
+        let stored = server_node(&s)
+            .db
+            .envelope(it, &a.id().to_hex())
+            .unwrap()
+            .unwrap();
         assert_eq!(stored, ea.wrapped_key);
 
         // A opens its envelope and decrypts the metadata; B's envelope is not A's.
         let m = manifest_of(x);
         assert_eq!(m.id(), *it);
-        let key = a.identity.unwrap_key(&ea.wrapped_key).expect("A unwraps its envelope");
-        let meta = ItemMeta::decode(crypto::decrypt_meta(&key, &m.body().encrypted_meta).unwrap().as_slice()).unwrap();
+        let key = a
+            .identity
+            .unwrap_key(&ea.wrapped_key)
+            .expect("A unwraps its envelope");
+        let meta = ItemMeta::decode(
+            crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+                .unwrap()
+                .as_slice(),
+        )
+        .unwrap();
         assert_eq!(meta.name, format!("item-{i}.bin"));
         let eb = z.envelope.as_ref().unwrap();
         assert_eq!(eb.recipient, b.id().to_hex());
-        assert!(a.identity.unwrap_key(&eb.wrapped_key).is_err(), "A must not open B's envelope");
+        assert!(
+            a.identity.unwrap_key(&eb.wrapped_key).is_err(),
+            "A must not open B's envelope"
+        );
         assert!(b.identity.unwrap_key(&eb.wrapped_key).is_ok());
     }
     // One seq bump per (item, peer) that was re-keyed: 5 items x 2 peers.
@@ -351,9 +511,17 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
 
     // A decrypts a whole item with the key and the streamed chunks.
     let m = manifest_of(&ra1.results[4]);
-    let key = a.identity.unwrap_key(&ra1.results[4].envelope.as_ref().unwrap().wrapped_key).unwrap();
+    let key = a
+        .identity
+        .unwrap_key(&ra1.results[4].envelope.as_ref().unwrap().wrapped_key)
+        .unwrap();
     let chunk_ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
-    let mut st = fa1.clone().stream_chunks(StreamChunksRequest { chunk_ids }).await.unwrap().into_inner();
+    let mut st = fa1
+        .clone()
+        .stream_chunks(StreamChunksRequest { chunk_ids })
+        .await
+        .unwrap()
+        .into_inner();
     let msgs = drain_chunks(&mut st).await.unwrap();
     let n = msgs.len();
     let mut plain = Vec::new();
@@ -365,13 +533,23 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
 
     // Second fetch: the stored bytes again (OAEP is randomized, so a re-wrap
     // would differ), and no seq moves.
-    let seqs: Vec<u64> = items.iter().map(|i| server_node(&s).db.manifest(i).unwrap().unwrap().1).collect();
+    let seqs: Vec<u64> = items
+        .iter()
+        .map(|i| server_node(&s).db.manifest(i).unwrap().unwrap().1)
+        .collect();
     let again = fa1.clone().get_manifests(req()).await.unwrap().into_inner();
     for ((x, y), seq) in ra1.results.iter().zip(&again.results).zip(&seqs) {
-        assert_eq!(x.envelope.as_ref().unwrap().wrapped_key, y.envelope.as_ref().unwrap().wrapped_key);
+        assert_eq!(
+            x.envelope.as_ref().unwrap().wrapped_key,
+            y.envelope.as_ref().unwrap().wrapped_key
+        );
         assert_eq!(y.seq, *seq, "the item's seq did not move");
     }
-    assert_eq!(server_node(&s).db.head_seq().unwrap(), head1, "a cached fetch changes nothing");
+    assert_eq!(
+        server_node(&s).db.head_seq().unwrap(),
+        head1,
+        "a cached fetch changes nothing"
+    );
     s.shutdown().await;
 }
 
@@ -382,7 +560,9 @@ async fn get_manifests_reports_per_item_problems() {
     let (_s_dir, s) = serve_node(&Cfg::default()).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
-    let items: Vec<ContentId> = (0..4).map(|i| put(server_node(&s), &format!("p{i}"), &data(200 + i, 5000))).collect();
+    let items: Vec<ContentId> = (0..4)
+        .map(|i| put(server_node(&s), &format!("p{i}"), &data(200 + i, 5000)))
+        .collect();
     let broken = items[2];
     let n = db_conn(server_node(&s))
         .execute(
@@ -397,27 +577,45 @@ async fn get_manifests_reports_per_item_problems() {
     ids.push("not-a-content-id".into());
 
     let mut fed = connect(&a, &s).await;
-    let r = fed.get_manifests(GetManifestsRequest { content_ids: ids.clone() }).await.unwrap().into_inner();
+    let r = fed
+        .get_manifests(GetManifestsRequest {
+            content_ids: ids.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.results.len(), ids.len());
     for (res, id) in r.results.iter().zip(&ids) {
         assert_eq!(&res.content_id, id, "results in request order");
         if *id == broken.to_hex() {
-            let p = res.problem.as_ref().expect("the un-rekeyable item has a problem");
+            let p = res
+                .problem
+                .as_ref()
+                .expect("the un-rekeyable item has a problem");
             assert_eq!(p.code, Code::NotFound as i32, "{p:?}");
             assert!(p.message.contains("key"), "{p:?}");
             assert!(res.manifest.is_none() && res.envelope.is_none());
         } else if *id == unknown.to_hex() {
             assert_eq!(res.problem.as_ref().unwrap().code, Code::NotFound as i32);
         } else if id == "not-a-content-id" {
-            assert_eq!(res.problem.as_ref().unwrap().code, Code::InvalidArgument as i32);
+            assert_eq!(
+                res.problem.as_ref().unwrap().code,
+                Code::InvalidArgument as i32
+            );
         } else {
             assert!(res.problem.is_none(), "{id}: {:?}", res.problem);
             let m = manifest_of(res);
-            a.identity.unwrap_key(&res.envelope.as_ref().unwrap().wrapped_key).unwrap();
+            a.identity
+                .unwrap_key(&res.envelope.as_ref().unwrap().wrapped_key)
+                .unwrap();
             assert_eq!(m.id().to_hex(), *id);
         }
     }
-    assert_eq!(envelope_rows(server_node(&s), &broken, Some(&a.id())), 0, "no envelope was made for the broken item");
+    assert_eq!(
+        envelope_rows(server_node(&s), &broken, Some(&a.id())),
+        0,
+        "no envelope was made for the broken item"
+    );
     s.shutdown().await;
 }
 
@@ -433,18 +631,37 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
     let plain = data(300, 1000 * 4096 - 123);
     let item = put(server_node(&s), "big", &plain);
     let mut fed = connect(&a, &s).await;
-    let r = fed.get_manifests(GetManifestsRequest { content_ids: vec![item.to_hex()] }).await.unwrap().into_inner();
+    let r = fed
+        .get_manifests(GetManifestsRequest {
+            content_ids: vec![item.to_hex()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let m = manifest_of(&r.results[0]);
     assert_eq!(m.chunk_count(), 1000);
-    let key = a.identity.unwrap_key(&r.results[0].envelope.as_ref().unwrap().wrapped_key).unwrap();
+    let key = a
+        .identity
+        .unwrap_key(&r.results[0].envelope.as_ref().unwrap().wrapped_key)
+        .unwrap();
 
     let mut ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
-    let unknown: Vec<String> = (0..3).map(|i| Hash::of(format!("unknown {i}").as_bytes()).to_hex()).collect();
+    let unknown: Vec<String> = (0..3)
+        .map(|i| Hash::of(format!("unknown {i}").as_bytes()).to_hex())
+        .collect();
     ids.insert(0, unknown[0].clone());
     ids.insert(501, unknown[1].clone());
     ids.push(unknown[2].clone());
-    let mut st = fed.stream_chunks(StreamChunksRequest { chunk_ids: ids.clone() }).await.unwrap().into_inner();
-    let msgs = drain_chunks(&mut st).await.expect("the stream ends cleanly");
+    let mut st = fed
+        .stream_chunks(StreamChunksRequest {
+            chunk_ids: ids.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let msgs = drain_chunks(&mut st)
+        .await
+        .expect("the stream ends cleanly");
     assert_eq!(msgs.len(), 1003);
     let mut out = Vec::new();
     let mut idx = 0u64;
@@ -457,7 +674,11 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
             continue;
         }
         assert!(msg.problem.is_none(), "{:?}", msg.problem);
-        assert_eq!(Hash::of(&msg.data).to_hex(), *id, "chunk bytes match their id");
+        assert_eq!(
+            Hash::of(&msg.data).to_hex(),
+            *id,
+            "chunk bytes match their id"
+        );
         out.extend(crypto::decrypt_chunk(&key, idx, idx == 999, &msg.data).unwrap());
         idx += 1;
     }
@@ -483,20 +704,51 @@ async fn corrupted_chunk_is_data_loss_and_quarantined() {
 
     let mut fed = connect(&a, &s).await;
     let ids: Vec<String> = chunks.iter().map(|c| c.to_hex()).collect();
-    let mut st = fed.stream_chunks(StreamChunksRequest { chunk_ids: ids.clone() }).await.unwrap().into_inner();
+    let mut st = fed
+        .stream_chunks(StreamChunksRequest {
+            chunk_ids: ids.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let msgs = drain_chunks(&mut st).await.unwrap();
     assert_eq!(msgs.len(), 3);
-    assert!(msgs[0].problem.is_none() && msgs[2].problem.is_none(), "the good chunks still arrive");
-    let p = msgs[1].problem.as_ref().expect("the altered chunk has a problem");
+    assert!(
+        msgs[0].problem.is_none() && msgs[2].problem.is_none(),
+        "the good chunks still arrive"
+    );
+    let p = msgs[1]
+        .problem
+        .as_ref()
+        .expect("the altered chunk has a problem");
     assert_eq!(p.code, Code::DataLoss as i32, "{p:?}");
     assert!(msgs[1].data.is_empty(), "bad bytes are never sent");
     assert!(!path.exists(), "the bad chunk left the chunk dir");
-    assert!(server_node(&s).paths.quarantine().join(bad.to_hex()).exists(), "the bad chunk is in quarantine");
-    assert!(!server_node(&s).db.has_chunk(&bad).unwrap(), "the bad chunk is no longer present");
+    assert!(
+        server_node(&s)
+            .paths
+            .quarantine()
+            .join(bad.to_hex())
+            .exists(),
+        "the bad chunk is in quarantine"
+    );
+    assert!(
+        !server_node(&s).db.has_chunk(&bad).unwrap(),
+        "the bad chunk is no longer present"
+    );
 
-    let mut st = fed.stream_chunks(StreamChunksRequest { chunk_ids: vec![ids[1].clone()] }).await.unwrap().into_inner();
+    let mut st = fed
+        .stream_chunks(StreamChunksRequest {
+            chunk_ids: vec![ids[1].clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let msgs = drain_chunks(&mut st).await.unwrap();
-    assert_eq!(msgs[0].problem.as_ref().unwrap().code, Code::NotFound as i32);
+    assert_eq!(
+        msgs[0].problem.as_ref().unwrap().code,
+        Code::NotFound as i32
+    );
     s.shutdown().await;
 }
 
@@ -513,22 +765,53 @@ async fn untrusted_and_revoked_callers_are_denied() {
     server_node(&s).db.revoke_peer(&r.id()).unwrap();
     for caller in [&c, &r] {
         let mut fed = connect(caller, &s).await;
-        assert_eq!(code_of(fed.hello(HelloRequest {}).await), Code::PermissionDenied);
-        let e = fed.list_manifests(ListManifestsRequest::default()).await.unwrap_err();
+        assert_eq!(
+            code_of(fed.hello(HelloRequest {}).await),
+            Code::PermissionDenied
+        );
+        let e = fed
+            .list_manifests(ListManifestsRequest::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::PermissionDenied);
-        assert!(e.message().contains(&caller.id().to_hex()), "the refusal names the caller: {}", e.message());
+        assert!(
+            e.message().contains(&caller.id().to_hex()),
+            "the refusal names the caller: {}",
+            e.message()
+        );
         assert_eq!(
-            code_of(fed.get_manifests(GetManifestsRequest { content_ids: vec![item.to_hex()] }).await),
+            code_of(
+                fed.get_manifests(GetManifestsRequest {
+                    content_ids: vec![item.to_hex()]
+                })
+                .await
+            ),
             Code::PermissionDenied
         );
         assert_eq!(
-            code_of(fed.stream_chunks(StreamChunksRequest { chunk_ids: vec![item.to_hex()] }).await.map(|_| ())),
+            code_of(
+                fed.stream_chunks(StreamChunksRequest {
+                    chunk_ids: vec![item.to_hex()]
+                })
+                .await
+                .map(|_| ())
+            ),
             Code::PermissionDenied
         );
-        assert_eq!(code_of(fed.watch(WatchRequest::default()).await.map(|_| ())), Code::PermissionDenied);
-        assert_eq!(code_of(fed.get_instance_config(GetInstanceConfigRequest {}).await), Code::PermissionDenied);
+        assert_eq!(
+            code_of(fed.watch(WatchRequest::default()).await.map(|_| ())),
+            Code::PermissionDenied
+        );
+        assert_eq!(
+            code_of(fed.get_instance_config(GetInstanceConfigRequest {}).await),
+            Code::PermissionDenied
+        );
     }
-    assert_eq!(envelope_rows(server_node(&s), &item, None), 1, "nothing was re-keyed for them");
+    assert_eq!(
+        envelope_rows(server_node(&s), &item, None),
+        1,
+        "nothing was re-keyed for them"
+    );
     s.shutdown().await;
 }
 
@@ -536,7 +819,10 @@ async fn untrusted_and_revoked_callers_are_denied() {
 /// and StreamChunks streams and refuses new calls on the same open channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_cuts_open_streams() {
-    let cfg = Cfg { chunk_size: 64 * 1024, ..Cfg::default() };
+    let cfg = Cfg {
+        chunk_size: 64 * 1024,
+        ..Cfg::default()
+    };
     let (_s_dir, s) = serve_node(&cfg).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
@@ -547,15 +833,36 @@ async fn revocation_cuts_open_streams() {
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
 
     let mut fed = connect(&a, &s).await;
-    let mut watch = fed.watch(WatchRequest { after_seq: 0 }).await.unwrap().into_inner();
-    let first = within(10, "the first watch event", watch.message()).await.unwrap().unwrap();
+    let mut watch = fed
+        .watch(WatchRequest { after_seq: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within(10, "the first watch event", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.kind, watch_event::Kind::Item as i32);
     assert_eq!(first.content_id, item.to_hex());
-    let mut chunks = fed.stream_chunks(StreamChunksRequest { chunk_ids: ids }).await.unwrap().into_inner();
-    let c0 = within(10, "the first chunk", chunks.message()).await.unwrap().unwrap();
+    let mut chunks = fed
+        .stream_chunks(StreamChunksRequest { chunk_ids: ids })
+        .await
+        .unwrap()
+        .into_inner();
+    let c0 = within(10, "the first chunk", chunks.message())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(c0.problem.is_none());
 
-    let revoked = admin(&s).await.revoke_peer(RevokePeerRequest { node_id: a.id().to_hex() }).await.unwrap().into_inner();
+    let revoked = admin(&s)
+        .await
+        .revoke_peer(RevokePeerRequest {
+            node_id: a.id().to_hex(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(revoked.state, "revoked");
 
     // The chunk stream ends with PERMISSION_DENIED before delivering everything.
@@ -568,7 +875,10 @@ async fn revocation_cuts_open_streams() {
         }
     };
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert!(got < 256, "only what was already in flight arrives, got {got}");
+    assert!(
+        got < 256,
+        "only what was already in flight arrives, got {got}"
+    );
 
     // The watch stream says REVOKED, then ends.
     let mut saw_revoked = false;
@@ -580,11 +890,20 @@ async fn revocation_cuts_open_streams() {
             Err(e) => panic!("the watch stream should end cleanly after REVOKED, got {e:?}"),
         }
     }
-    assert!(saw_revoked, "the watch stream ended without a REVOKED event");
+    assert!(
+        saw_revoked,
+        "the watch stream ended without a REVOKED event"
+    );
 
     // The channel is still open, but every new call is refused.
-    assert_eq!(code_of(fed.hello(HelloRequest {}).await), Code::PermissionDenied);
-    assert_eq!(code_of(fed.list_manifests(ListManifestsRequest::default()).await), Code::PermissionDenied);
+    assert_eq!(
+        code_of(fed.hello(HelloRequest {}).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code_of(fed.list_manifests(ListManifestsRequest::default()).await),
+        Code::PermissionDenied
+    );
     s.shutdown().await;
 }
 
@@ -606,7 +925,10 @@ async fn wrong_node_id_fails_the_handshake() {
     .await
     .expect_err("the handshake must fail");
     assert_eq!(err.kind(), bitsync::error::Kind::Denied, "{err}");
-    assert!(err.to_string().contains(&server_node(&s).id().to_hex()), "{err}");
+    assert!(
+        err.to_string().contains(&server_node(&s).id().to_hex()),
+        "{err}"
+    );
     // The right pairing works.
     let mut fed = connect(&a, &t).await;
     fed.hello(HelloRequest {}).await.unwrap();
@@ -622,49 +944,94 @@ async fn invite_works_once_then_fails_and_expires() {
     let (_j_dir, j) = make_node(&Cfg::default());
     let (_k_dir, k) = make_node(&Cfg::default());
 
-    let resp = admin(&s).await.create_invite(CreateInviteRequest { ttl_seconds: 600 }).await.unwrap().into_inner();
+    let resp = admin(&s)
+        .await
+        .create_invite(CreateInviteRequest { ttl_seconds: 600 })
+        .await
+        .unwrap()
+        .into_inner();
     let inv = Invite::decode(&resp.token).unwrap();
     assert_eq!(inv.node_id, server_node(&s).id());
     assert_eq!(inv.addresses, vec![s.listen_address.to_string()]);
     assert!(inv.expires_at_ms > now_ms() + 500_000);
-    let join = |secret: String| JoinRequest { secret, name: "joiner".into(), address: "127.0.0.1:9".into() };
+    let join = |secret: String| JoinRequest {
+        secret,
+        name: "joiner".into(),
+        address: "127.0.0.1:9".into(),
+    };
 
     // J is not trusted yet; it joins with the secret from the token.
     let mut fj = connect(&j, &s).await;
-    assert_eq!(code_of(fj.hello(HelloRequest {}).await), Code::PermissionDenied);
+    assert_eq!(
+        code_of(fj.hello(HelloRequest {}).await),
+        Code::PermissionDenied
+    );
     let r = fj.join(join(inv.secret_text())).await.unwrap().into_inner();
     assert_eq!(r.node_id, server_node(&s).id().to_hex());
-    fj.hello(HelloRequest {}).await.expect("J is trusted after joining");
+    fj.hello(HelloRequest {})
+        .await
+        .expect("J is trusted after joining");
     let p = server_node(&s).db.peer(&j.id()).unwrap().unwrap();
     assert_eq!(p.state, PeerState::Trusted);
-    assert_eq!(p.public_key.as_deref(), Some(j.identity.spki()), "the joiner's key was recorded from TLS");
+    assert_eq!(
+        p.public_key.as_deref(),
+        Some(j.identity.spki()),
+        "the joiner's key was recorded from TLS"
+    );
     assert_eq!(p.name, "joiner");
 
     // Used: refused for anyone, the joiner included.
     let mut fk = connect(&k, &s).await;
     let e = fk.join(join(inv.secret_text())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert_eq!(code_of(fj.join(join(inv.secret_text())).await), Code::Unauthenticated);
+    assert_eq!(
+        code_of(fj.join(join(inv.secret_text())).await),
+        Code::Unauthenticated
+    );
     assert!(!server_node(&s).db.is_trusted(&k.id()).unwrap());
 
     // Expired (stored directly with an expiry in the past).
-    let old = Invite::new(server_node(&s).id(), vec![s.listen_address.to_string()], now_ms() - 1000);
-    server_node(&s).db.create_invite(&old.secret_hash(), old.expires_at_ms).unwrap();
+    let old = Invite::new(
+        server_node(&s).id(),
+        vec![s.listen_address.to_string()],
+        now_ms() - 1000,
+    );
+    server_node(&s)
+        .db
+        .create_invite(&old.secret_hash(), old.expires_at_ms)
+        .unwrap();
     let e = fk.join(join(old.secret_text())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(e.message().contains("expired"), "{e:?}");
 
     // Expired through Admin with a 1-second TTL.
-    let short = admin(&s).await.create_invite(CreateInviteRequest { ttl_seconds: 1 }).await.unwrap().into_inner();
+    let short = admin(&s)
+        .await
+        .create_invite(CreateInviteRequest { ttl_seconds: 1 })
+        .await
+        .unwrap()
+        .into_inner();
     let short = Invite::decode(&short.token).unwrap();
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(code_of(fk.join(join(short.secret_text())).await), Code::Unauthenticated);
+    assert_eq!(
+        code_of(fk.join(join(short.secret_text())).await),
+        Code::Unauthenticated
+    );
 
     // A made-up secret, and a malformed one.
     let fake = Invite::new(server_node(&s).id(), vec!["x:1".into()], now_ms() + 60_000);
-    assert_eq!(code_of(fk.join(join(fake.secret_text())).await), Code::Unauthenticated);
-    assert_eq!(code_of(fk.join(join("%%%".into())).await), Code::Unauthenticated);
-    assert!(!server_node(&s).db.is_trusted(&k.id()).unwrap(), "K never got in");
+    assert_eq!(
+        code_of(fk.join(join(fake.secret_text())).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code_of(fk.join(join("%%%".into())).await),
+        Code::Unauthenticated
+    );
+    assert!(
+        !server_node(&s).db.is_trusted(&k.id()).unwrap(),
+        "K never got in"
+    );
     s.shutdown().await;
 }
 
@@ -727,11 +1094,15 @@ async fn anonymous_channel(
         async move {
             let tcp = tokio::net::TcpStream::connect(addr).await?;
             let name = rustls::pki_types::ServerName::try_from("bitsync").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await?;
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
-    tonic::transport::Endpoint::from_static("http://bitsync.test").connect_with_connector(connector).await
+    tonic::transport::Endpoint::from_static("http://bitsync.test")
+        .connect_with_connector(connector)
+        .await
 }
 
 /// No client certificate: the handshake completes (client auth is optional),
@@ -740,19 +1111,40 @@ async fn anonymous_channel(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_client_certificate_is_unauthenticated() {
     let (_s_dir, s) = serve_node(&Cfg::default()).await;
-    let ch = within(20, "an anonymous connection", anonymous_channel(s.listen_address, anonymous_tls(&rustls::version::TLS13)))
-        .await
-        .expect("TLS 1.3 without a client certificate connects");
+    let ch = within(
+        20,
+        "an anonymous connection",
+        anonymous_channel(s.listen_address, anonymous_tls(&rustls::version::TLS13)),
+    )
+    .await
+    .expect("TLS 1.3 without a client certificate connects");
     let mut fed = FederationClient::new(ch);
     let e = fed.hello(HelloRequest {}).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("certificate"), "{e:?}");
-    assert_eq!(code_of(fed.list_manifests(ListManifestsRequest::default()).await), Code::Unauthenticated);
-    assert_eq!(code_of(fed.join(JoinRequest::default()).await), Code::Unauthenticated);
-    assert_eq!(code_of(fed.watch(WatchRequest::default()).await.map(|_| ())), Code::Unauthenticated);
+    assert_eq!(
+        code_of(fed.list_manifests(ListManifestsRequest::default()).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code_of(fed.join(JoinRequest::default()).await),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        code_of(fed.watch(WatchRequest::default()).await.map(|_| ())),
+        Code::Unauthenticated
+    );
 
-    let tls12 = within(20, "a TLS 1.2 attempt", anonymous_channel(s.listen_address, anonymous_tls(&rustls::version::TLS12))).await;
-    assert!(tls12.is_err(), "a TLS 1.2-only client must not get a connection");
+    let tls12 = within(
+        20,
+        "a TLS 1.2 attempt",
+        anonymous_channel(s.listen_address, anonymous_tls(&rustls::version::TLS12)),
+    )
+    .await;
+    assert!(
+        tls12.is_err(),
+        "a TLS 1.2-only client must not get a connection"
+    );
     s.shutdown().await;
 }
 
@@ -760,7 +1152,11 @@ async fn no_client_certificate_is_unauthenticated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_are_resource_exhausted() {
-    let cfg = Cfg { max_chunks_per_request: 8, max_streams_per_peer: 2, ..Cfg::default() };
+    let cfg = Cfg {
+        max_chunks_per_request: 8,
+        max_streams_per_peer: 2,
+        ..Cfg::default()
+    };
     let (_s_dir, s) = serve_node(&cfg).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     let (_b_dir, b) = make_node(&Cfg::default());
@@ -770,32 +1166,78 @@ async fn limits_are_resource_exhausted() {
     let mut fb = connect(&b, &s).await;
 
     // Too many chunk ids in one request; exactly the limit is fine.
-    let ids = |n: usize| (0..n).map(|i| Hash::of(format!("c{i}").as_bytes()).to_hex()).collect::<Vec<_>>();
-    let e = fa.stream_chunks(StreamChunksRequest { chunk_ids: ids(9) }).await.map(|_| ()).unwrap_err();
+    let ids = |n: usize| {
+        (0..n)
+            .map(|i| Hash::of(format!("c{i}").as_bytes()).to_hex())
+            .collect::<Vec<_>>()
+    };
+    let e = fa
+        .stream_chunks(StreamChunksRequest { chunk_ids: ids(9) })
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-    assert!(e.message().contains('8'), "the error names the limit: {e:?}");
-    let mut st = fa.stream_chunks(StreamChunksRequest { chunk_ids: ids(8) }).await.unwrap().into_inner();
+    assert!(
+        e.message().contains('8'),
+        "the error names the limit: {e:?}"
+    );
+    let mut st = fa
+        .stream_chunks(StreamChunksRequest { chunk_ids: ids(8) })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(drain_chunks(&mut st).await.unwrap().len(), 8);
     // A malformed chunk id fails the whole call.
     assert_eq!(
-        code_of(fa.stream_chunks(StreamChunksRequest { chunk_ids: vec!["zz".into()] }).await.map(|_| ())),
+        code_of(
+            fa.stream_chunks(StreamChunksRequest {
+                chunk_ids: vec!["zz".into()]
+            })
+            .await
+            .map(|_| ())
+        ),
         Code::InvalidArgument
     );
     // Too many manifests in one GetManifests.
-    let e = fa.get_manifests(GetManifestsRequest { content_ids: ids(1001) }).await.unwrap_err();
+    let e = fa
+        .get_manifests(GetManifestsRequest {
+            content_ids: ids(1001),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted);
 
     // Concurrent streams per peer: two open watches use A's slots.
-    let w1 = fa.watch(WatchRequest::default()).await.unwrap().into_inner();
-    let _w2 = fa.watch(WatchRequest::default()).await.unwrap().into_inner();
-    let e = fa.watch(WatchRequest::default()).await.map(|_| ()).unwrap_err();
+    let w1 = fa
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let _w2 = fa
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let e = fa
+        .watch(WatchRequest::default())
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert_eq!(
-        code_of(fa.stream_chunks(StreamChunksRequest { chunk_ids: ids(1) }).await.map(|_| ())),
+        code_of(
+            fa.stream_chunks(StreamChunksRequest { chunk_ids: ids(1) })
+                .await
+                .map(|_| ())
+        ),
         Code::ResourceExhausted
     );
     // The limit is per peer: B is unaffected.
-    let _wb = fb.watch(WatchRequest::default()).await.unwrap().into_inner();
+    let _wb = fb
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     // Closing a stream frees its slot (bounded wait).
     drop(w1);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -823,31 +1265,70 @@ async fn instance_config_holds_no_key_material() {
     let (_a_dir, a) = make_node(&Cfg::default());
     let (_b_dir, b) = make_node(&Cfg::default());
     trust(&s, &a.id());
-    server_node(&s).db.upsert_peer(&b.id(), "bee", "127.0.0.1:7", PeerState::Trusted, true).unwrap();
-    server_node(&s).db.set_setting("instance.motto", "hello").unwrap();
+    server_node(&s)
+        .db
+        .upsert_peer(&b.id(), "bee", "127.0.0.1:7", PeerState::Trusted, true)
+        .unwrap();
+    server_node(&s)
+        .db
+        .set_setting("instance.motto", "hello")
+        .unwrap();
     let mut fa = connect(&a, &s).await;
     fa.hello(HelloRequest {}).await.unwrap(); // records A's key on the server
-    let cfg = fa.get_instance_config(GetInstanceConfigRequest {}).await.unwrap().into_inner();
+    let cfg = fa
+        .get_instance_config(GetInstanceConfigRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cfg.node_id, server_node(&s).id().to_hex());
-    assert_eq!(cfg.settings.get("instance.motto").map(String::as_str), Some("hello"));
-    let bee = cfg.peers.iter().find(|p| p.node_id == b.id().to_hex()).expect("peer B is listed");
-    assert_eq!((bee.name.as_str(), bee.address.as_str(), bee.state.as_str(), bee.mirror), ("bee", "127.0.0.1:7", "trusted", true));
+    assert_eq!(
+        cfg.settings.get("instance.motto").map(String::as_str),
+        Some("hello")
+    );
+    let bee = cfg
+        .peers
+        .iter()
+        .find(|p| p.node_id == b.id().to_hex())
+        .expect("peer B is listed");
+    assert_eq!(
+        (
+            bee.name.as_str(),
+            bee.address.as_str(),
+            bee.state.as_str(),
+            bee.mirror
+        ),
+        ("bee", "127.0.0.1:7", "trusted", true)
+    );
     assert!(cfg.peers.iter().any(|p| p.node_id == a.id().to_hex()));
 
     let text = format!("{cfg:?}");
     let wire = cfg.encode_to_vec();
-    assert!(!text.to_uppercase().contains("PRIVATE"), "no field may mention a private key: {text}");
+    assert!(
+        !text.to_uppercase().contains("PRIVATE"),
+        "no field may mention a private key: {text}"
+    );
     for pem in [key_pem(server_node(&s)), key_pem(&a), key_pem(&b)] {
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        assert!(!text.contains(&body[..64]), "a private key leaked into the instance config");
+        assert!(
+            !text.contains(&body[..64]),
+            "a private key leaked into the instance config"
+        );
         let der = {
             use base64::Engine;
-            base64::engine::general_purpose::STANDARD.decode(&body).unwrap()
+            base64::engine::general_purpose::STANDARD
+                .decode(&body)
+                .unwrap()
         };
-        assert!(!wire.windows(64).any(|w| der.windows(64).next() == Some(w)), "private key bytes on the wire");
+        assert!(
+            !wire.windows(64).any(|w| der.windows(64).next() == Some(w)),
+            "private key bytes on the wire"
+        );
     }
     for (k, v) in &cfg.settings {
-        assert!(!k.to_lowercase().contains("secret") && !v.contains("PRIVATE"), "{k} = {v}");
+        assert!(
+            !k.to_lowercase().contains("secret") && !v.contains("PRIVATE"),
+            "{k} = {v}"
+        );
     }
     s.shutdown().await;
 }
@@ -859,7 +1340,10 @@ async fn instance_config_holds_no_key_material() {
 /// holding the drain, the client never hangs, and shutdown returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_ends_an_active_stream() {
-    let cfg = Cfg { chunk_size: 64 * 1024, ..Cfg::default() };
+    let cfg = Cfg {
+        chunk_size: 64 * 1024,
+        ..Cfg::default()
+    };
     let (_s_dir, s) = serve_node(&cfg).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
@@ -870,8 +1354,15 @@ async fn graceful_shutdown_ends_an_active_stream() {
     let server_id = server_node(&s).id();
 
     let mut fed = connect(&a, &s).await;
-    let mut st = fed.stream_chunks(StreamChunksRequest { chunk_ids: ids }).await.unwrap().into_inner();
-    within(10, "the first chunk", st.message()).await.unwrap().unwrap();
+    let mut st = fed
+        .stream_chunks(StreamChunksRequest { chunk_ids: ids })
+        .await
+        .unwrap()
+        .into_inner();
+    within(10, "the first chunk", st.message())
+        .await
+        .unwrap()
+        .unwrap();
 
     let started = Instant::now();
     let stopping = tokio::spawn(s.shutdown());
@@ -880,7 +1371,9 @@ async fn graceful_shutdown_ends_an_active_stream() {
     let end = loop {
         match within(20, "the stream to end after shutdown", st.message()).await {
             Ok(Some(_)) => got += 1,
-            Ok(None) => panic!("the stream ran to the end ({got} chunks) instead of being ended by the shutdown"),
+            Ok(None) => panic!(
+                "the stream ran to the end ({got} chunks) instead of being ended by the shutdown"
+            ),
             Err(e) => break e,
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -891,12 +1384,19 @@ async fn graceful_shutdown_ends_an_active_stream() {
     );
     assert!(got < 256);
     within(20, "shutdown to return", stopping).await.unwrap();
-    assert!(started.elapsed() < Duration::from_secs(15), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
 
     // The node no longer answers.
     let again = within(20, "a call after shutdown", async {
         let ch = dialer(&a).channel(server_id, &addr.to_string()).await?;
-        replicator::client(ch).hello(HelloRequest {}).await.map_err(bitsync::Error::from)?;
+        replicator::client(ch)
+            .hello(HelloRequest {})
+            .await
+            .map_err(bitsync::Error::from)?;
         Ok::<_, bitsync::Error>(())
     })
     .await;

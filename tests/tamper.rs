@@ -42,7 +42,10 @@ impl Fixture {
     }
 
     fn put(&self, data: &[u8]) -> ContentId {
-        let opts = PutOptions { kind: "file".into(), name: "victim".into() };
+        let opts = PutOptions {
+            kind: "file".into(),
+            name: "victim".into(),
+        };
         content::put(&self.node, &mut Cursor::new(data), &opts, &|_| {}).unwrap()
     }
 
@@ -57,8 +60,15 @@ impl Fixture {
         match content::get(&self.node, id, Output::File(&path), &|_| {}) {
             Ok(_) => Ok(fs::read(&path).unwrap()),
             Err(e) => {
-                let left: Vec<_> = fs::read_dir(self.out_dir()).unwrap().flatten().map(|e| e.file_name()).collect();
-                assert!(left.is_empty(), "a failed get left files behind: {left:?} (error: {e})");
+                let left: Vec<_> = fs::read_dir(self.out_dir())
+                    .unwrap()
+                    .flatten()
+                    .map(|e| e.file_name())
+                    .collect();
+                assert!(
+                    left.is_empty(),
+                    "a failed get left files behind: {left:?} (error: {e})"
+                );
                 Err(e)
             }
         }
@@ -90,14 +100,21 @@ impl Fixture {
     fn set_body(&self, id: &ContentId, body: &[u8]) {
         let n = self
             .sql()
-            .execute("UPDATE manifests SET body = ?2 WHERE content_id = ?1", rusqlite::params![id.to_hex(), body])
+            .execute(
+                "UPDATE manifests SET body = ?2 WHERE content_id = ?1",
+                rusqlite::params![id.to_hex(), body],
+            )
             .unwrap();
         assert_eq!(n, 1);
     }
 
     /// This node's envelope for `id`, unchanged.
     fn own_envelope(&self, id: &ContentId) -> Vec<u8> {
-        self.node.db.envelope(id, &self.node.id().to_hex()).unwrap().unwrap()
+        self.node
+            .db
+            .envelope(id, &self.node.id().to_hex())
+            .unwrap()
+            .unwrap()
     }
 }
 
@@ -134,9 +151,19 @@ fn flipped_chunk_byte_is_detected_and_quarantined() {
     let victim = f.chunk_path(&m, 1);
     flip(&victim, 100);
     let e = f.get_fails(&id, Kind::Integrity);
-    assert!(e.message().contains(&m.chunk_id(1).to_hex()), "names the chunk: {e}");
+    assert!(
+        e.message().contains(&m.chunk_id(1).to_hex()),
+        "names the chunk: {e}"
+    );
     assert!(!victim.exists(), "bad chunk left in chunks/");
-    assert!(f.node.paths.quarantine().join(m.chunk_id(1).to_hex()).exists(), "bad chunk not in quarantine/");
+    assert!(
+        f.node
+            .paths
+            .quarantine()
+            .join(m.chunk_id(1).to_hex())
+            .exists(),
+        "bad chunk not in quarantine/"
+    );
     // Now it is simply missing.
     f.get_fails(&id, Kind::NotFound);
 }
@@ -155,7 +182,11 @@ fn each_chunk_and_each_byte_position_class_is_covered() {
             f.get_fails(&id, Kind::Integrity);
             // Put the good chunk back (it was quarantined) and check the item is whole again.
             fs::write(&p, &orig).unwrap();
-            assert_eq!(f.get(&id).unwrap(), plain, "restoring chunk {i} restores the item");
+            assert_eq!(
+                f.get(&id).unwrap(),
+                plain,
+                "restoring chunk {i} restores the item"
+            );
         }
     }
 }
@@ -265,7 +296,10 @@ fn changed_body_byte_in_the_db_is_an_integrity_error() {
     let (id, m, _) = three_chunk_item(&f);
     let mut bytes = m.body_bytes().to_vec();
     // The kind string "file" → "fime".
-    let at = bytes.windows(4).position(|w| w == b"file").expect("kind in body");
+    let at = bytes
+        .windows(4)
+        .position(|w| w == b"file")
+        .expect("kind in body");
     bytes[at + 2] = b'm';
     f.set_body(&id, &bytes);
     let e = f.node.db.manifest(&id).unwrap_err();
@@ -273,7 +307,11 @@ fn changed_body_byte_in_the_db_is_an_integrity_error() {
     f.get_fails(&id, Kind::Integrity);
     // ls and verify notice too.
     let r = content::verify(&f.node, &|_, _| {}).unwrap();
-    assert!(r.problems.iter().any(|p| p.contains(&id.to_hex())), "verify: {:?}", r.problems);
+    assert!(
+        r.problems.iter().any(|p| p.contains(&id.to_hex())),
+        "verify: {:?}",
+        r.problems
+    );
 }
 
 /// Every single-byte change of a stored body must be reported as an integrity
@@ -292,7 +330,9 @@ fn every_single_byte_change_of_a_body_is_an_integrity_error() {
         b[at] ^= 0x01;
         match Manifest::from_signed(b, sig.clone()) {
             Ok(_) => panic!("flipping body byte {at} went unnoticed"),
-            Err(e) if e.kind() != Kind::Integrity => wrong.push(format!("byte {at}: {:?}: {}", e.kind(), e.message())),
+            Err(e) if e.kind() != Kind::Integrity => {
+                wrong.push(format!("byte {at}: {:?}: {}", e.kind(), e.message()))
+            }
             Err(_) => {}
         }
     }
@@ -302,7 +342,9 @@ fn every_single_byte_change_of_a_body_is_an_integrity_error() {
     f.set_body(&id, &b);
     match f.node.db.manifest(&id) {
         Ok(_) => panic!("altered format_version went unnoticed"),
-        Err(e) if e.kind() != Kind::Integrity => wrong.push(format!("db, byte 1: {:?}: {}", e.kind(), e.message())),
+        Err(e) if e.kind() != Kind::Integrity => {
+            wrong.push(format!("db, byte 1: {:?}: {}", e.kind(), e.message()))
+        }
         Err(_) => {}
     }
     assert!(
@@ -323,7 +365,10 @@ fn changed_signature_is_an_integrity_error() {
     sig[200] ^= 0x01;
     let set = |s: &[u8]| {
         f.sql()
-            .execute("UPDATE manifests SET signature = ?2 WHERE content_id = ?1", rusqlite::params![id.to_hex(), s])
+            .execute(
+                "UPDATE manifests SET signature = ?2 WHERE content_id = ?1",
+                rusqlite::params![id.to_hex(), s],
+            )
             .unwrap()
     };
     set(&sig);
@@ -380,7 +425,9 @@ fn changed_envelope_is_an_error() {
     assert!(e.message().contains("metadata"), "{e}");
 
     // No envelope for this node at all.
-    f.sql().execute("DELETE FROM envelopes WHERE content_id = ?1", [id.to_hex()]).unwrap();
+    f.sql()
+        .execute("DELETE FROM envelopes WHERE content_id = ?1", [id.to_hex()])
+        .unwrap();
     f.get_fails(&id, Kind::Denied);
 }
 
@@ -396,8 +443,14 @@ fn a_chunk_quarantined_by_get_is_no_longer_present() {
     flip(&f.chunk_path(&m, 0), 5);
     f.get_fails(&id, Kind::Integrity);
     assert!(!f.chunk_path(&m, 0).exists());
-    assert!(!f.node.db.has_chunk(&m.chunk_id(0)).unwrap(), "a quarantined chunk is still recorded as present");
-    assert!(!f.node.db.is_complete(&id).unwrap(), "item still reported complete");
+    assert!(
+        !f.node.db.has_chunk(&m.chunk_id(0)).unwrap(),
+        "a quarantined chunk is still recorded as present"
+    );
+    assert!(
+        !f.node.db.is_complete(&id).unwrap(),
+        "item still reported complete"
+    );
 }
 
 // ---- crashes between chunk write and record --------------------------------------
@@ -419,7 +472,12 @@ fn chunk_written_but_not_recorded_is_not_present() {
     let e = f.node.chunks.write(&ids[0], b"not it").unwrap_err();
     assert_eq!(e.kind(), Kind::Integrity);
     // A write torn by the crash, left in chunks/tmp/.
-    let torn = f.node.chunks.root().join("tmp").join(format!("{}.0000000000000000", ids[0].to_hex()));
+    let torn = f
+        .node
+        .chunks
+        .root()
+        .join("tmp")
+        .join(format!("{}.0000000000000000", ids[0].to_hex()));
     fs::write(&torn, b"half a chunk").unwrap();
 
     // "Crash" now: nothing was recorded. Reopen the data dir.
@@ -427,10 +485,16 @@ fn chunk_written_but_not_recorded_is_not_present() {
     drop(f.node);
     let n = Node::open(&root, &node::no_passphrase).unwrap();
     for cid in &ids {
-        assert!(!n.db.has_chunk(cid).unwrap(), "unrecorded chunk {cid} counts as present");
+        assert!(
+            !n.db.has_chunk(cid).unwrap(),
+            "unrecorded chunk {cid} counts as present"
+        );
     }
     assert!(n.db.chunk_list().unwrap().is_empty());
-    assert!(n.db.list_after(0, 100).unwrap().is_empty(), "no item is listed");
+    assert!(
+        n.db.list_after(0, 100).unwrap().is_empty(),
+        "no item is listed"
+    );
     assert!(n.db.content_ids().unwrap().is_empty());
     assert_eq!(n.db.stats().unwrap().chunks, 0);
     assert!(!torn.exists(), "opening the node clears chunks/tmp/");
@@ -441,7 +505,9 @@ fn chunk_written_but_not_recorded_is_not_present() {
 }
 
 fn count_chunk_files(chunks: &Path) -> usize {
-    let Ok(dirs) = fs::read_dir(chunks) else { return 0 };
+    let Ok(dirs) = fs::read_dir(chunks) else {
+        return 0;
+    };
     dirs.flatten()
         .filter(|d| d.file_name() != "tmp" && d.path().is_dir())
         .map(|d| fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
@@ -476,7 +542,10 @@ fn put_killed_mid_stream_leaves_no_manifest() {
     let chunks = root.join("chunks");
     let start = Instant::now();
     while count_chunk_files(&chunks) < 3 {
-        assert!(start.elapsed() < Duration::from_secs(120), "put wrote no chunks in 2 minutes");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "put wrote no chunks in 2 minutes"
+        );
         assert!(child.try_wait().unwrap().is_none(), "put exited early");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -489,17 +558,35 @@ fn put_killed_mid_stream_leaves_no_manifest() {
     assert!(sent >= 3 << 20);
 
     let n = Node::open(&root, &node::no_passphrase).unwrap();
-    assert!(n.db.content_ids().unwrap().is_empty(), "a killed put left a manifest");
-    assert!(n.db.chunk_list().unwrap().is_empty(), "a killed put left chunks recorded as present");
+    assert!(
+        n.db.content_ids().unwrap().is_empty(),
+        "a killed put left a manifest"
+    );
+    assert!(
+        n.db.chunk_list().unwrap().is_empty(),
+        "a killed put left chunks recorded as present"
+    );
     assert_eq!(n.db.head_seq().unwrap(), 0);
     let r = content::verify(&n, &|_, _| {}).unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     drop(n);
 
     // And the command line agrees.
-    let o = Command::new(BIN).arg("verify").env("BITSYNC_DATA_DIR", &root).output().unwrap();
-    assert!(o.status.success(), "verify after a killed put: {}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(BIN).args(["ls", "--json"]).env("BITSYNC_DATA_DIR", &root).output().unwrap();
+    let o = Command::new(BIN)
+        .arg("verify")
+        .env("BITSYNC_DATA_DIR", &root)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "verify after a killed put: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = Command::new(BIN)
+        .args(["ls", "--json"])
+        .env("BITSYNC_DATA_DIR", &root)
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
 }

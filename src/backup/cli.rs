@@ -109,7 +109,10 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
         Some(BackupCommand::Ls { repo, json }) => return list(repo, *json),
         None => {}
     }
-    let repo_dir = a.repo.as_ref().ok_or_else(|| Error::invalid("--repo DIR is required"))?;
+    let repo_dir = a
+        .repo
+        .as_ref()
+        .ok_or_else(|| Error::invalid("--repo DIR is required"))?;
     let data_dir = cli.data_dir();
     let paths = Paths::new(&data_dir);
     // The key is read only with --with-identity; a plain backup needs no passphrase.
@@ -127,11 +130,13 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
     }
     let opts = repo::BackupOptions {
         keep_last: a.keep_last.map(|n| n as usize),
-        identity: held.as_ref().map(|(identity, pass, sealed_on_node)| repo::WithIdentity {
-            identity,
-            passphrase: pass.as_str(),
-            sealed_on_node: *sealed_on_node,
-        }),
+        identity: held
+            .as_ref()
+            .map(|(identity, pass, sealed_on_node)| repo::WithIdentity {
+                identity,
+                passphrase: pass.as_str(),
+                sealed_on_node: *sealed_on_node,
+            }),
     };
     let started = std::time::Instant::now();
     let out = repo::backup(&data_dir, repo_dir, &opts, &bytes_bar("backup"))?;
@@ -153,7 +158,11 @@ pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
         eprintln!(
             "pruned {} snapshot(s){}, {} chunk(s) ({}) no snapshot needs",
             p.removed_snapshots.len(),
-            if p.removed_snapshots.is_empty() { String::new() } else { format!(" ({})", p.removed_snapshots.join(", ")) },
+            if p.removed_snapshots.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", p.removed_snapshots.join(", "))
+            },
             p.removed_chunks,
             human_bytes(p.removed_bytes)
         );
@@ -179,7 +188,11 @@ fn verify(repo_dir: &std::path::Path, snapshot: Option<&str>) -> Result<()> {
         r.problems.len()
     );
     if !r.problems.is_empty() {
-        return Err(Error::integrity(format!("backup verify found {} problem(s) in {}", r.problems.len(), repo_dir.display())));
+        return Err(Error::integrity(format!(
+            "backup verify found {} problem(s) in {}",
+            r.problems.len(),
+            repo_dir.display()
+        )));
     }
     Ok(())
 }
@@ -198,7 +211,10 @@ fn list(repo_dir: &std::path::Path, json: bool) -> Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else {
-        println!("{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  KEY", "SNAPSHOT", "TIME", "NODE", "ITEMS", "CHUNKS", "SIZE");
+        println!(
+            "{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  KEY",
+            "SNAPSHOT", "TIME", "NODE", "ITEMS", "CHUNKS", "SIZE"
+        );
         for m in &all {
             println!(
                 "{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  {}",
@@ -220,8 +236,17 @@ fn list(repo_dir: &std::path::Path, json: bool) -> Result<()> {
 
 pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     let dest = cli.data_dir();
-    let opts = restore::RestoreOptions { snapshot: a.snapshot.as_deref(), new_identity: a.new_identity };
-    let out = restore::restore(&a.repo, &dest, &opts, &|| cli.passphrase(false), &bytes_bar("restore"))?;
+    let opts = restore::RestoreOptions {
+        snapshot: a.snapshot.as_deref(),
+        new_identity: a.new_identity,
+    };
+    let out = restore::restore(
+        &a.repo,
+        &dest,
+        &opts,
+        &|| cli.passphrase(false),
+        &bytes_bar("restore"),
+    )?;
     eprintln!(
         "restored snapshot {} into {}: {} items, {} chunks ({})",
         out.snapshot,
@@ -236,15 +261,32 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
             out.node_id,
             out.old_node_id,
             r.rewrapped,
-            if r.without_key > 0 { format!(", {} item(s) had no key for the old node and stay unreadable here", r.without_key) } else { String::new() }
+            if r.without_key > 0 {
+                format!(
+                    ", {} item(s) had no key for the old node and stay unreadable here",
+                    r.without_key
+                )
+            } else {
+                String::new()
+            }
         );
         if out.peers_to_retrust.is_empty() {
             eprintln!("no trusted peers: nothing else to do");
         } else {
-            eprintln!("these peers trusted the old id {} and must now trust the new one; on each, run:", out.old_node_id);
+            eprintln!(
+                "these peers trusted the old id {} and must now trust the new one; on each, run:",
+                out.old_node_id
+            );
             for (id, name, address) in &out.peers_to_retrust {
-                let label = if name.is_empty() { String::new() } else { format!(" ({name})") };
-                eprintln!("  peer {id}{label} at {address}: bitsync peer add {} <this node's HOST:PORT>", out.node_id);
+                let label = if name.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({name})")
+                };
+                eprintln!(
+                    "  peer {id}{label} at {address}: bitsync peer add {} <this node's HOST:PORT>",
+                    out.node_id
+                );
             }
         }
     }
@@ -257,7 +299,10 @@ pub fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
     let paths = Paths::new(&data_dir);
     let o = clone_instance::CloneOptions {
         source_db: a.source_db.clone().unwrap_or_else(|| paths.db()),
-        source_attachments: a.source_attachments.clone().unwrap_or_else(|| paths.chunks()),
+        source_attachments: a
+            .source_attachments
+            .clone()
+            .unwrap_or_else(|| paths.chunks()),
         dest_db: a.dest_db.clone(),
         dest_attachments: a.dest_attachments.clone(),
         force: a.force,
@@ -274,14 +319,25 @@ pub fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
             )));
         }
         if !super::confirm("Replace the existing destination?")? {
-            return Err(Error::exists("not replaced: the destination was left as it was"));
+            return Err(Error::exists(
+                "not replaced: the destination was left as it was",
+            ));
         }
         o.force = true;
     }
-    let source_key = a.source_db.as_ref().map(|p| p.parent().unwrap_or(std::path::Path::new(".")).join("node.key"));
+    let source_key = a.source_db.as_ref().map(|p| {
+        p.parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("node.key")
+    });
     let source_key = source_key.unwrap_or_else(|| paths.key());
     let pass = || cli.passphrase(false);
-    let out = clone_instance::run(&o, &plan, Some((&source_key, &pass)), &bytes_bar("clone-instance"))?;
+    let out = clone_instance::run(
+        &o,
+        &plan,
+        Some((&source_key, &pass)),
+        &bytes_bar("clone-instance"),
+    )?;
     eprintln!(
         "cloned in {:.1} s: database {} (integrity_check ok), {} chunks ({}) copied and re-hashed",
         out.elapsed.as_secs_f64(),
@@ -312,9 +368,15 @@ pub fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
 }
 
 pub fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
-    let key = a.axon_key.as_deref().map(import_axon::load_axon_key).transpose()?;
+    let key = a
+        .axon_key
+        .as_deref()
+        .map(import_axon::load_axon_key)
+        .transpose()?;
     let node = cli.open_node()?;
-    let report = import_axon::import(&node, &a.dir, key.as_ref(), &|label| tracing::info!("importing {label}"))?;
+    let report = import_axon::import(&node, &a.dir, key.as_ref(), &|label| {
+        tracing::info!("importing {label}")
+    })?;
     let mut applet = None;
     let (mut imported, mut already) = (0, 0);
     for it in &report.items {
@@ -324,12 +386,20 @@ pub fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
         }
         let what = match &it.kind {
             crate::axon::AxonItemKind::AppletCode => "code".to_string(),
-            crate::axon::AxonItemKind::AppletData { instance_id, owner_username } => {
+            crate::axon::AxonItemKind::AppletData {
+                instance_id,
+                owner_username,
+            } => {
                 format!("data of {owner_username} (id {instance_id})")
             }
         };
         match &it.status {
-            import_axon::Status::Imported { legacy, native, already: was, note } => {
+            import_axon::Status::Imported {
+                legacy,
+                native,
+                already: was,
+                note,
+            } => {
                 imported += 1;
                 if *was {
                     already += 1;
@@ -341,7 +411,15 @@ pub fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
                 if let Some(n) = native {
                     parts.push(format!("native {}", n));
                 }
-                println!("  {what}: complete, {}{}", if *was { "already imported: " } else { "imported: " }, parts.join(", "));
+                println!(
+                    "  {what}: complete, {}{}",
+                    if *was {
+                        "already imported: "
+                    } else {
+                        "imported: "
+                    },
+                    parts.join(", ")
+                );
                 if let Some(n) = note {
                     println!("    note: {n}");
                 }
@@ -359,7 +437,9 @@ pub fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
                     println!("    {p}");
                 }
             }
-            import_axon::Status::Failed { reason } => println!("  {what}: FAILED, not imported: {reason}"),
+            import_axon::Status::Failed { reason } => {
+                println!("  {what}: FAILED, not imported: {reason}")
+            }
         }
     }
     let skipped = report.skipped();

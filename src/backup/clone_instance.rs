@@ -35,6 +35,9 @@ use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
 
+/// The source's node key file and how to get its passphrase if it is sealed.
+pub type SourceKey<'a> = (&'a Path, &'a dyn Fn() -> Result<Zeroizing<String>>);
+
 pub struct CloneOptions {
     pub source_db: PathBuf,
     pub source_attachments: PathBuf,
@@ -70,7 +73,10 @@ pub struct CloneOutcome {
 }
 
 fn parent_of(p: &Path) -> PathBuf {
-    p.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+    p.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -80,15 +86,27 @@ fn absolute(p: &Path) -> PathBuf {
 /// Check the paths and measure what would be copied (reads only).
 pub fn plan(o: &CloneOptions) -> Result<Plan> {
     if !o.source_db.is_file() {
-        return Err(Error::not_found(format!("source database {} does not exist", o.source_db.display())));
+        return Err(Error::not_found(format!(
+            "source database {} does not exist",
+            o.source_db.display()
+        )));
     }
     if !o.source_attachments.is_dir() {
-        return Err(Error::not_found(format!("source attachments {} is not a directory", o.source_attachments.display())));
+        return Err(Error::not_found(format!(
+            "source attachments {} is not a directory",
+            o.source_attachments.display()
+        )));
     }
-    let (sd, sa, dd, da) =
-        (absolute(&o.source_db), absolute(&o.source_attachments), absolute(&o.dest_db), absolute(&o.dest_attachments));
+    let (sd, sa, dd, da) = (
+        absolute(&o.source_db),
+        absolute(&o.source_attachments),
+        absolute(&o.dest_db),
+        absolute(&o.dest_attachments),
+    );
     if dd == sd || da == sa {
-        return Err(Error::invalid("the destination is the source; choose other --dest-db and --dest-attachments"));
+        return Err(Error::invalid(
+            "the destination is the source; choose other --dest-db and --dest-attachments",
+        ));
     }
     if da.starts_with(&sa) || sa.starts_with(&da) || dd.starts_with(&sa) || dd.starts_with(&da) {
         return Err(Error::invalid(
@@ -96,11 +114,16 @@ pub fn plan(o: &CloneOptions) -> Result<Plan> {
         ));
     }
     if dd.is_dir() {
-        return Err(Error::invalid(format!("--dest-db {} is a directory; give the database file's path", dd.display())));
+        return Err(Error::invalid(format!(
+            "--dest-db {} is a directory; give the database file's path",
+            dd.display()
+        )));
     }
     let facts = dbcopy::facts(&o.source_db)?;
     let db_bytes = fs::metadata(&o.source_db).map(|m| m.len()).unwrap_or(0);
-    let wal_bytes = fs::metadata(wal_path(&o.source_db)).map(|m| m.len()).unwrap_or(0);
+    let wal_bytes = fs::metadata(wal_path(&o.source_db))
+        .map(|m| m.len())
+        .unwrap_or(0);
     let mut existing = Vec::new();
     if o.dest_db.exists() {
         existing.push(o.dest_db.clone());
@@ -140,25 +163,30 @@ pub fn key_path(o: &CloneOptions) -> PathBuf {
 pub fn run(
     o: &CloneOptions,
     plan: &Plan,
-    source_key: Option<(&Path, &dyn Fn() -> Result<Zeroizing<String>>)>,
+    source_key: Option<SourceKey<'_>>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<CloneOutcome> {
     let started = std::time::Instant::now();
     if !plan.existing.is_empty() && !o.force {
-        return Err(Error::exists(format!("{} exists; pass --force to replace it", plan.existing[0].display())));
+        return Err(Error::exists(format!(
+            "{} exists; pass --force to replace it",
+            plan.existing[0].display()
+        )));
     }
     // Open the source key first: a wrong passphrase stops before anything is written.
     let mut old_identity = None;
     let mut sealed = None;
     if o.new_identity {
-        let (path, pass) = source_key.ok_or_else(|| Error::invalid("--new-identity needs the source node key"))?;
+        let (path, pass) =
+            source_key.ok_or_else(|| Error::invalid("--new-identity needs the source node key"))?;
         if !path.is_file() {
             return Err(Error::not_found(format!(
                 "--new-identity needs the source's node key to re-wrap item keys, and {} does not exist",
                 path.display()
             )));
         }
-        let text = Zeroizing::new(fs::read_to_string(path).ctx(format!("reading {}", path.display()))?);
+        let text =
+            Zeroizing::new(fs::read_to_string(path).ctx(format!("reading {}", path.display()))?);
         let is_sealed = text.contains("BITSYNC SEALED KEY");
         let once = std::cell::OnceCell::new();
         let cached = || -> Result<Zeroizing<String>> {
@@ -184,7 +212,10 @@ pub fn run(
         }
         old_identity = Some(id);
     }
-    super::check_space(&o.dest_attachments, plan.chunk_bytes + plan.db_bytes + plan.wal_bytes)?;
+    super::check_space(
+        &o.dest_attachments,
+        plan.chunk_bytes + plan.db_bytes + plan.wal_bytes,
+    )?;
 
     // Where to build. One fresh directory for everything when possible.
     let db_parent = parent_of(&o.dest_db);
@@ -199,7 +230,11 @@ pub fn run(
         guards.push(TempTree::new(root.clone()));
         super::create_private_dir(&root)?;
         let name = |p: &Path| p.file_name().map(PathBuf::from).unwrap_or_default();
-        (root.join(name(&o.dest_db)), root.join(name(&o.dest_attachments)), Some(root))
+        (
+            root.join(name(&o.dest_db)),
+            root.join(name(&o.dest_attachments)),
+            Some(root),
+        )
     } else {
         for p in [&db_parent, &att_parent] {
             fs::create_dir_all(p).ctx(format!("creating {}", p.display()))?;
@@ -234,6 +269,7 @@ pub fn run(
         tmp_dir: &tmp,
         skip_existing: false,
         src_label: "the source attachments",
+        staged: true,
     };
     let total = facts.chunk_bytes();
     let stats = copy::copy_chunks(&job, &facts.chunks, &|d| progress(d, total))
@@ -260,14 +296,18 @@ pub fn run(
     let mut key_written = None;
     let mut config_written = None;
     let source_config = parent_of(&o.source_db).join("config.toml");
-    let write_extras = |dir: &Path, key_written: &mut Option<PathBuf>, config_written: &mut Option<PathBuf>| -> Result<()> {
+    let write_extras = |dir: &Path,
+                        key_written: &mut Option<PathBuf>,
+                        config_written: &mut Option<PathBuf>|
+     -> Result<()> {
         if let Some(n) = &new_identity {
             let p = dir.join("node.key");
             n.save(&p, sealed.as_deref().map(|s| s.as_str()))?;
             *key_written = Some(key_path(o));
             let cfg = dir.join("config.toml");
             if !cfg.exists() && source_config.is_file() {
-                let text = fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
+                let text =
+                    fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
                 crate::identity::write_private_file(&cfg, &text)?;
                 *config_written = Some(parent_of(&o.dest_db).join("config.toml"));
             }
@@ -280,7 +320,8 @@ pub fn run(
     if let Some(root) = stage_root {
         write_extras(&root, &mut key_written, &mut config_written)?;
         fsync_dir(&root)?;
-        fs::rename(&root, &db_parent).ctx(format!("moving the copy into {}", db_parent.display()))?;
+        fs::rename(&root, &db_parent)
+            .ctx(format!("moving the copy into {}", db_parent.display()))?;
         guards.clear_disarmed();
         fsync_dir(&parent_of(&db_parent))?;
     } else {
@@ -289,13 +330,19 @@ pub fn run(
         let had_att = o.dest_attachments.exists();
         if had_att {
             let _ = fs::remove_dir_all(&old_att);
-            fs::rename(&o.dest_attachments, &old_att).ctx(format!("moving the old {} aside", o.dest_attachments.display()))?;
+            fs::rename(&o.dest_attachments, &old_att).ctx(format!(
+                "moving the old {} aside",
+                o.dest_attachments.display()
+            ))?;
         }
         if let Err(e) = fs::rename(&stage_att, &o.dest_attachments) {
             if had_att {
                 let _ = fs::rename(&old_att, &o.dest_attachments);
             }
-            return Err(Error::from_io(e, format!("moving the copy into {}", o.dest_attachments.display())));
+            return Err(Error::from_io(
+                e,
+                format!("moving the copy into {}", o.dest_attachments.display()),
+            ));
         }
         if had_att {
             let _ = fs::remove_dir_all(&old_att);
@@ -310,7 +357,10 @@ pub fn run(
                 Err(e) => return Err(Error::from_io(e, format!("removing {}", side.display()))),
             }
         }
-        fs::rename(&stage_db, &o.dest_db).ctx(format!("moving the database copy to {}", o.dest_db.display()))?;
+        fs::rename(&stage_db, &o.dest_db).ctx(format!(
+            "moving the database copy to {}",
+            o.dest_db.display()
+        ))?;
         guards.clear_disarmed();
         fsync_dir(&db_parent)?;
     }
@@ -347,7 +397,14 @@ pub fn describe(o: &CloneOptions, p: &Plan) -> String {
         p.node_id,
         o.source_db.display(),
         human_bytes(p.db_bytes),
-        if p.wal_bytes > 0 { format!(" + {} not yet checkpointed in -wal", human_bytes(p.wal_bytes)) } else { String::new() },
+        if p.wal_bytes > 0 {
+            format!(
+                " + {} not yet checkpointed in -wal",
+                human_bytes(p.wal_bytes)
+            )
+        } else {
+            String::new()
+        },
         o.source_attachments.display(),
         p.chunks,
         human_bytes(p.chunk_bytes)
@@ -362,7 +419,10 @@ pub fn describe(o: &CloneOptions, p: &Plan) -> String {
         }
     ));
     if o.new_identity {
-        s.push_str(&format!("  new node key {} (the copy gets its own identity)\n", key_path(o).display()));
+        s.push_str(&format!(
+            "  new node key {} (the copy gets its own identity)\n",
+            key_path(o).display()
+        ));
     }
     for e in &p.existing {
         s.push_str(&format!("  {} exists and will be replaced\n", e.display()));

@@ -10,6 +10,13 @@
 //!
 //! Several threads copy at once (SHA-256 and the page cache both scale), each
 //! with its own reusable buffer.
+//!
+//! The bytes are moved with copy_file_range(2) from the same open file
+//! descriptor that was just read and hashed (an in-kernel copy, several times
+//! faster than write(2) from user memory on the machines measured; see
+//! docs/BENCHMARKS.md), falling back to write(2) where the kernel cannot.
+//! Chunk files are never modified in place (only created by rename), and the
+//! descriptor pins the inode, so the copied bytes are the hashed bytes.
 
 use std::collections::HashSet;
 use std::fs;
@@ -48,17 +55,34 @@ pub struct CopyJob<'a> {
     pub skip_existing: bool,
     /// How the source is named in errors ("the data dir", "the repository").
     pub src_label: &'a str,
+    /// Write each chunk straight under its final name instead of a temp file
+    /// and a rename: only for destinations that are themselves staged and
+    /// become visible as a whole after a sync (restore, clone-instance).
+    pub staged: bool,
 }
 
+/// Copies are mostly waiting on the filesystem (creates, renames), not on
+/// the CPU (SHA-256 runs at GB/s), so more threads than cores pay off.
 fn threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 4)
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    std::env::var("BITSYNC_COPY_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cpus * 4)
+        .clamp(1, 16)
 }
 
 /// Copy every chunk in `list` (id, ciphertext size) from `src_root` to
 /// `dst_root`, re-hashing each. Stops at the first failure and returns it;
 /// chunks already renamed into place stay (they are whole and named by their
 /// hash, so they are harmless and reused by the next run).
-pub fn copy_chunks(job: &CopyJob<'_>, list: &[(ChunkId, u64)], progress: &(dyn Fn(u64) + Sync)) -> Result<CopyStats> {
+pub fn copy_chunks(
+    job: &CopyJob<'_>,
+    list: &[(ChunkId, u64)],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<CopyStats> {
     fs::create_dir_all(job.tmp_dir).ctx(format!("creating {}", job.tmp_dir.display()))?;
     fs::create_dir_all(job.dst_root).ctx(format!("creating {}", job.dst_root.display()))?;
     let next = AtomicUsize::new(0);
@@ -90,7 +114,10 @@ pub fn copy_chunks(job: &CopyJob<'_>, list: &[(ChunkId, u64)], progress: &(dyn F
                         }
                         Err(e) => {
                             stop.store(true, Ordering::Relaxed);
-                            first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
                             break;
                         }
                     }
@@ -128,22 +155,42 @@ fn copy_one(
         }
     }
     let src = chunk_path(job.src_root, id);
-    read_verified(&src, id, size, buf, job.src_label)?;
+    let src_file = open_verified(&src, id, size, buf, job.src_label)?;
     let hex = id.to_hex();
     let prefix = hex[..2].to_string();
-    let known = made_dirs.lock().unwrap_or_else(|p| p.into_inner()).contains(&prefix);
+    let known = made_dirs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&prefix);
     if !known {
         let d = job.dst_root.join(&prefix);
         fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
-        made_dirs.lock().unwrap_or_else(|p| p.into_inner()).insert(prefix);
+        made_dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(prefix);
     }
     *n += 1;
-    let tmp = job.tmp_dir.join(format!("{hex}.{}.{worker}.{n}", std::process::id()));
+    let tmp = if job.staged {
+        dst.clone()
+    } else {
+        job.tmp_dir
+            .join(format!("{hex}.{}.{worker}.{n}", std::process::id()))
+    };
     let result = (|| {
         let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(buf).ctx(format!("writing {}", tmp.display()))?;
+        if !copy_range(&src_file, &f, buf.len() as u64).ctx(format!(
+            "copying {} to {}",
+            src.display(),
+            tmp.display()
+        ))? {
+            f.write_all(buf).ctx(format!("writing {}", tmp.display()))?;
+        }
         drop(f);
-        fs::rename(&tmp, &dst).ctx(format!("renaming a chunk into {}", dst.display()))
+        if !job.staged {
+            fs::rename(&tmp, &dst).ctx(format!("renaming a chunk into {}", dst.display()))?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -151,9 +198,69 @@ fn copy_one(
     result.map(|_| true)
 }
 
+/// Copy `len` bytes from the start of `src` to the start of the empty `dst`
+/// inside the kernel. `Ok(false)`: this kernel or filesystem cannot, nothing
+/// was written, use write(2).
+fn copy_range(src: &fs::File, dst: &fs::File, len: u64) -> std::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let (mut off_in, mut off_out): (libc::loff_t, libc::loff_t) = (0, 0);
+    while (off_out as u64) < len {
+        let want = (len - off_out as u64) as usize;
+        // SAFETY: valid descriptors and offset pointers to live locals; no other memory is touched.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            let unsupported = matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP | libc::EPERM)
+            );
+            if unsupported && off_out == 0 {
+                return Ok(false);
+            }
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the chunk file got shorter while it was copied",
+            ));
+        }
+    }
+    Ok(true)
+}
+
 /// Read the chunk file at `path` into `buf` and check it is chunk `id` of
 /// `size` bytes (`size` 0: any size). Errors name the file.
-pub fn read_verified(path: &Path, id: &ChunkId, size: u64, buf: &mut Vec<u8>, src_label: &str) -> Result<()> {
+pub fn read_verified(
+    path: &Path,
+    id: &ChunkId,
+    size: u64,
+    buf: &mut Vec<u8>,
+    src_label: &str,
+) -> Result<()> {
+    open_verified(path, id, size, buf, src_label).map(|_| ())
+}
+
+/// [`read_verified`], returning the open file (positioned at its end).
+fn open_verified(
+    path: &Path,
+    id: &ChunkId,
+    size: u64,
+    buf: &mut Vec<u8>,
+    src_label: &str,
+) -> Result<fs::File> {
     buf.clear();
     let mut f = match fs::File::open(path) {
         Ok(f) => f,
@@ -163,7 +270,12 @@ pub fn read_verified(path: &Path, id: &ChunkId, size: u64, buf: &mut Vec<u8>, sr
                 path.display()
             )))
         }
-        Err(e) => return Err(Error::from_io(e, format!("opening chunk {}", path.display()))),
+        Err(e) => {
+            return Err(Error::from_io(
+                e,
+                format!("opening chunk {}", path.display()),
+            ))
+        }
     };
     let len = f.metadata().ctx(format!("chunk {}", path.display()))?.len();
     if len > MAX_CHUNK_BYTES as u64 || (size != 0 && len != size) {
@@ -172,7 +284,9 @@ pub fn read_verified(path: &Path, id: &ChunkId, size: u64, buf: &mut Vec<u8>, sr
             path.display()
         )));
     }
-    f.read_to_end(buf).ctx(format!("reading chunk {}", path.display()))?;
+    buf.reserve(len as usize + 1);
+    f.read_to_end(buf)
+        .ctx(format!("reading chunk {}", path.display()))?;
     let actual = Hash::of(buf);
     if actual != *id {
         return Err(Error::integrity(format!(
@@ -180,5 +294,5 @@ pub fn read_verified(path: &Path, id: &ChunkId, size: u64, buf: &mut Vec<u8>, sr
             path.display()
         )));
     }
-    Ok(())
+    Ok(f)
 }

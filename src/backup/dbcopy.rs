@@ -28,11 +28,18 @@ fn ctx(e: rusqlite::Error, what: impl std::fmt::Display) -> Error {
 /// Open a database only to read it. Nothing is created: a missing file is NotFound.
 pub fn open_read_only(path: &Path) -> Result<Connection> {
     if !path.is_file() {
-        return Err(Error::not_found(format!("database {} does not exist", path.display())));
+        return Err(Error::not_found(format!(
+            "database {} does not exist",
+            path.display()
+        )));
     }
-    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| ctx(e, format!("opening {}", path.display())))?;
-    c.busy_timeout(BUSY_WAIT).map_err(|e| ctx(e, path.display()))?;
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| ctx(e, format!("opening {}", path.display())))?;
+    c.busy_timeout(BUSY_WAIT)
+        .map_err(|e| ctx(e, path.display()))?;
     Ok(c)
 }
 
@@ -44,19 +51,26 @@ pub fn snapshot_db(src: &Path, dst: &Path) -> Result<()> {
     }
     let from = open_read_only(src)?;
     // Fail early, with a clear message, on a file that is not a bitsync database.
-    schema_version(&from).map_err(|e| e.context(format!("{} is not a bitsync database", src.display())))?;
+    schema_version(&from)
+        .map_err(|e| e.context(format!("{} is not a bitsync database", src.display())))?;
     let result = (|| {
-        let mut to = Connection::open(dst).map_err(|e| ctx(e, format!("creating {}", dst.display())))?;
+        let mut to =
+            Connection::open(dst).map_err(|e| ctx(e, format!("creating {}", dst.display())))?;
         {
             let b = rusqlite::backup::Backup::new(&from, &mut to)
                 .map_err(|e| ctx(e, format!("starting the copy of {}", src.display())))?;
             let started = Instant::now();
             loop {
                 use rusqlite::backup::StepResult::*;
-                match b.step(-1).map_err(|e| ctx(e, format!("copying {}", src.display())))? {
+                match b
+                    .step(-1)
+                    .map_err(|e| ctx(e, format!("copying {}", src.display())))?
+                {
                     Done => break,
                     More => continue,
-                    Busy | Locked if started.elapsed() < BUSY_WAIT => std::thread::sleep(Duration::from_millis(20)),
+                    Busy | Locked if started.elapsed() < BUSY_WAIT => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
                     _ => {
                         return Err(Error::unavailable(format!(
                             "{} stayed locked for {}s; retry when the node is less busy",
@@ -72,9 +86,13 @@ pub fn snapshot_db(src: &Path, dst: &Path) -> Result<()> {
             .query_row("PRAGMA journal_mode=DELETE", [], |r| r.get(0))
             .map_err(|e| ctx(e, format!("{}", dst.display())))?;
         if !mode.eq_ignore_ascii_case("delete") {
-            return Err(Error::io(format!("{}: could not leave WAL mode (journal mode is {mode})", dst.display())));
+            return Err(Error::io(format!(
+                "{}: could not leave WAL mode (journal mode is {mode})",
+                dst.display()
+            )));
         }
-        to.pragma_update(None, "synchronous", "FULL").map_err(|e| ctx(e, dst.display()))?;
+        to.pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| ctx(e, dst.display()))?;
         drop(to);
         super::fsync_file(dst)
     })();
@@ -87,7 +105,11 @@ pub fn snapshot_db(src: &Path, dst: &Path) -> Result<()> {
 
 fn schema_version(c: &Connection) -> Result<String> {
     let v: Option<String> = c
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(Error::from)?;
     match v {
@@ -139,28 +161,42 @@ pub fn facts(path: &Path) -> Result<DbFacts> {
     let what = |e: Error| e.context(format!("reading {}", path.display()));
     schema_version(&c).map_err(what)?;
     let node_id: String = c
-        .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| {
+            r.get(0)
+        })
         .optional()
         .map_err(Error::from)
         .map_err(what)?
         .ok_or_else(|| Error::integrity(format!("{} has no node id", path.display())))?;
     let node_id = Hash::parse(&node_id, "node id").map_err(what)?;
-    let manifests: i64 = c.query_row("SELECT COUNT(*) FROM manifests", [], |r| r.get(0)).map_err(Error::from).map_err(what)?;
+    let manifests: i64 = c
+        .query_row("SELECT COUNT(*) FROM manifests", [], |r| r.get(0))
+        .map_err(Error::from)
+        .map_err(what)?;
     let head_seq: i64 = c
-        .query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| r.get(0))
+        .query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| {
+            r.get(0)
+        })
         .map_err(Error::from)
         .map_err(what)?;
     let mut chunks = Vec::new();
     {
-        let mut st = c.prepare("SELECT chunk_id, size FROM chunks ORDER BY chunk_id").map_err(Error::from).map_err(what)?;
+        let mut st = c
+            .prepare("SELECT chunk_id, size FROM chunks ORDER BY chunk_id")
+            .map_err(Error::from)
+            .map_err(what)?;
         let rows = st
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
             .map_err(Error::from)
             .map_err(what)?;
         for row in rows {
             let (id, size) = row.map_err(Error::from).map_err(what)?;
-            let id = Hash::parse(&id, "chunk id")
-                .map_err(|_| Error::integrity(format!("{} holds a malformed chunk id {id:?}", path.display())))?;
+            let id = Hash::parse(&id, "chunk id").map_err(|_| {
+                Error::integrity(format!(
+                    "{} holds a malformed chunk id {id:?}",
+                    path.display()
+                ))
+            })?;
             chunks.push((id, size as u64));
         }
     }
@@ -171,14 +207,26 @@ pub fn facts(path: &Path) -> Result<DbFacts> {
             .map_err(Error::from)
             .map_err(what)?;
         let rows = st
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
             .map_err(Error::from)
             .map_err(what)?;
         for row in rows {
             trusted_peers.push(row.map_err(Error::from).map_err(what)?);
         }
     }
-    Ok(DbFacts { node_id, manifests: manifests as u64, head_seq: head_seq as u64, chunks, trusted_peers })
+    Ok(DbFacts {
+        node_id,
+        manifests: manifests as u64,
+        head_seq: head_seq as u64,
+        chunks,
+        trusted_peers,
+    })
 }
 
 /// What [`rekey`] changed.
@@ -196,13 +244,20 @@ pub struct RekeyReport {
 /// paging by seq sees it again), and `meta.node_id` becomes the new id. One
 /// transaction: on any failure nothing changes.
 pub fn rekey(db: &Path, old: &Identity, new: &Identity) -> Result<RekeyReport> {
-    let mut c = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .map_err(|e| ctx(e, format!("opening {}", db.display())))?;
+    let mut c = Connection::open_with_flags(
+        db,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| ctx(e, format!("opening {}", db.display())))?;
     c.busy_timeout(BUSY_WAIT).map_err(Error::from)?;
-    c.pragma_update(None, "synchronous", "FULL").map_err(Error::from)?;
-    c.pragma_update(None, "foreign_keys", "ON").map_err(Error::from)?;
+    c.pragma_update(None, "synchronous", "FULL")
+        .map_err(Error::from)?;
+    c.pragma_update(None, "foreign_keys", "ON")
+        .map_err(Error::from)?;
     let stored: String = c
-        .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| {
+            r.get(0)
+        })
         .map_err(|e| ctx(e, format!("reading the node id of {}", db.display())))?;
     if stored != old.id().to_hex() {
         return Err(Error::integrity(format!(
@@ -212,7 +267,9 @@ pub fn rekey(db: &Path, old: &Identity, new: &Identity) -> Result<RekeyReport> {
     }
     let old_hex = old.id().to_hex();
     let new_hex = new.id().to_hex();
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate).map_err(Error::from)?;
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(Error::from)?;
     let rows: Vec<(String, Vec<u8>)> = {
         let mut st = tx
             .prepare(
@@ -220,31 +277,52 @@ pub fn rekey(db: &Path, old: &Identity, new: &Identity) -> Result<RekeyReport> {
                  WHERE e.recipient = ?1 ORDER BY m.seq",
             )
             .map_err(Error::from)?;
-        let it = st.query_map([&old_hex], |r| Ok((r.get(0)?, r.get(1)?))).map_err(Error::from)?;
+        let it = st
+            .query_map([&old_hex], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(Error::from)?;
         it.collect::<rusqlite::Result<_>>().map_err(Error::from)?
     };
-    let total: i64 = tx.query_row("SELECT COUNT(*) FROM manifests", [], |r| r.get(0)).map_err(Error::from)?;
+    let total: i64 = tx
+        .query_row("SELECT COUNT(*) FROM manifests", [], |r| r.get(0))
+        .map_err(Error::from)?;
     let mut report = RekeyReport::default();
     for (cid, wrapped) in &rows {
-        let key = old
-            .unwrap_key(wrapped)
-            .map_err(|e| e.context(format!("item {cid}: re-wrapping its key for the new identity")))?;
+        let key = old.unwrap_key(wrapped).map_err(|e| {
+            e.context(format!(
+                "item {cid}: re-wrapping its key for the new identity"
+            ))
+        })?;
         let rewrapped = crypto::wrap_key(new.public(), &key);
         tx.execute(
             "INSERT OR REPLACE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
             params![cid, new_hex, rewrapped],
         )
         .map_err(Error::from)?;
-        tx.execute("DELETE FROM envelopes WHERE content_id = ?1 AND recipient = ?2", params![cid, old_hex])
-            .map_err(Error::from)?;
+        tx.execute(
+            "DELETE FROM envelopes WHERE content_id = ?1 AND recipient = ?2",
+            params![cid, old_hex],
+        )
+        .map_err(Error::from)?;
         let seq: i64 = tx
-            .query_row("UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value", [], |r| r.get(0))
+            .query_row(
+                "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value",
+                [],
+                |r| r.get(0),
+            )
             .map_err(Error::from)?;
-        tx.execute("UPDATE manifests SET seq = ?2 WHERE content_id = ?1", params![cid, seq]).map_err(Error::from)?;
+        tx.execute(
+            "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
+            params![cid, seq],
+        )
+        .map_err(Error::from)?;
         report.rewrapped += 1;
     }
     report.without_key = total as u64 - report.rewrapped;
-    tx.execute("UPDATE meta SET value = ?1 WHERE key = 'node_id'", [&new_hex]).map_err(Error::from)?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'node_id'",
+        [&new_hex],
+    )
+    .map_err(Error::from)?;
     // The old identity is not a peer of the new one unless the operator says so.
     tx.commit().map_err(Error::from)?;
     Ok(report)

@@ -45,7 +45,13 @@ impl RepoChunks {
     pub fn open(repo: &Path) -> Result<RepoChunks> {
         let r = Repo::open(repo)?;
         let lock = r.lock_shared()?;
-        Ok(RepoChunks { root: r.chunks(), repo: repo.to_path_buf(), _lock: lock, hits: AtomicU64::new(0), hit_bytes: AtomicU64::new(0) })
+        Ok(RepoChunks {
+            root: r.chunks(),
+            repo: repo.to_path_buf(),
+            _lock: lock,
+            hits: AtomicU64::new(0),
+            hit_bytes: AtomicU64::new(0),
+        })
     }
 }
 
@@ -57,7 +63,8 @@ impl ChunkSource for RepoChunks {
         match copy::read_verified(&path, id, 0, &mut buf, "the backup repository") {
             Ok(()) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                self.hit_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                self.hit_bytes
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 Some(buf)
             }
             Err(e) if e.kind() == Kind::NotFound => None,
@@ -77,7 +84,11 @@ const BATCH: usize = 64;
 
 /// Store every chunk of `ids` that `src` holds with the right hash, synced and
 /// recorded. Returns the ids stored; the others are to be fetched from the peer.
-pub fn fill_from_local(node: &Node, src: &dyn ChunkSource, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+pub fn fill_from_local(
+    node: &Node,
+    src: &dyn ChunkSource,
+    ids: &[ChunkId],
+) -> Result<Vec<ChunkId>> {
     let mut stored = Vec::new();
     let mut batch: Vec<(ChunkId, u64)> = Vec::new();
     let flush = |batch: &mut Vec<(ChunkId, u64)>, stored: &mut Vec<ChunkId>| -> Result<()> {

@@ -75,7 +75,10 @@ pub struct ImportReport {
 
 impl ImportReport {
     pub fn skipped(&self) -> usize {
-        self.items.iter().filter(|i| !matches!(i.status, Status::Imported { .. })).count()
+        self.items
+            .iter()
+            .filter(|i| !matches!(i.status, Status::Imported { .. }))
+            .count()
     }
 }
 
@@ -83,7 +86,8 @@ impl ImportReport {
 pub fn load_axon_key(path: &Path) -> Result<RsaPrivateKey> {
     use rsa::pkcs1::DecodeRsaPrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
-    let text = Zeroizing::new(fs::read_to_string(path).ctx(format!("Axon key {}", path.display()))?);
+    let text =
+        Zeroizing::new(fs::read_to_string(path).ctx(format!("Axon key {}", path.display()))?);
     if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
         return Err(Error::invalid(format!(
             "Axon key {} is passphrase-protected; give the key file Axon itself reads (unencrypted PEM)",
@@ -92,7 +96,12 @@ pub fn load_axon_key(path: &Path) -> Result<RsaPrivateKey> {
     }
     RsaPrivateKey::from_pkcs8_pem(&text)
         .or_else(|_| RsaPrivateKey::from_pkcs1_pem(&text))
-        .map_err(|_| Error::invalid(format!("Axon key {} is not an RSA private key in PEM (PKCS#8 or PKCS#1)", path.display())))
+        .map_err(|_| {
+            Error::invalid(format!(
+                "Axon key {} is not an RSA private key in PEM (PKCS#8 or PKCS#1)",
+                path.display()
+            ))
+        })
 }
 
 fn kind_of(item: &AxonItem) -> &'static str {
@@ -105,7 +114,10 @@ fn kind_of(item: &AxonItem) -> &'static str {
 fn name_of(item: &AxonItem) -> String {
     match &item.kind {
         AxonItemKind::AppletCode => item.applet.clone(),
-        AxonItemKind::AppletData { instance_id, owner_username } => {
+        AxonItemKind::AppletData {
+            instance_id,
+            owner_username,
+        } => {
             format!("{} (data of {owner_username}, {instance_id})", item.applet)
         }
     }
@@ -116,11 +128,24 @@ fn name_of(item: &AxonItem) -> String {
 pub fn parse_axon_time(s: &str) -> Option<i64> {
     let s = s.trim();
     let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let (y, mo, d, h, mi, se) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
         return None;
     }
@@ -131,7 +156,11 @@ pub fn parse_axon_time(s: &str) -> Option<i64> {
         if digits.is_empty() {
             return None;
         }
-        let ms: String = digits.chars().chain(std::iter::repeat('0')).take(3).collect();
+        let ms: String = digits
+            .chars()
+            .chain(std::iter::repeat('0'))
+            .take(3)
+            .collect();
         millis = ms.parse().ok()?;
         rest = &frac[digits.len()..];
     }
@@ -145,7 +174,9 @@ pub fn parse_axon_time(s: &str) -> Option<i64> {
             };
             let r = &rest[1..];
             let (oh, om) = match r.len() {
-                5 if r.as_bytes()[2] == b':' => (r[0..2].parse::<i64>().ok()?, r[3..5].parse::<i64>().ok()?),
+                5 if r.as_bytes()[2] == b':' => {
+                    (r[0..2].parse::<i64>().ok()?, r[3..5].parse::<i64>().ok()?)
+                }
                 4 => (r[0..2].parse::<i64>().ok()?, r[2..4].parse::<i64>().ok()?),
                 2 => (r.parse::<i64>().ok()?, 0),
                 _ => return None,
@@ -154,7 +185,11 @@ pub fn parse_axon_time(s: &str) -> Option<i64> {
         }
     };
     // Days from the civil date (Howard Hinnant's algorithm).
-    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (yy, mm) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = yy.div_euclid(400);
     let yoe = yy - era * 400;
     let doy = (153 * mm + 2) / 5 + d - 1;
@@ -166,7 +201,12 @@ pub fn parse_axon_time(s: &str) -> Option<i64> {
 
 /// Import every item of the Axon backup at `dir`. Errors only when the
 /// backup cannot be read at all; per-item problems are in the report.
-pub fn import(node: &Node, dir: &Path, axon_key: Option<&RsaPrivateKey>, progress: &dyn Fn(&str)) -> Result<ImportReport> {
+pub fn import(
+    node: &Node,
+    dir: &Path,
+    axon_key: Option<&RsaPrivateKey>,
+    progress: &dyn Fn(&str),
+) -> Result<ImportReport> {
     let backup = axon::open(dir).map_err(|e| {
         let kind = match &e {
             axon::AxonError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
@@ -175,18 +215,31 @@ pub fn import(node: &Node, dir: &Path, axon_key: Option<&RsaPrivateKey>, progres
             axon::AxonError::Io { .. } => crate::error::Kind::Io,
             _ => crate::error::Kind::Invalid,
         };
-        Error::new(kind, format!("{} is not a readable Axon backup: {e}", dir.display()))
+        Error::new(
+            kind,
+            format!("{} is not a readable Axon backup: {e}", dir.display()),
+        )
     })?;
     let mut items = Vec::with_capacity(backup.items.len());
     for item in &backup.items {
         progress(&item.label());
         let status = match import_item(node, item, axon_key) {
             Ok(s) => s,
-            Err(e) => Status::Failed { reason: e.to_string() },
+            Err(e) => Status::Failed {
+                reason: e.to_string(),
+            },
         };
-        items.push(ItemReport { applet: item.applet.clone(), label: item.label(), kind: item.kind.clone(), status });
+        items.push(ItemReport {
+            applet: item.applet.clone(),
+            label: item.label(),
+            kind: item.kind.clone(),
+            status,
+        });
     }
-    Ok(ImportReport { backup_date: backup.backup_date, items })
+    Ok(ImportReport {
+        backup_date: backup.backup_date,
+        items,
+    })
 }
 
 fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -> Result<Status> {
@@ -198,7 +251,9 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
         match st {
             ChunkState::Ok => {}
             ChunkState::Missing => problems.push(format!("piece {i} is missing ({p})")),
-            ChunkState::Corrupt { reason } => problems.push(format!("piece {i} is corrupt ({p}): {reason}")),
+            ChunkState::Corrupt { reason } => {
+                problems.push(format!("piece {i} is corrupt ({p}): {reason}"))
+            }
         }
     }
     if item.chunk_paths.is_empty() {
@@ -218,27 +273,45 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
     if let Some(k) = axon_key {
         match axon::unwrap_key(item, k) {
             Ok(aes) => key = Some(aes),
-            Err(e) => note = Some(format!("not decrypted: {e}; kept in its original cipher only")),
+            Err(e) => {
+                note = Some(format!(
+                    "not decrypted: {e}; kept in its original cipher only"
+                ))
+            }
         }
     }
     let plain = match &key {
         Some(k) => match Plaintext::decrypt(node, item, k) {
             Ok(p) => Some(p),
-            Err(e) => return Ok(Status::Incomplete { problems: vec![e.to_string()] }),
+            Err(e) => {
+                return Ok(Status::Incomplete {
+                    problems: vec![e.to_string()],
+                })
+            }
         },
         None => None,
     };
 
     // 3. The legacy item: Axon's pieces as chunks, under a manifest signed by this node.
     let cs = item.manifest.chunk_size;
-    let legacy_ok = cs % 16 == 0 && cs <= manifest::MAX_CHUNK_SIZE && ct_len % 16 == 0 && ct_len > 0;
+    let legacy_ok =
+        cs % 16 == 0 && cs <= manifest::MAX_CHUNK_SIZE && ct_len % 16 == 0 && ct_len > 0;
     let mut legacy_id = None;
     let mut already = true;
     if legacy_ok {
-        let item_key = key.as_ref().map(|k| ItemKey::from_bytes(&k[..])).transpose()?;
+        let item_key = key
+            .as_ref()
+            .map(|k| ItemKey::from_bytes(&k[..]))
+            .transpose()?;
         let size = plain.as_ref().map(|p| p.len).unwrap_or(ct_len - 1);
         let encrypted_meta = match &item_key {
-            Some(k) => crypto::encrypt_meta(k, &ItemMeta { name: name_of(item) }.encode_to_vec()),
+            Some(k) => crypto::encrypt_meta(
+                k,
+                &ItemMeta {
+                    name: name_of(item),
+                }
+                .encode_to_vec(),
+            ),
             None => Vec::new(),
         };
         let body = ManifestBody {
@@ -247,8 +320,17 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
             kind: kind_of(item).to_string(),
             size,
             chunk_size: cs,
-            chunk_ids: item.manifest.chunk_hashes.iter().map(|h| h.to_vec()).collect(),
-            created_at_ms: item.created_at.as_deref().and_then(parse_axon_time).unwrap_or(0),
+            chunk_ids: item
+                .manifest
+                .chunk_hashes
+                .iter()
+                .map(|h| h.to_vec())
+                .collect(),
+            created_at_ms: item
+                .created_at
+                .as_deref()
+                .and_then(parse_axon_time)
+                .unwrap_or(0),
             encrypted_meta,
             cipher: Cipher::AxonAes256Cbc as i32,
             legacy_iv: item.manifest.iv.to_vec(),
@@ -263,7 +345,9 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
             let len = m.chunk_len(i);
             if !node.db.has_chunk(&id)? {
                 let data = fs::read(path).ctx(format!("reading piece {}", path.display()))?;
-                node.chunks.write(&id, &data).map_err(|e| e.context(format!("piece {i} ({})", path.display())))?;
+                node.chunks
+                    .write(&id, &data)
+                    .map_err(|e| e.context(format!("piece {i} ({})", path.display())))?;
                 wrote = true;
             }
             present.push((id, len));
@@ -271,11 +355,18 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
         if wrote {
             node.chunks.sync()?;
         }
-        let mut envelopes: Vec<(String, Vec<u8>)> =
-            item.manifest.encrypted_aes_keys.iter().map(|(kid, w)| (format!("axon:{kid}"), w.clone())).collect();
+        let mut envelopes: Vec<(String, Vec<u8>)> = item
+            .manifest
+            .encrypted_aes_keys
+            .iter()
+            .map(|(kid, w)| (format!("axon:{kid}"), w.clone()))
+            .collect();
         if let Some(k) = &item_key {
             if node.db.envelope(&m.id(), &node.id().to_hex())?.is_none() {
-                envelopes.push((node.id().to_hex(), crypto::wrap_key(node.identity.public(), k)));
+                envelopes.push((
+                    node.id().to_hex(),
+                    crypto::wrap_key(node.identity.public(), k),
+                ));
             }
         }
         if node.db.insert_manifest(&m, &envelopes, &present)?.is_some() {
@@ -297,13 +388,19 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
     if let Some(mut p) = plain {
         let marker = legacy_id.map(|id| format!("axon_import.native.{id}"));
         let known = match &marker {
-            Some(k) => node.db.setting(k)?.and_then(|v| Hash::parse(&v, "content id").ok()),
+            Some(k) => node
+                .db
+                .setting(k)?
+                .and_then(|v| Hash::parse(&v, "content id").ok()),
             None => None,
         };
         match known {
             Some(id) if node.db.has_manifest(&id)? => native = Some(id),
             _ => {
-                let opts = crate::content::PutOptions { kind: kind_of(item).to_string(), name: name_of(item) };
+                let opts = crate::content::PutOptions {
+                    kind: kind_of(item).to_string(),
+                    name: name_of(item),
+                };
                 p.file.rewind().ctx("rewinding the decrypted item")?;
                 let id = crate::content::put(node, &mut p.file, &opts, &|_| {})?;
                 if let Some(k) = &marker {
@@ -314,7 +411,12 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
             }
         }
     }
-    Ok(Status::Imported { legacy: legacy_id, native, already, note })
+    Ok(Status::Imported {
+        legacy: legacy_id,
+        native,
+        already,
+        note,
+    })
 }
 
 /// A verified plaintext in a private temporary file, removed when dropped.
@@ -326,7 +428,10 @@ struct Plaintext {
 
 impl Plaintext {
     fn decrypt(node: &Node, item: &AxonItem, key: &[u8; 32]) -> Result<Plaintext> {
-        let path = node.paths.root.join(format!(".axon-import-{}.tmp", std::process::id()));
+        let path = node
+            .paths
+            .root
+            .join(format!(".axon-import-{}.tmp", std::process::id()));
         let _ = fs::remove_file(&path);
         let file = fs::OpenOptions::new()
             .read(true)
@@ -337,7 +442,8 @@ impl Plaintext {
             .ctx(format!("creating {}", path.display()))?;
         let mut p = Plaintext { file, path, len: 0 };
         let mut w = BufWriter::with_capacity(1 << 20, &p.file);
-        let n = axon::decrypt_item(item, key, &mut w).map_err(|e| Error::integrity(e.to_string()))?;
+        let n =
+            axon::decrypt_item(item, key, &mut w).map_err(|e| Error::integrity(e.to_string()))?;
         w.flush().ctx("writing the decrypted item")?;
         drop(w);
         p.len = n;
@@ -359,9 +465,18 @@ mod tests {
     fn axon_times_parse() {
         assert_eq!(parse_axon_time("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(parse_axon_time("1970-01-01T00:00:01.5+00:00"), Some(1500));
-        assert_eq!(parse_axon_time("2025-01-02T03:04:05.123456+00:00"), Some(1_735_787_045_123));
-        assert_eq!(parse_axon_time("2025-01-02T05:04:05+02:00"), Some(1_735_787_045_000));
-        assert_eq!(parse_axon_time("2025-01-02 03:04:05"), Some(1_735_787_045_000));
+        assert_eq!(
+            parse_axon_time("2025-01-02T03:04:05.123456+00:00"),
+            Some(1_735_787_045_123)
+        );
+        assert_eq!(
+            parse_axon_time("2025-01-02T05:04:05+02:00"),
+            Some(1_735_787_045_000)
+        );
+        assert_eq!(
+            parse_axon_time("2025-01-02 03:04:05"),
+            Some(1_735_787_045_000)
+        );
         assert_eq!(parse_axon_time("yesterday"), None);
         assert_eq!(parse_axon_time("2025-13-02T03:04:05Z"), None);
     }

@@ -41,7 +41,9 @@ use crate::error::{Error, IoContext, Result};
 
 /// fsync a file by path.
 pub(crate) fn fsync_file(path: &Path) -> Result<()> {
-    fs::File::open(path).and_then(|f| f.sync_all()).ctx(format!("syncing {}", path.display()))
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .ctx(format!("syncing {}", path.display()))
 }
 
 /// fsync a directory so renames inside it survive a crash.
@@ -55,14 +57,20 @@ pub(crate) fn syncfs(path: &Path) -> Result<()> {
     // SAFETY: syncfs takes a valid open file descriptor and has no memory effects.
     let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
     if rc != 0 {
-        return Err(Error::from_io(std::io::Error::last_os_error(), format!("syncing {}", path.display())));
+        return Err(Error::from_io(
+            std::io::Error::last_os_error(),
+            format!("syncing {}", path.display()),
+        ));
     }
     Ok(())
 }
 
 /// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = temp_sibling(path, "tmp");
     let result = (|| {
         let mut f = fs::OpenOptions::new()
@@ -71,7 +79,8 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
             .mode(mode)
             .open(&tmp)
             .ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).ctx(format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)
+            .ctx(format!("writing {}", tmp.display()))?;
         f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
         fs::rename(&tmp, path).ctx(format!("renaming {} into place", tmp.display()))?;
         fsync_dir(dir)
@@ -84,7 +93,10 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 
 /// A hidden name beside `path` for building it: `.<name>.<tag>-<pid>`.
 pub(crate) fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("bitsync");
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("bitsync");
     path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
 
@@ -101,7 +113,8 @@ pub(crate) fn is_missing_or_empty_dir(path: &Path) -> Result<bool> {
 /// Create a directory (and parents) only the owner may enter.
 pub(crate) fn create_private_dir(path: &Path) -> Result<()> {
     fs::create_dir_all(path).ctx(format!("creating {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).ctx(format!("setting mode 0700 on {}", path.display()))
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+        .ctx(format!("setting mode 0700 on {}", path.display()))
 }
 
 /// Removes a directory tree when dropped, unless [`disarm`](Self::disarm)ed:
@@ -197,7 +210,11 @@ impl FileLock {
             .mode(0o600)
             .open(path)
             .ctx(format!("opening lock file {}", path.display()))?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        } | libc::LOCK_NB;
         // SAFETY: flock on a valid open descriptor.
         let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
         if rc != 0 {
@@ -216,7 +233,9 @@ pub(crate) fn confirm(question: &str) -> Result<bool> {
     eprint!("{question} [y/N] ");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
-    std::io::stdin().read_line(&mut line).ctx("reading the answer")?;
+    std::io::stdin()
+        .read_line(&mut line)
+        .ctx("reading the answer")?;
     let a = line.trim().to_ascii_lowercase();
     Ok(a == "y" || a == "yes")
 }

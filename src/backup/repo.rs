@@ -99,6 +99,9 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
+/// Readable snapshots (oldest first), and unreadable snapshot directories with why.
+pub type SnapshotList = (Vec<SnapshotMeta>, Vec<(String, Error)>);
+
 /// An opened backup repository.
 pub struct Repo {
     pub root: PathBuf,
@@ -125,7 +128,10 @@ impl Repo {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Error::not_found(if root.is_dir() {
-                    format!("{} is not a bitsync backup repository (it has no {MARKER})", root.display())
+                    format!(
+                        "{} is not a bitsync backup repository (it has no {MARKER})",
+                        root.display()
+                    )
                 } else {
                     format!("no backup repository at {}", root.display())
                 }))
@@ -133,10 +139,17 @@ impl Repo {
             Err(e) => return Err(Error::from_io(e, format!("reading {}", marker.display()))),
         };
         let m: Marker = serde_json::from_slice(&text).map_err(|e| {
-            Error::integrity(format!("{} is damaged ({e}); is {} a backup repository?", marker.display(), root.display()))
+            Error::integrity(format!(
+                "{} is damaged ({e}); is {} a backup repository?",
+                marker.display(),
+                root.display()
+            ))
         })?;
         if m.format != REPO_FORMAT {
-            return Err(Error::not_found(format!("{} is not a bitsync backup repository", root.display())));
+            return Err(Error::not_found(format!(
+                "{} is not a bitsync backup repository",
+                root.display()
+            )));
         }
         if m.version > REPO_VERSION {
             return Err(Error::invalid(format!(
@@ -145,7 +158,9 @@ impl Repo {
                 m.version
             )));
         }
-        Ok(Repo { root: root.to_path_buf() })
+        Ok(Repo {
+            root: root.to_path_buf(),
+        })
     }
 
     /// Open a repository, creating it if `root` is missing or an empty directory.
@@ -163,9 +178,17 @@ impl Repo {
         for d in ["chunks", "snapshots", "tmp"] {
             fs::create_dir_all(root.join(d)).ctx(format!("creating {}", root.join(d).display()))?;
         }
-        let m = Marker { format: REPO_FORMAT.into(), version: REPO_VERSION, created_at_ms: crate::manifest::now_ms() };
+        let m = Marker {
+            format: REPO_FORMAT.into(),
+            version: REPO_VERSION,
+            created_at_ms: crate::manifest::now_ms(),
+        };
         // The marker is written last: a repository without one was never finished.
-        write_atomic(&root.join(MARKER), &serde_json::to_vec_pretty(&m).expect("json"), 0o600)?;
+        write_atomic(
+            &root.join(MARKER),
+            &serde_json::to_vec_pretty(&m).expect("json"),
+            0o600,
+        )?;
         if let Some(p) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsync_dir(p)?;
         }
@@ -194,7 +217,7 @@ impl Repo {
 
     /// Every finished snapshot, oldest first. Directories that cannot be read
     /// are returned as errors in the second list (`backup verify` reports them).
-    pub fn list(&self) -> Result<(Vec<SnapshotMeta>, Vec<(String, Error)>)> {
+    pub fn list(&self) -> Result<SnapshotList> {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         let dir = self.snapshots();
@@ -207,7 +230,10 @@ impl Repo {
             }
             match read_meta(&e.path()) {
                 Ok(m) if m.id == name => ok.push(m),
-                Ok(m) => bad.push((name.clone(), Error::integrity(format!("snapshot.json names snapshot {:?}", m.id)))),
+                Ok(m) => bad.push((
+                    name.clone(),
+                    Error::integrity(format!("snapshot.json names snapshot {:?}", m.id)),
+                )),
                 Err(err) => bad.push((name, err)),
             }
         }
@@ -219,12 +245,16 @@ impl Repo {
     /// Find a snapshot by id, unique id prefix, or `latest` (also: none given).
     pub fn find(&self, wanted: Option<&str>) -> Result<SnapshotMeta> {
         let (all, _) = self.list()?;
-        let wanted = wanted.map(str::trim).filter(|w| !w.is_empty() && *w != "latest");
+        let wanted = wanted
+            .map(str::trim)
+            .filter(|w| !w.is_empty() && *w != "latest");
         let Some(w) = wanted else {
-            return all
-                .into_iter()
-                .last()
-                .ok_or_else(|| Error::not_found(format!("backup repository {} has no snapshots yet", self.root.display())));
+            return all.into_iter().last().ok_or_else(|| {
+                Error::not_found(format!(
+                    "backup repository {} has no snapshots yet",
+                    self.root.display()
+                ))
+            });
         };
         if let Some(m) = all.iter().find(|m| m.id == w) {
             return Ok(m.clone());
@@ -237,7 +267,10 @@ impl Repo {
                 self.root.display(),
                 self.root.display()
             ))),
-            _ => Err(Error::invalid(format!("snapshot {w:?} is ambiguous: {} snapshots start with it", matches.len()))),
+            _ => Err(Error::invalid(format!(
+                "snapshot {w:?} is ambiguous: {} snapshots start with it",
+                matches.len()
+            ))),
         }
     }
 }
@@ -248,7 +281,10 @@ fn read_meta(dir: &Path) -> Result<SnapshotMeta> {
     let m: SnapshotMeta = serde_json::from_slice(&text)
         .map_err(|e| Error::integrity(format!("{} is damaged: {e}", p.display())))?;
     if m.format != SNAPSHOT_FORMAT {
-        return Err(Error::integrity(format!("{} is not a bitsync snapshot description", p.display())));
+        return Err(Error::integrity(format!(
+            "{} is not a bitsync snapshot description",
+            p.display()
+        )));
     }
     if m.format_version > SNAPSHOT_VERSION {
         return Err(Error::invalid(format!(
@@ -267,7 +303,9 @@ pub fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
         .map(|(id, size)| {
             Hash::parse(id, "chunk id")
                 .map(|h| (h, *size))
-                .map_err(|_| Error::integrity(format!("snapshot {}: chunk id {id:?} is malformed", m.id)))
+                .map_err(|_| {
+                    Error::integrity(format!("snapshot {}: chunk id {id:?} is malformed", m.id))
+                })
         })
         .collect()
 }
@@ -280,7 +318,9 @@ pub fn hash_file(path: &Path) -> Result<(Hash, u64)> {
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
-        let k = f.read(&mut buf).ctx(format!("reading {}", path.display()))?;
+        let k = f
+            .read(&mut buf)
+            .ctx(format!("reading {}", path.display()))?;
         if k == 0 {
             break;
         }
@@ -292,7 +332,11 @@ pub fn hash_file(path: &Path) -> Result<(Hash, u64)> {
 
 fn file_entry(dir: &Path, name: &str) -> Result<FileEntry> {
     let (h, size) = hash_file(&dir.join(name))?;
-    Ok(FileEntry { path: name.to_string(), size, sha256: h.to_hex() })
+    Ok(FileEntry {
+        path: name.to_string(),
+        size,
+        sha256: h.to_hex(),
+    })
 }
 
 fn new_snapshot_id(now: std::time::SystemTime) -> String {
@@ -342,14 +386,26 @@ pub fn data_dir_node_id(data_dir: &Path) -> Result<NodeId> {
     }
     let c = dbcopy::open_read_only(&paths.db())?;
     let id: String = c
-        .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| r.get(0))
-        .map_err(|e| Error::from(e).context(format!("{} is not a bitsync database", paths.db().display())))?;
+        .query_row("SELECT value FROM meta WHERE key = 'node_id'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| {
+            Error::from(e).context(format!(
+                "{} is not a bitsync database",
+                paths.db().display()
+            ))
+        })?;
     Hash::parse(&id, "node id")
 }
 
 /// Add a snapshot of the data dir at `data_dir` to the repository at `repo_root`
 /// (created if missing). The node may be running and writing meanwhile.
-pub fn backup(data_dir: &Path, repo_root: &Path, opts: &BackupOptions<'_>, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<BackupOutcome> {
+pub fn backup(
+    data_dir: &Path,
+    repo_root: &Path,
+    opts: &BackupOptions<'_>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<BackupOutcome> {
     let paths = Paths::new(data_dir);
     let node_id = data_dir_node_id(data_dir)?;
     if let Some(w) = &opts.identity {
@@ -388,7 +444,9 @@ pub fn backup(data_dir: &Path, repo_root: &Path, opts: &BackupOptions<'_>, progr
     }
     let facts = dbcopy::facts(&db_copy)?;
     if facts.node_id != node_id {
-        return Err(Error::integrity("the database's node id changed during the backup"));
+        return Err(Error::integrity(
+            "the database's node id changed during the backup",
+        ));
     }
 
     // 2. Configuration and (sealed) key.
@@ -420,6 +478,7 @@ pub fn backup(data_dir: &Path, repo_root: &Path, opts: &BackupOptions<'_>, progr
         tmp_dir: &repo.tmp().join(format!("chunks-{id}")),
         skip_existing: true,
         src_label: "the data dir",
+        staged: false,
     };
     let stats = copy::copy_chunks(&job, &facts.chunks, &|done| progress(done, total)).map_err(|e| match e.kind() {
         Kind::Integrity | Kind::NotFound => e.context("backup stopped (run `bitsync verify` on the node, which quarantines damaged chunks, then back up again)"),
@@ -435,7 +494,10 @@ pub fn backup(data_dir: &Path, repo_root: &Path, opts: &BackupOptions<'_>, progr
         format_version: SNAPSHOT_VERSION,
         id: id.clone(),
         node_id: node_id.to_hex(),
-        created_at_ms: now.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
+        created_at_ms: now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
         created_at: humantime::format_rfc3339_seconds(now).to_string(),
         bitsync_version: env!("CARGO_PKG_VERSION").into(),
         counts: Counts {
@@ -449,7 +511,11 @@ pub fn backup(data_dir: &Path, repo_root: &Path, opts: &BackupOptions<'_>, progr
         files,
         chunks: facts.chunks.iter().map(|(c, s)| (c.to_hex(), *s)).collect(),
     };
-    write_atomic(&staging.join(SNAPSHOT_FILE), &serde_json::to_vec_pretty(&meta).expect("json"), 0o600)?;
+    write_atomic(
+        &staging.join(SNAPSHOT_FILE),
+        &serde_json::to_vec_pretty(&meta).expect("json"),
+        0o600,
+    )?;
     fsync_dir(&staging)?;
     let dest = repo.snapshot_dir(&id);
     fs::rename(&staging, &dest).ctx(format!("moving the new snapshot into {}", dest.display()))?;
@@ -460,14 +526,25 @@ pub fn backup(data_dir: &Path, repo_root: &Path, opts: &BackupOptions<'_>, progr
         Some(n) => Some(prune(&repo, n, &id)?),
         None => None,
     };
-    Ok(BackupOutcome { snapshot: meta, new_chunks: stats, pruned })
+    Ok(BackupOutcome {
+        snapshot: meta,
+        new_chunks: stats,
+        pruned,
+    })
 }
 
 fn clear_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
-    for e in fs::read_dir(dir).ctx(format!("reading {}", dir.display()))?.flatten() {
+    for e in fs::read_dir(dir)
+        .ctx(format!("reading {}", dir.display()))?
+        .flatten()
+    {
         let p = e.path();
-        let r = if p.is_dir() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        let r = if p.is_dir() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
         r.ctx(format!("removing the leftover {}", p.display()))?;
     }
     Ok(())
@@ -508,11 +585,17 @@ fn prune(repo: &Repo, keep: usize, just_made: &str) -> Result<PruneOutcome> {
         }
     }
     let root = repo.chunks();
-    for sub in fs::read_dir(&root).ctx(format!("reading {}", root.display()))?.flatten() {
+    for sub in fs::read_dir(&root)
+        .ctx(format!("reading {}", root.display()))?
+        .flatten()
+    {
         if !sub.path().is_dir() {
             continue;
         }
-        for f in fs::read_dir(sub.path()).ctx(format!("reading {}", sub.path().display()))?.flatten() {
+        for f in fs::read_dir(sub.path())
+            .ctx(format!("reading {}", sub.path().display()))?
+            .flatten()
+        {
             let name = f.file_name().to_string_lossy().to_string();
             if name.len() == 64 && !needed.contains(&name) {
                 let size = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -538,7 +621,11 @@ pub struct VerifyReport {
 
 /// Re-hash every file the chosen snapshot (or every snapshot) needs and run
 /// `PRAGMA integrity_check` on its database. Problems are collected, not fatal.
-pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<VerifyReport> {
+pub fn verify(
+    repo_root: &Path,
+    snapshot: Option<&str>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<VerifyReport> {
     let repo = Repo::open(repo_root)?;
     let _lock = repo.lock_shared()?;
     let mut report = VerifyReport::default();
@@ -550,7 +637,10 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
                 report.problems.push(format!("snapshots/{name}: {e}"));
             }
             if all.is_empty() && report.problems.is_empty() {
-                return Err(Error::not_found(format!("backup repository {} has no snapshots yet", repo.root.display())));
+                return Err(Error::not_found(format!(
+                    "backup repository {} has no snapshots yet",
+                    repo.root.display()
+                )));
             }
             all
         }
@@ -568,11 +658,16 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
             listed.insert(f.path.as_str(), f);
             report.files_checked += 1;
             if f.path.contains('/') || f.path.starts_with('.') {
-                report.problems.push(format!("{}: snapshot.json lists a file outside the snapshot", rel(&f.path)));
+                report.problems.push(format!(
+                    "{}: snapshot.json lists a file outside the snapshot",
+                    rel(&f.path)
+                ));
                 continue;
             }
             match hash_file(&dir.join(&f.path)) {
-                Err(e) if e.kind() == Kind::NotFound => report.problems.push(format!("{}: missing", rel(&f.path))),
+                Err(e) if e.kind() == Kind::NotFound => {
+                    report.problems.push(format!("{}: missing", rel(&f.path)))
+                }
                 Err(e) => report.problems.push(format!("{}: {e}", rel(&f.path))),
                 Ok((h, size)) => {
                     if size != f.size || h.to_hex() != f.sha256 {
@@ -587,11 +682,17 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
             }
         }
         if !listed.contains_key(DB_FILE) {
-            report.problems.push(format!("{}: snapshot.json lists no database", rel(SNAPSHOT_FILE)));
+            report.problems.push(format!(
+                "{}: snapshot.json lists no database",
+                rel(SNAPSHOT_FILE)
+            ));
         }
         if let Some(id) = &m.identity {
             if !listed.contains_key(id.file.as_str()) {
-                report.problems.push(format!("{}: the sealed node key is not among the listed files", rel(SNAPSHOT_FILE)));
+                report.problems.push(format!(
+                    "{}: the sealed node key is not among the listed files",
+                    rel(SNAPSHOT_FILE)
+                ));
             }
         }
         // The database: PRAGMA integrity_check, then it must agree with snapshot.json.
@@ -600,7 +701,9 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
             match dbcopy::integrity_problems(&db) {
                 Ok(lines) => {
                     for l in lines {
-                        report.problems.push(format!("{}: integrity_check: {l}", rel(DB_FILE)));
+                        report
+                            .problems
+                            .push(format!("{}: integrity_check: {l}", rel(DB_FILE)));
                     }
                 }
                 Err(e) => report.problems.push(format!("{}: {e}", rel(DB_FILE))),
@@ -608,9 +711,15 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
             match dbcopy::facts(&db) {
                 Ok(f) => {
                     if f.node_id.to_hex() != m.node_id {
-                        report.problems.push(format!("{}: node id {} differs from snapshot.json's {}", rel(DB_FILE), f.node_id, m.node_id));
+                        report.problems.push(format!(
+                            "{}: node id {} differs from snapshot.json's {}",
+                            rel(DB_FILE),
+                            f.node_id,
+                            m.node_id
+                        ));
                     }
-                    let in_db: Vec<(String, u64)> = f.chunks.iter().map(|(c, s)| (c.to_hex(), *s)).collect();
+                    let in_db: Vec<(String, u64)> =
+                        f.chunks.iter().map(|(c, s)| (c.to_hex(), *s)).collect();
                     if in_db != m.chunks {
                         report.problems.push(format!(
                             "{}: lists {} chunks, snapshot.json lists {}: one of the two is damaged",
@@ -634,7 +743,9 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
         for (id, size) in list {
             if let Some(result) = checked.get(&id) {
                 if let Some(p) = result {
-                    report.problems.push(format!("{p} (also needed by snapshot {})", m.id));
+                    report
+                        .problems
+                        .push(format!("{p} (also needed by snapshot {})", m.id));
                 }
                 continue;
             }
@@ -642,10 +753,16 @@ pub fn verify(repo_root: &Path, snapshot: Option<&str>, progress: &(dyn Fn(u64, 
             let relp = format!("chunks/{}/{}", &id.to_hex()[..2], id.to_hex());
             let result = match copy::read_verified(&path, &id, size, &mut buf, "the repository") {
                 Ok(()) => None,
-                Err(e) if e.kind() == Kind::NotFound => Some(format!("{relp}: missing (needed by snapshot {})", m.id)),
+                Err(e) if e.kind() == Kind::NotFound => {
+                    Some(format!("{relp}: missing (needed by snapshot {})", m.id))
+                }
                 Err(e) if e.kind() == Kind::Integrity => Some(format!(
                     "{relp}: damaged: {} (needed by snapshot {})",
-                    if buf.is_empty() { "wrong size".to_string() } else { format!("SHA-256 is {}", Hash::of(&buf)) },
+                    if buf.is_empty() {
+                        "wrong size".to_string()
+                    } else {
+                        format!("SHA-256 is {}", Hash::of(&buf))
+                    },
                     m.id
                 )),
                 Err(e) => Some(format!("{relp}: {e}")),
@@ -677,24 +794,35 @@ pub fn verify_files(repo: &Repo, m: &SnapshotMeta) -> Result<Vec<String>> {
         match hash_file(&dir.join(&f.path)) {
             Err(e) if e.kind() == Kind::NotFound => problems.push(format!("{rel}: missing")),
             Err(e) => problems.push(format!("{rel}: {e}")),
-            Ok((h, size)) if size != f.size || h.to_hex() != f.sha256 => {
-                problems.push(format!("{rel}: damaged (SHA-256 {h}, snapshot.json says {})", f.sha256))
-            }
+            Ok((h, size)) if size != f.size || h.to_hex() != f.sha256 => problems.push(format!(
+                "{rel}: damaged (SHA-256 {h}, snapshot.json says {})",
+                f.sha256
+            )),
             Ok(_) => {}
         }
     }
     let db = dir.join(DB_FILE);
     if !m.files.iter().any(|f| f.path == DB_FILE) {
-        problems.push(format!("snapshots/{}/{SNAPSHOT_FILE}: lists no database", m.id));
+        problems.push(format!(
+            "snapshots/{}/{SNAPSHOT_FILE}: lists no database",
+            m.id
+        ));
     } else if problems.is_empty() {
         for l in dbcopy::integrity_problems(&db)? {
-            problems.push(format!("snapshots/{}/{DB_FILE}: integrity_check: {l}", m.id));
+            problems.push(format!(
+                "snapshots/{}/{DB_FILE}: integrity_check: {l}",
+                m.id
+            ));
         }
         if problems.is_empty() {
             let f = dbcopy::facts(&db)?;
-            let in_db: Vec<(String, u64)> = f.chunks.iter().map(|(c, s)| (c.to_hex(), *s)).collect();
+            let in_db: Vec<(String, u64)> =
+                f.chunks.iter().map(|(c, s)| (c.to_hex(), *s)).collect();
             if in_db != m.chunks || f.node_id.to_hex() != m.node_id {
-                problems.push(format!("snapshots/{}/{DB_FILE}: does not match snapshot.json", m.id));
+                problems.push(format!(
+                    "snapshots/{}/{DB_FILE}: does not match snapshot.json",
+                    m.id
+                ));
             }
         }
     }
@@ -702,7 +830,11 @@ pub fn verify_files(repo: &Repo, m: &SnapshotMeta) -> Result<Vec<String>> {
 }
 
 /// Open the snapshot's sealed node key with `passphrase`.
-pub fn open_identity(repo: &Repo, m: &SnapshotMeta, passphrase: &dyn Fn() -> Result<Zeroizing<String>>) -> Result<Identity> {
+pub fn open_identity(
+    repo: &Repo,
+    m: &SnapshotMeta,
+    passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+) -> Result<Identity> {
     let info = m.identity.as_ref().ok_or_else(|| {
         Error::not_found(format!(
             "snapshot {} holds no node key (it was taken without --with-identity), so it cannot be restored with a key; \
@@ -713,16 +845,25 @@ pub fn open_identity(repo: &Repo, m: &SnapshotMeta, passphrase: &dyn Fn() -> Res
     let path = repo.snapshot_dir(&m.id).join(&info.file);
     let text = fs::read_to_string(&path).ctx(format!("reading {}", path.display()))?;
     if !text.contains("BITSYNC SEALED KEY") {
-        return Err(Error::integrity(format!("{} is not a sealed key", path.display())));
+        return Err(Error::integrity(format!(
+            "{} is not a sealed key",
+            path.display()
+        )));
     }
     // Ask first, so that "no passphrase available" is not reported as a wrong one.
     let pass = passphrase()?;
     let id = Identity::load(&path, &|| Ok(pass.clone())).map_err(|e| match e.kind() {
-        Kind::Auth => Error::auth(format!("wrong passphrase for the node key in snapshot {} (nothing was written)", m.id)),
+        Kind::Auth => Error::auth(format!(
+            "wrong passphrase for the node key in snapshot {} (nothing was written)",
+            m.id
+        )),
         _ => e,
     })?;
     if id.id().to_hex() != m.node_id {
-        return Err(Error::integrity(format!("the key in snapshot {} is not node {}'s", m.id, m.node_id)));
+        return Err(Error::integrity(format!(
+            "the key in snapshot {} is not node {}'s",
+            m.id, m.node_id
+        )));
     }
     Ok(id)
 }
@@ -745,13 +886,17 @@ pub(crate) fn copy_file_verified(src: &Path, dst: &Path, expect: &FileEntry) -> 
             break;
         }
         h.update(&buf[..k]);
-        out.write_all(&buf[..k]).ctx(format!("writing {}", dst.display()))?;
+        out.write_all(&buf[..k])
+            .ctx(format!("writing {}", dst.display()))?;
         n += k as u64;
     }
     out.sync_all().ctx(format!("syncing {}", dst.display()))?;
     let got = Hash(h.finalize().into()).to_hex();
     if got != expect.sha256 || n != expect.size {
-        return Err(Error::integrity(format!("{} changed while it was copied (SHA-256 {got})", src.display())));
+        return Err(Error::integrity(format!(
+            "{} changed while it was copied (SHA-256 {got})",
+            src.display()
+        )));
     }
     drop(out);
     fsync_file(dst)

@@ -89,13 +89,27 @@ pub fn restore(
         Ok(p)
     };
     let old = repo::open_identity(&repo, &meta, &pass)?;
-    let sealed_on_node = meta.identity.as_ref().map(|i| i.sealed_on_node).unwrap_or(false);
-    let new = if opts.new_identity { Some(Identity::generate()?) } else { None };
+    let sealed_on_node = meta
+        .identity
+        .as_ref()
+        .map(|i| i.sealed_on_node)
+        .unwrap_or(false);
+    let new = if opts.new_identity {
+        Some(Identity::generate()?)
+    } else {
+        None
+    };
     let list = repo::chunk_list(&meta)?;
-    super::check_space(dest, meta.counts.chunk_bytes + meta.files.iter().map(|f| f.size).sum::<u64>())?;
+    super::check_space(
+        dest,
+        meta.counts.chunk_bytes + meta.files.iter().map(|f| f.size).sum::<u64>(),
+    )?;
 
     // 3. Build the data dir beside its final place.
-    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
     let staging = super::temp_sibling(dest, "restore");
     let _ = fs::remove_dir_all(&staging);
@@ -112,22 +126,34 @@ pub fn restore(
         tmp_dir: &paths.chunks().join("tmp"),
         skip_existing: false,
         src_label: "the backup repository",
+        staged: true,
     };
-    copy::copy_chunks(&job, &list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(|e| {
-        e.context(format!("restore of snapshot {} stopped, nothing was written to {}", meta.id, dest.display()))
-    })?;
+    copy::copy_chunks(&job, &list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
+        |e| {
+            e.context(format!(
+                "restore of snapshot {} stopped, nothing was written to {}",
+                meta.id,
+                dest.display()
+            ))
+        },
+    )?;
     let entry = |name: &str| meta.files.iter().find(|f| f.path == name);
     let db_entry = entry(DB_FILE).ok_or_else(|| Error::integrity("snapshot lists no database"))?;
     repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
     match entry(CONFIG_FILE) {
         Some(c) => {
-            let text = fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
+            let text =
+                fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
             if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
-                return Err(Error::integrity("the snapshot's config.toml changed while it was read"));
+                return Err(Error::integrity(
+                    "the snapshot's config.toml changed while it was read",
+                ));
             }
             identity::write_private_file(&paths.config(), &text)?
         }
-        None => identity::write_private_file(&paths.config(), crate::config::DEFAULT_CONFIG.as_bytes())?,
+        None => {
+            identity::write_private_file(&paths.config(), crate::config::DEFAULT_CONFIG.as_bytes())?
+        }
     }
     // Same sealing as the node had: sealed with the backup passphrase, or plain 0600.
     let key_pass = if sealed_on_node { Some(pass()?) } else { None };
@@ -154,7 +180,10 @@ pub fn restore(
         }
         let problems = node.db.integrity_check()?;
         if !problems.is_empty() {
-            return Err(Error::integrity(format!("the restored database fails integrity_check: {}", problems.join("; "))));
+            return Err(Error::integrity(format!(
+                "the restored database fails integrity_check: {}",
+                problems.join("; ")
+            )));
         }
     }
     let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
@@ -163,7 +192,10 @@ pub fn restore(
     fsync_dir(&staging)?;
 
     // 4. Appear at once. (rename(2) replaces an empty directory.)
-    fs::rename(&staging, dest).ctx(format!("moving the restored data dir to {}", dest.display()))?;
+    fs::rename(&staging, dest).ctx(format!(
+        "moving the restored data dir to {}",
+        dest.display()
+    ))?;
     guard.disarm();
     fsync_dir(parent)?;
 
@@ -177,6 +209,10 @@ pub fn restore(
         chunks: facts.chunks.len() as u64,
         chunk_bytes: facts.chunk_bytes(),
         rekey,
-        peers_to_retrust: if opts.new_identity { facts.trusted_peers } else { Vec::new() },
+        peers_to_retrust: if opts.new_identity {
+            facts.trusted_peers
+        } else {
+            Vec::new()
+        },
     })
 }

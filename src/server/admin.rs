@@ -61,7 +61,9 @@ fn progress_stream(mut rx: watch::Receiver<JobState>) -> ProgressStream {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))
 }
 
 #[tonic::async_trait]
@@ -69,7 +71,10 @@ impl Admin for AdminService {
     type CloneStream = ProgressStream;
     type SyncStream = ProgressStream;
 
-    async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let node = &self.state.node;
         let stats = node.db.stats()?;
         let jobs = self
@@ -77,14 +82,29 @@ impl Admin for AdminService {
             .replicator
             .jobs()
             .into_iter()
-            .map(|j| Job { kind: j.kind.to_string(), peer: j.peer, progress: Some(j.progress) })
+            .map(|j| Job {
+                kind: j.kind.to_string(),
+                peer: j.peer,
+                progress: Some(j.progress),
+            })
             .collect();
         Ok(Response::new(StatusResponse {
             node_id: node.id().to_hex(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             name: node.name(),
-            listen_address: self.state.listen_address.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            onion_address: self.state.onion_address.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default(),
+            listen_address: self
+                .state
+                .listen_address
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            onion_address: self
+                .state
+                .onion_address
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_default(),
             manifests: stats.manifests,
             chunks: stats.chunks,
             stored_bytes: stats.stored_bytes,
@@ -95,7 +115,10 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn list_content(&self, req: Request<ListContentRequest>) -> Result<Response<ListContentResponse>, Status> {
+    async fn list_content(
+        &self,
+        req: Request<ListContentRequest>,
+    ) -> Result<Response<ListContentResponse>, Status> {
         let r = req.into_inner();
         let node = self.state.node.clone();
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
@@ -110,21 +133,37 @@ impl Admin for AdminService {
                     content_id: s.content_id.to_hex(),
                     seq: s.seq,
                     kind: s.kind.clone(),
-                    name: content::item_meta(&node, &m).map(|m| m.name).unwrap_or_default(),
+                    name: content::item_meta(&node, &m)
+                        .map(|m| m.name)
+                        .unwrap_or_default(),
                     size: s.size,
                     created_at_ms: s.created_at_ms,
                     publisher: s.publisher.to_hex(),
                     complete: node.db.is_complete(&s.content_id)?,
                 });
             }
-            Ok(ListContentResponse { next_after_seq: page.last().map(|s| s.seq).unwrap_or(r.after_seq), more, items })
+            Ok(ListContentResponse {
+                next_after_seq: page.last().map(|s| s.seq).unwrap_or(r.after_seq),
+                more,
+                items,
+            })
         })
         .await??;
         Ok(Response::new(resp))
     }
 
-    async fn list_peers(&self, _req: Request<ListPeersRequest>) -> Result<Response<ListPeersResponse>, Status> {
-        let peers = self.state.node.db.peers()?.iter().map(peer_to_proto).collect();
+    async fn list_peers(
+        &self,
+        _req: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        let peers = self
+            .state
+            .node
+            .db
+            .peers()?
+            .iter()
+            .map(peer_to_proto)
+            .collect();
         Ok(Response::new(ListPeersResponse { peers }))
     }
 
@@ -135,33 +174,56 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument("that is this node's own id"));
         }
         crate::cli::check_address(&r.address)?;
-        let p = self.state.node.db.upsert_peer(&id, &r.name, &r.address, PeerState::Trusted, r.mirror)?;
+        let p = self.state.node.db.upsert_peer(
+            &id,
+            &r.name,
+            &r.address,
+            PeerState::Trusted,
+            r.mirror,
+        )?;
         tracing::info!(peer = %id, "peer trusted by the operator");
         Ok(Response::new(peer_to_proto(&p)))
     }
 
-    async fn revoke_peer(&self, req: Request<RevokePeerRequest>) -> Result<Response<PeerInfo>, Status> {
+    async fn revoke_peer(
+        &self,
+        req: Request<RevokePeerRequest>,
+    ) -> Result<Response<PeerInfo>, Status> {
         let id = Hash::parse(&req.into_inner().node_id, "node id")?;
         let p = self.state.node.db.revoke_peer(&id)?;
         tracing::info!(peer = %id, "peer revoked by the operator");
         Ok(Response::new(peer_to_proto(&p)))
     }
 
-    async fn create_invite(&self, req: Request<CreateInviteRequest>) -> Result<Response<CreateInviteResponse>, Status> {
+    async fn create_invite(
+        &self,
+        req: Request<CreateInviteRequest>,
+    ) -> Result<Response<CreateInviteResponse>, Status> {
         let ttl = match req.into_inner().ttl_seconds {
             0 => 3600,
             t if t > MAX_INVITE_TTL => {
-                return Err(Status::invalid_argument(format!("ttl is over the maximum of {MAX_INVITE_TTL} s")))
+                return Err(Status::invalid_argument(format!(
+                    "ttl is over the maximum of {MAX_INVITE_TTL} s"
+                )))
             }
             t => t,
         };
         let expires = now_ms() + (ttl as i64) * 1000;
         let inv = Invite::new(self.state.node.id(), self.state.advertised(), expires);
-        self.state.node.db.create_invite(&inv.secret_hash(), expires)?;
-        Ok(Response::new(CreateInviteResponse { token: inv.encode(), expires_at_ms: expires }))
+        self.state
+            .node
+            .db
+            .create_invite(&inv.secret_hash(), expires)?;
+        Ok(Response::new(CreateInviteResponse {
+            token: inv.encode(),
+            expires_at_ms: expires,
+        }))
     }
 
-    async fn clone(&self, req: Request<CloneRequest>) -> Result<Response<Self::CloneStream>, Status> {
+    async fn clone(
+        &self,
+        req: Request<CloneRequest>,
+    ) -> Result<Response<Self::CloneStream>, Status> {
         let target = req.into_inner().token_or_peer;
         let rx = self.state.replicator.start_clone(&target)?;
         Ok(Response::new(progress_stream(rx)))
@@ -173,7 +235,10 @@ impl Admin for AdminService {
         Ok(Response::new(progress_stream(rx)))
     }
 
-    async fn verify(&self, _req: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+    async fn verify(
+        &self,
+        _req: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
         let node = self.state.node.clone();
         let r = blocking(move || content::verify(&node, &|_, _| {})).await??;
         Ok(Response::new(VerifyResponse {

@@ -37,7 +37,10 @@ pub struct FederationService {
 }
 
 pub(crate) fn problem(e: &Error) -> Problem {
-    Problem { code: e.code() as i32, message: e.message().to_string() }
+    Problem {
+        code: e.code() as i32,
+        message: e.message().to_string(),
+    }
 }
 
 pub fn summary_to_proto(s: &Summary) -> ManifestSummary {
@@ -71,19 +74,23 @@ impl Drop for StreamSlot {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Status::internal(format!("worker failed: {e}")))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker failed: {e}")))
 }
 
 impl FederationService {
     pub fn new(state: Arc<ServerState>) -> FederationService {
-        FederationService { state, keys_recorded: Mutex::new(HashSet::new()) }
+        FederationService {
+            state,
+            keys_recorded: Mutex::new(HashSet::new()),
+        }
     }
 
     fn caller<T>(req: &Request<T>) -> Result<(NodeId, Vec<u8>, String), Status> {
-        let info = req
-            .extensions()
-            .get::<CallerInfo>()
-            .ok_or_else(|| Status::unauthenticated("federation calls need mutual TLS with a node certificate"))?;
+        let info = req.extensions().get::<CallerInfo>().ok_or_else(|| {
+            Status::unauthenticated("federation calls need mutual TLS with a node certificate")
+        })?;
         let (id, spki) = info.node.clone().ok_or_else(|| {
             Status::unauthenticated("no client certificate was presented: federation calls need mutual TLS with a node key")
         })?;
@@ -94,9 +101,17 @@ impl FederationService {
     fn trusted<T>(&self, req: &Request<T>) -> Result<(NodeId, Vec<u8>), Status> {
         let (id, spki, remote) = Self::caller(req)?;
         self.check_trusted(&id, &remote)?;
-        let first = self.keys_recorded.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+        let first = self
+            .keys_recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
         if first {
-            self.state.node.db.set_peer_key(&id, &spki).map_err(Status::from)?;
+            self.state
+                .node
+                .db
+                .set_peer_key(&id, &spki)
+                .map_err(Status::from)?;
         }
         Ok((id, spki))
     }
@@ -122,17 +137,34 @@ impl FederationService {
             )));
         }
         *n += 1;
-        Ok(StreamSlot { state: self.state.clone(), peer })
+        Ok(StreamSlot {
+            state: self.state.clone(),
+            peer,
+        })
     }
 }
 
 /// The manifest and the caller's envelope for one item, re-keying just in time.
-fn manifest_for(state: &ServerState, caller: &NodeId, caller_spki: &[u8], id: &str) -> ManifestResult {
-    let mut out = ManifestResult { content_id: id.to_string(), ..Default::default() };
+fn manifest_for(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    id: &str,
+) -> ManifestResult {
+    let mut out = ManifestResult {
+        content_id: id.to_string(),
+        ..Default::default()
+    };
     match manifest_for_inner(state, caller, caller_spki, id) {
         Ok((m, envelope, seq)) => {
-            out.manifest = Some(SignedManifest { body: m.body_bytes().to_vec(), signature: m.signature().to_vec() });
-            out.envelope = Some(Envelope { recipient: caller.to_hex(), wrapped_key: envelope });
+            out.manifest = Some(SignedManifest {
+                body: m.body_bytes().to_vec(),
+                signature: m.signature().to_vec(),
+            });
+            out.envelope = Some(Envelope {
+                recipient: caller.to_hex(),
+                wrapped_key: envelope,
+            });
             out.seq = seq;
         }
         Err(e) => out.problem = Some(problem(&e)),
@@ -148,17 +180,30 @@ fn manifest_for_inner(
 ) -> Result<(crate::manifest::Manifest, Vec<u8>, u64), Error> {
     let node = &state.node;
     let cid: ContentId = Hash::parse(id, "content id")?;
-    let (m, seq) = node.db.manifest(&cid)?.ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+    let (m, seq) = node
+        .db
+        .manifest(&cid)?
+        .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
     let recipient = caller.to_hex();
     if let Some(env) = node.db.envelope(&cid, &recipient)? {
         return Ok((m, env, seq));
     }
     // Just-in-time rekey: unwrap our own envelope, wrap for the caller, keep it.
-    let own = node.db.envelope(&cid, &node.id().to_hex())?.ok_or_else(|| {
-        Error::new(Kind::NotFound, format!("this node holds no key for item {cid}, so it cannot re-key it for you"))
-    })?;
-    let key = node.identity.unwrap_key(&own).map_err(|e| e.context(format!("item {cid}")))?;
-    crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {cid}")))?;
+    let own = node
+        .db
+        .envelope(&cid, &node.id().to_hex())?
+        .ok_or_else(|| {
+            Error::new(
+                Kind::NotFound,
+                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
+            )
+        })?;
+    let key = node
+        .identity
+        .unwrap_key(&own)
+        .map_err(|e| e.context(format!("item {cid}")))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+        .map_err(|e| e.context(format!("item {cid}")))?;
     let public = identity::public_key_from_spki(caller_spki)?;
     let wrapped = crypto::wrap_key(&public, &key);
     node.db.add_envelope(&cid, &recipient, &wrapped)?;
@@ -181,7 +226,10 @@ impl Federation for FederationService {
             node_id: node.id().to_hex(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             name: node.name(),
-            allowed: ["list", "fetch", "watch", "config"].iter().map(|s| s.to_string()).collect(),
+            allowed: ["list", "fetch", "watch", "config"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }))
     }
 
@@ -201,7 +249,10 @@ impl Federation for FederationService {
         }
         db.set_peer_key(&id, &spki)?;
         tracing::info!(node = %id, name = %name, "node joined with an invite and is now a trusted peer");
-        Ok(Response::new(JoinResponse { node_id: self.state.node.id().to_hex(), name: self.state.node.name() }))
+        Ok(Response::new(JoinResponse {
+            node_id: self.state.node.id().to_hex(),
+            name: self.state.node.name(),
+        }))
     }
 
     async fn list_manifests(
@@ -211,8 +262,16 @@ impl Federation for FederationService {
         self.trusted(&req)?;
         let r = req.into_inner();
         let max = self.state.node.config.limits.list_page_max;
-        let limit = if r.limit == 0 { DEFAULT_PAGE.min(max) } else { r.limit.min(max) };
-        let mut page = self.state.node.db.list_after(r.after_seq, limit.saturating_add(1))?;
+        let limit = if r.limit == 0 {
+            DEFAULT_PAGE.min(max)
+        } else {
+            r.limit.min(max)
+        };
+        let mut page = self
+            .state
+            .node
+            .db
+            .list_after(r.after_seq, limit.saturating_add(1))?;
         let more = page.len() > limit as usize;
         page.truncate(limit as usize);
         let next = page.last().map(|s| s.seq).unwrap_or(r.after_seq);
@@ -238,7 +297,10 @@ impl Federation for FederationService {
         let state = self.state.clone();
         // Re-keying is RSA work: spread a batch over the cores.
         let results = blocking(move || {
-            let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+            let workers = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(8);
             let per = ids.len().div_ceil(workers).max(16);
             std::thread::scope(|s| {
                 let handles: Vec<_> = ids
@@ -247,11 +309,16 @@ impl Federation for FederationService {
                         let state = &state;
                         let spki = &spki;
                         s.spawn(move || {
-                            part.iter().map(|id| manifest_for(state, &caller, spki, id)).collect::<Vec<_>>()
+                            part.iter()
+                                .map(|id| manifest_for(state, &caller, spki, id))
+                                .collect::<Vec<_>>()
                         })
                     })
                     .collect();
-                handles.into_iter().flat_map(|h| h.join().expect("rekey worker panicked")).collect::<Vec<_>>()
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("rekey worker panicked"))
+                    .collect::<Vec<_>>()
             })
         })
         .await?;
@@ -285,7 +352,11 @@ impl Federation for FederationService {
             let me = state.node.id();
             // Shutting down: end the stream with UNAVAILABLE (the client resumes
             // later or elsewhere) instead of holding the drain for a long stream.
-            let stopping = || Status::unavailable(format!("node {me} is shutting down; retry the chunks not received"));
+            let stopping = || {
+                Status::unavailable(format!(
+                    "node {me} is shutting down; retry the chunks not received"
+                ))
+            };
             for id in parsed {
                 if *shutdown.borrow() {
                     let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send(Err(stopping()))).await;
@@ -293,7 +364,11 @@ impl Federation for FederationService {
                 }
                 if !state.node.db.is_trusted(&caller).unwrap_or(false) {
                     tracing::warn!(node = %caller, "ending a chunk stream: the peer was revoked");
-                    let _ = tx.send(Err(Status::permission_denied(format!("node {caller} was revoked")))).await;
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "node {caller} was revoked"
+                        ))))
+                        .await;
                     return;
                 }
                 let st = state.clone();
@@ -327,10 +402,18 @@ impl Federation for FederationService {
         let node = &self.state.node;
         let settings = node.db.public_settings()?.into_iter().collect();
         let peers = node.db.peers()?.iter().map(super::peer_to_proto).collect();
-        Ok(Response::new(InstanceConfig { node_id: node.id().to_hex(), name: node.name(), settings, peers }))
+        Ok(Response::new(InstanceConfig {
+            node_id: node.id().to_hex(),
+            name: node.name(),
+            settings,
+            peers,
+        }))
     }
 
-    async fn watch(&self, req: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
         let (caller, _) = self.trusted(&req)?;
         let mut cursor = req.into_inner().after_seq;
         let slot = self.stream_slot(caller)?;
@@ -343,7 +426,11 @@ impl Federation for FederationService {
             let mut last_sent = tokio::time::Instant::now();
             loop {
                 if !state.node.db.is_trusted(&caller).unwrap_or(false) {
-                    let ev = WatchEvent { kind: watch_event::Kind::Revoked as i32, seq: cursor, content_id: String::new() };
+                    let ev = WatchEvent {
+                        kind: watch_event::Kind::Revoked as i32,
+                        seq: cursor,
+                        content_id: String::new(),
+                    };
                     let _ = tx.send(Ok(ev)).await;
                     tracing::info!(node = %caller, "ended a watch stream: the peer was revoked");
                     return;
@@ -360,7 +447,11 @@ impl Federation for FederationService {
                     if !state.node.db.is_trusted(&caller).unwrap_or(false) {
                         break;
                     }
-                    let ev = WatchEvent { kind: watch_event::Kind::Item as i32, seq: s.seq, content_id: s.content_id.to_hex() };
+                    let ev = WatchEvent {
+                        kind: watch_event::Kind::Item as i32,
+                        seq: s.seq,
+                        content_id: s.content_id.to_hex(),
+                    };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
@@ -371,7 +462,11 @@ impl Federation for FederationService {
                     continue;
                 }
                 if last_sent.elapsed() >= HEARTBEAT {
-                    let ev = WatchEvent { kind: watch_event::Kind::Heartbeat as i32, seq: cursor, content_id: String::new() };
+                    let ev = WatchEvent {
+                        kind: watch_event::Kind::Heartbeat as i32,
+                        seq: cursor,
+                        content_id: String::new(),
+                    };
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
@@ -394,15 +489,28 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
     let missing = || ChunkData {
         chunk_id: id.to_hex(),
         data: Vec::new(),
-        problem: Some(Problem { code: tonic::Code::NotFound as i32, message: format!("chunk {id} is not here") }),
+        problem: Some(Problem {
+            code: tonic::Code::NotFound as i32,
+            message: format!("chunk {id} is not here"),
+        }),
     };
     match node.db.has_chunk(id) {
         Ok(true) => {}
         Ok(false) => return missing(),
-        Err(e) => return ChunkData { chunk_id: id.to_hex(), data: Vec::new(), problem: Some(problem(&e)) },
+        Err(e) => {
+            return ChunkData {
+                chunk_id: id.to_hex(),
+                data: Vec::new(),
+                problem: Some(problem(&e)),
+            }
+        }
     }
     match node.chunks.read(id) {
-        Ok(data) => ChunkData { chunk_id: id.to_hex(), data, problem: None },
+        Ok(data) => ChunkData {
+            chunk_id: id.to_hex(),
+            data,
+            problem: None,
+        },
         Err(e) => {
             if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound {
                 // Quarantined (or gone): no longer present.
@@ -411,7 +519,11 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
             if e.kind() == Kind::NotFound {
                 return missing();
             }
-            ChunkData { chunk_id: id.to_hex(), data: Vec::new(), problem: Some(problem(&e)) }
+            ChunkData {
+                chunk_id: id.to_hex(),
+                data: Vec::new(),
+                problem: Some(problem(&e)),
+            }
         }
     }
 }

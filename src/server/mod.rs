@@ -57,9 +57,19 @@ impl ServerState {
     pub fn advertised(&self) -> Vec<String> {
         let mut out = self.node.config.advertise.clone();
         if out.is_empty() {
-            out.push(self.listen_address.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            out.push(
+                self.listen_address
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone(),
+            );
         }
-        if let Some(o) = self.onion_address.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(o) = self
+            .onion_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
             out.insert(0, o);
         }
         out
@@ -86,8 +96,12 @@ pub struct ServeOptions {
 }
 
 fn reflection() -> Result<(
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
 )> {
     let err = |e: tonic_reflection::server::Error| Error::io(format!("building reflection: {e}"));
     let v1 = tonic_reflection::server::Builder::configure()
@@ -110,7 +124,9 @@ pub fn dialer(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
     let tor = &node.config.tor;
     let (route, handle) = match &tor.socks {
         Some(s) => {
-            let addr = s.parse().map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?;
+            let addr = s
+                .parse()
+                .map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?;
             (OnionRoute::Socks(addr), None)
         }
         None => {
@@ -171,7 +187,10 @@ pub async fn serve(node: Node, opts: ServeOptions) -> Result<()> {
 /// Start serving; returns once the listeners are bound.
 pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     let node = Arc::new(node);
-    let listen = opts.listen.clone().unwrap_or_else(|| node.config.listen.clone());
+    let listen = opts
+        .listen
+        .clone()
+        .unwrap_or_else(|| node.config.listen.clone());
 
     // Admin socket first: it tells us whether another node already runs here.
     let sock = node.paths.admin_socket();
@@ -184,8 +203,10 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         }
         std::fs::remove_file(&sock).ctx(format!("removing stale {}", sock.display()))?;
     }
-    let admin_listener = tokio::net::UnixListener::bind(&sock).ctx(format!("binding {}", sock.display()))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).ctx("setting admin socket mode")?;
+    let admin_listener =
+        tokio::net::UnixListener::bind(&sock).ctx(format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .ctx("setting admin socket mode")?;
 
     let tcp = tokio::net::TcpListener::bind(&listen)
         .await
@@ -237,8 +258,12 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     tokio::spawn(transport::accept_tcp(tcp, tls.clone(), conn_tx.clone()));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<FederationServer<federation::FederationService>>().await;
-    health_reporter.set_serving::<AdminServer<admin::AdminService>>().await;
+    health_reporter
+        .set_serving::<FederationServer<federation::FederationService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<admin::AdminService>>()
+        .await;
     if opts.tor || node.config.tor.enabled {
         match tor {
             Some(handle) => {
@@ -281,13 +306,18 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         .add_service(health)
         .add_service(refl2_v1)
         .add_service(refl2_v1alpha)
-        .serve_with_incoming_shutdown(UnixListenerStream::new(admin_listener), wait_for(shutdown_rx.clone()));
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(admin_listener),
+            wait_for(shutdown_rx.clone()),
+        );
 
     tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
 
-    let log = |what: &'static str| move |r: std::result::Result<(), tonic::transport::Error>| {
-        if let Err(e) = r {
-            tracing::error!("{what} server failed: {e}");
+    let log = |what: &'static str| {
+        move |r: std::result::Result<(), tonic::transport::Error>| {
+            if let Err(e) = r {
+                tracing::error!("{what} server failed: {e}");
+            }
         }
     };
     let fed_log = log("federation");
@@ -296,7 +326,13 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         tokio::spawn(async move { fed_log(fed.await) }),
         tokio::spawn(async move { admin_log(admin.await) }),
     ];
-    Ok(RunningNode { state, listen_address: bound, admin_socket: sock, shutdown_tx, tasks })
+    Ok(RunningNode {
+        state,
+        listen_address: bound,
+        admin_socket: sock,
+        shutdown_tx,
+        tasks,
+    })
 }
 
 /// Health service name that is SERVING once the onion service is reachable.
@@ -324,7 +360,10 @@ async fn serve_onion(
         let address = format!("{}:{ONION_PORT}", svc.address());
         let hostname = state.node.paths.tor().join("hostname");
         crate::identity::write_private_file(&hostname, format!("{}\n", svc.address()).as_bytes())?;
-        *state.onion_address.lock().unwrap_or_else(|p| p.into_inner()) = Some(address.clone());
+        *state
+            .onion_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(address.clone());
         tracing::info!("onion service {address} launched; waiting until it is reachable");
         let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let timeout = Duration::from_secs(state.node.config.tor.bootstrap_timeout_secs);

@@ -38,18 +38,23 @@ pub const BACKUP_DATE: &str = "20250314_092653";
 /// An RSA-2048 key generated once per test binary (key generation is slow).
 pub fn shared_key() -> RsaPrivateKey {
     static KEY: OnceLock<RsaPrivateKey> = OnceLock::new();
-    KEY.get_or_init(|| RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("generate RSA key")).clone()
+    KEY.get_or_init(|| RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("generate RSA key"))
+        .clone()
 }
 
 /// A second RSA-2048 key, for "wrong key" and "other recipient" cases.
 pub fn other_key() -> RsaPrivateKey {
     static KEY: OnceLock<RsaPrivateKey> = OnceLock::new();
-    KEY.get_or_init(|| RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("generate RSA key")).clone()
+    KEY.get_or_init(|| RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("generate RSA key"))
+        .clone()
 }
 
 /// Axon's folder name for an applet (`applet.name.replace('/', '_').replace(' ', '_')`).
 pub fn folder_for(applet: &str) -> String {
-    applet.chars().map(|c| if c == '/' || c == ' ' { '_' } else { c }).collect()
+    applet
+        .chars()
+        .map(|c| if c == '/' || c == ' ' { '_' } else { c })
+        .collect()
 }
 
 /// The key id Axon's `generate_checksum` gives a public key: MD5 hex of the
@@ -69,7 +74,9 @@ pub fn axon_key_id(public_key: &RsaPublicKey) -> String {
 
 /// The PEM an Axon database would hold for a public key (as `author_pubkey`, `owner_pubkey`).
 fn pubkey_pem(public_key: &RsaPublicKey) -> String {
-    public_key.to_public_key_pem(rsa::pkcs8::LineEnding::LF).expect("SPKI PEM")
+    public_key
+        .to_public_key_pem(rsa::pkcs8::LineEnding::LF)
+        .expect("SPKI PEM")
 }
 
 /// Deterministic, non-repeating test content of `len` bytes.
@@ -148,14 +155,25 @@ impl Builder {
     }
 
     pub fn applet_with_code(mut self, name: &str, code: Vec<u8>) -> Self {
-        self.applets.push(AppletSpec { name: name.to_owned(), code, data: Vec::new() });
+        self.applets.push(AppletSpec {
+            name: name.to_owned(),
+            code,
+            data: Vec::new(),
+        });
         self
     }
 
     /// A data instance of `len` bytes owned by `user`, for an applet added before.
     pub fn data(mut self, applet: &str, user: &str, len: usize) -> Self {
-        let spec = self.applets.iter_mut().find(|a| a.name == applet).expect("data() for an applet not added");
-        spec.data.push(DataSpec { user: user.to_owned(), content: content(&format!("{applet}\0{user}"), len) });
+        let spec = self
+            .applets
+            .iter_mut()
+            .find(|a| a.name == applet)
+            .expect("data() for an applet not added");
+        spec.data.push(DataSpec {
+            user: user.to_owned(),
+            content: content(&format!("{applet}\0{user}"), len),
+        });
         self
     }
 
@@ -225,7 +243,11 @@ impl Builder {
             if !applet.data.is_empty() {
                 let mut list = Vec::new();
                 for (d, data) in applet.data.iter().enumerate() {
-                    let enc = self.encrypt(&data.content, &recipients, &adir.join("data_chunks").join(&data.user));
+                    let enc = self.encrypt(
+                        &data.content,
+                        &recipients,
+                        &adir.join("data_chunks").join(&data.user),
+                    );
                     let id = uuid_like(&format!("data {a} {d}"));
                     let mut entry = json!({
                         "id": id,
@@ -278,7 +300,11 @@ impl Builder {
         }
         write_json(&dir.join("backup_manifest.json"), &manifest);
 
-        Written { dir: dir.to_path_buf(), key: self.key, items }
+        Written {
+            dir: dir.to_path_buf(),
+            key: self.key,
+            items,
+        }
     }
 
     fn manifest_field(&self, manifest: &Value) -> Value {
@@ -293,14 +319,19 @@ impl Builder {
         }
     }
 
-    fn encrypt(&self, plaintext: &[u8], recipients: &[RsaPublicKey], chunk_dir: &Path) -> Encrypted {
+    fn encrypt(
+        &self,
+        plaintext: &[u8],
+        recipients: &[RsaPublicKey],
+        chunk_dir: &Path,
+    ) -> Encrypted {
         let mut rng = rand::thread_rng();
         let mut aes_key = [0u8; 32];
         let mut iv = [0u8; 16];
         rng.fill_bytes(&mut aes_key);
         rng.fill_bytes(&mut iv);
-        let ciphertext =
-            cbc::Encryptor::<Aes256>::new(&aes_key.into(), &iv.into()).encrypt_padded_vec_mut::<Pkcs7>(plaintext);
+        let ciphertext = cbc::Encryptor::<Aes256>::new(&aes_key.into(), &iv.into())
+            .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
 
         fs::create_dir_all(chunk_dir).unwrap();
         let mut chunk_hashes = Vec::new();
@@ -314,7 +345,9 @@ impl Builder {
 
         let mut envelopes = serde_json::Map::new();
         for pk in recipients {
-            let wrapped = pk.encrypt(&mut rng, Oaep::new::<Sha256>(), &aes_key).expect("OAEP wrap");
+            let wrapped = pk
+                .encrypt(&mut rng, Oaep::new::<Sha256>(), &aes_key)
+                .expect("OAEP wrap");
             envelopes.insert(axon_key_id(pk), Value::from(B64.encode(wrapped)));
         }
         let manifest = json!({
@@ -324,7 +357,11 @@ impl Builder {
             "encryption_iv": B64.encode(iv),
             "encrypted_aes_keys": envelopes,
         });
-        Encrypted { manifest, aes_key, chunk_paths }
+        Encrypted {
+            manifest,
+            aes_key,
+            chunk_paths,
+        }
     }
 }
 
@@ -421,5 +458,12 @@ fn write_json(path: &Path, value: &Value) {
 /// A UUID-shaped id derived from `seed`.
 fn uuid_like(seed: &str) -> String {
     let h = hex::encode(Sha256::digest(seed.as_bytes()));
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }

@@ -36,13 +36,22 @@ pub struct Run {
 
 impl Run {
     pub fn last_line(&self) -> String {
-        self.stdout.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("").trim().to_string()
+        self.stdout
+            .lines()
+            .rfind(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string()
     }
 }
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}\n--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -66,7 +75,10 @@ pub fn ok(cmd: &mut Command) -> Run {
 pub fn init_node(dir: &Path, chunk_size: u32) -> Node {
     node::init(dir, None).expect("init");
     let cfg = dir.join("config.toml");
-    let text = fs::read_to_string(&cfg).unwrap().replace("chunk_size = 1048576", &format!("chunk_size = {chunk_size}"));
+    let text = fs::read_to_string(&cfg).unwrap().replace(
+        "chunk_size = 1048576",
+        &format!("chunk_size = {chunk_size}"),
+    );
     fs::write(&cfg, text).unwrap();
     open(dir)
 }
@@ -89,13 +101,22 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn put(node: &Node, name: &str, bytes: &[u8]) -> ContentId {
-    let opts = bitsync::content::PutOptions { kind: "file".into(), name: name.into() };
+    let opts = bitsync::content::PutOptions {
+        kind: "file".into(),
+        name: name.into(),
+    };
     bitsync::content::put(node, &mut &bytes[..], &opts, &|_| {}).expect("put")
 }
 
 pub fn get(node: &Node, id: &ContentId) -> Vec<u8> {
     let mut out = Vec::new();
-    bitsync::content::get(node, id, bitsync::content::Output::Stream(&mut out), &|_| {}).expect("get");
+    bitsync::content::get(
+        node,
+        id,
+        bitsync::content::Output::Stream(&mut out),
+        &|_| {},
+    )
+    .expect("get");
     out
 }
 
@@ -124,7 +145,10 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
                 if p.is_dir() {
                     walk(root, &p, out);
                 } else {
-                    out.push((p.strip_prefix(root).unwrap().to_path_buf(), fs::read(&p).unwrap_or_default()));
+                    out.push((
+                        p.strip_prefix(root).unwrap().to_path_buf(),
+                        fs::read(&p).unwrap_or_default(),
+                    ));
                 }
             }
         }
@@ -161,7 +185,13 @@ pub fn chunk_file(root: &Path, id: &Hash) -> PathBuf {
 
 /// The ids of snapshots in a repository, oldest first (via `backup ls --json`).
 pub fn snapshots(home: &Path, repo: &Path) -> Vec<String> {
-    let r = ok(bitsync(home).args(["backup", "ls", "--json", "--repo"]).arg(repo));
+    let r = ok(bitsync(home)
+        .args(["backup", "ls", "--json", "--repo"])
+        .arg(repo));
     let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("json");
-    v.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
 }

@@ -1,0 +1,267 @@
+//! bitsync nodes over a private Tor network on 127.0.0.1 (tests/tornet/tornet.sh):
+//! node A serves on an onion service (embedded arti); node B, dialing with
+//! embedded arti, joins A by an invite carrying the onion address, clones A
+//! over Tor, then mirrors A over Tor; node C clones A through the network's
+//! C tor client as an external SOCKS5 proxy.
+
+#[path = "support/tornet.rs"]
+mod tornet;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bitsync")
+}
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run bitsync")
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args);
+    assert!(
+        out.status.success(),
+        "bitsync {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn last_line(s: &str) -> String {
+    s.lines().last().unwrap_or_default().trim().to_string()
+}
+
+/// Init a node whose config points embedded Tor at the private network.
+fn init_node(dir: &Path, tor: &str) {
+    ok(dir, &["init"]);
+    let cfg = dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace("listen = \"127.0.0.1:7450\"", "listen = \"127.0.0.1:0\"");
+    let head = &text[..text.find("[tor]").expect("config has a [tor] section")];
+    std::fs::write(&cfg, format!("{head}[tor]\n{tor}\n")).unwrap();
+}
+
+struct Served {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- node log {} ---\n{}",
+                self.log.display(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn serve(dir: &Path) -> Served {
+    let log = dir.with_extension("log");
+    let f = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin())
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("serve")
+        .env(
+            "RUST_LOG",
+            "info,arti_client=warn,tor_hsservice=warn,tor_netdir=error",
+        )
+        .stdout(Stdio::null())
+        .stderr(f)
+        .spawn()
+        .expect("spawn serve");
+    let served = Served { child, log };
+    wait_until("admin socket", Duration::from_secs(30), || {
+        dir.join("admin.sock").exists() && run(dir, &["status"]).status.success()
+    });
+    served
+}
+
+fn wait_until(what: &str, budget: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < budget,
+            "timed out after {budget:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(dir, &["status"])).expect("status json")
+}
+
+fn items(dir: &Path) -> Vec<serde_json::Value> {
+    serde_json::from_str::<Vec<serde_json::Value>>(&ok(dir, &["ls", "--json"])).expect("ls json")
+}
+
+fn same_items(a: &Path, b: &Path, scratch: &Path) {
+    let ia = items(a);
+    assert!(!ia.is_empty());
+    for it in &ia {
+        let id = it["content_id"].as_str().unwrap();
+        let (fa, fb) = (
+            scratch.join(format!("{id}.a")),
+            scratch.join(format!("{id}.b")),
+        );
+        ok(a, &["get", id, "-o", fa.to_str().unwrap()]);
+        ok(b, &["get", id, "-o", fb.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&fa).unwrap() == std::fs::read(&fb).unwrap(),
+            "item {id} differs"
+        );
+    }
+}
+
+fn publish(dir: &Path, scratch: &Path, name: &str, size: usize) -> String {
+    let f = scratch.join(name);
+    let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+    std::fs::write(&f, data).unwrap();
+    last_line(&ok(dir, &["put", f.to_str().unwrap()]))
+}
+
+/// Onion dials on a young private network fail for ~30 s at each HSDir
+/// rotation; an unreachable peer leaves the invite unused, so retry (bounded).
+fn clone_retrying(dir: &Path, token: &str) {
+    let start = Instant::now();
+    loop {
+        let out = run(dir, &["clone", token]);
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(
+            out.status.code(),
+            Some(8),
+            "clone failed for a reason other than reachability: {err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(150),
+            "clone over Tor kept failing: {err}"
+        );
+        eprintln!("clone over Tor not yet through ({err}); retrying");
+        std::thread::sleep(Duration::from_secs(3));
+    }
+}
+
+#[test]
+fn clone_and_mirror_over_private_tor() {
+    let net = tornet::Network::up(1);
+    let arti = net.ready();
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let (a, b, c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    let arti_line = format!(
+        "arti_config = {:?}\nbootstrap_timeout_secs = 90\nconnect_timeout_secs = 60",
+        arti.to_str().unwrap()
+    );
+
+    // A hosts an onion service. Its only TCP address in invites is a closed
+    // port, so a successful join proves the onion address carried it.
+    init_node(&a, &format!("enabled = true\n{arti_line}"));
+    let cfg = std::fs::read_to_string(a.join("config.toml"))
+        .unwrap()
+        .replace("advertise = []", "advertise = [\"127.0.0.1:9\"]");
+    std::fs::write(a.join("config.toml"), cfg).unwrap();
+    publish(&a, &scratch, "one", 300_000);
+    publish(&a, &scratch, "two", 0);
+    publish(&a, &scratch, "three", 1_500_000);
+    let _a_node = serve(&a);
+    wait_until("A's onion address", Duration::from_secs(120), || {
+        status(&a)["onion_address"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(".onion:7450"))
+    });
+    let onion = status(&a)["onion_address"].as_str().unwrap().to_string();
+    let id_out = ok(&a, &["id"]);
+    assert!(
+        id_out.contains(&onion),
+        "`bitsync id` shows the onion address: {id_out}"
+    );
+
+    // The invite carries the onion address, first.
+    let token = last_line(&ok(&a, &["invite"]));
+
+    // B clones over Tor with embedded arti.
+    init_node(&b, &arti_line);
+    clone_retrying(&b, &token);
+    let a_id = last_line(&ok(&a, &["id"]))
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let a_id = a_id.split(':').next().unwrap().to_string();
+    let peers: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&b, &["peer", "ls", "--json"])).unwrap();
+    let pa = peers
+        .iter()
+        .find(|p| p["address"].as_str().unwrap_or("").ends_with(".onion:7450"));
+    assert!(
+        pa.is_some(),
+        "B reached A through its onion address: {peers:?} (A is {a_id})"
+    );
+    same_items(&a, &b, &scratch);
+
+    // B mirrors A over Tor: a new item on A reaches B without a restart.
+    let a_node_id = ok(&a, &["id"]).lines().next().unwrap().trim().to_string();
+    ok(&b, &["peer", "add", &a_node_id, &onion, "--mirror"]);
+    let _b_node = serve(&b);
+    let fresh = publish(&a, &scratch, "four", 700_000);
+    wait_until(
+        "the new item on the mirror",
+        Duration::from_secs(90),
+        || {
+            items(&b)
+                .iter()
+                .any(|i| i["content_id"] == fresh.as_str() && i["complete"] == true)
+        },
+    );
+    same_items(&a, &b, &scratch);
+
+    // C dials through the network's C tor client as an external SOCKS5 proxy.
+    let socks = net.client();
+    init_node(&c, &format!("socks = {socks:?}"));
+    let token_c = last_line(&ok(&a, &["invite"]));
+    clone_retrying(&c, &token_c);
+    let peers: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&c, &["peer", "ls", "--json"])).unwrap();
+    assert!(
+        peers
+            .iter()
+            .any(|p| p["address"].as_str().unwrap_or("").ends_with(".onion:7450")),
+        "C reached A through its onion address via SOCKS: {peers:?}"
+    );
+    same_items(&a, &c, &scratch);
+
+    // A bad onion address fails fast with a clear error.
+    let out = run(&c, &["peer", "add", &a_node_id, "notanonion.onion:7450"]);
+    assert!(out.status.success(), "peer add only checks the form");
+    let out = run(&c, &["clone", &a_node_id]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "invalid onion address: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("onion"));
+}
