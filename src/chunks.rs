@@ -18,6 +18,9 @@ use rand::RngCore;
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
+/// A temp file untouched this long belongs to a writer that died.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Upper bound on one chunk's ciphertext: the largest allowed chunk size plus the GCM tag.
 pub const MAX_CHUNK_BYTES: usize = crate::manifest::MAX_CHUNK_SIZE as usize + 16;
 
@@ -36,9 +39,14 @@ impl ChunkDir {
         let tmp = root.join("tmp");
         fs::create_dir_all(&tmp).ctx(format!("creating {}", tmp.display()))?;
         fs::create_dir_all(quarantine).ctx(format!("creating {}", quarantine.display()))?;
+        // Writes left by a crash. Only old ones: another process (a `put`
+        // while the node serves) may be writing here right now.
         if let Ok(entries) = fs::read_dir(&tmp) {
             for e in entries.flatten() {
-                let _ = fs::remove_file(e.path());
+                let stale = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                if stale.is_some_and(|age| age > STALE_TMP) {
+                    let _ = fs::remove_file(e.path());
+                }
             }
         }
         Ok(ChunkDir {

@@ -216,7 +216,7 @@ fn decrypt_to(
     let n = m.chunk_count();
     let mut written = 0u64;
     for (i, id) in m.chunk_ids().enumerate() {
-        let ct = node.chunks.read(&id).map_err(|e| match e.kind() {
+        let ct = node.read_chunk(&id).map_err(|e| match e.kind() {
             crate::error::Kind::NotFound => Error::not_found(format!(
                 "item {} is incomplete: chunk {i} ({id}) is not here yet",
                 m.id()
@@ -262,12 +262,8 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
     let total: u64 = chunks.iter().map(|(_, s)| *s).sum();
     let mut done = 0u64;
     for (id, size) in &chunks {
-        match node.chunks.read(id) {
-            Ok(_) => {}
-            Err(e) => {
-                node.db.forget_chunk(id)?;
-                r.problems.push(format!("chunk {id}: {e}"));
-            }
+        if let Err(e) = node.read_chunk(id) {
+            r.problems.push(format!("chunk {id}: {e}"));
         }
         r.chunks_checked += 1;
         done += size;

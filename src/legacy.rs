@@ -34,7 +34,7 @@ pub fn decrypt_to(
     let mut held: Option<[u8; 16]> = None;
     let mut written = 0u64;
     for (i, id) in m.chunk_ids().enumerate() {
-        let mut ct = node.chunks.read(&id)?;
+        let mut ct = node.read_chunk(&id)?;
         if ct.len() as u64 != m.chunk_len(i) || ct.len() % 16 != 0 {
             return Err(Error::integrity(format!(
                 "legacy chunk {i} of item {} has the wrong length",

@@ -99,10 +99,22 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
             .ctx(format!("reading {}", root.display()))?
             .flatten()
             .map(|e| e.file_name())
+            // What an interrupted `fill` leaves behind may be redone.
             .filter(|n| {
                 !matches!(
                     n.to_str(),
-                    Some("config.toml" | "node.key" | ".node.key.tmp")
+                    Some(
+                        "config.toml"
+                            | "node.key"
+                            | ".node.key.tmp"
+                            | ".config.toml.tmp"
+                            | "chunks"
+                            | "quarantine"
+                            | ".bitsync.db.init"
+                            | ".bitsync.db.init-wal"
+                            | ".bitsync.db.init-shm"
+                            | ".bitsync.db.init-journal"
+                    )
                 )
             })
             .collect();
@@ -222,6 +234,18 @@ impl Node {
 
     pub fn id(&self) -> NodeId {
         self.identity.id()
+    }
+
+    /// Read a present chunk, re-checking its hash. A chunk that fails is
+    /// quarantined and forgotten, so it is no longer present (a sync fetches it again).
+    pub fn read_chunk(&self, id: &crate::crypto::ChunkId) -> Result<Vec<u8>> {
+        match self.chunks.read(id) {
+            Err(e) if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound => {
+                self.db.forget_chunk(id)?;
+                Err(e)
+            }
+            other => other,
+        }
     }
 
     /// The name peers see: the configured one, else the first 12 hex chars of the id.

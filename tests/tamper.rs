@@ -479,6 +479,14 @@ fn chunk_written_but_not_recorded_is_not_present() {
         .join("tmp")
         .join(format!("{}.0000000000000000", ids[0].to_hex()));
     fs::write(&torn, b"half a chunk").unwrap();
+    // Temp files are cleared once stale (a live writer in another process
+    // may own a fresh one); make this one look hours old.
+    fs::File::options()
+        .write(true)
+        .open(&torn)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200))
+        .unwrap();
 
     // "Crash" now: nothing was recorded. Reopen the data dir.
     let root = f.node.paths.root.clone();
@@ -497,7 +505,7 @@ fn chunk_written_but_not_recorded_is_not_present() {
     );
     assert!(n.db.content_ids().unwrap().is_empty());
     assert_eq!(n.db.stats().unwrap().chunks, 0);
-    assert!(!torn.exists(), "opening the node clears chunks/tmp/");
+    assert!(!torn.exists(), "opening the node clears stale files from chunks/tmp/");
     let r = content::verify(&n, &|_, _| {}).unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     assert_eq!(r.chunks_checked, 0);

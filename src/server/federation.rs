@@ -505,17 +505,13 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
             }
         }
     }
-    match node.chunks.read(id) {
+    match node.read_chunk(id) {
         Ok(data) => ChunkData {
             chunk_id: id.to_hex(),
             data,
             problem: None,
         },
         Err(e) => {
-            if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound {
-                // Quarantined (or gone): no longer present.
-                let _ = node.db.forget_chunk(id);
-            }
             if e.kind() == Kind::NotFound {
                 return missing();
             }
