@@ -352,6 +352,13 @@ fn run_sync(cli: &Cli) -> Result<()> {
                     eprintln!("initialized {}", dir.display());
                     println!("{id}");
                 }
+                InitOutcome::AlreadyInitialized(_) if *seal => {
+                    return Err(Error::exists(format!(
+                        "{} is already initialized and its key was left as it is; \
+                         --seal only applies to a new data dir",
+                        dir.display()
+                    )));
+                }
                 InitOutcome::AlreadyInitialized(id) => {
                     eprintln!("{} is already initialized; nothing changed", dir.display());
                     println!("{id}");
@@ -361,8 +368,10 @@ fn run_sync(cli: &Cli) -> Result<()> {
         Command::Id { public_key, cert } => {
             let n = cli.open_node()?;
             println!("{}", n.id());
-            if let Ok(onion) = std::fs::read_to_string(n.paths.tor().join("hostname")) {
-                println!("{}:{}", onion.trim(), crate::server::ONION_PORT);
+            if !*public_key && !*cert {
+                if let Ok(onion) = std::fs::read_to_string(n.paths.tor().join("hostname")) {
+                    println!("{}:{}", onion.trim(), crate::server::ONION_PORT);
+                }
             }
             if *public_key {
                 print!("{}", n.identity.public_pem());
