@@ -7,11 +7,14 @@
 //! - Envelopes: the item key wrapped with RSA-OAEP-SHA256 for one recipient.
 //! - Manifest signatures: RSA-PSS-SHA256 over a domain-separated message.
 //!
-//! Only public-key operations live here (wrapping, verifying), done with the
-//! `rsa` crate. Private-key operations (unwrapping, signing) belong to
-//! [`Identity`](crate::identity::Identity), which does them with aws-lc's
-//! constant-time RSA: the `rsa` crate's private-key arithmetic is not
-//! constant-time (RUSTSEC-2023-0071), and a peer can choose what a node unwraps.
+//! Only public-key operations live here (wrapping, verifying). Private-key
+//! operations (unwrapping, signing) belong to
+//! [`Identity`](crate::identity::Identity). All RSA arithmetic runs on
+//! aws-lc: its private-key operations are constant-time, where the `rsa`
+//! crate's are not (RUSTSEC-2023-0071) and a peer can choose what a node
+//! unwraps; and its public-key operations are about ten times faster, which
+//! matters when a node re-keys or verifies thousands of manifests. The `rsa`
+//! crate parses and encodes keys.
 //! - Passphrase sealing (node keys, backups): scrypt then AES-256-GCM.
 //!
 //! The exact byte layouts are specified in docs/FORMAT.md.
@@ -22,9 +25,11 @@ use std::str::FromStr;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
-use rsa::pss::{Signature, VerifyingKey};
-use rsa::signature::Verifier;
-use rsa::{Oaep, RsaPublicKey};
+use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256};
+use aws_lc_rs::signature::{UnparsedPublicKey, RSA_PSS_2048_8192_SHA256};
+use rsa::pkcs1::EncodeRsaPublicKey;
+use rsa::pkcs8::EncodePublicKey;
+use rsa::RsaPublicKey;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -195,13 +200,16 @@ pub fn decrypt_meta(key: &ItemKey, ct: &[u8]) -> Result<Vec<u8>> {
 
 /// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label).
 pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
-    recipient
-        .encrypt(
-            &mut rand::rngs::OsRng,
-            Oaep::new::<Sha256>(),
-            key.as_bytes(),
-        )
+    let spki = recipient.to_public_key_der().expect("an RSA public key always encodes");
+    let public = PublicEncryptingKey::from_der(spki.as_bytes()).expect("a valid RSA public key loads");
+    let oaep = OaepPublicEncryptingKey::new(public).expect("RSA keys support OAEP");
+    let mut out = vec![0u8; oaep.ciphertext_size()];
+    let n = oaep
+        .encrypt(&OAEP_SHA256_MGF1SHA256, key.as_bytes(), &mut out, None)
         .expect("RSA-OAEP of 32 bytes fits any key of 1024 bits or more")
+        .len();
+    out.truncate(n);
+    out
 }
 
 /// The message a manifest signature covers: a domain prefix, then the body bytes.
@@ -216,13 +224,10 @@ pub fn signed_message(body: &[u8]) -> Vec<u8> {
 /// Check an RSA-PSS-SHA256 (salt 32 bytes) manifest signature. Signing is
 /// [`Identity::sign_manifest`](crate::identity::Identity::sign_manifest).
 pub fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
-    let sig = Signature::try_from(signature)
-        .map_err(|_| Error::integrity("manifest signature is malformed"))?;
-    VerifyingKey::<Sha256>::new(public.clone())
-        .verify(&signed_message(body), &sig)
-        .map_err(|_| {
-            Error::integrity("manifest signature does not verify: the manifest was altered")
-        })
+    let pkcs1 = public.to_pkcs1_der().map_err(|_| Error::integrity("publisher key does not encode"))?;
+    UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, pkcs1.as_bytes())
+        .verify(&signed_message(body), signature)
+        .map_err(|_| Error::integrity("manifest signature does not verify: the manifest was altered"))
 }
 
 // ---- passphrase sealing ----------------------------------------------------

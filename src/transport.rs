@@ -337,6 +337,8 @@ impl Dialer {
         Endpoint::from_static("http://bitsync.peer")
             .timeout(self.request_timeout)
             .connect_timeout(self.connect_timeout)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
             .keep_alive_while_idle(true)

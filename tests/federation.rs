@@ -133,15 +133,23 @@ async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
 /// Deterministic, non-repeating bytes.
 fn data(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
+
+/// Chunks of the large items in the streaming tests: 128 of 512 KiB. 64 MiB is
+/// far more than HTTP/2 flow control lets a server push ahead of its reader
+/// (the node's client windows are a few MiB; even 16 MiB windows leave most
+/// of the item unsent), so these streams are still running when the test acts.
+const LARGE_CHUNK: u32 = 512 * 1024;
+const LARGE_CHUNKS: usize = 128;
 
 fn put(n: &Node, name: &str, bytes: &[u8]) -> ContentId {
     let mut r: &[u8] = bytes;
@@ -820,15 +828,19 @@ async fn untrusted_and_revoked_callers_are_denied() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_cuts_open_streams() {
     let cfg = Cfg {
-        chunk_size: 64 * 1024,
+        chunk_size: LARGE_CHUNK,
         ..Cfg::default()
     };
     let (_s_dir, s) = serve_node(&cfg).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
-    // 256 chunks of 64 KiB: far more than HTTP/2 flow control lets the server
-    // push ahead, so the stream is still running when the revocation lands.
-    let item = put(server_node(&s), "large", &data(600, 256 * 64 * 1024));
+    // Far more than flow control lets the server push ahead (see LARGE_CHUNKS),
+    // so the stream is still running when the revocation lands.
+    let item = put(
+        server_node(&s),
+        "large",
+        &data(600, LARGE_CHUNKS * LARGE_CHUNK as usize),
+    );
     let (m, _) = server_node(&s).db.manifest(&item).unwrap().unwrap();
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
 
@@ -876,7 +888,7 @@ async fn revocation_cuts_open_streams() {
     };
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(
-        got < 256,
+        got < LARGE_CHUNKS,
         "only what was already in flight arrives, got {got}"
     );
 
@@ -1341,13 +1353,17 @@ async fn instance_config_holds_no_key_material() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_ends_an_active_stream() {
     let cfg = Cfg {
-        chunk_size: 64 * 1024,
+        chunk_size: LARGE_CHUNK,
         ..Cfg::default()
     };
     let (_s_dir, s) = serve_node(&cfg).await;
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
-    let item = put(server_node(&s), "large", &data(700, 256 * 64 * 1024));
+    let item = put(
+        server_node(&s),
+        "large",
+        &data(700, LARGE_CHUNKS * LARGE_CHUNK as usize),
+    );
     let (m, _) = server_node(&s).db.manifest(&item).unwrap().unwrap();
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
     let addr = s.listen_address;
@@ -1366,7 +1382,7 @@ async fn graceful_shutdown_ends_an_active_stream() {
 
     let started = Instant::now();
     let stopping = tokio::spawn(s.shutdown());
-    // A slow reader (20 ms a chunk: 5 s for the whole item) keeps reading.
+    // A slow reader (20 ms a chunk: 2.6 s for the whole item) keeps reading.
     let mut got = 1;
     let end = loop {
         match within(20, "the stream to end after shutdown", st.message()).await {
@@ -1382,7 +1398,7 @@ async fn graceful_shutdown_ends_an_active_stream() {
         matches!(end.code(), Code::Unavailable | Code::Cancelled),
         "the stream must end with UNAVAILABLE/CANCELLED, got {end:?} after {got} chunks"
     );
-    assert!(got < 256);
+    assert!(got < LARGE_CHUNKS);
     within(20, "shutdown to return", stopping).await.unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(15),

@@ -210,7 +210,7 @@ fn manifest_for_inner(
     tracing::debug!(item = %cid.short(), peer = %caller.short(), "re-keyed item for peer");
     // A concurrent call may have stored its own wrap first: return the stored one.
     let env = node.db.envelope(&cid, &recipient)?.unwrap_or(wrapped);
-    let seq = node.db.manifest(&cid)?.map(|(_, s)| s).unwrap_or(seq);
+    let seq = node.db.seq_of(&cid)?.unwrap_or(seq);
     Ok((m, env, seq))
 }
 

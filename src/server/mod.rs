@@ -161,9 +161,11 @@ impl RunningNode {
     /// Stop accepting, end streams, give in-flight calls a few seconds to finish.
     pub async fn shutdown(self) {
         let _ = self.shutdown_tx.send(true);
+        let aborts: Vec<_> = self.tasks.iter().map(|t| t.abort_handle()).collect();
         let drained = tokio::time::timeout(DRAIN, futures::future::join_all(self.tasks)).await;
         if drained.is_err() {
             tracing::warn!("some calls were still running after {DRAIN:?}; closing them");
+            aborts.iter().for_each(|a| a.abort());
         }
         let _ = std::fs::remove_file(&self.admin_socket);
     }
