@@ -73,6 +73,17 @@ impl ChunkDir {
                 "chunk {id} has the wrong content (its hash is {actual})"
             )));
         }
+        self.place(id, data)
+    }
+
+    /// Write a chunk this node just made; its id is computed here, once.
+    pub fn write_new(&self, data: &[u8]) -> Result<ChunkId> {
+        let id = Hash::of(data);
+        self.place(&id, data)?;
+        Ok(id)
+    }
+
+    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
         let path = self.path(id);
         let dir = path.parent().expect("chunk path has a parent");
         let tmp = self.root.join("tmp").join(format!(

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-use crate::crypto::{self, ContentId, Hash, ItemKey};
+use crate::crypto::{self, ContentId, ItemKey};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Cipher, ItemMeta, Manifest};
 use crate::node::Node;
@@ -51,8 +51,7 @@ pub fn put(
         let last = next.is_empty();
         size += cur.len() as u64;
         let ct = crypto::encrypt_chunk(&key, index, last, &cur);
-        let id = Hash::of(&ct);
-        node.chunks.write(&id, &ct)?;
+        let id = node.chunks.write_new(&ct)?;
         ids.push(id);
         present.push((id, ct.len() as u64));
         progress(size);

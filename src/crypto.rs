@@ -22,8 +22,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use rand::RngCore;
 use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256};
 use aws_lc_rs::signature::{UnparsedPublicKey, RSA_PSS_2048_8192_SHA256};
@@ -112,8 +111,8 @@ impl ItemKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
-    fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(self.0.as_ref().into())
+    fn cipher(&self) -> LessSafeKey {
+        gcm_key(self.0.as_ref())
     }
 }
 
@@ -121,6 +120,28 @@ impl fmt::Debug for ItemKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ItemKey(..)")
     }
+}
+
+
+/// AES-256-GCM on aws-lc (AES-NI and CLMUL where the CPU has them).
+/// Output layout: ciphertext then the 16-byte tag.
+fn gcm_key(key: &[u8]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).expect("AES-256 keys are 32 bytes"))
+}
+
+fn gcm_seal(key: &LessSafeKey, nonce: [u8; 12], aad: &[u8], plain: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(plain.len() + 16);
+    buf.extend_from_slice(plain);
+    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .expect("AES-GCM sealing of a bounded buffer cannot fail");
+    buf
+}
+
+fn gcm_open(key: &LessSafeKey, nonce: [u8; 12], aad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
+    let mut buf = ct.to_vec();
+    let n = key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).ok()?.len();
+    buf.truncate(n);
+    Some(buf)
 }
 
 const DOMAIN_CHUNK: u8 = 0;
@@ -139,63 +160,26 @@ fn nonce(domain: u8, index: u64, last: bool) -> [u8; 12] {
 
 /// Encrypt chunk `index` of an item; `last` marks the final chunk.
 pub fn encrypt_chunk(key: &ItemKey, index: u64, last: bool, plain: &[u8]) -> Vec<u8> {
-    let n = nonce(DOMAIN_CHUNK, index, last);
-    key.cipher()
-        .encrypt(
-            Nonce::from_slice(&n),
-            Payload {
-                msg: plain,
-                aad: CHUNK_AAD,
-            },
-        )
-        .expect("AES-GCM encryption of a bounded chunk cannot fail")
+    gcm_seal(&key.cipher(), nonce(DOMAIN_CHUNK, index, last), CHUNK_AAD, plain)
 }
 
 /// Decrypt chunk `index`; fails if the chunk was moved, swapped, truncated or altered.
 pub fn decrypt_chunk(key: &ItemKey, index: u64, last: bool, ct: &[u8]) -> Result<Vec<u8>> {
-    let n = nonce(DOMAIN_CHUNK, index, last);
-    key.cipher()
-        .decrypt(
-            Nonce::from_slice(&n),
-            Payload {
-                msg: ct,
-                aad: CHUNK_AAD,
-            },
-        )
-        .map_err(|_| {
-            Error::integrity(format!(
+    gcm_open(&key.cipher(), nonce(DOMAIN_CHUNK, index, last), CHUNK_AAD, ct).ok_or_else(|| {
+        Error::integrity(format!(
             "chunk {index} does not decrypt: it was altered, reordered or the item was truncated"
         ))
-        })
+    })
 }
 
 pub fn encrypt_meta(key: &ItemKey, plain: &[u8]) -> Vec<u8> {
-    let n = nonce(DOMAIN_META, 0, true);
-    key.cipher()
-        .encrypt(
-            Nonce::from_slice(&n),
-            Payload {
-                msg: plain,
-                aad: META_AAD,
-            },
-        )
-        .expect("AES-GCM encryption of metadata cannot fail")
+    gcm_seal(&key.cipher(), nonce(DOMAIN_META, 0, true), META_AAD, plain)
 }
 
 /// Decrypt the manifest's metadata. Success also proves `key` is this item's key.
 pub fn decrypt_meta(key: &ItemKey, ct: &[u8]) -> Result<Vec<u8>> {
-    let n = nonce(DOMAIN_META, 0, true);
-    key.cipher()
-        .decrypt(
-            Nonce::from_slice(&n),
-            Payload {
-                msg: ct,
-                aad: META_AAD,
-            },
-        )
-        .map_err(|_| {
-            Error::integrity("item metadata does not decrypt: wrong key or altered manifest")
-        })
+    gcm_open(&key.cipher(), nonce(DOMAIN_META, 0, true), META_AAD, ct)
+        .ok_or_else(|| Error::integrity("item metadata does not decrypt: wrong key or altered manifest"))
 }
 
 /// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label).
@@ -268,15 +252,7 @@ pub fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
         SCRYPT_P,
     )
     .expect("constant parameters");
-    let ct = Aes256Gcm::new(k.as_ref().into())
-        .encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: plain,
-                aad: &header,
-            },
-        )
-        .expect("sealing cannot fail");
+    let ct = gcm_seal(&gcm_key(k.as_ref()), nonce, &header, plain);
     header.extend_from_slice(&ct);
     header
 }
@@ -302,15 +278,9 @@ pub fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         ));
     }
     let k = seal_key(passphrase.as_bytes(), &header[13..29], log_n, r, p)?;
-    let plain = Aes256Gcm::new(k.as_ref().into())
-        .decrypt(
-            Nonce::from_slice(&header[29..41]),
-            Payload {
-                msg: ct,
-                aad: header,
-            },
-        )
-        .map_err(|_| Error::auth("wrong passphrase (or the sealed file was altered)"))?;
+    let n: [u8; 12] = header[29..41].try_into().expect("12-byte slice");
+    let plain = gcm_open(&gcm_key(k.as_ref()), n, header, ct)
+        .ok_or_else(|| Error::auth("wrong passphrase (or the sealed file was altered)"))?;
     Ok(Zeroizing::new(plain))
 }
 
