@@ -474,41 +474,52 @@ impl Db {
         Ok(seq)
     }
 
-    /// Add one envelope (just-in-time rekey). Returns false if one already existed.
-    pub fn add_envelope(
-        &self,
-        content_id: &ContentId,
-        recipient: &str,
-        wrapped: &[u8],
-    ) -> Result<bool> {
+    /// Add envelopes (the just-in-time rekeys of one batch) in one
+    /// transaction; each one added moves its item to a new seq. Returns, per
+    /// row, the item's new seq, or None if an envelope was already there.
+    pub fn add_envelopes(&self, rows: &[(ContentId, String, Vec<u8>)]) -> Result<Vec<Option<u64>>> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let cid = content_id.to_hex();
-        let n = tx.execute(
-            "INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
-            params![cid, recipient, wrapped],
-        )?;
-        if n > 0 {
-            let seq = Self::bump_seq(&tx)?;
-            tx.execute(
-                "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
-                params![cid, seq as i64],
+        let mut out = Vec::with_capacity(rows.len());
+        for (content_id, recipient, wrapped) in rows {
+            let cid = content_id.to_hex();
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
+                params![cid, recipient, wrapped],
             )?;
+            if n > 0 {
+                let seq = Self::bump_seq(&tx)?;
+                tx.execute("UPDATE manifests SET seq = ?2 WHERE content_id = ?1", params![cid, seq as i64])?;
+                out.push(Some(seq));
+            } else {
+                out.push(None);
+            }
         }
         tx.commit()?;
-        Ok(n > 0)
+        Ok(out)
     }
 
     /// The envelope of an item for one recipient, if stored.
     pub fn envelope(&self, content_id: &ContentId, recipient: &str) -> Result<Option<Vec<u8>>> {
         Ok(self
             .r()
+            .prepare_cached("SELECT wrapped FROM envelopes WHERE content_id = ?1 AND recipient = ?2")?
             .query_row(
-                "SELECT wrapped FROM envelopes WHERE content_id = ?1 AND recipient = ?2",
                 params![content_id.to_hex(), recipient],
                 |r| r.get(0),
             )
             .optional()?)
+    }
+
+    /// A stored manifest as raw bytes (body, signature, seq), not re-verified.
+    /// For serving only: every receiver verifies the signature itself.
+    pub fn manifest_raw(&self, id: &ContentId) -> Result<Option<(Vec<u8>, Vec<u8>, u64)>> {
+        let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
+            .r()
+            .prepare_cached("SELECT body, signature, seq FROM manifests WHERE content_id = ?1")?
+            .query_row([id.to_hex()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        Ok(row.map(|(b, s, q)| (b, s, q as u64)))
     }
 
     /// The current seq of an item.

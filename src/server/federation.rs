@@ -144,74 +144,106 @@ impl FederationService {
     }
 }
 
-/// The manifest and the caller's envelope for one item, re-keying just in time.
-fn manifest_for(
-    state: &ServerState,
-    caller: &NodeId,
-    caller_spki: &[u8],
-    id: &str,
-) -> ManifestResult {
-    let mut out = ManifestResult {
-        content_id: id.to_string(),
-        ..Default::default()
-    };
-    match manifest_for_inner(state, caller, caller_spki, id) {
-        Ok((m, envelope, seq)) => {
-            out.manifest = Some(SignedManifest {
-                body: m.body_bytes().to_vec(),
-                signature: m.signature().to_vec(),
-            });
-            out.envelope = Some(Envelope {
-                recipient: caller.to_hex(),
-                wrapped_key: envelope,
-            });
-            out.seq = seq;
-        }
-        Err(e) => out.problem = Some(problem(&e)),
-    }
-    out
+/// One item of a GetManifests batch, before the batch's new envelopes are stored.
+struct Prepared {
+    body: Vec<u8>,
+    signature: Vec<u8>,
+    seq: u64,
+    envelope: Vec<u8>,
+    /// The envelope was made just now and still has to be stored.
+    fresh: bool,
 }
 
-fn manifest_for_inner(
-    state: &ServerState,
-    caller: &NodeId,
-    caller_spki: &[u8],
-    id: &str,
-) -> Result<(crate::manifest::Manifest, Vec<u8>, u64), Error> {
+/// The manifest and the caller's envelope for one item, re-keying just in
+/// time if the caller has none yet. The manifest is served as stored; the
+/// caller verifies its signature.
+fn prepare(state: &ServerState, caller: &NodeId, caller_spki: &[u8], id: &str) -> Result<Prepared, Error> {
     let node = &state.node;
     let cid: ContentId = Hash::parse(id, "content id")?;
-    let (m, seq) = node
-        .db
-        .manifest(&cid)?
-        .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
-    let recipient = caller.to_hex();
-    if let Some(env) = node.db.envelope(&cid, &recipient)? {
-        return Ok((m, env, seq));
+    let (body, signature, seq) =
+        node.db.manifest_raw(&cid)?.ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+    if let Some(envelope) = node.db.envelope(&cid, &caller.to_hex())? {
+        return Ok(Prepared { body, signature, seq, envelope, fresh: false });
     }
-    // Just-in-time rekey: unwrap our own envelope, wrap for the caller, keep it.
-    let own = node
-        .db
-        .envelope(&cid, &node.id().to_hex())?
-        .ok_or_else(|| {
-            Error::new(
-                Kind::NotFound,
-                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
-            )
-        })?;
-    let key = node
-        .identity
-        .unwrap_key(&own)
-        .map_err(|e| e.context(format!("item {cid}")))?;
-    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
-        .map_err(|e| e.context(format!("item {cid}")))?;
+    // Just-in-time rekey: unwrap our own envelope, check the key opens this
+    // item, wrap it for the caller.
+    let own = node.db.envelope(&cid, &node.id().to_hex())?.ok_or_else(|| {
+        Error::new(Kind::NotFound, format!("this node holds no key for item {cid}, so it cannot re-key it for you"))
+    })?;
+    let m = crate::manifest::Manifest::from_signed(body, signature)?;
+    let key = node.identity.unwrap_key(&own).map_err(|e| e.context(format!("item {cid}")))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {cid}")))?;
     let public = identity::public_key_from_spki(caller_spki)?;
-    let wrapped = crypto::wrap_key(&public, &key);
-    node.db.add_envelope(&cid, &recipient, &wrapped)?;
-    tracing::debug!(item = %cid.short(), peer = %caller.short(), "re-keyed item for peer");
-    // A concurrent call may have stored its own wrap first: return the stored one.
-    let env = node.db.envelope(&cid, &recipient)?.unwrap_or(wrapped);
-    let seq = node.db.seq_of(&cid)?.unwrap_or(seq);
-    Ok((m, env, seq))
+    let envelope = crypto::wrap_key(&public, &key);
+    Ok(Prepared { body: m.body_bytes().to_vec(), signature: m.signature().to_vec(), seq, envelope, fresh: true })
+}
+
+/// Prepare a batch over the cores (re-keying is RSA work), store its new
+/// envelopes in one transaction, and build the results.
+fn manifests_for(state: &ServerState, caller: &NodeId, caller_spki: &[u8], ids: &[String]) -> Vec<ManifestResult> {
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let per = ids.len().div_ceil(workers).max(16);
+    let prepared: Vec<Result<Prepared, Error>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .chunks(per)
+            .map(|part| s.spawn(move || part.iter().map(|id| prepare(state, caller, caller_spki, id)).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("rekey worker panicked")).collect()
+    });
+    let recipient = caller.to_hex();
+    let fresh: Vec<(ContentId, String, Vec<u8>)> = ids
+        .iter()
+        .zip(&prepared)
+        .filter_map(|(id, p)| match p {
+            Ok(p) if p.fresh => Some((Hash::parse(id, "content id").ok()?, recipient.clone(), p.envelope.clone())),
+            _ => None,
+        })
+        .collect();
+    let stored = if fresh.is_empty() { Ok(Vec::new()) } else { state.node.db.add_envelopes(&fresh) };
+    let mut new_seqs = std::collections::HashMap::new();
+    match &stored {
+        Ok(seqs) => {
+            for ((cid, _, _), seq) in fresh.iter().zip(seqs) {
+                new_seqs.insert(*cid, *seq);
+            }
+            if !fresh.is_empty() {
+                tracing::debug!(items = fresh.len(), peer = %caller.short(), "re-keyed items for peer");
+            }
+        }
+        Err(e) => tracing::warn!("storing re-keyed envelopes failed: {e}"),
+    }
+    ids.iter()
+        .zip(prepared)
+        .map(|(id, p)| {
+            let mut out = ManifestResult { content_id: id.clone(), ..Default::default() };
+            let p = match (p, &stored) {
+                (Ok(p), Err(e)) if p.fresh => Err(e.clone()),
+                (p, _) => p,
+            };
+            match p {
+                Ok(mut p) => {
+                    if p.fresh {
+                        let cid = Hash::parse(id, "content id").expect("parsed in prepare");
+                        match new_seqs.get(&cid).copied().flatten() {
+                            Some(seq) => p.seq = seq,
+                            // A concurrent call stored its own wrap first: return that one.
+                            None => {
+                                if let Ok(Some(env)) = state.node.db.envelope(&cid, &recipient) {
+                                    p.envelope = env;
+                                }
+                                p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
+                            }
+                        }
+                    }
+                    out.manifest = Some(SignedManifest { body: p.body, signature: p.signature });
+                    out.envelope = Some(Envelope { recipient: recipient.clone(), wrapped_key: p.envelope });
+                    out.seq = p.seq;
+                }
+                Err(e) => out.problem = Some(problem(&e)),
+            }
+            out
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -295,33 +327,7 @@ impl Federation for FederationService {
             )));
         }
         let state = self.state.clone();
-        // Re-keying is RSA work: spread a batch over the cores.
-        let results = blocking(move || {
-            let workers = std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-                .min(8);
-            let per = ids.len().div_ceil(workers).max(16);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = ids
-                    .chunks(per)
-                    .map(|part| {
-                        let state = &state;
-                        let spki = &spki;
-                        s.spawn(move || {
-                            part.iter()
-                                .map(|id| manifest_for(state, &caller, spki, id))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("rekey worker panicked"))
-                    .collect::<Vec<_>>()
-            })
-        })
-        .await?;
+        let results = blocking(move || manifests_for(&state, &caller, &spki, &ids)).await?;
         Ok(Response::new(GetManifestsResponse { results }))
     }
 
