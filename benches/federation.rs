@@ -311,11 +311,14 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
     );
     let t = Instant::now();
     for (id, w) in sample.iter().zip(&wrapped) {
-        server.db.add_envelope(id, "breakdown-only", w).unwrap();
+        server
+            .db
+            .add_envelopes(&[(*id, "breakdown-only".to_string(), w.clone())])
+            .unwrap();
     }
     let store = per(t);
     println!("  per item, one thread, no network (us): load manifest {load:.0} (of which signature check {verify:.0}), \
-              envelope lookup {env:.0}, unwrap (aws-lc) {unwrap:.0}, parse caller key {parse:.0}, wrap (rsa crate) {wrap:.0}, \
+              envelope lookup {env:.0}, unwrap (aws-lc) {unwrap:.0}, parse caller key {parse:.0}, wrap {wrap:.0}, \
               store envelope + seq (1 transaction, synchronous=FULL) {store:.0}");
     println!("  for comparison, aws-lc public-key ops (us): verify signature {lc_verify:.0}, wrap {lc_wrap:.0}");
 
