@@ -26,6 +26,12 @@ listen = "127.0.0.1:7450"
 # (and the onion address when Tor is on).
 advertise = []
 
+# Admin is always on <data-dir>/admin.sock. To reach it over TCP as well, set an
+# address; callers then need mutual TLS with this node's key or a node id listed
+# in admin_peers.
+# admin_listen = "127.0.0.1:7451"
+admin_peers = []
+
 # Plaintext bytes per chunk for new items (4096 ..= 2097152).
 chunk_size = 1048576
 
@@ -60,6 +66,8 @@ pub struct Config {
     pub name: String,
     pub listen: String,
     pub advertise: Vec<String>,
+    pub admin_listen: Option<String>,
+    pub admin_peers: Vec<String>,
     pub chunk_size: u32,
     pub limits: Limits,
     pub tor: TorConfig,
@@ -97,6 +105,8 @@ impl Default for Config {
             name: String::new(),
             listen: DEFAULT_LISTEN.to_string(),
             advertise: Vec::new(),
+            admin_listen: None,
+            admin_peers: Vec::new(),
             chunk_size: crate::manifest::DEFAULT_CHUNK_SIZE,
             limits: Limits::default(),
             tor: TorConfig::default(),

@@ -270,7 +270,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         match tor {
             Some(handle) => {
                 health_reporter.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing).await;
-                tokio::spawn(serve_onion(state.clone(), handle, tls, conn_tx, health_reporter.clone(), shutdown_rx.clone()));
+                tokio::spawn(serve_onion(state.clone(), handle, tls.clone(), conn_tx, health_reporter.clone(), shutdown_rx.clone()));
             }
             None => {
                 return Err(Error::invalid(
@@ -313,6 +313,11 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
             wait_for(shutdown_rx.clone()),
         );
 
+    let mut tasks = Vec::new();
+    if let Some(addr) = &node.config.admin_listen {
+        tasks.push(serve_admin_tcp(state.clone(), addr, tls.clone(), shutdown_rx.clone()).await?);
+    }
+
     tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
 
     let log = |what: &'static str| {
@@ -324,10 +329,8 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     };
     let fed_log = log("federation");
     let admin_log = log("admin");
-    let tasks = vec![
-        tokio::spawn(async move { fed_log(fed.await) }),
-        tokio::spawn(async move { admin_log(admin.await) }),
-    ];
+    tasks.push(tokio::spawn(async move { fed_log(fed.await) }));
+    tasks.push(tokio::spawn(async move { admin_log(admin.await) }));
     Ok(RunningNode {
         state,
         listen_address: bound,
@@ -335,6 +338,47 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         shutdown_tx,
         tasks,
     })
+}
+
+/// Admin over TCP, inside the same node-pinned mutual TLS as Federation;
+/// only this node's own key and the ids in `admin_peers` may call it.
+async fn serve_admin_tcp(
+    state: Arc<ServerState>,
+    addr: &str,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let mut allowed = std::collections::HashSet::from([state.node.id()]);
+    for p in &state.node.config.admin_peers {
+        allowed.insert(crate::crypto::Hash::parse(p, "admin_peers entry")?);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::from_io(e, format!("binding admin listener {addr}")))?;
+    let bound = listener.local_addr().ctx("reading bound address")?;
+    tracing::info!("admin listening on {bound} (mutual TLS)");
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(transport::accept_tcp(listener, tls, tx));
+    let check = move |req: tonic::Request<()>| -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        let caller = req.extensions().get::<transport::CallerInfo>().and_then(|c| c.node.as_ref().map(|n| n.0));
+        match caller {
+            None => Err(tonic::Status::unauthenticated("Admin over TCP needs mutual TLS with a node key")),
+            Some(id) if allowed.contains(&id) => Ok(req),
+            Some(id) => {
+                tracing::warn!(node = %id, "refused an Admin call from a node not in admin_peers");
+                Err(tonic::Status::permission_denied(format!("node {id} may not use this node's Admin service")))
+            }
+        }
+    };
+    let svc = AdminServer::with_interceptor(admin::AdminService::new(state), check);
+    let server = Server::builder()
+        .add_service(svc)
+        .serve_with_incoming_shutdown(ReceiverStream::new(rx), wait_for(shutdown));
+    Ok(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("admin TCP server failed: {e}");
+        }
+    }))
 }
 
 /// Health service name that is SERVING once the onion service is reachable.
