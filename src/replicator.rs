@@ -172,32 +172,42 @@ fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<(Manifest, Vec<u8>
     Ok((m, env.wrapped_key.clone()))
 }
 
-/// [`accept_manifest`] over a batch, spread over the cores (RSA work).
-fn accept_all(node: &Node, results: &[ManifestResult]) -> Vec<Result<(Manifest, Vec<u8>)>> {
+/// [`accept_manifest`] over a batch, spread over the cores (RSA work), on
+/// tokio's pooled blocking threads: a fresh thread would pay for seeding
+/// aws-lc's per-thread random generator (jitter entropy) on its first RSA
+/// operation, every batch. Returns (content id, verdict) in the order given.
+async fn accept_all(
+    node: &Arc<Node>,
+    results: Vec<ManifestResult>,
+) -> Result<Vec<(String, Result<(Manifest, Vec<u8>)>)>> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(8);
     let per = results.len().div_ceil(workers).max(8);
-    if results.len() <= per {
-        return results.iter().map(|r| accept_manifest(node, r)).collect();
+    let mut parts = Vec::new();
+    let mut rest = results;
+    while !rest.is_empty() {
+        let tail = rest.split_off(per.min(rest.len()));
+        parts.push(std::mem::replace(&mut rest, tail));
     }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = results
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|r| accept_manifest(node, r))
-                        .collect::<Vec<_>>()
+    let checks = parts.into_iter().map(|part| {
+        let node = node.clone();
+        blocking(move || {
+            Ok(part
+                .into_iter()
+                .map(|r| {
+                    let verdict = accept_manifest(&node, &r);
+                    (r.content_id, verdict)
                 })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("manifest checker panicked"))
-            .collect()
-    })
+                .collect::<Vec<_>>())
+        })
+    });
+    let mut out = Vec::new();
+    for part in futures::future::join_all(checks).await {
+        out.extend(part?);
+    }
+    Ok(out)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -770,17 +780,7 @@ impl Replicator {
                         .context(format!("fetching manifests from {}", peer.node_id.short()))
                 })?
                 .into_inner();
-            let node = self.node.clone();
-            let results = resp.results;
-            let checked = blocking(move || {
-                let c = accept_all(&node, &results);
-                Ok(results
-                    .into_iter()
-                    .map(|r| r.content_id)
-                    .zip(c)
-                    .collect::<Vec<_>>())
-            })
-            .await?;
+            let checked = accept_all(&self.node, resp.results).await?;
             let index: HashMap<String, usize> = batch
                 .iter()
                 .map(|&i| (work.items[i].content_id.clone(), i))
@@ -1087,13 +1087,18 @@ impl Replicator {
             let node = self.node.clone();
             let stored: Vec<(usize, bool)> = blocking(move || {
                 let mut r = Vec::new();
-                for (i, (m, env)) in to_store {
+                let mut batch = Vec::new();
+                for (i, (m, env)) in &to_store {
                     // Re-check: a chunk may have been quarantined meanwhile.
-                    let complete = node.db.is_complete_list(&m)?;
+                    let complete = node.db.is_complete_list(m)?;
                     if complete {
-                        node.db.insert_manifest(&m, &[(me.clone(), env)], &[])?;
+                        batch.push((m, vec![(me.clone(), env.clone())]));
                     }
-                    r.push((i, complete));
+                    r.push((*i, complete));
+                }
+                // One transaction (one fsync) for every item completed together.
+                if !batch.is_empty() {
+                    node.db.insert_manifests(&batch)?;
                 }
                 Ok(r)
             })
@@ -1145,7 +1150,7 @@ impl Replicator {
         peer: &Peer,
         ch: Channel,
         ids: Vec<ChunkId>,
-        recorder: tokio::sync::mpsc::Sender<(ChunkId, u64)>,
+        recorder: RecorderTx,
         t: &Tracker,
     ) -> GroupOut {
         let mut out = GroupOut::default();
@@ -1412,17 +1417,17 @@ impl Replicator {
     }
 }
 
+/// Where writers hand over chunks they wrote: (id, ciphertext length).
+type RecorderTx = tokio::sync::mpsc::Sender<(ChunkId, u64)>;
+/// Batches made durable and present, in order (or the error that ended the recorder).
+type RecordedRx = tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>;
+
 /// Group commit for received chunks: writers hand over each chunk they wrote
 /// (verified, renamed into place); one `syncfs` and one transaction then make
 /// everything handed over so far durable and present, while the writers go on
 /// writing the next ones. Each batch recorded is reported back, in order; an
 /// error is reported once and ends the recorder (the writers then stop).
-fn spawn_recorder(
-    node: Arc<Node>,
-) -> (
-    tokio::sync::mpsc::Sender<(ChunkId, u64)>,
-    tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>,
-) {
+fn spawn_recorder(node: Arc<Node>) -> (RecorderTx, RecordedRx) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, u64)>(RECORD_QUEUE);
     let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {

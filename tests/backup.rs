@@ -269,12 +269,25 @@ fn restore_with_new_identity_reads_every_item() {
         .arg(&repo)
         .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("taken with --with-identity"), "{r:?}");
+    assert!(!tmp.path().join("x").exists());
+    // Naming that snapshot explicitly: the same refusal.
+    let plain = snapshots(home, &repo).pop().unwrap();
+    let r = run(bitsync(home)
+        .arg("--data-dir")
+        .arg(tmp.path().join("x"))
+        .args(["restore", "--snapshot", &plain, "--repo"])
+        .arg(&repo)
+        .env("BITSYNC_PASSPHRASE", PASS));
+    assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("without --with-identity"), "{r:?}");
     assert!(!tmp.path().join("x").exists());
 
     ok(backup_cmd(home, &data, &repo)
         .arg("--with-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
+    // A newer snapshot without the key: restore still finds the one with it.
+    ok(&mut backup_cmd(home, &data, &repo));
     let restored = tmp.path().join("restored");
     let r = ok(bitsync(home)
         .arg("--data-dir")
@@ -711,43 +724,6 @@ echo "snapshots=$(ls "{mnt}/repo/snapshots" | wc -l)"
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(text.contains("verify=0"), "{text}");
     assert!(text.contains("snapshots=1"), "{text}");
-}
-
-/// `bitsync serve` on a data dir, killed (and reaped) on drop.
-struct Serve {
-    child: std::process::Child,
-}
-
-impl Serve {
-    fn start(home: &Path, dir: &Path) -> Serve {
-        let log = fs::File::create(dir.with_extension("serve.log")).unwrap();
-        let child = bitsync(home)
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut s = Serve { child };
-        let ready = wait_until(Duration::from_secs(60), || {
-            assert!(
-                s.child.try_wait().unwrap().is_none(),
-                "serve exited: {}",
-                fs::read_to_string(dir.with_extension("serve.log")).unwrap_or_default()
-            );
-            run(bitsync(home).arg("--data-dir").arg(dir).arg("status")).code == 0
-        });
-        assert!(ready, "serve never answered status");
-        s
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `clone TOKEN --from-backup DIR`: chunks the repository holds come from it

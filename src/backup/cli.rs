@@ -53,7 +53,7 @@ pub struct RestoreArgs {
     /// Backup repository
     #[arg(long, value_name = "DIR")]
     pub repo: PathBuf,
-    /// Snapshot id (or unique prefix) [default: the latest]
+    /// Snapshot id (or unique prefix) [default: the latest taken --with-identity]
     #[arg(long, value_name = "ID")]
     pub snapshot: Option<String>,
     /// Give the restored node a new key; every item is re-wrapped for it

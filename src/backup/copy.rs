@@ -92,19 +92,28 @@ pub fn copy_chunks(
     let copied_bytes = AtomicU64::new(0);
     let skipped = AtomicU64::new(0);
     let done_bytes = AtomicU64::new(0);
-    let made_dirs: Mutex<HashSet<String>> = Mutex::new(HashSet::new());
+    // The <xx> directories, made once up front rather than raced for by the workers.
+    let prefixes: HashSet<String> = list.iter().map(|(id, _)| id.to_hex()[..2].to_string()).collect();
+    for p in &prefixes {
+        let d = job.dst_root.join(p);
+        match fs::create_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::from_io(e, format!("creating {}", d.display()))),
+        }
+    }
+    let pid = std::process::id();
     std::thread::scope(|s| {
         for worker in 0..threads() {
             let (next, stop, first_error) = (&next, &stop, &first_error);
-            let (copied, copied_bytes, skipped, done_bytes, made_dirs) =
-                (&copied, &copied_bytes, &skipped, &done_bytes, &made_dirs);
+            let (copied, copied_bytes, skipped, done_bytes) = (&copied, &copied_bytes, &skipped, &done_bytes);
             s.spawn(move || {
                 let mut buf = Vec::with_capacity(MAX_CHUNK_BYTES);
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some((id, size)) = list.get(i) else { break };
-                    match copy_one(job, id, *size, &mut buf, worker, &mut n, made_dirs) {
+                    match copy_one(job, id, *size, &mut buf, (pid, worker), &mut n) {
                         Ok(true) => {
                             copied.fetch_add(1, Ordering::Relaxed);
                             copied_bytes.fetch_add(*size, Ordering::Relaxed);
@@ -142,9 +151,8 @@ fn copy_one(
     id: &ChunkId,
     size: u64,
     buf: &mut Vec<u8>,
-    worker: usize,
+    (pid, worker): (u32, usize),
     n: &mut u64,
-    made_dirs: &Mutex<HashSet<String>>,
 ) -> Result<bool> {
     let dst = chunk_path(job.dst_root, id);
     if job.skip_existing {
@@ -157,26 +165,8 @@ fn copy_one(
     let src = chunk_path(job.src_root, id);
     let src_file = open_verified(&src, id, size, buf, job.src_label)?;
     let hex = id.to_hex();
-    let prefix = hex[..2].to_string();
-    let known = made_dirs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(&prefix);
-    if !known {
-        let d = job.dst_root.join(&prefix);
-        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
-        made_dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(prefix);
-    }
     *n += 1;
-    let tmp = if job.staged {
-        dst.clone()
-    } else {
-        job.tmp_dir
-            .join(format!("{hex}.{}.{worker}.{n}", std::process::id()))
-    };
+    let tmp = if job.staged { dst.clone() } else { job.tmp_dir.join(format!("{hex}.{pid}.{worker}.{n}")) };
     let result = (|| {
         let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
         if !copy_range(&src_file, &f, buf.len() as u64).ctx(format!(
@@ -241,6 +231,13 @@ fn copy_range(src: &fs::File, dst: &fs::File, len: u64) -> std::io::Result<bool>
     Ok(true)
 }
 
+/// SHA-256 with aws-lc (SHA-NI where the CPU has it): the copy engine's
+/// hot path, measurably faster here than the `sha2` crate (docs/BENCHMARKS.md).
+fn sha256(data: &[u8]) -> Hash {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    Hash(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+}
+
 /// Read the chunk file at `path` into `buf` and check it is chunk `id` of
 /// `size` bytes (`size` 0: any size). Errors name the file.
 pub fn read_verified(
@@ -287,7 +284,7 @@ fn open_verified(
     buf.reserve(len as usize + 1);
     f.read_to_end(buf)
         .ctx(format!("reading chunk {}", path.display()))?;
-    let actual = Hash::of(buf);
+    let actual = sha256(buf);
     if actual != *id {
         return Err(Error::integrity(format!(
             "chunk {} in {src_label} fails its hash (its SHA-256 is {actual}): it is damaged",
@@ -295,4 +292,15 @@ fn open_verified(
         )));
     }
     Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn aws_lc_sha256_matches_the_crate_hash() {
+        for n in [0usize, 1, 63, 64, 65, 1 << 20] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+            assert_eq!(super::sha256(&data), crate::crypto::Hash::of(&data));
+        }
+    }
 }

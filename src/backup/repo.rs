@@ -434,6 +434,7 @@ pub fn backup(
 
     // 1. The database, consistent as of one instant.
     let db_copy = staging.join(DB_FILE);
+    let t0 = std::time::Instant::now();
     dbcopy::snapshot_db(&paths.db(), &db_copy)?;
     let problems = dbcopy::integrity_problems(&db_copy)?;
     if !problems.is_empty() {
@@ -480,13 +481,21 @@ pub fn backup(
         src_label: "the data dir",
         staged: false,
     };
+    let t1 = std::time::Instant::now();
     let stats = copy::copy_chunks(&job, &facts.chunks, &|done| progress(done, total)).map_err(|e| match e.kind() {
         Kind::Integrity | Kind::NotFound => e.context("backup stopped (run `bitsync verify` on the node, which quarantines damaged chunks, then back up again)"),
         _ => e,
     })?;
     let _ = fs::remove_dir_all(repo.tmp().join(format!("chunks-{id}")));
     // Chunk files, the db copy and the key all durable before the snapshot can appear.
+    let t2 = std::time::Instant::now();
     syncfs(&repo.root)?;
+    tracing::debug!(
+        db_ms = (t1 - t0).as_millis() as u64,
+        chunks_ms = (t2 - t1).as_millis() as u64,
+        syncfs_ms = t2.elapsed().as_millis() as u64,
+        "backup phases"
+    );
 
     // 4. The description, last; then the snapshot appears with one rename.
     let meta = SnapshotMeta {

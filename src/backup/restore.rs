@@ -33,6 +33,7 @@ use crate::identity::{self, Identity};
 use crate::node::{Node, Paths};
 
 pub struct RestoreOptions<'a> {
+    /// Snapshot id or prefix; `None`: the latest snapshot that holds the node key.
     pub snapshot: Option<&'a str>,
     pub new_identity: bool,
 }
@@ -67,9 +68,31 @@ pub fn restore(
     }
     let repo = Repo::open(repo_root)?;
     let _lock = repo.lock_shared()?;
-    let meta = repo.find(opts.snapshot)?;
+    // Restoring always needs the node key: by default, the latest snapshot that has one.
+    let meta = match opts.snapshot {
+        Some(s) => repo.find(Some(s))?,
+        None => {
+            let (all, _) = repo.list()?;
+            let newest = all.last().map(|m| m.id.clone());
+            let m = all.into_iter().rev().find(|m| m.identity.is_some()).ok_or_else(|| match &newest {
+                None => Error::not_found(format!("backup repository {} has no snapshots yet", repo.root.display())),
+                Some(_) => Error::not_found(format!(
+                    "no snapshot in {} holds the node key: restore needs one taken with --with-identity",
+                    repo.root.display()
+                )),
+            })?;
+            if newest.as_deref() != Some(m.id.as_str()) {
+                tracing::warn!(
+                    "restoring snapshot {}, the latest with the node key (newer snapshots were taken without --with-identity)",
+                    m.id
+                );
+            }
+            m
+        }
+    };
 
     // 1. Verify what the snapshot is made of (its chunks are checked as they are copied).
+    let t0 = std::time::Instant::now();
     let problems = repo::verify_files(&repo, &meta)?;
     if !problems.is_empty() {
         return Err(Error::integrity(format!(
@@ -128,6 +151,7 @@ pub fn restore(
         src_label: "the backup repository",
         staged: true,
     };
+    let t1 = std::time::Instant::now();
     copy::copy_chunks(&job, &list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
         |e| {
             e.context(format!(
@@ -173,6 +197,8 @@ pub fn restore(
     // It must open as a node (key matches the db, config parses) and be sound.
     {
         let pass_for_open = || pass();
+        let t2 = std::time::Instant::now();
+        tracing::debug!(verify_and_key_ms = (t1 - t0).as_millis() as u64, chunks_ms = (t2 - t1).as_millis() as u64, "restore phases");
         let node = Node::open(&staging, &pass_for_open)
             .map_err(|e| e.context("the restored data dir does not open"))?;
         if node.id() != identity_used.id() {
@@ -188,7 +214,9 @@ pub fn restore(
     }
     let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
     fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
+    let t3 = std::time::Instant::now();
     syncfs(&staging)?;
+    tracing::debug!(syncfs_ms = t3.elapsed().as_millis() as u64, "restore phases");
     fsync_dir(&staging)?;
 
     // 4. Appear at once. (rename(2) replaces an empty directory.)

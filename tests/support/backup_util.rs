@@ -195,3 +195,41 @@ pub fn snapshots(home: &Path, repo: &Path) -> Vec<String> {
         .map(|s| s["id"].as_str().unwrap().to_string())
         .collect()
 }
+
+/// `bitsync serve` on a data dir, killed (and reaped) on drop.
+pub struct Serve {
+    child: std::process::Child,
+}
+
+impl Serve {
+    pub fn start(home: &Path, dir: &Path) -> Serve {
+        let log = std::fs::File::create(dir.with_extension("serve.log")).unwrap();
+        let child = bitsync(home)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut s = Serve { child };
+        let ready = wait_until(Duration::from_secs(60), || {
+            assert!(
+                s.child.try_wait().unwrap().is_none(),
+                "serve exited: {}",
+                std::fs::read_to_string(dir.with_extension("serve.log")).unwrap_or_default()
+            );
+            run(bitsync(home).arg("--data-dir").arg(dir).arg("status")).code == 0
+        });
+        assert!(ready, "serve never answered status");
+        s
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
