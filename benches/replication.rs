@@ -101,7 +101,27 @@ fn run(cmd: &mut Command) -> Run {
         let _ = out.read_to_string(&mut s);
         s
     });
+    // BITSYNC_BENCH_RSS_TRACE=1: print the child's resident set every second.
+    let tracing = std::env::var_os("BITSYNC_BENCH_RSS_TRACE").is_some();
+    let tracer = tracing.then(|| {
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let rss = proc_kib(pid as u32, "VmRSS:");
+                if rss == 0 {
+                    return;
+                }
+                eprintln!(
+                    "    [{:>5.1} s] pid {pid} VmRSS {:.1} MiB",
+                    secs(start.elapsed()),
+                    rss as f64 / 1024.0
+                );
+            }
+        })
+    });
     let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    drop(tracer);
     let wall = start.elapsed();
     assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
     let stdout = reader.join().unwrap();
