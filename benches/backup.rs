@@ -134,7 +134,11 @@ fn main() {
     );
     println!("rounds: best of {rounds}; binary: {BIN}");
 
-    let cp = best(rounds, || rm(&cp_dst), || sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst)));
+    let cp = best(
+        rounds,
+        || rm(&cp_dst),
+        || sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst)),
+    );
     let cp_sync = best(
         rounds,
         || rm(&cp_dst),
@@ -144,13 +148,35 @@ fn main() {
         },
     );
     rm(&cp_dst);
-    let first = best(rounds, || rm(&repo), || sh(bitsync(&data).args(["backup", "--repo"]).arg(&repo)));
-    let second = best(rounds, || {}, || sh(bitsync(&data).args(["backup", "--repo"]).arg(&repo)));
+    let first = best(
+        rounds,
+        || rm(&repo),
+        || sh(bitsync(&data).args(["backup", "--repo"]).arg(&repo)),
+    );
+    let second = best(
+        rounds,
+        || {},
+        || sh(bitsync(&data).args(["backup", "--repo"]).arg(&repo)),
+    );
     // With the node key: one scrypt (memory-hard on purpose) to seal it; nothing else changed.
-    let with_key = best(rounds, || {}, || sh(bitsync(&data).args(["backup", "--with-identity", "--repo"]).arg(&repo)));
-    let restore = best(rounds, || rm(&restored), || sh(bitsync(&restored).args(["restore", "--repo"]).arg(&repo)));
+    let with_key = best(
+        rounds,
+        || {},
+        || {
+            sh(bitsync(&data)
+                .args(["backup", "--with-identity", "--repo"])
+                .arg(&repo))
+        },
+    );
+    let restore = best(
+        rounds,
+        || rm(&restored),
+        || sh(bitsync(&restored).args(["restore", "--repo"]).arg(&repo)),
+    );
     rm(&restored);
-    sh(bitsync(&data).args(["backup", "verify", "--repo"]).arg(&repo));
+    sh(bitsync(&data)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
 
     let s = |d: Duration| d.as_secs_f64();
     let rate = |d: Duration| size as f64 / 1048576.0 / d.as_secs_f64().max(1e-9);
@@ -167,10 +193,28 @@ fn main() {
         println!("{:<44} {:>9.3} {:>11.1}", name, s(d), rate(d));
     }
     println!();
-    println!("first backup / cp -r             = {:.2}x   (target <= 1.3x)", s(first) / s(cp));
-    println!("first backup / (cp -r; sync)     = {:.2}x", s(first) / s(cp_sync));
-    println!("second backup / first backup     = {:.1}%   (target < 5%)", 100.0 * s(second) / s(first));
-    println!("with-identity unchanged / first  = {:.1}%", 100.0 * s(with_key) / s(first));
-    println!("restore / cp -r                  = {:.2}x", s(restore) / s(cp));
-    println!("restore / (cp -r; sync)          = {:.2}x", s(restore) / s(cp_sync));
+    println!(
+        "first backup / cp -r             = {:.2}x   (target <= 1.3x)",
+        s(first) / s(cp)
+    );
+    println!(
+        "first backup / (cp -r; sync)     = {:.2}x",
+        s(first) / s(cp_sync)
+    );
+    println!(
+        "second backup / first backup     = {:.1}%   (target < 5%)",
+        100.0 * s(second) / s(first)
+    );
+    println!(
+        "with-identity unchanged / first  = {:.1}%",
+        100.0 * s(with_key) / s(first)
+    );
+    println!(
+        "restore / cp -r                  = {:.2}x",
+        s(restore) / s(cp)
+    );
+    println!(
+        "restore / (cp -r; sync)          = {:.2}x",
+        s(restore) / s(cp_sync)
+    );
 }

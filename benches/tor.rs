@@ -33,7 +33,9 @@ const ITEM_MB: usize = 4;
 
 fn configure(dir: &Path, tor_section: &str) {
     let cfg = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("listen = \"127.0.0.1:7450\"", "listen = \"127.0.0.1:0\"");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("listen = \"127.0.0.1:7450\"", "listen = \"127.0.0.1:0\"");
     let head = &text[..text.find("[tor]").unwrap()];
     std::fs::write(&cfg, format!("{head}[tor]\n{tor_section}\n")).unwrap();
 }
@@ -45,7 +47,10 @@ fn secs(d: Duration) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     bitsync::tls::install_crypto_provider();
-    let mb: usize = std::env::var("BITSYNC_BENCH_MB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let mb: usize = std::env::var("BITSYNC_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
     let total = mb * 1024 * 1024;
     let tmp = tempfile::tempdir().unwrap();
 
@@ -68,22 +73,47 @@ async fn main() {
     while left > 0 {
         let n = left.min(ITEM_MB * 1024 * 1024);
         let data: Vec<u8> = (0..n).map(|j| ((j as u64 * 7 + i) % 251) as u8).collect();
-        content::put(&a, &mut data.as_slice(), &PutOptions { kind: "file".into(), name: format!("item{i}") }, &|_| {}).unwrap();
+        content::put(
+            &a,
+            &mut data.as_slice(),
+            &PutOptions {
+                kind: "file".into(),
+                name: format!("item{i}"),
+            },
+            &|_| {},
+        )
+        .unwrap();
         left -= n;
         i += 1;
     }
     let t = Instant::now();
-    let running = server::start(a, ServeOptions { listen: None, tor: true }).await.unwrap();
+    let running = server::start(
+        a,
+        ServeOptions {
+            listen: None,
+            tor: true,
+        },
+    )
+    .await
+    .unwrap();
     let onion = loop {
         if let Some(o) = running.state.onion_address.lock().unwrap().clone() {
             break o;
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "onion service never launched");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "onion service never launched"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let node_up = t.elapsed();
     let inv = bitsync::invite::Invite::new(running.state.node.id(), vec![onion.clone()], i64::MAX);
-    running.state.node.db.create_invite(&inv.secret_hash(), i64::MAX).unwrap();
+    running
+        .state
+        .node
+        .db
+        .create_invite(&inv.secret_hash(), i64::MAX)
+        .unwrap();
 
     // Raw floor and the Axon way: a plain onion service on its own arti client.
     let raw_server = tor::bootstrap(&TorOptions {
@@ -129,12 +159,19 @@ async fn main() {
         let host = raw_onion.clone();
         async move {
             let mut s = tor::connect(&c, &host, 80, Duration::from_secs(120)).await?;
-            s.write_all(&(n as u64).to_be_bytes()).await.map_err(|e| tor::TorError::Io("write".into(), e))?;
-            s.flush().await.map_err(|e| tor::TorError::Io("flush".into(), e))?;
+            s.write_all(&(n as u64).to_be_bytes())
+                .await
+                .map_err(|e| tor::TorError::Io("write".into(), e))?;
+            s.flush()
+                .await
+                .map_err(|e| tor::TorError::Io("flush".into(), e))?;
             let mut got = 0usize;
             let mut buf = vec![0u8; 64 * 1024];
             while got < n {
-                let k = s.read(&mut buf).await.map_err(|e| tor::TorError::Io("read".into(), e))?;
+                let k = s
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| tor::TorError::Io("read".into(), e))?;
                 if k == 0 {
                     break;
                 }
@@ -175,9 +212,15 @@ async fn main() {
     let client_bootstrap = t.elapsed();
     drop(b_tor);
     let t = Instant::now();
-    let out = replicator::clone_now(&rep, &inv.encode(), |_| {}).await.expect("clone over Tor");
+    let out = replicator::clone_now(&rep, &inv.encode(), |_| {})
+        .await
+        .expect("clone over Tor");
     let clone_t = t.elapsed();
-    assert!(out.bytes as usize >= total, "clone moved every byte ({} of {total})", out.bytes);
+    assert!(
+        out.bytes as usize >= total,
+        "clone moved every byte ({} of {total})",
+        out.bytes
+    );
 
     // 2. Raw: the same bytes on one onion stream.
     let t = Instant::now();
@@ -196,14 +239,38 @@ async fn main() {
 
     let mbs = |d: Duration| total as f64 / 1e6 / secs(d);
     println!("private Tor network on 127.0.0.1: 3 authorities + 5 relays");
-    println!("network up (keys, start, first consensus) : {:>7.1} s", secs(network_up));
-    println!("node A: Tor bootstrap + onion launched    : {:>7.1} s", secs(node_up));
-    println!("arti client bootstrap                     : {:>7.1} s", secs(client_bootstrap));
+    println!(
+        "network up (keys, start, first consensus) : {:>7.1} s",
+        secs(network_up)
+    );
+    println!(
+        "node A: Tor bootstrap + onion launched    : {:>7.1} s",
+        secs(node_up)
+    );
+    println!(
+        "arti client bootstrap                     : {:>7.1} s",
+        secs(client_bootstrap)
+    );
     println!("transfer of {mb} MiB:");
-    println!("  raw, one onion stream                   : {:>7.2} s  {:>6.2} MB/s", secs(raw_t), mbs(raw_t));
-    println!("  bitsync clone over Tor                  : {:>7.2} s  {:>6.2} MB/s", secs(clone_t), mbs(clone_t));
-    println!("  Axon way (fresh stream per 256 KiB)     : {:>7.2} s  {:>6.2} MB/s", secs(axon_t), mbs(axon_t));
-    println!("clone / raw   = {:.2}x  (target <= 1.2x)", secs(clone_t) / secs(raw_t));
+    println!(
+        "  raw, one onion stream                   : {:>7.2} s  {:>6.2} MB/s",
+        secs(raw_t),
+        mbs(raw_t)
+    );
+    println!(
+        "  bitsync clone over Tor                  : {:>7.2} s  {:>6.2} MB/s",
+        secs(clone_t),
+        mbs(clone_t)
+    );
+    println!(
+        "  Axon way (fresh stream per 256 KiB)     : {:>7.2} s  {:>6.2} MB/s",
+        secs(axon_t),
+        mbs(axon_t)
+    );
+    println!(
+        "clone / raw   = {:.2}x  (target <= 1.2x)",
+        secs(clone_t) / secs(raw_t)
+    );
     println!("axon  / clone = {:.2}x", secs(axon_t) / secs(clone_t));
     running.shutdown().await;
     drop(net);

@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -43,7 +42,11 @@ impl ChunkDir {
         // while the node serves) may be writing here right now.
         if let Ok(entries) = fs::read_dir(&tmp) {
             for e in entries.flatten() {
-                let stale = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok());
                 if stale.is_some_and(|age| age > STALE_TMP) {
                     let _ = fs::remove_file(e.path());
                 }
@@ -114,16 +117,7 @@ impl ChunkDir {
 
     /// Make every write so far durable (file data and renames) with one syncfs(2).
     pub fn sync(&self) -> Result<()> {
-        let d = fs::File::open(&self.root).ctx(format!("opening {}", self.root.display()))?;
-        // SAFETY: syncfs takes a valid open file descriptor and has no memory effects.
-        let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
-        if rc != 0 {
-            return Err(Error::from_io(
-                std::io::Error::last_os_error(),
-                "syncing the chunk directory",
-            ));
-        }
-        Ok(())
+        crate::durable::syncfs(&self.root)
     }
 
     /// Read a chunk and check its hash. A mismatch quarantines the file and is a DATA_LOSS error.

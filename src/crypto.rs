@@ -23,9 +23,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use rand::RngCore;
 use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256};
 use aws_lc_rs::signature::{UnparsedPublicKey, RSA_PSS_2048_8192_SHA256};
+use rand::RngCore;
 use rsa::pkcs1::EncodeRsaPublicKey;
 use rsa::pkcs8::EncodePublicKey;
 use rsa::RsaPublicKey;
@@ -122,7 +122,6 @@ impl fmt::Debug for ItemKey {
     }
 }
 
-
 /// AES-256-GCM on aws-lc (AES-NI and CLMUL where the CPU has them).
 /// Output layout: ciphertext then the 16-byte tag.
 fn gcm_key(key: &[u8]) -> LessSafeKey {
@@ -132,14 +131,25 @@ fn gcm_key(key: &[u8]) -> LessSafeKey {
 fn gcm_seal(key: &LessSafeKey, nonce: [u8; 12], aad: &[u8], plain: &[u8]) -> Vec<u8> {
     let mut buf = Vec::with_capacity(plain.len() + 16);
     buf.extend_from_slice(plain);
-    key.seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
-        .expect("AES-GCM sealing of a bounded buffer cannot fail");
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(aad),
+        &mut buf,
+    )
+    .expect("AES-GCM sealing of a bounded buffer cannot fail");
     buf
 }
 
 fn gcm_open(key: &LessSafeKey, nonce: [u8; 12], aad: &[u8], ct: &[u8]) -> Option<Vec<u8>> {
     let mut buf = ct.to_vec();
-    let n = key.open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf).ok()?.len();
+    let n = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut buf,
+        )
+        .ok()?
+        .len();
     buf.truncate(n);
     Some(buf)
 }
@@ -160,12 +170,23 @@ fn nonce(domain: u8, index: u64, last: bool) -> [u8; 12] {
 
 /// Encrypt chunk `index` of an item; `last` marks the final chunk.
 pub fn encrypt_chunk(key: &ItemKey, index: u64, last: bool, plain: &[u8]) -> Vec<u8> {
-    gcm_seal(&key.cipher(), nonce(DOMAIN_CHUNK, index, last), CHUNK_AAD, plain)
+    gcm_seal(
+        &key.cipher(),
+        nonce(DOMAIN_CHUNK, index, last),
+        CHUNK_AAD,
+        plain,
+    )
 }
 
 /// Decrypt chunk `index`; fails if the chunk was moved, swapped, truncated or altered.
 pub fn decrypt_chunk(key: &ItemKey, index: u64, last: bool, ct: &[u8]) -> Result<Vec<u8>> {
-    gcm_open(&key.cipher(), nonce(DOMAIN_CHUNK, index, last), CHUNK_AAD, ct).ok_or_else(|| {
+    gcm_open(
+        &key.cipher(),
+        nonce(DOMAIN_CHUNK, index, last),
+        CHUNK_AAD,
+        ct,
+    )
+    .ok_or_else(|| {
         Error::integrity(format!(
             "chunk {index} does not decrypt: it was altered, reordered or the item was truncated"
         ))
@@ -178,14 +199,18 @@ pub fn encrypt_meta(key: &ItemKey, plain: &[u8]) -> Vec<u8> {
 
 /// Decrypt the manifest's metadata. Success also proves `key` is this item's key.
 pub fn decrypt_meta(key: &ItemKey, ct: &[u8]) -> Result<Vec<u8>> {
-    gcm_open(&key.cipher(), nonce(DOMAIN_META, 0, true), META_AAD, ct)
-        .ok_or_else(|| Error::integrity("item metadata does not decrypt: wrong key or altered manifest"))
+    gcm_open(&key.cipher(), nonce(DOMAIN_META, 0, true), META_AAD, ct).ok_or_else(|| {
+        Error::integrity("item metadata does not decrypt: wrong key or altered manifest")
+    })
 }
 
 /// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label).
 pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
-    let spki = recipient.to_public_key_der().expect("an RSA public key always encodes");
-    let public = PublicEncryptingKey::from_der(spki.as_bytes()).expect("a valid RSA public key loads");
+    let spki = recipient
+        .to_public_key_der()
+        .expect("an RSA public key always encodes");
+    let public =
+        PublicEncryptingKey::from_der(spki.as_bytes()).expect("a valid RSA public key loads");
     let oaep = OaepPublicEncryptingKey::new(public).expect("RSA keys support OAEP");
     let mut out = vec![0u8; oaep.ciphertext_size()];
     let n = oaep
@@ -208,10 +233,14 @@ pub fn signed_message(body: &[u8]) -> Vec<u8> {
 /// Check an RSA-PSS-SHA256 (salt 32 bytes) manifest signature. Signing is
 /// [`Identity::sign_manifest`](crate::identity::Identity::sign_manifest).
 pub fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
-    let pkcs1 = public.to_pkcs1_der().map_err(|_| Error::integrity("publisher key does not encode"))?;
+    let pkcs1 = public
+        .to_pkcs1_der()
+        .map_err(|_| Error::integrity("publisher key does not encode"))?;
     UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, pkcs1.as_bytes())
         .verify(&signed_message(body), signature)
-        .map_err(|_| Error::integrity("manifest signature does not verify: the manifest was altered"))
+        .map_err(|_| {
+            Error::integrity("manifest signature does not verify: the manifest was altered")
+        })
 }
 
 // ---- passphrase sealing ----------------------------------------------------

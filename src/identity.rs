@@ -12,8 +12,7 @@
 //! public-key work (see the note in [`crypto`](crate::crypto)).
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
@@ -147,7 +146,7 @@ impl Identity {
     /// Write the key file atomically with mode 0600 (temp file, fsync, rename).
     pub fn save(&self, path: &Path, passphrase: Option<&str>) -> Result<()> {
         let bytes = self.key_file_bytes(passphrase);
-        write_private_file(path, &bytes)
+        crate::durable::write_atomic(path, &bytes, 0o600)
     }
 
     /// Load the key at `path`; `passphrase` is asked for only if the key is sealed.
@@ -208,38 +207,4 @@ fn pem_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
         .decode(b64.trim())
         .ok()
         .map(Zeroizing::new)
-}
-
-/// Atomically write a file only the owner may read.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("key")
-    ));
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .ctx(format!("writing {}", tmp.display()))?;
-        f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path).ctx(format!("renaming {} into place", tmp.display()))?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// fsync a directory so a rename inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .ctx(format!("syncing directory {}", dir.display()))
 }

@@ -13,6 +13,7 @@
 //! - [`manifest`]: the signed description of an item; content id = SHA-256 of its body.
 //! - [`chunks`] and [`store`]: chunk files on disk, and the SQLite database
 //!   (manifests, envelopes, chunk index, peers, the sequence cursor).
+//! - [`durable`]: crash-safe writes (temp file, fsync, rename; syncfs).
 //! - [`node`] and [`config`]: a data dir opened as a node.
 //! - [`content`] (and [`legacy`] for Axon's cipher): put, get, verify.
 //! - [`tls`], [`invite`] and [`server`]: the gRPC services (Federation for
@@ -44,6 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod content;
 pub mod crypto;
+pub mod durable;
 pub mod error;
 pub mod identity;
 pub mod invite;

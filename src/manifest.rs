@@ -55,10 +55,12 @@ impl Manifest {
         let body = ManifestBody::decode(body_bytes.as_slice())
             .map_err(|e| Error::integrity(format!("manifest {id} does not decode: {e}")))?;
         // Whatever is wrong with bytes that claim to be a signed manifest, they were altered.
-        let altered = |e: Error, what: &str| Error::integrity(format!("manifest {id}{what}: {}", e.message()));
+        let altered = |e: Error, what: &str| {
+            Error::integrity(format!("manifest {id}{what}: {}", e.message()))
+        };
         check_structure(&body).map_err(|e| altered(e, ""))?;
-        let public =
-            identity::public_key_from_spki(&body.publisher_key).map_err(|e| altered(e, ": publisher key"))?;
+        let public = identity::public_key_from_spki(&body.publisher_key)
+            .map_err(|e| altered(e, ": publisher key"))?;
         crypto::verify_manifest(&public, &body_bytes, &signature)
             .map_err(|e| e.context(format!("manifest {id}")))?;
         let publisher = identity::node_id_of(&body.publisher_key);

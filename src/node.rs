@@ -25,7 +25,7 @@ use crate::chunks::ChunkDir;
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Kind, Result};
-use crate::identity::{self, Identity};
+use crate::identity::Identity;
 use crate::store::Db;
 
 #[derive(Debug, Clone)]
@@ -143,7 +143,7 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
             .and_then(|_| {
                 fs::rename(&tmp, root).ctx(format!("moving the new data dir to {}", root.display()))
             })
-            .and_then(|_| identity::sync_dir(parent));
+            .and_then(|_| crate::durable::sync_dir(parent));
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
@@ -156,7 +156,7 @@ fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<
     fs::set_permissions(&paths.root, fs::Permissions::from_mode(0o700))
         .ctx(format!("setting mode 0700 on {}", paths.root.display()))?;
     identity.save(&paths.key(), passphrase)?;
-    crate::identity::write_private_file(&paths.config(), DEFAULT_CONFIG.as_bytes())?;
+    crate::durable::write_atomic(&paths.config(), DEFAULT_CONFIG.as_bytes(), 0o600)?;
     for d in [paths.chunks(), paths.quarantine()] {
         fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
     }
@@ -164,7 +164,7 @@ fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<
     let _ = fs::remove_file(&tmp_db);
     drop(Db::create(&tmp_db, &identity.id())?);
     fs::rename(&tmp_db, paths.db()).ctx("moving the new database into place")?;
-    identity::sync_dir(&paths.root)
+    crate::durable::sync_dir(&paths.root)
 }
 
 /// An opened data dir: configuration, identity, database and chunks.

@@ -388,7 +388,10 @@ impl Db {
     /// [`insert_manifest`](Self::insert_manifest) for many items in one
     /// transaction (one fsync): what a replicator receiving many small items
     /// uses. Seqs are taken in the order given.
-    pub fn insert_manifests(&self, items: &[(&Manifest, Vec<(String, Vec<u8>)>)]) -> Result<Vec<Option<u64>>> {
+    pub fn insert_manifests(
+        &self,
+        items: &[(&Manifest, Vec<(String, Vec<u8>)>)],
+    ) -> Result<Vec<Option<u64>>> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(items.len());
@@ -489,7 +492,10 @@ impl Db {
             )?;
             if n > 0 {
                 let seq = Self::bump_seq(&tx)?;
-                tx.execute("UPDATE manifests SET seq = ?2 WHERE content_id = ?1", params![cid, seq as i64])?;
+                tx.execute(
+                    "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
+                    params![cid, seq as i64],
+                )?;
                 out.push(Some(seq));
             } else {
                 out.push(None);
@@ -503,11 +509,10 @@ impl Db {
     pub fn envelope(&self, content_id: &ContentId, recipient: &str) -> Result<Option<Vec<u8>>> {
         Ok(self
             .r()
-            .prepare_cached("SELECT wrapped FROM envelopes WHERE content_id = ?1 AND recipient = ?2")?
-            .query_row(
-                params![content_id.to_hex(), recipient],
-                |r| r.get(0),
-            )
+            .prepare_cached(
+                "SELECT wrapped FROM envelopes WHERE content_id = ?1 AND recipient = ?2",
+            )?
+            .query_row(params![content_id.to_hex(), recipient], |r| r.get(0))
             .optional()?)
     }
 

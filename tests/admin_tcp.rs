@@ -12,7 +12,11 @@ fn new_node(dir: &std::path::Path) -> Node {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,26 +28,46 @@ async fn admin_over_tcp_admits_only_the_node_and_its_admin_peers() {
     let a_dir = tmp.path().join("a");
     node::init(&a_dir, None).unwrap();
     let port = free_port();
-    let cfg = std::fs::read_to_string(a_dir.join("config.toml")).unwrap().replace(
-        "admin_peers = []",
-        &format!("admin_listen = \"127.0.0.1:{port}\"\nadmin_peers = [\"{}\"]", operator.id()),
-    );
+    let cfg = std::fs::read_to_string(a_dir.join("config.toml"))
+        .unwrap()
+        .replace(
+            "admin_peers = []",
+            &format!(
+                "admin_listen = \"127.0.0.1:{port}\"\nadmin_peers = [\"{}\"]",
+                operator.id()
+            ),
+        );
     std::fs::write(a_dir.join("config.toml"), cfg).unwrap();
     let a = Node::open(&a_dir, &node::no_passphrase).unwrap();
     let a_id = a.id();
-    let running = server::start(a, ServeOptions { listen: Some("127.0.0.1:0".into()), tor: false }).await.unwrap();
+    let running = server::start(
+        a,
+        ServeOptions {
+            listen: Some("127.0.0.1:0".into()),
+            tor: false,
+        },
+    )
+    .await
+    .unwrap();
     let addr = format!("127.0.0.1:{port}");
 
     // The node's own key.
     let (own, _) = server::dialer(&running.state.node).unwrap();
     let mut admin = AdminClient::new(own.channel(a_id, &addr).await.unwrap());
-    let s = admin.status(StatusRequest {}).await.expect("own key may call Admin").into_inner();
+    let s = admin
+        .status(StatusRequest {})
+        .await
+        .expect("own key may call Admin")
+        .into_inner();
     assert_eq!(s.node_id, a_id.to_hex());
 
     // A node listed in admin_peers.
     let (op, _) = server::dialer(&operator).unwrap();
     let mut admin = AdminClient::new(op.channel(a_id, &addr).await.unwrap());
-    admin.status(StatusRequest {}).await.expect("admin_peers entry may call Admin");
+    admin
+        .status(StatusRequest {})
+        .await
+        .expect("admin_peers entry may call Admin");
 
     // Any other node.
     let (other, _) = server::dialer(&stranger).unwrap();

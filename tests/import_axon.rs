@@ -392,25 +392,52 @@ fn legacy_items_imported_with_the_key_reach_a_cloning_peer() {
     let tmp = TempDir::new().unwrap();
     let home = tmp.path();
     let dir = tmp.path().join("backup");
-    let w = Builder::new().applet("tiny", 1000).data("tiny", "alice", 300_000).write(&dir);
+    let w = Builder::new()
+        .applet("tiny", 1000)
+        .data("tiny", "alice", 300_000)
+        .write(&dir);
     let key_pem = tmp.path().join("axon.pem");
-    fs::write(&key_pem, shared_key().to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    fs::write(
+        &key_pem,
+        shared_key()
+            .to_pkcs8_pem(LineEnding::LF)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
     let a = tmp.path().join("a");
     init_node(&a, 65536);
     let r = import(home, &a, &dir, Some(&key_pem));
     assert_eq!(r.code, 0, "{r:?}");
-    let legacy: Vec<_> = legacy_by_hash(&open(&a)).into_values().map(|m| m.id()).collect();
+    let legacy: Vec<_> = legacy_by_hash(&open(&a))
+        .into_values()
+        .map(|m| m.id())
+        .collect();
     assert_eq!(legacy.len(), 2);
 
     let _serve = Serve::start(home, &a);
-    let token = ok(bitsync(home).arg("--data-dir").arg(&a).args(["invite", "--ttl", "10m"])).last_line();
+    let token = ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&a)
+        .args(["invite", "--ttl", "10m"]))
+    .last_line();
     let b = tmp.path().join("b");
-    ok(bitsync(home).arg("--data-dir").arg(&b).args(["clone", &token]));
+    ok(bitsync(home)
+        .arg("--data-dir")
+        .arg(&b)
+        .args(["clone", &token]));
     let nb = open(&b);
     for id in &legacy {
-        let (m, _) = nb.db.manifest(id).unwrap().expect("the legacy item was replicated");
+        let (m, _) = nb
+            .db
+            .manifest(id)
+            .unwrap()
+            .expect("the legacy item was replicated");
         assert_eq!(m.body().cipher(), Cipher::AxonAes256Cbc);
         let plain = get(&nb, id);
-        assert!(w.items.iter().any(|i| i.plaintext == plain), "the peer reads the legacy item");
+        assert!(
+            w.items.iter().any(|i| i.plaintext == plain),
+            "the peer reads the legacy item"
+        );
     }
 }

@@ -505,7 +505,10 @@ fn chunk_written_but_not_recorded_is_not_present() {
     );
     assert!(n.db.content_ids().unwrap().is_empty());
     assert_eq!(n.db.stats().unwrap().chunks, 0);
-    assert!(!torn.exists(), "opening the node clears stale files from chunks/tmp/");
+    assert!(
+        !torn.exists(),
+        "opening the node clears stale files from chunks/tmp/"
+    );
     let r = content::verify(&n, &|_, _| {}).unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     assert_eq!(r.chunks_checked, 0);

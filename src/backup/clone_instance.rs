@@ -308,7 +308,7 @@ pub fn run(
             if !cfg.exists() && source_config.is_file() {
                 let text =
                     fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
-                crate::identity::write_private_file(&cfg, &text)?;
+                crate::durable::write_atomic(&cfg, &text, 0o600)?;
                 *config_written = Some(parent_of(&o.dest_db).join("config.toml"));
             }
             if absolute(&o.dest_attachments) == absolute(&parent_of(&o.dest_db).join("chunks")) {

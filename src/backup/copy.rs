@@ -93,7 +93,10 @@ pub fn copy_chunks(
     let skipped = AtomicU64::new(0);
     let done_bytes = AtomicU64::new(0);
     // The <xx> directories, made once up front rather than raced for by the workers.
-    let prefixes: HashSet<String> = list.iter().map(|(id, _)| id.to_hex()[..2].to_string()).collect();
+    let prefixes: HashSet<String> = list
+        .iter()
+        .map(|(id, _)| id.to_hex()[..2].to_string())
+        .collect();
     for p in &prefixes {
         let d = job.dst_root.join(p);
         match fs::create_dir(&d) {
@@ -106,7 +109,8 @@ pub fn copy_chunks(
     std::thread::scope(|s| {
         for worker in 0..threads() {
             let (next, stop, first_error) = (&next, &stop, &first_error);
-            let (copied, copied_bytes, skipped, done_bytes) = (&copied, &copied_bytes, &skipped, &done_bytes);
+            let (copied, copied_bytes, skipped, done_bytes) =
+                (&copied, &copied_bytes, &skipped, &done_bytes);
             s.spawn(move || {
                 let mut buf = Vec::with_capacity(MAX_CHUNK_BYTES);
                 let mut n = 0u64;
@@ -166,7 +170,11 @@ fn copy_one(
     let src_file = open_verified(&src, id, size, buf, job.src_label)?;
     let hex = id.to_hex();
     *n += 1;
-    let tmp = if job.staged { dst.clone() } else { job.tmp_dir.join(format!("{hex}.{pid}.{worker}.{n}")) };
+    let tmp = if job.staged {
+        dst.clone()
+    } else {
+        job.tmp_dir.join(format!("{hex}.{pid}.{worker}.{n}"))
+    };
     let result = (|| {
         let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
         if !copy_range(&src_file, &f, buf.len() as u64).ctx(format!(

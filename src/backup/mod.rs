@@ -46,59 +46,7 @@ pub(crate) fn fsync_file(path: &Path) -> Result<()> {
         .ctx(format!("syncing {}", path.display()))
 }
 
-/// fsync a directory so renames inside it survive a crash.
-pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
-    crate::identity::sync_dir(dir)
-}
-
-/// Flush every dirty page of the filesystem holding `path` (one syncfs(2)).
-pub(crate) fn syncfs(path: &Path) -> Result<()> {
-    let d = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
-    // SAFETY: syncfs takes a valid open file descriptor and has no memory effects.
-    let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
-    if rc != 0 {
-        return Err(Error::from_io(
-            std::io::Error::last_os_error(),
-            format!("syncing {}", path.display()),
-        ));
-    }
-    Ok(())
-}
-
-/// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = temp_sibling(path, "tmp");
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .ctx(format!("writing {}", tmp.display()))?;
-        f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path).ctx(format!("renaming {} into place", tmp.display()))?;
-        fsync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// A hidden name beside `path` for building it: `.<name>.<tag>-<pid>`.
-pub(crate) fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("bitsync");
-    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
-}
+pub(crate) use crate::durable::{sync_dir as fsync_dir, syncfs, temp_sibling, write_atomic};
 
 /// True when `path` does not exist or is an empty directory.
 pub(crate) fn is_missing_or_empty_dir(path: &Path) -> Result<bool> {

@@ -29,7 +29,7 @@ use super::repo::{self, Repo, CONFIG_FILE, DB_FILE};
 use super::{fsync_dir, syncfs, TempTree};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
-use crate::identity::{self, Identity};
+use crate::identity::Identity;
 use crate::node::{Node, Paths};
 
 pub struct RestoreOptions<'a> {
@@ -173,11 +173,13 @@ pub fn restore(
                     "the snapshot's config.toml changed while it was read",
                 ));
             }
-            identity::write_private_file(&paths.config(), &text)?
+            crate::durable::write_atomic(&paths.config(), &text, 0o600)?
         }
-        None => {
-            identity::write_private_file(&paths.config(), crate::config::DEFAULT_CONFIG.as_bytes())?
-        }
+        None => crate::durable::write_atomic(
+            &paths.config(),
+            crate::config::DEFAULT_CONFIG.as_bytes(),
+            0o600,
+        )?,
     }
     // Same sealing as the node had: sealed with the backup passphrase, or plain 0600.
     let key_pass = if sealed_on_node { Some(pass()?) } else { None };
@@ -198,7 +200,11 @@ pub fn restore(
     {
         let pass_for_open = || pass();
         let t2 = std::time::Instant::now();
-        tracing::debug!(verify_and_key_ms = (t1 - t0).as_millis() as u64, chunks_ms = (t2 - t1).as_millis() as u64, "restore phases");
+        tracing::debug!(
+            verify_and_key_ms = (t1 - t0).as_millis() as u64,
+            chunks_ms = (t2 - t1).as_millis() as u64,
+            "restore phases"
+        );
         let node = Node::open(&staging, &pass_for_open)
             .map_err(|e| e.context("the restored data dir does not open"))?;
         if node.id() != identity_used.id() {
@@ -216,7 +222,10 @@ pub fn restore(
     fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
     let t3 = std::time::Instant::now();
     syncfs(&staging)?;
-    tracing::debug!(syncfs_ms = t3.elapsed().as_millis() as u64, "restore phases");
+    tracing::debug!(
+        syncfs_ms = t3.elapsed().as_millis() as u64,
+        "restore phases"
+    );
     fsync_dir(&staging)?;
 
     // 4. Appear at once. (rename(2) replaces an empty directory.)

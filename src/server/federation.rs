@@ -157,49 +157,103 @@ struct Prepared {
 /// The manifest and the caller's envelope for one item, re-keying just in
 /// time if the caller has none yet. The manifest is served as stored; the
 /// caller verifies its signature.
-fn prepare(state: &ServerState, caller: &NodeId, caller_spki: &[u8], id: &str) -> Result<Prepared, Error> {
+fn prepare(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    id: &str,
+) -> Result<Prepared, Error> {
     let node = &state.node;
     let cid: ContentId = Hash::parse(id, "content id")?;
-    let (body, signature, seq) =
-        node.db.manifest_raw(&cid)?.ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+    let (body, signature, seq) = node
+        .db
+        .manifest_raw(&cid)?
+        .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
     if let Some(envelope) = node.db.envelope(&cid, &caller.to_hex())? {
-        return Ok(Prepared { body, signature, seq, envelope, fresh: false });
+        return Ok(Prepared {
+            body,
+            signature,
+            seq,
+            envelope,
+            fresh: false,
+        });
     }
     // Just-in-time rekey: unwrap our own envelope, check the key opens this
     // item, wrap it for the caller.
-    let own = node.db.envelope(&cid, &node.id().to_hex())?.ok_or_else(|| {
-        Error::new(Kind::NotFound, format!("this node holds no key for item {cid}, so it cannot re-key it for you"))
-    })?;
+    let own = node
+        .db
+        .envelope(&cid, &node.id().to_hex())?
+        .ok_or_else(|| {
+            Error::new(
+                Kind::NotFound,
+                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
+            )
+        })?;
     let m = crate::manifest::Manifest::from_signed(body, signature)?;
-    let key = node.identity.unwrap_key(&own).map_err(|e| e.context(format!("item {cid}")))?;
-    crypto::decrypt_meta(&key, &m.body().encrypted_meta).map_err(|e| e.context(format!("item {cid}")))?;
+    let key = node
+        .identity
+        .unwrap_key(&own)
+        .map_err(|e| e.context(format!("item {cid}")))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+        .map_err(|e| e.context(format!("item {cid}")))?;
     let public = identity::public_key_from_spki(caller_spki)?;
     let envelope = crypto::wrap_key(&public, &key);
-    Ok(Prepared { body: m.body_bytes().to_vec(), signature: m.signature().to_vec(), seq, envelope, fresh: true })
+    Ok(Prepared {
+        body: m.body_bytes().to_vec(),
+        signature: m.signature().to_vec(),
+        seq,
+        envelope,
+        fresh: true,
+    })
 }
 
 /// Prepare a batch over the cores (re-keying is RSA work), store its new
 /// envelopes in one transaction, and build the results.
-fn manifests_for(state: &ServerState, caller: &NodeId, caller_spki: &[u8], ids: &[String]) -> Vec<ManifestResult> {
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+fn manifests_for(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    ids: &[String],
+) -> Vec<ManifestResult> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
     let per = ids.len().div_ceil(workers).max(16);
     let prepared: Vec<Result<Prepared, Error>> = std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .chunks(per)
-            .map(|part| s.spawn(move || part.iter().map(|id| prepare(state, caller, caller_spki, id)).collect::<Vec<_>>()))
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|id| prepare(state, caller, caller_spki, id))
+                        .collect::<Vec<_>>()
+                })
+            })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("rekey worker panicked")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("rekey worker panicked"))
+            .collect()
     });
     let recipient = caller.to_hex();
     let fresh: Vec<(ContentId, String, Vec<u8>)> = ids
         .iter()
         .zip(&prepared)
         .filter_map(|(id, p)| match p {
-            Ok(p) if p.fresh => Some((Hash::parse(id, "content id").ok()?, recipient.clone(), p.envelope.clone())),
+            Ok(p) if p.fresh => Some((
+                Hash::parse(id, "content id").ok()?,
+                recipient.clone(),
+                p.envelope.clone(),
+            )),
             _ => None,
         })
         .collect();
-    let stored = if fresh.is_empty() { Ok(Vec::new()) } else { state.node.db.add_envelopes(&fresh) };
+    let stored = if fresh.is_empty() {
+        Ok(Vec::new())
+    } else {
+        state.node.db.add_envelopes(&fresh)
+    };
     let mut new_seqs = std::collections::HashMap::new();
     match &stored {
         Ok(seqs) => {
@@ -215,7 +269,10 @@ fn manifests_for(state: &ServerState, caller: &NodeId, caller_spki: &[u8], ids: 
     ids.iter()
         .zip(prepared)
         .map(|(id, p)| {
-            let mut out = ManifestResult { content_id: id.clone(), ..Default::default() };
+            let mut out = ManifestResult {
+                content_id: id.clone(),
+                ..Default::default()
+            };
             let p = match (p, &stored) {
                 (Ok(p), Err(e)) if p.fresh => Err(e.clone()),
                 (p, _) => p,
@@ -235,8 +292,14 @@ fn manifests_for(state: &ServerState, caller: &NodeId, caller_spki: &[u8], ids: 
                             }
                         }
                     }
-                    out.manifest = Some(SignedManifest { body: p.body, signature: p.signature });
-                    out.envelope = Some(Envelope { recipient: recipient.clone(), wrapped_key: p.envelope });
+                    out.manifest = Some(SignedManifest {
+                        body: p.body,
+                        signature: p.signature,
+                    });
+                    out.envelope = Some(Envelope {
+                        recipient: recipient.clone(),
+                        wrapped_key: p.envelope,
+                    });
                     out.seq = p.seq;
                 }
                 Err(e) => out.problem = Some(problem(&e)),

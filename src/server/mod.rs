@@ -359,17 +359,25 @@ async fn serve_admin_tcp(
     tracing::info!("admin listening on {bound} (mutual TLS)");
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(transport::accept_tcp(listener, tls, tx));
-    let check = move |req: tonic::Request<()>| -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        let caller = req.extensions().get::<transport::CallerInfo>().and_then(|c| c.node.as_ref().map(|n| n.0));
-        match caller {
-            None => Err(tonic::Status::unauthenticated("Admin over TCP needs mutual TLS with a node key")),
-            Some(id) if allowed.contains(&id) => Ok(req),
-            Some(id) => {
-                tracing::warn!(node = %id, "refused an Admin call from a node not in admin_peers");
-                Err(tonic::Status::permission_denied(format!("node {id} may not use this node's Admin service")))
+    let check =
+        move |req: tonic::Request<()>| -> std::result::Result<tonic::Request<()>, tonic::Status> {
+            let caller = req
+                .extensions()
+                .get::<transport::CallerInfo>()
+                .and_then(|c| c.node.as_ref().map(|n| n.0));
+            match caller {
+                None => Err(tonic::Status::unauthenticated(
+                    "Admin over TCP needs mutual TLS with a node key",
+                )),
+                Some(id) if allowed.contains(&id) => Ok(req),
+                Some(id) => {
+                    tracing::warn!(node = %id, "refused an Admin call from a node not in admin_peers");
+                    Err(tonic::Status::permission_denied(format!(
+                        "node {id} may not use this node's Admin service"
+                    )))
+                }
             }
-        }
-    };
+        };
     let svc = AdminServer::with_interceptor(admin::AdminService::new(state), check);
     let server = Server::builder()
         .add_service(svc)
@@ -405,7 +413,7 @@ async fn serve_onion(
         let mut streams = Box::pin(streams);
         let address = format!("{}:{ONION_PORT}", svc.address());
         let hostname = state.node.paths.tor().join("hostname");
-        crate::identity::write_private_file(&hostname, format!("{}\n", svc.address()).as_bytes())?;
+        crate::durable::write_atomic(&hostname, format!("{}\n", svc.address()).as_bytes(), 0o600)?;
         *state
             .onion_address
             .lock()

@@ -232,4 +232,3 @@ impl Drop for Serve {
         let _ = self.child.wait();
     }
 }
-

@@ -1,0 +1,67 @@
+//! Durable file writes, shared by every room that must survive a crash:
+//! write a temp file beside the target, fsync it, rename it into place, fsync
+//! the directory; or, for many files at once, one syncfs(2).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// fsync a directory so a rename inside it survives a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(format!("syncing directory {}", dir.display()))
+}
+
+/// Flush every dirty page of the filesystem holding `path` (one syncfs(2)).
+pub fn syncfs(path: &Path) -> Result<()> {
+    let d = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
+    // SAFETY: syncfs takes a valid open file descriptor and has no memory effects.
+    let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
+    if rc != 0 {
+        return Err(Error::from_io(
+            std::io::Error::last_os_error(),
+            format!("syncing {}", path.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = temp_sibling(path, "tmp");
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .ctx(format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .ctx(format!("writing {}", tmp.display()))?;
+        f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, path).ctx(format!("renaming {} into place", tmp.display()))?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// A hidden name beside `path` for building it: `.<name>.<tag>-<pid>`.
+pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("bitsync");
+    path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
