@@ -101,22 +101,26 @@ fn run(cmd: &mut Command) -> Run {
         let _ = out.read_to_string(&mut s);
         s
     });
-    // BITSYNC_BENCH_RSS_TRACE=1: print the child's resident set every second.
+    // BITSYNC_BENCH_RSS_TRACE=1: print the child's resident set as it moves (sampled every 20 ms).
     let tracing = std::env::var_os("BITSYNC_BENCH_RSS_TRACE").is_some();
     let tracer = tracing.then(|| {
         std::thread::spawn(move || {
             let start = Instant::now();
+            let mut last = 0u64;
             loop {
-                std::thread::sleep(Duration::from_secs(1));
+                std::thread::sleep(Duration::from_millis(20));
                 let rss = proc_kib(pid as u32, "VmRSS:");
                 if rss == 0 {
                     return;
                 }
-                eprintln!(
-                    "    [{:>5.1} s] pid {pid} VmRSS {:.1} MiB",
-                    secs(start.elapsed()),
-                    rss as f64 / 1024.0
-                );
+                if rss.abs_diff(last) > 2048 {
+                    eprintln!(
+                        "    [{:>6.2} s] pid {pid} VmRSS {:.1} MiB",
+                        secs(start.elapsed()),
+                        rss as f64 / 1024.0
+                    );
+                    last = rss;
+                }
             }
         })
     });
