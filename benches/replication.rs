@@ -109,17 +109,21 @@ fn run(cmd: &mut Command) -> Run {
             let mut last = 0u64;
             loop {
                 std::thread::sleep(Duration::from_millis(20));
-                let rss = proc_kib(pid as u32, "VmRSS:");
+                let (rss, hwm) = (
+                    proc_kib(pid as u32, "VmRSS:"),
+                    proc_kib(pid as u32, "VmHWM:"),
+                );
                 if rss == 0 {
                     return;
                 }
-                if rss.abs_diff(last) > 2048 {
+                if hwm.abs_diff(last) > 2048 {
                     eprintln!(
-                        "    [{:>6.2} s] pid {pid} VmRSS {:.1} MiB",
+                        "    [{:>6.2} s] pid {pid} VmRSS {:.1} MiB, VmHWM {:.1} MiB",
                         secs(start.elapsed()),
-                        rss as f64 / 1024.0
+                        rss as f64 / 1024.0,
+                        hwm as f64 / 1024.0
                     );
-                    last = rss;
+                    last = hwm;
                 }
             }
         })

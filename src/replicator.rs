@@ -799,11 +799,21 @@ impl Replicator {
                 match r {
                     Ok(me_env) => accepted.push((i, me_env)),
                     Err(e) => {
-                        let permanent = e.kind() == Kind::Integrity;
+                        // Bad bytes are rejected for good. An item the peer
+                        // holds no key for (or no longer has) is skipped: if
+                        // the peer gains a key, the new envelope moves the item
+                        // to a later seq and it is listed again.
+                        let permanent = matches!(e.kind(), Kind::Integrity | Kind::NotFound);
                         let msg = format!(
                             "item {cid} from {}: {e}{}",
                             peer.node_id.short(),
-                            if permanent { " (rejected)" } else { "" }
+                            if e.kind() == Kind::Integrity {
+                                " (rejected)"
+                            } else if permanent {
+                                " (skipped)"
+                            } else {
+                                ""
+                            }
                         );
                         t.error(msg.clone());
                         let it = &mut work.items[i];
