@@ -850,6 +850,11 @@ fn incremental_bench() {
         px.bytes.load(Ordering::Relaxed) as f64 / MIB as f64,
         c.max_rss_kib as f64 / 1024.0
     );
+    if std::env::var_os("KEEP").is_some() {
+        let p = tmp.keep();
+        println!("KEPT {}", p.display());
+        return;
+    }
     let _sb = Served::start(&b);
     wait_mirror_ready(&b);
     let db = rusqlite::Connection::open_with_flags(
