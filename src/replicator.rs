@@ -7,17 +7,23 @@
 //! a few parallel `StreamChunks` calls; HTTP/2 flow control and a small
 //! read-ahead on the sender bound the bytes in flight, so memory stays at a
 //! few chunks per stream whatever the instance's size. Each chunk is verified
-//! against its id, written to a temp file and renamed into place; every few
-//! chunks one `syncfs` makes them durable and only then are they recorded as
-//! present. A manifest is recorded as soon as all its chunks are present,
-//! never before.
+//! against its id, written to a temp file and renamed into place, then handed
+//! to one recorder per sync (group commit): a single `syncfs` and a single
+//! transaction make everything handed over so far durable and present, while
+//! the streams go on writing. A manifest is recorded as soon as all its chunks
+//! are present, never before; the items completed together are stored in one
+//! transaction. Items already complete here cost one listing row each, so a
+//! clone or sync with nothing new transfers no chunk.
 //!
 //! The peer's cursor moves only over the unbroken prefix of listed items that
-//! are completely stored (or rejected for good), and is saved as it moves
-//! (at most about once a second, and whenever the sync stops): a failure never
-//! skips data. After a crash, chunk files that were renamed into place but not
-//! yet recorded are re-hashed and adopted instead of fetched again, so a
-//! restart re-sends at most what was on the wire when the process died.
+//! are completely stored, or settled for good: rejected (bad signature, an
+//! envelope that does not open it) or skipped because the peer holds no key
+//! for it (reported; a key it gains later gives the item a new seq, so it is
+//! listed again). The cursor is saved as it moves (at most about once a
+//! second, and whenever the sync stops): a failure never skips data. After a
+//! crash, chunk files that were renamed into place but not yet recorded are
+//! re-hashed and adopted instead of fetched again, so a restart re-sends at
+//! most what was on the wire when the process died.
 //!
 //! A chunk the peer cannot deliver (missing, or quarantined because it failed
 //! its hash there) is asked of the other trusted peers; a peer that sends

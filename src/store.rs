@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS invites(
     used_by TEXT);
 "#;
 
+/// (recipient, wrapped item key) pairs of one item.
+pub type Envelopes = Vec<(String, Vec<u8>)>;
+
 pub const SCHEMA_VERSION: &str = "1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,10 +391,7 @@ impl Db {
     /// [`insert_manifest`](Self::insert_manifest) for many items in one
     /// transaction (one fsync): what a replicator receiving many small items
     /// uses. Seqs are taken in the order given.
-    pub fn insert_manifests(
-        &self,
-        items: &[(&Manifest, Vec<(String, Vec<u8>)>)],
-    ) -> Result<Vec<Option<u64>>> {
+    pub fn insert_manifests(&self, items: &[(&Manifest, Envelopes)]) -> Result<Vec<Option<u64>>> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut out = Vec::with_capacity(items.len());
@@ -426,7 +426,7 @@ impl Db {
             .is_some();
         let mut changed = !exists;
         if !exists {
-            let seq = Self::bump_seq(&tx)?;
+            let seq = Self::bump_seq(tx)?;
             let b = m.body();
             tx.execute(
                 "INSERT INTO manifests(content_id, seq, body, signature, kind, size, chunk_count, created_at_ms, publisher, added_at_ms)
@@ -459,7 +459,7 @@ impl Db {
             changed |= n > 0;
         }
         let seq = if changed && exists {
-            let seq = Self::bump_seq(&tx)?;
+            let seq = Self::bump_seq(tx)?;
             tx.execute(
                 "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
                 params![cid, seq as i64],

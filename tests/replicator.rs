@@ -678,6 +678,40 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
         ok(&b, &["verify"]);
     }
 
+    // What a crash between rename and record leaves: whole chunk files in
+    // place but not recorded. Plant four (copied from A) and one garbage
+    // file under the name of a fifth missing chunk, as a torn write would.
+    let planted: Vec<String> = {
+        let c = rusqlite::Connection::open_with_flags(
+            b.join("bitsync.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut st = c
+            .prepare("SELECT 1 FROM chunks WHERE chunk_id = ?1")
+            .unwrap();
+        let on_b = chunk_files(&b);
+        let mut lacking: Vec<String> = chunk_files(&a)
+            .into_keys()
+            .filter(|id| !on_b.contains_key(id) && !st.exists([id.as_str()]).unwrap())
+            .collect();
+        lacking.sort();
+        lacking.truncate(5);
+        lacking
+    };
+    assert_eq!(planted.len(), 5, "B still lacks chunks after the last kill");
+    for (i, id) in planted.iter().enumerate() {
+        let to = b.join("chunks").join(&id[..2]);
+        std::fs::create_dir_all(&to).unwrap();
+        if i < 4 {
+            std::fs::copy(a.join("chunks").join(&id[..2]).join(id), to.join(id)).unwrap();
+        } else {
+            std::fs::write(to.join(id), b"half-written garbage").unwrap();
+        }
+    }
+    let garbage = planted[4].clone();
+    let garbage_len = b"half-written garbage".len() as u64;
+
     // What the final run should fetch: chunks neither recorded nor left as whole files.
     let (_, rec_bytes) = chunk_rows(&b);
     let strays: u64 = {
@@ -691,10 +725,14 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
             .unwrap();
         chunk_files(&b)
             .iter()
-            .filter(|(id, _)| !st.exists([id.as_str()]).unwrap())
+            .filter(|(id, _)| !st.exists([id.as_str()]).unwrap() && **id != garbage)
             .map(|(_, n)| *n)
             .sum()
     };
+    assert!(
+        strays >= 4 * CHUNK as u64,
+        "the planted files count as whole strays"
+    );
     let before_final = px.down.load(Ordering::Relaxed);
     let o = ok(&b, &["clone", &a_id]);
     let (n, _, got) = summary(&o);
@@ -708,7 +746,13 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     );
     assert_eq!(
         got, missing,
-        "the final run fetched exactly what was missing, nothing it already had"
+        "the final run fetched exactly what was missing: whole unrecorded files were adopted, \
+         the garbage one fetched again"
+    );
+    assert_ne!(
+        chunk_files(&b)[&garbage],
+        garbage_len,
+        "the garbage file was replaced by the real chunk"
     );
     assert!(px.down.load(Ordering::Relaxed) - before_final < missing + missing / 10 + (256 << 10));
     // Over all four runs, the wire carried little more than the data: each kill
@@ -848,6 +892,35 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     for ((_, data), id) in items.iter().zip(&ids) {
         assert_item(&d, id, data);
     }
+
+    // The cursor never passes an item that is not stored. A new item carries
+    // D's envelope from the start (A knows D's key now), so fetching it
+    // re-keys nothing and it keeps its seq: only the cursor brings it back.
+    let x = data(60, 2 * CHUNK + 5);
+    let x_id = put_cli(&a, tmp.path(), "x", &x);
+    ok(&s2, &["clone", &a_id]); // S2 holds X before A's copy rots
+    corrupt(&a, &[chunks_of(&a, &x_id)[1].clone()]);
+    let o = bitsync(&d, &["clone", &a_id]);
+    assert_eq!(o.code, 8, "{o:?}");
+    assert!(
+        !ls(&d).contains_key(&x_id),
+        "X is not listed on D while incomplete"
+    );
+    let g = grpcurl(&[
+        "-plaintext",
+        "-authority",
+        "localhost",
+        "-unix",
+        "-d",
+        &format!("{{\"peer\":\"{s2_id}\"}}"),
+        sock.to_str().unwrap(),
+        "bitsync.v1.Admin/Sync",
+    ]);
+    assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
+    let o = ok(&d, &["clone", &a_id]);
+    // Only the chunk D lacked travels: the good ones were kept from the failed run.
+    assert_eq!(summary(&o), (5, 1, CHUNK as u64 + TAG), "{o:?}");
+    assert_item(&d, &x_id, &x);
 }
 
 // ---------------------------------------------------------------- (f) revoked mirror
