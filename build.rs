@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Chunk bytes are taken out of tonic's receive buffer without a copy.
+        .bytes(".bitsync.v1.ChunkData.data")
         .file_descriptor_set_path(out.join("bitsync_descriptor.bin"))
         .compile_with_config(config, &protos, &["proto"])?;
     Ok(())

@@ -65,7 +65,7 @@ const CHUNKS_PER_STREAM: usize = 64;
 const PARALLEL_STREAMS: usize = 4;
 /// Chunks written but not yet synced and recorded, at most (the writers wait
 /// beyond this). One syncfs and one transaction cover everything queued.
-const RECORD_QUEUE: usize = 64;
+const RECORD_QUEUE: usize = 256;
 const MAX_MESSAGE: usize = 8 * 1024 * 1024;
 /// How often the cursor is saved while it moves within a sync.
 const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(1);

@@ -557,7 +557,7 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
     let node = &state.node;
     let missing = || ChunkData {
         chunk_id: id.to_hex(),
-        data: Vec::new(),
+        data: Default::default(),
         problem: Some(Problem {
             code: tonic::Code::NotFound as i32,
             message: format!("chunk {id} is not here"),
@@ -569,7 +569,7 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
         Err(e) => {
             return ChunkData {
                 chunk_id: id.to_hex(),
-                data: Vec::new(),
+                data: Default::default(),
                 problem: Some(problem(&e)),
             }
         }
@@ -577,7 +577,7 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
     match node.read_chunk(id) {
         Ok(data) => ChunkData {
             chunk_id: id.to_hex(),
-            data,
+            data: data.into(),
             problem: None,
         },
         Err(e) => {
@@ -586,7 +586,7 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
             }
             ChunkData {
                 chunk_id: id.to_hex(),
-                data: Vec::new(),
+                data: Default::default(),
                 problem: Some(problem(&e)),
             }
         }
