@@ -264,4 +264,59 @@ fn clone_and_mirror_over_private_tor() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("onion"));
+
+    // A backup taken --with-identity carries the onion service's keys (sealed):
+    // the node restored from it comes back at the same .onion address.
+    let repo = tmp.path().join("repo");
+    let with_pass = |args: &[&str], dir: &Path| {
+        let out = Command::new(bin())
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .env("BITSYNC_PASSPHRASE", "correct horse battery staple")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "bitsync {args:?}: {out:?}");
+    };
+    with_pass(&["backup", "--with-identity", "--repo", repo.to_str().unwrap()], &a);
+    let key_bytes = walk(&a.join("tor/state/keystore"))
+        .iter()
+        .map(|f| std::fs::read(f).unwrap())
+        .collect::<Vec<_>>();
+    assert!(!key_bytes.is_empty(), "A's keystore holds the onion key");
+    for f in walk(&repo) {
+        let bytes = std::fs::read(&f).unwrap();
+        for k in &key_bytes {
+            assert!(
+                !bytes.windows(k.len()).any(|w| w == k.as_slice()),
+                "the onion key is in the clear in {}",
+                f.display()
+            );
+        }
+    }
+    drop(_a_node);
+    let a2 = tmp.path().join("a2");
+    with_pass(&["restore", "--repo", repo.to_str().unwrap()], &a2);
+    // Not the copied hostname file: the address Arti derives from the restored key.
+    std::fs::remove_file(a2.join("tor/hostname")).unwrap();
+    let _a2_node = serve(&a2);
+    wait_until("the restored node's onion address", Duration::from_secs(120), || {
+        status(&a2)["onion_address"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(".onion:7450"))
+    });
+    assert_eq!(status(&a2)["onion_address"].as_str().unwrap(), onion);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -12,6 +12,8 @@
 //!   and chunks to other paths (CISO Assistant's `clone_instance` interface).
 //! - [`import_axon`]: an Axon BBS backup into this node, as legacy-cipher items
 //!   and, with the Axon key, as native items too.
+//! - [`onion`]: the onion service's keys, sealed in snapshots taken
+//!   `--with-identity`, so a restored node keeps its `.onion` address.
 //! - [`hybrid`]: a backup repository as a local chunk source for
 //!   `bitsync clone --from-backup`.
 //! - [`dbcopy`] and [`copy`]: the two copy engines everything above shares: a
@@ -28,6 +30,7 @@ pub mod copy;
 pub mod dbcopy;
 pub mod hybrid;
 pub mod import_axon;
+pub mod onion;
 pub mod repo;
 pub mod restore;
 

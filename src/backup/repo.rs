@@ -8,6 +8,7 @@
 //!        snapshots/<id>/bitsync.db     consistent copy of the database (rollback-journal mode)
 //!        snapshots/<id>/config.toml    the node's configuration
 //!        snapshots/<id>/node.key.sealed  with --with-identity: the node key, sealed (scrypt + AES-256-GCM)
+//!        snapshots/<id>/onion.keys.sealed  with --with-identity, if the node has an onion service: its keys, sealed
 //!        tmp/                        snapshots being built; cleared by the next backup
 //! ```
 //!
@@ -45,6 +46,7 @@ pub const SNAPSHOT_FILE: &str = "snapshot.json";
 pub const DB_FILE: &str = "bitsync.db";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const KEY_FILE: &str = "node.key.sealed";
+pub const ONION_FILE: &str = "onion.keys.sealed";
 
 #[derive(Serialize, Deserialize, Debug)]
 struct Marker {
@@ -90,6 +92,10 @@ pub struct IdentityInfo {
     /// Whether the node's own key file was sealed (restore writes it back the same way).
     pub sealed_on_node: bool,
     pub kdf: String,
+    /// The file holding the onion service's keys, sealed the same way (see
+    /// [`super::onion`]); absent when the node never ran one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onion_keys: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -462,10 +468,20 @@ pub fn backup(
             let sealed = w.identity.key_file_bytes(Some(w.passphrase));
             write_atomic(&staging.join(KEY_FILE), &sealed, 0o600)?;
             files.push(file_entry(&staging, KEY_FILE)?);
+            let onion_keys = match super::onion::bundle(&paths.tor())? {
+                Some(plain) => {
+                    let sealed = crate::crypto::seal(w.passphrase, &plain);
+                    write_atomic(&staging.join(ONION_FILE), &sealed, 0o600)?;
+                    files.push(file_entry(&staging, ONION_FILE)?);
+                    Some(ONION_FILE.to_string())
+                }
+                None => None,
+            };
             Some(IdentityInfo {
                 file: KEY_FILE.to_string(),
                 sealed_on_node: w.sealed_on_node,
                 kdf: "scrypt(log_n=15,r=8,p=1)+AES-256-GCM".into(),
+                onion_keys,
             })
         }
         None => None,
@@ -702,6 +718,14 @@ pub fn verify(
                     "{}: the sealed node key is not among the listed files",
                     rel(SNAPSHOT_FILE)
                 ));
+            }
+            if let Some(f) = &id.onion_keys {
+                if !listed.contains_key(f.as_str()) {
+                    report.problems.push(format!(
+                        "{}: the sealed onion keys are not among the listed files",
+                        rel(SNAPSHOT_FILE)
+                    ));
+                }
             }
         }
         // The database: PRAGMA integrity_check, then it must agree with snapshot.json.

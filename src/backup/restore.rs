@@ -193,6 +193,7 @@ pub fn restore(
         }
         None => {
             old.save(&paths.key(), key_pass)?;
+            restore_onion_keys(&snap_dir, &meta, &paths, &pass()?)?;
             (old.id(), &old)
         }
     };
@@ -252,4 +253,31 @@ pub fn restore(
             Vec::new()
         },
     })
+}
+
+/// Same identity: put the onion service's keys back, so the node keeps its
+/// `.onion` address. The sealed file is checked against its listed SHA-256.
+fn restore_onion_keys(
+    snap_dir: &Path,
+    meta: &repo::SnapshotMeta,
+    paths: &Paths,
+    pass: &str,
+) -> Result<()> {
+    let Some(file) = meta.identity.as_ref().and_then(|i| i.onion_keys.as_deref()) else {
+        return Ok(());
+    };
+    let entry = meta
+        .files
+        .iter()
+        .find(|f| f.path == file)
+        .ok_or_else(|| Error::integrity("snapshot.json does not list the sealed onion keys"))?;
+    let sealed = fs::read(snap_dir.join(file)).ctx(format!("reading the snapshot's {file}"))?;
+    if crate::crypto::Hash::of(&sealed).to_hex() != entry.sha256 {
+        return Err(Error::integrity(format!(
+            "the snapshot's {file} fails its SHA-256"
+        )));
+    }
+    let plain = crate::crypto::unseal(pass, &sealed)?;
+    super::onion::unbundle(&plain, &paths.tor())?;
+    Ok(())
 }
