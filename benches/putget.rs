@@ -46,6 +46,7 @@ fn tv(t: libc::timeval) -> Duration {
 }
 
 /// Run `cmd` to completion; time it and read its rusage with wait4.
+#[allow(clippy::zombie_processes)] // reaped by wait4
 fn run(cmd: &mut Command) -> Run {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -69,6 +69,13 @@ CREATE TABLE IF NOT EXISTS invites(
     used_by TEXT);
 "#;
 
+/// A stored manifest's signed bytes and its seq (see [`Db::manifest_raw`]).
+pub struct RawManifest {
+    pub body: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub seq: u64,
+}
+
 /// (recipient, wrapped item key) pairs of one item.
 pub type Envelopes = Vec<(String, Vec<u8>)>;
 
@@ -516,15 +523,20 @@ impl Db {
             .optional()?)
     }
 
-    /// A stored manifest as raw bytes (body, signature, seq), not re-verified.
-    /// For serving only: every receiver verifies the signature itself.
-    pub fn manifest_raw(&self, id: &ContentId) -> Result<Option<(Vec<u8>, Vec<u8>, u64)>> {
-        let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
+    /// A stored manifest as raw bytes, not re-verified. For serving only:
+    /// every receiver verifies the signature itself.
+    pub fn manifest_raw(&self, id: &ContentId) -> Result<Option<RawManifest>> {
+        Ok(self
             .r()
             .prepare_cached("SELECT body, signature, seq FROM manifests WHERE content_id = ?1")?
-            .query_row([id.to_hex()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        Ok(row.map(|(b, s, q)| (b, s, q as u64)))
+            .query_row([id.to_hex()], |r| {
+                Ok(RawManifest {
+                    body: r.get(0)?,
+                    signature: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .optional()?)
     }
 
     /// The current seq of an item.

@@ -99,7 +99,9 @@ pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_err)?
-        .with_client_cert_verifier(Arc::new(AnyNode { provider: p }))
+        .with_client_cert_verifier(Arc::new(AnyNode {
+            signatures: HandshakeSignatures(p),
+        }))
         .with_single_cert(vec![certificate(id)?], key_der(id))
         .map_err(tls_err)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -115,7 +117,7 @@ pub fn client_config(id: &Identity, expected: NodeId) -> Result<Arc<rustls::Clie
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedNode {
             expected,
-            provider: p,
+            signatures: HandshakeSignatures(p),
         }))
         .with_client_auth_cert(vec![certificate(id)?], key_der(id))
         .map_err(tls_err)?;
@@ -127,17 +129,48 @@ pub fn server_name() -> ServerName<'static> {
     ServerName::try_from(CERT_NAME).expect("static name is valid")
 }
 
-fn check_rsa(cert: &CertificateDer<'_>) -> std::result::Result<NodeId, rustls::Error> {
+fn check_rsa(cert: &CertificateDer<'_>) -> TlsResult<NodeId> {
     let spki = spki_of(cert).map_err(|e| rustls::Error::General(e.to_string()))?;
     identity::public_key_from_spki(&spki)
         .map_err(|_| rustls::Error::General("peer certificate key is not an RSA key".into()))?;
     Ok(identity::node_id_of(&spki))
 }
 
+type TlsResult<T> = std::result::Result<T, rustls::Error>;
+
+/// The handshake-signature checks both verifiers delegate to: rustls's own,
+/// with the provider's algorithms. Only the certificate checks are ours.
+#[derive(Debug)]
+struct HandshakeSignatures(Arc<CryptoProvider>);
+
+impl HandshakeSignatures {
+    fn tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> TlsResult<HandshakeSignatureValid> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algs)
+    }
+    fn tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> TlsResult<HandshakeSignatureValid> {
+        let algs = &self.0.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+    }
+    fn schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 #[derive(Debug)]
 struct PinnedNode {
     expected: NodeId,
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
 }
 
 impl ServerCertVerifier for PinnedNode {
@@ -148,7 +181,7 @@ impl ServerCertVerifier for PinnedNode {
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+    ) -> TlsResult<ServerCertVerified> {
         let got = check_rsa(end_entity)?;
         if got != self.expected {
             tracing::warn!(expected = %self.expected, presented = %got, "refused a peer presenting the wrong node id");
@@ -159,45 +192,30 @@ impl ServerCertVerifier for PinnedNode {
         }
         Ok(ServerCertVerified::assertion())
     }
-
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> TlsResult<HandshakeSignatureValid> {
+        self.signatures.tls12(m, c, d)
     }
-
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> TlsResult<HandshakeSignatureValid> {
+        self.signatures.tls13(m, c, d)
     }
-
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }
 
 #[derive(Debug)]
 struct AnyNode {
-    provider: Arc<CryptoProvider>,
+    signatures: HandshakeSignatures,
 }
 
 impl ClientCertVerifier for AnyNode {
@@ -217,39 +235,27 @@ impl ClientCertVerifier for AnyNode {
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
-    ) -> std::result::Result<ClientCertVerified, rustls::Error> {
+    ) -> TlsResult<ClientCertVerified> {
         check_rsa(end_entity)?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> TlsResult<HandshakeSignatureValid> {
+        self.signatures.tls12(m, c, d)
     }
     fn verify_tls13_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> TlsResult<HandshakeSignatureValid> {
+        self.signatures.tls13(m, c, d)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.signatures.schemes()
     }
 }

@@ -37,8 +37,7 @@ impl Out {
     fn last_line(&self) -> String {
         self.text()
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .last()
+            .rfind(|l| !l.trim().is_empty())
             .unwrap_or("")
             .trim()
             .to_string()

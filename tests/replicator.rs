@@ -874,17 +874,20 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     // A gets the chunks back from S2 (Admin/Sync over the admin socket)...
     ok(&a, &["peer", "add", &s2_id, &ss2.addr]);
     let sock = sa.socket();
-    let g = grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        "-d",
-        &format!("{{\"peer\":\"{s2_id}\"}}"),
-        sock.to_str().unwrap(),
-        "bitsync.v1.Admin/Sync",
-    ]);
-    assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
+    let sync_a_from_s2 = || {
+        let g = grpcurl(&[
+            "-plaintext",
+            "-authority",
+            "localhost",
+            "-unix",
+            "-d",
+            &format!("{{\"peer\":\"{s2_id}\"}}"),
+            sock.to_str().unwrap(),
+            "bitsync.v1.Admin/Sync",
+        ]);
+        assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
+    };
+    sync_a_from_s2();
     ok(&a, &["verify"]);
     // ... and D's next clone completes.
     let o = ok(&d, &["clone", &a_id]);
@@ -906,17 +909,7 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
         !ls(&d).contains_key(&x_id),
         "X is not listed on D while incomplete"
     );
-    let g = grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        "-d",
-        &format!("{{\"peer\":\"{s2_id}\"}}"),
-        sock.to_str().unwrap(),
-        "bitsync.v1.Admin/Sync",
-    ]);
-    assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
+    sync_a_from_s2();
     let o = ok(&d, &["clone", &a_id]);
     // Only the chunk D lacked travels: the good ones were kept from the failed run.
     assert_eq!(summary(&o), (5, 1, CHUNK as u64 + TAG), "{o:?}");

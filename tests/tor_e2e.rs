@@ -278,7 +278,15 @@ fn clone_and_mirror_over_private_tor() {
             .unwrap();
         assert!(out.status.success(), "bitsync {args:?}: {out:?}");
     };
-    with_pass(&["backup", "--with-identity", "--repo", repo.to_str().unwrap()], &a);
+    with_pass(
+        &[
+            "backup",
+            "--with-identity",
+            "--repo",
+            repo.to_str().unwrap(),
+        ],
+        &a,
+    );
     let key_bytes = walk(&a.join("tor/state/keystore"))
         .iter()
         .map(|f| std::fs::read(f).unwrap())
@@ -300,11 +308,15 @@ fn clone_and_mirror_over_private_tor() {
     // Not the copied hostname file: the address Arti derives from the restored key.
     std::fs::remove_file(a2.join("tor/hostname")).unwrap();
     let _a2_node = serve(&a2);
-    wait_until("the restored node's onion address", Duration::from_secs(120), || {
-        status(&a2)["onion_address"]
-            .as_str()
-            .is_some_and(|s| s.ends_with(".onion:7450"))
-    });
+    wait_until(
+        "the restored node's onion address",
+        Duration::from_secs(120),
+        || {
+            status(&a2)["onion_address"]
+                .as_str()
+                .is_some_and(|s| s.ends_with(".onion:7450"))
+        },
+    );
     assert_eq!(status(&a2)["onion_address"].as_str().unwrap(), onion);
 }
 

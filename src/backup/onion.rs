@@ -63,7 +63,9 @@ fn collect(tor_dir: &Path, dir: &Path, out: &mut Vec<BundleFile>) -> Result<()> 
         .ctx(format!("reading {}", dir.display()))?;
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
-        let kind = e.file_type().ctx(format!("reading {}", e.path().display()))?;
+        let kind = e
+            .file_type()
+            .ctx(format!("reading {}", e.path().display()))?;
         if kind.is_dir() {
             collect(tor_dir, &e.path(), out)?;
         } else if kind.is_file() {
@@ -144,7 +146,12 @@ mod tests {
         assert_eq!(fs::read(to.join("hostname")).unwrap(), b"abc.onion\n");
         assert!(!to.join("cache").exists());
 
-        for bad in ["../escape", "state/keystore/../../x", "/etc/x", "state/other"] {
+        for bad in [
+            "../escape",
+            "state/keystore/../../x",
+            "/etc/x",
+            "state/other",
+        ] {
             let evil = serde_json::to_vec(&Bundle {
                 files: vec![BundleFile {
                     path: bad.into(),

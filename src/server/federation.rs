@@ -165,7 +165,11 @@ fn prepare(
 ) -> Result<Prepared, Error> {
     let node = &state.node;
     let cid: ContentId = Hash::parse(id, "content id")?;
-    let (body, signature, seq) = node
+    let crate::store::RawManifest {
+        body,
+        signature,
+        seq,
+    } = node
         .db
         .manifest_raw(&cid)?
         .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
