@@ -402,6 +402,7 @@ fn run_sync(cli: &Cli) -> Result<()> {
                     .to_string();
                 (Box::new(f), meta.len(), nm)
             };
+            crate::manifest::check_item_size(total, n.config.chunk_size)?;
             let pb = progress_bar(total, "put");
             let opts = PutOptions {
                 kind: kind.clone(),

@@ -50,6 +50,8 @@ pub fn put(
         };
         let last = next.is_empty();
         size += cur.len() as u64;
+        // Input of unknown size (a pipe): stop at the first chunk too many.
+        manifest::check_item_size(size, chunk_size as u32)?;
         let ct = crypto::encrypt_chunk(&key, index, last, &cur);
         let id = node.chunks.write_new(&ct)?;
         ids.push(id);

@@ -22,6 +22,24 @@ pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 pub const MAX_CHUNK_SIZE: u32 = 2 * 1024 * 1024;
 /// A manifest body larger than this is refused before decoding (about 100k chunks).
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024 + 64 * 1024;
+/// Chunks one item may have: each chunk id takes 34 bytes of the body (field
+/// tag, length, 32-byte hash), and 64 KiB stay for the other fields.
+pub const MAX_CHUNKS_PER_ITEM: u64 = (3 * 1024 * 1024 / 34) as u64;
+
+/// Refuse, before anything is written, an item of `size` plaintext bytes
+/// that would need more chunks than one manifest can list.
+pub fn check_item_size(size: u64, chunk_size: u32) -> Result<()> {
+    let chunks = size.div_ceil(chunk_size as u64).max(1);
+    if chunks <= MAX_CHUNKS_PER_ITEM {
+        return Ok(());
+    }
+    Err(Error::invalid(format!(
+        "an item of {size} bytes needs {chunks} chunks of {chunk_size} bytes, and one item \
+         holds at most {MAX_CHUNKS_PER_ITEM} ({:.1} GiB at this chunk size): split the file, \
+         or raise chunk_size in config.toml (at most {MAX_CHUNK_SIZE})",
+        (MAX_CHUNKS_PER_ITEM * chunk_size as u64) as f64 / (1u64 << 30) as f64
+    )))
+}
 const GCM_TAG: u64 = 16;
 
 /// A manifest whose structure and signature have been checked.
@@ -228,4 +246,27 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The largest item `check_item_size` lets through still signs: its body
+    /// fits under MAX_BODY_BYTES with a name of 4 KiB.
+    #[test]
+    fn the_largest_item_allowed_fits_in_a_manifest() {
+        let chunk = MIN_CHUNK_SIZE;
+        let size = MAX_CHUNKS_PER_ITEM * chunk as u64;
+        check_item_size(size, chunk).unwrap();
+        let e = check_item_size(size + 1, chunk).unwrap_err();
+        assert!(e.to_string().contains("at most 92521"), "{e}");
+        let id = Identity::generate().unwrap();
+        let ids = (0..MAX_CHUNKS_PER_ITEM)
+            .map(|i| Hash::of(&i.to_le_bytes()))
+            .collect();
+        let body = native_body(&id, "file", size, chunk, ids, vec![7u8; 4096], 0);
+        let m = Manifest::create(&id, body).unwrap();
+        assert!(m.body_bytes().len() <= MAX_BODY_BYTES);
+    }
 }

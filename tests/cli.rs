@@ -621,6 +621,31 @@ fn missing_input_file_exits_3_and_stores_nothing() {
     assert!(t.ls_json().is_empty());
 }
 
+/// An item one manifest cannot list is refused before any chunk is written.
+/// (At 4 KiB chunks the limit is 92,521 chunks; the input is a sparse file.)
+#[test]
+fn oversized_item_is_refused_before_writing() {
+    let t = T::new();
+    t.init();
+    let cfg = t.data.join("config.toml");
+    let text = fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("chunk_size = 1048576", "chunk_size = 4096");
+    fs::write(&cfg, text).unwrap();
+    let input = t.root().join("huge");
+    let f = fs::File::create(&input).unwrap();
+    f.set_len(bitsync::manifest::MAX_CHUNKS_PER_ITEM * 4096 + 1)
+        .unwrap();
+    let o = t.fails(&["put", input.to_str().unwrap()], 2);
+    assert!(
+        o.stderr.contains("one item holds at most 92521"),
+        "says why: {}",
+        o.stderr
+    );
+    assert!(chunk_files(&t.data).is_empty(), "nothing was written");
+    assert!(t.ls_json().is_empty());
+}
+
 #[test]
 fn unknown_content_id_exits_3() {
     let t = T::new();
