@@ -51,6 +51,14 @@ struct T {
 }
 
 impl T {
+    /// Smallest chunks (config.toml `chunk_size`), for many chunks from little data.
+    fn use_4k_chunks(&self) {
+        let cfg = self.data.join("config.toml");
+        let text = fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("chunk_size = 1048576", "chunk_size = 4096");
+        fs::write(&cfg, text).unwrap();
+    }
     fn new() -> T {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
@@ -627,11 +635,7 @@ fn missing_input_file_exits_3_and_stores_nothing() {
 fn oversized_item_is_refused_before_writing() {
     let t = T::new();
     t.init();
-    let cfg = t.data.join("config.toml");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("chunk_size = 1048576", "chunk_size = 4096");
-    fs::write(&cfg, text).unwrap();
+    t.use_4k_chunks();
     let input = t.root().join("huge");
     let f = fs::File::create(&input).unwrap();
     f.set_len(bitsync::manifest::MAX_CHUNKS_PER_ITEM * 4096 + 1)
@@ -829,11 +833,7 @@ fn unreadable_data_dir_is_a_clear_error() {
 fn concurrent_commands_do_not_break_a_running_put() {
     let t = T::new();
     t.init();
-    let cfg = t.data.join("config.toml");
-    let text = fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("chunk_size = 1048576", "chunk_size = 4096");
-    fs::write(&cfg, text).unwrap();
+    t.use_4k_chunks();
     let input = t.root().join("in");
     fs::write(&input, pseudo_random(8 * MIB, 4)).unwrap();
     let mut put = t.cmd(&["put", input.to_str().unwrap()]);

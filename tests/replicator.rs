@@ -370,6 +370,20 @@ fn chunk_files(dir: &Path) -> HashMap<String, u64> {
     out
 }
 
+/// A call on a node's Admin socket with a stock grpcurl (`-authority`: see README).
+fn admin(sock: &Path, method: &str, json: &str) -> Out {
+    grpcurl(&[
+        "-plaintext",
+        "-authority",
+        "localhost",
+        "-unix",
+        "-d",
+        json,
+        sock.to_str().unwrap(),
+        &format!("bitsync.v1.Admin/{method}"),
+    ])
+}
+
 fn grpcurl(args: &[&str]) -> Out {
     let mut cmd = Command::new("grpcurl");
     cmd.args(args);
@@ -875,16 +889,7 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     ok(&a, &["peer", "add", &s2_id, &ss2.addr]);
     let sock = sa.socket();
     let sync_a_from_s2 = || {
-        let g = grpcurl(&[
-            "-plaintext",
-            "-authority",
-            "localhost",
-            "-unix",
-            "-d",
-            &format!("{{\"peer\":\"{s2_id}\"}}"),
-            sock.to_str().unwrap(),
-            "bitsync.v1.Admin/Sync",
-        ]);
+        let g = admin(&sock, "Sync", &format!("{{\"peer\":\"{s2_id}\"}}"));
         assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
     };
     sync_a_from_s2();
@@ -983,16 +988,11 @@ fn admin_clone_over_grpcurl_streams_progress() {
     let sock = sb.socket();
     let token = sa.invite();
 
-    let g = grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        "-d",
+    let g = admin(
+        &sock,
+        "Clone",
         &format!("{{\"token_or_peer\":\"{token}\"}}"),
-        sock.to_str().unwrap(),
-        "bitsync.v1.Admin/Clone",
-    ]);
+    );
     assert_eq!(g.code, 0, "{g:?}");
     let msgs: Vec<Value> = serde_json::Deserializer::from_slice(&g.stdout)
         .into_iter::<Value>()
@@ -1014,16 +1014,11 @@ fn admin_clone_over_grpcurl_streams_progress() {
     }
 
     // The token is spent: a second use is refused.
-    let g = grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        "-d",
+    let g = admin(
+        &sock,
+        "Clone",
         &format!("{{\"token_or_peer\":\"{token}\"}}"),
-        sock.to_str().unwrap(),
-        "bitsync.v1.Admin/Clone",
-    ]);
+    );
     assert_ne!(g.code, 0, "{g:?}");
     assert!(
         g.stderr.contains("Unauthenticated") && g.stderr.contains("already used"),
@@ -1034,16 +1029,11 @@ fn admin_clone_over_grpcurl_streams_progress() {
     let o = ok(&a, &["invite", "--ttl", "1s"]);
     let expired = o.last_line();
     std::thread::sleep(Duration::from_millis(1500));
-    let g = grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        "-d",
+    let g = admin(
+        &sock,
+        "Clone",
         &format!("{{\"token_or_peer\":\"{expired}\"}}"),
-        sock.to_str().unwrap(),
-        "bitsync.v1.Admin/Clone",
-    ]);
+    );
     assert_ne!(g.code, 0, "{g:?}");
     assert!(
         g.stderr.contains("Unauthenticated") && g.stderr.contains("expired"),
