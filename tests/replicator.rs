@@ -5,7 +5,7 @@
 //!
 //! Every wait is bounded: a broken node fails the test with what it printed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -348,6 +348,21 @@ fn chunk_rows(dir: &Path) -> (u64, u64) {
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )
     .unwrap()
+}
+
+/// Ids of the chunks a node's database records as present.
+fn recorded_chunks(dir: &Path) -> HashSet<String> {
+    let c = rusqlite::Connection::open_with_flags(
+        dir.join("bitsync.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut st = c.prepare("SELECT chunk_id FROM chunks").unwrap();
+    st.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
 }
 
 /// Chunk files in place in a chunk dir: (count, bytes). Temp files are not counted.
@@ -696,18 +711,11 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     // place but not recorded. Plant four (copied from A) and one garbage
     // file under the name of a fifth missing chunk, as a torn write would.
     let planted: Vec<String> = {
-        let c = rusqlite::Connection::open_with_flags(
-            b.join("bitsync.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let mut st = c
-            .prepare("SELECT 1 FROM chunks WHERE chunk_id = ?1")
-            .unwrap();
+        let recorded = recorded_chunks(&b);
         let on_b = chunk_files(&b);
         let mut lacking: Vec<String> = chunk_files(&a)
             .into_keys()
-            .filter(|id| !on_b.contains_key(id) && !st.exists([id.as_str()]).unwrap())
+            .filter(|id| !on_b.contains_key(id) && !recorded.contains(id))
             .collect();
         lacking.sort();
         lacking.truncate(5);
@@ -729,17 +737,10 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     // What the final run should fetch: chunks neither recorded nor left as whole files.
     let (_, rec_bytes) = chunk_rows(&b);
     let strays: u64 = {
-        let c = rusqlite::Connection::open_with_flags(
-            b.join("bitsync.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let mut st = c
-            .prepare("SELECT 1 FROM chunks WHERE chunk_id = ?1")
-            .unwrap();
+        let recorded = recorded_chunks(&b);
         chunk_files(&b)
             .iter()
-            .filter(|(id, _)| !st.exists([id.as_str()]).unwrap() && **id != garbage)
+            .filter(|(id, _)| !recorded.contains(*id) && **id != garbage)
             .map(|(_, n)| *n)
             .sum()
     };
