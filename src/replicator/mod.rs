@@ -40,14 +40,16 @@
 //!
 //! ## Rooms
 //!
-//! - [`jobs`]: jobs and their progress, as `Admin/Status` shows them.
-//! - [`sync`]: one sync from one peer, a short sequence of steps over one state.
-//! - [`planner`]: what is missing, which items settled, how far the cursor
+//! The public API (this file) starts jobs; the rest is private:
+//!
+//! - `jobs`: jobs and their progress, as `Admin/Status` shows them.
+//! - `sync`: one sync from one peer, a short sequence of steps over one state.
+//! - `planner`: what is missing, which items settled, how far the cursor
 //!   moves (synchronous, no I/O, unit-tested).
-//! - [`accept`]: manifest acceptance (signature, id, envelope).
-//! - [`transfer`]: chunk streams, the group-commit recorder, adopting
+//! - `accept`: manifest acceptance (signature, id, envelope).
+//! - `transfer`: chunk streams, the group-commit recorder, adopting
 //!   leftovers, local sources ([`ChunkSource`]) and the other trusted peers.
-//! - [`mirror`]: mirror supervision.
+//! - `mirror`: mirror supervision.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

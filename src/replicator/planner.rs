@@ -88,6 +88,7 @@ impl Cursor {
 }
 
 /// What planning a page found to do.
+#[derive(Default)]
 pub(super) struct Plan {
     /// Items whose manifest (or our envelope) is not here: fetch them.
     pub(super) need: Vec<usize>,
@@ -123,11 +124,7 @@ impl PageWork {
         local: Vec<Option<Vec<ChunkId>>>,
     ) -> (PageWork, Plan) {
         let mut work = PageWork::default();
-        let mut plan = Plan {
-            need: Vec::new(),
-            items: 0,
-            bytes: 0,
-        };
+        let mut plan = Plan::default();
         for (i, (s, l)) in page.iter().zip(local).enumerate() {
             let mut state = ItemState::Working;
             match l {
@@ -180,26 +177,20 @@ impl PageWork {
             match r {
                 Ok(v) => accepted.push((i, v)),
                 Err(e) => {
-                    let permanent = matches!(e.kind(), Kind::Integrity | Kind::NotFound);
-                    let note = match e.kind() {
-                        Kind::Integrity => " (rejected)",
-                        Kind::NotFound => " (skipped)",
-                        _ => "",
+                    let (state, note) = match e.kind() {
+                        Kind::Integrity => (ItemState::Rejected, " (rejected)"),
+                        Kind::NotFound => (ItemState::Rejected, " (skipped)"),
+                        _ => (ItemState::Failed, ""),
                     };
                     let msg = format!("item {cid} from {who}: {e}{note}");
                     report.push(msg.clone());
-                    refused.push((i, permanent, msg));
+                    refused.push((i, state, msg));
                 }
             }
         }
-        for (i, permanent, msg) in refused {
-            let it = &mut self.items[i];
-            it.state = if permanent {
-                ItemState::Rejected
-            } else {
-                ItemState::Failed
-            };
-            it.problem = Some(msg);
+        for (i, state, msg) in refused {
+            self.items[i].state = state;
+            self.items[i].problem = Some(msg);
         }
         for &i in batch {
             if !answered.contains(&i) {
@@ -472,12 +463,8 @@ mod tests {
 
     #[test]
     fn rejected_and_skipped_items_settle_and_failures_block() {
-        let listed = [
-            summary(1, 0, 0),
-            summary(2, 0, 0),
-            summary(3, 0, 0),
-            summary(4, 0, 0),
-        ];
+        use ItemState::{Failed, Rejected};
+        let listed: Vec<_> = (1..=4).map(|s| summary(s, 0, 0)).collect();
         let (mut work, plan) = PageWork::new(&listed, vec![None; 4]);
         let verdicts: Vec<(String, Result<()>)> = vec![
             ("item1".into(), Err(Error::integrity("bad signature"))),
@@ -487,21 +474,10 @@ mod tests {
         ];
         let (accepted, report) = work.judge(&plan.need, verdicts, "peer");
         assert!(accepted.is_empty(), "item9 was not asked for");
-        assert_eq!(
-            states(&work),
-            [
-                ItemState::Rejected,
-                ItemState::Rejected,
-                ItemState::Failed,
-                ItemState::Failed
-            ]
-        );
+        assert_eq!(states(&work), [Rejected, Rejected, Failed, Failed]);
         assert!(report[0].ends_with("(rejected)"), "{report:?}");
         assert!(report[1].ends_with("(skipped)"), "{report:?}");
-        assert!(
-            report[3].contains("item9 that was not asked for"),
-            "{report:?}"
-        );
+        assert!(report[3].contains("not asked for"), "{report:?}");
         let silent = work.items[3].problem.as_deref().unwrap();
         assert!(silent.contains("did not answer"), "{silent}");
         let mut c = cursor(0);
@@ -566,10 +542,8 @@ mod tests {
         assert_eq!(failed.len(), 1);
         let line = &failed[0];
         assert!(line.contains("2 chunk(s) missing"), "{line}");
-        assert!(
-            line.contains(&format!("chunk {y}: DataLoss from a; b ended the stream")),
-            "{line}"
-        );
+        let why = format!("chunk {y}: DataLoss from a; b ended the stream");
+        assert!(line.contains(&why), "{line}");
         assert!(line.ends_with("(also asked b)"), "{line}");
         assert_eq!(work.items[0].state, ItemState::Failed);
     }
@@ -612,20 +586,17 @@ mod tests {
 
     #[test]
     fn the_cursor_is_saved_when_it_moved_and_at_most_once_a_second() {
-        let t0 = Instant::now();
+        let (t0, ms) = (Instant::now(), Duration::from_millis);
         let mut c = Cursor::new(7, t0);
         assert_eq!(c.due(true, t0), None, "unchanged: nothing to save");
         c.value = 9;
-        assert_eq!(c.due(false, t0 + Duration::from_millis(500)), None);
-        assert_eq!(c.due(true, t0 + Duration::from_millis(500)), Some(9));
+        assert_eq!(c.due(false, t0 + ms(500)), None);
+        assert_eq!(c.due(true, t0 + ms(500)), Some(9));
         assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY), Some(9));
         c.saved(9, t0 + CURSOR_SAVE_EVERY);
         assert_eq!(c.due(true, t0 + CURSOR_SAVE_EVERY * 5), None);
         c.value = 12;
-        assert_eq!(
-            c.due(false, t0 + CURSOR_SAVE_EVERY + Duration::from_millis(10)),
-            None
-        );
+        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY + ms(10)), None);
         assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY * 2), Some(12));
     }
 }

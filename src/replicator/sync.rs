@@ -32,7 +32,7 @@ pub(super) struct PeerSync<'a> {
     pub(super) peer: &'a Peer,
     pub(super) ch: Channel,
     pub(super) t: &'a Tracker,
-    pub(super) cursor: Cursor,
+    cursor: Cursor,
     pub(super) out: Outcome,
     /// The page being worked on.
     pub(super) work: PageWork,
@@ -148,9 +148,7 @@ impl PeerSync<'_> {
         if self.work.wanted_any() {
             self.adopt_strays().await?;
             self.take_local().await?;
-            self.t.phase(Phase::Chunks);
-            let (peer, ch, want) = (self.peer, self.ch.clone(), self.work.still_missing());
-            self.fetch_into(peer, ch, want).await??;
+            self.fetch_from_source().await?;
             self.ask_others().await?;
         }
         // Whatever is still missing fails its items; the cursor stops before the first.

@@ -16,7 +16,7 @@ use super::{blocking, client};
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, Kind, Result};
 use crate::node::Node;
-use crate::proto::{ChunkData, StreamChunksRequest};
+use crate::proto::{progress::Phase, ChunkData, StreamChunksRequest};
 use crate::store::{Peer, PeerState};
 
 /// Chunks asked for in one StreamChunks call.
@@ -109,7 +109,7 @@ impl PeerSync<'_> {
     /// Stream `ids` from `from` over parallel calls, storing items as they
     /// complete. The outer error is local (this node's disk or database), the
     /// inner one the peer's or the connection's.
-    pub(super) async fn fetch_into(
+    async fn fetch_into(
         &mut self,
         from: &Peer,
         ch: Channel,
@@ -162,6 +162,15 @@ impl PeerSync<'_> {
             (None, Some(e)) => Ok(Err(e)),
             (None, None) => Ok(Ok(())),
         }
+    }
+
+    /// Stream what is still missing from the source. A failure there, the
+    /// peer's or ours, ends the sync (the cursor keeps what was achieved);
+    /// the other peers are asked only for what the source said it cannot send.
+    pub(super) async fn fetch_from_source(&mut self) -> Result<()> {
+        self.t.phase(Phase::Chunks);
+        let (peer, ch, want) = (self.peer, self.ch.clone(), self.work.still_missing());
+        self.fetch_into(peer, ch, want).await?
     }
 
     /// Ask the other trusted peers, one after the other, for the chunks the
