@@ -2,15 +2,13 @@
 //! repository, everything else (manifests, envelopes, missing chunks) from the
 //! peer.
 //!
-//! The replicator hands this module the chunk ids it is about to stream. Each
-//! chunk found in the repository is hash-checked by [`ChunkDir::write`]
-//! before it is written, the batch is synced, and only then recorded as
-//! present; ids that are not in the repository, or whose file there fails its
-//! hash, are returned and fetched from the peer as usual. Manifests are always
-//! the peer's and fully verified, so a repository can only save bandwidth,
-//! never change what the clone holds.
-//!
-//! [`ChunkDir::write`]: crate::chunks::ChunkDir::write
+//! The replicator asks a [`ChunkSource`] for the chunks it is about to
+//! stream; this module makes a backup repository one. Each chunk found in the
+//! repository is hash-checked before it is written, the batch is synced, and
+//! only then recorded as present; ids that are not in the repository, or
+//! whose file there fails its hash, are fetched from the peer as usual.
+//! Manifests are always the peer's and fully verified, so a repository can
+//! only save bandwidth, never change what the clone holds.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,15 +17,9 @@ use super::copy;
 use super::repo::Repo;
 use crate::crypto::ChunkId;
 use crate::error::{Kind, Result};
-use crate::node::Node;
-
-/// A place chunks may be read from before asking the peer.
-pub trait ChunkSource: Send + Sync {
-    /// The bytes stored under `id`, or `None` if this source has no such chunk.
-    /// Need not be verified: the caller hash-checks before writing.
-    fn read(&self, id: &ChunkId) -> Option<Vec<u8>>;
-    fn describe(&self) -> String;
-}
+// The old path, for `cli.rs` (which imports it for `describe`); the integrator
+// removes it once callers name `crate::replicator::ChunkSource`.
+pub use crate::replicator::ChunkSource;
 
 /// The chunk directory of a backup repository.
 pub struct RepoChunks {
@@ -77,44 +69,4 @@ impl ChunkSource for RepoChunks {
     fn describe(&self) -> String {
         format!("backup repository {}", self.repo.display())
     }
-}
-
-/// Chunks written between two syncs (and one database transaction).
-const BATCH: usize = 64;
-
-/// Store every chunk of `ids` that `src` holds with the right hash, synced and
-/// recorded. Returns the ids stored; the others are to be fetched from the peer.
-pub fn fill_from_local(
-    node: &Node,
-    src: &dyn ChunkSource,
-    ids: &[ChunkId],
-) -> Result<Vec<ChunkId>> {
-    let mut stored = Vec::new();
-    let mut batch: Vec<(ChunkId, u64)> = Vec::new();
-    let flush = |batch: &mut Vec<(ChunkId, u64)>, stored: &mut Vec<ChunkId>| -> Result<()> {
-        if !batch.is_empty() {
-            node.chunks.sync()?;
-            node.db.record_chunks(batch)?;
-            stored.extend(batch.drain(..).map(|(c, _)| c));
-        }
-        Ok(())
-    };
-    for id in ids {
-        if node.db.has_chunk(id)? {
-            continue;
-        }
-        let Some(data) = src.read(id) else { continue };
-        match node.chunks.write(id, &data) {
-            Ok(()) => batch.push((*id, data.len() as u64)),
-            Err(e) if e.kind() == Kind::Integrity => {
-                tracing::warn!(chunk = %id, "{} holds a damaged copy; fetching it from the peer", src.describe());
-            }
-            Err(e) => return Err(e),
-        }
-        if batch.len() >= BATCH {
-            flush(&mut batch, &mut stored)?;
-        }
-    }
-    flush(&mut batch, &mut stored)?;
-    Ok(stored)
 }

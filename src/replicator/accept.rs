@@ -1,0 +1,83 @@
+//! Manifest acceptance: nothing a peer sends about an item is kept unless its
+//! signature checks, it is the item asked for, and our envelope opens it.
+
+use std::sync::Arc;
+
+use super::blocking;
+use super::planner::Accepted;
+use crate::crypto;
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::node::Node;
+use crate::proto::ManifestResult;
+
+/// Check a GetManifests result: signature, id, and that our envelope opens it.
+fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
+    if let Some(p) = &r.problem {
+        return Err(Error::from(tonic::Status::new(
+            tonic::Code::from_i32(p.code),
+            p.message.clone(),
+        )));
+    }
+    let sm = r
+        .manifest
+        .as_ref()
+        .ok_or_else(|| Error::integrity("result has no manifest"))?;
+    let env = r
+        .envelope
+        .as_ref()
+        .ok_or_else(|| Error::integrity("result has no envelope"))?;
+    let m = Manifest::from_signed(sm.body.clone(), sm.signature.clone())?;
+    if m.id().to_hex() != r.content_id {
+        return Err(Error::integrity(format!(
+            "peer sent manifest {} when {} was asked for",
+            m.id(),
+            r.content_id
+        )));
+    }
+    if env.recipient != node.id().to_hex() {
+        return Err(Error::integrity("peer sent an envelope for another node"));
+    }
+    let key = node.identity.unwrap_key(&env.wrapped_key)?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+        .map_err(|_| Error::integrity("the envelope the peer sent does not open this item"))?;
+    Ok((m, env.wrapped_key.clone()))
+}
+
+/// [`accept_manifest`] over a batch, spread over the cores (RSA work), on
+/// tokio's pooled blocking threads: a fresh thread would pay for seeding
+/// aws-lc's per-thread random generator (jitter entropy) on its first RSA
+/// operation, every batch. Returns (content id, verdict) in the order given.
+pub(super) async fn accept_all(
+    node: &Arc<Node>,
+    results: Vec<ManifestResult>,
+) -> Result<Vec<(String, Result<Accepted>)>> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let per = results.len().div_ceil(workers).max(8);
+    let mut parts = Vec::new();
+    let mut rest = results;
+    while !rest.is_empty() {
+        let tail = rest.split_off(per.min(rest.len()));
+        parts.push(std::mem::replace(&mut rest, tail));
+    }
+    let checks = parts.into_iter().map(|part| {
+        let node = node.clone();
+        blocking(move || {
+            Ok(part
+                .into_iter()
+                .map(|r| {
+                    let verdict = accept_manifest(&node, &r);
+                    (r.content_id, verdict)
+                })
+                .collect::<Vec<_>>())
+        })
+    });
+    let mut out = Vec::new();
+    for part in futures::future::join_all(checks).await {
+        out.extend(part?);
+    }
+    Ok(out)
+}

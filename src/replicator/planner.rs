@@ -1,0 +1,602 @@
+//! The planner: for one page of a peer's listing, what is missing, which
+//! items have settled, and how far the cursor may move.
+//!
+//! Synchronous and free of I/O on purpose: the sync ([`super::sync`]) asks
+//! the database and the peers and tells the planner what it found; the planner
+//! decides. The rule that keeps a sync from ever skipping data lives here,
+//! where a unit test can check it without a network or a disk: the cursor
+//! moves only over the unbroken prefix of listed items that are stored, or
+//! settled for good (rejected or skipped); the first item that failed stops
+//! it for the rest of the sync.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::crypto::ChunkId;
+use crate::error::{Kind, Result};
+use crate::manifest::Manifest;
+use crate::proto::ManifestSummary;
+
+/// How often the cursor is saved while it moves within a sync.
+const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// A verified manifest and our envelope's wrapped key, to store once every
+/// chunk of the item is present (never before).
+pub(super) type Accepted = (Manifest, Vec<u8>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ItemState {
+    /// Chunks (or the manifest) still to come.
+    Working,
+    /// Complete here, manifest stored.
+    Done,
+    /// Refused for good (bad signature, envelope that does not open it), or
+    /// skipped (the peer holds no key for it): settled, the cursor passes it.
+    Rejected,
+    /// Could not be completed in this sync: blocks the cursor.
+    Failed,
+}
+
+/// One listed item being brought in.
+pub(super) struct Item {
+    pub(super) seq: u64,
+    pub(super) content_id: String,
+    pending: Option<Accepted>,
+    /// Distinct chunks still missing.
+    pub(super) remaining: usize,
+    pub(super) state: ItemState,
+    /// Why it failed, if it did.
+    pub(super) problem: Option<String>,
+}
+
+/// The peer's cursor as this sync moves it.
+pub(super) struct Cursor {
+    /// Everything listed up to here is stored (or settled for good).
+    pub(super) value: u64,
+    saved: u64,
+    saved_at: Instant,
+    /// An item could not be completed: the cursor stays where it is.
+    blocked: bool,
+}
+
+impl Cursor {
+    /// A cursor at `value`, as saved in the database.
+    pub(super) fn new(value: u64, now: Instant) -> Cursor {
+        Cursor {
+            value,
+            saved: value,
+            saved_at: now,
+            blocked: false,
+        }
+    }
+
+    /// The value to save now, if any: only when it moved, and at most about
+    /// once a second unless `force` (the sync is stopping).
+    pub(super) fn due(&self, force: bool, now: Instant) -> Option<u64> {
+        let recent = now.saturating_duration_since(self.saved_at) < CURSOR_SAVE_EVERY;
+        if self.value == self.saved || (!force && recent) {
+            None
+        } else {
+            Some(self.value)
+        }
+    }
+
+    pub(super) fn saved(&mut self, value: u64, now: Instant) {
+        self.saved = value;
+        self.saved_at = now;
+    }
+}
+
+/// What planning a page found to do.
+#[derive(Default)]
+pub(super) struct Plan {
+    /// Items whose manifest (or our envelope) is not here: fetch them.
+    pub(super) need: Vec<usize>,
+    /// Items and bytes (ciphertext, 16 bytes of tag per chunk) not complete here.
+    pub(super) items: u64,
+    pub(super) bytes: u64,
+}
+
+/// The work on one page of the listing.
+#[derive(Default)]
+pub(super) struct PageWork {
+    pub(super) items: Vec<Item>,
+    /// Missing chunks of items, found but not yet indexed in `waiters`.
+    found: HashMap<usize, Vec<ChunkId>>,
+    /// Missing chunk -> the items waiting for it.
+    waiters: HashMap<ChunkId, Vec<usize>>,
+    /// Missing chunks in listing order.
+    order: Vec<ChunkId>,
+    /// Why each undelivered chunk was not delivered (every reason given).
+    problems: HashMap<ChunkId, String>,
+    /// Items before this index are settled (done, rejected or failed).
+    next: usize,
+    /// Other trusted peers asked for chunks the source could not send.
+    others_asked: Vec<String>,
+}
+
+impl PageWork {
+    /// Start on a page. `local[i]` is `Some(missing chunks)` when item `i`'s
+    /// manifest and our envelope are stored here already, `None` when they
+    /// must be fetched.
+    pub(super) fn new(
+        page: &[ManifestSummary],
+        local: Vec<Option<Vec<ChunkId>>>,
+    ) -> (PageWork, Plan) {
+        let mut work = PageWork::default();
+        let mut plan = Plan::default();
+        for (i, (s, l)) in page.iter().zip(local).enumerate() {
+            let mut state = ItemState::Working;
+            match l {
+                Some(missing) if missing.is_empty() => state = ItemState::Done,
+                Some(missing) => {
+                    work.found.insert(i, missing);
+                }
+                None => plan.need.push(i),
+            }
+            if state == ItemState::Working {
+                plan.items += 1;
+                plan.bytes += s.size + 16 * s.chunk_count as u64;
+            }
+            work.items.push(Item {
+                seq: s.seq,
+                content_id: s.content_id.clone(),
+                pending: None,
+                remaining: 0,
+                state,
+                problem: None,
+            });
+        }
+        (work, plan)
+    }
+
+    /// Judge the peer's answers for the items of `batch` (content id,
+    /// verdict). Bad bytes are rejected for good. An item the peer holds no
+    /// key for (or no longer has) is skipped: if the peer gains a key, the
+    /// new envelope moves the item to a later seq and it is listed again.
+    /// Anything else, and an item not answered for, fails (and so blocks the
+    /// cursor). Returns the accepted items and the lines to report.
+    pub(super) fn judge<T>(
+        &mut self,
+        batch: &[usize],
+        verdicts: Vec<(String, Result<T>)>,
+        who: &str,
+    ) -> (Vec<(usize, T)>, Vec<String>) {
+        let index: HashMap<&str, usize> = batch
+            .iter()
+            .map(|&i| (self.items[i].content_id.as_str(), i))
+            .collect();
+        let mut answered = HashSet::new();
+        let (mut accepted, mut report, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+        for (cid, r) in verdicts {
+            let Some(&i) = index.get(cid.as_str()) else {
+                report.push(format!("peer {who} sent item {cid} that was not asked for"));
+                continue;
+            };
+            answered.insert(i);
+            match r {
+                Ok(v) => accepted.push((i, v)),
+                Err(e) => {
+                    let (state, note) = match e.kind() {
+                        Kind::Integrity => (ItemState::Rejected, " (rejected)"),
+                        Kind::NotFound => (ItemState::Rejected, " (skipped)"),
+                        _ => (ItemState::Failed, ""),
+                    };
+                    let msg = format!("item {cid} from {who}: {e}{note}");
+                    report.push(msg.clone());
+                    refused.push((i, state, msg));
+                }
+            }
+        }
+        for (i, state, msg) in refused {
+            self.items[i].state = state;
+            self.items[i].problem = Some(msg);
+        }
+        for &i in batch {
+            if !answered.contains(&i) {
+                let it = &mut self.items[i];
+                it.state = ItemState::Failed;
+                it.problem = Some(format!(
+                    "item {}: {who} did not answer for it",
+                    it.content_id
+                ));
+            }
+        }
+        (accepted, report)
+    }
+
+    /// An accepted item: its manifest waits until `missing` have arrived.
+    pub(super) fn accepted(&mut self, i: usize, pending: Accepted, missing: Vec<ChunkId>) {
+        self.items[i].pending = Some(pending);
+        self.found.insert(i, missing);
+    }
+
+    /// Index every missing chunk once, in listing order (a chunk several
+    /// items share is fetched once). Returns the items missing none.
+    pub(super) fn index_missing(&mut self) -> Vec<usize> {
+        let mut ready = Vec::new();
+        for i in 0..self.items.len() {
+            let Some(miss) = self.found.remove(&i) else {
+                continue;
+            };
+            let mut mine = HashSet::new();
+            for c in miss {
+                if mine.insert(c) {
+                    let w = self.waiters.entry(c).or_default();
+                    if w.is_empty() {
+                        self.order.push(c);
+                    }
+                    w.push(i);
+                }
+            }
+            self.items[i].remaining = mine.len();
+            if mine.is_empty() {
+                ready.push(i);
+            }
+        }
+        ready
+    }
+
+    /// Whether any chunk at all was missing when the page was indexed.
+    pub(super) fn wanted_any(&self) -> bool {
+        !self.order.is_empty()
+    }
+
+    /// Mark chunks present; returns the items that just became complete.
+    pub(super) fn arrived(&mut self, chunks: &[ChunkId]) -> Vec<usize> {
+        let mut ready = Vec::new();
+        for c in chunks {
+            self.problems.remove(c);
+            if let Some(ws) = self.waiters.remove(c) {
+                for i in ws {
+                    let it = &mut self.items[i];
+                    it.remaining -= 1;
+                    if it.remaining == 0 && it.state == ItemState::Working {
+                        ready.push(i);
+                    }
+                }
+            }
+        }
+        ready.sort_unstable();
+        ready
+    }
+
+    /// The chunks still missing, in listing order.
+    pub(super) fn still_missing(&self) -> Vec<ChunkId> {
+        self.order
+            .iter()
+            .filter(|c| self.waiters.contains_key(c))
+            .copied()
+            .collect()
+    }
+
+    /// A peer's reasons for not delivering chunks, added to any given before.
+    pub(super) fn undelivered(&mut self, failed: Vec<(ChunkId, String)>) {
+        for (c, why) in failed {
+            let p = self.problems.entry(c).or_default();
+            if !p.is_empty() {
+                p.push_str("; ");
+            }
+            p.push_str(&why);
+        }
+    }
+
+    /// Another trusted peer was asked for what the source could not send.
+    pub(super) fn asked(&mut self, who: String) {
+        self.others_asked.push(who);
+    }
+
+    /// The manifests to store for items that just became complete (items
+    /// whose manifest was here already have none).
+    pub(super) fn take_pending(&mut self, ready: &[usize]) -> Vec<(usize, Accepted)> {
+        ready
+            .iter()
+            .filter_map(|&i| self.items[i].pending.take().map(|p| (i, p)))
+            .collect()
+    }
+
+    /// Settle complete items: done, unless their manifest could not be stored
+    /// (`not_stored`: a chunk vanished meanwhile). Returns how many are done.
+    pub(super) fn completed(&mut self, ready: Vec<usize>, not_stored: &HashSet<usize>) -> u64 {
+        let mut done = 0;
+        for i in ready {
+            let it = &mut self.items[i];
+            if not_stored.contains(&i) {
+                it.state = ItemState::Failed;
+                it.problem = Some(format!(
+                    "item {}: a chunk vanished while it was being stored",
+                    it.content_id
+                ));
+            } else {
+                it.state = ItemState::Done;
+                done += 1;
+            }
+        }
+        done
+    }
+
+    /// Move the cursor over the settled prefix of the page.
+    pub(super) fn advance(&mut self, cursor: &mut Cursor) {
+        while !cursor.blocked && self.next < self.items.len() {
+            let it = &self.items[self.next];
+            match it.state {
+                ItemState::Done | ItemState::Rejected => {
+                    cursor.value = cursor.value.max(it.seq);
+                    self.next += 1;
+                }
+                ItemState::Failed => cursor.blocked = true,
+                ItemState::Working => break,
+            }
+        }
+    }
+
+    /// The end of the page: every item still waiting fails, naming its first
+    /// missing chunk (in listing order) and what the peers said about it.
+    /// Returns one line per failed item.
+    pub(super) fn fail_unfinished(&mut self) -> Vec<String> {
+        let mut first_missing: HashMap<usize, ChunkId> = HashMap::new();
+        for c in &self.order {
+            if let Some(ws) = self.waiters.get(c) {
+                for &i in ws {
+                    first_missing.entry(i).or_insert(*c);
+                }
+            }
+        }
+        let asked = if self.others_asked.is_empty() {
+            "no other trusted peer to ask".to_string()
+        } else {
+            format!("also asked {}", self.others_asked.join(", "))
+        };
+        let mut failed = Vec::new();
+        for (i, it) in self.items.iter_mut().enumerate() {
+            if it.state == ItemState::Working {
+                it.state = ItemState::Failed;
+                if it.problem.is_none() {
+                    let why = match first_missing.get(&i) {
+                        Some(c) => match self.problems.get(c) {
+                            Some(p) => format!("chunk {c}: {p}"),
+                            None => format!("chunk {c} was not delivered"),
+                        },
+                        None => "some chunks could not be fetched".into(),
+                    };
+                    it.problem = Some(format!(
+                        "item {} is incomplete, {} chunk(s) missing: {why} ({asked})",
+                        it.content_id, it.remaining
+                    ));
+                }
+            }
+            if it.state == ItemState::Failed {
+                failed.push(
+                    it.problem
+                        .clone()
+                        .unwrap_or_else(|| format!("item {} is incomplete", it.content_id)),
+                );
+            }
+        }
+        failed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Hash;
+    use crate::error::Error;
+
+    fn chunk(n: u8) -> ChunkId {
+        Hash::of(&[n])
+    }
+
+    fn summary(seq: u64, size: u64, chunks: u32) -> ManifestSummary {
+        ManifestSummary {
+            content_id: format!("item{seq}"),
+            seq,
+            size,
+            chunk_count: chunks,
+            ..Default::default()
+        }
+    }
+
+    /// A page whose items are all stored here, missing the chunks given.
+    fn page(missing: Vec<Vec<ChunkId>>) -> PageWork {
+        let listed: Vec<ManifestSummary> = (1..=missing.len() as u64)
+            .map(|s| summary(s * 10, 0, 0))
+            .collect();
+        let (mut work, _) = PageWork::new(&listed, missing.into_iter().map(Some).collect());
+        let ready = work.index_missing();
+        work.completed(ready, &HashSet::new());
+        work
+    }
+
+    fn cursor(value: u64) -> Cursor {
+        Cursor::new(value, Instant::now())
+    }
+
+    fn states(work: &PageWork) -> Vec<ItemState> {
+        work.items.iter().map(|it| it.state).collect()
+    }
+
+    #[test]
+    fn plan_sorts_items_into_done_missing_chunks_and_missing_manifests() {
+        let listed = [summary(1, 100, 2), summary(2, 50, 1), summary(3, 7, 3)];
+        let local = vec![Some(vec![]), Some(vec![chunk(1)]), None];
+        let (work, plan) = PageWork::new(&listed, local);
+        assert_eq!(
+            states(&work),
+            [ItemState::Done, ItemState::Working, ItemState::Working]
+        );
+        assert_eq!(plan.need, [2]);
+        // Not complete here: items 2 and 3, with 16 bytes of tag per chunk.
+        assert_eq!(plan.items, 2);
+        assert_eq!(plan.bytes, 50 + 16 + 7 + 3 * 16);
+    }
+
+    #[test]
+    fn cursor_never_passes_an_incomplete_item() {
+        let mut work = page(vec![vec![], vec![chunk(1)], vec![]]);
+        let mut c = cursor(5);
+        work.advance(&mut c);
+        // Item 3 (seq 30) is complete, but item 2 (seq 20) is not: stop at 10.
+        assert_eq!(c.value, 10);
+        let ready = work.arrived(&[chunk(1)]);
+        assert_eq!(ready, [1]);
+        work.completed(ready, &HashSet::new());
+        work.advance(&mut c);
+        assert_eq!(c.value, 30);
+    }
+
+    #[test]
+    fn a_failed_item_blocks_the_cursor_for_the_rest_of_the_sync() {
+        let mut work = page(vec![vec![], vec![chunk(1)], vec![chunk(2)]]);
+        let mut c = cursor(0);
+        work.arrived(&[chunk(2)]);
+        work.completed(vec![2], &HashSet::new());
+        let failed = work.fail_unfinished();
+        assert_eq!(failed.len(), 1);
+        work.advance(&mut c);
+        assert_eq!(c.value, 10);
+        // Later pages cannot move it either.
+        let mut next = page(vec![vec![], vec![], vec![]]);
+        next.advance(&mut c);
+        assert_eq!(c.value, 10);
+    }
+
+    #[test]
+    fn rejected_and_skipped_items_settle_and_failures_block() {
+        use ItemState::{Failed, Rejected};
+        let listed: Vec<_> = (1..=4).map(|s| summary(s, 0, 0)).collect();
+        let (mut work, plan) = PageWork::new(&listed, vec![None; 4]);
+        let verdicts: Vec<(String, Result<()>)> = vec![
+            ("item1".into(), Err(Error::integrity("bad signature"))),
+            ("item2".into(), Err(Error::not_found("no key for you"))),
+            ("item3".into(), Err(Error::unavailable("try later"))),
+            ("item9".into(), Ok(())),
+        ];
+        let (accepted, report) = work.judge(&plan.need, verdicts, "peer");
+        assert!(accepted.is_empty(), "item9 was not asked for");
+        assert_eq!(states(&work), [Rejected, Rejected, Failed, Failed]);
+        assert!(report[0].ends_with("(rejected)"), "{report:?}");
+        assert!(report[1].ends_with("(skipped)"), "{report:?}");
+        assert!(report[3].contains("not asked for"), "{report:?}");
+        let silent = work.items[3].problem.as_deref().unwrap();
+        assert!(silent.contains("did not answer"), "{silent}");
+        let mut c = cursor(0);
+        work.advance(&mut c);
+        assert_eq!(c.value, 2);
+    }
+
+    #[test]
+    fn arrival_completes_exactly_the_items_waiting_for_it() {
+        let (x, y, z) = (chunk(1), chunk(2), chunk(3));
+        let mut work = page(vec![vec![x, y], vec![y], vec![z]]);
+        assert_eq!(work.arrived(&[y]), [1]);
+        assert_eq!(work.items[0].remaining, 1);
+        assert_eq!(work.arrived(&[z, x]), [0, 2], "sorted, in listing order");
+        assert!(work.still_missing().is_empty());
+    }
+
+    #[test]
+    fn a_chunk_listed_twice_is_wanted_once() {
+        let (x, y) = (chunk(1), chunk(2));
+        // Twice within one item, and shared with the next.
+        let mut work = page(vec![vec![x, x, y], vec![y, x]]);
+        assert_eq!(work.items[0].remaining, 2);
+        assert_eq!(work.still_missing(), [x, y]);
+        assert!(work.arrived(&[x]).is_empty());
+        assert_eq!(work.arrived(&[y]), [0, 1]);
+        // A chunk delivered again (adopted, then streamed) changes nothing.
+        assert!(work.arrived(&[x, y]).is_empty());
+        assert_eq!(work.items[0].remaining, 0);
+    }
+
+    #[test]
+    fn still_missing_keeps_listing_order() {
+        let ids: Vec<ChunkId> = (0..6).map(chunk).collect();
+        let mut work = page(vec![ids[3..].to_vec(), ids[..3].to_vec()]);
+        work.arrived(&[ids[4], ids[0]]);
+        assert_eq!(work.still_missing(), [ids[3], ids[5], ids[1], ids[2]]);
+        assert!(work.wanted_any());
+    }
+
+    #[test]
+    fn an_empty_page_moves_nothing_and_fails_nothing() {
+        let (mut work, plan) = PageWork::new(&[], vec![]);
+        assert!(plan.need.is_empty() && plan.items == 0 && plan.bytes == 0);
+        assert!(work.index_missing().is_empty());
+        assert!(!work.wanted_any());
+        let mut c = cursor(42);
+        work.advance(&mut c);
+        assert_eq!(c.value, 42);
+        assert!(work.fail_unfinished().is_empty());
+        assert_eq!(c.due(true, Instant::now()), None);
+    }
+
+    #[test]
+    fn an_unfinished_item_names_its_first_missing_chunk_and_the_peers_reasons() {
+        let (x, y) = (chunk(1), chunk(2));
+        let mut work = page(vec![vec![y, x]]);
+        work.undelivered(vec![(y, "DataLoss from a".into())]);
+        work.undelivered(vec![(y, "b ended the stream".into())]);
+        work.asked("b".into());
+        let failed = work.fail_unfinished();
+        assert_eq!(failed.len(), 1);
+        let line = &failed[0];
+        assert!(line.contains("2 chunk(s) missing"), "{line}");
+        let why = format!("chunk {y}: DataLoss from a; b ended the stream");
+        assert!(line.contains(&why), "{line}");
+        assert!(line.ends_with("(also asked b)"), "{line}");
+        assert_eq!(work.items[0].state, ItemState::Failed);
+    }
+
+    #[test]
+    fn a_chunk_that_arrives_forgets_why_it_was_missing() {
+        let (x, y) = (chunk(1), chunk(2));
+        let mut work = page(vec![vec![x, y]]);
+        work.undelivered(vec![(x, "lost".into()), (y, "gone".into())]);
+        work.arrived(&[x]);
+        let line = &work.fail_unfinished()[0];
+        assert!(line.contains(&format!("chunk {y}: gone")), "{line}");
+        assert!(line.contains("no other trusted peer to ask"), "{line}");
+    }
+
+    #[test]
+    fn an_item_whose_manifest_could_not_be_stored_fails_and_blocks() {
+        let mut work = page(vec![vec![chunk(1)], vec![]]);
+        let ready = work.arrived(&[chunk(1)]);
+        assert!(work.take_pending(&ready).is_empty(), "stored here already");
+        assert_eq!(work.completed(ready, &HashSet::from([0])), 0);
+        let mut c = cursor(0);
+        work.advance(&mut c);
+        assert_eq!(c.value, 0);
+        let failed = work.fail_unfinished();
+        assert!(failed[0].contains("vanished"), "{failed:?}");
+    }
+
+    #[test]
+    fn the_cursor_never_moves_back() {
+        // A page listed from an older cursor than the one saved.
+        let mut work = page(vec![vec![], vec![]]);
+        let mut c = cursor(15);
+        work.advance(&mut c);
+        assert_eq!(c.value, 20);
+        let mut c = cursor(99);
+        page(vec![vec![]]).advance(&mut c);
+        assert_eq!(c.value, 99);
+    }
+
+    #[test]
+    fn the_cursor_is_saved_when_it_moved_and_at_most_once_a_second() {
+        let (t0, ms) = (Instant::now(), Duration::from_millis);
+        let mut c = Cursor::new(7, t0);
+        assert_eq!(c.due(true, t0), None, "unchanged: nothing to save");
+        c.value = 9;
+        assert_eq!(c.due(false, t0 + ms(500)), None);
+        assert_eq!(c.due(true, t0 + ms(500)), Some(9));
+        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY), Some(9));
+        c.saved(9, t0 + CURSOR_SAVE_EVERY);
+        assert_eq!(c.due(true, t0 + CURSOR_SAVE_EVERY * 5), None);
+        c.value = 12;
+        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY + ms(10)), None);
+        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY * 2), Some(12));
+    }
+}

@@ -1,0 +1,319 @@
+//! One sync from one peer: page through its listing from the saved cursor;
+//! on each page, plan, fetch the manifests lacking, then the chunks lacking
+//! (leftovers of a crashed run first, then a local source, then the peer,
+//! then the other trusted peers), storing each item as it completes and
+//! moving the cursor over the settled prefix. Every step works on one
+//! [`PeerSync`]; the decisions are the planner's.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tonic::transport::Channel;
+
+use super::accept::accept_all;
+use super::jobs::Tracker;
+use super::planner::{Accepted, Cursor, PageWork};
+use super::{blocking, client, transfer, Outcome, Replicator};
+use crate::crypto::{ChunkId, ContentId, Hash};
+use crate::error::{Error, Kind, Result};
+use crate::node::Node;
+use crate::proto::{progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestSummary};
+use crate::store::Peer;
+
+/// Items asked for in one ListManifests call.
+const PAGE: u32 = 500;
+/// Manifests asked for in one GetManifests call.
+const MANIFEST_BATCH: usize = 200;
+
+/// The state of one sync from one peer.
+pub(super) struct PeerSync<'a> {
+    pub(super) rep: &'a Replicator,
+    /// The source.
+    pub(super) peer: &'a Peer,
+    pub(super) ch: Channel,
+    pub(super) t: &'a Tracker,
+    cursor: Cursor,
+    pub(super) out: Outcome,
+    /// The page being worked on.
+    pub(super) work: PageWork,
+    /// One line per item that could not be completed.
+    incomplete: Vec<String>,
+}
+
+impl Replicator {
+    /// Pull everything new from `peer`, from its saved cursor.
+    pub(super) async fn sync_peer(&self, peer: &Peer, t: &Tracker) -> Result<Outcome> {
+        let lock = {
+            let mut locks = self.peer_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(peer.node_id).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        // Boxed: the steps of a sync nest deep (page, fetch, settle, save), and
+        // unboxed, the mirror task's future exceeds the compiler's query depth
+        // limit when its layout is computed. One allocation per sync.
+        let result = Box::pin(self.sync_locked(peer, t)).await;
+        if let Err(e) = &result {
+            if e.kind() == Kind::Unavailable {
+                self.drop_channel(&peer.node_id);
+            }
+        }
+        result
+    }
+
+    async fn sync_locked(&self, peer: &Peer, t: &Tracker) -> Result<Outcome> {
+        let started = Instant::now();
+        t.phase(Phase::Connecting);
+        let ch = self.channel(&peer.node_id, &peer.address).await?;
+        // Re-read: the cursor may have moved since `peer` was loaded.
+        let value = self
+            .node
+            .db
+            .peer(&peer.node_id)?
+            .map(|p| p.cursor)
+            .unwrap_or(0);
+        let mut s = PeerSync {
+            rep: self,
+            peer,
+            ch,
+            t,
+            cursor: Cursor::new(value, Instant::now()),
+            out: Outcome::default(),
+            work: PageWork::default(),
+            incomplete: Vec::new(),
+        };
+        let result = s.pages().await;
+        // Keep what was achieved, even when the sync broke off.
+        let saved = s.save_cursor(true).await;
+        s.out.elapsed = started.elapsed();
+        result?;
+        saved?;
+        if let Some(first) = s.incomplete.first() {
+            let more = match s.incomplete.len() - 1 {
+                0 => String::new(),
+                n => format!(" (and {n} more item(s); see the problems listed)"),
+            };
+            return Err(Error::unavailable(format!(
+                "sync from {} is incomplete, stopped at seq {}: {first}{more}; run it again to resume once a trusted peer has the data",
+                peer.node_id.short(),
+                s.cursor.value,
+            )));
+        }
+        Ok(s.out)
+    }
+}
+
+impl PeerSync<'_> {
+    fn node(&self) -> &std::sync::Arc<Node> {
+        &self.rep.node
+    }
+
+    /// Every page of the listing after the cursor.
+    async fn pages(&mut self) -> Result<()> {
+        let mut fed = client(self.ch.clone());
+        let mut after = self.cursor.value;
+        loop {
+            self.t.phase(Phase::Listing);
+            let page = fed
+                .list_manifests(ListManifestsRequest {
+                    after_seq: after,
+                    limit: PAGE,
+                })
+                .await
+                .map_err(|s| {
+                    Error::from(s).context(format!(
+                        "listing the items of {}",
+                        self.peer.node_id.short()
+                    ))
+                })?
+                .into_inner();
+            let Some(last) = page.manifests.last().map(|s| s.seq) else {
+                break;
+            };
+            self.sync_page(&page.manifests).await?;
+            after = last;
+            if !page.more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Store every item of the page whose data can be had, and move the
+    /// cursor over the settled prefix.
+    async fn sync_page(&mut self, page: &[ManifestSummary]) -> Result<()> {
+        let need = self.plan(page).await?;
+        self.fetch_manifests(&need).await?;
+        let ready = self.work.index_missing();
+        self.settle(ready).await?;
+        if self.work.wanted_any() {
+            self.adopt_strays().await?;
+            self.take_local().await?;
+            self.fetch_from_source().await?;
+            self.ask_others().await?;
+        }
+        // Whatever is still missing fails its items; the cursor stops before the first.
+        let failed = self.work.fail_unfinished();
+        self.incomplete.extend(failed);
+        self.advance().await
+    }
+
+    /// What do we hold already? (No signature checks: the rows were verified
+    /// when stored.) Returns the items whose manifest must be fetched.
+    async fn plan(&mut self, page: &[ManifestSummary]) -> Result<Vec<usize>> {
+        let node = self.node().clone();
+        let listed: Vec<String> = page.iter().map(|s| s.content_id.clone()).collect();
+        let me = node.id().to_hex();
+        let local: Vec<Option<Vec<ChunkId>>> = blocking(move || {
+            listed
+                .iter()
+                .map(|cid| {
+                    let id: ContentId = Hash::parse(cid, "content id")?;
+                    if node.db.has_manifest(&id)? && node.db.envelope(&id, &me)?.is_some() {
+                        let missing = node.db.missing_chunks(&id)?;
+                        Ok(Some(missing.into_iter().map(|(_, c)| c).collect()))
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .collect()
+        })
+        .await?;
+        let (work, plan) = PageWork::new(page, local);
+        self.work = work;
+        self.t.update(|p| {
+            p.items_total += plan.items;
+            p.bytes_total += plan.bytes;
+        });
+        Ok(plan.need)
+    }
+
+    /// Fetch and verify the manifests we lack, and find which of their chunks
+    /// are missing.
+    async fn fetch_manifests(&mut self, need: &[usize]) -> Result<()> {
+        if need.is_empty() {
+            return Ok(());
+        }
+        self.t.phase(Phase::Manifests);
+        let mut fed = client(self.ch.clone());
+        let who = self.peer.node_id.short();
+        for batch in need.chunks(MANIFEST_BATCH) {
+            let ids: Vec<String> = batch
+                .iter()
+                .map(|&i| self.work.items[i].content_id.clone())
+                .collect();
+            let resp = fed
+                .get_manifests(GetManifestsRequest { content_ids: ids })
+                .await
+                .map_err(|s| Error::from(s).context(format!("fetching manifests from {who}")))?
+                .into_inner();
+            let verdicts = accept_all(self.node(), resp.results).await?;
+            let (accepted, report) = self.work.judge(batch, verdicts, &who);
+            for line in report {
+                self.t.error(line);
+            }
+            let node = self.node().clone();
+            let ids: Vec<Vec<ChunkId>> = accepted
+                .iter()
+                .map(|(_, (m, _))| m.chunk_ids().collect())
+                .collect();
+            let missing: Vec<Vec<ChunkId>> = blocking(move || {
+                ids.into_iter()
+                    .map(|cs| {
+                        let mut v = Vec::new();
+                        for c in cs {
+                            if !node.db.has_chunk(&c)? {
+                                v.push(c);
+                            }
+                        }
+                        Ok(v)
+                    })
+                    .collect()
+            })
+            .await?;
+            for ((i, accepted), miss) in accepted.into_iter().zip(missing) {
+                self.work.accepted(i, accepted, miss);
+            }
+        }
+        Ok(())
+    }
+
+    /// Chunk files a crashed run renamed into place but never recorded.
+    async fn adopt_strays(&mut self) -> Result<()> {
+        let (node, want) = (self.node().clone(), self.work.still_missing());
+        let adopted = blocking(move || transfer::adopt_strays(&node, &want)).await?;
+        if adopted.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            "adopted {} chunk file(s) left by an interrupted run",
+            adopted.len()
+        );
+        let ready = self.work.arrived(&adopted);
+        self.settle(ready).await
+    }
+
+    /// Chunks a local source holds (`clone --from-backup`), each hash-checked
+    /// before it is stored.
+    async fn take_local(&mut self) -> Result<()> {
+        let Some(src) = self.rep.local_chunks() else {
+            return Ok(());
+        };
+        let (node, want) = (self.node().clone(), self.work.still_missing());
+        let got = blocking(move || transfer::fill_from_local(&node, &*src, &want)).await?;
+        let ready = self.work.arrived(&got);
+        self.settle(ready).await
+    }
+
+    /// Store the manifests of items that just became complete (the items
+    /// completed together in one transaction), then move the cursor.
+    pub(super) async fn settle(&mut self, ready: Vec<usize>) -> Result<()> {
+        if !ready.is_empty() {
+            let to_store = self.work.take_pending(&ready);
+            let (node, me) = (self.node().clone(), self.rep.node.id().to_hex());
+            let not_stored = blocking(move || store_complete(&node, me, to_store)).await?;
+            let done = self.work.completed(ready, &not_stored);
+            self.out.items += done;
+            self.t.update(|p| p.items_done += done);
+        }
+        self.advance().await
+    }
+
+    /// Move the cursor over the settled prefix of the page and save it now and then.
+    async fn advance(&mut self) -> Result<()> {
+        self.work.advance(&mut self.cursor);
+        self.save_cursor(false).await
+    }
+
+    async fn save_cursor(&mut self, force: bool) -> Result<()> {
+        let Some(v) = self.cursor.due(force, Instant::now()) else {
+            return Ok(());
+        };
+        let (n, id) = (self.node().clone(), self.peer.node_id);
+        blocking(move || n.db.set_cursor(&id, v)).await?;
+        self.cursor.saved(v, Instant::now());
+        Ok(())
+    }
+}
+
+/// Store the manifests of complete items with our envelope, in one
+/// transaction (one fsync). Returns the items not stored because a chunk is
+/// no longer present (quarantined meanwhile).
+fn store_complete(
+    node: &Node,
+    me: String,
+    items: Vec<(usize, Accepted)>,
+) -> Result<HashSet<usize>> {
+    let mut not_stored = HashSet::new();
+    let mut batch = Vec::new();
+    for (i, (m, env)) in &items {
+        if node.db.is_complete_list(m)? {
+            batch.push((m, vec![(me.clone(), env.clone())]));
+        } else {
+            not_stored.insert(*i);
+        }
+    }
+    if !batch.is_empty() {
+        node.db.insert_manifests(&batch)?;
+    }
+    Ok(not_stored)
+}

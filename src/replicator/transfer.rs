@@ -1,0 +1,394 @@
+//! The transfer engine: chunks from a local source, from the peer's
+//! `StreamChunks` calls and from the other trusted peers, each verified
+//! against its id and written by rename, then made durable and present by one
+//! group-commit recorder per fetch; and the adoption of chunk files a crashed
+//! run left unrecorded.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use tonic::transport::Channel;
+
+use super::jobs::Tracker;
+use super::sync::PeerSync;
+use super::{blocking, client};
+use crate::crypto::{ChunkId, Hash};
+use crate::error::{Error, Kind, Result};
+use crate::node::Node;
+use crate::proto::{progress::Phase, ChunkData, StreamChunksRequest};
+use crate::store::{Peer, PeerState};
+
+/// Chunks asked for in one StreamChunks call.
+const CHUNKS_PER_STREAM: usize = 64;
+/// Parallel StreamChunks calls per sync.
+const PARALLEL_STREAMS: usize = 4;
+/// Chunks written but not yet synced and recorded, at most (the writers wait
+/// beyond this). One syncfs and one transaction cover everything queued.
+const RECORD_QUEUE: usize = 256;
+/// Chunks from a local source written between two syncs (and one transaction).
+const LOCAL_BATCH: usize = 64;
+
+/// A place chunks may be read from before asking the peer (`clone
+/// --from-backup`). Owned here, where it is consulted; the backup room
+/// implements it for a repository.
+pub trait ChunkSource: Send + Sync {
+    /// The bytes stored under `id`, or `None` if this source has no such chunk.
+    /// Need not be verified: the caller hash-checks before writing.
+    fn read(&self, id: &ChunkId) -> Option<Vec<u8>>;
+    fn describe(&self) -> String;
+}
+
+/// Store every chunk of `ids` that `src` holds with the right hash, synced and
+/// recorded. Returns the ids stored; the others are to be fetched from the peer.
+pub(super) fn fill_from_local(
+    node: &Node,
+    src: &dyn ChunkSource,
+    ids: &[ChunkId],
+) -> Result<Vec<ChunkId>> {
+    let mut stored = Vec::new();
+    let mut batch: Vec<(ChunkId, u64)> = Vec::new();
+    let flush = |batch: &mut Vec<(ChunkId, u64)>, stored: &mut Vec<ChunkId>| -> Result<()> {
+        if !batch.is_empty() {
+            node.chunks.sync()?;
+            node.db.record_chunks(batch)?;
+            stored.extend(batch.drain(..).map(|(c, _)| c));
+        }
+        Ok(())
+    };
+    for id in ids {
+        if node.db.has_chunk(id)? {
+            continue;
+        }
+        let Some(data) = src.read(id) else { continue };
+        match node.chunks.write(id, &data) {
+            Ok(()) => batch.push((*id, data.len() as u64)),
+            Err(e) if e.kind() == Kind::Integrity => {
+                tracing::warn!(chunk = %id, "{} holds a damaged copy; fetching it from the peer", src.describe());
+            }
+            Err(e) => return Err(e),
+        }
+        if batch.len() >= LOCAL_BATCH {
+            flush(&mut batch, &mut stored)?;
+        }
+    }
+    flush(&mut batch, &mut stored)?;
+    Ok(stored)
+}
+
+/// Chunk files present on disk but not recorded (a run died between rename
+/// and record): keep those whose bytes hash to their id, remove the others.
+/// Returns the adopted ids, synced and recorded.
+pub(super) fn adopt_strays(node: &Node, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+    let mut adopted = Vec::new();
+    for id in ids {
+        let path = node.chunks.path(id);
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.len() as usize > crate::chunks::MAX_CHUNK_BYTES {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(data) if Hash::of(&data) == *id => adopted.push((*id, data.len() as u64)),
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+    if adopted.is_empty() {
+        return Ok(Vec::new());
+    }
+    node.chunks.sync()?;
+    node.db.record_chunks(&adopted)?;
+    Ok(adopted.into_iter().map(|(c, _)| c).collect())
+}
+
+impl PeerSync<'_> {
+    /// Stream `ids` from `from` over parallel calls, storing items as they
+    /// complete. The outer error is local (this node's disk or database), the
+    /// inner one the peer's or the connection's.
+    async fn fetch_into(
+        &mut self,
+        from: &Peer,
+        ch: Channel,
+        ids: Vec<ChunkId>,
+    ) -> Result<Result<()>> {
+        let groups: Vec<Vec<ChunkId>> = ids.chunks(CHUNKS_PER_STREAM).map(|c| c.to_vec()).collect();
+        let (node, t) = (self.rep.node.clone(), self.t);
+        let (rec_tx, mut recorded) = spawn_recorder(node.clone());
+        // The calls hold the only senders: once they are dropped, the recorder flushes and ends.
+        let mut calls = Some(Box::pin(
+            futures::stream::iter(groups)
+                .map(move |g| stream_group(node.clone(), from, ch.clone(), g, rec_tx.clone(), t))
+                .buffer_unordered(PARALLEL_STREAMS),
+        ));
+        let mut peer_error = None;
+        let mut local_error = None;
+        loop {
+            tokio::select! {
+                g = next_or_pending(&mut calls) => match g {
+                    Some(g) => {
+                        self.out.bytes += g.bytes;
+                        self.work.undelivered(g.failed);
+                        match g.error {
+                            Some((e, true)) => local_error = local_error.or(Some(e)),
+                            Some((e, false)) => peer_error = peer_error.or(Some(e)),
+                            None => {}
+                        }
+                        if local_error.is_some() || peer_error.is_some() {
+                            // Stop the other calls; what they wrote but did not hand over is adopted next time.
+                            calls = None;
+                        }
+                    }
+                    None => calls = None,
+                },
+                r = recorded.recv() => match r {
+                    Some(Ok(ids)) => {
+                        let ready = self.work.arrived(&ids);
+                        self.settle(ready).await?;
+                    }
+                    Some(Err(e)) => {
+                        local_error = local_error.or(Some(e));
+                        calls = None;
+                    }
+                    None => break, // every writer is gone and the recorder has flushed
+                },
+            }
+        }
+        match (local_error, peer_error) {
+            (Some(e), _) => Err(e),
+            (None, Some(e)) => Ok(Err(e)),
+            (None, None) => Ok(Ok(())),
+        }
+    }
+
+    /// Stream what is still missing from the source. A failure there, the
+    /// peer's or ours, ends the sync (the cursor keeps what was achieved);
+    /// the other peers are asked only for what the source said it cannot send.
+    pub(super) async fn fetch_from_source(&mut self) -> Result<()> {
+        self.t.phase(Phase::Chunks);
+        let (peer, ch, want) = (self.peer, self.ch.clone(), self.work.still_missing());
+        self.fetch_into(peer, ch, want).await?
+    }
+
+    /// Ask the other trusted peers, one after the other, for the chunks the
+    /// source could not send. A local failure (disk full, database) ends the
+    /// sync; a peer's is reported and the next one asked.
+    pub(super) async fn ask_others(&mut self) -> Result<()> {
+        let mut left = self.work.still_missing();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let (source, me) = (self.peer.node_id, self.rep.node.id());
+        for other in self.rep.node.db.peers()? {
+            if left.is_empty() {
+                break;
+            }
+            if other.node_id == source
+                || other.node_id == me
+                || other.state != PeerState::Trusted
+                || other.address.is_empty()
+            {
+                continue;
+            }
+            let who = other.node_id.short();
+            let och = match self.rep.channel(&other.node_id, &other.address).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.t
+                        .error(format!("asking {who} for {} chunk(s): {e}", left.len()));
+                    continue;
+                }
+            };
+            tracing::info!(
+                "asking {who} for {} chunk(s) {} could not send",
+                left.len(),
+                source.short()
+            );
+            self.work.asked(who.clone());
+            if let Err(e) = self.fetch_into(&other, och, left).await? {
+                self.t.error(format!("fetching chunks from {who}: {e}"));
+                if e.kind() == Kind::Unavailable {
+                    self.rep.drop_channel(&other.node_id);
+                }
+            }
+            left = self.work.still_missing();
+        }
+        Ok(())
+    }
+}
+
+/// What one StreamChunks call achieved.
+#[derive(Default)]
+struct GroupOut {
+    /// Not delivered, with the reason.
+    failed: Vec<(ChunkId, String)>,
+    /// Chunk bytes received and stored.
+    bytes: u64,
+    /// The call broke off (the chunks it did not get are in neither list);
+    /// true when the failure is local (writing or recording), not the peer's.
+    error: Option<(Error, bool)>,
+}
+
+/// One StreamChunks call: verify and write each chunk, then hand it to the recorder.
+async fn stream_group(
+    node: Arc<Node>,
+    peer: &Peer,
+    ch: Channel,
+    ids: Vec<ChunkId>,
+    recorder: RecorderTx,
+    t: &Tracker,
+) -> GroupOut {
+    let who = peer.node_id.short();
+    let req = StreamChunksRequest {
+        chunk_ids: ids.iter().map(|c| c.to_hex()).collect(),
+    };
+    let mut g = Group {
+        node,
+        pending: ids.into_iter().collect(),
+        recorder,
+        t,
+        out: GroupOut::default(),
+        who,
+    };
+    let mut stream = match client(ch).stream_chunks(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            let e = Error::from(s).context(format!("streaming chunks from {}", g.who));
+            g.out.error = Some((e, false));
+            return g.out;
+        }
+    };
+    loop {
+        let msg = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(s) => {
+                let e = Error::from(s).context(format!("chunk stream from {}", g.who));
+                g.out.error = Some((e, false));
+                break;
+            }
+        };
+        if let Err(local) = g.receive(msg).await {
+            g.out.error = Some((local, true));
+            break;
+        }
+    }
+    if g.out.error.is_none() {
+        for id in g.pending {
+            let why = format!("{} ended the stream without sending it", g.who);
+            g.out.failed.push((id, why));
+        }
+    }
+    g.out
+}
+
+/// One StreamChunks call under way.
+struct Group<'a> {
+    node: Arc<Node>,
+    /// Asked for and not received yet.
+    pending: HashSet<ChunkId>,
+    recorder: RecorderTx,
+    t: &'a Tracker,
+    out: GroupOut,
+    /// The peer, for messages.
+    who: String,
+}
+
+impl Group<'_> {
+    /// One message of the stream: check it was asked for (and not sent
+    /// before), write it (verified against its id) and hand it to the
+    /// recorder. The peer's problems go into `out`; the error returned is
+    /// local and ends the call.
+    async fn receive(&mut self, msg: ChunkData) -> Result<()> {
+        let (who, t) = (&self.who, self.t);
+        let Ok(id) = Hash::parse(&msg.chunk_id, "chunk id") else {
+            t.error(format!(
+                "peer {who} sent a malformed chunk id {:?}",
+                msg.chunk_id
+            ));
+            return Ok(());
+        };
+        if !self.pending.remove(&id) {
+            t.error(format!("peer {who} sent chunk {id} that was not asked for"));
+            return Ok(());
+        }
+        if let Some(p) = msg.problem {
+            let why = format!("{} from {who}: {}", code_name(p.code), p.message);
+            t.error(format!("chunk {id}: {why}"));
+            self.out.failed.push((id, why));
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let data = msg.data;
+        let len = data.len() as u64;
+        let write = tokio::task::spawn_blocking(move || node.chunks.write(&id, &data))
+            .await
+            .unwrap_or_else(|e| Err(Error::io(format!("chunk writer failed: {e}"))));
+        match write {
+            Ok(()) => {
+                self.out.bytes += len;
+                t.update(|p| p.bytes_done += len);
+                if self.recorder.send((id, len)).await.is_err() {
+                    return Err(Error::io("the chunk recorder stopped"));
+                }
+            }
+            Err(e) if e.kind() == Kind::Integrity => {
+                let why = format!("{who} sent wrong bytes for it (not stored)");
+                t.error(format!("chunk {id}: {why}"));
+                self.out.failed.push((id, why));
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+}
+
+/// The code name of a peer's per-item or per-chunk problem, e.g. `DataLoss`.
+fn code_name(code: i32) -> String {
+    format!("{:?}", tonic::Code::from_i32(code))
+}
+
+/// Where writers hand over chunks they wrote: (id, ciphertext length).
+type RecorderTx = tokio::sync::mpsc::Sender<(ChunkId, u64)>;
+/// Batches made durable and present, in order (or the error that ended the recorder).
+type RecordedRx = tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>;
+
+/// Group commit for received chunks: writers hand over each chunk they wrote
+/// (verified, renamed into place); one `syncfs` and one transaction then make
+/// everything handed over so far durable and present, while the writers go on
+/// writing the next ones. Each batch recorded is reported back, in order; an
+/// error is reported once and ends the recorder (the writers then stop).
+fn spawn_recorder(node: Arc<Node>) -> (RecorderTx, RecordedRx) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(ChunkId, u64)>(RECORD_QUEUE);
+    let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batch.push(more);
+            }
+            let ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
+            let n = node.clone();
+            let r = blocking(move || {
+                n.chunks.sync()?;
+                n.db.record_chunks(&batch)
+            })
+            .await;
+            let failed = r.is_err();
+            if done_tx.send(r.map(|()| ids)).is_err() || failed {
+                return;
+            }
+        }
+    });
+    (tx, done_rx)
+}
+
+async fn next_or_pending<S: futures::Stream + Unpin>(s: &mut Option<S>) -> Option<S::Item> {
+    match s {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
