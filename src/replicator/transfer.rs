@@ -150,7 +150,10 @@ impl PeerSync<'_> {
                         self.settle(ready).await?;
                     }
                     Some(Err(e)) => {
-                        local_error = local_error.or(Some(e));
+                        // The recorder's own error is the cause: a stream that
+                        // found it gone only says "recorder stopped", and may
+                        // have been seen first.
+                        local_error = Some(e);
                         calls = None;
                     }
                     None => break, // every writer is gone and the recorder has flushed
