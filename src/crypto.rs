@@ -342,3 +342,77 @@ mod tests {
         assert_eq!(Hash::parse(&h.to_hex(), "id").unwrap(), h);
     }
 }
+
+/// The nonce and sealing vectors of docs/FORMAT.md §9, read from the document
+/// itself (tests/format_vectors.rs checks the rest through the public API).
+#[cfg(test)]
+mod format_vectors {
+    use super::*;
+
+    /// `name = value` of the ```` ```text ```` blocks of §9, continuation lines joined.
+    fn vector(name: &str) -> String {
+        const DOC: &str = include_str!("../docs/FORMAT.md");
+        let section = &DOC[DOC
+            .find("## 9. Known-answer test vectors")
+            .expect("FORMAT.md has the test-vector section")..];
+        let mut lines = section.lines().skip_while(|l| {
+            l.split_once('=')
+                .is_none_or(|(n, _)| n.trim() != name || l.starts_with(' '))
+        });
+        let first = lines
+            .next()
+            .unwrap_or_else(|| panic!("FORMAT.md §9 has no {name}"));
+        let mut v = first.split_once('=').unwrap().1.trim().to_string();
+        for l in lines.take_while(|l| l.starts_with("    ")) {
+            v.push_str(l.trim());
+        }
+        v
+    }
+    fn hex_of(name: &str) -> Vec<u8> {
+        hex::decode(vector(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    }
+    fn text_of(name: &str) -> String {
+        vector(name).trim_matches('"').to_string()
+    }
+
+    #[test]
+    fn nonces_are_the_documented_bytes() {
+        assert_eq!(
+            nonce(DOMAIN_CHUNK, 0, false).to_vec(),
+            hex_of("chunk0_nonce")
+        );
+        assert_eq!(
+            nonce(DOMAIN_CHUNK, 1, true).to_vec(),
+            hex_of("chunk1_nonce")
+        );
+        assert_eq!(nonce(DOMAIN_CHUNK, 0, true).to_vec(), hex_of("empty_nonce"));
+        assert_eq!(nonce(DOMAIN_META, 0, true).to_vec(), hex_of("meta_nonce"));
+    }
+
+    #[test]
+    fn sealed_vector_opens_with_the_documented_key() {
+        let sealed = hex_of("sealed");
+        let pass = text_of("seal_passphrase");
+        let key = seal_key(
+            pass.as_bytes(),
+            &hex_of("seal_salt"),
+            SCRYPT_LOG_N,
+            SCRYPT_R,
+            SCRYPT_P,
+        )
+        .unwrap();
+        assert_eq!(key.to_vec(), hex_of("seal_key"));
+        assert_eq!(
+            &sealed[..13],
+            &seal(&pass, b"")[..13],
+            "the writer's header"
+        );
+        assert_eq!(
+            &unseal(&pass, &sealed).unwrap()[..],
+            text_of("seal_plaintext").as_bytes()
+        );
+        let mut bad = sealed.clone();
+        bad[20] ^= 1; // a salt byte: authenticated as AAD
+        assert!(unseal(&pass, &bad).is_err());
+    }
+}

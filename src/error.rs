@@ -3,6 +3,60 @@
 //! Every failure is classified once, at the place that knows what went wrong,
 //! and the class decides both the CLI exit code and the gRPC status code. The
 //! message says what failed and, where there is one, what to do about it.
+//!
+//! ## The rules
+//!
+//! | [`Kind`]      | exit | gRPC status          | for example |
+//! |---------------|-----:|----------------------|-------------|
+//! | `Invalid`     |  2   | `INVALID_ARGUMENT`   | a malformed id, token, address or flag; a bad `config.toml` |
+//! | `NotFound`    |  3   | `NOT_FOUND`          | no data dir, no such item, not a peer, a chunk not here |
+//! | `Exists`      |  4   | `ALREADY_EXISTS`     | a destination that is not empty; a node already running |
+//! | `Integrity`   |  5   | `DATA_LOSS`          | a hash, signature or GCM tag that fails; `verify` found problems |
+//! | `Auth`        |  6   | `UNAUTHENTICATED`    | a wrong or missing passphrase; a bad, used or expired invite; no client certificate |
+//! | `Denied`      |  7   | `PERMISSION_DENIED`  | a peer that does not trust us, or that we do not trust; the wrong node at an address; no envelope for this node; a file we may not open |
+//! | `Unavailable` |  8   | `UNAVAILABLE`        | a peer that cannot be reached; Tor not bootstrapped; a clone left incomplete |
+//! | `Exhausted`   |  9   | `RESOURCE_EXHAUSTED` | a full disk; too many streams or ids in one request |
+//! | `Io`          | 10   | `INTERNAL`           | any other local I/O or database failure |
+//!
+//! Exit code 0 is success, and 2 is also what clap uses for a usage error, so
+//! a script can treat "the command line was wrong" alike either way. The
+//! mapping to gRPC is the same on both services (Federation and Admin) and
+//! in per-item `Problem`s, so a code seen by a peer, by grpcurl or by the
+//! CLI means the same thing. Going the other way, a status received from a
+//! peer becomes a `Kind` by `From<tonic::Status>`, so `bitsync clone` exits
+//! 7 when the peer says `PERMISSION_DENIED`.
+//!
+//! Errors of the layers with their own error types fold in at the one place
+//! that calls them:
+//!
+//! - `tor::TorError` (the Tor layer moves bytes only and knows nothing of
+//!   this type): the transport turns a failed bootstrap, any failed onion
+//!   connect (Arti or SOCKS5, after its retries) and a timeout into
+//!   `Unavailable`, and a malformed onion address (`InvalidAddress`) into
+//!   `Invalid`; `serve` logs a failed onion service launch (`Unavailable`)
+//!   and keeps serving on TCP.
+//! - `axon::AxonError` (the Axon reader is strict and names the file and the
+//!   field): `import-axon` maps a backup that cannot be opened to `NotFound`
+//!   when a file is missing, `Io` for other read failures, and `Invalid` for
+//!   bad JSON or a bad field; per item, a damaged piece or a failed
+//!   decryption is reported and skips the item, an envelope that does not
+//!   open is a note, and the command ends with `Integrity` (exit 5) if any
+//!   item was skipped.
+//! - `std::io::Error` through [`Error::from_io`] / [`IoContext::ctx`],
+//!   `rusqlite::Error` through `From`: see their comments.
+//!
+//! ## Messages
+//!
+//! A message is one line: what failed, the thing it failed on (a path, an
+//! id, a count), and the fix where there is one. It is shown as it is: on
+//! stderr by the CLI, to the operator by Admin, and **to the peer** by
+//! Federation, which sends `message()` verbatim as the status message or in
+//! a `Problem`. So a message never holds a secret: no key bytes, passphrase,
+//! invite secret, plaintext or decrypted item name. Ids (node, content,
+//! chunk) are public and are named in full; Federation errors name chunk
+//! ids, not the paths of chunk files. A message received from a peer is
+//! kept as received (see `From<tonic::Status>`), so it is the peer's text,
+//! not ours.
 
 use std::fmt;
 
@@ -87,7 +141,10 @@ impl Error {
         }
     }
 
-    /// The process exit code for this kind (2 is shared with clap's usage errors).
+    /// The process exit code for this kind (2 is shared with clap's usage
+    /// errors). The numbers are part of the interface: scripts and the tests
+    /// check them, and the README names 7, 8 and 9. Never renumber; a new
+    /// kind takes the next free number.
     pub fn exit_code(&self) -> i32 {
         match self.kind {
             Kind::Invalid => 2,
@@ -102,6 +159,9 @@ impl Error {
         }
     }
 
+    /// The gRPC status code for this kind, used for every status and
+    /// `Problem` this node sends. One code per kind, so that the code a peer
+    /// sends comes back as the same kind (see `From<tonic::Status>`).
     pub fn code(&self) -> tonic::Code {
         match self.kind {
             Kind::Invalid => tonic::Code::InvalidArgument,
@@ -117,6 +177,13 @@ impl Error {
     }
 
     /// Classify an I/O error about `what` (a path or a description).
+    ///
+    /// The OS error decides the kind: a missing file is `NotFound`, an
+    /// existing one `Exists`, `EACCES`/`EPERM` `Denied` (with a hint to check
+    /// owner and mode), a full disk or quota (`ENOSPC` also when std does not
+    /// name it) `Exhausted` (with the promise every writer keeps: nothing
+    /// half-written was kept), anything else `Io`. `what` should name the
+    /// file or the step, never its contents.
     pub fn from_io(e: std::io::Error, what: impl fmt::Display) -> Self {
         use std::io::ErrorKind as K;
         let kind = match e.kind() {
@@ -146,6 +213,9 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
+/// SQLite failures: a full disk is `Exhausted` and a damaged database file
+/// `Integrity` (both with what to do); everything else, including a lock
+/// held past the 30-second busy timeout, is `Io`.
 impl From<rusqlite::Error> for Error {
     fn from(e: rusqlite::Error) -> Self {
         if let rusqlite::Error::SqliteFailure(f, _) = &e {
@@ -165,12 +235,22 @@ impl From<rusqlite::Error> for Error {
     }
 }
 
+/// What a service sends: [`Error::code`] and the message, verbatim (see
+/// "Messages" above: it must hold nothing secret).
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         tonic::Status::new(e.code(), e.message)
     }
 }
 
+/// What a peer (or the node's own Admin service) answered, as a local error.
+///
+/// The inverse of [`Error::code`] on the nine codes it produces; of the
+/// others, the "your request was wrong" codes (`FAILED_PRECONDITION`,
+/// `OUT_OF_RANGE`) are `Invalid`, the "try again" codes (`DEADLINE_EXCEEDED`,
+/// `CANCELLED`, `ABORTED`) are `Unavailable`, and `UNKNOWN`, `INTERNAL`,
+/// `UNIMPLEMENTED` are `Io`. The peer's message is kept (or the code's name
+/// when it sent none), so the CLI shows what the peer said.
 impl From<tonic::Status> for Error {
     fn from(s: tonic::Status) -> Self {
         use tonic::Code as C;
