@@ -9,17 +9,17 @@ use crate::error::{Error, Result};
 /// every dial parse with it, so an address accepted when it is given is one
 /// the dialer can use, and a typo fails at once instead of on every dial.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerAddress {
+pub(crate) struct PeerAddress {
     /// A host name, an IPv4 literal, an IPv6 literal (without brackets) or a
     /// lower-case v3 onion name.
-    pub host: String,
-    pub port: u16,
+    pub(crate) host: String,
+    pub(crate) port: u16,
     /// Reached through Tor.
-    pub onion: bool,
+    pub(crate) onion: bool,
 }
 
 impl PeerAddress {
-    pub fn parse(address: &str) -> Result<PeerAddress> {
+    pub(crate) fn parse(address: &str) -> Result<PeerAddress> {
         let bad = |why: &str| {
             Error::invalid(format!(
                 "address {address:?} {why}: a peer address is host:port, [IPv6]:port or a v3 xxx.onion[:port]"
@@ -57,12 +57,10 @@ impl PeerAddress {
             .map(|p| parse_port(p).map_err(|why| bad(&why)))
             .transpose()?;
         if host.to_ascii_lowercase().ends_with(".onion") {
-            // Tor's own parser: v3 only, checksum and version checked.
-            let (host, port) = crate::tor::parse_onion_target(address).map_err(|e| {
-                Error::invalid(format!(
-                    "{e} (a v3 onion address is 56 base32 characters, then .onion)"
-                ))
-            })?;
+            // Tor's own parser: v3 only, checksum and version checked; its
+            // messages say what a v3 address looks like.
+            let (host, port) = crate::tor::parse_onion_target(address)
+                .map_err(|e| Error::invalid(e.to_string()))?;
             return Ok(PeerAddress {
                 host,
                 port,

@@ -27,7 +27,7 @@ use crate::identity::Identity;
 use crate::node::Node;
 use crate::tls;
 
-pub use address::PeerAddress;
+pub(crate) use address::PeerAddress;
 
 /// Any byte stream a connection can run on.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
