@@ -4,7 +4,6 @@
 //! content id, for scripts) and diagnostics on stderr. A failure prints one
 //! line naming the thing and the fix, and exits with the code of its
 //! [`Kind`](crate::error::Kind) (see `Error::exit_code`).
-
 //!
 //! One file per group of commands; each takes the parsed arguments and calls
 //! the room that does the work with plain values (paths, option structs),
