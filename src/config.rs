@@ -10,9 +10,23 @@ use serde::Deserialize;
 
 use crate::error::{Error, IoContext, Result};
 
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:7450";
+/// The port literal, once: a macro because `concat!` (which builds the
+/// default listen address and the documented config file at compile time)
+/// takes literals, not constants.
+macro_rules! default_port {
+    () => {
+        7450
+    };
+}
 
-pub const DEFAULT_CONFIG: &str = r#"# bitsync node configuration.
+/// The Federation port: what `listen` binds by default, and what a peer's
+/// bare `xxx.onion` address means (every other place derives from this).
+pub const DEFAULT_PORT: u16 = default_port!();
+
+pub(crate) const DEFAULT_LISTEN: &str = concat!("127.0.0.1:", default_port!());
+
+pub const DEFAULT_CONFIG: &str = concat!(
+    r#"# bitsync node configuration.
 # Every setting is optional; the values shown are the defaults.
 
 # A name other nodes see for this node.
@@ -20,7 +34,9 @@ name = ""
 
 # Federation listener (gRPC over mutual TLS). Port 0 picks a free port;
 # the bound address is logged and shown by `grpcurl ... bitsync.v1.Admin/Status`.
-listen = "127.0.0.1:7450"
+listen = "127.0.0.1:"#,
+    default_port!(),
+    r#""
 
 # Addresses written into invite tokens. Empty: the bound listen address
 # (and the onion address when Tor is on).
@@ -58,7 +74,8 @@ connect_timeout_secs = 60
 # Mirror sources: `bitsync serve` keeps a Watch stream open to each and pulls what is new.
 # [[mirror]]
 # peer = "<node id of a trusted peer>"
-"#;
+"#
+);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

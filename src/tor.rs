@@ -34,8 +34,9 @@ use tor_rtcompat::PreferredRuntime;
 /// service) shares the same one so they share circuits, directory state and the keystore.
 pub type Tor = Arc<TorClient<PreferredRuntime>>;
 
-/// Port a peer's onion address means when it names none (`xxxx.onion` = `xxxx.onion:7450`).
-pub const DEFAULT_ONION_PORT: u16 = 7450;
+/// Port a peer's onion address means when it names none (`xxxx.onion` = `xxxx.onion:7450`),
+/// and the virtual port this node's onion service advertises: the Federation port.
+pub const DEFAULT_ONION_PORT: u16 = crate::config::DEFAULT_PORT;
 
 /// How streams accepted by an onion service may be in the middle of their CONNECTED handshake
 /// at once. Bounds the work one burst of clients can queue on us.

@@ -24,7 +24,6 @@
 //! fsync, so an interrupted run leaves either the old state or the new one,
 //! never half of it; chunks are re-hashed on every copy.
 
-pub mod cli;
 pub mod clone_instance;
 pub mod copy;
 pub mod dbcopy;
@@ -35,7 +34,6 @@ pub mod repo;
 pub mod restore;
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -177,16 +175,4 @@ impl FileLock {
         }
         Ok(FileLock { _file: file })
     }
-}
-
-/// Ask a yes/no question on the terminal; only "y" or "yes" is a yes.
-pub(crate) fn confirm(question: &str) -> Result<bool> {
-    eprint!("{question} [y/N] ");
-    let _ = std::io::stderr().flush();
-    let mut line = String::new();
-    std::io::stdin()
-        .read_line(&mut line)
-        .ctx("reading the answer")?;
-    let a = line.trim().to_ascii_lowercase();
-    Ok(a == "y" || a == "yes")
 }

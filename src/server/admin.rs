@@ -20,6 +20,7 @@ use crate::proto::admin_server::Admin;
 use crate::proto::*;
 use crate::replicator::JobState;
 use crate::store::PeerState;
+use crate::transport::PeerAddress;
 
 const MAX_INVITE_TTL: u64 = 30 * 24 * 3600;
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
@@ -173,7 +174,7 @@ impl Admin for AdminService {
         if id == self.state.node.id() {
             return Err(Status::invalid_argument("that is this node's own id"));
         }
-        crate::cli::check_address(&r.address)?;
+        PeerAddress::parse(&r.address)?;
         let p = self.state.node.db.upsert_peer(
             &id,
             &r.name,

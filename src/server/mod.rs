@@ -15,13 +15,17 @@ pub mod admin;
 pub mod federation;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::Server;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
@@ -31,7 +35,7 @@ use crate::proto::federation_server::FederationServer;
 use crate::proto::PeerInfo;
 use crate::replicator::Replicator;
 use crate::store::Peer;
-use crate::transport::{self, Dialer, OnionRoute, TorHandle};
+use crate::transport::{self, Dialer, TorHandle};
 
 const MAX_MESSAGE: usize = 8 * 1024 * 1024;
 const DRAIN: Duration = Duration::from_secs(10);
@@ -117,34 +121,9 @@ fn reflection() -> Result<(
     Ok((v1, v1alpha))
 }
 
-/// A dialer configured from the node's settings: TCP, and for onion peers
-/// either the configured SOCKS5 proxy or embedded Tor (started on first use).
-/// Returns the embedded Tor handle too, which `start` uses for the onion service.
+/// The old path of [`Dialer::for_node`], kept while tests and benches use it.
 pub fn dialer(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
-    let tor = &node.config.tor;
-    let (route, handle) = match &tor.socks {
-        Some(s) => {
-            let addr = s
-                .parse()
-                .map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?;
-            (OnionRoute::Socks(addr), None)
-        }
-        None => {
-            let h = TorHandle::new(crate::tor::TorOptions {
-                state_dir: node.paths.tor(),
-                arti_config: tor.arti_config.clone(),
-                bootstrap_timeout: Duration::from_secs(tor.bootstrap_timeout_secs),
-            });
-            (OnionRoute::Arti(h.clone()), Some(h))
-        }
-    };
-    let dialer = Dialer::new(
-        node.identity.clone(),
-        route,
-        Duration::from_secs(tor.connect_timeout_secs),
-        Duration::from_secs(node.config.limits.request_timeout_secs),
-    );
-    Ok((dialer, handle))
+    Dialer::for_node(node)
 }
 
 /// A node serving in this process (tests and `bitsync serve` both use it).
@@ -195,20 +174,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         .unwrap_or_else(|| node.config.listen.clone());
 
     // Admin socket first: it tells us whether another node already runs here.
-    let sock = node.paths.admin_socket();
-    if sock.exists() {
-        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
-            return Err(Error::exists(format!(
-                "a node is already running on {} (its admin socket answers)",
-                node.paths.root.display()
-            )));
-        }
-        std::fs::remove_file(&sock).ctx(format!("removing stale {}", sock.display()))?;
-    }
-    let admin_listener =
-        tokio::net::UnixListener::bind(&sock).ctx(format!("binding {}", sock.display()))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
-        .ctx("setting admin socket mode")?;
+    let (sock, admin_listener) = bind_admin_socket(&node).await?;
 
     let tcp = tokio::net::TcpListener::bind(&listen)
         .await
@@ -217,7 +183,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     tracing::info!(node = %node.id(), "federation listening on {bound}");
 
     let identity = node.identity.clone();
-    let (dialer, tor) = dialer(&node)?;
+    let (dialer, tor) = Dialer::for_node(&node)?;
     let replicator = Replicator::new(node.clone(), dialer);
     replicator.set_advertised_address(bound.to_string());
 
@@ -233,44 +199,24 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         listen_address: Mutex::new(bound.to_string()),
         onion_address: Mutex::new(None),
     });
-
-    // Head poller: wakes watch streams when anything is added, by any process.
-    {
-        let node = node.clone();
-        let mut sd = shutdown_rx.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(HEAD_POLL) => {}
-                    _ = sd.changed() => return,
-                }
-                if let Ok(h) = node.db.head_seq() {
-                    head_tx.send_if_modified(|v| {
-                        let changed = *v != h;
-                        *v = h;
-                        changed
-                    });
-                }
-            }
-        });
-    }
+    spawn_head_poller(node.clone(), head_tx, shutdown_rx.clone());
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let tls = crate::tls::server_config(&identity)?;
     tokio::spawn(transport::accept_tcp(tcp, tls.clone(), conn_tx.clone()));
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
+    let (health, _) = tonic_health::server::health_reporter();
+    health
         .set_serving::<FederationServer<federation::FederationService>>()
         .await;
-    health_reporter
+    health
         .set_serving::<AdminServer<admin::AdminService>>()
         .await;
     if opts.tor || node.config.tor.enabled {
         match tor {
             Some(handle) => {
-                health_reporter.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing).await;
-                tokio::spawn(serve_onion(state.clone(), handle, tls.clone(), conn_tx, health_reporter.clone(), shutdown_rx.clone()));
+                health.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing).await;
+                tokio::spawn(serve_onion(state.clone(), handle, tls.clone(), conn_tx, health.clone(), shutdown_rx.clone()));
             }
             None => {
                 return Err(Error::invalid(
@@ -280,38 +226,8 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
             }
         }
     }
-    let (refl_v1, refl_v1alpha) = reflection()?;
-    let (refl2_v1, refl2_v1alpha) = reflection()?;
-
-    let limits = &node.config.limits;
-    let fed_svc = FederationServer::new(federation::FederationService::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let fed_shutdown = wait_for(shutdown_rx.clone());
-    let fed = Server::builder()
-        .timeout(Duration::from_secs(limits.request_timeout_secs))
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(fed_svc)
-        .add_service(health.clone())
-        .add_service(refl_v1)
-        .add_service(refl_v1alpha)
-        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), fed_shutdown);
-
-    let admin_svc = AdminServer::new(admin::AdminService::new(state.clone()))
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
-    let admin = Server::builder()
-        .add_service(admin_svc)
-        .add_service(health)
-        .add_service(refl2_v1)
-        .add_service(refl2_v1alpha)
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(admin_listener),
-            wait_for(shutdown_rx.clone()),
-        );
+    let fed = federation_server(state.clone(), conn_rx, &health, shutdown_rx.clone())?;
+    let admin = admin_server(state.clone(), admin_listener, &health, shutdown_rx.clone())?;
 
     let mut tasks = Vec::new();
     if let Some(addr) = &node.config.admin_listen {
@@ -338,6 +254,100 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         shutdown_tx,
         tasks,
     })
+}
+
+/// Bind `<data-dir>/admin.sock` (mode 0600), refusing if a node already
+/// answers on it and replacing it if it is a stale leftover.
+async fn bind_admin_socket(node: &Node) -> Result<(PathBuf, tokio::net::UnixListener)> {
+    let sock = node.paths.admin_socket();
+    if sock.exists() {
+        if tokio::net::UnixStream::connect(&sock).await.is_ok() {
+            return Err(Error::exists(format!(
+                "a node is already running on {} (its admin socket answers)",
+                node.paths.root.display()
+            )));
+        }
+        std::fs::remove_file(&sock).ctx(format!("removing stale {}", sock.display()))?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(&sock).ctx(format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .ctx("setting admin socket mode")?;
+    Ok((sock, listener))
+}
+
+/// Wakes watch streams when anything is added, by any process.
+fn spawn_head_poller(
+    node: Arc<Node>,
+    head: watch::Sender<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(HEAD_POLL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if let Ok(h) = node.db.head_seq() {
+                head.send_if_modified(|v| {
+                    let changed = *v != h;
+                    *v = h;
+                    changed
+                });
+            }
+        }
+    });
+}
+
+/// The health service answering from `health`'s statuses.
+fn health_server(health: &HealthReporter) -> HealthServer<HealthService> {
+    HealthServer::new(HealthService::from_health_reporter(health.clone()))
+}
+
+/// Federation, with health and reflection, on the TLS connections `conns`
+/// delivers (from TCP and the onion service alike).
+fn federation_server(
+    state: Arc<ServerState>,
+    conns: mpsc::Receiver<std::io::Result<transport::PeerConn>>,
+    health: &HealthReporter,
+    shutdown: watch::Receiver<bool>,
+) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
+    let (refl_v1, refl_v1alpha) = reflection()?;
+    let limits = &state.node.config.limits;
+    let timeout = Duration::from_secs(limits.request_timeout_secs);
+    let svc = FederationServer::new(federation::FederationService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    Ok(Server::builder()
+        .timeout(timeout)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(svc)
+        .add_service(health_server(health))
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conns), wait_for(shutdown)))
+}
+
+/// Admin, with health and reflection, on the Unix socket.
+fn admin_server(
+    state: Arc<ServerState>,
+    listener: tokio::net::UnixListener,
+    health: &HealthReporter,
+    shutdown: watch::Receiver<bool>,
+) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
+    let (refl_v1, refl_v1alpha) = reflection()?;
+    let svc = AdminServer::new(admin::AdminService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    Ok(Server::builder()
+        .add_service(svc)
+        .add_service(health_server(health))
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), wait_for(shutdown)))
 }
 
 /// Admin over TCP, inside the same node-pinned mutual TLS as Federation;
@@ -391,8 +401,6 @@ async fn serve_admin_tcp(
 
 /// Health service name that is SERVING once the onion service is reachable.
 pub const TOR_HEALTH: &str = "bitsync.v1.Federation.Tor";
-/// The virtual port advertised for the onion service (every port is accepted).
-pub const ONION_PORT: u16 = 7450;
 
 /// Bootstrap embedded Tor, launch the onion service and feed its streams to
 /// the Federation server, through the same TLS as TCP. A failure here is
@@ -411,7 +419,8 @@ async fn serve_onion(
             .await
             .map_err(|e| Error::unavailable(format!("launching the onion service: {e}")))?;
         let mut streams = Box::pin(streams);
-        let address = format!("{}:{ONION_PORT}", svc.address());
+        // The virtual port advertised (the service accepts every port).
+        let address = format!("{}:{}", svc.address(), crate::tor::DEFAULT_ONION_PORT);
         let hostname = state.node.paths.tor().join("hostname");
         crate::durable::write_atomic(&hostname, format!("{}\n", svc.address()).as_bytes(), 0o600)?;
         *state

@@ -1,13 +1,12 @@
-//! Command-line arguments and output of `backup`, `restore`, `clone-instance`
-//! and `import-axon` (dispatched from [`crate::cli`]).
+//! `backup` (and `backup verify|ls`) and `restore`: snapshots in a backup
+//! repository, and a data dir made from one.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{clone_instance, human_bytes, import_axon, repo, restore};
-use crate::cli::{progress_bar, Cli};
+use super::{progress_bar, Cli};
+use crate::backup::{human_bytes, repo, restore};
 use crate::error::{Error, Result};
 use crate::node::Paths;
 
@@ -61,38 +60,8 @@ pub struct RestoreArgs {
     pub new_identity: bool,
 }
 
-#[derive(Args, Debug)]
-pub struct CloneInstanceArgs {
-    /// Database to copy [default: this node's, <data-dir>/bitsync.db]
-    #[arg(long, value_name = "FILE")]
-    pub source_db: Option<PathBuf>,
-    /// Where the copy of the database goes
-    #[arg(long, value_name = "FILE")]
-    pub dest_db: PathBuf,
-    /// Chunk directory to copy [default: this node's, <data-dir>/chunks]
-    #[arg(long, value_name = "DIR")]
-    pub source_attachments: Option<PathBuf>,
-    /// Where the copy of the chunks goes
-    #[arg(long, value_name = "DIR")]
-    pub dest_attachments: PathBuf,
-    /// Replace an existing destination without asking
-    #[arg(long)]
-    pub force: bool,
-    /// Give the copy its own key (node.key next to --dest-db), to run it beside the original
-    #[arg(long)]
-    pub new_identity: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct ImportAxonArgs {
-    /// The Axon backup directory (backup_YYYYMMDD_HHMMSS/)
-    pub dir: PathBuf,
-    /// The Axon instance's RSA private key (PEM): also decrypt, check and re-publish each item natively
-    #[arg(long, value_name = "KEY.pem")]
-    pub axon_key: Option<PathBuf>,
-}
-
-fn bytes_bar(what: &str) -> impl Fn(u64, u64) + Sync {
+/// Progress for the backup room's `(done, total)` byte callbacks.
+pub(super) fn bytes_bar(what: &str) -> impl Fn(u64, u64) + Sync {
     let pb = progress_bar(0, what);
     move |done, total| {
         pb.set_length(total);
@@ -103,7 +72,7 @@ fn bytes_bar(what: &str) -> impl Fn(u64, u64) + Sync {
     }
 }
 
-pub fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
+pub(super) fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
     match &a.command {
         Some(BackupCommand::Verify { repo, snapshot }) => return verify(repo, snapshot.as_deref()),
         Some(BackupCommand::Ls { repo, json }) => return list(repo, *json),
@@ -234,7 +203,7 @@ fn list(repo_dir: &std::path::Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
+pub(super) fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     let dest = cli.data_dir();
     let opts = restore::RestoreOptions {
         snapshot: a.snapshot.as_deref(),
@@ -291,170 +260,5 @@ pub fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
         }
     }
     println!("{}", out.node_id);
-    Ok(())
-}
-
-pub fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
-    let data_dir = cli.data_dir();
-    let paths = Paths::new(&data_dir);
-    let o = clone_instance::CloneOptions {
-        source_db: a.source_db.clone().unwrap_or_else(|| paths.db()),
-        source_attachments: a
-            .source_attachments
-            .clone()
-            .unwrap_or_else(|| paths.chunks()),
-        dest_db: a.dest_db.clone(),
-        dest_attachments: a.dest_attachments.clone(),
-        force: a.force,
-        new_identity: a.new_identity,
-    };
-    let plan = clone_instance::plan(&o)?;
-    eprint!("{}", clone_instance::describe(&o, &plan));
-    let mut o = o;
-    if !plan.existing.is_empty() && !o.force {
-        if !std::io::stdin().is_terminal() {
-            return Err(Error::exists(format!(
-                "{} exists and there is no terminal to confirm on: pass --force to replace it (nothing was changed)",
-                plan.existing[0].display()
-            )));
-        }
-        if !super::confirm("Replace the existing destination?")? {
-            return Err(Error::exists(
-                "not replaced: the destination was left as it was",
-            ));
-        }
-        o.force = true;
-    }
-    let source_key = a.source_db.as_ref().map(|p| {
-        p.parent()
-            .unwrap_or(std::path::Path::new("."))
-            .join("node.key")
-    });
-    let source_key = source_key.unwrap_or_else(|| paths.key());
-    let pass = || cli.passphrase(false);
-    let out = clone_instance::run(
-        &o,
-        &plan,
-        Some((&source_key, &pass)),
-        &bytes_bar("clone-instance"),
-    )?;
-    eprintln!(
-        "cloned in {:.1} s: database {} (integrity_check ok), {} chunks ({}) copied and re-hashed",
-        out.elapsed.as_secs_f64(),
-        human_bytes(out.db_bytes),
-        out.chunks.copied,
-        human_bytes(out.chunks.copied_bytes)
-    );
-    match (&out.rekey, &out.key_path) {
-        (Some(r), Some(k)) => {
-            eprintln!(
-                "the copy is node {} (source {}): new key {}, {} item key(s) re-wrapped",
-                out.node_id,
-                out.source_node_id,
-                k.display(),
-                r.rewrapped
-            );
-            if let Some(c) = &out.config_path {
-                eprintln!("copied the source's configuration to {}: change `listen` there before running the copy beside the original", c.display());
-            }
-        }
-        _ => eprintln!(
-            "the copy keeps node id {}: it needs the original node.key to run, and must never run at the same time as the original (use --new-identity for that)",
-            out.source_node_id
-        ),
-    }
-    println!("{}", out.node_id);
-    Ok(())
-}
-
-pub fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
-    let key = a
-        .axon_key
-        .as_deref()
-        .map(import_axon::load_axon_key)
-        .transpose()?;
-    let node = cli.open_node()?;
-    let report = import_axon::import(&node, &a.dir, key.as_ref(), &|label| {
-        tracing::info!("importing {label}")
-    })?;
-    let mut applet = None;
-    let (mut imported, mut already) = (0, 0);
-    for it in &report.items {
-        if applet.as_deref() != Some(it.applet.as_str()) {
-            println!("applet '{}'", it.applet);
-            applet = Some(it.applet.clone());
-        }
-        let what = match &it.kind {
-            crate::axon::AxonItemKind::AppletCode => "code".to_string(),
-            crate::axon::AxonItemKind::AppletData {
-                instance_id,
-                owner_username,
-            } => {
-                format!("data of {owner_username} (id {instance_id})")
-            }
-        };
-        match &it.status {
-            import_axon::Status::Imported {
-                legacy,
-                native,
-                already: was,
-                note,
-            } => {
-                imported += 1;
-                if *was {
-                    already += 1;
-                }
-                let mut parts = Vec::new();
-                if let Some(l) = legacy {
-                    parts.push(format!("legacy {}", l));
-                }
-                if let Some(n) = native {
-                    parts.push(format!("native {}", n));
-                }
-                println!(
-                    "  {what}: complete, {}{}",
-                    if *was {
-                        "already imported: "
-                    } else {
-                        "imported: "
-                    },
-                    parts.join(", ")
-                );
-                if let Some(n) = note {
-                    println!("    note: {n}");
-                }
-            }
-            import_axon::Status::Incomplete { problems } => {
-                let missing = problems.iter().any(|p| p.contains("is missing"));
-                let corrupt = problems.iter().any(|p| !p.contains("is missing"));
-                let state = match (missing, corrupt) {
-                    (true, true) => "MISSING and CORRUPT pieces",
-                    (true, false) => "MISSING pieces",
-                    _ => "CORRUPT",
-                };
-                println!("  {what}: {state}, not imported");
-                for p in problems {
-                    println!("    {p}");
-                }
-            }
-            import_axon::Status::Failed { reason } => {
-                println!("  {what}: FAILED, not imported: {reason}")
-            }
-        }
-    }
-    let skipped = report.skipped();
-    eprintln!(
-        "Axon backup of {}: {} item(s), {} imported ({} already here), {} not imported",
-        report.backup_date,
-        report.items.len(),
-        imported,
-        already,
-        skipped
-    );
-    if skipped > 0 {
-        return Err(Error::integrity(format!(
-            "{skipped} Axon item(s) were incomplete or damaged and were not imported (see above); the rest were"
-        )));
-    }
     Ok(())
 }

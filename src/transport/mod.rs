@@ -5,6 +5,8 @@
 //! One gRPC channel per peer carries every call to it (HTTP/2 multiplexing),
 //! so a clone over Tor builds one circuit, not one per chunk.
 
+mod address;
+
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -22,7 +24,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use crate::crypto::NodeId;
 use crate::error::{Error, Result};
 use crate::identity::Identity;
+use crate::node::Node;
 use crate::tls;
+
+pub(crate) use address::PeerAddress;
 
 /// Any byte stream a connection can run on.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -192,33 +197,38 @@ pub struct Dialer {
     request_timeout: Duration,
 }
 
-/// Split "host:port" / "xxx.onion[:port]"; onion addresses default to port 7450.
-pub fn split_address(address: &str) -> Result<(String, u16, bool)> {
-    let (host, port) = match address.rsplit_once(':') {
-        Some((h, p)) => {
-            let port = p
-                .parse::<u16>()
-                .map_err(|_| Error::invalid(format!("address {address:?} has a bad port")))?;
-            (
-                h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                port,
-            )
-        }
-        None if address.ends_with(".onion") => (address.to_string(), 7450),
-        None => {
-            return Err(Error::invalid(format!(
-                "address {address:?} is not host:port"
-            )))
-        }
-    };
-    if host.is_empty() {
-        return Err(Error::invalid(format!("address {address:?} has no host")));
-    }
-    let onion = host.ends_with(".onion");
-    Ok((host, port, onion))
-}
-
 impl Dialer {
+    /// A dialer configured from the node's settings: TCP, and for onion peers
+    /// either the configured SOCKS5 proxy or embedded Tor (started on first
+    /// use). Returns the embedded Tor handle too, which `serve` shares for its
+    /// onion service.
+    pub fn for_node(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
+        let tor = &node.config.tor;
+        let (route, handle) = match &tor.socks {
+            Some(s) => {
+                let addr = s
+                    .parse()
+                    .map_err(|_| Error::invalid(format!("[tor] socks {s:?} is not host:port")))?;
+                (OnionRoute::Socks(addr), None)
+            }
+            None => {
+                let h = TorHandle::new(crate::tor::TorOptions {
+                    state_dir: node.paths.tor(),
+                    arti_config: tor.arti_config.clone(),
+                    bootstrap_timeout: Duration::from_secs(tor.bootstrap_timeout_secs),
+                });
+                (OnionRoute::Arti(h.clone()), Some(h))
+            }
+        };
+        let dialer = Dialer::new(
+            node.identity.clone(),
+            route,
+            Duration::from_secs(tor.connect_timeout_secs),
+            Duration::from_secs(node.config.limits.request_timeout_secs),
+        );
+        Ok((dialer, handle))
+    }
+
     pub fn new(
         identity: Arc<Identity>,
         onion: OnionRoute,
@@ -233,10 +243,11 @@ impl Dialer {
         }
     }
 
-    async fn open(&self, host: &str, port: u16, onion: bool) -> Result<BoxIo> {
+    async fn open(&self, address: &PeerAddress) -> Result<BoxIo> {
+        let (host, port) = (address.host.as_str(), address.port);
         let unreachable =
             |e: String| Error::unavailable(format!("cannot reach {host}:{port}: {e}"));
-        if !onion {
+        if !address.onion {
             let s = tokio::time::timeout(
                 self.connect_timeout,
                 tokio::net::TcpStream::connect((host, port)),
@@ -247,11 +258,9 @@ impl Dialer {
             let _ = s.set_nodelay(true);
             return Ok(Box::new(s));
         }
-        let (host, port) = crate::tor::parse_onion_target(&format!("{host}:{port}"))
-            .map_err(|e| Error::invalid(e.to_string()))?;
         match &self.onion {
             OnionRoute::Socks(proxy) => {
-                let s = crate::tor::socks5_connect(*proxy, &host, port, self.connect_timeout)
+                let s = crate::tor::socks5_connect(*proxy, host, port, self.connect_timeout)
                     .await
                     .map_err(|e| unreachable(e.to_string()))?;
                 Ok(Box::new(s))
@@ -265,7 +274,7 @@ impl Dialer {
                 let mut backoff = Duration::from_millis(500);
                 loop {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match crate::tor::connect(&tor, &host, port, left).await {
+                    match crate::tor::connect(&tor, host, port, left).await {
                         Ok(s) => return Ok(Box::new(s)),
                         Err(e) => {
                             let pause = backoff
@@ -291,8 +300,7 @@ impl Dialer {
         peer: NodeId,
         address: &str,
     ) -> Result<tokio_rustls::client::TlsStream<BoxIo>> {
-        let (host, port, onion) = split_address(address)?;
-        let io = self.open(&host, port, onion).await?;
+        let io = self.open(&PeerAddress::parse(address)?).await?;
         let connector = TlsConnector::from(tls::client_config(&self.identity, peer)?);
         tokio::time::timeout(
             self.connect_timeout,

@@ -1,0 +1,94 @@
+//! `peer add|ls|revoke`: the peers this node trusts.
+
+use clap::Subcommand;
+
+use crate::crypto::Hash;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::store::PeerState;
+use crate::transport::PeerAddress;
+
+#[derive(Subcommand, Debug)]
+pub enum PeerCommand {
+    /// Trust a node
+    Add {
+        node_id: String,
+        /// host:port, [IPv6]:port or a v3 xxx.onion[:port]
+        address: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Keep this peer's content mirrored while `bitsync serve` runs
+        #[arg(long)]
+        mirror: bool,
+    },
+    /// List peers
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop trusting a node, at once (open connections included)
+    Revoke { node_id: String },
+}
+
+pub(super) fn run(n: &Node, command: &PeerCommand) -> Result<()> {
+    match command {
+        PeerCommand::Add {
+            node_id,
+            address,
+            name,
+            mirror,
+        } => {
+            let id = Hash::parse(node_id, "node id")?;
+            if id == n.id() {
+                return Err(Error::invalid("that is this node's own id"));
+            }
+            // The dialer's own parser: what it would refuse later is refused now.
+            PeerAddress::parse(address)?;
+            let p =
+                n.db.upsert_peer(&id, name, address, PeerState::Trusted, *mirror)?;
+            eprintln!(
+                "trusted {} at {}{}",
+                p.node_id,
+                p.address,
+                if p.mirror { " (mirror)" } else { "" }
+            );
+        }
+        PeerCommand::Ls { json } => list(n, *json)?,
+        PeerCommand::Revoke { node_id } => {
+            let id = Hash::parse(node_id, "node id")?;
+            let p = n.db.revoke_peer(&id)?;
+            eprintln!("revoked {}", p.node_id);
+        }
+    }
+    Ok(())
+}
+
+fn list(n: &Node, json: bool) -> Result<()> {
+    let peers = n.db.peers()?;
+    if json {
+        let v: Vec<_> = peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({"node_id": p.node_id.to_hex(), "name": p.name, "address": p.address,
+                    "state": p.state.as_str(), "mirror": p.mirror, "added_at_ms": p.added_at_ms})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "{:<64}  {:<8}  {:<6}  {:<24}  NAME",
+        "NODE ID", "STATE", "MIRROR", "ADDRESS"
+    );
+    for p in peers {
+        println!(
+            "{:<64}  {:<8}  {:<6}  {:<24}  {}",
+            p.node_id,
+            p.state.as_str(),
+            if p.mirror { "yes" } else { "" },
+            p.address,
+            p.name
+        );
+    }
+    Ok(())
+}
