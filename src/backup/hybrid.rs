@@ -17,9 +17,7 @@ use super::copy;
 use super::repo::Repo;
 use crate::crypto::ChunkId;
 use crate::error::{Kind, Result};
-// The old path, for `cli.rs` (which imports it for `describe`); the integrator
-// removes it once callers name `crate::replicator::ChunkSource`.
-pub use crate::replicator::ChunkSource;
+use crate::replicator::ChunkSource;
 
 /// The chunk directory of a backup repository.
 pub struct RepoChunks {

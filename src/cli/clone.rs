@@ -5,7 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{progress_bar, runtime, Cli};
-use crate::backup::hybrid::{ChunkSource, RepoChunks};
+use crate::backup::hybrid::RepoChunks;
+use crate::replicator::ChunkSource;
 use crate::error::{Error, Result};
 use crate::node::{self, InitOutcome, Node};
 use crate::transport::Dialer;
