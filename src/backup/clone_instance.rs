@@ -17,7 +17,7 @@
 //! - `--new-identity`: the copy gets its own RSA-3072 key, written as
 //!   `node.key` next to `--dest-db` (sealed with the same passphrase if the
 //!   source key is sealed, else plain with mode 0600); every item the source
-//!   could open is re-wrapped for it (see [`dbcopy::rekey`]). The source's
+//!   could open is re-wrapped for it (see [`Db::rekey`]). The source's
 //!   `config.toml` is copied next to `--dest-db` too when none is there, so
 //!   `<dest-db dir>` is a runnable data dir when `--dest-attachments` is
 //!   `<dest-db dir>/chunks`. Without `--new-identity` no key is written: the
@@ -29,11 +29,12 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::copy::{self, CopyJob, CopyStats};
-use super::dbcopy::{self, RekeyReport};
+use super::dbcopy;
 use super::{fsync_dir, human_bytes, syncfs, temp_sibling, TempTree};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
-use crate::identity::Identity;
+use crate::identity::{self, Identity};
+use crate::store::{self, Db, RekeyReport};
 
 /// The source's node key file and how to get its passphrase if it is sealed.
 pub type SourceKey<'a> = (&'a Path, &'a dyn Fn() -> Result<Zeroizing<String>>);
@@ -119,7 +120,7 @@ pub fn plan(o: &CloneOptions) -> Result<Plan> {
             dd.display()
         )));
     }
-    let facts = dbcopy::facts(&o.source_db)?;
+    let facts = Db::open_read_only(&o.source_db)?.facts()?;
     let db_bytes = fs::metadata(&o.source_db).map(|m| m.len()).unwrap_or(0);
     let wal_bytes = fs::metadata(wal_path(&o.source_db))
         .map(|m| m.len())
@@ -187,7 +188,7 @@ pub fn run(
         }
         let text =
             Zeroizing::new(fs::read_to_string(path).ctx(format!("reading {}", path.display()))?);
-        let is_sealed = text.contains("BITSYNC SEALED KEY");
+        let is_sealed = identity::is_sealed_pem(&text);
         let once = std::cell::OnceCell::new();
         let cached = || -> Result<Zeroizing<String>> {
             if let Some(p) = once.get() {
@@ -250,7 +251,7 @@ pub fn run(
 
     // 1. The database, consistent, checked.
     dbcopy::snapshot_db(&o.source_db, &stage_db)?;
-    let problems = dbcopy::integrity_problems(&stage_db)?;
+    let problems = store::integrity_problems(&stage_db)?;
     if !problems.is_empty() {
         return Err(Error::integrity(format!(
             "the copy of {} fails PRAGMA integrity_check: {}",
@@ -258,7 +259,7 @@ pub fn run(
             problems.join("; ")
         )));
     }
-    let facts = dbcopy::facts(&stage_db)?;
+    let facts = Db::open_read_only(&stage_db)?.facts()?;
 
     // 2. Every chunk it lists, re-hashed.
     fs::create_dir_all(&stage_att).ctx(format!("creating {}", stage_att.display()))?;
@@ -283,7 +284,7 @@ pub fn run(
     let mut node_id = facts.node_id;
     let new_identity = if let Some(old) = &old_identity {
         let new = Identity::generate()?;
-        rekey = Some(dbcopy::rekey(&stage_db, old, &new)?);
+        rekey = Some(Db::open_copy(&stage_db)?.rekey(old, &new)?);
         node_id = new.id();
         Some(new)
     } else {

@@ -24,13 +24,13 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::copy::{self, CopyJob};
-use super::dbcopy::{self, RekeyReport};
 use super::repo::{self, Repo, CONFIG_FILE, DB_FILE};
 use super::{fsync_dir, syncfs, TempTree};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
 use crate::node::{Node, Paths};
+use crate::store::{Db, RekeyReport};
 
 pub struct RestoreOptions<'a> {
     /// Snapshot id or prefix; `None`: the latest snapshot that holds the node key.
@@ -187,7 +187,7 @@ pub fn restore(
     let mut rekey = None;
     let (node_id, identity_used) = match &new {
         Some(n) => {
-            rekey = Some(dbcopy::rekey(&paths.db(), &old, n)?);
+            rekey = Some(Db::open_copy(&paths.db())?.rekey(&old, n)?);
             n.save(&paths.key(), key_pass)?;
             (n.id(), n)
         }
@@ -237,7 +237,7 @@ pub fn restore(
     guard.disarm();
     fsync_dir(parent)?;
 
-    let facts = dbcopy::facts(&Paths::new(dest).db())?;
+    let facts = Db::open_read_only(&Paths::new(dest).db())?.facts()?;
     Ok(RestoreOutcome {
         snapshot: meta.id.clone(),
         data_dir: dest.to_path_buf(),
