@@ -144,3 +144,58 @@ pub fn decrypt_to(
     progress(written);
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use aes::cipher::block_padding::Pkcs7;
+    use aes::cipher::BlockEncryptMut;
+
+    use super::*;
+
+    fn encrypt(key: &[u8; 32], iv: &[u8; 16], plain: &[u8]) -> Vec<u8> {
+        cbc::Encryptor::<aes::Aes256>::new(key.into(), iv.into())
+            .encrypt_padded_vec_mut::<Pkcs7>(plain)
+    }
+
+    fn decrypt(key: &[u8; 32], iv: &[u8; 16], ct: &[u8], piece: usize) -> Result<Vec<u8>, CbcEnd> {
+        let mut dec = CbcDecrypt::new(key, iv);
+        let (mut plain, mut out) = (Vec::new(), Vec::new());
+        for p in ct.chunks(piece) {
+            dec.update(p, &mut out);
+            plain.extend_from_slice(&out);
+        }
+        let (tail, sha) = dec.finish()?;
+        plain.extend_from_slice(&tail);
+        assert_eq!(sha, <[u8; 32]>::from(Sha256::digest(&plain)));
+        Ok(plain)
+    }
+
+    #[test]
+    fn any_piece_size_gives_the_same_plaintext() {
+        let (key, iv) = ([7u8; 32], [9u8; 16]);
+        for len in [0usize, 1, 15, 16, 17, 100, 1000] {
+            let plain: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let ct = encrypt(&key, &iv, &plain);
+            for piece in [1, 5, 16, 33, ct.len()] {
+                assert_eq!(
+                    decrypt(&key, &iv, &ct, piece).unwrap(),
+                    plain,
+                    "{len} {piece}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_endings_are_told_apart() {
+        let (key, iv) = ([7u8; 32], [9u8; 16]);
+        let ct = encrypt(&key, &iv, b"some plaintext");
+        assert_eq!(
+            decrypt(&key, &iv, &ct[..ct.len() - 1], 7),
+            Err(CbcEnd::PartialBlock)
+        );
+        assert_eq!(decrypt(&key, &iv, &[], 7), Err(CbcEnd::Empty));
+        // A wrong key almost never yields valid padding (1 in ~256 for one block).
+        assert_eq!(decrypt(&[8u8; 32], &iv, &ct, 16), Err(CbcEnd::BadPadding));
+    }
+}

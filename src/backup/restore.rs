@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 use super::copy::{self, CopyJob};
 use super::repo::{self, Repo, CONFIG_FILE, DB_FILE};
 use super::{fsync_dir, syncfs, TempTree};
-use crate::crypto::NodeId;
+use crate::crypto::{ChunkId, NodeId};
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
 use crate::node::{Node, Paths};
@@ -68,28 +68,7 @@ pub fn restore(
     }
     let repo = Repo::open(repo_root)?;
     let _lock = repo.lock_shared()?;
-    // Restoring always needs the node key: by default, the latest snapshot that has one.
-    let meta = match opts.snapshot {
-        Some(s) => repo.find(Some(s))?,
-        None => {
-            let (all, _) = repo.list()?;
-            let newest = all.last().map(|m| m.id.clone());
-            let m = all.into_iter().rev().find(|m| m.identity.is_some()).ok_or_else(|| match &newest {
-                None => Error::not_found(format!("backup repository {} has no snapshots yet", repo.root.display())),
-                Some(_) => Error::not_found(format!(
-                    "no snapshot in {} holds the node key: restore needs one taken with --with-identity",
-                    repo.root.display()
-                )),
-            })?;
-            if newest.as_deref() != Some(m.id.as_str()) {
-                tracing::warn!(
-                    "restoring snapshot {}, the latest with the node key (newer snapshots were taken without --with-identity)",
-                    m.id
-                );
-            }
-            m
-        }
-    };
+    let meta = choose_snapshot(&repo, opts)?;
 
     // 1. Verify what the snapshot is made of (its chunks are checked as they are copied).
     let t0 = std::time::Instant::now();
@@ -112,11 +91,6 @@ pub fn restore(
         Ok(p)
     };
     let old = repo::open_identity(&repo, &meta, &pass)?;
-    let sealed_on_node = meta
-        .identity
-        .as_ref()
-        .map(|i| i.sealed_on_node)
-        .unwrap_or(false);
     let new = if opts.new_identity {
         Some(Identity::generate()?)
     } else {
@@ -139,86 +113,32 @@ pub fn restore(
     let mut guard = TempTree::new(staging.clone());
     super::create_private_dir(&staging)?;
     let paths = Paths::new(&staging);
-    let snap_dir = repo.snapshot_dir(&meta.id);
-    for d in [paths.chunks(), paths.quarantine()] {
-        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
-    }
-    let job = CopyJob {
-        src_root: &repo.chunks(),
-        dst_root: &paths.chunks(),
-        tmp_dir: &paths.chunks().join("tmp"),
-        skip_existing: false,
-        src_label: "the backup repository",
-        staged: true,
-    };
     let t1 = std::time::Instant::now();
-    copy::copy_chunks(&job, &list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
-        |e| {
-            e.context(format!(
-                "restore of snapshot {} stopped, nothing was written to {}",
-                meta.id,
-                dest.display()
-            ))
-        },
-    )?;
-    let entry = |name: &str| meta.files.iter().find(|f| f.path == name);
-    let db_entry = entry(DB_FILE).ok_or_else(|| Error::integrity("snapshot lists no database"))?;
-    repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
-    match entry(CONFIG_FILE) {
-        Some(c) => {
-            let text =
-                fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
-            if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
-                return Err(Error::integrity(
-                    "the snapshot's config.toml changed while it was read",
-                ));
-            }
-            crate::durable::write_atomic(&paths.config(), &text, 0o600)?
-        }
-        None => crate::durable::write_atomic(
-            &paths.config(),
-            crate::config::DEFAULT_CONFIG.as_bytes(),
-            0o600,
-        )?,
-    }
+    copy_snapshot(&repo, &meta, &list, &paths, dest, progress)?;
     // Same sealing as the node had: sealed with the backup passphrase, or plain 0600.
+    let sealed_on_node = meta.identity.as_ref().is_some_and(|i| i.sealed_on_node);
     let key_pass = if sealed_on_node { Some(pass()?) } else { None };
     let key_pass = key_pass.as_deref().map(|s| s.as_str());
     let mut rekey = None;
-    let (node_id, identity_used) = match &new {
+    let identity_used = match &new {
         Some(n) => {
             rekey = Some(Db::open_copy(&paths.db())?.rekey(&old, n)?);
             n.save(&paths.key(), key_pass)?;
-            (n.id(), n)
+            n
         }
         None => {
             old.save(&paths.key(), key_pass)?;
-            restore_onion_keys(&snap_dir, &meta, &paths, &pass()?)?;
-            (old.id(), &old)
+            restore_onion_keys(&repo.snapshot_dir(&meta.id), &meta, &paths, &pass()?)?;
+            &old
         }
     };
-    // It must open as a node (key matches the db, config parses) and be sound.
-    {
-        let pass_for_open = || pass();
-        let t2 = std::time::Instant::now();
-        tracing::debug!(
-            verify_and_key_ms = (t1 - t0).as_millis() as u64,
-            chunks_ms = (t2 - t1).as_millis() as u64,
-            "restore phases"
-        );
-        let node = Node::open(&staging, &pass_for_open)
-            .map_err(|e| e.context("the restored data dir does not open"))?;
-        if node.id() != identity_used.id() {
-            return Err(Error::integrity("the restored node has an unexpected id"));
-        }
-        let problems = node.db.integrity_check()?;
-        if !problems.is_empty() {
-            return Err(Error::integrity(format!(
-                "the restored database fails integrity_check: {}",
-                problems.join("; ")
-            )));
-        }
-    }
+    let t2 = std::time::Instant::now();
+    tracing::debug!(
+        verify_and_key_ms = (t1 - t0).as_millis() as u64,
+        chunks_ms = (t2 - t1).as_millis() as u64,
+        "restore phases"
+    );
+    check_opens(&staging, &pass, identity_used)?;
     let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
     fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
     let t3 = std::time::Instant::now();
@@ -242,7 +162,7 @@ pub fn restore(
         snapshot: meta.id.clone(),
         data_dir: dest.to_path_buf(),
         old_node_id: old.id(),
-        node_id,
+        node_id: identity_used.id(),
         manifests: facts.manifests,
         chunks: facts.chunks.len() as u64,
         chunk_bytes: facts.chunk_bytes(),
@@ -253,6 +173,112 @@ pub fn restore(
             Vec::new()
         },
     })
+}
+
+/// The snapshot asked for; by default the latest that holds the node key,
+/// which restoring always needs.
+fn choose_snapshot(repo: &Repo, opts: &RestoreOptions<'_>) -> Result<repo::SnapshotMeta> {
+    if let Some(s) = opts.snapshot {
+        return repo.find(Some(s));
+    }
+    let (all, _) = repo.list()?;
+    let newest = all.last().map(|m| m.id.clone());
+    let m = all
+        .into_iter()
+        .rev()
+        .find(|m| m.identity.is_some())
+        .ok_or_else(|| match &newest {
+            None => Error::not_found(format!(
+                "backup repository {} has no snapshots yet",
+                repo.root.display()
+            )),
+            Some(_) => Error::not_found(format!(
+            "no snapshot in {} holds the node key: restore needs one taken with --with-identity",
+            repo.root.display()
+        )),
+        })?;
+    if newest.as_deref() != Some(m.id.as_str()) {
+        tracing::warn!(
+            "restoring snapshot {}, the latest with the node key (newer snapshots were taken without --with-identity)",
+            m.id
+        );
+    }
+    Ok(m)
+}
+
+/// The snapshot's chunks, database and config.toml into the data dir being
+/// built at `paths`, each checked against the snapshot as it is copied.
+fn copy_snapshot(
+    repo: &Repo,
+    meta: &repo::SnapshotMeta,
+    list: &[(ChunkId, u64)],
+    paths: &Paths,
+    dest: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
+    let snap_dir = repo.snapshot_dir(&meta.id);
+    for d in [paths.chunks(), paths.quarantine()] {
+        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
+    }
+    let job = CopyJob {
+        src_root: &repo.chunks(),
+        dst_root: &paths.chunks(),
+        tmp_dir: &paths.chunks().join("tmp"),
+        skip_existing: false,
+        src_label: "the backup repository",
+        staged: true,
+    };
+    copy::copy_chunks(&job, list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
+        |e| {
+            e.context(format!(
+                "restore of snapshot {} stopped, nothing was written to {}",
+                meta.id,
+                dest.display()
+            ))
+        },
+    )?;
+    let entry = |name: &str| meta.files.iter().find(|f| f.path == name);
+    let db_entry = entry(DB_FILE).ok_or_else(|| Error::integrity("snapshot lists no database"))?;
+    repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
+    match entry(CONFIG_FILE) {
+        Some(c) => {
+            let text =
+                fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
+            if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
+                return Err(Error::integrity(
+                    "the snapshot's config.toml changed while it was read",
+                ));
+            }
+            crate::durable::write_atomic(&paths.config(), &text, 0o600)
+        }
+        None => crate::durable::write_atomic(
+            &paths.config(),
+            crate::config::DEFAULT_CONFIG.as_bytes(),
+            0o600,
+        ),
+    }
+}
+
+/// The restored data dir must open as a node (key matches the db, config
+/// parses) and its database be sound.
+fn check_opens(
+    staging: &Path,
+    pass: &dyn Fn() -> Result<Zeroizing<String>>,
+    identity_used: &Identity,
+) -> Result<()> {
+    let node =
+        Node::open(staging, pass).map_err(|e| e.context("the restored data dir does not open"))?;
+    if node.id() != identity_used.id() {
+        return Err(Error::integrity("the restored node has an unexpected id"));
+    }
+    let problems = node.db.integrity_check()?;
+    if !problems.is_empty() {
+        return Err(Error::integrity(format!(
+            "the restored database fails integrity_check: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(())
 }
 
 /// Same identity: put the onion service's keys back, so the node keeps its
