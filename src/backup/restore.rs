@@ -74,10 +74,10 @@ pub fn restore(
     let t0 = std::time::Instant::now();
     let problems = repo::verify_files(&repo, &meta)?;
     if !problems.is_empty() {
+        let problems = problems.join("; ");
+        let id = &meta.id;
         return Err(Error::integrity(format!(
-            "snapshot {} is damaged, nothing was restored: {}",
-            meta.id,
-            problems.join("; ")
+            "snapshot {id} is damaged, nothing was restored: {problems}"
         )));
     }
     // 2. The key, before anything is written: a wrong passphrase stops here.
@@ -91,11 +91,7 @@ pub fn restore(
         Ok(p)
     };
     let old = repo::open_identity(&repo, &meta, &pass)?;
-    let new = if opts.new_identity {
-        Some(Identity::generate()?)
-    } else {
-        None
-    };
+    let new = opts.new_identity.then(Identity::generate).transpose()?;
     let list = repo::chunk_list(&meta)?;
     super::check_space(
         dest,
@@ -107,47 +103,19 @@ pub fn restore(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
-    let staging = super::temp_sibling(dest, "restore");
-    let _ = fs::remove_dir_all(&staging);
-    let mut guard = TempTree::new(staging.clone());
-    super::create_private_dir(&staging)?;
+    let (staging, mut guard) = make_staging(parent, dest)?;
     let paths = Paths::new(&staging);
     let t1 = std::time::Instant::now();
     copy_snapshot(&repo, &meta, &list, &paths, dest, progress)?;
-    // Same sealing as the node had: sealed with the backup passphrase, or plain 0600.
-    let sealed_on_node = meta.identity.as_ref().is_some_and(|i| i.sealed_on_node);
-    let key_pass = if sealed_on_node { Some(pass()?) } else { None };
-    let key_pass = key_pass.as_deref().map(|s| s.as_str());
-    let mut rekey = None;
-    let identity_used = match &new {
-        Some(n) => {
-            rekey = Some(Db::open_copy(&paths.db())?.rekey(&old, n)?);
-            n.save(&paths.key(), key_pass)?;
-            n
-        }
-        None => {
-            old.save(&paths.key(), key_pass)?;
-            restore_onion_keys(&repo.snapshot_dir(&meta.id), &meta, &paths, &pass()?)?;
-            &old
-        }
-    };
+    let (identity_used, rekey) = write_keys(&repo, &meta, &paths, &pass, &old, new.as_ref())?;
     let t2 = std::time::Instant::now();
     tracing::debug!(
         verify_and_key_ms = (t1 - t0).as_millis() as u64,
         chunks_ms = (t2 - t1).as_millis() as u64,
         "restore phases"
     );
-    check_opens(&staging, &pass, identity_used)?;
-    let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
-    fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
-    let t3 = std::time::Instant::now();
-    syncfs(&staging)?;
-    tracing::debug!(
-        syncfs_ms = t3.elapsed().as_millis() as u64,
-        "restore phases"
-    );
-    fsync_dir(&staging)?;
+    check_opens(&staging, &pass, &identity_used)?;
+    make_durable(&staging, &paths)?;
 
     // 4. Appear at once. (rename(2) replaces an empty directory.)
     fs::rename(&staging, dest).ctx(format!(
@@ -157,22 +125,92 @@ pub fn restore(
     guard.disarm();
     fsync_dir(parent)?;
 
+    outcome(
+        &meta,
+        dest,
+        old.id(),
+        identity_used,
+        rekey,
+        opts.new_identity,
+    )
+}
+
+/// A private, empty directory beside `dest` (in `parent`), removed on drop.
+fn make_staging(parent: &Path, dest: &Path) -> Result<(PathBuf, TempTree)> {
+    fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
+    let staging = super::temp_sibling(dest, "restore");
+    let _ = fs::remove_dir_all(&staging);
+    let guard = TempTree::new(staging.clone());
+    super::create_private_dir(&staging)?;
+    Ok((staging, guard))
+}
+
+/// An empty chunks/tmp as a data dir has, then everything synced.
+fn make_durable(staging: &Path, paths: &Paths) -> Result<()> {
+    let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
+    fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
+    let t3 = std::time::Instant::now();
+    syncfs(staging)?;
+    tracing::debug!(
+        syncfs_ms = t3.elapsed().as_millis() as u64,
+        "restore phases"
+    );
+    fsync_dir(staging)
+}
+
+/// What the restored data dir holds, read back from its database.
+fn outcome(
+    meta: &repo::SnapshotMeta,
+    dest: &Path,
+    old_node_id: NodeId,
+    node_id: NodeId,
+    rekey: Option<RekeyReport>,
+    new_identity: bool,
+) -> Result<RestoreOutcome> {
     let facts = Db::open_read_only(&Paths::new(dest).db())?.facts()?;
     Ok(RestoreOutcome {
         snapshot: meta.id.clone(),
         data_dir: dest.to_path_buf(),
-        old_node_id: old.id(),
-        node_id: identity_used.id(),
+        old_node_id,
+        node_id,
         manifests: facts.manifests,
         chunks: facts.chunks.len() as u64,
         chunk_bytes: facts.chunk_bytes(),
         rekey,
-        peers_to_retrust: if opts.new_identity {
+        peers_to_retrust: if new_identity {
             facts.trusted_peers
         } else {
             Vec::new()
         },
     })
+}
+
+/// The node key of the data dir being built, sealed as the node's was
+/// (with the backup passphrase, or plain 0600): the snapshot's own, with its
+/// onion keys, or `new`, every item re-wrapped for it. Returns the node id.
+fn write_keys(
+    repo: &Repo,
+    meta: &repo::SnapshotMeta,
+    paths: &Paths,
+    pass: &dyn Fn() -> Result<Zeroizing<String>>,
+    old: &Identity,
+    new: Option<&Identity>,
+) -> Result<(NodeId, Option<RekeyReport>)> {
+    let sealed_on_node = meta.identity.as_ref().is_some_and(|i| i.sealed_on_node);
+    let key_pass = if sealed_on_node { Some(pass()?) } else { None };
+    let key_pass = key_pass.as_deref().map(|s| s.as_str());
+    match new {
+        Some(n) => {
+            let rekey = Db::open_copy(&paths.db())?.rekey(old, n)?;
+            n.save(&paths.key(), key_pass)?;
+            Ok((n.id(), Some(rekey)))
+        }
+        None => {
+            old.save(&paths.key(), key_pass)?;
+            restore_onion_keys(&repo.snapshot_dir(&meta.id), meta, paths, &pass()?)?;
+            Ok((old.id(), None))
+        }
+    }
 }
 
 /// The snapshot asked for; by default the latest that holds the node key,
@@ -264,11 +302,11 @@ fn copy_snapshot(
 fn check_opens(
     staging: &Path,
     pass: &dyn Fn() -> Result<Zeroizing<String>>,
-    identity_used: &Identity,
+    identity_used: &NodeId,
 ) -> Result<()> {
     let node =
         Node::open(staging, pass).map_err(|e| e.context("the restored data dir does not open"))?;
-    if node.id() != identity_used.id() {
+    if node.id() != *identity_used {
         return Err(Error::integrity("the restored node has an unexpected id"));
     }
     let problems = node.db.integrity_check()?;

@@ -65,7 +65,7 @@ impl Db {
 
     /// The [`DbFacts`] of this database (usually a copy opened with
     /// [`Db::open_read_only`]). Errors name the file.
-    pub fn facts(&self) -> Result<DbFacts> {
+    pub(crate) fn facts(&self) -> Result<DbFacts> {
         let read = || -> Result<DbFacts> {
             Ok(DbFacts {
                 node_id: self.node_id()?,
@@ -105,7 +105,7 @@ impl Db {
 /// `PRAGMA integrity_check` on a database file, opened read-only, which need
 /// not be a bitsync database (nor a database at all): an empty list means it
 /// is sound; a file SQLite cannot read at all is one problem.
-pub fn integrity_problems(path: &Path) -> Result<Vec<String>> {
+pub(crate) fn integrity_problems(path: &Path) -> Result<Vec<String>> {
     Db::must_be_file(path)?;
     let c = connect(path, Access::ReadOnly)?;
     match integrity_lines(&c) {

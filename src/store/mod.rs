@@ -13,12 +13,11 @@
 //! change database copies through it too ([`Db::open_read_only`],
 //! [`Db::open_copy`], [`Db::facts`], [`Db::rekey`]).
 //!
-//! - [`schema`]: the tables and the version check;
-//! - [`manifests`]: manifests, envelopes, the seq counter, listing by cursor;
-//! - [`peers`]: the peer list and invites;
-//! - [`chunk_index`]: which chunks are present;
-//! - [`facts`]: what a database says about itself (stats, facts, integrity);
-//! - [`rekey`]: a copy's items re-wrapped for a new identity.
+//! The files: `schema.rs` (the tables and the version check), `manifests.rs`
+//! (manifests, envelopes, the seq counter, listing by cursor), `peers.rs`
+//! (the peer list and invites), `chunk_index.rs` (which chunks are present),
+//! `facts.rs` (what a database says about itself: stats, facts, integrity)
+//! and `rekey.rs` (a copy's items re-wrapped for a new identity).
 
 mod chunk_index;
 mod facts;
@@ -38,7 +37,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::crypto::{Hash, NodeId};
 use crate::error::{Error, Result};
 
-pub use facts::{integrity_problems, DbFacts, Stats};
+pub(crate) use facts::integrity_problems;
+pub use facts::{DbFacts, Stats};
 pub use manifests::{Envelopes, RawManifest, Summary};
 pub use peers::{Peer, PeerState};
 pub use rekey::RekeyReport;
@@ -115,14 +115,14 @@ impl Db {
 
     /// Open a database only to read it (a live node's, or a snapshot's copy).
     /// Nothing is created: a missing file is NotFound.
-    pub fn open_read_only(path: &Path) -> Result<Db> {
+    pub(crate) fn open_read_only(path: &Path) -> Result<Db> {
         Db::must_be_file(path)?;
         Db::open_with(path, Access::ReadOnly)
     }
 
     /// Open a database copy to change it before it becomes a node's (see
     /// [`Access::Copy`]). Nothing is created: a missing file is NotFound.
-    pub fn open_copy(path: &Path) -> Result<Db> {
+    pub(crate) fn open_copy(path: &Path) -> Result<Db> {
         Db::must_be_file(path)?;
         Db::open_with(path, Access::Copy)
     }
@@ -188,7 +188,7 @@ impl Db {
     }
 
     /// The node id the database belongs to (`meta.node_id`).
-    pub fn node_id(&self) -> Result<NodeId> {
+    pub(crate) fn node_id(&self) -> Result<NodeId> {
         let id = self
             .setting("node_id")?
             .ok_or_else(|| Error::integrity(format!("{} has no node id", self.path.display())))?;

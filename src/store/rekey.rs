@@ -24,7 +24,7 @@ impl Db {
     /// own envelope is dropped, each changed item moves to a new seq (so a peer
     /// paging by seq sees it again), and `meta.node_id` becomes the new id. One
     /// transaction: on any failure nothing changes.
-    pub fn rekey(&self, old: &Identity, new: &Identity) -> Result<RekeyReport> {
+    pub(crate) fn rekey(&self, old: &Identity, new: &Identity) -> Result<RekeyReport> {
         let old_hex = old.id().to_hex();
         let new_hex = new.id().to_hex();
         let stored = self.setting("node_id")?.unwrap_or_default();

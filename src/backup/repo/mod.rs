@@ -20,12 +20,11 @@
 //! vanish (one rename each), then removes only chunks no remaining snapshot
 //! lists. The full format is in docs/FORMAT.md, "Backup repository".
 //!
-//! - `mod.rs`: the layout, the types of `snapshot.json`, opening, locking and
-//!   listing a repository;
-//! - [`snapshot`]: writing a snapshot (`bitsync backup`);
-//! - [`prune`]: `--keep-last`;
-//! - [`verify`]: `backup verify`, and the checks before a restore;
-//! - [`sealed`]: the sealed node key and onion keys (`--with-identity`).
+//! Here: the layout, the types of `snapshot.json`, opening, locking and
+//! listing a repository. Writing a snapshot (`bitsync backup`) is in
+//! `snapshot.rs`, `--keep-last` in `prune.rs`, `backup verify` and the checks
+//! before a restore in `verify.rs`, and the sealed node key and onion keys
+//! (`--with-identity`) in `sealed.rs`.
 
 mod prune;
 mod sealed;
