@@ -165,7 +165,7 @@ impl Identity {
         );
         let der = pem_decode(&text)
             .ok_or_else(|| Error::integrity(format!("node key {} is not PEM", path.display())))?;
-        let pkcs8 = if text.contains(SEALED_LABEL) {
+        let pkcs8 = if is_sealed_pem(&text) {
             let pass = passphrase()?;
             crypto::unseal(&pass, &der)
                 .map_err(|e| e.context(format!("opening sealed node key {}", path.display())))?
@@ -181,6 +181,12 @@ impl Identity {
             .to_public_key_pem(LineEnding::LF)
             .expect("an RSA key always encodes")
     }
+}
+
+/// Whether a key file's text is a sealed key (a `BITSYNC SEALED KEY` PEM
+/// block), which needs a passphrase to open.
+pub(crate) fn is_sealed_pem(text: &str) -> bool {
+    text.contains(SEALED_LABEL)
 }
 
 fn pem_encode(label: &str, der: &[u8]) -> Zeroizing<Vec<u8>> {

@@ -17,7 +17,7 @@
 //! - `--new-identity`: the copy gets its own RSA-3072 key, written as
 //!   `node.key` next to `--dest-db` (sealed with the same passphrase if the
 //!   source key is sealed, else plain with mode 0600); every item the source
-//!   could open is re-wrapped for it (see [`dbcopy::rekey`]). The source's
+//!   could open is re-wrapped for it (see [`Db::rekey`]). The source's
 //!   `config.toml` is copied next to `--dest-db` too when none is there, so
 //!   `<dest-db dir>` is a runnable data dir when `--dest-attachments` is
 //!   `<dest-db dir>/chunks`. Without `--new-identity` no key is written: the
@@ -29,11 +29,12 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::copy::{self, CopyJob, CopyStats};
-use super::dbcopy::{self, RekeyReport};
+use super::dbcopy;
 use super::{fsync_dir, human_bytes, syncfs, temp_sibling, TempTree};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
-use crate::identity::Identity;
+use crate::identity::{self, Identity};
+use crate::store::{self, Db, DbFacts, RekeyReport};
 
 /// The source's node key file and how to get its passphrase if it is sealed.
 pub type SourceKey<'a> = (&'a Path, &'a dyn Fn() -> Result<Zeroizing<String>>);
@@ -119,7 +120,7 @@ pub fn plan(o: &CloneOptions) -> Result<Plan> {
             dd.display()
         )));
     }
-    let facts = dbcopy::facts(&o.source_db)?;
+    let facts = Db::open_read_only(&o.source_db)?.facts()?;
     let db_bytes = fs::metadata(&o.source_db).map(|m| m.len()).unwrap_or(0);
     let wal_bytes = fs::metadata(wal_path(&o.source_db))
         .map(|m| m.len())
@@ -174,83 +175,21 @@ pub fn run(
         )));
     }
     // Open the source key first: a wrong passphrase stops before anything is written.
-    let mut old_identity = None;
-    let mut sealed = None;
-    if o.new_identity {
-        let (path, pass) =
-            source_key.ok_or_else(|| Error::invalid("--new-identity needs the source node key"))?;
-        if !path.is_file() {
-            return Err(Error::not_found(format!(
-                "--new-identity needs the source's node key to re-wrap item keys, and {} does not exist",
-                path.display()
-            )));
-        }
-        let text =
-            Zeroizing::new(fs::read_to_string(path).ctx(format!("reading {}", path.display()))?);
-        let is_sealed = text.contains("BITSYNC SEALED KEY");
-        let once = std::cell::OnceCell::new();
-        let cached = || -> Result<Zeroizing<String>> {
-            if let Some(p) = once.get() {
-                return Ok(Zeroizing::clone(p));
-            }
-            let p = pass()?;
-            let _ = once.set(p.clone());
-            Ok(p)
-        };
-        let id = Identity::load(path, &cached)?;
-        if id.id() != plan.node_id {
-            return Err(Error::integrity(format!(
-                "node key {} ({}) does not belong to {} ({})",
-                path.display(),
-                id.id(),
-                o.source_db.display(),
-                plan.node_id
-            )));
-        }
-        if is_sealed {
-            sealed = Some(cached()?);
-        }
-        old_identity = Some(id);
-    }
+    let (old_identity, sealed) = if o.new_identity {
+        let (id, sealed) = open_source_key(o, plan, source_key)?;
+        (Some(id), sealed)
+    } else {
+        (None, None)
+    };
     super::check_space(
         &o.dest_attachments,
         plan.chunk_bytes + plan.db_bytes + plan.wal_bytes,
     )?;
-
-    // Where to build. One fresh directory for everything when possible.
-    let db_parent = parent_of(&o.dest_db);
-    let att_parent = parent_of(&o.dest_attachments);
-    let whole_dir = absolute(&db_parent) == absolute(&att_parent) && !db_parent.exists();
-    let mut guards: Vec<TempTree> = Vec::new();
-    let (stage_db, stage_att, stage_root) = if whole_dir {
-        let root = temp_sibling(&db_parent, "clone");
-        let _ = fs::remove_dir_all(&root);
-        let grand = parent_of(&db_parent);
-        fs::create_dir_all(&grand).ctx(format!("creating {}", grand.display()))?;
-        guards.push(TempTree::new(root.clone()));
-        super::create_private_dir(&root)?;
-        let name = |p: &Path| p.file_name().map(PathBuf::from).unwrap_or_default();
-        (
-            root.join(name(&o.dest_db)),
-            root.join(name(&o.dest_attachments)),
-            Some(root),
-        )
-    } else {
-        for p in [&db_parent, &att_parent] {
-            fs::create_dir_all(p).ctx(format!("creating {}", p.display()))?;
-        }
-        let sa = temp_sibling(&o.dest_attachments, "clone");
-        let sd = temp_sibling(&o.dest_db, "clone");
-        let _ = fs::remove_dir_all(&sa);
-        let _ = fs::remove_file(&sd);
-        guards.push(TempTree::new(sa.clone()));
-        guards.push(TempTree::new(sd.clone()));
-        (sd, sa, None)
-    };
+    let stage = Stage::new(o)?;
 
     // 1. The database, consistent, checked.
-    dbcopy::snapshot_db(&o.source_db, &stage_db)?;
-    let problems = dbcopy::integrity_problems(&stage_db)?;
+    dbcopy::snapshot_db(&o.source_db, &stage.db)?;
+    let problems = store::integrity_problems(&stage.db)?;
     if !problems.is_empty() {
         return Err(Error::integrity(format!(
             "the copy of {} fails PRAGMA integrity_check: {}",
@@ -258,14 +197,98 @@ pub fn run(
             problems.join("; ")
         )));
     }
-    let facts = dbcopy::facts(&stage_db)?;
+    let facts = Db::open_read_only(&stage.db)?.facts()?;
 
     // 2. Every chunk it lists, re-hashed.
-    fs::create_dir_all(&stage_att).ctx(format!("creating {}", stage_att.display()))?;
+    let stats = copy_attachments(o, &stage.att, &facts, progress)?;
+
+    // 3. A new identity for a copy that runs beside the original.
+    let mut rekey = None;
+    let mut node_id = facts.node_id;
+    let new_identity = if let Some(old) = &old_identity {
+        let new = Identity::generate()?;
+        rekey = Some(Db::open_copy(&stage.db)?.rekey(old, &new)?);
+        node_id = new.id();
+        Some(new)
+    } else {
+        None
+    };
+    super::fsync_file(&stage.db)?;
+    syncfs(&stage.att)?;
+
+    // 4. Into place.
+    let extras = Extras {
+        new_identity: new_identity.as_ref(),
+        sealed: sealed.as_deref().map(|s| s.as_str()),
+        written_key: None,
+        written_config: None,
+    };
+    let extras = stage.put_in_place(o, extras)?;
+    let db_bytes = fs::metadata(&o.dest_db).map(|m| m.len()).unwrap_or(0);
+    Ok(CloneOutcome {
+        db_bytes,
+        chunks: stats,
+        source_node_id: facts.node_id,
+        node_id,
+        rekey,
+        key_path: extras.written_key,
+        config_path: extras.written_config,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The source's node key, checked against the source database, and its
+/// passphrase when it is sealed (the copy's new key is sealed with it too).
+fn open_source_key(
+    o: &CloneOptions,
+    plan: &Plan,
+    source_key: Option<SourceKey<'_>>,
+) -> Result<(Identity, Option<Zeroizing<String>>)> {
+    let (path, pass) =
+        source_key.ok_or_else(|| Error::invalid("--new-identity needs the source node key"))?;
+    if !path.is_file() {
+        return Err(Error::not_found(format!(
+            "--new-identity needs the source's node key to re-wrap item keys, and {} does not exist",
+            path.display()
+        )));
+    }
+    let text = Zeroizing::new(fs::read_to_string(path).ctx(format!("reading {}", path.display()))?);
+    let is_sealed = identity::is_sealed_pem(&text);
+    let once = std::cell::OnceCell::new();
+    let cached = || -> Result<Zeroizing<String>> {
+        if let Some(p) = once.get() {
+            return Ok(Zeroizing::clone(p));
+        }
+        let p = pass()?;
+        let _ = once.set(p.clone());
+        Ok(p)
+    };
+    let id = Identity::load(path, &cached)?;
+    if id.id() != plan.node_id {
+        return Err(Error::integrity(format!(
+            "node key {} ({}) does not belong to {} ({})",
+            path.display(),
+            id.id(),
+            o.source_db.display(),
+            plan.node_id
+        )));
+    }
+    let sealed = if is_sealed { Some(cached()?) } else { None };
+    Ok((id, sealed))
+}
+
+/// Copy the chunks the staged database lists into `stage_att`, re-hashed.
+fn copy_attachments(
+    o: &CloneOptions,
+    stage_att: &Path,
+    facts: &DbFacts,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<CopyStats> {
+    fs::create_dir_all(stage_att).ctx(format!("creating {}", stage_att.display()))?;
     let tmp = stage_att.join("tmp");
     let job = CopyJob {
         src_root: &o.source_attachments,
-        dst_root: &stage_att,
+        dst_root: stage_att,
         tmp_dir: &tmp,
         skip_existing: false,
         src_label: "the source attachments",
@@ -277,55 +300,121 @@ pub fn run(
     // Leave an empty tmp/ as a data dir's chunk dir has.
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp).ctx(format!("creating {}", tmp.display()))?;
+    Ok(stats)
+}
 
-    // 3. A new identity for a copy that runs beside the original.
-    let mut rekey = None;
-    let mut node_id = facts.node_id;
-    let new_identity = if let Some(old) = &old_identity {
-        let new = Identity::generate()?;
-        rekey = Some(dbcopy::rekey(&stage_db, old, &new)?);
-        node_id = new.id();
-        Some(new)
-    } else {
-        None
-    };
-    super::fsync_file(&stage_db)?;
-    syncfs(&stage_att)?;
+/// What `--new-identity` adds next to the database, and what was written.
+struct Extras<'a> {
+    new_identity: Option<&'a Identity>,
+    sealed: Option<&'a str>,
+    written_key: Option<PathBuf>,
+    written_config: Option<PathBuf>,
+}
 
-    // 4. Into place.
-    let mut key_written = None;
-    let mut config_written = None;
-    let source_config = parent_of(&o.source_db).join("config.toml");
-    let write_extras = |dir: &Path,
-                        key_written: &mut Option<PathBuf>,
-                        config_written: &mut Option<PathBuf>|
-     -> Result<()> {
-        if let Some(n) = &new_identity {
-            let p = dir.join("node.key");
-            n.save(&p, sealed.as_deref().map(|s| s.as_str()))?;
-            *key_written = Some(key_path(o));
-            let cfg = dir.join("config.toml");
-            if !cfg.exists() && source_config.is_file() {
-                let text =
-                    fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
-                crate::durable::write_atomic(&cfg, &text, 0o600)?;
-                *config_written = Some(parent_of(&o.dest_db).join("config.toml"));
-            }
-            if absolute(&o.dest_attachments) == absolute(&parent_of(&o.dest_db).join("chunks")) {
-                fs::create_dir_all(dir.join("quarantine")).ctx("creating quarantine/")?;
-            }
+impl Extras<'_> {
+    /// Write the new key (and the source's config.toml, if none is there) into `dir`.
+    fn write(&mut self, o: &CloneOptions, dir: &Path) -> Result<()> {
+        let Some(n) = self.new_identity else {
+            return Ok(());
+        };
+        let source_config = parent_of(&o.source_db).join("config.toml");
+        n.save(&dir.join("node.key"), self.sealed)?;
+        self.written_key = Some(key_path(o));
+        let cfg = dir.join("config.toml");
+        if !cfg.exists() && source_config.is_file() {
+            let text =
+                fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
+            crate::durable::write_atomic(&cfg, &text, 0o600)?;
+            self.written_config = Some(parent_of(&o.dest_db).join("config.toml"));
+        }
+        if absolute(&o.dest_attachments) == absolute(&parent_of(&o.dest_db).join("chunks")) {
+            fs::create_dir_all(dir.join("quarantine")).ctx("creating quarantine/")?;
         }
         Ok(())
-    };
-    if let Some(root) = stage_root {
-        write_extras(&root, &mut key_written, &mut config_written)?;
-        fsync_dir(&root)?;
-        fs::rename(&root, &db_parent)
-            .ctx(format!("moving the copy into {}", db_parent.display()))?;
-        guards.clear_disarmed();
-        fsync_dir(&parent_of(&db_parent))?;
-    } else {
+    }
+}
+
+/// Where the copy is built: one fresh directory for everything when the
+/// database and the attachments share a parent that does not exist yet,
+/// else temporary siblings of each.
+struct Stage {
+    db: PathBuf,
+    att: PathBuf,
+    /// The whole new directory, when there is one.
+    root: Option<PathBuf>,
+    guards: Vec<TempTree>,
+}
+
+impl Stage {
+    fn new(o: &CloneOptions) -> Result<Stage> {
+        let db_parent = parent_of(&o.dest_db);
+        let att_parent = parent_of(&o.dest_attachments);
+        let whole_dir = absolute(&db_parent) == absolute(&att_parent) && !db_parent.exists();
+        if whole_dir {
+            let root = temp_sibling(&db_parent, "clone");
+            let _ = fs::remove_dir_all(&root);
+            let grand = parent_of(&db_parent);
+            fs::create_dir_all(&grand).ctx(format!("creating {}", grand.display()))?;
+            let guards = vec![TempTree::new(root.clone())];
+            super::create_private_dir(&root)?;
+            let name = |p: &Path| p.file_name().map(PathBuf::from).unwrap_or_default();
+            return Ok(Stage {
+                db: root.join(name(&o.dest_db)),
+                att: root.join(name(&o.dest_attachments)),
+                root: Some(root),
+                guards,
+            });
+        }
+        for p in [&db_parent, &att_parent] {
+            fs::create_dir_all(p).ctx(format!("creating {}", p.display()))?;
+        }
+        let sa = temp_sibling(&o.dest_attachments, "clone");
+        let sd = temp_sibling(&o.dest_db, "clone");
+        let _ = fs::remove_dir_all(&sa);
+        let _ = fs::remove_file(&sd);
+        Ok(Stage {
+            guards: vec![TempTree::new(sa.clone()), TempTree::new(sd.clone())],
+            db: sd,
+            att: sa,
+            root: None,
+        })
+    }
+
+    /// Rename the finished copy into place (see the module comment for the order).
+    fn put_in_place<'a>(mut self, o: &CloneOptions, mut extras: Extras<'a>) -> Result<Extras<'a>> {
+        let db_parent = parent_of(&o.dest_db);
+        if let Some(root) = self.root.take() {
+            extras.write(o, &root)?;
+            fsync_dir(&root)?;
+            fs::rename(&root, &db_parent)
+                .ctx(format!("moving the copy into {}", db_parent.display()))?;
+            self.guards.clear_disarmed();
+            fsync_dir(&parent_of(&db_parent))?;
+            return Ok(extras);
+        }
         // Attachments first; the database, which makes the copy a data dir, last.
+        self.replace_attachments(o)?;
+        extras.write(o, &db_parent)?;
+        // A stale -wal beside the old database would be replayed into the new one.
+        for side in [wal_path(&o.dest_db), shm_path(&o.dest_db)] {
+            match fs::remove_file(&side) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::from_io(e, format!("removing {}", side.display()))),
+            }
+        }
+        fs::rename(&self.db, &o.dest_db).ctx(format!(
+            "moving the database copy to {}",
+            o.dest_db.display()
+        ))?;
+        self.guards.clear_disarmed();
+        fsync_dir(&db_parent)?;
+        Ok(extras)
+    }
+
+    /// The staged attachments in place of `--dest-attachments` (the old ones
+    /// are put back if the rename fails).
+    fn replace_attachments(&self, o: &CloneOptions) -> Result<()> {
         let old_att = temp_sibling(&o.dest_attachments, "replaced");
         let had_att = o.dest_attachments.exists();
         if had_att {
@@ -335,7 +424,7 @@ pub fn run(
                 o.dest_attachments.display()
             ))?;
         }
-        if let Err(e) = fs::rename(&stage_att, &o.dest_attachments) {
+        if let Err(e) = fs::rename(&self.att, &o.dest_attachments) {
             if had_att {
                 let _ = fs::rename(&old_att, &o.dest_attachments);
             }
@@ -347,34 +436,8 @@ pub fn run(
         if had_att {
             let _ = fs::remove_dir_all(&old_att);
         }
-        fsync_dir(&att_parent)?;
-        write_extras(&db_parent, &mut key_written, &mut config_written)?;
-        // A stale -wal beside the old database would be replayed into the new one.
-        for side in [wal_path(&o.dest_db), shm_path(&o.dest_db)] {
-            match fs::remove_file(&side) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::from_io(e, format!("removing {}", side.display()))),
-            }
-        }
-        fs::rename(&stage_db, &o.dest_db).ctx(format!(
-            "moving the database copy to {}",
-            o.dest_db.display()
-        ))?;
-        guards.clear_disarmed();
-        fsync_dir(&db_parent)?;
+        fsync_dir(&parent_of(&o.dest_attachments))
     }
-    let db_bytes = fs::metadata(&o.dest_db).map(|m| m.len()).unwrap_or(0);
-    Ok(CloneOutcome {
-        db_bytes,
-        chunks: stats,
-        source_node_id: facts.node_id,
-        node_id,
-        rekey,
-        key_path: key_written,
-        config_path: config_written,
-        elapsed: started.elapsed(),
-    })
 }
 
 trait DisarmAll {

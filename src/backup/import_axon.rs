@@ -37,7 +37,7 @@ use rsa::RsaPrivateKey;
 use zeroize::Zeroizing;
 
 use crate::axon::{self, AxonItem, AxonItemKind, ChunkState};
-use crate::crypto::{self, ContentId, Hash, ItemKey};
+use crate::crypto::{self, ChunkId, ContentId, Hash, ItemKey};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Cipher, ItemMeta, Manifest, ManifestBody};
 use crate::node::Node;
@@ -244,21 +244,7 @@ pub fn import(
 
 fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -> Result<Status> {
     // 1. Every piece present and hash-correct, or nothing of it is imported.
-    let states = axon::check_item(item).map_err(|e| Error::io(e.to_string()))?;
-    let mut problems = Vec::new();
-    for (i, st) in states.iter().enumerate() {
-        let p = item.chunk_paths[i].display();
-        match st {
-            ChunkState::Ok => {}
-            ChunkState::Missing => problems.push(format!("piece {i} is missing ({p})")),
-            ChunkState::Corrupt { reason } => {
-                problems.push(format!("piece {i} is corrupt ({p}): {reason}"))
-            }
-        }
-    }
-    if item.chunk_paths.is_empty() {
-        problems.push("the manifest lists no pieces".into());
-    }
+    let problems = piece_problems(item)?;
     if !problems.is_empty() {
         return Ok(Status::Incomplete { problems });
     }
@@ -304,75 +290,9 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
             .map(|k| ItemKey::from_bytes(&k[..]))
             .transpose()?;
         let size = plain.as_ref().map(|p| p.len).unwrap_or(ct_len - 1);
-        let encrypted_meta = match &item_key {
-            Some(k) => crypto::encrypt_meta(
-                k,
-                &ItemMeta {
-                    name: name_of(item),
-                }
-                .encode_to_vec(),
-            ),
-            None => Vec::new(),
-        };
-        let body = ManifestBody {
-            format_version: manifest::FORMAT_VERSION,
-            publisher_key: node.identity.spki().to_vec(),
-            kind: kind_of(item).to_string(),
-            size,
-            chunk_size: cs,
-            chunk_ids: item
-                .manifest
-                .chunk_hashes
-                .iter()
-                .map(|h| h.to_vec())
-                .collect(),
-            created_at_ms: item
-                .created_at
-                .as_deref()
-                .and_then(parse_axon_time)
-                .unwrap_or(0),
-            encrypted_meta,
-            cipher: Cipher::AxonAes256Cbc as i32,
-            legacy_iv: item.manifest.iv.to_vec(),
-            legacy_plain_sha256: item.manifest.content_hash.to_vec(),
-        };
-        let m = Manifest::create(&node.identity, body)
-            .map_err(|e| e.context("cannot be described as a legacy item"))?;
-        let mut present = Vec::with_capacity(item.chunk_paths.len());
-        let mut wrote = false;
-        for (i, path) in item.chunk_paths.iter().enumerate() {
-            let id = m.chunk_id(i);
-            let len = m.chunk_len(i);
-            if !node.db.has_chunk(&id)? {
-                let data = fs::read(path).ctx(format!("reading piece {}", path.display()))?;
-                node.chunks
-                    .write(&id, &data)
-                    .map_err(|e| e.context(format!("piece {i} ({})", path.display())))?;
-                wrote = true;
-            }
-            present.push((id, len));
-        }
-        if wrote {
-            node.chunks.sync()?;
-        }
-        let mut envelopes: Vec<(String, Vec<u8>)> = item
-            .manifest
-            .encrypted_aes_keys
-            .iter()
-            .map(|(kid, w)| (format!("axon:{kid}"), w.clone()))
-            .collect();
-        if let Some(k) = &item_key {
-            if node.db.envelope(&m.id(), &node.id().to_hex())?.is_none() {
-                envelopes.push((
-                    node.id().to_hex(),
-                    crypto::wrap_key(node.identity.public(), k),
-                ));
-            }
-        }
-        if node.db.insert_manifest(&m, &envelopes, &present)?.is_some() {
-            already = false;
-        }
-        legacy_id = Some(m.id());
+        let (id, changed) = import_legacy(node, item, item_key.as_ref(), size)?;
+        already &= !changed;
+        legacy_id = Some(id);
     } else if plain.is_none() {
         return Ok(Status::Failed {
             reason: format!(
@@ -385,31 +305,10 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
 
     // 4. The native copy, published once.
     let mut native = None;
-    if let Some(mut p) = plain {
-        let marker = legacy_id.map(|id| format!("axon_import.native.{id}"));
-        let known = match &marker {
-            Some(k) => node
-                .db
-                .setting(k)?
-                .and_then(|v| Hash::parse(&v, "content id").ok()),
-            None => None,
-        };
-        match known {
-            Some(id) if node.db.has_manifest(&id)? => native = Some(id),
-            _ => {
-                let opts = crate::content::PutOptions {
-                    kind: kind_of(item).to_string(),
-                    name: name_of(item),
-                };
-                p.file.rewind().ctx("rewinding the decrypted item")?;
-                let id = crate::content::put(node, &mut p.file, &opts, &|_| {})?;
-                if let Some(k) = &marker {
-                    node.db.set_setting(k, &id.to_hex())?;
-                }
-                native = Some(id);
-                already = false;
-            }
-        }
+    if let Some(p) = plain {
+        let (id, new) = publish_native(node, item, p, legacy_id)?;
+        already &= !new;
+        native = Some(id);
     }
     Ok(Status::Imported {
         legacy: legacy_id,
@@ -417,6 +316,143 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
         already,
         note,
     })
+}
+
+/// What is wrong with the item's pieces on disk (nothing: an empty list).
+fn piece_problems(item: &AxonItem) -> Result<Vec<String>> {
+    let states = axon::check_item(item).map_err(|e| Error::io(e.to_string()))?;
+    let mut problems = Vec::new();
+    for (i, st) in states.iter().enumerate() {
+        let p = item.chunk_paths[i].display();
+        match st {
+            ChunkState::Ok => {}
+            ChunkState::Missing => problems.push(format!("piece {i} is missing ({p})")),
+            ChunkState::Corrupt { reason } => {
+                problems.push(format!("piece {i} is corrupt ({p}): {reason}"))
+            }
+        }
+    }
+    if item.chunk_paths.is_empty() {
+        problems.push("the manifest lists no pieces".into());
+    }
+    Ok(problems)
+}
+
+/// Store the item in Axon's cipher: its pieces as chunks, its envelopes
+/// (Axon's, and this node's when the key is known), under a manifest this
+/// node signs. Returns the content id and whether anything changed.
+fn import_legacy(
+    node: &Node,
+    item: &AxonItem,
+    item_key: Option<&ItemKey>,
+    size: u64,
+) -> Result<(ContentId, bool)> {
+    let encrypted_meta = match item_key {
+        Some(k) => crypto::encrypt_meta(
+            k,
+            &ItemMeta {
+                name: name_of(item),
+            }
+            .encode_to_vec(),
+        ),
+        None => Vec::new(),
+    };
+    let body = ManifestBody {
+        format_version: manifest::FORMAT_VERSION,
+        publisher_key: node.identity.spki().to_vec(),
+        kind: kind_of(item).to_string(),
+        size,
+        chunk_size: item.manifest.chunk_size,
+        chunk_ids: item
+            .manifest
+            .chunk_hashes
+            .iter()
+            .map(|h| h.to_vec())
+            .collect(),
+        created_at_ms: item
+            .created_at
+            .as_deref()
+            .and_then(parse_axon_time)
+            .unwrap_or(0),
+        encrypted_meta,
+        cipher: Cipher::AxonAes256Cbc as i32,
+        legacy_iv: item.manifest.iv.to_vec(),
+        legacy_plain_sha256: item.manifest.content_hash.to_vec(),
+    };
+    let m = Manifest::create(&node.identity, body)
+        .map_err(|e| e.context("cannot be described as a legacy item"))?;
+    let present = store_pieces(node, item, &m)?;
+    let mut envelopes: Vec<(String, Vec<u8>)> = item
+        .manifest
+        .encrypted_aes_keys
+        .iter()
+        .map(|(kid, w)| (format!("axon:{kid}"), w.clone()))
+        .collect();
+    if let Some(k) = item_key {
+        if node.db.envelope(&m.id(), &node.id().to_hex())?.is_none() {
+            envelopes.push((
+                node.id().to_hex(),
+                crypto::wrap_key(node.identity.public(), k),
+            ));
+        }
+    }
+    let changed = node.db.insert_manifest(&m, &envelopes, &present)?.is_some();
+    Ok((m.id(), changed))
+}
+
+/// Axon's pieces written as this node's chunks (those not present yet), synced.
+fn store_pieces(node: &Node, item: &AxonItem, m: &Manifest) -> Result<Vec<(ChunkId, u64)>> {
+    let mut present = Vec::with_capacity(item.chunk_paths.len());
+    let mut wrote = false;
+    for (i, path) in item.chunk_paths.iter().enumerate() {
+        let id = m.chunk_id(i);
+        let len = m.chunk_len(i);
+        if !node.db.has_chunk(&id)? {
+            let data = fs::read(path).ctx(format!("reading piece {}", path.display()))?;
+            node.chunks
+                .write(&id, &data)
+                .map_err(|e| e.context(format!("piece {i} ({})", path.display())))?;
+            wrote = true;
+        }
+        present.push((id, len));
+    }
+    if wrote {
+        node.chunks.sync()?;
+    }
+    Ok(present)
+}
+
+/// The decrypted item as a native item, unless an earlier import of the
+/// same legacy item already published it. Returns its id and whether it is new.
+fn publish_native(
+    node: &Node,
+    item: &AxonItem,
+    mut p: Plaintext,
+    legacy_id: Option<ContentId>,
+) -> Result<(ContentId, bool)> {
+    let marker = legacy_id.map(|id| format!("axon_import.native.{id}"));
+    let known = match &marker {
+        Some(k) => node
+            .db
+            .setting(k)?
+            .and_then(|v| Hash::parse(&v, "content id").ok()),
+        None => None,
+    };
+    if let Some(id) = known {
+        if node.db.has_manifest(&id)? {
+            return Ok((id, false));
+        }
+    }
+    let opts = crate::content::PutOptions {
+        kind: kind_of(item).to_string(),
+        name: name_of(item),
+    };
+    p.file.rewind().ctx("rewinding the decrypted item")?;
+    let id = crate::content::put(node, &mut p.file, &opts, &|_| {})?;
+    if let Some(k) = &marker {
+        node.db.set_setting(k, &id.to_hex())?;
+    }
+    Ok((id, true))
 }
 
 /// A verified plaintext in a private temporary file, removed when dropped.

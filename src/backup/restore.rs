@@ -24,13 +24,13 @@ use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 use super::copy::{self, CopyJob};
-use super::dbcopy::{self, RekeyReport};
 use super::repo::{self, Repo, CONFIG_FILE, DB_FILE};
 use super::{fsync_dir, syncfs, TempTree};
-use crate::crypto::NodeId;
+use crate::crypto::{ChunkId, NodeId};
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
 use crate::node::{Node, Paths};
+use crate::store::{Db, RekeyReport};
 
 pub struct RestoreOptions<'a> {
     /// Snapshot id or prefix; `None`: the latest snapshot that holds the node key.
@@ -68,37 +68,16 @@ pub fn restore(
     }
     let repo = Repo::open(repo_root)?;
     let _lock = repo.lock_shared()?;
-    // Restoring always needs the node key: by default, the latest snapshot that has one.
-    let meta = match opts.snapshot {
-        Some(s) => repo.find(Some(s))?,
-        None => {
-            let (all, _) = repo.list()?;
-            let newest = all.last().map(|m| m.id.clone());
-            let m = all.into_iter().rev().find(|m| m.identity.is_some()).ok_or_else(|| match &newest {
-                None => Error::not_found(format!("backup repository {} has no snapshots yet", repo.root.display())),
-                Some(_) => Error::not_found(format!(
-                    "no snapshot in {} holds the node key: restore needs one taken with --with-identity",
-                    repo.root.display()
-                )),
-            })?;
-            if newest.as_deref() != Some(m.id.as_str()) {
-                tracing::warn!(
-                    "restoring snapshot {}, the latest with the node key (newer snapshots were taken without --with-identity)",
-                    m.id
-                );
-            }
-            m
-        }
-    };
+    let meta = choose_snapshot(&repo, opts)?;
 
     // 1. Verify what the snapshot is made of (its chunks are checked as they are copied).
     let t0 = std::time::Instant::now();
     let problems = repo::verify_files(&repo, &meta)?;
     if !problems.is_empty() {
+        let problems = problems.join("; ");
+        let id = &meta.id;
         return Err(Error::integrity(format!(
-            "snapshot {} is damaged, nothing was restored: {}",
-            meta.id,
-            problems.join("; ")
+            "snapshot {id} is damaged, nothing was restored: {problems}"
         )));
     }
     // 2. The key, before anything is written: a wrong passphrase stops here.
@@ -112,16 +91,7 @@ pub fn restore(
         Ok(p)
     };
     let old = repo::open_identity(&repo, &meta, &pass)?;
-    let sealed_on_node = meta
-        .identity
-        .as_ref()
-        .map(|i| i.sealed_on_node)
-        .unwrap_or(false);
-    let new = if opts.new_identity {
-        Some(Identity::generate()?)
-    } else {
-        None
-    };
+    let new = opts.new_identity.then(Identity::generate).transpose()?;
     let list = repo::chunk_list(&meta)?;
     super::check_space(
         dest,
@@ -133,12 +103,157 @@ pub fn restore(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let (staging, mut guard) = make_staging(parent, dest)?;
+    let paths = Paths::new(&staging);
+    let t1 = std::time::Instant::now();
+    copy_snapshot(&repo, &meta, &list, &paths, dest, progress)?;
+    let (identity_used, rekey) = write_keys(&repo, &meta, &paths, &pass, &old, new.as_ref())?;
+    let t2 = std::time::Instant::now();
+    tracing::debug!(
+        verify_and_key_ms = (t1 - t0).as_millis() as u64,
+        chunks_ms = (t2 - t1).as_millis() as u64,
+        "restore phases"
+    );
+    check_opens(&staging, &pass, &identity_used)?;
+    make_durable(&staging, &paths)?;
+
+    // 4. Appear at once. (rename(2) replaces an empty directory.)
+    fs::rename(&staging, dest).ctx(format!(
+        "moving the restored data dir to {}",
+        dest.display()
+    ))?;
+    guard.disarm();
+    fsync_dir(parent)?;
+
+    outcome(
+        &meta,
+        dest,
+        old.id(),
+        identity_used,
+        rekey,
+        opts.new_identity,
+    )
+}
+
+/// A private, empty directory beside `dest` (in `parent`), removed on drop.
+fn make_staging(parent: &Path, dest: &Path) -> Result<(PathBuf, TempTree)> {
     fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
     let staging = super::temp_sibling(dest, "restore");
     let _ = fs::remove_dir_all(&staging);
-    let mut guard = TempTree::new(staging.clone());
+    let guard = TempTree::new(staging.clone());
     super::create_private_dir(&staging)?;
-    let paths = Paths::new(&staging);
+    Ok((staging, guard))
+}
+
+/// An empty chunks/tmp as a data dir has, then everything synced.
+fn make_durable(staging: &Path, paths: &Paths) -> Result<()> {
+    let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
+    fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
+    let t3 = std::time::Instant::now();
+    syncfs(staging)?;
+    tracing::debug!(
+        syncfs_ms = t3.elapsed().as_millis() as u64,
+        "restore phases"
+    );
+    fsync_dir(staging)
+}
+
+/// What the restored data dir holds, read back from its database.
+fn outcome(
+    meta: &repo::SnapshotMeta,
+    dest: &Path,
+    old_node_id: NodeId,
+    node_id: NodeId,
+    rekey: Option<RekeyReport>,
+    new_identity: bool,
+) -> Result<RestoreOutcome> {
+    let facts = Db::open_read_only(&Paths::new(dest).db())?.facts()?;
+    Ok(RestoreOutcome {
+        snapshot: meta.id.clone(),
+        data_dir: dest.to_path_buf(),
+        old_node_id,
+        node_id,
+        manifests: facts.manifests,
+        chunks: facts.chunks.len() as u64,
+        chunk_bytes: facts.chunk_bytes(),
+        rekey,
+        peers_to_retrust: if new_identity {
+            facts.trusted_peers
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// The node key of the data dir being built, sealed as the node's was
+/// (with the backup passphrase, or plain 0600): the snapshot's own, with its
+/// onion keys, or `new`, every item re-wrapped for it. Returns the node id.
+fn write_keys(
+    repo: &Repo,
+    meta: &repo::SnapshotMeta,
+    paths: &Paths,
+    pass: &dyn Fn() -> Result<Zeroizing<String>>,
+    old: &Identity,
+    new: Option<&Identity>,
+) -> Result<(NodeId, Option<RekeyReport>)> {
+    let sealed_on_node = meta.identity.as_ref().is_some_and(|i| i.sealed_on_node);
+    let key_pass = if sealed_on_node { Some(pass()?) } else { None };
+    let key_pass = key_pass.as_deref().map(|s| s.as_str());
+    match new {
+        Some(n) => {
+            let rekey = Db::open_copy(&paths.db())?.rekey(old, n)?;
+            n.save(&paths.key(), key_pass)?;
+            Ok((n.id(), Some(rekey)))
+        }
+        None => {
+            old.save(&paths.key(), key_pass)?;
+            restore_onion_keys(&repo.snapshot_dir(&meta.id), meta, paths, &pass()?)?;
+            Ok((old.id(), None))
+        }
+    }
+}
+
+/// The snapshot asked for; by default the latest that holds the node key,
+/// which restoring always needs.
+fn choose_snapshot(repo: &Repo, opts: &RestoreOptions<'_>) -> Result<repo::SnapshotMeta> {
+    if let Some(s) = opts.snapshot {
+        return repo.find(Some(s));
+    }
+    let (all, _) = repo.list()?;
+    let newest = all.last().map(|m| m.id.clone());
+    let m = all
+        .into_iter()
+        .rev()
+        .find(|m| m.identity.is_some())
+        .ok_or_else(|| match &newest {
+            None => Error::not_found(format!(
+                "backup repository {} has no snapshots yet",
+                repo.root.display()
+            )),
+            Some(_) => Error::not_found(format!(
+            "no snapshot in {} holds the node key: restore needs one taken with --with-identity",
+            repo.root.display()
+        )),
+        })?;
+    if newest.as_deref() != Some(m.id.as_str()) {
+        tracing::warn!(
+            "restoring snapshot {}, the latest with the node key (newer snapshots were taken without --with-identity)",
+            m.id
+        );
+    }
+    Ok(m)
+}
+
+/// The snapshot's chunks, database and config.toml into the data dir being
+/// built at `paths`, each checked against the snapshot as it is copied.
+fn copy_snapshot(
+    repo: &Repo,
+    meta: &repo::SnapshotMeta,
+    list: &[(ChunkId, u64)],
+    paths: &Paths,
+    dest: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<()> {
     let snap_dir = repo.snapshot_dir(&meta.id);
     for d in [paths.chunks(), paths.quarantine()] {
         fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
@@ -151,8 +266,7 @@ pub fn restore(
         src_label: "the backup repository",
         staged: true,
     };
-    let t1 = std::time::Instant::now();
-    copy::copy_chunks(&job, &list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
+    copy::copy_chunks(&job, list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
         |e| {
             e.context(format!(
                 "restore of snapshot {} stopped, nothing was written to {}",
@@ -173,86 +287,36 @@ pub fn restore(
                     "the snapshot's config.toml changed while it was read",
                 ));
             }
-            crate::durable::write_atomic(&paths.config(), &text, 0o600)?
+            crate::durable::write_atomic(&paths.config(), &text, 0o600)
         }
         None => crate::durable::write_atomic(
             &paths.config(),
             crate::config::DEFAULT_CONFIG.as_bytes(),
             0o600,
-        )?,
+        ),
     }
-    // Same sealing as the node had: sealed with the backup passphrase, or plain 0600.
-    let key_pass = if sealed_on_node { Some(pass()?) } else { None };
-    let key_pass = key_pass.as_deref().map(|s| s.as_str());
-    let mut rekey = None;
-    let (node_id, identity_used) = match &new {
-        Some(n) => {
-            rekey = Some(dbcopy::rekey(&paths.db(), &old, n)?);
-            n.save(&paths.key(), key_pass)?;
-            (n.id(), n)
-        }
-        None => {
-            old.save(&paths.key(), key_pass)?;
-            restore_onion_keys(&snap_dir, &meta, &paths, &pass()?)?;
-            (old.id(), &old)
-        }
-    };
-    // It must open as a node (key matches the db, config parses) and be sound.
-    {
-        let pass_for_open = || pass();
-        let t2 = std::time::Instant::now();
-        tracing::debug!(
-            verify_and_key_ms = (t1 - t0).as_millis() as u64,
-            chunks_ms = (t2 - t1).as_millis() as u64,
-            "restore phases"
-        );
-        let node = Node::open(&staging, &pass_for_open)
-            .map_err(|e| e.context("the restored data dir does not open"))?;
-        if node.id() != identity_used.id() {
-            return Err(Error::integrity("the restored node has an unexpected id"));
-        }
-        let problems = node.db.integrity_check()?;
-        if !problems.is_empty() {
-            return Err(Error::integrity(format!(
-                "the restored database fails integrity_check: {}",
-                problems.join("; ")
-            )));
-        }
+}
+
+/// The restored data dir must open as a node (key matches the db, config
+/// parses) and its database be sound.
+fn check_opens(
+    staging: &Path,
+    pass: &dyn Fn() -> Result<Zeroizing<String>>,
+    identity_used: &NodeId,
+) -> Result<()> {
+    let node =
+        Node::open(staging, pass).map_err(|e| e.context("the restored data dir does not open"))?;
+    if node.id() != *identity_used {
+        return Err(Error::integrity("the restored node has an unexpected id"));
     }
-    let _ = fs::remove_dir_all(paths.chunks().join("tmp"));
-    fs::create_dir_all(paths.chunks().join("tmp")).ctx("creating chunks/tmp")?;
-    let t3 = std::time::Instant::now();
-    syncfs(&staging)?;
-    tracing::debug!(
-        syncfs_ms = t3.elapsed().as_millis() as u64,
-        "restore phases"
-    );
-    fsync_dir(&staging)?;
-
-    // 4. Appear at once. (rename(2) replaces an empty directory.)
-    fs::rename(&staging, dest).ctx(format!(
-        "moving the restored data dir to {}",
-        dest.display()
-    ))?;
-    guard.disarm();
-    fsync_dir(parent)?;
-
-    let facts = dbcopy::facts(&Paths::new(dest).db())?;
-    Ok(RestoreOutcome {
-        snapshot: meta.id.clone(),
-        data_dir: dest.to_path_buf(),
-        old_node_id: old.id(),
-        node_id,
-        manifests: facts.manifests,
-        chunks: facts.chunks.len() as u64,
-        chunk_bytes: facts.chunk_bytes(),
-        rekey,
-        peers_to_retrust: if opts.new_identity {
-            facts.trusted_peers
-        } else {
-            Vec::new()
-        },
-    })
+    let problems = node.db.integrity_check()?;
+    if !problems.is_empty() {
+        return Err(Error::integrity(format!(
+            "the restored database fails integrity_check: {}",
+            problems.join("; ")
+        )));
+    }
+    Ok(())
 }
 
 /// Same identity: put the onion service's keys back, so the node keeps its

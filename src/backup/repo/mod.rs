@@ -1,0 +1,356 @@
+//! The backup repository: snapshots of an instance and the chunks they share.
+//!
+//! ```text
+//! <repo>/bitsync-backup.json         marker: {"format": "bitsync-backup", "version": 1, ...}
+//!        lock                        flock: exclusive while a backup runs, shared while reading
+//!        chunks/<xx>/<64 hex>        encrypted chunks, named by SHA-256, shared by all snapshots
+//!        snapshots/<id>/snapshot.json  what the snapshot is and the SHA-256 of every file it needs
+//!        snapshots/<id>/bitsync.db     consistent copy of the database (rollback-journal mode)
+//!        snapshots/<id>/config.toml    the node's configuration
+//!        snapshots/<id>/node.key.sealed  with --with-identity: the node key, sealed (scrypt + AES-256-GCM)
+//!        snapshots/<id>/onion.keys.sealed  with --with-identity, if the node has an onion service: its keys, sealed
+//!        tmp/                        snapshots being built; cleared by the next backup
+//! ```
+//!
+//! A snapshot is built in `tmp/<id>/` and renamed into `snapshots/` only after
+//! its database copy, its files and every chunk it needs are on disk (fsync,
+//! syncfs) and its `snapshot.json` was written last: an interrupted backup
+//! leaves at most unreferenced chunks and a directory under `tmp/`, and every
+//! earlier snapshot stays whole. `--keep-last` first makes old snapshots
+//! vanish (one rename each), then removes only chunks no remaining snapshot
+//! lists. The full format is in docs/FORMAT.md, "Backup repository".
+//!
+//! Here: the layout, the types of `snapshot.json`, opening, locking and
+//! listing a repository. Writing a snapshot (`bitsync backup`) is in
+//! `snapshot.rs`, `--keep-last` in `prune.rs`, `backup verify` and the checks
+//! before a restore in `verify.rs`, and the sealed node key and onion keys
+//! (`--with-identity`) in `sealed.rs`.
+
+mod prune;
+mod sealed;
+mod snapshot;
+mod verify;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{fsync_dir, write_atomic, FileLock};
+use crate::crypto::{ChunkId, Hash};
+use crate::error::{Error, IoContext, Result};
+
+pub use prune::PruneOutcome;
+pub use sealed::open_identity;
+pub use snapshot::{backup, data_dir_node_id, BackupOptions, BackupOutcome, WithIdentity};
+pub(crate) use verify::copy_file_verified;
+pub use verify::{verify, verify_files, VerifyReport};
+
+pub const MARKER: &str = "bitsync-backup.json";
+pub const REPO_FORMAT: &str = "bitsync-backup";
+pub const REPO_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT: &str = "bitsync-backup-snapshot";
+pub const SNAPSHOT_VERSION: u32 = 1;
+pub const SNAPSHOT_FILE: &str = "snapshot.json";
+pub const DB_FILE: &str = "bitsync.db";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const KEY_FILE: &str = "node.key.sealed";
+pub const ONION_FILE: &str = "onion.keys.sealed";
+
+#[derive(Serialize, Deserialize, Debug)]
+struct Marker {
+    format: String,
+    version: u32,
+    created_at_ms: i64,
+}
+
+/// `snapshot.json`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SnapshotMeta {
+    pub format: String,
+    pub format_version: u32,
+    pub id: String,
+    /// Hex node id of the instance backed up.
+    pub node_id: String,
+    pub created_at_ms: i64,
+    /// RFC 3339, UTC, for people.
+    pub created_at: String,
+    pub bitsync_version: String,
+    pub counts: Counts,
+    /// Present when the snapshot holds the node key (sealed).
+    pub identity: Option<IdentityInfo>,
+    /// Every file of the snapshot directory except snapshot.json, with its SHA-256.
+    pub files: Vec<FileEntry>,
+    /// Every chunk the snapshot needs, as [id hex, bytes]; the id is the file's SHA-256.
+    pub chunks: Vec<(String, u64)>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct Counts {
+    pub manifests: u64,
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+    pub head_seq: u64,
+    pub trusted_peers: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct IdentityInfo {
+    /// The file in the snapshot directory holding the sealed key.
+    pub file: String,
+    /// Whether the node's own key file was sealed (restore writes it back the same way).
+    pub sealed_on_node: bool,
+    pub kdf: String,
+    /// The file holding the onion service's keys, sealed the same way (see
+    /// [`super::onion`]); absent when the node never ran one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onion_keys: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct FileEntry {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// Readable snapshots (oldest first), and unreadable snapshot directories with why.
+pub type SnapshotList = (Vec<SnapshotMeta>, Vec<(String, Error)>);
+
+/// An opened backup repository.
+pub struct Repo {
+    pub root: PathBuf,
+}
+
+impl Repo {
+    pub fn chunks(&self) -> PathBuf {
+        self.root.join("chunks")
+    }
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.snapshots().join(id)
+    }
+
+    /// Open an existing repository.
+    pub fn open(root: &Path) -> Result<Repo> {
+        let marker = root.join(MARKER);
+        let text = match fs::read(&marker) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::not_found(if root.is_dir() {
+                    format!(
+                        "{} is not a bitsync backup repository (it has no {MARKER})",
+                        root.display()
+                    )
+                } else {
+                    format!("no backup repository at {}", root.display())
+                }))
+            }
+            Err(e) => return Err(Error::from_io(e, format!("reading {}", marker.display()))),
+        };
+        let m: Marker = serde_json::from_slice(&text).map_err(|e| {
+            Error::integrity(format!(
+                "{} is damaged ({e}); is {} a backup repository?",
+                marker.display(),
+                root.display()
+            ))
+        })?;
+        if m.format != REPO_FORMAT {
+            return Err(Error::not_found(format!(
+                "{} is not a bitsync backup repository",
+                root.display()
+            )));
+        }
+        if m.version > REPO_VERSION {
+            return Err(Error::invalid(format!(
+                "{} has repository format version {}; this bitsync reads up to {REPO_VERSION}",
+                root.display(),
+                m.version
+            )));
+        }
+        Ok(Repo {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Open a repository, creating it if `root` is missing or an empty directory.
+    pub fn open_or_create(root: &Path) -> Result<Repo> {
+        if root.join(MARKER).exists() {
+            return Repo::open(root);
+        }
+        if !super::is_missing_or_empty_dir(root)? {
+            return Err(Error::exists(format!(
+                "{} exists and is not a bitsync backup repository; choose an empty or new directory",
+                root.display()
+            )));
+        }
+        super::create_private_dir(root)?;
+        for d in ["chunks", "snapshots", "tmp"] {
+            fs::create_dir_all(root.join(d)).ctx(format!("creating {}", root.join(d).display()))?;
+        }
+        let m = Marker {
+            format: REPO_FORMAT.into(),
+            version: REPO_VERSION,
+            created_at_ms: crate::manifest::now_ms(),
+        };
+        // The marker is written last: a repository without one was never finished.
+        write_atomic(
+            &root.join(MARKER),
+            &serde_json::to_vec_pretty(&m).expect("json"),
+            0o600,
+        )?;
+        if let Some(p) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(p)?;
+        }
+        Repo::open(root)
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<FileLock> {
+        FileLock::try_lock(
+            &self.root.join("lock"),
+            exclusive,
+            &format!(
+                "backup repository {} is in use by another bitsync (a backup or prune holds it); run the command again when it is done",
+                self.root.display()
+            ),
+        )
+    }
+
+    /// Take the writer's lock (backups, pruning).
+    pub fn lock_exclusive(&self) -> Result<FileLock> {
+        self.lock(true)
+    }
+    /// Take a reader's lock (verify, restore, clone --from-backup).
+    pub fn lock_shared(&self) -> Result<FileLock> {
+        self.lock(false)
+    }
+
+    /// Every finished snapshot, oldest first. Directories that cannot be read
+    /// are returned as errors in the second list (`backup verify` reports them).
+    pub fn list(&self) -> Result<SnapshotList> {
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        let dir = self.snapshots();
+        let entries = fs::read_dir(&dir).ctx(format!("reading {}", dir.display()))?;
+        for e in entries {
+            let e = e.ctx(format!("reading {}", dir.display()))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            match read_meta(&e.path()) {
+                Ok(m) if m.id == name => ok.push(m),
+                Ok(m) => bad.push((
+                    name.clone(),
+                    Error::integrity(format!("snapshot.json names snapshot {:?}", m.id)),
+                )),
+                Err(err) => bad.push((name, err)),
+            }
+        }
+        ok.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        bad.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((ok, bad))
+    }
+
+    /// Find a snapshot by id, unique id prefix, or `latest` (also: none given).
+    pub fn find(&self, wanted: Option<&str>) -> Result<SnapshotMeta> {
+        let (all, _) = self.list()?;
+        let wanted = wanted
+            .map(str::trim)
+            .filter(|w| !w.is_empty() && *w != "latest");
+        let Some(w) = wanted else {
+            return all.into_iter().last().ok_or_else(|| {
+                Error::not_found(format!(
+                    "backup repository {} has no snapshots yet",
+                    self.root.display()
+                ))
+            });
+        };
+        if let Some(m) = all.iter().find(|m| m.id == w) {
+            return Ok(m.clone());
+        }
+        let matches: Vec<_> = all.iter().filter(|m| m.id.starts_with(w)).collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(Error::not_found(format!(
+                "no snapshot {w:?} in {} (see `bitsync backup ls --repo {}`)",
+                self.root.display(),
+                self.root.display()
+            ))),
+            _ => Err(Error::invalid(format!(
+                "snapshot {w:?} is ambiguous: {} snapshots start with it",
+                matches.len()
+            ))),
+        }
+    }
+}
+
+fn read_meta(dir: &Path) -> Result<SnapshotMeta> {
+    let p = dir.join(SNAPSHOT_FILE);
+    let text = fs::read(&p).ctx(format!("reading {}", p.display()))?;
+    let m: SnapshotMeta = serde_json::from_slice(&text)
+        .map_err(|e| Error::integrity(format!("{} is damaged: {e}", p.display())))?;
+    if m.format != SNAPSHOT_FORMAT {
+        return Err(Error::integrity(format!(
+            "{} is not a bitsync snapshot description",
+            p.display()
+        )));
+    }
+    if m.format_version > SNAPSHOT_VERSION {
+        return Err(Error::invalid(format!(
+            "{} has snapshot format version {}; this bitsync reads up to {SNAPSHOT_VERSION}",
+            p.display(),
+            m.format_version
+        )));
+    }
+    Ok(m)
+}
+
+/// Parse the chunk list of a snapshot.
+pub fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
+    m.chunks
+        .iter()
+        .map(|(id, size)| {
+            Hash::parse(id, "chunk id")
+                .map(|h| (h, *size))
+                .map_err(|_| {
+                    Error::integrity(format!("snapshot {}: chunk id {id:?} is malformed", m.id))
+                })
+        })
+        .collect()
+}
+
+/// SHA-256 and length of a file, streamed.
+pub fn hash_file(path: &Path) -> Result<(Hash, u64)> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f
+            .read(&mut buf)
+            .ctx(format!("reading {}", path.display()))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((Hash(h.finalize().into()), n))
+}
+
+pub(super) fn file_entry(dir: &Path, name: &str) -> Result<FileEntry> {
+    let (h, size) = hash_file(&dir.join(name))?;
+    Ok(FileEntry {
+        path: name.to_string(),
+        size,
+        sha256: h.to_hex(),
+    })
+}

@@ -1,0 +1,310 @@
+//! Manifests, their envelopes, and the seq counter a peer's cursor pages by.
+//!
+//! Every change a peer may list (a new manifest, a new envelope) takes the
+//! next value of the one `seq` counter in the same transaction: see
+//! [`bump_seq`] and [`move_to_new_seq`], the only two places that touch it.
+
+use rusqlite::{params, OptionalExtension, Transaction, TransactionBehavior};
+
+use super::{hex_id, Db};
+use crate::crypto::{ChunkId, ContentId, NodeId};
+use crate::error::{Error, Result};
+use crate::manifest::{now_ms, Manifest};
+
+/// A stored manifest's signed bytes and its seq (see [`Db::manifest_raw`]).
+pub struct RawManifest {
+    pub body: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub seq: u64,
+}
+
+/// (recipient, wrapped item key) pairs of one item.
+pub type Envelopes = Vec<(String, Vec<u8>)>;
+
+/// One row of a manifest listing.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub content_id: ContentId,
+    pub seq: u64,
+    pub kind: String,
+    pub size: u64,
+    pub chunk_count: u32,
+    pub created_at_ms: i64,
+    pub publisher: NodeId,
+}
+
+/// The next value of the seq counter. Only inside a write transaction: the
+/// value commits (or rolls back) with the change it numbers.
+fn bump_seq(tx: &Transaction<'_>) -> Result<u64> {
+    let v: i64 = tx.query_row(
+        "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(v as u64)
+}
+
+/// Give a stored item the next seq, so that a peer paging by seq lists it
+/// again (its envelopes changed). Returns the new seq.
+pub(super) fn move_to_new_seq(tx: &Transaction<'_>, content_id: &str) -> Result<u64> {
+    let seq = bump_seq(tx)?;
+    tx.execute(
+        "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
+        params![content_id, seq as i64],
+    )?;
+    Ok(seq)
+}
+
+impl Db {
+    /// Store a verified manifest and envelopes; chunks listed in `present` are
+    /// recorded as present (the caller wrote and synced them). Idempotent: a
+    /// known manifest only gains the envelopes it lacks. Returns the item's seq
+    /// if anything changed.
+    pub fn insert_manifest(
+        &self,
+        m: &Manifest,
+        envelopes: &[(String, Vec<u8>)],
+        present: &[(ChunkId, u64)],
+    ) -> Result<Option<u64>> {
+        let mut c = self.w();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq = Self::insert_manifest_in(&tx, m, envelopes, present)?;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// [`insert_manifest`](Self::insert_manifest) for many items in one
+    /// transaction (one fsync): what a replicator receiving many small items
+    /// uses. Seqs are taken in the order given.
+    pub fn insert_manifests(&self, items: &[(&Manifest, Envelopes)]) -> Result<Vec<Option<u64>>> {
+        let mut c = self.w();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (m, envelopes) in items {
+            out.push(Self::insert_manifest_in(&tx, m, envelopes, &[])?);
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    fn insert_manifest_in(
+        tx: &Transaction<'_>,
+        m: &Manifest,
+        envelopes: &[(String, Vec<u8>)],
+        present: &[(ChunkId, u64)],
+    ) -> Result<Option<u64>> {
+        let cid = m.id().to_hex();
+        let now = now_ms();
+        for (id, size) in present {
+            tx.execute(
+                "INSERT OR IGNORE INTO chunks(chunk_id, size, stored_at_ms) VALUES (?1, ?2, ?3)",
+                params![id.to_hex(), *size as i64, now],
+            )?;
+        }
+        let exists: bool = tx
+            .query_row(
+                "SELECT 1 FROM manifests WHERE content_id = ?1",
+                [&cid],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+        let mut changed = !exists;
+        if !exists {
+            Self::insert_new_manifest(tx, m, &cid, now)?;
+        }
+        for (recipient, wrapped) in envelopes {
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
+                params![cid, recipient, wrapped],
+            )?;
+            changed |= n > 0;
+        }
+        let seq = if changed && exists {
+            Some(move_to_new_seq(tx, &cid)?)
+        } else if changed {
+            Some(tx.query_row(
+                "SELECT seq FROM manifests WHERE content_id = ?1",
+                [&cid],
+                |r| r.get::<_, i64>(0),
+            )? as u64)
+        } else {
+            None
+        };
+        Ok(seq)
+    }
+
+    /// The rows of a manifest not stored before, at the next seq.
+    fn insert_new_manifest(tx: &Transaction<'_>, m: &Manifest, cid: &str, now: i64) -> Result<()> {
+        let seq = bump_seq(tx)?;
+        let b = m.body();
+        tx.execute(
+            "INSERT INTO manifests(content_id, seq, body, signature, kind, size, chunk_count, created_at_ms, publisher, added_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                cid,
+                seq as i64,
+                m.body_bytes(),
+                m.signature(),
+                b.kind,
+                b.size as i64,
+                m.chunk_count() as i64,
+                b.created_at_ms,
+                m.publisher().to_hex(),
+                now
+            ],
+        )?;
+        let mut st = tx.prepare(
+            "INSERT INTO manifest_chunks(content_id, idx, chunk_id) VALUES (?1, ?2, ?3)",
+        )?;
+        for (i, id) in m.chunk_ids().enumerate() {
+            st.execute(params![cid, i as i64, id.to_hex()])?;
+        }
+        Ok(())
+    }
+
+    /// Add envelopes (the just-in-time rekeys of one batch) in one
+    /// transaction; each one added moves its item to a new seq. Returns, per
+    /// row, the item's new seq, or None if an envelope was already there.
+    pub fn add_envelopes(&self, rows: &[(ContentId, String, Vec<u8>)]) -> Result<Vec<Option<u64>>> {
+        let mut c = self.w();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (content_id, recipient, wrapped) in rows {
+            let cid = content_id.to_hex();
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
+                params![cid, recipient, wrapped],
+            )?;
+            out.push(if n > 0 {
+                Some(move_to_new_seq(&tx, &cid)?)
+            } else {
+                None
+            });
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// The envelope of an item for one recipient, if stored.
+    pub fn envelope(&self, content_id: &ContentId, recipient: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .r()
+            .prepare_cached(
+                "SELECT wrapped FROM envelopes WHERE content_id = ?1 AND recipient = ?2",
+            )?
+            .query_row(params![content_id.to_hex(), recipient], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// A stored manifest as raw bytes, not re-verified. For serving only:
+    /// every receiver verifies the signature itself.
+    pub fn manifest_raw(&self, id: &ContentId) -> Result<Option<RawManifest>> {
+        Ok(self
+            .r()
+            .prepare_cached("SELECT body, signature, seq FROM manifests WHERE content_id = ?1")?
+            .query_row([id.to_hex()], |r| {
+                Ok(RawManifest {
+                    body: r.get(0)?,
+                    signature: r.get(1)?,
+                    seq: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .optional()?)
+    }
+
+    /// The current seq of an item.
+    pub fn seq_of(&self, id: &ContentId) -> Result<Option<u64>> {
+        let seq: Option<i64> = self
+            .r()
+            .prepare_cached("SELECT seq FROM manifests WHERE content_id = ?1")?
+            .query_row([id.to_hex()], |r| r.get(0))
+            .optional()?;
+        Ok(seq.map(|s| s as u64))
+    }
+
+    pub fn has_manifest(&self, id: &ContentId) -> Result<bool> {
+        Ok(self
+            .r()
+            .query_row(
+                "SELECT 1 FROM manifests WHERE content_id = ?1",
+                [id.to_hex()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    /// Load a manifest and re-verify its signature (the database is not trusted blindly).
+    pub fn manifest(&self, id: &ContentId) -> Result<Option<(Manifest, u64)>> {
+        let row: Option<(Vec<u8>, Vec<u8>, i64)> = self
+            .r()
+            .query_row(
+                "SELECT body, signature, seq FROM manifests WHERE content_id = ?1",
+                [id.to_hex()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((body, sig, seq)) = row else {
+            return Ok(None);
+        };
+        let m = Manifest::from_signed(body, sig)?;
+        if m.id() != *id {
+            return Err(Error::integrity(format!(
+                "stored manifest {id} hashes to {}: it was altered",
+                m.id()
+            )));
+        }
+        Ok(Some((m, seq as u64)))
+    }
+
+    /// Up to `limit` summaries with seq > `after`, in seq order.
+    pub fn list_after(&self, after: u64, limit: u32) -> Result<Vec<Summary>> {
+        let c = self.r();
+        let mut st = c.prepare_cached(
+            "SELECT content_id, seq, kind, size, chunk_count, created_at_ms, publisher FROM manifests
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![after as i64, limit as i64], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (cid, seq, kind, size, count, created, publisher) = row?;
+            out.push(Summary {
+                content_id: hex_id(cid, "content id")?,
+                seq: seq as u64,
+                kind,
+                size: size as u64,
+                chunk_count: count as u32,
+                created_at_ms: created,
+                publisher: hex_id(publisher, "node id")?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn head_seq(&self) -> Result<u64> {
+        Ok(self
+            .r()
+            .query_row("SELECT value FROM counters WHERE name = 'seq'", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64)
+    }
+
+    /// Every content id, in seq order (for verify, backup and rekeying).
+    pub fn content_ids(&self) -> Result<Vec<ContentId>> {
+        let c = self.r();
+        let mut st = c.prepare("SELECT content_id FROM manifests ORDER BY seq")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|r| hex_id(r?, "content id")).collect()
+    }
+}

@@ -1,0 +1,227 @@
+//! The peer list (who is trusted, revoked or only heard of, and how far
+//! each one's items were synced) and the invites that add trusted peers.
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use super::{hex_id, Db};
+use crate::crypto::{Hash, NodeId};
+use crate::error::{Error, Result};
+use crate::manifest::now_ms;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Trusted,
+    Revoked,
+    /// Learned from another node's peer list during a clone; not trusted until reviewed.
+    Imported,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Trusted => "trusted",
+            PeerState::Revoked => "revoked",
+            PeerState::Imported => "imported",
+        }
+    }
+    fn parse(s: &str) -> PeerState {
+        match s {
+            "trusted" => PeerState::Trusted,
+            "revoked" => PeerState::Revoked,
+            _ => PeerState::Imported,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub node_id: NodeId,
+    pub name: String,
+    pub address: String,
+    pub state: PeerState,
+    pub mirror: bool,
+    /// SubjectPublicKeyInfo DER, once learned from a verified TLS handshake.
+    pub public_key: Option<Vec<u8>>,
+    pub added_at_ms: i64,
+    /// The seq up to which everything from this peer is durably stored.
+    pub cursor: u64,
+}
+
+impl Db {
+    fn peer_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, Peer)> {
+        let id: String = r.get(0)?;
+        let state: String = r.get(3)?;
+        Ok((
+            id,
+            Peer {
+                node_id: Hash([0; 32]),
+                name: r.get(1)?,
+                address: r.get(2)?,
+                state: PeerState::parse(&state),
+                mirror: r.get::<_, i64>(4)? != 0,
+                public_key: r.get(5)?,
+                added_at_ms: r.get(6)?,
+                cursor: r.get::<_, i64>(7)? as u64,
+            },
+        ))
+    }
+
+    const PEER_COLS: &'static str =
+        "node_id, name, address, state, mirror, public_key, added_at_ms, cursor";
+
+    /// Add or update a peer. Re-adding a revoked peer trusts it again.
+    pub fn upsert_peer(
+        &self,
+        id: &NodeId,
+        name: &str,
+        address: &str,
+        state: PeerState,
+        mirror: bool,
+    ) -> Result<Peer> {
+        self.w().execute(
+            "INSERT INTO peers(node_id, name, address, state, mirror, added_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT(node_id) DO UPDATE SET
+               name = CASE WHEN excluded.name = '' THEN peers.name ELSE excluded.name END,
+               address = CASE WHEN excluded.address = '' THEN peers.address ELSE excluded.address END,
+               state = excluded.state,
+               mirror = excluded.mirror OR peers.mirror",
+            params![id.to_hex(), name, address, state.as_str(), mirror as i64, now_ms()],
+        )?;
+        self.peer(id)?
+            .ok_or_else(|| Error::io("peer vanished after insert"))
+    }
+
+    /// Record a peer learned from another node, unless this node already knows it.
+    pub fn import_peer(&self, id: &NodeId, name: &str, address: &str) -> Result<bool> {
+        let n = self.w().execute(
+            "INSERT OR IGNORE INTO peers(node_id, name, address, state, added_at_ms) VALUES (?1, ?2, ?3, 'imported', ?4)",
+            params![id.to_hex(), name, address, now_ms()],
+        )?;
+        Ok(n > 0)
+    }
+
+    pub fn revoke_peer(&self, id: &NodeId) -> Result<Peer> {
+        let n = self.w().execute(
+            "UPDATE peers SET state = 'revoked', mirror = 0 WHERE node_id = ?1",
+            [id.to_hex()],
+        )?;
+        if n == 0 {
+            return Err(Error::not_found(format!(
+                "node {id} is not in the peer list (see `bitsync peer ls`)"
+            )));
+        }
+        self.peer(id)?
+            .ok_or_else(|| Error::io("peer vanished after update"))
+    }
+
+    pub fn peer(&self, id: &NodeId) -> Result<Option<Peer>> {
+        let c = self.r();
+        let sql = format!("SELECT {} FROM peers WHERE node_id = ?1", Self::PEER_COLS);
+        let row = c
+            .query_row(&sql, [id.to_hex()], Self::peer_from_row)
+            .optional()?;
+        Ok(row.map(|(_, mut p)| {
+            p.node_id = *id;
+            p
+        }))
+    }
+
+    pub fn peers(&self) -> Result<Vec<Peer>> {
+        let c = self.r();
+        let sql = format!(
+            "SELECT {} FROM peers ORDER BY added_at_ms, node_id",
+            Self::PEER_COLS
+        );
+        let mut st = c.prepare(&sql)?;
+        let rows = st.query_map([], Self::peer_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, mut p) = row?;
+            p.node_id = hex_id(id, "node id")?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
+    /// Is this node a trusted peer right now? Checked on every call and every streamed message.
+    pub fn is_trusted(&self, id: &NodeId) -> Result<bool> {
+        let state: Option<String> = self
+            .r()
+            .query_row(
+                "SELECT state FROM peers WHERE node_id = ?1",
+                [id.to_hex()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(state.as_deref() == Some("trusted"))
+    }
+
+    /// Remember a peer's public key after its TLS handshake proved the key hashes to its id.
+    pub fn set_peer_key(&self, id: &NodeId, spki: &[u8]) -> Result<()> {
+        self.w().execute(
+            "UPDATE peers SET public_key = ?2 WHERE node_id = ?1 AND (public_key IS NULL OR public_key != ?2)",
+            params![id.to_hex(), spki],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_cursor(&self, id: &NodeId, cursor: u64) -> Result<()> {
+        self.w().execute(
+            "UPDATE peers SET cursor = ?2 WHERE node_id = ?1",
+            params![id.to_hex(), cursor as i64],
+        )?;
+        Ok(())
+    }
+
+    // ---- invites ----
+
+    pub fn create_invite(&self, secret_hash: &Hash, expires_at_ms: i64) -> Result<()> {
+        self.w().execute(
+            "INSERT INTO invites(secret_hash, created_at_ms, expires_at_ms) VALUES (?1, ?2, ?3)",
+            params![secret_hash.to_hex(), now_ms(), expires_at_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Redeem an invite for `joiner`: trusts it and burns the invite, atomically.
+    pub fn redeem_invite(
+        &self,
+        secret_hash: &Hash,
+        joiner: &NodeId,
+        name: &str,
+        address: &str,
+    ) -> Result<()> {
+        let mut c = self.w();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<(i64, Option<String>)> = tx
+            .query_row(
+                "SELECT expires_at_ms, used_by FROM invites WHERE secret_hash = ?1",
+                [secret_hash.to_hex()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match row {
+            None => return Err(Error::auth("invite secret is not valid for this node")),
+            Some((_, Some(_))) => {
+                return Err(Error::auth("invite was already used; ask for a new one"))
+            }
+            Some((exp, None)) if exp < now_ms() => {
+                return Err(Error::auth("invite has expired; ask for a new one"))
+            }
+            _ => {}
+        }
+        tx.execute(
+            "UPDATE invites SET used_by = ?2 WHERE secret_hash = ?1",
+            params![secret_hash.to_hex(), joiner.to_hex()],
+        )?;
+        tx.execute(
+            "INSERT INTO peers(node_id, name, address, state, added_at_ms) VALUES (?1, ?2, ?3, 'trusted', ?4)
+             ON CONFLICT(node_id) DO UPDATE SET state = 'trusted',
+               name = CASE WHEN excluded.name = '' THEN peers.name ELSE excluded.name END,
+               address = CASE WHEN excluded.address = '' THEN peers.address ELSE excluded.address END",
+            params![joiner.to_hex(), name, address, now_ms()],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+}

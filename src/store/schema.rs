@@ -1,0 +1,95 @@
+//! The schema, its version, and the check every open makes against it.
+//!
+//! This is the only place that knows the tables; everything else reads and
+//! writes them through [`Db`](super::Db).
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::crypto::NodeId;
+use crate::error::{Error, Result};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta(
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters(
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters(name, value) VALUES ('seq', 0);
+CREATE TABLE IF NOT EXISTS peers(
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL CHECK (state IN ('trusted', 'revoked', 'imported')),
+    mirror INTEGER NOT NULL DEFAULT 0,
+    public_key BLOB,
+    added_at_ms INTEGER NOT NULL,
+    cursor INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS manifests(
+    content_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL UNIQUE,
+    body BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    kind TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    chunk_count INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    publisher TEXT NOT NULL,
+    added_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS envelopes(
+    content_id TEXT NOT NULL REFERENCES manifests(content_id),
+    recipient TEXT NOT NULL,
+    wrapped BLOB NOT NULL,
+    PRIMARY KEY (content_id, recipient));
+CREATE TABLE IF NOT EXISTS manifest_chunks(
+    content_id TEXT NOT NULL REFERENCES manifests(content_id),
+    idx INTEGER NOT NULL,
+    chunk_id TEXT NOT NULL,
+    PRIMARY KEY (content_id, idx));
+CREATE INDEX IF NOT EXISTS manifest_chunks_by_chunk ON manifest_chunks(chunk_id);
+CREATE TABLE IF NOT EXISTS chunks(
+    chunk_id TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    stored_at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS invites(
+    secret_hash TEXT PRIMARY KEY,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    used_by TEXT);
+"#;
+
+pub const SCHEMA_VERSION: &str = "1";
+
+/// Create the tables in a new (or empty) database and name its node.
+pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
+    c.execute_batch(SCHEMA)?;
+    c.execute(
+        "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?1), ('node_id', ?2)",
+        params![SCHEMA_VERSION, node_id.to_hex()],
+    )?;
+    Ok(())
+}
+
+/// Refuse a file that is not a bitsync database of the version this build reads.
+pub(super) fn check(c: &Connection, path: &Path) -> Result<()> {
+    let version: Option<String> = c
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| {
+            Error::from(e).context(format!("{} is not a bitsync database", path.display()))
+        })?;
+    if version.as_deref() != Some(SCHEMA_VERSION) {
+        return Err(Error::invalid(format!(
+            "{} has schema version {:?}; this bitsync reads {SCHEMA_VERSION}",
+            path.display(),
+            version
+        )));
+    }
+    Ok(())
+}
