@@ -284,3 +284,14 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|e| Error::from_io(e, what))
     }
 }
+
+/// Run blocking work (disk, SQLite, RSA) on tokio's blocking pool, so it never
+/// stalls the threads that drive connections. A panic in `f` comes back as an
+/// `Io` error instead of unwinding into the caller.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io(format!("worker failed: {e}")))?
+}

@@ -90,7 +90,7 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
         repo::data_dir_node_id(&data_dir)?;
         let key_text = std::fs::read_to_string(paths.key())
             .map_err(|e| Error::from_io(e, format!("node key {}", paths.key().display())))?;
-        let sealed_on_node = key_text.contains("BITSYNC SEALED KEY");
+        let sealed_on_node = crate::identity::is_sealed_pem(&key_text);
         drop(zeroize::Zeroizing::new(key_text));
         // One passphrase: it opens a sealed node key and seals the backup's copy.
         let pass = cli.passphrase(!sealed_on_node)?;

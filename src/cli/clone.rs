@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::{progress_bar, runtime, Cli};
 use crate::backup::hybrid::RepoChunks;
-use crate::replicator::ChunkSource;
 use crate::error::{Error, Result};
 use crate::node::{self, InitOutcome, Node};
+use crate::replicator::ChunkSource;
 use crate::transport::Dialer;
 
 pub(super) fn clone(cli: &Cli, token_or_peer: &str, from_backup: Option<&Path>) -> Result<()> {

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use super::blocking;
 use super::planner::Accepted;
 use crate::crypto;
+use crate::error::blocking;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::node::Node;

@@ -315,12 +315,6 @@ impl Replicator {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::io(format!("replicator worker failed: {e}")))?
-}
-
 /// Run a clone to completion in this process (the `bitsync clone` command).
 /// On failure, the error comes with what was achieved.
 pub async fn clone_now(

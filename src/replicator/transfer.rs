@@ -10,10 +10,11 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tonic::transport::Channel;
 
+use super::client;
 use super::jobs::Tracker;
 use super::sync::PeerSync;
-use super::{blocking, client};
 use crate::crypto::{ChunkId, Hash};
+use crate::error::blocking;
 use crate::error::{Error, Kind, Result};
 use crate::node::Node;
 use crate::proto::{progress::Phase, ChunkData, StreamChunksRequest};

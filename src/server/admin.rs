@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::{peer_to_proto, ServerState};
 use crate::content;
 use crate::crypto::Hash;
-use crate::error::Error;
+use crate::error::{blocking, Error};
 use crate::invite::Invite;
 use crate::manifest::now_ms;
 use crate::proto::admin_server::Admin;
@@ -59,12 +59,6 @@ fn progress_stream(mut rx: watch::Receiver<JobState>) -> ProgressStream {
         }
     });
     ReceiverStream::new(out)
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker failed: {e}")))
 }
 
 #[tonic::async_trait]
@@ -149,7 +143,7 @@ impl Admin for AdminService {
                 items,
             })
         })
-        .await??;
+        .await?;
         Ok(Response::new(resp))
     }
 
@@ -241,7 +235,7 @@ impl Admin for AdminService {
         _req: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
         let node = self.state.node.clone();
-        let r = blocking(move || content::verify(&node, &|_, _| {})).await??;
+        let r = blocking(move || content::verify(&node, &|_, _| {})).await?;
         Ok(Response::new(VerifyResponse {
             chunks_checked: r.chunks_checked,
             manifests_checked: r.manifests_checked,

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::ServerState;
 use crate::crypto::{self, ContentId, Hash, NodeId};
-use crate::error::{Error, Kind};
+use crate::error::{blocking, Error, Kind};
 use crate::identity;
 use crate::proto::federation_server::Federation;
 use crate::proto::*;
@@ -71,12 +71,6 @@ impl Drop for StreamSlot {
             }
         }
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("worker failed: {e}")))
 }
 
 impl FederationService {
@@ -394,7 +388,7 @@ impl Federation for FederationService {
             )));
         }
         let state = self.state.clone();
-        let results = blocking(move || manifests_for(&state, &caller, &spki, &ids)).await?;
+        let results = blocking(move || Ok(manifests_for(&state, &caller, &spki, &ids))).await?;
         Ok(Response::new(GetManifestsResponse { results }))
     }
 
@@ -445,11 +439,11 @@ impl Federation for FederationService {
                     return;
                 }
                 let st = state.clone();
-                let msg = blocking(move || read_chunk(&st, &id)).await;
+                let msg = blocking(move || Ok(read_chunk(&st, &id))).await;
                 let msg = match msg {
                     Ok(m) => m,
                     Err(e) => {
-                        let _ = tx.send(Err(e)).await;
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
                 };
