@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bitsync::content::{self, PutOptions};
 use bitsync::crypto::{self, Hash, ItemKey};
 use bitsync::manifest::{self, Manifest};
-use bitsync::node::{self, Node};
+use bitsync::node::Node;
 use bitsync::proto::*;
 use bitsync::server::{self, ServeOptions};
 use bitsync::store::PeerState;
@@ -46,11 +46,10 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn open_new_node(dir: &Path, config: Option<&str>) -> Node {
-    node::init(dir, None).unwrap();
-    if let Some(c) = config {
-        std::fs::write(dir.join("config.toml"), c).unwrap();
+    match config {
+        Some(c) => new_node_with_config(dir, c),
+        None => new_node(dir),
     }
-    open(dir)
 }
 
 fn main() {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bitsync::crypto::{self, ContentId, Hash, NodeId};
 use bitsync::invite::Invite;
 use bitsync::manifest::{now_ms, Manifest};
-use bitsync::node::{self, Node};
+use bitsync::node::Node;
 use bitsync::proto::federation_client::FederationClient;
 use bitsync::proto::*;
 use bitsync::replicator::{self, Client};
@@ -60,9 +60,7 @@ fn make_node(cfg: &Cfg) -> (TempDir, Node) {
     bitsync::tls::install_crypto_provider();
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path().join("node");
-    node::init(&dir, None).unwrap();
-    std::fs::write(dir.join("config.toml"), cfg.toml()).unwrap();
-    let n = Node::open(&dir, &node::no_passphrase).unwrap();
+    let n = new_node_with_config(&dir, &cfg.toml());
     (tmp, n)
 }
 

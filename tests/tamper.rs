@@ -563,21 +563,17 @@ fn put_killed_mid_stream_leaves_no_manifest() {
     drop(n);
 
     // And the command line agrees.
-    let o = Command::new(BIN)
+    let o = run(command(tmp.path())
         .arg("verify")
-        .env("BITSYNC_DATA_DIR", &root)
-        .output()
-        .unwrap();
+        .env("BITSYNC_DATA_DIR", &root));
     assert!(
         o.status.success(),
         "verify after a killed put: {}",
-        String::from_utf8_lossy(&o.stderr)
+        o.stderr
     );
-    let o = Command::new(BIN)
+    let o = run(command(tmp.path())
         .args(["ls", "--json"])
-        .env("BITSYNC_DATA_DIR", &root)
-        .output()
-        .unwrap();
+        .env("BITSYNC_DATA_DIR", &root));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
 }

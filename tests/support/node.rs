@@ -36,6 +36,13 @@ pub fn new_node(dir: &Path) -> Node {
     open(dir)
 }
 
+/// A new data dir at `dir` with `config` as its whole config.toml, opened.
+pub fn new_node_with_config(dir: &Path, config: &str) -> Node {
+    node::init(dir, None).expect("init");
+    fs::write(dir.join("config.toml"), config).unwrap();
+    open(dir)
+}
+
 /// A new data dir at `dir` with `chunk_size` plaintext bytes per chunk, opened.
 pub fn init_node(dir: &Path, chunk_size: u32) -> Node {
     node::init(dir, None).expect("init");
