@@ -18,11 +18,15 @@
 //! Each timing is the best of BITSYNC_BENCH_ROUNDS (default 2) runs, with a
 //! `sync` before each so one step's writeback does not land in the next.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+use support::{open, Xorshift, BIN};
+
 const PASS: &str = "bench passphrase";
 
 fn sh(cmd: &mut Command) {
@@ -66,16 +70,6 @@ fn rm(p: &Path) {
     let _ = std::fs::remove_dir_all(p);
 }
 
-fn fill(seed: u64, buf: &mut [u8]) {
-    let mut x = seed | 1;
-    for c in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-    }
-}
-
 fn main() {
     let mb: u64 = std::env::var("BITSYNC_BENCH_MB")
         .ok()
@@ -99,14 +93,13 @@ fn main() {
     sh(bitsync(&data).arg("init"));
     let t = Instant::now();
     {
-        let node =
-            bitsync::node::Node::open(&data, &bitsync::node::no_passphrase).expect("open node");
+        let node = open(&data);
         let mut left = mb << 20;
         let mut i = 0u64;
         let mut buf = vec![0u8; 64 << 20];
         while left > 0 {
             let n = left.min(64 << 20) as usize;
-            fill(i + 1, &mut buf[..n]);
+            Xorshift::new(i + 1).fill(&mut buf[..n]);
             let opts = bitsync::content::PutOptions {
                 kind: "file".into(),
                 name: format!("item-{i}"),

@@ -17,21 +17,24 @@
 //! BITSYNC_BENCH_ITEMS=2000 cargo bench --bench federation -- rekey
 //! ```
 
-use std::io::Read;
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bitsync::content::{self, PutOptions};
 use bitsync::crypto::{self, Hash, ItemKey};
 use bitsync::manifest::{self, Manifest};
-use bitsync::node::{self, Node};
+use bitsync::node::Node;
 use bitsync::proto::*;
 use bitsync::server::{self, ServeOptions};
 use bitsync::store::PeerState;
-use bitsync::transport::Dialer;
 use prost::Message;
 use tempfile::TempDir;
+
+use support::*;
 
 const BATCH: usize = 200;
 
@@ -43,16 +46,10 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn open_new_node(dir: &Path, config: Option<&str>) -> Node {
-    node::init(dir, None).unwrap();
-    if let Some(c) = config {
-        std::fs::write(dir.join("config.toml"), c).unwrap();
+    match config {
+        Some(c) => new_node_with_config(dir, c),
+        None => new_node(dir),
     }
-    Node::open(dir, &node::no_passphrase).unwrap()
-}
-
-/// The node's own dialer (Tor is never started for TCP peers).
-fn dialer(n: &Node) -> Dialer {
-    server::dialer(n).expect("building the dialer").0
 }
 
 fn main() {
@@ -395,47 +392,6 @@ fn bench_dir() -> PathBuf {
 
 // ---- (b) StreamChunks vs cat ----------------------------------------------------
 
-/// Deterministic bytes generated on the fly (no source file needed).
-struct Gen {
-    left: u64,
-    x: u64,
-}
-
-impl Read for Gen {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.left) as usize;
-        for c in buf[..n].chunks_mut(8) {
-            self.x ^= self.x << 13;
-            self.x ^= self.x >> 7;
-            self.x ^= self.x << 17;
-            let b = self.x.to_le_bytes();
-            c.copy_from_slice(&b[..c.len()]);
-        }
-        self.left -= n as u64;
-        Ok(n)
-    }
-}
-
-struct ChildGuard {
-    child: Child,
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn proc_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     s.lines()
@@ -537,17 +493,13 @@ async fn tuned_channel(
 
 async fn stream_bench() {
     let mb = env_usize("BITSYNC_BENCH_MB", 2048);
-    let bin = env!("CARGO_BIN_EXE_bitsync");
     let tmp = TempDir::new_in(bench_dir()).unwrap();
     let sdir = tmp.path().join("server");
     println!("\n(b) StreamChunks: {mb} MiB in 1 MiB chunks from a `bitsync serve` child, loopback mutual TLS");
     let server = open_new_node(&sdir, None);
     let caller = open_new_node(&tmp.path().join("caller"), None);
     let t = Instant::now();
-    let mut gen = Gen {
-        left: mb as u64 * 1024 * 1024,
-        x: 0x9E37_79B9_7F4A_7C15,
-    };
+    let mut gen = DataReader::new(1, mb as u64 * 1024 * 1024);
     let id = content::put(
         &server,
         &mut gen,
@@ -573,33 +525,8 @@ async fn stream_bench() {
         t.elapsed().as_secs_f64()
     );
 
-    let child = Command::new(bin)
-        .arg("--data-dir")
-        .arg(&sdir)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    let _guard = ChildGuard { child };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let address = loop {
-        let out = Command::new(bin)
-            .arg("--data-dir")
-            .arg(&sdir)
-            .arg("status")
-            .output()
-            .unwrap();
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            break v["listen_address"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "bitsync serve did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let served = Serve::spawn(&sdir, &["--listen", "127.0.0.1:0"], "warn");
+    let (pid, address) = (served.pid(), served.addr.clone());
     let rss_idle = proc_kib(pid, "VmRSS:");
 
     let ch = dialer(&caller).channel(server_id, &address).await.unwrap();

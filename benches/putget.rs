@@ -24,13 +24,17 @@
 //!
 //! Targets (from the issue): put and get ≥ 0.5 × cp throughput, peak RSS < 64 MiB.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+use support::{DataReader, BIN};
+
 const MIB: u64 = 1024 * 1024;
 
 struct Run {
@@ -97,20 +101,7 @@ fn warm(path: &Path) {
 
 fn make_input(path: &Path, bytes: u64) {
     let mut f = File::create(path).unwrap();
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let mut buf = vec![0u8; MIB as usize];
-    let mut left = bytes;
-    while left > 0 {
-        for w in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            w.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
+    std::io::copy(&mut DataReader::new(0x2545_F491_4F6C_DD1D, bytes), &mut f).unwrap();
     f.sync_all().unwrap();
 }
 

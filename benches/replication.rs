@@ -34,12 +34,14 @@
 //! `BITSYNC_BENCH_ROUNDS` (default 3) sets the rounds of (a);
 //! `BITSYNC_BENCH_DIR` where the data goes (default target/bench-data).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::io::Read;
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bitsync::content::{self, PutOptions};
@@ -50,7 +52,8 @@ use bitsync::store::PeerState;
 use prost::Message;
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+use support::*;
+
 const MIB: u64 = 1024 * 1024;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -215,87 +218,6 @@ fn proc_cpu(pid: u32, children: bool) -> Duration {
     Duration::from_millis(ticks * 1000 / hz.max(1))
 }
 
-/// `bitsync serve` as a child process, stopped with SIGTERM when dropped.
-struct Served {
-    child: Child,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Served {
-    #[allow(clippy::zombie_processes)] // reaped in Drop
-    fn start(dir: &Path) -> Served {
-        let log = dir.with_extension("log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            if let Some(line) = text
-                .lines()
-                .find(|l| l.starts_with("bitsync node ") && l.contains(" listening on "))
-            {
-                let addr = line
-                    .split(" listening on ")
-                    .nth(1)
-                    .unwrap()
-                    .split(',')
-                    .next()
-                    .unwrap()
-                    .trim()
-                    .to_string();
-                if dir.join("admin.sock").exists() {
-                    return Served { child, addr, log };
-                }
-            }
-            assert!(
-                Instant::now() < end,
-                "serve on {} did not start:\n{text}",
-                dir.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        eprintln!(
-            "(serve did not stop on SIGTERM; killed; log {})",
-            self.log.display()
-        );
-    }
-}
-
-/// Initialize a data dir in-process; returns the node.
-fn new_node(dir: &Path) -> Node {
-    node::init(dir, None).unwrap();
-    Node::open(dir, &node::no_passphrase).unwrap()
-}
-
 /// Make two nodes trust each other (the source learns the other's key now,
 /// as it would at the first call, so new items carry its envelope).
 fn trust(source: &Node, other: &Node, source_addr: &str, mirror: bool) {
@@ -350,42 +272,6 @@ fn warm(dir: &Path) -> u64 {
     total
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-/// A reader of `n` deterministic bytes, generated on the fly.
-struct Pattern {
-    left: u64,
-    x: u64,
-}
-
-impl Read for Pattern {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.left) as usize;
-        for c in buf[..n].chunks_mut(8) {
-            self.x ^= self.x << 13;
-            self.x ^= self.x >> 7;
-            self.x ^= self.x << 17;
-            c.copy_from_slice(&self.x.to_le_bytes()[..c.len()]);
-        }
-        self.left -= n as u64;
-        Ok(n)
-    }
-}
-
 fn main() {
     bitsync::tls::install_crypto_provider();
     let args: Vec<String> = std::env::args()
@@ -412,14 +298,6 @@ fn main() {
 
 // ---- (a) clone vs rsync vs cp -r ---------------------------------------------------
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn clone_bench() {
     let mb = env_usize("BITSYNC_BENCH_MB", 2048) as u64;
     let rounds = env_usize("BITSYNC_BENCH_ROUNDS", 3).max(1);
@@ -439,10 +317,7 @@ fn clone_bench() {
         };
         content::put(
             &src,
-            &mut Pattern {
-                left: n,
-                x: 0x9E37_79B9_7F4A_7C15 ^ i,
-            },
+            &mut DataReader::new(0x9E37_79B9_7F4A_7C15 ^ i, n),
             &opts,
             &|_| {},
         )
@@ -457,7 +332,7 @@ fn clone_bench() {
         secs(t.elapsed())
     );
     warm_memory(4 * mb * MIB);
-    let served = Served::start(&a);
+    let served = Serve::spawn(&a, &["--listen", "127.0.0.1:0"], "warn");
 
     // rsync daemon serving the source's chunk dir.
     let port = free_port();
@@ -690,11 +565,11 @@ fn lag_bench() {
     println!("\n(b) mirror lag: {n} items of 1 MiB, published one by one with `bitsync put`");
     let (an, bn) = (new_node(&a), new_node(&b));
     drop(an);
-    let sa = Served::start(&a);
+    let sa = Serve::spawn(&a, &["--listen", "127.0.0.1:0"], "warn");
     let an = Node::open(&a, &node::no_passphrase).unwrap();
     trust(&an, &bn, &sa.addr, true);
     drop((an, bn));
-    let _sb = Served::start(&b);
+    let _sb = Serve::spawn(&b, &["--listen", "127.0.0.1:0"], "warn");
     wait_mirror_ready(&b);
     let db = rusqlite::Connection::open_with_flags(
         b.join("bitsync.db"),
@@ -707,12 +582,9 @@ fn lag_bench() {
     let input = tmp.path().join("in");
     for i in 0..n {
         let mut data = Vec::new();
-        Pattern {
-            left: MIB,
-            x: 0x1234_5678 + i as u64,
-        }
-        .read_to_end(&mut data)
-        .unwrap();
+        DataReader::new(0x1234_5678 + i as u64, MIB)
+            .read_to_end(&mut data)
+            .unwrap();
         std::fs::write(&input, &data).unwrap();
         let p = run(Command::new(BIN)
             .arg("--data-dir")
@@ -744,49 +616,6 @@ fn lag_bench() {
 }
 
 // ---- (c) incremental sync ------------------------------------------------------------
-
-/// A loopback TCP proxy counting the bytes each way.
-struct Proxy {
-    addr: SocketAddr,
-    bytes: Arc<AtomicU64>,
-}
-
-fn proxy(target: SocketAddr) -> Proxy {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let bytes = Arc::new(AtomicU64::new(0));
-    let counter = bytes.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(client) = c else { continue };
-            let Ok(server) = TcpStream::connect(target) else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            let (k1, k2) = (counter.clone(), counter.clone());
-            std::thread::spawn(move || pump(client, server, k1));
-            std::thread::spawn(move || pump(s2, c2, k2));
-        }
-    });
-    Proxy { addr, bytes }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, count: Arc<AtomicU64>) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-    }
-    let _ = to.shutdown(std::net::Shutdown::Both);
-}
 
 /// (recipient, wrapped key) pairs of one item.
 type Envelopes = Vec<(String, Vec<u8>)>;
@@ -866,8 +695,8 @@ fn incremental_bench() {
         secs(t.elapsed())
     );
     drop(an);
-    let sa = Served::start(&a);
-    let px = proxy(sa.addr.parse().unwrap());
+    let sa = Serve::spawn(&a, &["--listen", "127.0.0.1:0"], "warn");
+    let px = proxy(sa.addr.parse().unwrap(), None);
     let an = Node::open(&a, &node::no_passphrase).unwrap();
     trust(&an, &bn, &px.addr.to_string(), true);
     let a_id = an.id().to_hex();
@@ -881,10 +710,10 @@ fn incremental_bench() {
         "  first, the clone of {n} items: {:.1} s ({:.0} items/s), {:.1} MiB on the wire, cloner peak RSS {:.1} MiB",
         secs(c.wall),
         n as f64 / secs(c.wall),
-        px.bytes.load(Ordering::Relaxed) as f64 / MIB as f64,
+        wire_bytes(&px) as f64 / MIB as f64,
         c.max_rss_kib as f64 / 1024.0
     );
-    let _sb = Served::start(&b);
+    let _sb = Serve::spawn(&b, &["--listen", "127.0.0.1:0"], "warn");
     wait_mirror_ready(&b);
     let db = rusqlite::Connection::open_with_flags(
         b.join("bitsync.db"),
@@ -897,14 +726,11 @@ fn incremental_bench() {
         std::thread::sleep(Duration::from_millis(500));
         let input = tmp.path().join("in");
         let mut data = Vec::new();
-        Pattern {
-            left: size,
-            x: 77 + size,
-        }
-        .read_to_end(&mut data)
-        .unwrap();
+        DataReader::new(77 + size, size)
+            .read_to_end(&mut data)
+            .unwrap();
         std::fs::write(&input, &data).unwrap();
-        let before = px.bytes.load(Ordering::Relaxed);
+        let before = wire_bytes(&px);
         let t0 = Instant::now();
         let p = run(Command::new(BIN)
             .arg("--data-dir")
@@ -916,7 +742,7 @@ fn incremental_bench() {
         let total = t0.elapsed();
         // Let the tail of the exchange (cursor, stream ends) pass through too.
         std::thread::sleep(Duration::from_millis(300));
-        let wire = px.bytes.load(Ordering::Relaxed) - before;
+        let wire = wire_bytes(&px) - before;
         let item = size + 16;
         let over = wire.saturating_sub(item);
         println!(
@@ -927,4 +753,9 @@ fn incremental_bench() {
             ok(over < 64 * 1024)
         );
     }
+}
+
+/// Bytes through the proxy, both ways.
+fn wire_bytes(px: &Proxy) -> u64 {
+    px.up.load(Ordering::Relaxed) + px.down.load(Ordering::Relaxed)
 }

@@ -14,31 +14,21 @@
 //! BITSYNC_BENCH_MB=16 cargo bench --bench tor
 //! ```
 
-#[path = "../tests/support/tornet.rs"]
-mod tornet;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bitsync::content::{self, PutOptions};
 use bitsync::node::{self, Node};
 use bitsync::replicator::{self, Replicator};
 use bitsync::server::{self, ServeOptions};
 use bitsync::tor::{self, TorOptions};
 use futures::StreamExt;
+use support::tornet;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const AXON_CHUNK: usize = 256 * 1024;
 const ITEM_MB: usize = 4;
-
-fn configure(dir: &Path, tor_section: &str) {
-    let cfg = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("listen = \"127.0.0.1:7450\"", "listen = \"127.0.0.1:0\"");
-    let head = &text[..text.find("[tor]").unwrap()];
-    std::fs::write(&cfg, format!("{head}[tor]\n{tor_section}\n")).unwrap();
-}
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
@@ -66,23 +56,13 @@ async fn main() {
     // Source node with the instance, serving on an onion service.
     let a_dir = tmp.path().join("a");
     node::init(&a_dir, None).unwrap();
-    configure(&a_dir, &tor_section(true));
+    tornet::configure_node(&a_dir, &tor_section(true));
     let a = Node::open(&a_dir, &node::no_passphrase).unwrap();
     let mut left = total;
     let mut i = 0u64;
     while left > 0 {
         let n = left.min(ITEM_MB * 1024 * 1024);
-        let data: Vec<u8> = (0..n).map(|j| ((j as u64 * 7 + i) % 251) as u8).collect();
-        content::put(
-            &a,
-            &mut data.as_slice(),
-            &PutOptions {
-                kind: "file".into(),
-                name: format!("item{i}"),
-            },
-            &|_| {},
-        )
-        .unwrap();
+        support::put(&a, &format!("item{i}"), &support::data(i, n));
         left -= n;
         i += 1;
     }
@@ -196,7 +176,7 @@ async fn main() {
     // 1. bitsync clone over Tor.
     let b_dir = tmp.path().join("b");
     node::init(&b_dir, None).unwrap();
-    configure(&b_dir, &tor_section(false));
+    tornet::configure_node(&b_dir, &tor_section(false));
     let b = std::sync::Arc::new(Node::open(&b_dir, &node::no_passphrase).unwrap());
     let (dialer, _) = server::dialer(&b).unwrap();
     let rep = Replicator::new(b.clone(), dialer);

@@ -6,18 +6,7 @@ use bitsync::proto::admin_client::AdminClient;
 use bitsync::proto::StatusRequest;
 use bitsync::server::{self, ServeOptions};
 
-fn new_node(dir: &std::path::Path) -> Node {
-    node::init(dir, None).unwrap();
-    Node::open(dir, &node::no_passphrase).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_over_tcp_admits_only_the_node_and_its_admin_peers() {
@@ -52,7 +41,7 @@ async fn admin_over_tcp_admits_only_the_node_and_its_admin_peers() {
     let addr = format!("127.0.0.1:{port}");
 
     // The node's own key.
-    let (own, _) = server::dialer(&running.state.node).unwrap();
+    let own = dialer(&running.state.node);
     let mut admin = AdminClient::new(own.channel(a_id, &addr).await.unwrap());
     let s = admin
         .status(StatusRequest {})
@@ -62,7 +51,7 @@ async fn admin_over_tcp_admits_only_the_node_and_its_admin_peers() {
     assert_eq!(s.node_id, a_id.to_hex());
 
     // A node listed in admin_peers.
-    let (op, _) = server::dialer(&operator).unwrap();
+    let op = dialer(&operator);
     let mut admin = AdminClient::new(op.channel(a_id, &addr).await.unwrap());
     admin
         .status(StatusRequest {})
@@ -70,7 +59,7 @@ async fn admin_over_tcp_admits_only_the_node_and_its_admin_peers() {
         .expect("admin_peers entry may call Admin");
 
     // Any other node.
-    let (other, _) = server::dialer(&stranger).unwrap();
+    let other = dialer(&stranger);
     let mut admin = AdminClient::new(other.channel(a_id, &addr).await.unwrap());
     let e = admin.status(StatusRequest {}).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");

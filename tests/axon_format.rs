@@ -2,12 +2,9 @@
 //! (tests/support/axon_fixture.rs) and against a known answer produced by
 //! pyca/cryptography, the library Axon itself uses.
 
-#[path = "support/axon_fixture.rs"]
-mod axon_fixture;
-
 use std::path::{Path, PathBuf};
 
-use axon_fixture::{
+use crate::support::axon_fixture::{
     axon_key_id, content, corrupt_piece, delete_piece, edit_json, folder_for, other_key,
     shared_key, truncate_piece, Builder, Written, AXON_CHUNK_SIZE, BACKUP_DATE,
 };

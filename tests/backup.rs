@@ -4,9 +4,6 @@
 //! Exit codes (src/error.rs): 2 invalid, 3 not found, 4 exists, 5 integrity,
 //! 6 auth, 9 exhausted.
 
-#[path = "support/backup_util.rs"]
-mod util;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
@@ -16,17 +13,30 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{self, *};
 use bitsync::crypto::{ContentId, Hash};
 use tempfile::TempDir;
-use util::*;
 
 fn backup_cmd(home: &Path, data: &Path, repo: &Path) -> std::process::Command {
-    let mut c = bitsync(home);
+    let mut c = command(home);
     c.arg("--data-dir")
         .arg(data)
         .args(["backup", "--repo"])
         .arg(repo);
     c
+}
+
+/// The ids of snapshots in a repository, oldest first (via `backup ls --json`).
+fn snapshots(home: &Path, repo: &Path) -> Vec<String> {
+    let r = ok(command(home)
+        .args(["backup", "ls", "--json", "--repo"])
+        .arg(repo));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).expect("json");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn snapshot_json(repo: &Path, id: &str) -> serde_json::Value {
@@ -47,7 +57,7 @@ fn backup_while_writing_then_verify_and_restore() {
     let node = init_node(&data, 16 * 1024);
     let mut originals: BTreeMap<ContentId, Vec<u8>> = BTreeMap::new();
     for i in 0..3 {
-        let b = util::data(i, 40_000 + i as usize * 1000);
+        let b = support::data(i, 40_000 + i as usize * 1000);
         originals.insert(put(&node, &format!("seed-{i}"), &b), b);
     }
     drop(node);
@@ -62,7 +72,7 @@ fn backup_while_writing_then_verify_and_restore() {
             let node = open(&data);
             let mut i = 100u64;
             while !stop.load(Ordering::Relaxed) {
-                let b = util::data(i, 20_000 + (i as usize * 7919) % 60_000);
+                let b = support::data(i, 20_000 + (i as usize * 7919) % 60_000);
                 let id = put(&node, &format!("live-{i}"), &b);
                 log.lock().unwrap().push((id, b));
                 written.fetch_add(1, Ordering::SeqCst);
@@ -93,13 +103,13 @@ fn backup_while_writing_then_verify_and_restore() {
         originals.insert(id, b);
     }
 
-    let v = ok(bitsync(home)
+    let v = ok(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
     assert!(v.stderr.contains("0 problem(s)"), "{v:?}");
 
     let restored = tmp.path().join("restored");
-    let r = ok(bitsync(home)
+    let r = ok(command(home)
         .arg("--data-dir")
         .arg(&restored)
         .args(["restore", "--repo"])
@@ -112,7 +122,7 @@ fn backup_while_writing_then_verify_and_restore() {
         "same identity restore keeps the node id"
     );
     // The restored node is self-consistent: every chunk re-hashed, every item complete.
-    ok(bitsync(home).arg("--data-dir").arg(&restored).arg("verify"));
+    ok(command(home).arg("--data-dir").arg(&restored).arg("verify"));
     let dst = open(&restored);
     let ids = dst.db.content_ids().unwrap();
     let latest = snapshots(home, &repo).pop().unwrap();
@@ -142,7 +152,7 @@ fn second_backup_adds_only_new_chunks() {
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
     let node = init_node(&data, 4096);
     for i in 0..4 {
-        put(&node, &format!("f{i}"), &util::data(i, 10_000));
+        put(&node, &format!("f{i}"), &support::data(i, 10_000));
     }
     let chunks_in_node = node.db.chunk_list().unwrap().len();
     ok(&mut backup_cmd(home, &data, &repo));
@@ -157,7 +167,7 @@ fn second_backup_adds_only_new_chunks() {
     assert!(r.stderr.contains(" 0 new chunks"), "{r:?}");
 
     // 3 × 4096 + 100 bytes → 4 chunks.
-    put(&node, "new", &util::data(99, 3 * 4096 + 100));
+    put(&node, "new", &support::data(99, 3 * 4096 + 100));
     let r = ok(&mut backup_cmd(home, &data, &repo));
     assert_eq!(
         count_files(&repo.join("chunks")),
@@ -176,7 +186,7 @@ fn second_backup_adds_only_new_chunks() {
     );
     // Each snapshot's own files: the database and config, never the chunks again.
     assert_eq!(count_files(&repo.join("snapshots")), 3 * 3);
-    ok(bitsync(home)
+    ok(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
 }
@@ -189,18 +199,18 @@ fn keep_last_keeps_what_remaining_snapshots_need() {
     // Node A's chunks are needed only by the first snapshot.
     let a_dir = tmp.path().join("a");
     let a = init_node(&a_dir, 4096);
-    put(&a, "a", &util::data(1, 30_000));
+    put(&a, "a", &support::data(1, 30_000));
     let a_chunks = a.db.chunk_list().unwrap();
     ok(&mut backup_cmd(home, &a_dir, &repo));
 
     let b_dir = tmp.path().join("b");
     let b = init_node(&b_dir, 4096);
-    put(&b, "b1", &util::data(2, 20_000));
+    put(&b, "b1", &support::data(2, 20_000));
     ok(&mut backup_cmd(home, &b_dir, &repo));
-    put(&b, "b2", &util::data(3, 20_000));
+    put(&b, "b2", &support::data(3, 20_000));
     ok(&mut backup_cmd(home, &b_dir, &repo));
     assert_eq!(snapshots(home, &repo).len(), 3);
-    put(&b, "b3", &util::data(4, 20_000));
+    put(&b, "b3", &support::data(4, 20_000));
     let r = ok(backup_cmd(home, &b_dir, &repo).args(["--keep-last", "2"]));
     assert!(r.stderr.contains("pruned 2 snapshot(s)"), "{r:?}");
 
@@ -224,7 +234,7 @@ fn keep_last_keeps_what_remaining_snapshots_need() {
         b_chunks.len(),
         "nothing else was removed or kept"
     );
-    let v = ok(bitsync(home)
+    let v = ok(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
     assert!(v.stderr.contains("checked 2 snapshot(s)"), "{v:?}");
@@ -243,7 +253,7 @@ fn restore_with_new_identity_reads_every_item() {
     let node = init_node(&data, 8192);
     let mut items = BTreeMap::new();
     for i in 0..5 {
-        let b = util::data(i + 10, 5_000 + i as usize * 9_000);
+        let b = support::data(i + 10, 5_000 + i as usize * 9_000);
         items.insert(put(&node, &format!("n{i}"), &b), b);
     }
     let peer = Hash::of(b"some peer");
@@ -262,7 +272,7 @@ fn restore_with_new_identity_reads_every_item() {
 
     // Without --with-identity there is no key to unwrap with: refused, nothing written.
     ok(&mut backup_cmd(home, &data, &repo));
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(tmp.path().join("x"))
         .args(["restore", "--new-identity", "--repo"])
@@ -273,7 +283,7 @@ fn restore_with_new_identity_reads_every_item() {
     assert!(!tmp.path().join("x").exists());
     // Naming that snapshot explicitly: the same refusal.
     let plain = snapshots(home, &repo).pop().unwrap();
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(tmp.path().join("x"))
         .args(["restore", "--snapshot", &plain, "--repo"])
@@ -289,7 +299,7 @@ fn restore_with_new_identity_reads_every_item() {
     // A newer snapshot without the key: restore still finds the one with it.
     ok(&mut backup_cmd(home, &data, &repo));
     let restored = tmp.path().join("restored");
-    let r = ok(bitsync(home)
+    let r = ok(command(home)
         .arg("--data-dir")
         .arg(&restored)
         .args(["restore", "--new-identity", "--repo"])
@@ -345,7 +355,7 @@ fn verify_names_damaged_and_missing_files() {
     let tmp = TempDir::new().unwrap();
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
     let node = init_node(&data, 4096);
-    put(&node, "x", &util::data(5, 20_000));
+    put(&node, "x", &support::data(5, 20_000));
     ok(backup_cmd(home, &data, &repo)
         .arg("--with-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
@@ -355,7 +365,7 @@ fn verify_names_damaged_and_missing_files() {
     // 1. A chunk.
     let c = chunk_file(&repo.join("chunks"), &chunks[1].0);
     flip_byte(&c, 100);
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
     assert_eq!(r.code, 5, "{r:?}");
@@ -365,13 +375,13 @@ fn verify_names_damaged_and_missing_files() {
         chunks[1].0.to_hex()
     );
     assert!(
-        r.stdout.contains(&rel) && r.stdout.contains("damaged"),
+        r.text().contains(&rel) && r.text().contains("damaged"),
         "{r:?}"
     );
-    assert_eq!(r.stdout.lines().count(), 1, "exactly one problem: {r:?}");
+    assert_eq!(r.text().lines().count(), 1, "exactly one problem: {r:?}");
     // Restore stops before the data dir appears.
     let dest = tmp.path().join("dest");
-    let rr = run(bitsync(home)
+    let rr = run(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
@@ -389,12 +399,12 @@ fn verify_names_damaged_and_missing_files() {
     // 2. The database copy: hash mismatch named.
     let db = repo.join("snapshots").join(&snap).join("bitsync.db");
     flip_byte(&db, 5000);
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
     assert_eq!(r.code, 5, "{r:?}");
     assert!(
-        r.stdout
+        r.text()
             .contains(&format!("snapshots/{snap}/bitsync.db: damaged")),
         "{r:?}"
     );
@@ -403,18 +413,18 @@ fn verify_names_damaged_and_missing_files() {
     // 3. A missing file.
     fs::remove_file(repo.join("snapshots").join(&snap).join("config.toml")).unwrap();
     fs::remove_file(&c).unwrap();
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo)
         .args(["--snapshot", &snap[..10]]));
     assert_eq!(r.code, 5, "{r:?}");
     assert!(
-        r.stdout
+        r.text()
             .contains(&format!("snapshots/{snap}/config.toml: missing")),
         "{r:?}"
     );
-    assert!(r.stdout.contains(&format!("{rel}: missing")), "{r:?}");
-    let rr = run(bitsync(home)
+    assert!(r.text().contains(&format!("{rel}: missing")), "{r:?}");
+    let rr = run(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
@@ -436,12 +446,12 @@ fn killed_backup_leaves_the_repository_valid() {
     let tmp = TempDir::new().unwrap();
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
     let node = init_node(&data, 4096);
-    put(&node, "first", &util::data(1, 10_000));
+    put(&node, "first", &support::data(1, 10_000));
     ok(&mut backup_cmd(home, &data, &repo));
     let first = snapshots(home, &repo);
     let first_chunks: Vec<_> = node.db.chunk_list().unwrap();
     for i in 0..3 {
-        put(&node, &format!("more{i}"), &util::data(50 + i, 200_000));
+        put(&node, &format!("more{i}"), &support::data(50 + i, 200_000));
     }
     let all = node.db.chunk_list().unwrap();
     let total = all.len();
@@ -483,7 +493,7 @@ fn killed_backup_leaves_the_repository_valid() {
         first,
         "no half-made snapshot is visible"
     );
-    let v = ok(bitsync(home)
+    let v = ok(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
     assert!(v.stderr.contains("checked 1 snapshot(s)"), "{v:?}");
@@ -504,7 +514,7 @@ fn killed_backup_leaves_the_repository_valid() {
         "the next run cleared the leftovers"
     );
     assert_eq!(count_files(&repo.join("chunks")), total);
-    ok(bitsync(home)
+    ok(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
 }
@@ -515,7 +525,7 @@ fn bad_input_is_refused_without_writing() {
     let tmp = TempDir::new().unwrap();
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
     let node = init_node(&data, 4096);
-    put(&node, "x", &util::data(7, 9_000));
+    put(&node, "x", &support::data(7, 9_000));
 
     // A directory that is not a repository.
     let junk = tmp.path().join("junk");
@@ -528,11 +538,11 @@ fn bad_input_is_refused_without_writing() {
         "{r:?}"
     );
     assert_eq!(tree(&junk), vec![("notes.txt".into(), b"mine".to_vec())]);
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&junk));
     assert_eq!(r.code, 3, "{r:?}");
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(tmp.path().join("nowhere")));
     assert_eq!(r.code, 3, "{r:?}");
@@ -551,7 +561,7 @@ fn bad_input_is_refused_without_writing() {
         .arg("--with-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
     let dest = tmp.path().join("dest");
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
@@ -562,7 +572,7 @@ fn bad_input_is_refused_without_writing() {
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {r:?}");
     assert!(!dest.exists());
     // No passphrase and no terminal.
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
@@ -574,7 +584,7 @@ fn bad_input_is_refused_without_writing() {
     // A destination that is not empty.
     fs::create_dir(&dest).unwrap();
     fs::write(dest.join("keep"), b"k").unwrap();
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
@@ -584,26 +594,26 @@ fn bad_input_is_refused_without_writing() {
     assert_eq!(tree(&dest), vec![("keep".into(), b"k".to_vec())]);
     // An empty destination directory is fine.
     fs::remove_file(dest.join("keep")).unwrap();
-    ok(bitsync(home)
+    ok(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
         .arg(&repo)
         .env("BITSYNC_PASSPHRASE", PASS));
-    ok(bitsync(home).arg("--data-dir").arg(&dest).arg("verify"));
+    ok(command(home).arg("--data-dir").arg(&dest).arg("verify"));
 
     // An unknown snapshot.
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo)
         .args(["--snapshot", "1999"]));
     assert_eq!(r.code, 3, "{r:?}");
     // `backup` without --repo is a usage error; `backup verify` without it too.
     assert_eq!(
-        run(bitsync(home).arg("--data-dir").arg(&data).arg("backup")).code,
+        run(command(home).arg("--data-dir").arg(&data).arg("backup")).code,
         2
     );
-    assert_eq!(run(bitsync(home).args(["backup", "verify"])).code, 2);
+    assert_eq!(run(command(home).args(["backup", "verify"])).code, 2);
 }
 
 /// A sealed node key: the backup opens it with the passphrase, and restore
@@ -612,14 +622,14 @@ fn bad_input_is_refused_without_writing() {
 fn sealed_node_key_round_trips_sealed() {
     let tmp = TempDir::new().unwrap();
     let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
-    ok(bitsync(home)
+    ok(command(home)
         .arg("--data-dir")
         .arg(&data)
         .args(["init", "--seal"])
         .env("BITSYNC_PASSPHRASE", PASS));
     let file = tmp.path().join("in.bin");
-    fs::write(&file, util::data(3, 50_000)).unwrap();
-    let id = ok(bitsync(home)
+    fs::write(&file, support::data(3, 50_000)).unwrap();
+    let id = ok(command(home)
         .arg("--data-dir")
         .arg(&data)
         .arg("put")
@@ -651,7 +661,7 @@ fn sealed_node_key_round_trips_sealed() {
     );
 
     let dest = tmp.path().join("dest");
-    ok(bitsync(home)
+    ok(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["restore", "--repo"])
@@ -662,7 +672,7 @@ fn sealed_node_key_round_trips_sealed() {
         .unwrap()
         .contains("BITSYNC SEALED KEY"));
     let out = tmp.path().join("out.bin");
-    ok(bitsync(home)
+    ok(command(home)
         .arg("--data-dir")
         .arg(&dest)
         .args(["get", &id, "-o"])
@@ -686,9 +696,9 @@ fn no_space_left_keeps_earlier_snapshots() {
     let tmp = TempDir::new().unwrap();
     let (small, big) = (tmp.path().join("small"), tmp.path().join("big"));
     let s = init_node(&small, 4096);
-    put(&s, "s", &util::data(1, 100_000));
+    put(&s, "s", &support::data(1, 100_000));
     let b = init_node(&big, 65536);
-    put(&b, "b", &util::data(2, 3 << 20));
+    put(&b, "b", &support::data(2, 3 << 20));
     let mnt = tmp.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
     let script = format!(
@@ -736,12 +746,12 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     let node = init_node(&a, 16 * 1024);
     let mut items = BTreeMap::new();
     for i in 0..2 {
-        let b = util::data(i + 70, 100_000);
+        let b = support::data(i + 70, 100_000);
         items.insert(put(&node, &format!("old{i}"), &b), b);
     }
     ok(&mut backup_cmd(home, &a, &repo));
     let in_backup = node.db.chunk_list().unwrap();
-    let newer = util::data(80, 60_000);
+    let newer = support::data(80, 60_000);
     let z = put(&node, "newer", &newer);
     items.insert(z, newer);
     let (m, _) = node.db.manifest(&z).unwrap().unwrap();
@@ -752,7 +762,7 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     flip_byte(&chunk_file(&repo.join("chunks"), &bad), 3);
 
     // A repository that is not one is refused before anything is created.
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(tmp.path().join("b0"))
         .args(["clone", "x", "--from-backup"])
@@ -760,14 +770,14 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     assert_eq!(r.code, 3, "{r:?}");
     assert!(!tmp.path().join("b0").exists());
 
-    let _serve = Serve::start(home, &a);
-    let token = ok(bitsync(home)
+    let _serve = Serve::start(&a);
+    let token = ok(command(home)
         .arg("--data-dir")
         .arg(&a)
         .args(["invite", "--ttl", "10m"]))
     .last_line();
     let b = tmp.path().join("b");
-    let r = ok(bitsync(home)
+    let r = ok(command(home)
         .arg("--data-dir")
         .arg(&b)
         .args(["clone", &token, "--from-backup"])
@@ -779,7 +789,7 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
         "{r:?}"
     );
     let received: u64 = r
-        .stdout
+        .text()
         .split(" bytes received")
         .next()
         .and_then(|s| s.rsplit(' ').next())
@@ -795,5 +805,5 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     for (id, want) in &items {
         assert_eq!(&get(&nb, id), want);
     }
-    ok(bitsync(home).arg("--data-dir").arg(&b).arg("verify"));
+    ok(command(home).arg("--data-dir").arg(&b).arg("verify"));
 }

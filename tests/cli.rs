@@ -18,31 +18,9 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+use crate::support::*;
+
 const MIB: usize = 1024 * 1024;
-
-/// What one run of the binary did.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Out {
-    fn text(&self) -> String {
-        String::from_utf8(self.stdout.clone()).expect("stdout is UTF-8")
-    }
-    /// The last non-empty stdout line (put prints the content id last).
-    fn last_line(&self) -> String {
-        self.text()
-            .lines()
-            .rfind(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim()
-            .to_string()
-    }
-}
 
 /// A temp directory holding one data dir (`<tmp>/data`, not created until `init`).
 struct T {
@@ -53,11 +31,7 @@ struct T {
 impl T {
     /// Smallest chunks (config.toml `chunk_size`), for many chunks from little data.
     fn use_4k_chunks(&self) {
-        let cfg = self.data.join("config.toml");
-        let text = fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("chunk_size = 1048576", "chunk_size = 4096");
-        fs::write(&cfg, text).unwrap();
+        set_chunk_size(&self.data, 4096);
     }
     fn new() -> T {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -71,28 +45,15 @@ impl T {
 
     /// A command with a clean environment pointing at this data dir.
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = command(self.root());
         c.args(args)
             .env("BITSYNC_DATA_DIR", &self.data)
-            .env("HOME", self.root())
-            .env_remove("XDG_DATA_HOME")
-            .env_remove("BITSYNC_PASSPHRASE")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null());
+            .env_remove("RUST_LOG");
         c
     }
 
-    fn run_cmd(mut c: Command) -> Out {
-        let o = c.output().expect("running bitsync");
-        Out {
-            code: o.status.code().unwrap_or(-1),
-            stdout: o.stdout,
-            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        }
-    }
-
     fn run(&self, args: &[&str]) -> Out {
-        T::run_cmd(self.cmd(args))
+        run(&mut self.cmd(args))
     }
 
     fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
@@ -100,7 +61,7 @@ impl T {
         for (k, v) in env {
             c.env(k, v);
         }
-        T::run_cmd(c)
+        run(&mut c)
     }
 
     /// Run and insist on success.
@@ -173,55 +134,6 @@ fn assert_hex64(s: &str) {
     );
 }
 
-/// Deterministic, incompressible test data.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-/// Every chunk file under `<data>/chunks/xx/`, excluding `chunks/tmp/`.
-fn chunk_files(data: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(dirs) = fs::read_dir(data.join("chunks")) else {
-        return out;
-    };
-    for d in dirs.flatten() {
-        if d.file_name() == "tmp" || !d.path().is_dir() {
-            continue;
-        }
-        for f in fs::read_dir(d.path()).unwrap().flatten() {
-            out.push(f.path());
-        }
-    }
-    out.sort();
-    out
-}
-
-/// Names of the entries of a directory (not recursive).
-fn entries(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .map(|r| {
-            r.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn flip_byte(path: &Path, at: usize) {
-    let mut b = fs::read(path).unwrap();
-    b[at] ^= 0x55;
-    fs::write(path, b).unwrap();
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -237,7 +149,7 @@ fn round_trip_at_chunk_boundaries() {
     let cases = [(0usize, 1u64), (1, 1), (MIB, 1), (MIB + 1, 2)];
     let mut ids = Vec::new();
     for (i, (size, _)) in cases.iter().enumerate() {
-        let data = pseudo_random(*size, i as u64 + 1);
+        let data = data(i as u64 + 1, *size);
         let id = t.put_bytes(&format!("in-{size}"), &data);
         let back = t.get_file(&id, &format!("out-{size}"));
         assert_eq!(back.len(), data.len(), "size {size}: length differs");
@@ -277,7 +189,7 @@ fn round_trip_at_chunk_boundaries() {
 fn round_trip_50_mib() {
     let t = T::new();
     t.init();
-    let data = pseudo_random(50 * MIB + 12345, 50);
+    let data = data(50, 50 * MIB + 12345);
     let id = t.put_bytes("big", &data);
     let back = t.get_file(&id, "big.out");
     assert_eq!(back.len(), data.len());
@@ -291,7 +203,7 @@ fn round_trip_50_mib() {
 fn put_from_stdin_and_get_to_stdout() {
     let t = T::new();
     t.init();
-    let data = pseudo_random(3 * MIB + 7, 9);
+    let data = data(9, 3 * MIB + 7);
     let mut c = t.cmd(&["put", "-", "--kind", "message", "--name", "from-stdin"]);
     c.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -344,7 +256,7 @@ fn put_prints_content_id_last_and_ls_shows_it() {
     assert!(table.contains("CONTENT ID"));
 
     let a = t.put_bytes("alpha.txt", b"hello\n");
-    let b = t.put_bytes("beta.bin", &pseudo_random(5000, 2));
+    let b = t.put_bytes("beta.bin", &data(2, 5000));
     // The same bytes put twice are two items (ids hash the signed body, not the plaintext).
     let a2 = t.put_bytes("alpha.txt", b"hello\n");
     assert_ne!(a, a2);
@@ -508,7 +420,7 @@ fn verify_is_clean_then_names_a_flipped_chunk() {
     t.init();
     let o = t.ok(&["verify"]);
     assert!(o.stderr.contains("0 problem"), "{}", o.stderr);
-    t.put_bytes("a", &pseudo_random(2 * MIB + 10, 3));
+    t.put_bytes("a", &data(3, 2 * MIB + 10));
     t.put_bytes("b", b"small");
     let o = t.ok(&["verify"]);
     assert!(
@@ -811,6 +723,7 @@ fn unreadable_data_dir_is_a_clear_error() {
         c.uid(65534).gid(65534);
         match c.output() {
             Ok(o) => check(Out {
+                status: o.status,
                 code: o.status.code().unwrap_or(-1),
                 stdout: o.stdout,
                 stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -835,7 +748,7 @@ fn concurrent_commands_do_not_break_a_running_put() {
     t.init();
     t.use_4k_chunks();
     let input = t.root().join("in");
-    fs::write(&input, pseudo_random(8 * MIB, 4)).unwrap();
+    fs::write(&input, data(4, 8 * MIB)).unwrap();
     let mut put = t.cmd(&["put", input.to_str().unwrap()]);
     put.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = put.spawn().unwrap();

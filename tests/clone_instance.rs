@@ -1,19 +1,16 @@
 //! `bitsync clone-instance`: the real binary copying real data dirs.
 
-#[path = "support/backup_util.rs"]
-mod util;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
+use crate::support::{self, *};
 use bitsync::crypto::ContentId;
 use rusqlite::Connection;
 use tempfile::TempDir;
-use util::*;
 
 fn clone_cmd(home: &Path, data: &Path, dest: &Path) -> std::process::Command {
-    let mut c = bitsync(home);
+    let mut c = command(home);
     c.arg("--data-dir")
         .arg(data)
         .arg("clone-instance")
@@ -96,7 +93,7 @@ fn live_node_with_uncheckpointed_wal_loses_nothing() {
         .unwrap();
     let mut items: BTreeMap<ContentId, Vec<u8>> = BTreeMap::new();
     for i in 0..6 {
-        let b = util::data(i + 1, 3_000 + i as usize * 11_000);
+        let b = support::data(i + 1, 3_000 + i as usize * 11_000);
         items.insert(put(&node, &format!("w{i}"), &b), b);
     }
     hold.execute(
@@ -167,7 +164,7 @@ fn live_node_with_uncheckpointed_wal_loses_nothing() {
         assert_eq!(&get(&c, id), want);
         assert!(c.db.envelope(id, &node.id().to_hex()).unwrap().is_none());
     }
-    ok(bitsync(home).arg("--data-dir").arg(&copy).arg("verify"));
+    ok(command(home).arg("--data-dir").arg(&copy).arg("verify"));
     // The source was only read.
     assert!(fs::metadata(data.join("bitsync.db-wal")).unwrap().len() >= wal);
     assert_eq!(open(&data).db.content_ids().unwrap().len(), items.len());
@@ -182,11 +179,11 @@ fn existing_destination_needs_force_or_a_yes() {
     let home = tmp.path();
     let data = tmp.path().join("node");
     let node = init_node(&data, 8192);
-    put(&node, "a", &util::data(1, 20_000));
+    put(&node, "a", &support::data(1, 20_000));
     let dest = tmp.path().join("dest");
     ok(&mut clone_cmd(home, &data, &dest));
     let before = tree(&dest);
-    let b = put(&node, "b", &util::data(2, 20_000));
+    let b = put(&node, "b", &support::data(2, 20_000));
 
     let r = run(&mut clone_cmd(home, &data, &dest));
     assert_eq!(r.code, 4, "{r:?}");
@@ -308,7 +305,7 @@ fn damaged_source_chunk_stops_the_copy_and_changes_nothing() {
     let home = tmp.path();
     let data = tmp.path().join("node");
     let node = init_node(&data, 4096);
-    put(&node, "a", &util::data(3, 30_000));
+    put(&node, "a", &support::data(3, 30_000));
     let (bad, _) = node.db.chunk_list().unwrap()[2];
     let path = chunk_file(&data.join("chunks"), &bad);
     flip_byte(&path, 10);
@@ -332,7 +329,7 @@ fn damaged_source_chunk_stops_the_copy_and_changes_nothing() {
         assert!(!dest.exists(), "nothing at the destination");
     }
     // Separate paths (two renames): still nothing left behind.
-    let r = run(bitsync(home)
+    let r = run(command(home)
         .arg("--data-dir")
         .arg(&data)
         .arg("clone-instance")
@@ -370,12 +367,12 @@ fn bad_paths_are_refused() {
     let home = tmp.path();
     let data = tmp.path().join("node");
     let node = init_node(&data, 8192);
-    put(&node, "a", &util::data(4, 5_000));
+    put(&node, "a", &support::data(4, 5_000));
     let base = |c: &mut std::process::Command| {
         c.arg("--data-dir").arg(&data).arg("clone-instance");
     };
     // The destination is the source.
-    let mut c = bitsync(home);
+    let mut c = command(home);
     base(&mut c);
     c.arg("--dest-db")
         .arg(data.join("bitsync.db"))
@@ -383,7 +380,7 @@ fn bad_paths_are_refused() {
         .arg(tmp.path().join("x"));
     assert_eq!(run(&mut c).code, 2);
     // Attachments inside the source's.
-    let mut c = bitsync(home);
+    let mut c = command(home);
     base(&mut c);
     c.arg("--dest-db")
         .arg(tmp.path().join("y.db"))
@@ -391,7 +388,7 @@ fn bad_paths_are_refused() {
         .arg(data.join("chunks/inner"));
     assert_eq!(run(&mut c).code, 2);
     // A source that does not exist.
-    let mut c = bitsync(home);
+    let mut c = command(home);
     c.arg("clone-instance")
         .arg("--source-db")
         .arg(tmp.path().join("none.db"))
@@ -406,7 +403,7 @@ fn bad_paths_are_refused() {
     // A source that is not a bitsync database.
     let junk = tmp.path().join("junk.db");
     fs::write(&junk, vec![7u8; 8192]).unwrap();
-    c = bitsync(home);
+    c = command(home);
     c.arg("clone-instance")
         .arg("--source-db")
         .arg(&junk)
@@ -421,7 +418,7 @@ fn bad_paths_are_refused() {
     assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
     assert!(!tmp.path().join("z.db").exists() && !tmp.path().join("z").exists());
     // --dest-db and --dest-attachments are required.
-    let mut c = bitsync(home);
+    let mut c = command(home);
     base(&mut c);
     assert_eq!(run(&mut c).code, 2);
 }

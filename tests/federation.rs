@@ -6,25 +6,23 @@
 //! Every wait is bounded: a broken node fails a test, it never hangs it.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bitsync::content::{self, PutOptions};
 use bitsync::crypto::{self, ContentId, Hash, NodeId};
 use bitsync::invite::Invite;
 use bitsync::manifest::{now_ms, Manifest};
-use bitsync::node::{self, Node};
-use bitsync::proto::admin_client::AdminClient;
+use bitsync::node::Node;
 use bitsync::proto::federation_client::FederationClient;
 use bitsync::proto::*;
 use bitsync::replicator::{self, Client};
 use bitsync::server::{self, RunningNode, ServeOptions};
 use bitsync::store::PeerState;
-use bitsync::transport::Dialer;
 use prost::Message;
 use tempfile::TempDir;
 use tonic::Code;
+
+use crate::support::*;
 
 // ---- helpers ---------------------------------------------------------------
 
@@ -62,9 +60,7 @@ fn make_node(cfg: &Cfg) -> (TempDir, Node) {
     bitsync::tls::install_crypto_provider();
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path().join("node");
-    node::init(&dir, None).unwrap();
-    std::fs::write(dir.join("config.toml"), cfg.toml()).unwrap();
-    let n = Node::open(&dir, &node::no_passphrase).unwrap();
+    let n = new_node_with_config(&dir, &cfg.toml());
     (tmp, n)
 }
 
@@ -98,11 +94,6 @@ fn trust(server: &RunningNode, peer: &NodeId) {
         .unwrap();
 }
 
-/// The node's own dialer (Tor is never started for TCP peers).
-fn dialer(n: &Node) -> Dialer {
-    server::dialer(n).expect("building the dialer").0
-}
-
 /// A Federation client of `server`, authenticated as `caller`.
 async fn connect(caller: &Node, server: &RunningNode) -> Client {
     let ch = within(
@@ -115,55 +106,12 @@ async fn connect(caller: &Node, server: &RunningNode) -> Client {
     replicator::client(ch)
 }
 
-async fn admin(server: &RunningNode) -> AdminClient<tonic::transport::Channel> {
-    AdminClient::new(
-        bitsync::transport::admin_channel(&server.admin_socket)
-            .await
-            .unwrap(),
-    )
-}
-
-async fn within<T>(secs: u64, what: &str, f: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out after {secs} s waiting for {what}"),
-    }
-}
-
-/// Deterministic, non-repeating bytes.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// Chunks of the large items in the streaming tests: 128 of 512 KiB. 64 MiB is
 /// far more than HTTP/2 flow control lets a server push ahead of its reader
 /// (the node's client windows are a few MiB; even 16 MiB windows leave most
 /// of the item unsent), so these streams are still running when the test acts.
 const LARGE_CHUNK: u32 = 512 * 1024;
 const LARGE_CHUNKS: usize = 128;
-
-fn put(n: &Node, name: &str, bytes: &[u8]) -> ContentId {
-    let mut r: &[u8] = bytes;
-    content::put(
-        n,
-        &mut r,
-        &PutOptions {
-            kind: "file".into(),
-            name: name.into(),
-        },
-        &|_| {},
-    )
-    .unwrap()
-}
 
 fn db_conn(n: &Node) -> rusqlite::Connection {
     let c = rusqlite::Connection::open(n.paths.db()).unwrap();
@@ -867,7 +815,7 @@ async fn revocation_cuts_open_streams() {
         .unwrap();
     assert!(c0.problem.is_none());
 
-    let revoked = admin(&s)
+    let revoked = admin_client(&s.admin_socket)
         .await
         .revoke_peer(RevokePeerRequest {
             node_id: a.id().to_hex(),
@@ -956,7 +904,7 @@ async fn invite_works_once_then_fails_and_expires() {
     let (_j_dir, j) = make_node(&Cfg::default());
     let (_k_dir, k) = make_node(&Cfg::default());
 
-    let resp = admin(&s)
+    let resp = admin_client(&s.admin_socket)
         .await
         .create_invite(CreateInviteRequest { ttl_seconds: 600 })
         .await
@@ -1017,7 +965,7 @@ async fn invite_works_once_then_fails_and_expires() {
     assert!(e.message().contains("expired"), "{e:?}");
 
     // Expired through Admin with a 1-second TTL.
-    let short = admin(&s)
+    let short = admin_client(&s.admin_socket)
         .await
         .create_invite(CreateInviteRequest { ttl_seconds: 1 })
         .await

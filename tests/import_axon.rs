@@ -1,26 +1,21 @@
 //! `bitsync import-axon` on Axon backups written by the independent fixture
 //! writer (tests/support/axon_fixture.rs), with the real binary.
 
-#[path = "support/axon_fixture.rs"]
-mod axon_fixture;
-#[path = "support/backup_util.rs"]
-mod util;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use axon_fixture::{
+use crate::support::axon_fixture::{
     axon_key_id, corrupt_piece, delete_piece, other_key, shared_key, truncate_piece, Builder,
     Written, AXON_CHUNK_SIZE,
 };
+use crate::support::*;
 use bitsync::manifest::{Cipher, Manifest};
 use bitsync::node::Node;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
-use util::*;
 
 const CHESS: &str = "Chess / Deluxe Edition";
 
@@ -35,8 +30,8 @@ fn fixture(dir: &Path) -> Written {
         .write(dir)
 }
 
-fn import(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Run {
-    let mut c = bitsync(home);
+fn import(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Out {
+    let mut c = command(home);
     c.arg("--data-dir").arg(data).arg("import-axon").arg(dir);
     if let Some(k) = key {
         c.arg("--axon-key").arg(k);
@@ -89,7 +84,7 @@ fn without_key_keeps_complete_items_as_legacy_and_reports_damage() {
     let r = import(home, &data, &dir, None);
     assert_eq!(r.code, 5, "skipped items make the exit non-zero: {r:?}");
     assert!(r.stderr.contains("3 not imported"), "{r:?}");
-    let out = &r.stdout;
+    let out = &r.text();
     // Per applet, per data instance: what is complete, missing or corrupt.
     let chess_block = out.split(&format!("applet '{CHESS}'")).nth(1).unwrap();
     assert!(
@@ -177,26 +172,26 @@ fn without_key_keeps_complete_items_as_legacy_and_reports_damage() {
     assert!(!stored.contains(&hash_of_file(&chess.chunk_paths[0])));
     assert!(!stored.contains(&hash_of_file(&w.item("tiny", Some("bob")).chunk_paths[1])));
     // Legacy items are listed, verified and backed up like any other.
-    let ls = ok(bitsync(home)
+    let ls = ok(command(home)
         .arg("--data-dir")
         .arg(&data)
         .args(["ls", "--json"]));
     assert_eq!(
-        serde_json::from_str::<serde_json::Value>(&ls.stdout)
+        serde_json::from_slice::<serde_json::Value>(&ls.stdout)
             .unwrap()
             .as_array()
             .unwrap()
             .len(),
         n
     );
-    ok(bitsync(home).arg("--data-dir").arg(&data).arg("verify"));
+    ok(command(home).arg("--data-dir").arg(&data).arg("verify"));
     let repo = tmp.path().join("repo");
-    ok(bitsync(home)
+    ok(command(home)
         .arg("--data-dir")
         .arg(&data)
         .args(["backup", "--repo"])
         .arg(&repo));
-    ok(bitsync(home)
+    ok(command(home)
         .args(["backup", "verify", "--repo"])
         .arg(&repo));
 
@@ -242,7 +237,7 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     let r = import(home, &data, &dir, Some(&key_pem));
     assert_eq!(r.code, 5, "{r:?}");
     assert!(
-        r.stdout.contains("data of carol") && r.stdout.contains("CORRUPT"),
+        r.text().contains("data of carol") && r.text().contains("CORRUPT"),
         "{r:?}"
     );
     let node = open(&data);
@@ -317,7 +312,7 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     );
     let m = &legacy_by_hash(&node)[&sha(&carol.plaintext)];
     assert_eq!(get(&node, &m.id()), carol.plaintext);
-    ok(bitsync(home).arg("--data-dir").arg(&data).arg("verify"));
+    ok(command(home).arg("--data-dir").arg(&data).arg("verify"));
 }
 
 /// A key the items were not encrypted to: kept as legacy, said so, no native copies.
@@ -340,7 +335,7 @@ fn a_key_of_another_instance_is_reported_and_items_kept_legacy() {
     init_node(&data, 65536);
     let r = import(home, &data, &dir, Some(&wrong));
     assert_eq!(r.code, 0, "{r:?}");
-    assert_eq!(r.stdout.matches("note: not decrypted").count(), 2, "{r:?}");
+    assert_eq!(r.text().matches("note: not decrypted").count(), 2, "{r:?}");
     let node = open(&data);
     let all = manifests(&node);
     assert_eq!(all.len(), w.items.len());
@@ -415,14 +410,14 @@ fn legacy_items_imported_with_the_key_reach_a_cloning_peer() {
         .collect();
     assert_eq!(legacy.len(), 2);
 
-    let _serve = Serve::start(home, &a);
-    let token = ok(bitsync(home)
+    let _serve = Serve::start(&a);
+    let token = ok(command(home)
         .arg("--data-dir")
         .arg(&a)
         .args(["invite", "--ttl", "10m"]))
     .last_line();
     let b = tmp.path().join("b");
-    ok(bitsync(home)
+    ok(command(home)
         .arg("--data-dir")
         .arg(&b)
         .args(["clone", &token]));

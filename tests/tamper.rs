@@ -9,7 +9,7 @@
 
 use std::fs;
 use std::io::{Cursor, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,8 @@ use bitsync::node::{self, Node};
 use prost::Message;
 use tempfile::TempDir;
 
-const BIN: &str = env!("CARGO_BIN_EXE_bitsync");
+use crate::support::*;
+
 const CHUNK: u32 = 4096;
 
 struct Fixture {
@@ -118,23 +119,13 @@ impl Fixture {
     }
 }
 
-fn data(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i * 31 + i / 4096) as u8).collect()
-}
-
-fn flip(path: &Path, at: usize) {
-    let mut b = fs::read(path).unwrap();
-    b[at] ^= 0x01;
-    fs::write(path, b).unwrap();
-}
-
 fn decode(m: &Manifest) -> ManifestBody {
     ManifestBody::decode(m.body_bytes()).unwrap()
 }
 
 /// An item of 3 chunks (4096, 4096, 1808 bytes) that round-trips before tampering.
 fn three_chunk_item(f: &Fixture) -> (ContentId, Manifest, Vec<u8>) {
-    let plain = data(2 * CHUNK as usize + 1808);
+    let plain = data(1, 2 * CHUNK as usize + 1808);
     let id = f.put(&plain);
     assert_eq!(f.get(&id).unwrap(), plain, "untampered round trip");
     let m = f.manifest(&id);
@@ -149,7 +140,7 @@ fn flipped_chunk_byte_is_detected_and_quarantined() {
     let f = Fixture::new();
     let (id, m, _) = three_chunk_item(&f);
     let victim = f.chunk_path(&m, 1);
-    flip(&victim, 100);
+    flip_byte(&victim, 100);
     let e = f.get_fails(&id, Kind::Integrity);
     assert!(
         e.message().contains(&m.chunk_id(1).to_hex()),
@@ -178,7 +169,7 @@ fn each_chunk_and_each_byte_position_class_is_covered() {
         let len = fs::metadata(&p).unwrap().len() as usize;
         for at in [0, len / 2, len - 1] {
             let orig = fs::read(&p).unwrap();
-            flip(&p, at);
+            flip_byte(&p, at);
             f.get_fails(&id, Kind::Integrity);
             // Put the good chunk back (it was quarantined) and check the item is whole again.
             fs::write(&p, &orig).unwrap();
@@ -440,7 +431,7 @@ fn changed_envelope_is_an_error() {
 fn a_chunk_quarantined_by_get_is_no_longer_present() {
     let f = Fixture::new();
     let (id, m, _) = three_chunk_item(&f);
-    flip(&f.chunk_path(&m, 0), 5);
+    flip_byte(&f.chunk_path(&m, 0), 5);
     f.get_fails(&id, Kind::Integrity);
     assert!(!f.chunk_path(&m, 0).exists());
     assert!(
@@ -461,7 +452,7 @@ fn chunk_written_but_not_recorded_is_not_present() {
     let key = ItemKey::random();
     let mut ids = Vec::new();
     for i in 0..3u64 {
-        let ct = crypto::encrypt_chunk(&key, i, i == 2, &data(CHUNK as usize));
+        let ct = crypto::encrypt_chunk(&key, i, i == 2, &data(1, CHUNK as usize));
         let cid = Hash::of(&ct);
         f.node.chunks.write(&cid, &ct).unwrap();
         assert!(f.node.chunks.path(&cid).is_file());
@@ -515,16 +506,6 @@ fn chunk_written_but_not_recorded_is_not_present() {
     drop(f.tmp);
 }
 
-fn count_chunk_files(chunks: &Path) -> usize {
-    let Ok(dirs) = fs::read_dir(chunks) else {
-        return 0;
-    };
-    dirs.flatten()
-        .filter(|d| d.file_name() != "tmp" && d.path().is_dir())
-        .map(|d| fs::read_dir(d.path()).map(|r| r.count()).unwrap_or(0))
-        .sum()
-}
-
 #[test]
 fn put_killed_mid_stream_leaves_no_manifest() {
     let tmp = tempfile::tempdir().unwrap();
@@ -550,9 +531,8 @@ fn put_killed_mid_stream_leaves_no_manifest() {
         }
         sent
     });
-    let chunks = root.join("chunks");
     let start = Instant::now();
-    while count_chunk_files(&chunks) < 3 {
+    while chunk_files(&root).len() < 3 {
         assert!(
             start.elapsed() < Duration::from_secs(120),
             "put wrote no chunks in 2 minutes"
@@ -564,7 +544,7 @@ fn put_killed_mid_stream_leaves_no_manifest() {
     let status = child.wait().unwrap();
     assert!(!status.success());
     let sent = writer.join().unwrap();
-    let orphans = count_chunk_files(&chunks);
+    let orphans = chunk_files(&root).len();
     assert!(orphans >= 3, "chunk files were on disk at the kill");
     assert!(sent >= 3 << 20);
 
@@ -583,21 +563,17 @@ fn put_killed_mid_stream_leaves_no_manifest() {
     drop(n);
 
     // And the command line agrees.
-    let o = Command::new(BIN)
+    let o = run(command(tmp.path())
         .arg("verify")
-        .env("BITSYNC_DATA_DIR", &root)
-        .output()
-        .unwrap();
+        .env("BITSYNC_DATA_DIR", &root));
     assert!(
         o.status.success(),
         "verify after a killed put: {}",
-        String::from_utf8_lossy(&o.stderr)
+        o.stderr
     );
-    let o = Command::new(BIN)
+    let o = run(command(tmp.path())
         .args(["ls", "--json"])
-        .env("BITSYNC_DATA_DIR", &root)
-        .output()
-        .unwrap();
+        .env("BITSYNC_DATA_DIR", &root));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
 }

@@ -4,110 +4,34 @@
 //! over Tor, then mirrors A over Tor; node C clones A through the network's
 //! C tor client as an external SOCKS5 proxy.
 
-#[path = "support/tornet.rs"]
-mod tornet;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_bitsync")
-}
+use crate::support::*;
 
-fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("run bitsync")
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = run(dir, args);
-    assert!(
-        out.status.success(),
-        "bitsync {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn last_line(s: &str) -> String {
-    s.lines().last().unwrap_or_default().trim().to_string()
-}
+/// Serve logs without arti's chatter.
+const SERVE_LOG: &str = "info,arti_client=warn,tor_hsservice=warn,tor_netdir=error";
 
 /// Init a node whose config points embedded Tor at the private network.
-fn init_node(dir: &Path, tor: &str) {
-    ok(dir, &["init"]);
-    let cfg = dir.join("config.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text.replace("listen = \"127.0.0.1:7450\"", "listen = \"127.0.0.1:0\"");
-    let head = &text[..text.find("[tor]").expect("config has a [tor] section")];
-    std::fs::write(&cfg, format!("{head}[tor]\n{tor}\n")).unwrap();
+fn init_tor_node(dir: &Path, tor: &str) {
+    ok_at(dir, &["init"]);
+    tornet::configure_node(dir, tor);
 }
 
-struct Served {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- node log {} ---\n{}",
-                self.log.display(),
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-fn serve(dir: &Path) -> Served {
-    let log = dir.with_extension("log");
-    let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(bin())
-        .arg("--data-dir")
-        .arg(dir)
-        .arg("serve")
-        .env(
-            "RUST_LOG",
-            "info,arti_client=warn,tor_hsservice=warn,tor_netdir=error",
-        )
-        .stdout(Stdio::null())
-        .stderr(f)
-        .spawn()
-        .expect("spawn serve");
-    let served = Served { child, log };
-    wait_until("admin socket", Duration::from_secs(30), || {
-        dir.join("admin.sock").exists() && run(dir, &["status"]).status.success()
-    });
-    served
-}
-
+/// Poll `f` (which runs `bitsync status` or `ls`) every 250 ms, for at most `budget`.
 fn wait_until(what: &str, budget: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(
-            start.elapsed() < budget,
-            "timed out after {budget:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_for_every(budget.as_secs(), Duration::from_millis(250), what, || {
+        f().then_some(())
+    });
 }
 
 fn status(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok(dir, &["status"])).expect("status json")
+    serde_json::from_str(&ok_at(dir, &["status"]).text()).expect("status json")
 }
 
 fn items(dir: &Path) -> Vec<serde_json::Value> {
-    serde_json::from_str::<Vec<serde_json::Value>>(&ok(dir, &["ls", "--json"])).expect("ls json")
+    serde_json::from_str::<Vec<serde_json::Value>>(&ok_at(dir, &["ls", "--json"]).text())
+        .expect("ls json")
 }
 
 fn same_items(a: &Path, b: &Path, scratch: &Path) {
@@ -119,8 +43,8 @@ fn same_items(a: &Path, b: &Path, scratch: &Path) {
             scratch.join(format!("{id}.a")),
             scratch.join(format!("{id}.b")),
         );
-        ok(a, &["get", id, "-o", fa.to_str().unwrap()]);
-        ok(b, &["get", id, "-o", fb.to_str().unwrap()]);
+        ok_at(a, &["get", id, "-o", fa.to_str().unwrap()]);
+        ok_at(b, &["get", id, "-o", fb.to_str().unwrap()]);
         assert!(
             std::fs::read(&fa).unwrap() == std::fs::read(&fb).unwrap(),
             "item {id} differs"
@@ -130,9 +54,8 @@ fn same_items(a: &Path, b: &Path, scratch: &Path) {
 
 fn publish(dir: &Path, scratch: &Path, name: &str, size: usize) -> String {
     let f = scratch.join(name);
-    let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
-    std::fs::write(&f, data).unwrap();
-    last_line(&ok(dir, &["put", f.to_str().unwrap()]))
+    std::fs::write(&f, data(size as u64, size)).unwrap();
+    ok_at(dir, &["put", f.to_str().unwrap()]).last_line()
 }
 
 /// Onion dials on a young private network fail for ~30 s at each HSDir
@@ -140,11 +63,11 @@ fn publish(dir: &Path, scratch: &Path, name: &str, size: usize) -> String {
 fn clone_retrying(dir: &Path, token: &str) {
     let start = Instant::now();
     loop {
-        let out = run(dir, &["clone", token]);
+        let out = at(dir, &["clone", token]);
         if out.status.success() {
             return;
         }
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let err = out.stderr.clone();
         assert_eq!(
             out.status.code(),
             Some(8),
@@ -178,7 +101,7 @@ fn clone_and_mirror_over_private_tor() {
 
     // A hosts an onion service. Its only TCP address in invites is a closed
     // port, so a successful join proves the onion address carried it.
-    init_node(&a, &format!("enabled = true\n{arti_line}"));
+    init_tor_node(&a, &format!("enabled = true\n{arti_line}"));
     let cfg = std::fs::read_to_string(a.join("config.toml"))
         .unwrap()
         .replace("advertise = []", "advertise = [\"127.0.0.1:9\"]");
@@ -186,33 +109,34 @@ fn clone_and_mirror_over_private_tor() {
     publish(&a, &scratch, "one", 300_000);
     publish(&a, &scratch, "two", 0);
     publish(&a, &scratch, "three", 1_500_000);
-    let _a_node = serve(&a);
+    let _a_node = Serve::spawn(&a, &[], SERVE_LOG);
     wait_until("A's onion address", Duration::from_secs(120), || {
         status(&a)["onion_address"]
             .as_str()
             .is_some_and(|s| s.ends_with(".onion:7450"))
     });
     let onion = status(&a)["onion_address"].as_str().unwrap().to_string();
-    let id_out = ok(&a, &["id"]);
+    let id_out = ok_at(&a, &["id"]).text();
     assert!(
         id_out.contains(&onion),
         "`bitsync id` shows the onion address: {id_out}"
     );
 
     // The invite carries the onion address, first.
-    let token = last_line(&ok(&a, &["invite"]));
+    let token = ok_at(&a, &["invite"]).last_line();
 
     // B clones over Tor with embedded arti.
-    init_node(&b, &arti_line);
+    init_tor_node(&b, &arti_line);
     clone_retrying(&b, &token);
-    let a_id = last_line(&ok(&a, &["id"]))
+    let a_id = ok_at(&a, &["id"])
+        .last_line()
         .lines()
         .next()
         .unwrap()
         .to_string();
     let a_id = a_id.split(':').next().unwrap().to_string();
     let peers: Vec<serde_json::Value> =
-        serde_json::from_str(&ok(&b, &["peer", "ls", "--json"])).unwrap();
+        serde_json::from_str(&ok_at(&b, &["peer", "ls", "--json"]).text()).unwrap();
     let pa = peers
         .iter()
         .find(|p| p["address"].as_str().unwrap_or("").ends_with(".onion:7450"));
@@ -223,9 +147,15 @@ fn clone_and_mirror_over_private_tor() {
     same_items(&a, &b, &scratch);
 
     // B mirrors A over Tor: a new item on A reaches B without a restart.
-    let a_node_id = ok(&a, &["id"]).lines().next().unwrap().trim().to_string();
-    ok(&b, &["peer", "add", &a_node_id, &onion, "--mirror"]);
-    let _b_node = serve(&b);
+    let a_node_id = ok_at(&a, &["id"])
+        .text()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    ok_at(&b, &["peer", "add", &a_node_id, &onion, "--mirror"]).text();
+    let _b_node = Serve::spawn(&b, &[], SERVE_LOG);
     let fresh = publish(&a, &scratch, "four", 700_000);
     wait_until(
         "the new item on the mirror",
@@ -240,11 +170,11 @@ fn clone_and_mirror_over_private_tor() {
 
     // C dials through the network's C tor client as an external SOCKS5 proxy.
     let socks = net.client();
-    init_node(&c, &format!("socks = {socks:?}"));
-    let token_c = last_line(&ok(&a, &["invite"]));
+    init_tor_node(&c, &format!("socks = {socks:?}"));
+    let token_c = ok_at(&a, &["invite"]).last_line();
     clone_retrying(&c, &token_c);
     let peers: Vec<serde_json::Value> =
-        serde_json::from_str(&ok(&c, &["peer", "ls", "--json"])).unwrap();
+        serde_json::from_str(&ok_at(&c, &["peer", "ls", "--json"]).text()).unwrap();
     assert!(
         peers
             .iter()
@@ -254,29 +184,22 @@ fn clone_and_mirror_over_private_tor() {
     same_items(&a, &c, &scratch);
 
     // A bad onion address fails fast with a clear error.
-    let out = run(&c, &["peer", "add", &a_node_id, "notanonion.onion:7450"]);
+    let out = at(&c, &["peer", "add", &a_node_id, "notanonion.onion:7450"]);
     assert!(out.status.success(), "peer add only checks the form");
-    let out = run(&c, &["clone", &a_node_id]);
+    let out = at(&c, &["clone", &a_node_id]);
     assert_eq!(
         out.status.code(),
         Some(2),
         "invalid onion address: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("onion"));
+    assert!(out.stderr.contains("onion"));
 
     // A backup taken --with-identity carries the onion service's keys (sealed):
     // the node restored from it comes back at the same .onion address.
     let repo = tmp.path().join("repo");
     let with_pass = |args: &[&str], dir: &Path| {
-        let out = Command::new(bin())
-            .arg("--data-dir")
-            .arg(dir)
-            .args(args)
-            .env("BITSYNC_PASSPHRASE", "correct horse battery staple")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "bitsync {args:?}: {out:?}");
+        ok(bitsync(dir).args(args).env("BITSYNC_PASSPHRASE", PASS));
     };
     with_pass(
         &[
@@ -307,7 +230,7 @@ fn clone_and_mirror_over_private_tor() {
     with_pass(&["restore", "--repo", repo.to_str().unwrap()], &a2);
     // Not the copied hostname file: the address Arti derives from the restored key.
     std::fs::remove_file(a2.join("tor/hostname")).unwrap();
-    let _a2_node = serve(&a2);
+    let _a2_node = Serve::spawn(&a2, &[], SERVE_LOG);
     wait_until(
         "the restored node's onion address",
         Duration::from_secs(120),
@@ -318,17 +241,4 @@ fn clone_and_mirror_over_private_tor() {
         },
     );
     assert_eq!(status(&a2)["onion_address"].as_str().unwrap(), onion);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

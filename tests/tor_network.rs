@@ -11,10 +11,8 @@ use std::time::{Duration, Instant};
 
 use bitsync::tor::{self, TorError, TorOptions};
 
-#[path = "support/tornet.rs"]
-mod tornet;
+use crate::support::tornet::{tornet, Network, NETWORK_TIMEOUT_S};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tornet::{tornet, Network, NETWORK_TIMEOUT_S};
 
 const NICKNAME: &str = "bitsync-test";
 

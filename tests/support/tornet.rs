@@ -15,6 +15,16 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tornet/tornet.sh")
 }
 
+/// Point a fresh data dir at the private network: federation on
+/// 127.0.0.1:0, and `tor_section` as its whole `[tor]` section.
+pub fn configure_node(dir: &Path, tor_section: &str) {
+    let cfg = dir.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace("listen = \"127.0.0.1:7450\"", "listen = \"127.0.0.1:0\"");
+    let head = &text[..text.find("[tor]").expect("config has a [tor] section")];
+    std::fs::write(&cfg, format!("{head}[tor]\n{tor_section}\n")).unwrap();
+}
+
 /// Run a tornet.sh subcommand; return its stdout, or the full output as the error.
 pub fn tornet(args: &[&str], envs: &[(&str, String)]) -> Result<String, String> {
     let mut cmd = Command::new("bash");

@@ -1,0 +1,40 @@
+//! The one harness every integration test and bench shares: each helper is
+//! defined here once.
+//!
+//! Tests reach it as `crate::support` (the test binary's root declares
+//! `mod support;`); benches include it with
+//! `#[path = "../tests/support/mod.rs"] mod support;`.
+//!
+//! - [`data`]: deterministic bytes, a byte flipper, walking data dirs;
+//! - [`process`]: the real `bitsync` binary with a clean environment, run to
+//!   completion within a deadline, its exit code and output captured;
+//! - [`serve`]: `bitsync serve` as a child process, ready (bound, answering
+//!   on its admin socket) when `start` returns, stopped on drop;
+//! - [`admin`]: the Admin service over the Unix socket, with a stock grpcurl
+//!   or the tonic client;
+//! - [`node`]: data dirs driven in-process through the library;
+//! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
+//! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
+//! - [`tornet`] (a private Tor network) and [`axon_fixture`] (an independent
+//!   writer of Axon backups).
+//!
+//! Not every binary uses every helper.
+#![allow(dead_code, unused_imports)]
+
+pub mod admin;
+pub mod axon_fixture;
+pub mod data;
+pub mod net;
+pub mod node;
+pub mod process;
+pub mod serve;
+pub mod tornet;
+pub mod wait;
+
+pub use admin::*;
+pub use data::*;
+pub use net::*;
+pub use node::*;
+pub use process::*;
+pub use serve::*;
+pub use wait::*;

@@ -1,0 +1,88 @@
+//! Data dirs driven in-process through the library, and reading a node's
+//! database behind its back.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use bitsync::content::{self, PutOptions};
+use bitsync::crypto::ContentId;
+use bitsync::node::{self, Node};
+use bitsync::transport::Dialer;
+
+/// Set a fresh data dir's chunk size (plaintext bytes per chunk) in its
+/// config.toml: small chunks make items of many chunks from little data.
+#[track_caller]
+pub fn set_chunk_size(dir: &Path, chunk_size: usize) {
+    let cfg = dir.join("config.toml");
+    let text = fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.contains("chunk_size = 1048576"),
+        "default config changed:\n{text}"
+    );
+    fs::write(
+        &cfg,
+        text.replace(
+            "chunk_size = 1048576",
+            &format!("chunk_size = {chunk_size}"),
+        ),
+    )
+    .unwrap();
+}
+
+/// A new data dir at `dir` (`node::init`), opened.
+pub fn new_node(dir: &Path) -> Node {
+    node::init(dir, None).expect("init");
+    open(dir)
+}
+
+/// A new data dir at `dir` with `config` as its whole config.toml, opened.
+pub fn new_node_with_config(dir: &Path, config: &str) -> Node {
+    node::init(dir, None).expect("init");
+    fs::write(dir.join("config.toml"), config).unwrap();
+    open(dir)
+}
+
+/// A new data dir at `dir` with `chunk_size` plaintext bytes per chunk, opened.
+pub fn init_node(dir: &Path, chunk_size: u32) -> Node {
+    node::init(dir, None).expect("init");
+    set_chunk_size(dir, chunk_size as usize);
+    open(dir)
+}
+
+/// Open an unsealed data dir.
+pub fn open(dir: &Path) -> Node {
+    Node::open(dir, &node::no_passphrase).expect("open node")
+}
+
+/// Publish `bytes` as a file item named `name`.
+pub fn put(node: &Node, name: &str, bytes: &[u8]) -> ContentId {
+    let opts = PutOptions {
+        kind: "file".into(),
+        name: name.into(),
+    };
+    content::put(node, &mut &bytes[..], &opts, &|_| {}).expect("put")
+}
+
+/// An item's plaintext.
+pub fn get(node: &Node, id: &ContentId) -> Vec<u8> {
+    let mut out = Vec::new();
+    content::get(node, id, content::Output::Stream(&mut out), &|_| {}).expect("get");
+    out
+}
+
+/// The node's own dialer (Tor is never started for TCP peers).
+pub fn dialer(n: &Node) -> Dialer {
+    bitsync::server::dialer(n).expect("building the dialer").0
+}
+
+/// A read-only connection to a data dir's database, waiting out a writer's lock.
+pub fn db_read_only(dir: &Path) -> rusqlite::Connection {
+    let c = rusqlite::Connection::open_with_flags(
+        dir.join("bitsync.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c
+}
