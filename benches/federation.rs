@@ -102,7 +102,7 @@ fn fill_items(server: &Node, n: usize) -> Vec<String> {
                             }
                             .encode_to_vec();
                             let body = manifest::native_body(
-                                &server.identity,
+                                server.identity(),
                                 "message",
                                 plain.len() as u64,
                                 manifest::MIN_CHUNK_SIZE,
@@ -110,8 +110,8 @@ fn fill_items(server: &Node, n: usize) -> Vec<String> {
                                 crypto::encrypt_meta(&key, &meta),
                                 manifest::now_ms() + i as i64,
                             );
-                            let m = Manifest::create(&server.identity, body).unwrap();
-                            let wrapped = crypto::wrap_key(server.identity.public(), &key);
+                            let m = Manifest::create(server.identity(), body).unwrap();
+                            let wrapped = crypto::wrap_key(server.identity().public(), &key);
                             (m, wrapped)
                         })
                         .collect::<Vec<_>>()
@@ -126,7 +126,7 @@ fn fill_items(server: &Node, n: usize) -> Vec<String> {
     made.iter()
         .map(|(m, w)| {
             server
-                .db
+                .db()
                 .insert_manifest(m, &[(own.clone(), w.clone())], &[])
                 .unwrap();
             m.id().to_hex()
@@ -174,7 +174,7 @@ async fn rekey_bench() {
     );
     breakdown(&server, &caller, &ids);
     server
-        .db
+        .db()
         .upsert_peer(&caller.id(), "bench", "", PeerState::Trusted, false)
         .unwrap();
     let running = server::start(
@@ -201,7 +201,7 @@ async fn rekey_bench() {
     );
     // Every envelope opens with the caller's key (checked outside the timing).
     for w in env1.iter().step_by((n / 100).max(1)) {
-        caller.identity.unwrap_key(w).unwrap();
+        caller.identity().unwrap_key(w).unwrap();
     }
     let r1 = n as f64 / first.as_secs_f64();
     let r2 = n as f64 / second.as_secs_f64();
@@ -235,7 +235,7 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
     let t = Instant::now();
     let ms: Vec<Manifest> = sample
         .iter()
-        .map(|id| server.db.manifest(id).unwrap().unwrap().0)
+        .map(|id| server.db().manifest(id).unwrap().unwrap().0)
         .collect();
     let load = per(t);
     let t = Instant::now();
@@ -246,24 +246,24 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
     let t = Instant::now();
     let envs: Vec<Vec<u8>> = sample
         .iter()
-        .map(|id| server.db.envelope(id, &own).unwrap().unwrap())
+        .map(|id| server.db().envelope(id, &own).unwrap().unwrap())
         .collect();
     let env = per(t);
     let t = Instant::now();
     let keys: Vec<ItemKey> = envs
         .iter()
-        .map(|w| server.identity.unwrap_key(w).unwrap())
+        .map(|w| server.identity().unwrap_key(w).unwrap())
         .collect();
     let unwrap = per(t);
     let t = Instant::now();
     for _ in 0..sample.len() {
-        bitsync::identity::public_key_from_spki(caller.identity.spki()).unwrap();
+        bitsync::identity::public_key_from_spki(caller.identity().spki()).unwrap();
     }
     let parse = per(t);
     let t = Instant::now();
     let wrapped: Vec<Vec<u8>> = keys
         .iter()
-        .map(|k| crypto::wrap_key(caller.identity.public(), k))
+        .map(|k| crypto::wrap_key(caller.identity().public(), k))
         .collect();
     let wrap = per(t);
     // The same public-key operations on aws-lc, for comparison (not used by the node).
@@ -281,7 +281,7 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
     let lc_verify = per(t);
     let t = Instant::now();
     let lc_key = aws_lc_rs::rsa::OaepPublicEncryptingKey::new(
-        aws_lc_rs::rsa::PublicEncryptingKey::from_der(caller.identity.spki()).unwrap(),
+        aws_lc_rs::rsa::PublicEncryptingKey::from_der(caller.identity().spki()).unwrap(),
     )
     .unwrap();
     let mut lc_wrapped = Vec::new();
@@ -300,7 +300,7 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
     let lc_wrap = per(t);
     assert_eq!(
         caller
-            .identity
+            .identity()
             .unwrap_key(&lc_wrapped[0])
             .unwrap()
             .as_bytes(),
@@ -309,7 +309,7 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
     let t = Instant::now();
     for (id, w) in sample.iter().zip(&wrapped) {
         server
-            .db
+            .db()
             .add_envelopes(&[(*id, "breakdown-only".to_string(), w.clone())])
             .unwrap();
     }
@@ -321,7 +321,7 @@ fn breakdown(server: &Node, caller: &Node, ids: &[String]) {
 
     // Proposed store access patterns, measured on the same database file
     // through a separate connection (the node does not do these today).
-    let mut c = rusqlite::Connection::open(server.paths.db()).unwrap();
+    let mut c = rusqlite::Connection::open(server.paths().db()).unwrap();
     c.pragma_update(None, "synchronous", "FULL").unwrap();
     c.busy_timeout(Duration::from_secs(30)).unwrap();
     let t = Instant::now();
@@ -469,7 +469,7 @@ async fn tuned_channel(
     server: bitsync::crypto::NodeId,
     address: &str,
 ) -> tonic::transport::Channel {
-    let cfg = bitsync::tls::client_config(&caller.identity, server).unwrap();
+    let cfg = bitsync::tls::client_config(caller.identity(), server).unwrap();
     let addr = address.to_string();
     let connector = tower::service_fn(move |_: tonic::transport::Uri| {
         let (cfg, addr) = (cfg.clone(), addr.clone());
@@ -510,11 +510,11 @@ async fn stream_bench() {
         &|_| {},
     )
     .unwrap();
-    let (m, _) = server.db.manifest(&id).unwrap().unwrap();
+    let (m, _) = server.db().manifest(&id).unwrap().unwrap();
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
-    let paths: Vec<PathBuf> = m.chunk_ids().map(|c| server.chunks.path(&c)).collect();
+    let paths: Vec<PathBuf> = m.chunk_ids().map(|c| server.chunks().path(&c)).collect();
     server
-        .db
+        .db()
         .upsert_peer(&caller.id(), "bench", "", PeerState::Trusted, false)
         .unwrap();
     let server_id = server.id();

@@ -222,7 +222,7 @@ fn proc_cpu(pid: u32, children: bool) -> Duration {
 /// as it would at the first call, so new items carry its envelope).
 fn trust(source: &Node, other: &Node, source_addr: &str, mirror: bool) {
     source
-        .db
+        .db()
         .upsert_peer(
             &other.id(),
             "bench",
@@ -232,11 +232,11 @@ fn trust(source: &Node, other: &Node, source_addr: &str, mirror: bool) {
         )
         .unwrap();
     source
-        .db
-        .set_peer_key(&other.id(), other.identity.spki())
+        .db()
+        .set_peer_key(&other.id(), other.identity().spki())
         .unwrap();
     other
-        .db
+        .db()
         .upsert_peer(
             &source.id(),
             "source",
@@ -400,7 +400,7 @@ fn clone_bench() {
         let b = tmp.path().join(format!("b-{r}"));
         let bn = new_node(&b);
         cli(&a, &["peer", "add", &bn.id().to_hex(), "127.0.0.1:9"]);
-        bn.db
+        bn.db()
             .upsert_peer(
                 &Hash::parse(&a_id, "id").unwrap(),
                 "a",
@@ -628,7 +628,7 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
         .map(|n| n.get())
         .unwrap_or(1);
     let (own, theirs) = (src.id().to_hex(), other.id().to_hex());
-    let other_pub = other.identity.public().clone();
+    let other_pub = other.identity().public().clone();
     let made: Vec<(Manifest, Envelopes, (Hash, u64))> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -642,13 +642,13 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
                             let plain = format!("small item {i} ").repeat(8).into_bytes();
                             let ct = crypto::encrypt_chunk(&key, 0, true, &plain);
                             let cid = Hash::of(&ct);
-                            src.chunks.write(&cid, &ct).unwrap();
+                            src.chunks().write(&cid, &ct).unwrap();
                             let meta = ItemMeta {
                                 name: format!("item-{i}"),
                             }
                             .encode_to_vec();
                             let body = manifest::native_body(
-                                &src.identity,
+                                src.identity(),
                                 "message",
                                 plain.len() as u64,
                                 manifest::DEFAULT_CHUNK_SIZE,
@@ -656,9 +656,9 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
                                 crypto::encrypt_meta(&key, &meta),
                                 manifest::now_ms(),
                             );
-                            let m = Manifest::create(&src.identity, body).unwrap();
+                            let m = Manifest::create(src.identity(), body).unwrap();
                             let envs = vec![
-                                (own.clone(), crypto::wrap_key(src.identity.public(), &key)),
+                                (own.clone(), crypto::wrap_key(src.identity().public(), &key)),
                                 (theirs.clone(), crypto::wrap_key(&other_pub, &key)),
                             ];
                             (m, envs, (cid, ct.len() as u64))
@@ -672,13 +672,13 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
             .flat_map(|h| h.join().unwrap())
             .collect()
     });
-    src.chunks.sync().unwrap();
+    src.chunks().sync().unwrap();
     for part in made.chunks(1000) {
         let chunks: Vec<(Hash, u64)> = part.iter().map(|(_, _, c)| *c).collect();
-        src.db.record_chunks(&chunks).unwrap();
+        src.db().record_chunks(&chunks).unwrap();
         let items: Vec<(&Manifest, Envelopes)> =
             part.iter().map(|(m, e, _)| (m, e.clone())).collect();
-        src.db.insert_manifests(&items).unwrap();
+        src.db().insert_manifests(&items).unwrap();
     }
 }
 

@@ -91,7 +91,7 @@ async fn main() {
     running
         .state
         .node
-        .db
+        .db()
         .create_invite(&inv.secret_hash(), i64::MAX)
         .unwrap();
 

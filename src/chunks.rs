@@ -21,7 +21,7 @@ use crate::error::{Error, IoContext, Result};
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Upper bound on one chunk's ciphertext: the largest allowed chunk size plus the GCM tag.
-pub const MAX_CHUNK_BYTES: usize = crate::manifest::MAX_CHUNK_SIZE as usize + 16;
+pub(crate) const MAX_CHUNK_BYTES: usize = crate::manifest::MAX_CHUNK_SIZE as usize + 16;
 
 /// Largest single write(2) when storing a chunk (see [`ChunkDir::write`]).
 const WRITE_PIECE: usize = 256 * 1024;
@@ -80,7 +80,7 @@ impl ChunkDir {
     }
 
     /// Write a chunk this node just made; its id is computed here, once.
-    pub fn write_new(&self, data: &[u8]) -> Result<ChunkId> {
+    pub(crate) fn write_new(&self, data: &[u8]) -> Result<ChunkId> {
         let id = Hash::of(data);
         self.place(&id, data)?;
         Ok(id)
@@ -121,7 +121,7 @@ impl ChunkDir {
     }
 
     /// Read a chunk and check its hash. A mismatch quarantines the file and is a DATA_LOSS error.
-    pub fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    pub(crate) fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let path = self.path(id);
         let mut f = fs::File::open(&path).ctx(format!("chunk {id}"))?;
         let len = f.metadata().ctx(format!("chunk {id}"))?.len() as usize;
@@ -144,7 +144,7 @@ impl ChunkDir {
     }
 
     /// Move a bad chunk out of the way so it is never served again.
-    pub fn quarantine(&self, id: &ChunkId) -> Result<()> {
+    pub(crate) fn quarantine(&self, id: &ChunkId) -> Result<()> {
         let from = self.path(id);
         let to = self.quarantine.join(id.to_hex());
         match fs::rename(&from, &to) {

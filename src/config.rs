@@ -21,11 +21,11 @@ macro_rules! default_port {
 
 /// The Federation port: what `listen` binds by default, and what a peer's
 /// bare `xxx.onion` address means (every other place derives from this).
-pub const DEFAULT_PORT: u16 = default_port!();
+pub(crate) const DEFAULT_PORT: u16 = default_port!();
 
 pub(crate) const DEFAULT_LISTEN: &str = concat!("127.0.0.1:", default_port!());
 
-pub const DEFAULT_CONFIG: &str = concat!(
+pub(crate) const DEFAULT_CONFIG: &str = concat!(
     r#"# bitsync node configuration.
 # Every setting is optional; the values shown are the defaults.
 
@@ -79,41 +79,41 @@ connect_timeout_secs = 60
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Config {
-    pub name: String,
-    pub listen: String,
-    pub advertise: Vec<String>,
-    pub admin_listen: Option<String>,
-    pub admin_peers: Vec<String>,
-    pub chunk_size: u32,
-    pub limits: Limits,
-    pub tor: TorConfig,
-    pub mirror: Vec<MirrorConfig>,
+pub(crate) struct Config {
+    pub(crate) name: String,
+    pub(crate) listen: String,
+    pub(crate) advertise: Vec<String>,
+    pub(crate) admin_listen: Option<String>,
+    pub(crate) admin_peers: Vec<String>,
+    pub(crate) chunk_size: u32,
+    pub(crate) limits: Limits,
+    pub(crate) tor: TorConfig,
+    pub(crate) mirror: Vec<MirrorConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct Limits {
-    pub max_streams_per_peer: u32,
-    pub request_timeout_secs: u64,
-    pub list_page_max: u32,
-    pub max_chunks_per_request: u32,
+pub(crate) struct Limits {
+    pub(crate) max_streams_per_peer: u32,
+    pub(crate) request_timeout_secs: u64,
+    pub(crate) list_page_max: u32,
+    pub(crate) max_chunks_per_request: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct TorConfig {
-    pub enabled: bool,
-    pub socks: Option<String>,
-    pub arti_config: Option<PathBuf>,
-    pub bootstrap_timeout_secs: u64,
-    pub connect_timeout_secs: u64,
+pub(crate) struct TorConfig {
+    pub(crate) enabled: bool,
+    pub(crate) socks: Option<String>,
+    pub(crate) arti_config: Option<PathBuf>,
+    pub(crate) bootstrap_timeout_secs: u64,
+    pub(crate) connect_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MirrorConfig {
-    pub peer: String,
+pub(crate) struct MirrorConfig {
+    pub(crate) peer: String,
 }
 
 impl Default for Config {
@@ -156,12 +156,12 @@ impl Default for TorConfig {
 }
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config> {
+    pub(crate) fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).ctx(format!("reading {}", path.display()))?;
         Config::parse(&text).map_err(|e| e.context(path.display()))
     }
 
-    pub fn parse(text: &str) -> Result<Config> {
+    pub(crate) fn parse(text: &str) -> Result<Config> {
         let c: Config =
             toml::from_str(text).map_err(|e| Error::invalid(format!("bad configuration: {e}")))?;
         let m = crate::manifest::MIN_CHUNK_SIZE..=crate::manifest::MAX_CHUNK_SIZE;

@@ -88,7 +88,7 @@ pub fn put(
 
 /// Envelopes for this node and every trusted peer whose public key is known
 /// (peers known only by id get theirs just in time, when they first ask).
-pub fn envelopes_for_new_item(node: &Node, key: &ItemKey) -> Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn envelopes_for_new_item(node: &Node, key: &ItemKey) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = vec![(
         node.id().to_hex(),
         crypto::wrap_key(node.identity.public(), key),
@@ -115,7 +115,7 @@ fn read_full(input: &mut dyn Read, n: usize) -> Result<Vec<u8>> {
 }
 
 /// The item key from this node's own envelope.
-pub fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
+pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
     let wrapped = node
         .db
         .envelope(&m.id(), &node.id().to_hex())?
@@ -142,7 +142,7 @@ pub fn item_meta(node: &Node, m: &Manifest) -> Result<ItemMeta> {
         .map_err(|e| Error::integrity(format!("item {} metadata: {e}", m.id())))
 }
 
-pub fn load_manifest(node: &Node, id: &ContentId) -> Result<Manifest> {
+pub(crate) fn load_manifest(node: &Node, id: &ContentId) -> Result<Manifest> {
     node.db
         .manifest(id)?
         .map(|(m, _)| m)
@@ -248,7 +248,7 @@ fn decrypt_to(
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     pub chunks_checked: u64,
-    pub manifests_checked: u64,
+    pub(crate) manifests_checked: u64,
     pub problems: Vec<String>,
 }
 

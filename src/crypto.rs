@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 pub struct Hash(pub [u8; 32]);
 
 /// Names a chunk: SHA-256 of its ciphertext.
-pub type ChunkId = Hash;
+pub(crate) type ChunkId = Hash;
 /// Names an item: SHA-256 of its signed manifest body.
 pub type ContentId = Hash;
 /// Names a node: SHA-256 of its public key's SubjectPublicKeyInfo DER.
@@ -52,7 +52,7 @@ impl Hash {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
-    pub fn from_slice(b: &[u8]) -> Result<Hash> {
+    pub(crate) fn from_slice(b: &[u8]) -> Result<Hash> {
         let a: [u8; 32] = b.try_into().map_err(|_| {
             Error::invalid(format!("expected a 32-byte hash, got {} bytes", b.len()))
         })?;
@@ -70,7 +70,7 @@ impl Hash {
         Ok(Hash(a))
     }
     /// The first 12 hex characters, for logs and tables.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         self.to_hex()[..12].to_string()
     }
 }
@@ -232,7 +232,7 @@ pub fn signed_message(body: &[u8]) -> Vec<u8> {
 
 /// Check an RSA-PSS-SHA256 (salt 32 bytes) manifest signature. Signing is
 /// [`Identity::sign_manifest`](crate::identity::Identity::sign_manifest).
-pub fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
+pub(crate) fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
     let pkcs1 = public
         .to_pkcs1_der()
         .map_err(|_| Error::integrity("publisher key does not encode"))?;
@@ -261,7 +261,7 @@ fn seal_key(pass: &[u8], salt: &[u8], log_n: u8, r: u32, p: u32) -> Result<Zeroi
 }
 
 /// Seal `plain` under a passphrase: magic, scrypt parameters, salt, nonce, AES-256-GCM ciphertext.
-pub fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
+pub(crate) fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
     let mut salt = [0u8; 16];
     let mut nonce = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut salt);
@@ -286,12 +286,12 @@ pub fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
     header
 }
 
-pub fn is_sealed(data: &[u8]) -> bool {
+pub(crate) fn is_sealed(data: &[u8]) -> bool {
     data.starts_with(SEAL_MAGIC)
 }
 
 /// Open sealed data; a wrong passphrase is an [`Kind::Auth`](crate::error::Kind::Auth) error.
-pub fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+pub(crate) fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
     if sealed.len() < 41 + 16 || !is_sealed(sealed) {
         return Err(Error::integrity(
             "sealed data is truncated or not bitsync-sealed",

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, IoContext, Result};
 
 /// fsync a directory so a rename inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx(format!("syncing directory {}", dir.display()))
 }
 
 /// Flush every dirty page of the filesystem holding `path` (one syncfs(2)).
-pub fn syncfs(path: &Path) -> Result<()> {
+pub(crate) fn syncfs(path: &Path) -> Result<()> {
     let d = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
     // SAFETY: syncfs takes a valid open file descriptor and has no memory effects.
     let rc = unsafe { libc::syncfs(d.as_raw_fd()) };
@@ -32,7 +32,7 @@ pub fn syncfs(path: &Path) -> Result<()> {
 }
 
 /// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -58,7 +58,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 }
 
 /// A hidden name beside `path` for building it: `.<name>.<tag>-<pid>`.
-pub fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
+pub(crate) fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())

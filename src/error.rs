@@ -92,37 +92,37 @@ pub struct Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: Kind, message: impl Into<String>) -> Self {
         Error {
             kind,
             message: message.into(),
         }
     }
-    pub fn invalid(m: impl Into<String>) -> Self {
+    pub(crate) fn invalid(m: impl Into<String>) -> Self {
         Self::new(Kind::Invalid, m)
     }
-    pub fn not_found(m: impl Into<String>) -> Self {
+    pub(crate) fn not_found(m: impl Into<String>) -> Self {
         Self::new(Kind::NotFound, m)
     }
-    pub fn exists(m: impl Into<String>) -> Self {
+    pub(crate) fn exists(m: impl Into<String>) -> Self {
         Self::new(Kind::Exists, m)
     }
-    pub fn integrity(m: impl Into<String>) -> Self {
+    pub(crate) fn integrity(m: impl Into<String>) -> Self {
         Self::new(Kind::Integrity, m)
     }
-    pub fn auth(m: impl Into<String>) -> Self {
+    pub(crate) fn auth(m: impl Into<String>) -> Self {
         Self::new(Kind::Auth, m)
     }
-    pub fn denied(m: impl Into<String>) -> Self {
+    pub(crate) fn denied(m: impl Into<String>) -> Self {
         Self::new(Kind::Denied, m)
     }
-    pub fn unavailable(m: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(m: impl Into<String>) -> Self {
         Self::new(Kind::Unavailable, m)
     }
-    pub fn exhausted(m: impl Into<String>) -> Self {
+    pub(crate) fn exhausted(m: impl Into<String>) -> Self {
         Self::new(Kind::Exhausted, m)
     }
-    pub fn io(m: impl Into<String>) -> Self {
+    pub(crate) fn io(m: impl Into<String>) -> Self {
         Self::new(Kind::Io, m)
     }
 
@@ -134,7 +134,7 @@ impl Error {
     }
 
     /// Prefix the message with what was being done, keeping the kind.
-    pub fn context(self, what: impl fmt::Display) -> Self {
+    pub(crate) fn context(self, what: impl fmt::Display) -> Self {
         Error {
             kind: self.kind,
             message: format!("{what}: {}", self.message),
@@ -162,7 +162,7 @@ impl Error {
     /// The gRPC status code for this kind, used for every status and
     /// `Problem` this node sends. One code per kind, so that the code a peer
     /// sends comes back as the same kind (see `From<tonic::Status>`).
-    pub fn code(&self) -> tonic::Code {
+    pub(crate) fn code(&self) -> tonic::Code {
         match self.kind {
             Kind::Invalid => tonic::Code::InvalidArgument,
             Kind::NotFound => tonic::Code::NotFound,
@@ -184,7 +184,7 @@ impl Error {
     /// name it) `Exhausted` (with the promise every writer keeps: nothing
     /// half-written was kept), anything else `Io`. `what` should name the
     /// file or the step, never its contents.
-    pub fn from_io(e: std::io::Error, what: impl fmt::Display) -> Self {
+    pub(crate) fn from_io(e: std::io::Error, what: impl fmt::Display) -> Self {
         use std::io::ErrorKind as K;
         let kind = match e.kind() {
             K::NotFound => Kind::NotFound,
@@ -275,7 +275,7 @@ impl From<tonic::Status> for Error {
 }
 
 /// Attach "what" to an I/O result, classifying the error.
-pub trait IoContext<T> {
+pub(crate) trait IoContext<T> {
     fn ctx(self, what: impl fmt::Display) -> Result<T>;
 }
 

@@ -47,7 +47,7 @@ impl std::fmt::Debug for Identity {
 }
 
 /// The node id of a public key given as SubjectPublicKeyInfo DER.
-pub fn node_id_of(spki_der: &[u8]) -> NodeId {
+pub(crate) fn node_id_of(spki_der: &[u8]) -> NodeId {
     crypto::Hash::of(spki_der)
 }
 
@@ -59,7 +59,7 @@ pub fn public_key_from_spki(der: &[u8]) -> Result<RsaPublicKey> {
 
 impl Identity {
     /// A new RSA-3072 key pair.
-    pub fn generate() -> Result<Identity> {
+    pub(crate) fn generate() -> Result<Identity> {
         let key = PrivateDecryptingKey::generate(KeySize::Rsa3072)
             .map_err(|_| Error::io("generating an RSA-3072 key failed"))?;
         let der = AsDer::<Pkcs8V1Der>::as_der(&key)
@@ -106,7 +106,7 @@ impl Identity {
     }
 
     /// RSA-PSS-SHA256 (salt 32 bytes) over [`crypto::signed_message`].
-    pub fn sign_manifest(&self, body: &[u8]) -> Vec<u8> {
+    pub(crate) fn sign_manifest(&self, body: &[u8]) -> Vec<u8> {
         let mut sig = vec![0u8; self.signing.public_modulus_len()];
         self.signing
             .sign(
@@ -119,7 +119,7 @@ impl Identity {
         sig
     }
 
-    pub fn id(&self) -> NodeId {
+    pub(crate) fn id(&self) -> NodeId {
         self.id
     }
     pub fn public(&self) -> &RsaPublicKey {
@@ -131,12 +131,12 @@ impl Identity {
     }
 
     /// PKCS#8 DER of the private key, for the TLS stack. Zeroed when dropped.
-    pub fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+    pub(crate) fn pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
         self.pkcs8.clone()
     }
 
     /// The file contents for this key: PKCS#8 PEM, or sealed under `passphrase`.
-    pub fn key_file_bytes(&self, passphrase: Option<&str>) -> Zeroizing<Vec<u8>> {
+    pub(crate) fn key_file_bytes(&self, passphrase: Option<&str>) -> Zeroizing<Vec<u8>> {
         match passphrase {
             None => pem_encode(KEY_LABEL, &self.pkcs8),
             Some(p) => pem_encode(SEALED_LABEL, &crypto::seal(p, &self.pkcs8)),
@@ -144,13 +144,13 @@ impl Identity {
     }
 
     /// Write the key file atomically with mode 0600 (temp file, fsync, rename).
-    pub fn save(&self, path: &Path, passphrase: Option<&str>) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path, passphrase: Option<&str>) -> Result<()> {
         let bytes = self.key_file_bytes(passphrase);
         crate::durable::write_atomic(path, &bytes, 0o600)
     }
 
     /// Load the key at `path`; `passphrase` is asked for only if the key is sealed.
-    pub fn load(
+    pub(crate) fn load(
         path: &Path,
         passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
     ) -> Result<Identity> {
@@ -176,7 +176,7 @@ impl Identity {
     }
 
     /// The public key as PEM, for operators and tests.
-    pub fn public_pem(&self) -> String {
+    pub(crate) fn public_pem(&self) -> String {
         self.public
             .to_public_key_pem(LineEnding::LF)
             .expect("an RSA key always encodes")

@@ -21,7 +21,7 @@ const PREFIX: &str = "bitsync-invite:";
 pub struct Invite {
     pub node_id: NodeId,
     pub addresses: Vec<String>,
-    pub secret: [u8; 32],
+    pub(crate) secret: [u8; 32],
     pub expires_at_ms: i64,
 }
 
@@ -55,7 +55,7 @@ impl Invite {
         )
     }
 
-    pub fn is_token(s: &str) -> bool {
+    pub(crate) fn is_token(s: &str) -> bool {
         s.trim().starts_with(PREFIX)
     }
 
@@ -91,7 +91,7 @@ impl Invite {
 }
 
 /// Hash a `JoinRequest.secret` for lookup.
-pub fn hash_secret_text(s: &str) -> Result<Hash> {
+pub(crate) fn hash_secret_text(s: &str) -> Result<Hash> {
     let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s.trim())
         .map_err(|_| Error::auth("invite secret is not valid"))?;

@@ -97,7 +97,7 @@ impl CbcDecrypt {
     }
 }
 
-pub fn decrypt_to(
+pub(crate) fn decrypt_to(
     node: &Node,
     m: &Manifest,
     key: &ItemKey,

@@ -40,7 +40,7 @@
 
 pub mod axon;
 pub mod backup;
-pub mod chunks;
+pub(crate) mod chunks;
 pub mod cli;
 pub mod config;
 pub mod content;
@@ -49,7 +49,7 @@ pub mod durable;
 pub mod error;
 pub mod identity;
 pub mod invite;
-pub mod legacy;
+pub(crate) mod legacy;
 pub mod manifest;
 pub mod node;
 pub mod replicator;
@@ -64,7 +64,7 @@ pub mod proto {
     tonic::include_proto!("bitsync.v1");
 
     /// The encoded file descriptor set, served by gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
+    pub(crate) const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("bitsync_descriptor");
 }
 

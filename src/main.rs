@@ -3,11 +3,7 @@ use clap::Parser;
 fn main() {
     tune_allocator();
     let cli = bitsync::cli::Cli::parse();
-    let default = if matches!(cli.command, bitsync::cli::Command::Serve { .. }) {
-        "info"
-    } else {
-        "warn"
-    };
+    let default = cli.default_log_filter();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()

@@ -15,20 +15,20 @@ use crate::error::{Error, Result};
 use crate::identity::{self, Identity};
 pub use crate::proto::{Cipher, ItemMeta, ManifestBody};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 1;
 pub const DEFAULT_CHUNK_SIZE: u32 = 1024 * 1024;
 pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
 /// Chunks stay well under tonic's 4 MiB message limit.
-pub const MAX_CHUNK_SIZE: u32 = 2 * 1024 * 1024;
+pub(crate) const MAX_CHUNK_SIZE: u32 = 2 * 1024 * 1024;
 /// A manifest body larger than this is refused before decoding (about 100k chunks).
-pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024 + 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 3 * 1024 * 1024 + 64 * 1024;
 /// Chunks one item may have: each chunk id takes 34 bytes of the body (field
 /// tag, length, 32-byte hash), and 64 KiB stay for the other fields.
 pub const MAX_CHUNKS_PER_ITEM: u64 = (3 * 1024 * 1024 / 34) as u64;
 
 /// Refuse, before anything is written, an item of `size` plaintext bytes
 /// that would need more chunks than one manifest can list.
-pub fn check_item_size(size: u64, chunk_size: u32) -> Result<()> {
+pub(crate) fn check_item_size(size: u64, chunk_size: u32) -> Result<()> {
     let chunks = size.div_ceil(chunk_size as u64).max(1);
     if chunks <= MAX_CHUNKS_PER_ITEM {
         return Ok(());

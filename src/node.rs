@@ -34,10 +34,13 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new(root: impl Into<PathBuf>) -> Paths {
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub(crate) fn new(root: impl Into<PathBuf>) -> Paths {
         Paths { root: root.into() }
     }
-    pub fn config(&self) -> PathBuf {
+    pub(crate) fn config(&self) -> PathBuf {
         self.root.join("config.toml")
     }
     pub fn key(&self) -> PathBuf {
@@ -46,16 +49,16 @@ impl Paths {
     pub fn db(&self) -> PathBuf {
         self.root.join("bitsync.db")
     }
-    pub fn chunks(&self) -> PathBuf {
+    pub(crate) fn chunks(&self) -> PathBuf {
         self.root.join("chunks")
     }
     pub fn quarantine(&self) -> PathBuf {
         self.root.join("quarantine")
     }
-    pub fn tor(&self) -> PathBuf {
+    pub(crate) fn tor(&self) -> PathBuf {
         self.root.join("tor")
     }
-    pub fn admin_socket(&self) -> PathBuf {
+    pub(crate) fn admin_socket(&self) -> PathBuf {
         self.root.join("admin.sock")
     }
     fn is_initialized(&self) -> bool {
@@ -65,7 +68,7 @@ impl Paths {
 
 /// `$BITSYNC_DATA_DIR` is handled by clap; this is the fallback:
 /// `$XDG_DATA_HOME/bitsync`, else `~/.local/share/bitsync`.
-pub fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("bitsync");
     }
@@ -168,12 +171,16 @@ fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<
 }
 
 /// An opened data dir: configuration, identity, database and chunks.
+///
+/// Outside the crate the parts are read through methods, never replaced: a
+/// `Node` is only valid as [`Node::open`] assembled it (the database belongs to
+/// this identity, the chunk dir to this database).
 pub struct Node {
-    pub paths: Paths,
-    pub config: Config,
-    pub identity: std::sync::Arc<Identity>,
-    pub db: Db,
-    pub chunks: ChunkDir,
+    pub(crate) paths: Paths,
+    pub(crate) config: Config,
+    pub(crate) identity: std::sync::Arc<Identity>,
+    pub(crate) db: Db,
+    pub(crate) chunks: ChunkDir,
 }
 
 impl std::fmt::Debug for Node {
@@ -236,9 +243,25 @@ impl Node {
         self.identity.id()
     }
 
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    pub fn identity(&self) -> &std::sync::Arc<Identity> {
+        &self.identity
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn chunks(&self) -> &ChunkDir {
+        &self.chunks
+    }
+
     /// Read a present chunk, re-checking its hash. A chunk that fails is
     /// quarantined and forgotten, so it is no longer present (a sync fetches it again).
-    pub fn read_chunk(&self, id: &crate::crypto::ChunkId) -> Result<Vec<u8>> {
+    pub(crate) fn read_chunk(&self, id: &crate::crypto::ChunkId) -> Result<Vec<u8>> {
         match self.chunks.read(id) {
             Err(e) if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound => {
                 self.db.forget_chunk(id)?;
@@ -249,7 +272,7 @@ impl Node {
     }
 
     /// The name peers see: the configured one, else the first 12 hex chars of the id.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         if self.config.name.is_empty() {
             self.id().short()
         } else {

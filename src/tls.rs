@@ -23,7 +23,7 @@ use crate::identity::{self, Identity};
 
 /// The name in every node certificate; clients that insist on a hostname
 /// (grpcurl, grpcio) use it as the server name override.
-pub const CERT_NAME: &str = "bitsync";
+pub(crate) const CERT_NAME: &str = "bitsync";
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -36,7 +36,7 @@ pub fn install_crypto_provider() {
 }
 
 /// A self-signed certificate over this node's identity key.
-pub fn certificate(id: &Identity) -> Result<CertificateDer<'static>> {
+pub(crate) fn certificate(id: &Identity) -> Result<CertificateDer<'static>> {
     let der = id.pkcs8_der();
     let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
         &PrivatePkcs8KeyDer::from(der.as_slice()),
@@ -58,7 +58,7 @@ pub fn certificate(id: &Identity) -> Result<CertificateDer<'static>> {
 }
 
 /// The certificate as PEM, for third-party clients (grpcurl, grpcio).
-pub fn certificate_pem(id: &Identity) -> Result<String> {
+pub(crate) fn certificate_pem(id: &Identity) -> Result<String> {
     use base64::Engine;
     let der = certificate(id)?;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
@@ -72,14 +72,14 @@ pub fn certificate_pem(id: &Identity) -> Result<String> {
 }
 
 /// The SubjectPublicKeyInfo DER inside a certificate.
-pub fn spki_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>> {
+pub(crate) fn spki_of(cert: &CertificateDer<'_>) -> Result<Vec<u8>> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| Error::auth(format!("peer certificate does not parse: {e}")))?;
     Ok(parsed.tbs_certificate.subject_pki.raw.to_vec())
 }
 
 /// The node id and key of a peer, from the certificate it presented.
-pub fn peer_node(certs: Option<&[CertificateDer<'_>]>) -> Option<(NodeId, Vec<u8>)> {
+pub(crate) fn peer_node(certs: Option<&[CertificateDer<'_>]>) -> Option<(NodeId, Vec<u8>)> {
     let cert = certs?.first()?;
     let spki = spki_of(cert).ok()?;
     Some((identity::node_id_of(&spki), spki))
@@ -94,7 +94,7 @@ fn tls_err(e: rustls::Error) -> Error {
 }
 
 /// Server side: present our certificate; accept (but do not require) any node's certificate.
-pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
+pub(crate) fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
     let p = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

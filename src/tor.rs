@@ -32,7 +32,7 @@ use tor_rtcompat::PreferredRuntime;
 ///
 /// `TorClient` is not `Clone`; Arti hands it out in an `Arc`, and every user (dialer, onion
 /// service) shares the same one so they share circuits, directory state and the keystore.
-pub type Tor = Arc<TorClient<PreferredRuntime>>;
+pub(crate) type Tor = Arc<TorClient<PreferredRuntime>>;
 
 /// Port a peer's onion address means when it names none (`xxxx.onion` = `xxxx.onion:7450`),
 /// and the virtual port this node's onion service advertises: the Federation port.

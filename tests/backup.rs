@@ -124,7 +124,7 @@ fn backup_while_writing_then_verify_and_restore() {
     // The restored node is self-consistent: every chunk re-hashed, every item complete.
     ok(command(home).arg("--data-dir").arg(&restored).arg("verify"));
     let dst = open(&restored);
-    let ids = dst.db.content_ids().unwrap();
+    let ids = dst.db().content_ids().unwrap();
     let latest = snapshots(home, &repo).pop().unwrap();
     assert_eq!(
         ids.len() as u64,
@@ -154,7 +154,7 @@ fn second_backup_adds_only_new_chunks() {
     for i in 0..4 {
         put(&node, &format!("f{i}"), &support::data(i, 10_000));
     }
-    let chunks_in_node = node.db.chunk_list().unwrap().len();
+    let chunks_in_node = node.db().chunk_list().unwrap().len();
     ok(&mut backup_cmd(home, &data, &repo));
     assert_eq!(count_files(&repo.join("chunks")), chunks_in_node);
 
@@ -200,7 +200,7 @@ fn keep_last_keeps_what_remaining_snapshots_need() {
     let a_dir = tmp.path().join("a");
     let a = init_node(&a_dir, 4096);
     put(&a, "a", &support::data(1, 30_000));
-    let a_chunks = a.db.chunk_list().unwrap();
+    let a_chunks = a.db().chunk_list().unwrap();
     ok(&mut backup_cmd(home, &a_dir, &repo));
 
     let b_dir = tmp.path().join("b");
@@ -228,7 +228,7 @@ fn keep_last_keeps_what_remaining_snapshots_need() {
             "chunk {c} of the pruned snapshot is gone"
         );
     }
-    let b_chunks = b.db.chunk_list().unwrap();
+    let b_chunks = b.db().chunk_list().unwrap();
     assert_eq!(
         count_files(&repo.join("chunks")),
         b_chunks.len(),
@@ -257,7 +257,7 @@ fn restore_with_new_identity_reads_every_item() {
         items.insert(put(&node, &format!("n{i}"), &b), b);
     }
     let peer = Hash::of(b"some peer");
-    node.db
+    node.db()
         .upsert_peer(
             &peer,
             "alice",
@@ -267,7 +267,7 @@ fn restore_with_new_identity_reads_every_item() {
         )
         .unwrap();
     let old_id = node.id();
-    let old_head = node.db.head_seq().unwrap();
+    let old_head = node.db().head_seq().unwrap();
     drop(node);
 
     // Without --with-identity there is no key to unwrap with: refused, nothing written.
@@ -318,22 +318,22 @@ fn restore_with_new_identity_reads_every_item() {
 
     let n = open(&restored);
     assert_eq!(n.id(), new_id);
-    assert_eq!(n.db.setting("node_id").unwrap().unwrap(), new_id.to_hex());
+    assert_eq!(n.db().setting("node_id").unwrap().unwrap(), new_id.to_hex());
     assert_eq!(
-        n.db.head_seq().unwrap(),
+        n.db().head_seq().unwrap(),
         old_head + items.len() as u64,
         "each re-keyed item took a new seq"
     );
-    for s in n.db.list_after(0, 100).unwrap() {
+    for s in n.db().list_after(0, 100).unwrap() {
         assert!(s.seq > old_head);
     }
     for (id, want) in &items {
         assert_eq!(&get(&n, id), want);
         assert!(
-            n.db.envelope(id, &old_id.to_hex()).unwrap().is_none(),
+            n.db().envelope(id, &old_id.to_hex()).unwrap().is_none(),
             "old node's envelope dropped"
         );
-        assert!(n.db.envelope(id, &new_id.to_hex()).unwrap().is_some());
+        assert!(n.db().envelope(id, &new_id.to_hex()).unwrap().is_some());
     }
     // The new key was written unsealed like the original's, mode 0600.
     use std::os::unix::fs::PermissionsExt;
@@ -346,7 +346,7 @@ fn restore_with_new_identity_reads_every_item() {
         .unwrap()
         .contains("BEGIN PRIVATE KEY"));
     // The original is untouched.
-    assert_eq!(open(&data).db.head_seq().unwrap(), old_head);
+    assert_eq!(open(&data).db().head_seq().unwrap(), old_head);
 }
 
 /// A flipped byte anywhere a snapshot needs is found and named; restore refuses.
@@ -360,7 +360,7 @@ fn verify_names_damaged_and_missing_files() {
         .arg("--with-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
     let snap = snapshots(home, &repo).pop().unwrap();
-    let chunks = node.db.chunk_list().unwrap();
+    let chunks = node.db().chunk_list().unwrap();
 
     // 1. A chunk.
     let c = chunk_file(&repo.join("chunks"), &chunks[1].0);
@@ -449,11 +449,11 @@ fn killed_backup_leaves_the_repository_valid() {
     put(&node, "first", &support::data(1, 10_000));
     ok(&mut backup_cmd(home, &data, &repo));
     let first = snapshots(home, &repo);
-    let first_chunks: Vec<_> = node.db.chunk_list().unwrap();
+    let first_chunks: Vec<_> = node.db().chunk_list().unwrap();
     for i in 0..3 {
         put(&node, &format!("more{i}"), &support::data(50 + i, 200_000));
     }
-    let all = node.db.chunk_list().unwrap();
+    let all = node.db().chunk_list().unwrap();
     let total = all.len();
     let stuck = all
         .iter()
@@ -750,11 +750,11 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
         items.insert(put(&node, &format!("old{i}"), &b), b);
     }
     ok(&mut backup_cmd(home, &a, &repo));
-    let in_backup = node.db.chunk_list().unwrap();
+    let in_backup = node.db().chunk_list().unwrap();
     let newer = support::data(80, 60_000);
     let z = put(&node, "newer", &newer);
     items.insert(z, newer);
-    let (m, _) = node.db.manifest(&z).unwrap().unwrap();
+    let (m, _) = node.db().manifest(&z).unwrap().unwrap();
     let z_bytes: u64 = (0..m.chunk_count()).map(|i| m.chunk_len(i)).sum();
     drop(node);
     // One chunk in the repository is damaged: it must come from the peer instead.

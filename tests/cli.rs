@@ -370,7 +370,13 @@ fn peer_add_ls_revoke() {
     let p2 = "cd".repeat(32);
     let o = t.ok(&["peer", "add", &p1, "peer-one.example:7450", "--name", "one"]);
     assert!(o.stderr.contains(&p1), "add names the peer: {}", o.stderr);
-    t.ok(&["peer", "add", &p2, "abcdefghijklmnop.onion", "--mirror"]);
+    t.ok(&[
+        "peer",
+        "add",
+        &p2,
+        "2gzyxa5ihm7nsggfxnu52rck2vv4rvmdlkiu3zzui5du4xyclen53wid.onion",
+        "--mirror",
+    ]);
 
     let peers = t.peers_json();
     assert_eq!(peers.len(), 2);

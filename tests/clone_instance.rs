@@ -154,20 +154,20 @@ fn live_node_with_uncheckpointed_wal_loses_nothing() {
     let c = open(&copy);
     assert_eq!(c.id().to_hex(), new_id);
     assert_eq!(
-        c.db.setting("instance.marker").unwrap().as_deref(),
+        c.db().setting("instance.marker").unwrap().as_deref(),
         Some("in the wal")
     );
-    let mut ids = c.db.content_ids().unwrap();
+    let mut ids = c.db().content_ids().unwrap();
     ids.sort();
     assert_eq!(ids, items.keys().copied().collect::<Vec<_>>());
     for (id, want) in &items {
         assert_eq!(&get(&c, id), want);
-        assert!(c.db.envelope(id, &node.id().to_hex()).unwrap().is_none());
+        assert!(c.db().envelope(id, &node.id().to_hex()).unwrap().is_none());
     }
     ok(command(home).arg("--data-dir").arg(&copy).arg("verify"));
     // The source was only read.
     assert!(fs::metadata(data.join("bitsync.db-wal")).unwrap().len() >= wal);
-    assert_eq!(open(&data).db.content_ids().unwrap().len(), items.len());
+    assert_eq!(open(&data).db().content_ids().unwrap().len(), items.len());
     drop(hold);
 }
 
@@ -306,7 +306,7 @@ fn damaged_source_chunk_stops_the_copy_and_changes_nothing() {
     let data = tmp.path().join("node");
     let node = init_node(&data, 4096);
     put(&node, "a", &support::data(3, 30_000));
-    let (bad, _) = node.db.chunk_list().unwrap()[2];
+    let (bad, _) = node.db().chunk_list().unwrap()[2];
     let path = chunk_file(&data.join("chunks"), &bad);
     flip_byte(&path, 10);
     let damaged = fs::read(&path).unwrap();

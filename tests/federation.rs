@@ -89,7 +89,7 @@ fn server_node(s: &RunningNode) -> &Node {
 
 fn trust(server: &RunningNode, peer: &NodeId) {
     server_node(server)
-        .db
+        .db()
         .upsert_peer(peer, "", "", PeerState::Trusted, false)
         .unwrap();
 }
@@ -114,7 +114,7 @@ const LARGE_CHUNK: u32 = 512 * 1024;
 const LARGE_CHUNKS: usize = 128;
 
 fn db_conn(n: &Node) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open(n.paths.db()).unwrap();
+    let c = rusqlite::Connection::open(n.paths().db()).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
     c
 }
@@ -354,7 +354,7 @@ async fn listing_pages_never_skip_while_items_are_added() {
     }
     assert_eq!(all.len(), 50);
     assert_eq!(all.iter().collect::<HashSet<_>>().len(), 50);
-    assert_eq!(c, server_node(&s).db.head_seq().unwrap());
+    assert_eq!(c, server_node(&s).db().head_seq().unwrap());
     s.shutdown().await;
 }
 
@@ -386,7 +386,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
             "only the server's own envelope so far"
         );
     }
-    let head0 = server_node(&s).db.head_seq().unwrap();
+    let head0 = server_node(&s).db().head_seq().unwrap();
 
     let fa1 = connect(&a, &s).await;
     let fa2 = connect(&a, &s).await;
@@ -433,7 +433,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
             "both of A's calls got the stored envelope"
         );
         let stored = server_node(&s)
-            .db
+            .db()
             .envelope(it, &a.id().to_hex())
             .unwrap()
             .unwrap();
@@ -443,7 +443,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         let m = manifest_of(x);
         assert_eq!(m.id(), *it);
         let key = a
-            .identity
+            .identity()
             .unwrap_key(&ea.wrapped_key)
             .expect("A unwraps its envelope");
         let meta = ItemMeta::decode(
@@ -456,19 +456,19 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         let eb = z.envelope.as_ref().unwrap();
         assert_eq!(eb.recipient, b.id().to_hex());
         assert!(
-            a.identity.unwrap_key(&eb.wrapped_key).is_err(),
+            a.identity().unwrap_key(&eb.wrapped_key).is_err(),
             "A must not open B's envelope"
         );
-        assert!(b.identity.unwrap_key(&eb.wrapped_key).is_ok());
+        assert!(b.identity().unwrap_key(&eb.wrapped_key).is_ok());
     }
     // One seq bump per (item, peer) that was re-keyed: 5 items x 2 peers.
-    let head1 = server_node(&s).db.head_seq().unwrap();
+    let head1 = server_node(&s).db().head_seq().unwrap();
     assert_eq!(head1, head0 + 10);
 
     // A decrypts a whole item with the key and the streamed chunks.
     let m = manifest_of(&ra1.results[4]);
     let key = a
-        .identity
+        .identity()
         .unwrap_key(&ra1.results[4].envelope.as_ref().unwrap().wrapped_key)
         .unwrap();
     let chunk_ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
@@ -491,7 +491,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     // would differ), and no seq moves.
     let seqs: Vec<u64> = items
         .iter()
-        .map(|i| server_node(&s).db.manifest(i).unwrap().unwrap().1)
+        .map(|i| server_node(&s).db().manifest(i).unwrap().unwrap().1)
         .collect();
     let again = fa1.clone().get_manifests(req()).await.unwrap().into_inner();
     for ((x, y), seq) in ra1.results.iter().zip(&again.results).zip(&seqs) {
@@ -502,7 +502,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         assert_eq!(y.seq, *seq, "the item's seq did not move");
     }
     assert_eq!(
-        server_node(&s).db.head_seq().unwrap(),
+        server_node(&s).db().head_seq().unwrap(),
         head1,
         "a cached fetch changes nothing"
     );
@@ -561,7 +561,7 @@ async fn get_manifests_reports_per_item_problems() {
         } else {
             assert!(res.problem.is_none(), "{id}: {:?}", res.problem);
             let m = manifest_of(res);
-            a.identity
+            a.identity()
                 .unwrap_key(&res.envelope.as_ref().unwrap().wrapped_key)
                 .unwrap();
             assert_eq!(m.id().to_hex(), *id);
@@ -597,7 +597,7 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
     let m = manifest_of(&r.results[0]);
     assert_eq!(m.chunk_count(), 1000);
     let key = a
-        .identity
+        .identity()
         .unwrap_key(&r.results[0].envelope.as_ref().unwrap().wrapped_key)
         .unwrap();
 
@@ -650,10 +650,10 @@ async fn corrupted_chunk_is_data_loss_and_quarantined() {
     let (_a_dir, a) = make_node(&Cfg::default());
     trust(&s, &a.id());
     let item = put(server_node(&s), "three", &data(400, 3 * 4096));
-    let (m, _) = server_node(&s).db.manifest(&item).unwrap().unwrap();
+    let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
     let chunks: Vec<Hash> = m.chunk_ids().collect();
     let bad = chunks[1];
-    let path = server_node(&s).chunks.path(&bad);
+    let path = server_node(&s).chunks().path(&bad);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[100] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
@@ -682,14 +682,14 @@ async fn corrupted_chunk_is_data_loss_and_quarantined() {
     assert!(!path.exists(), "the bad chunk left the chunk dir");
     assert!(
         server_node(&s)
-            .paths
+            .paths()
             .quarantine()
             .join(bad.to_hex())
             .exists(),
         "the bad chunk is in quarantine"
     );
     assert!(
-        !server_node(&s).db.has_chunk(&bad).unwrap(),
+        !server_node(&s).db().has_chunk(&bad).unwrap(),
         "the bad chunk is no longer present"
     );
 
@@ -718,7 +718,7 @@ async fn untrusted_and_revoked_callers_are_denied() {
     let (_r_dir, r) = make_node(&Cfg::default());
     let item = put(server_node(&s), "secret", &data(500, 100));
     trust(&s, &r.id());
-    server_node(&s).db.revoke_peer(&r.id()).unwrap();
+    server_node(&s).db().revoke_peer(&r.id()).unwrap();
     for caller in [&c, &r] {
         let mut fed = connect(caller, &s).await;
         assert_eq!(
@@ -789,7 +789,7 @@ async fn revocation_cuts_open_streams() {
         "large",
         &data(600, LARGE_CHUNKS * LARGE_CHUNK as usize),
     );
-    let (m, _) = server_node(&s).db.manifest(&item).unwrap().unwrap();
+    let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
 
     let mut fed = connect(&a, &s).await;
@@ -931,11 +931,11 @@ async fn invite_works_once_then_fails_and_expires() {
     fj.hello(HelloRequest {})
         .await
         .expect("J is trusted after joining");
-    let p = server_node(&s).db.peer(&j.id()).unwrap().unwrap();
+    let p = server_node(&s).db().peer(&j.id()).unwrap().unwrap();
     assert_eq!(p.state, PeerState::Trusted);
     assert_eq!(
         p.public_key.as_deref(),
-        Some(j.identity.spki()),
+        Some(j.identity().spki()),
         "the joiner's key was recorded from TLS"
     );
     assert_eq!(p.name, "joiner");
@@ -948,7 +948,7 @@ async fn invite_works_once_then_fails_and_expires() {
         code_of(fj.join(join(inv.secret_text())).await),
         Code::Unauthenticated
     );
-    assert!(!server_node(&s).db.is_trusted(&k.id()).unwrap());
+    assert!(!server_node(&s).db().is_trusted(&k.id()).unwrap());
 
     // Expired (stored directly with an expiry in the past).
     let old = Invite::new(
@@ -957,7 +957,7 @@ async fn invite_works_once_then_fails_and_expires() {
         now_ms() - 1000,
     );
     server_node(&s)
-        .db
+        .db()
         .create_invite(&old.secret_hash(), old.expires_at_ms)
         .unwrap();
     let e = fk.join(join(old.secret_text())).await.unwrap_err();
@@ -989,7 +989,7 @@ async fn invite_works_once_then_fails_and_expires() {
         Code::Unauthenticated
     );
     assert!(
-        !server_node(&s).db.is_trusted(&k.id()).unwrap(),
+        !server_node(&s).db().is_trusted(&k.id()).unwrap(),
         "K never got in"
     );
     s.shutdown().await;
@@ -1216,7 +1216,7 @@ async fn limits_are_resource_exhausted() {
 // ---- instance config -------------------------------------------------------
 
 fn key_pem(n: &Node) -> String {
-    std::fs::read_to_string(n.paths.key()).unwrap()
+    std::fs::read_to_string(n.paths().key()).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1226,11 +1226,11 @@ async fn instance_config_holds_no_key_material() {
     let (_b_dir, b) = make_node(&Cfg::default());
     trust(&s, &a.id());
     server_node(&s)
-        .db
+        .db()
         .upsert_peer(&b.id(), "bee", "127.0.0.1:7", PeerState::Trusted, true)
         .unwrap();
     server_node(&s)
-        .db
+        .db()
         .set_setting("instance.motto", "hello")
         .unwrap();
     let mut fa = connect(&a, &s).await;
@@ -1312,7 +1312,7 @@ async fn graceful_shutdown_ends_an_active_stream() {
         "large",
         &data(700, LARGE_CHUNKS * LARGE_CHUNK as usize),
     );
-    let (m, _) = server_node(&s).db.manifest(&item).unwrap().unwrap();
+    let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
     let addr = s.listen_address;
     let server_id = server_node(&s).id();

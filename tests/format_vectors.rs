@@ -251,9 +251,9 @@ fn the_item_reads_back_with_the_test_key() {
     let v = Vectors::load();
     let tmp = tempfile::tempdir().unwrap();
     let n = node_with_test_key(&v, &tmp.path().join("data"));
-    assert_eq!(n.identity.spki(), v.hex("publisher_spki"));
+    assert_eq!(n.identity().spki(), v.hex("publisher_spki"));
     assert_eq!(n.id(), v.hash("node_id"));
-    let key = n.identity.unwrap_key(&v.hex("envelope")).unwrap();
+    let key = n.identity().unwrap_key(&v.hex("envelope")).unwrap();
     assert_eq!(key.as_bytes().as_slice(), v.hex("item_key"));
 
     let plain = v.plaintext();
@@ -264,13 +264,13 @@ fn the_item_reads_back_with_the_test_key() {
     ];
     let mut present = Vec::new();
     for c in &chunks {
-        n.chunks.write(&Hash::of(c), c).unwrap();
+        n.chunks().write(&Hash::of(c), c).unwrap();
         present.push((Hash::of(c), c.len() as u64));
     }
-    n.chunks.sync().unwrap();
+    n.chunks().sync().unwrap();
     let m = Manifest::from_signed(v.hex("manifest_body"), v.hex("signature")).unwrap();
     let envelopes = vec![(v.raw("node_id").to_string(), v.hex("envelope"))];
-    n.db.insert_manifest(&m, &envelopes, &present).unwrap();
+    n.db().insert_manifest(&m, &envelopes, &present).unwrap();
 
     let mut out = Vec::new();
     let (meta, size) = content::get(&n, &m.id(), Output::Stream(&mut out), &|_| {}).unwrap();

@@ -40,11 +40,11 @@ fn import(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Out {
 }
 
 fn manifests(node: &Node) -> Vec<Manifest> {
-    node.db
+    node.db()
         .content_ids()
         .unwrap()
         .iter()
-        .map(|id| node.db.manifest(id).unwrap().unwrap().0)
+        .map(|id| node.db().manifest(id).unwrap().unwrap().0)
         .collect()
 }
 
@@ -148,22 +148,22 @@ fn without_key_keeps_complete_items_as_legacy_and_reports_damage() {
         let want: Vec<_> = it.chunk_paths.iter().map(hash_of_file).collect();
         assert_eq!(ids, want, "Axon's pieces are the chunks, unchanged");
         assert!(
-            node.db.envelope(&m.id(), &kid).unwrap().is_some(),
+            node.db().envelope(&m.id(), &kid).unwrap().is_some(),
             "Axon's envelope kept as {kid}"
         );
         assert!(
-            node.db
+            node.db()
                 .envelope(&m.id(), &node.id().to_hex())
                 .unwrap()
                 .is_none(),
             "no key for this node without --axon-key"
         );
-        assert!(node.db.is_complete(&m.id()).unwrap());
+        assert!(node.db().is_complete(&m.id()).unwrap());
     }
     assert_eq!(manifests(&node).len(), n, "nothing else was imported");
     // No piece of a skipped item was stored, not even its good ones.
     let stored: Vec<_> = node
-        .db
+        .db()
         .chunk_list()
         .unwrap()
         .into_iter()
@@ -196,7 +196,7 @@ fn without_key_keeps_complete_items_as_legacy_and_reports_damage() {
         .arg(&repo));
 
     // Idempotent: a second run stores nothing new.
-    let head = node.db.head_seq().unwrap();
+    let head = node.db().head_seq().unwrap();
     drop(node);
     let r2 = import(home, &data, &dir, None);
     assert_eq!(r2.code, 5, "{r2:?}");
@@ -206,7 +206,7 @@ fn without_key_keeps_complete_items_as_legacy_and_reports_damage() {
         "{r2:?}"
     );
     let node = open(&data);
-    assert_eq!(node.db.head_seq().unwrap(), head);
+    assert_eq!(node.db().head_seq().unwrap(), head);
     assert_eq!(manifests(&node).len(), n);
 }
 
@@ -266,18 +266,18 @@ fn with_key_republishes_natively_and_legacy_items_open() {
             "`get` works on the legacy item"
         );
         let native = node
-            .db
+            .db()
             .setting(&format!("axon_import.native.{}", m.id()))
             .unwrap()
             .expect("native recorded");
         let native = bitsync::crypto::Hash::parse(&native, "id").unwrap();
         assert_eq!(get(&node, &native), it.plaintext, "the native copy");
         let meta =
-            bitsync::content::item_meta(&node, &node.db.manifest(&native).unwrap().unwrap().0)
+            bitsync::content::item_meta(&node, &node.db().manifest(&native).unwrap().unwrap().0)
                 .unwrap();
         assert!(meta.name.starts_with(&it.applet), "{}", meta.name);
     }
-    let head = node.db.head_seq().unwrap();
+    let head = node.db().head_seq().unwrap();
     let count = manifests(&node).len();
     drop(node);
 
@@ -286,7 +286,7 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     assert_eq!(r.code, 5, "{r:?}");
     let node = open(&data);
     assert_eq!(
-        (node.db.head_seq().unwrap(), manifests(&node).len()),
+        (node.db().head_seq().unwrap(), manifests(&node).len()),
         (head, count)
     );
     drop(node);
@@ -374,7 +374,7 @@ fn bad_input_is_refused() {
     let r = import(home, &data, &dir, Some(&tmp.path().join("absent.pem")));
     assert_eq!(r.code, 3, "{r:?}");
     assert_eq!(
-        open(&data).db.head_seq().unwrap(),
+        open(&data).db().head_seq().unwrap(),
         0,
         "nothing was imported"
     );
@@ -424,7 +424,7 @@ fn legacy_items_imported_with_the_key_reach_a_cloning_peer() {
     let nb = open(&b);
     for id in &legacy {
         let (m, _) = nb
-            .db
+            .db()
             .manifest(id)
             .unwrap()
             .expect("the legacy item was replicated");

@@ -10,12 +10,14 @@
 
 mod support;
 
+mod address_validation;
 mod admin_tcp;
 mod axon_format;
 mod backup;
 mod cli;
 mod clone_instance;
 mod federation;
+mod format_vectors;
 mod import_axon;
 mod replicator;
 mod serve_binary;

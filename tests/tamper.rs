@@ -36,8 +36,8 @@ impl Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("data");
         node::init(&root, None).unwrap();
-        let mut node = Node::open(&root, &node::no_passphrase).unwrap();
-        node.config.chunk_size = CHUNK;
+        crate::support::node::set_chunk_size(&root, CHUNK as usize);
+        let node = Node::open(&root, &node::no_passphrase).unwrap();
         fs::create_dir(tmp.path().join("out")).unwrap();
         Fixture { tmp, node }
     }
@@ -87,15 +87,15 @@ impl Fixture {
     }
 
     fn chunk_path(&self, m: &Manifest, i: usize) -> PathBuf {
-        self.node.chunks.path(&m.chunk_id(i))
+        self.node.chunks().path(&m.chunk_id(i))
     }
 
     fn manifest(&self, id: &ContentId) -> Manifest {
-        self.node.db.manifest(id).unwrap().unwrap().0
+        self.node.db().manifest(id).unwrap().unwrap().0
     }
 
     fn sql(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.node.paths.db()).unwrap()
+        rusqlite::Connection::open(self.node.paths().db()).unwrap()
     }
 
     fn set_body(&self, id: &ContentId, body: &[u8]) {
@@ -112,7 +112,7 @@ impl Fixture {
     /// This node's envelope for `id`, unchanged.
     fn own_envelope(&self, id: &ContentId) -> Vec<u8> {
         self.node
-            .db
+            .db()
             .envelope(id, &self.node.id().to_hex())
             .unwrap()
             .unwrap()
@@ -149,7 +149,7 @@ fn flipped_chunk_byte_is_detected_and_quarantined() {
     assert!(!victim.exists(), "bad chunk left in chunks/");
     assert!(
         f.node
-            .paths
+            .paths()
             .quarantine()
             .join(m.chunk_id(1).to_hex())
             .exists(),
@@ -215,9 +215,9 @@ fn reordered_chunk_list_validly_signed_still_fails_to_decrypt() {
     let (_, m, _) = three_chunk_item(&f);
     let mut body = decode(&m);
     body.chunk_ids.swap(0, 1);
-    let forged = Manifest::create(&f.node.identity, body).unwrap();
+    let forged = Manifest::create(f.node.identity(), body).unwrap();
     let env = vec![(f.node.id().to_hex(), f.own_envelope(&m.id()))];
-    f.node.db.insert_manifest(&forged, &env, &[]).unwrap();
+    f.node.db().insert_manifest(&forged, &env, &[]).unwrap();
     let e = f.get_fails(&forged.id(), Kind::Integrity);
     assert!(e.message().contains("chunk 0"), "{e}");
 }
@@ -249,9 +249,9 @@ fn truncated_chunk_list_validly_signed_still_fails_to_decrypt() {
     let mut body = decode(&m);
     body.chunk_ids.pop();
     body.size = 2 * CHUNK as u64;
-    let forged = Manifest::create(&f.node.identity, body).unwrap();
+    let forged = Manifest::create(f.node.identity(), body).unwrap();
     let env = vec![(f.node.id().to_hex(), f.own_envelope(&m.id()))];
-    f.node.db.insert_manifest(&forged, &env, &[]).unwrap();
+    f.node.db().insert_manifest(&forged, &env, &[]).unwrap();
     let e = f.get_fails(&forged.id(), Kind::Integrity);
     assert!(e.message().contains("chunk 1"), "{e}");
 }
@@ -273,9 +273,9 @@ fn chunk_of_the_wrong_length_is_detected() {
     let (_, m, _) = three_chunk_item(&f);
     let mut body = decode(&m);
     body.chunk_ids[2] = body.chunk_ids[1].clone();
-    let forged = Manifest::create(&f.node.identity, body).unwrap();
+    let forged = Manifest::create(f.node.identity(), body).unwrap();
     let env = vec![(f.node.id().to_hex(), f.own_envelope(&m.id()))];
-    f.node.db.insert_manifest(&forged, &env, &[]).unwrap();
+    f.node.db().insert_manifest(&forged, &env, &[]).unwrap();
     f.get_fails(&forged.id(), Kind::Integrity);
 }
 
@@ -293,7 +293,7 @@ fn changed_body_byte_in_the_db_is_an_integrity_error() {
         .expect("kind in body");
     bytes[at + 2] = b'm';
     f.set_body(&id, &bytes);
-    let e = f.node.db.manifest(&id).unwrap_err();
+    let e = f.node.db().manifest(&id).unwrap_err();
     assert_eq!(e.kind(), Kind::Integrity, "{e}");
     f.get_fails(&id, Kind::Integrity);
     // ls and verify notice too.
@@ -331,7 +331,7 @@ fn every_single_byte_change_of_a_body_is_an_integrity_error() {
     let mut b = body.clone();
     b[1] ^= 0x01;
     f.set_body(&id, &b);
-    match f.node.db.manifest(&id) {
+    match f.node.db().manifest(&id) {
         Ok(_) => panic!("altered format_version went unnoticed"),
         Err(e) if e.kind() != Kind::Integrity => {
             wrong.push(format!("db, byte 1: {:?}: {}", e.kind(), e.message()))
@@ -410,7 +410,7 @@ fn changed_envelope_is_an_error() {
     f.get_fails(&id, Kind::Integrity);
 
     // An envelope that unwraps to a valid but different key: the metadata check catches it.
-    let other = crypto::wrap_key(f.node.identity.public(), &ItemKey::random());
+    let other = crypto::wrap_key(f.node.identity().public(), &ItemKey::random());
     set(&other);
     let e = f.get_fails(&id, Kind::Integrity);
     assert!(e.message().contains("metadata"), "{e}");
@@ -435,11 +435,11 @@ fn a_chunk_quarantined_by_get_is_no_longer_present() {
     f.get_fails(&id, Kind::Integrity);
     assert!(!f.chunk_path(&m, 0).exists());
     assert!(
-        !f.node.db.has_chunk(&m.chunk_id(0)).unwrap(),
+        !f.node.db().has_chunk(&m.chunk_id(0)).unwrap(),
         "a quarantined chunk is still recorded as present"
     );
     assert!(
-        !f.node.db.is_complete(&id).unwrap(),
+        !f.node.db().is_complete(&id).unwrap(),
         "item still reported complete"
     );
 }
@@ -454,18 +454,18 @@ fn chunk_written_but_not_recorded_is_not_present() {
     for i in 0..3u64 {
         let ct = crypto::encrypt_chunk(&key, i, i == 2, &data(1, CHUNK as usize));
         let cid = Hash::of(&ct);
-        f.node.chunks.write(&cid, &ct).unwrap();
-        assert!(f.node.chunks.path(&cid).is_file());
+        f.node.chunks().write(&cid, &ct).unwrap();
+        assert!(f.node.chunks().path(&cid).is_file());
         ids.push(cid);
     }
-    f.node.chunks.sync().unwrap();
+    f.node.chunks().sync().unwrap();
     // ChunkDir::write refuses data that does not match its id.
-    let e = f.node.chunks.write(&ids[0], b"not it").unwrap_err();
+    let e = f.node.chunks().write(&ids[0], b"not it").unwrap_err();
     assert_eq!(e.kind(), Kind::Integrity);
     // A write torn by the crash, left in chunks/tmp/.
     let torn = f
         .node
-        .chunks
+        .chunks()
         .root()
         .join("tmp")
         .join(format!("{}.0000000000000000", ids[0].to_hex()));
@@ -480,22 +480,22 @@ fn chunk_written_but_not_recorded_is_not_present() {
         .unwrap();
 
     // "Crash" now: nothing was recorded. Reopen the data dir.
-    let root = f.node.paths.root.clone();
+    let root = f.node.paths().root.clone();
     drop(f.node);
     let n = Node::open(&root, &node::no_passphrase).unwrap();
     for cid in &ids {
         assert!(
-            !n.db.has_chunk(cid).unwrap(),
+            !n.db().has_chunk(cid).unwrap(),
             "unrecorded chunk {cid} counts as present"
         );
     }
-    assert!(n.db.chunk_list().unwrap().is_empty());
+    assert!(n.db().chunk_list().unwrap().is_empty());
     assert!(
-        n.db.list_after(0, 100).unwrap().is_empty(),
+        n.db().list_after(0, 100).unwrap().is_empty(),
         "no item is listed"
     );
-    assert!(n.db.content_ids().unwrap().is_empty());
-    assert_eq!(n.db.stats().unwrap().chunks, 0);
+    assert!(n.db().content_ids().unwrap().is_empty());
+    assert_eq!(n.db().stats().unwrap().chunks, 0);
     assert!(
         !torn.exists(),
         "opening the node clears stale files from chunks/tmp/"
@@ -550,14 +550,14 @@ fn put_killed_mid_stream_leaves_no_manifest() {
 
     let n = Node::open(&root, &node::no_passphrase).unwrap();
     assert!(
-        n.db.content_ids().unwrap().is_empty(),
+        n.db().content_ids().unwrap().is_empty(),
         "a killed put left a manifest"
     );
     assert!(
-        n.db.chunk_list().unwrap().is_empty(),
+        n.db().chunk_list().unwrap().is_empty(),
         "a killed put left chunks recorded as present"
     );
-    assert_eq!(n.db.head_seq().unwrap(), 0);
+    assert_eq!(n.db().head_seq().unwrap(), 0);
     let r = content::verify(&n, &|_, _| {}).unwrap();
     assert!(r.problems.is_empty(), "{:?}", r.problems);
     drop(n);

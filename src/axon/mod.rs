@@ -125,7 +125,7 @@ pub struct AxonManifest {
     /// is what bounds memory while reading.
     pub chunk_size: u32,
     pub chunk_hashes: Vec<[u8; 32]>,
-    pub iv: [u8; 16],
+    pub(crate) iv: [u8; 16],
     /// Key id ([`key_id`], as written in the file) → RSA-OAEP-SHA256
     /// ciphertext of the 32-byte AES key.
     pub encrypted_aes_keys: BTreeMap<String, Vec<u8>>,

@@ -37,40 +37,40 @@ use crate::identity::{self, Identity};
 use crate::store::{self, Db, DbFacts, RekeyReport};
 
 /// The source's node key file and how to get its passphrase if it is sealed.
-pub type SourceKey<'a> = (&'a Path, &'a dyn Fn() -> Result<Zeroizing<String>>);
+pub(crate) type SourceKey<'a> = (&'a Path, &'a dyn Fn() -> Result<Zeroizing<String>>);
 
-pub struct CloneOptions {
-    pub source_db: PathBuf,
-    pub source_attachments: PathBuf,
-    pub dest_db: PathBuf,
-    pub dest_attachments: PathBuf,
-    pub force: bool,
-    pub new_identity: bool,
+pub(crate) struct CloneOptions {
+    pub(crate) source_db: PathBuf,
+    pub(crate) source_attachments: PathBuf,
+    pub(crate) dest_db: PathBuf,
+    pub(crate) dest_attachments: PathBuf,
+    pub(crate) force: bool,
+    pub(crate) new_identity: bool,
 }
 
 /// Sizes shown before copying.
 #[derive(Debug, Clone)]
-pub struct Plan {
-    pub db_bytes: u64,
-    pub wal_bytes: u64,
-    pub chunks: u64,
-    pub chunk_bytes: u64,
-    pub node_id: NodeId,
+pub(crate) struct Plan {
+    pub(crate) db_bytes: u64,
+    pub(crate) wal_bytes: u64,
+    pub(crate) chunks: u64,
+    pub(crate) chunk_bytes: u64,
+    pub(crate) node_id: NodeId,
     /// What already exists at the destination and would be replaced.
-    pub existing: Vec<PathBuf>,
-    pub free: Option<u64>,
+    pub(crate) existing: Vec<PathBuf>,
+    pub(crate) free: Option<u64>,
 }
 
 #[derive(Debug)]
-pub struct CloneOutcome {
-    pub db_bytes: u64,
-    pub chunks: CopyStats,
-    pub source_node_id: NodeId,
-    pub node_id: NodeId,
-    pub rekey: Option<RekeyReport>,
-    pub key_path: Option<PathBuf>,
-    pub config_path: Option<PathBuf>,
-    pub elapsed: std::time::Duration,
+pub(crate) struct CloneOutcome {
+    pub(crate) db_bytes: u64,
+    pub(crate) chunks: CopyStats,
+    pub(crate) source_node_id: NodeId,
+    pub(crate) node_id: NodeId,
+    pub(crate) rekey: Option<RekeyReport>,
+    pub(crate) key_path: Option<PathBuf>,
+    pub(crate) config_path: Option<PathBuf>,
+    pub(crate) elapsed: std::time::Duration,
 }
 
 fn parent_of(p: &Path) -> PathBuf {
@@ -85,7 +85,7 @@ fn absolute(p: &Path) -> PathBuf {
 }
 
 /// Check the paths and measure what would be copied (reads only).
-pub fn plan(o: &CloneOptions) -> Result<Plan> {
+pub(crate) fn plan(o: &CloneOptions) -> Result<Plan> {
     if !o.source_db.is_file() {
         return Err(Error::not_found(format!(
             "source database {} does not exist",
@@ -154,14 +154,14 @@ fn shm_path(db: &Path) -> PathBuf {
 }
 
 /// Where `--new-identity` writes the copy's key: `node.key` next to `--dest-db`.
-pub fn key_path(o: &CloneOptions) -> PathBuf {
+pub(crate) fn key_path(o: &CloneOptions) -> PathBuf {
     parent_of(&o.dest_db).join("node.key")
 }
 
 /// Make the copy. The caller has shown the plan and obtained consent when
 /// `plan.existing` is not empty. `source_key` is the source's node key file
 /// (needed with `--new-identity` to unwrap item keys).
-pub fn run(
+pub(crate) fn run(
     o: &CloneOptions,
     plan: &Plan,
     source_key: Option<SourceKey<'_>>,
@@ -453,7 +453,7 @@ impl DisarmAll for Vec<TempTree> {
 }
 
 /// The plan as people read it, before copying.
-pub fn describe(o: &CloneOptions, p: &Plan) -> String {
+pub(crate) fn describe(o: &CloneOptions, p: &Plan) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "source: node {}\n  database    {} ({}{})\n  attachments {} ({} chunks, {})\n",

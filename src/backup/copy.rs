@@ -30,35 +30,35 @@ use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
 /// `root/<xx>/<hex>`: where chunk `id` lives under a chunk directory.
-pub fn chunk_path(root: &Path, id: &ChunkId) -> PathBuf {
+pub(crate) fn chunk_path(root: &Path, id: &ChunkId) -> PathBuf {
     let hex = id.to_hex();
     root.join(&hex[..2]).join(hex)
 }
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CopyStats {
+pub(crate) struct CopyStats {
     /// Chunks written to the destination.
-    pub copied: u64,
-    pub copied_bytes: u64,
+    pub(crate) copied: u64,
+    pub(crate) copied_bytes: u64,
     /// Chunks already present at the destination with the right size.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
 }
 
-pub struct CopyJob<'a> {
-    pub src_root: &'a Path,
-    pub dst_root: &'a Path,
+pub(crate) struct CopyJob<'a> {
+    pub(crate) src_root: &'a Path,
+    pub(crate) dst_root: &'a Path,
     /// Where temporary files go (same filesystem as `dst_root`).
-    pub tmp_dir: &'a Path,
+    pub(crate) tmp_dir: &'a Path,
     /// Skip chunks whose destination file exists with the expected size
     /// (incremental backups). Without it every chunk is written.
-    pub skip_existing: bool,
+    pub(crate) skip_existing: bool,
     /// How the source is named in errors ("the data dir", "the repository").
-    pub src_label: &'a str,
+    pub(crate) src_label: &'a str,
     /// Write each chunk straight under its final name instead of a temp file
     /// and a rename: only for destinations that are themselves staged and
     /// become visible as a whole after a sync (restore, clone-instance).
-    pub staged: bool,
+    pub(crate) staged: bool,
 }
 
 /// Copies are mostly waiting on the filesystem (creates, renames), not on
@@ -79,7 +79,7 @@ fn threads() -> usize {
 /// `dst_root`, re-hashing each. Stops at the first failure and returns it;
 /// chunks already renamed into place stay (they are whole and named by their
 /// hash, so they are harmless and reused by the next run).
-pub fn copy_chunks(
+pub(crate) fn copy_chunks(
     job: &CopyJob<'_>,
     list: &[(ChunkId, u64)],
     progress: &(dyn Fn(u64) + Sync),
@@ -249,7 +249,7 @@ fn sha256(data: &[u8]) -> Hash {
 
 /// Read the chunk file at `path` into `buf` and check it is chunk `id` of
 /// `size` bytes (`size` 0: any size). Errors name the file.
-pub fn read_verified(
+pub(crate) fn read_verified(
     path: &Path,
     id: &ChunkId,
     size: u64,

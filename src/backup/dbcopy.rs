@@ -28,7 +28,7 @@ fn ctx(e: rusqlite::Error, what: impl std::fmt::Display) -> Error {
 
 /// Copy the database at `src` (which may be in use by a running node) to the
 /// new file `dst`, consistently. `dst` must not exist.
-pub fn snapshot_db(src: &Path, dst: &Path) -> Result<()> {
+pub(crate) fn snapshot_db(src: &Path, dst: &Path) -> Result<()> {
     if dst.exists() {
         return Err(Error::exists(format!("{} already exists", dst.display())));
     }

@@ -20,13 +20,13 @@ use crate::error::{Kind, Result};
 use crate::replicator::ChunkSource;
 
 /// The chunk directory of a backup repository.
-pub struct RepoChunks {
+pub(crate) struct RepoChunks {
     root: PathBuf,
     repo: PathBuf,
     _lock: super::FileLock,
     /// Chunks and bytes handed out (each hash-checked on read).
-    pub hits: AtomicU64,
-    pub hit_bytes: AtomicU64,
+    pub(crate) hits: AtomicU64,
+    pub(crate) hit_bytes: AtomicU64,
 }
 
 impl RepoChunks {

@@ -44,7 +44,7 @@ use crate::node::Node;
 
 /// What happened to one Axon item.
 #[derive(Debug, Clone)]
-pub enum Status {
+pub(crate) enum Status {
     Imported {
         legacy: Option<ContentId>,
         native: Option<ContentId>,
@@ -60,21 +60,20 @@ pub enum Status {
 }
 
 #[derive(Debug, Clone)]
-pub struct ItemReport {
-    pub applet: String,
-    pub label: String,
-    pub kind: AxonItemKind,
-    pub status: Status,
+pub(crate) struct ItemReport {
+    pub(crate) applet: String,
+    pub(crate) kind: AxonItemKind,
+    pub(crate) status: Status,
 }
 
 #[derive(Debug, Clone)]
-pub struct ImportReport {
-    pub backup_date: String,
-    pub items: Vec<ItemReport>,
+pub(crate) struct ImportReport {
+    pub(crate) backup_date: String,
+    pub(crate) items: Vec<ItemReport>,
 }
 
 impl ImportReport {
-    pub fn skipped(&self) -> usize {
+    pub(crate) fn skipped(&self) -> usize {
         self.items
             .iter()
             .filter(|i| !matches!(i.status, Status::Imported { .. }))
@@ -83,7 +82,7 @@ impl ImportReport {
 }
 
 /// Load the Axon instance's RSA private key (PKCS#8 or PKCS#1 PEM, unencrypted).
-pub fn load_axon_key(path: &Path) -> Result<RsaPrivateKey> {
+pub(crate) fn load_axon_key(path: &Path) -> Result<RsaPrivateKey> {
     use rsa::pkcs1::DecodeRsaPrivateKey;
     use rsa::pkcs8::DecodePrivateKey;
     let text =
@@ -125,7 +124,7 @@ fn name_of(item: &AxonItem) -> String {
 
 /// Milliseconds since the epoch of an ISO 8601 / RFC 3339 time as Axon
 /// (Django) writes it: `2025-01-02T03:04:05.123456+00:00`, `...Z`, or no zone (UTC).
-pub fn parse_axon_time(s: &str) -> Option<i64> {
+pub(crate) fn parse_axon_time(s: &str) -> Option<i64> {
     let s = s.trim();
     let b = s.as_bytes();
     if b.len() < 19
@@ -201,7 +200,7 @@ pub fn parse_axon_time(s: &str) -> Option<i64> {
 
 /// Import every item of the Axon backup at `dir`. Errors only when the
 /// backup cannot be read at all; per-item problems are in the report.
-pub fn import(
+pub(crate) fn import(
     node: &Node,
     dir: &Path,
     axon_key: Option<&RsaPrivateKey>,
@@ -231,7 +230,6 @@ pub fn import(
         };
         items.push(ItemReport {
             applet: item.applet.clone(),
-            label: item.label(),
             kind: item.kind.clone(),
             status,
         });

@@ -24,14 +24,14 @@
 //! fsync, so an interrupted run leaves either the old state or the new one,
 //! never half of it; chunks are re-hashed on every copy.
 
-pub mod clone_instance;
-pub mod copy;
-pub mod dbcopy;
-pub mod hybrid;
-pub mod import_axon;
-pub mod onion;
-pub mod repo;
-pub mod restore;
+pub(crate) mod clone_instance;
+pub(crate) mod copy;
+pub(crate) mod dbcopy;
+pub(crate) mod hybrid;
+pub(crate) mod import_axon;
+pub(crate) mod onion;
+pub(crate) mod repo;
+pub(crate) mod restore;
 
 use std::fs;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -128,7 +128,7 @@ pub(crate) fn check_space(dest: &Path, need: u64) -> Result<()> {
 }
 
 /// "1.5 GiB", "312 KiB", "17 B".
-pub fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
@@ -144,7 +144,7 @@ pub fn human_bytes(n: u64) -> String {
 }
 
 /// An advisory lock (flock) on a file, released when dropped or when the process dies.
-pub struct FileLock {
+pub(crate) struct FileLock {
     _file: fs::File,
 }
 

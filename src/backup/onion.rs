@@ -38,7 +38,7 @@ struct BundleFile {
 /// The keystore files and hostname under `tor_dir`, as one bundle (plaintext:
 /// seal it before it goes anywhere). `None` when the node never ran an onion
 /// service.
-pub fn bundle(tor_dir: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
+pub(crate) fn bundle(tor_dir: &Path) -> Result<Option<Zeroizing<Vec<u8>>>> {
     let keystore = tor_dir.join(KEYSTORE);
     if !keystore.is_dir() {
         return Ok(None);
@@ -88,7 +88,7 @@ fn read_entry(tor_dir: &Path, path: &Path) -> Result<BundleFile> {
 /// Arti requires). Paths must stay inside the keystore or be the hostname
 /// file: a bundle is read from a repository, which is not trusted to name
 /// arbitrary paths. Returns how many files were written.
-pub fn unbundle(plain: &[u8], tor_dir: &Path) -> Result<usize> {
+pub(crate) fn unbundle(plain: &[u8], tor_dir: &Path) -> Result<usize> {
     let bundle: Bundle = serde_json::from_slice(plain)
         .map_err(|e| Error::integrity(format!("the sealed onion keys do not parse: {e}")))?;
     for f in &bundle.files {

@@ -32,28 +32,28 @@ use crate::identity::Identity;
 use crate::node::{Node, Paths};
 use crate::store::{Db, RekeyReport};
 
-pub struct RestoreOptions<'a> {
+pub(crate) struct RestoreOptions<'a> {
     /// Snapshot id or prefix; `None`: the latest snapshot that holds the node key.
-    pub snapshot: Option<&'a str>,
-    pub new_identity: bool,
+    pub(crate) snapshot: Option<&'a str>,
+    pub(crate) new_identity: bool,
 }
 
 #[derive(Debug)]
-pub struct RestoreOutcome {
-    pub snapshot: String,
-    pub data_dir: PathBuf,
-    pub old_node_id: NodeId,
-    pub node_id: NodeId,
-    pub manifests: u64,
-    pub chunks: u64,
-    pub chunk_bytes: u64,
-    pub rekey: Option<RekeyReport>,
+pub(crate) struct RestoreOutcome {
+    pub(crate) snapshot: String,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) old_node_id: NodeId,
+    pub(crate) node_id: NodeId,
+    pub(crate) manifests: u64,
+    pub(crate) chunks: u64,
+    pub(crate) chunk_bytes: u64,
+    pub(crate) rekey: Option<RekeyReport>,
     /// Trusted peers (id, name, address) that must now trust the new node id.
-    pub peers_to_retrust: Vec<(String, String, String)>,
+    pub(crate) peers_to_retrust: Vec<(String, String, String)>,
 }
 
 /// Restore a snapshot of the repository at `repo_root` into the new data dir `dest`.
-pub fn restore(
+pub(crate) fn restore(
     repo_root: &Path,
     dest: &Path,
     opts: &RestoreOptions<'_>,

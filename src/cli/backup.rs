@@ -13,22 +13,22 @@ use crate::node::Paths;
 /// `bitsync backup --repo DIR` makes a snapshot; `bitsync backup verify|ls --repo DIR` read the repository.
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-pub struct BackupArgs {
+pub(crate) struct BackupArgs {
     #[command(subcommand)]
-    pub command: Option<BackupCommand>,
+    pub(crate) command: Option<BackupCommand>,
     /// Backup repository (created on first use; must be empty or a repository)
     #[arg(long, value_name = "DIR", required = true)]
-    pub repo: Option<PathBuf>,
+    pub(crate) repo: Option<PathBuf>,
     /// After the snapshot, keep only the newest N snapshots and the chunks they need
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub keep_last: Option<u32>,
+    pub(crate) keep_last: Option<u32>,
     /// Include the node key, sealed with a passphrase (terminal prompt, --passphrase-file or BITSYNC_PASSPHRASE)
     #[arg(long)]
-    pub with_identity: bool,
+    pub(crate) with_identity: bool,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum BackupCommand {
+pub(crate) enum BackupCommand {
     /// Re-hash every file a snapshot needs and check its database; non-zero exit on any problem
     Verify {
         #[arg(long, value_name = "DIR")]
@@ -48,16 +48,16 @@ pub enum BackupCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct RestoreArgs {
+pub(crate) struct RestoreArgs {
     /// Backup repository
     #[arg(long, value_name = "DIR")]
-    pub repo: PathBuf,
+    pub(crate) repo: PathBuf,
     /// Snapshot id (or unique prefix) [default: the latest taken --with-identity]
     #[arg(long, value_name = "ID")]
-    pub snapshot: Option<String>,
+    pub(crate) snapshot: Option<String>,
     /// Give the restored node a new key; every item is re-wrapped for it
     #[arg(long)]
-    pub new_identity: bool,
+    pub(crate) new_identity: bool,
 }
 
 /// Progress for the backup room's `(done, total)` byte callbacks.

@@ -13,25 +13,25 @@ use crate::error::{Error, Result};
 use crate::node::Paths;
 
 #[derive(Args, Debug)]
-pub struct CloneInstanceArgs {
+pub(crate) struct CloneInstanceArgs {
     /// Database to copy [default: this node's, <data-dir>/bitsync.db]
     #[arg(long, value_name = "FILE")]
-    pub source_db: Option<PathBuf>,
+    pub(crate) source_db: Option<PathBuf>,
     /// Where the copy of the database goes
     #[arg(long, value_name = "FILE")]
-    pub dest_db: PathBuf,
+    pub(crate) dest_db: PathBuf,
     /// Chunk directory to copy [default: this node's, <data-dir>/chunks]
     #[arg(long, value_name = "DIR")]
-    pub source_attachments: Option<PathBuf>,
+    pub(crate) source_attachments: Option<PathBuf>,
     /// Where the copy of the chunks goes
     #[arg(long, value_name = "DIR")]
-    pub dest_attachments: PathBuf,
+    pub(crate) dest_attachments: PathBuf,
     /// Replace an existing destination without asking
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// Give the copy its own key (node.key next to --dest-db), to run it beside the original
     #[arg(long)]
-    pub new_identity: bool,
+    pub(crate) new_identity: bool,
 }
 
 pub(super) fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {

@@ -10,12 +10,12 @@ use crate::backup::import_axon;
 use crate::error::{Error, Result};
 
 #[derive(Args, Debug)]
-pub struct ImportAxonArgs {
+pub(crate) struct ImportAxonArgs {
     /// The Axon backup directory (backup_YYYYMMDD_HHMMSS/)
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The Axon instance's RSA private key (PEM): also decrypt, check and re-publish each item natively
     #[arg(long, value_name = "KEY.pem")]
-    pub axon_key: Option<PathBuf>,
+    pub(crate) axon_key: Option<PathBuf>,
 }
 
 pub(super) fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {

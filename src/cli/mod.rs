@@ -27,10 +27,10 @@ use zeroize::Zeroizing;
 use crate::error::{Error, IoContext, Result};
 use crate::node::{self, InitOutcome, Node};
 
-pub use backup::{BackupArgs, BackupCommand, RestoreArgs};
-pub use clone_instance::CloneInstanceArgs;
-pub use import_axon::ImportAxonArgs;
-pub use peer::PeerCommand;
+pub(crate) use backup::{BackupArgs, RestoreArgs};
+pub(crate) use clone_instance::CloneInstanceArgs;
+pub(crate) use import_axon::ImportAxonArgs;
+pub(crate) use peer::PeerCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,16 +41,28 @@ pub use peer::PeerCommand;
 pub struct Cli {
     /// Data dir of the node [default: $XDG_DATA_HOME/bitsync or ~/.local/share/bitsync]
     #[arg(long, global = true, env = "BITSYNC_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// File holding the passphrase of a sealed node key (else $BITSYNC_PASSPHRASE, else a prompt)
     #[arg(long, global = true, value_name = "FILE")]
-    pub passphrase_file: Option<PathBuf>,
+    pub(crate) passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
+}
+
+impl Cli {
+    /// The log filter when `RUST_LOG` is unset: a node that serves reports its
+    /// connections and jobs; a one-shot command speaks only of trouble.
+    pub fn default_log_filter(&self) -> &'static str {
+        if matches!(self.command, Command::Serve { .. }) {
+            "info"
+        } else {
+            "warn"
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create the data dir: config, node key, empty database (does nothing if it exists)
     Init {
         /// Seal the node key with a passphrase

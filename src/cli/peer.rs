@@ -9,7 +9,7 @@ use crate::store::PeerState;
 use crate::transport::PeerAddress;
 
 #[derive(Subcommand, Debug)]
-pub enum PeerCommand {
+pub(crate) enum PeerCommand {
     /// Trust a node
     Add {
         node_id: String,

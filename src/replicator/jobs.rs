@@ -72,7 +72,7 @@ fn initial(kind: &'static str, peer: String) -> JobState {
 
 impl Replicator {
     /// Running jobs (and mirrors), for `Admin/Status`.
-    pub fn jobs(&self) -> Vec<JobState> {
+    pub(crate) fn jobs(&self) -> Vec<JobState> {
         let mut v: Vec<JobState> = self
             .jobs
             .lock()

@@ -57,7 +57,7 @@ impl Replicator {
     /// `[[mirror]]` entries and trusted peers marked as mirrors; the list is
     /// re-read every few seconds, so `bitsync peer add ... --mirror` (or
     /// Admin/AddPeer) takes effect without a restart.
-    pub async fn run_mirrors(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run_mirrors(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut running: HashMap<NodeId, tokio::task::JoinHandle<()>> = HashMap::new();
         for m in &self.node.config.mirror {
             if let Err(e) = Hash::parse(&m.peer, "mirror peer") {

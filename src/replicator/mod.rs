@@ -76,7 +76,7 @@ mod transfer;
 
 use jobs::Tracker;
 
-pub use transfer::ChunkSource;
+pub(crate) use transfer::ChunkSource;
 
 const MAX_MESSAGE: usize = 8 * 1024 * 1024;
 
@@ -92,21 +92,21 @@ pub fn client(channel: Channel) -> Client {
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
     /// Items that became complete here during this job.
-    pub items: u64,
+    pub(crate) items: u64,
     /// Chunk bytes received (and stored) during this job.
     pub bytes: u64,
-    pub elapsed: Duration,
-    pub errors: Vec<String>,
+    pub(crate) elapsed: Duration,
+    pub(crate) errors: Vec<String>,
 }
 
 /// Live state of a job, watched by Admin streams and `Status`.
 #[derive(Debug, Clone)]
-pub struct JobState {
-    pub kind: &'static str,
-    pub peer: String,
-    pub progress: Progress,
+pub(crate) struct JobState {
+    pub(crate) kind: &'static str,
+    pub(crate) peer: String,
+    pub(crate) progress: Progress,
     /// Set when the job ends.
-    pub result: Option<std::result::Result<(), Error>>,
+    pub(crate) result: Option<std::result::Result<(), Error>>,
 }
 
 pub struct Replicator {
@@ -136,7 +136,7 @@ impl Replicator {
     }
 
     /// Take chunks from `src` (verified) before asking peers for them.
-    pub fn set_local_chunks(&self, src: Arc<dyn ChunkSource>) {
+    pub(crate) fn set_local_chunks(&self, src: Arc<dyn ChunkSource>) {
         *self.local_chunks.lock().unwrap_or_else(|p| p.into_inner()) = Some(src);
     }
 
@@ -148,12 +148,12 @@ impl Replicator {
     }
 
     /// The address sent to peers we join, so they can reach us back.
-    pub fn set_advertised_address(&self, a: String) {
+    pub(crate) fn set_advertised_address(&self, a: String) {
         *self.advertise.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
     /// Clone from an invite token or a trusted peer's node id (runs in the background).
-    pub fn start_clone(self: &Arc<Self>, target: &str) -> Result<watch::Receiver<JobState>> {
+    pub(crate) fn start_clone(self: &Arc<Self>, target: &str) -> Result<watch::Receiver<JobState>> {
         let target = target.trim().to_string();
         let key = if Invite::is_token(&target) {
             let inv = Invite::decode(&target)?;
@@ -170,7 +170,7 @@ impl Replicator {
     }
 
     /// Pull what is new from one trusted peer (runs in the background).
-    pub fn start_sync(self: &Arc<Self>, peer: NodeId) -> Result<watch::Receiver<JobState>> {
+    pub(crate) fn start_sync(self: &Arc<Self>, peer: NodeId) -> Result<watch::Receiver<JobState>> {
         let p = self.trusted_peer(&peer)?;
         Ok(self.start(
             format!("sync:{}", peer.to_hex()),

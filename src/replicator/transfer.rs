@@ -33,7 +33,7 @@ const LOCAL_BATCH: usize = 64;
 /// A place chunks may be read from before asking the peer (`clone
 /// --from-backup`). Owned here, where it is consulted; the backup room
 /// implements it for a repository.
-pub trait ChunkSource: Send + Sync {
+pub(crate) trait ChunkSource: Send + Sync {
     /// The bytes stored under `id`, or `None` if this source has no such chunk.
     /// Need not be verified: the caller hash-checks before writing.
     fn read(&self, id: &ChunkId) -> Option<Vec<u8>>;

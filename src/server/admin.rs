@@ -25,12 +25,12 @@ use crate::transport::PeerAddress;
 const MAX_INVITE_TTL: u64 = 30 * 24 * 3600;
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
-pub struct AdminService {
+pub(crate) struct AdminService {
     state: Arc<ServerState>,
 }
 
 impl AdminService {
-    pub fn new(state: Arc<ServerState>) -> AdminService {
+    pub(crate) fn new(state: Arc<ServerState>) -> AdminService {
         AdminService { state }
     }
 }

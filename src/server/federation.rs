@@ -25,13 +25,13 @@ use crate::transport::CallerInfo;
 /// Chunks read ahead of what the client has taken (HTTP/2 flow control does the rest).
 const CHUNK_WINDOW: usize = 4;
 /// Most manifests in one GetManifests call.
-pub const MAX_MANIFEST_BATCH: usize = 1000;
+pub(crate) const MAX_MANIFEST_BATCH: usize = 1000;
 const DEFAULT_PAGE: u32 = 500;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How long a stream ending at shutdown waits to queue its final status.
 const SHUTDOWN_SEND: Duration = Duration::from_secs(2);
 
-pub struct FederationService {
+pub(crate) struct FederationService {
     state: Arc<ServerState>,
     keys_recorded: Mutex<HashSet<NodeId>>,
 }
@@ -43,7 +43,7 @@ pub(crate) fn problem(e: &Error) -> Problem {
     }
 }
 
-pub fn summary_to_proto(s: &Summary) -> ManifestSummary {
+pub(crate) fn summary_to_proto(s: &Summary) -> ManifestSummary {
     ManifestSummary {
         content_id: s.content_id.to_hex(),
         seq: s.seq,
@@ -74,7 +74,7 @@ impl Drop for StreamSlot {
 }
 
 impl FederationService {
-    pub fn new(state: Arc<ServerState>) -> FederationService {
+    pub(crate) fn new(state: Arc<ServerState>) -> FederationService {
         FederationService {
             state,
             keys_recorded: Mutex::new(HashSet::new()),

@@ -11,8 +11,8 @@
 //! everything. SIGTERM or SIGINT stops accepting, ends watch streams, lets
 //! in-flight calls finish for a few seconds, then exits.
 
-pub mod admin;
-pub mod federation;
+pub(crate) mod admin;
+pub(crate) mod federation;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,19 +46,19 @@ const HEAD_POLL: Duration = Duration::from_millis(50);
 /// State shared by the services of one running node.
 pub struct ServerState {
     pub node: Arc<Node>,
-    pub replicator: Arc<Replicator>,
+    pub(crate) replicator: Arc<Replicator>,
     /// The current head seq; changes wake watch streams.
-    pub head: watch::Receiver<u64>,
-    pub shutdown: watch::Receiver<bool>,
-    pub streams: Mutex<HashMap<NodeId, u32>>,
-    pub started: Instant,
-    pub listen_address: Mutex<String>,
+    pub(crate) head: watch::Receiver<u64>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) streams: Mutex<HashMap<NodeId, u32>>,
+    pub(crate) started: Instant,
+    pub(crate) listen_address: Mutex<String>,
     pub onion_address: Mutex<Option<String>>,
 }
 
 impl ServerState {
     /// Addresses for invite tokens: configured ones, else the bound address (and onion).
-    pub fn advertised(&self) -> Vec<String> {
+    pub(crate) fn advertised(&self) -> Vec<String> {
         let mut out = self.node.config.advertise.clone();
         if out.is_empty() {
             out.push(
@@ -80,7 +80,7 @@ impl ServerState {
     }
 }
 
-pub fn peer_to_proto(p: &Peer) -> PeerInfo {
+pub(crate) fn peer_to_proto(p: &Peer) -> PeerInfo {
     PeerInfo {
         node_id: p.node_id.to_hex(),
         name: p.name.clone(),
@@ -151,7 +151,7 @@ impl RunningNode {
 }
 
 /// Run the node until SIGTERM/SIGINT.
-pub async fn serve(node: Node, opts: ServeOptions) -> Result<()> {
+pub(crate) async fn serve(node: Node, opts: ServeOptions) -> Result<()> {
     let running = start(node, opts).await?;
     eprintln!(
         "bitsync node {} listening on {}, admin on {}",
@@ -400,7 +400,7 @@ async fn serve_admin_tcp(
 }
 
 /// Health service name that is SERVING once the onion service is reachable.
-pub const TOR_HEALTH: &str = "bitsync.v1.Federation.Tor";
+pub(crate) const TOR_HEALTH: &str = "bitsync.v1.Federation.Tor";
 
 /// Bootstrap embedded Tor, launch the onion service and feed its streams to
 /// the Federation server, through the same TLS as TCP. A failure here is

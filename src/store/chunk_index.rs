@@ -36,14 +36,14 @@ impl Db {
     }
 
     /// Forget a chunk (it failed its hash and was quarantined).
-    pub fn forget_chunk(&self, id: &ChunkId) -> Result<()> {
+    pub(crate) fn forget_chunk(&self, id: &ChunkId) -> Result<()> {
         self.w()
             .execute("DELETE FROM chunks WHERE chunk_id = ?1", [id.to_hex()])?;
         Ok(())
     }
 
     /// Chunks of this item not present yet, in order.
-    pub fn missing_chunks(&self, content_id: &ContentId) -> Result<Vec<(u32, ChunkId)>> {
+    pub(crate) fn missing_chunks(&self, content_id: &ContentId) -> Result<Vec<(u32, ChunkId)>> {
         let c = self.r();
         let mut st = c.prepare_cached(
             "SELECT mc.idx, mc.chunk_id FROM manifest_chunks mc LEFT JOIN chunks c ON c.chunk_id = mc.chunk_id
@@ -72,7 +72,7 @@ impl Db {
     }
 
     /// Whether every chunk of `m` is present (for manifests not yet stored).
-    pub fn is_complete_list(&self, m: &Manifest) -> Result<bool> {
+    pub(crate) fn is_complete_list(&self, m: &Manifest) -> Result<bool> {
         for c in m.chunk_ids() {
             if !self.has_chunk(&c)? {
                 return Ok(false);

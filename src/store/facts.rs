@@ -11,28 +11,27 @@ use crate::error::Result;
 
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
-    pub manifests: u64,
+    pub(crate) manifests: u64,
     pub chunks: u64,
-    pub stored_bytes: u64,
-    pub head_seq: u64,
-    pub trusted_peers: u32,
+    pub(crate) stored_bytes: u64,
+    pub(crate) head_seq: u64,
+    pub(crate) trusted_peers: u32,
 }
 
 /// What backup, restore and clone-instance need to know about a database copy.
 #[derive(Debug, Clone)]
 pub struct DbFacts {
-    pub node_id: NodeId,
-    pub schema_version: String,
-    pub manifests: u64,
-    pub head_seq: u64,
+    pub(crate) node_id: NodeId,
+    pub(crate) manifests: u64,
+    pub(crate) head_seq: u64,
     /// Present chunks (id, ciphertext bytes), in id order.
-    pub chunks: Vec<(ChunkId, u64)>,
+    pub(crate) chunks: Vec<(ChunkId, u64)>,
     /// Trusted peers: (node id, name, address).
-    pub trusted_peers: Vec<(String, String, String)>,
+    pub(crate) trusted_peers: Vec<(String, String, String)>,
 }
 
 impl DbFacts {
-    pub fn chunk_bytes(&self) -> u64 {
+    pub(crate) fn chunk_bytes(&self) -> u64 {
         self.chunks.iter().map(|(_, s)| s).sum()
     }
 }
@@ -69,7 +68,6 @@ impl Db {
         let read = || -> Result<DbFacts> {
             Ok(DbFacts {
                 node_id: self.node_id()?,
-                schema_version: self.setting("schema_version")?.unwrap_or_default(),
                 manifests: self.manifest_count()?,
                 head_seq: self.head_seq()?,
                 chunks: self.chunk_list()?,
@@ -97,7 +95,7 @@ impl Db {
     }
 
     /// `PRAGMA integrity_check`: an empty list means the database is sound.
-    pub fn integrity_check(&self) -> Result<Vec<String>> {
+    pub(crate) fn integrity_check(&self) -> Result<Vec<String>> {
         Ok(integrity_lines(&self.r())?)
     }
 }
@@ -105,7 +103,7 @@ impl Db {
 /// `PRAGMA integrity_check` on a database file, opened read-only, which need
 /// not be a bitsync database (nor a database at all): an empty list means it
 /// is sound; a file SQLite cannot read at all is one problem.
-pub(crate) fn integrity_problems(path: &Path) -> Result<Vec<String>> {
+pub fn integrity_problems(path: &Path) -> Result<Vec<String>> {
     Db::must_be_file(path)?;
     let c = connect(path, Access::ReadOnly)?;
     match integrity_lines(&c) {

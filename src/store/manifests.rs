@@ -13,9 +13,9 @@ use crate::manifest::{now_ms, Manifest};
 
 /// A stored manifest's signed bytes and its seq (see [`Db::manifest_raw`]).
 pub struct RawManifest {
-    pub body: Vec<u8>,
-    pub signature: Vec<u8>,
-    pub seq: u64,
+    pub(crate) body: Vec<u8>,
+    pub(crate) signature: Vec<u8>,
+    pub(crate) seq: u64,
 }
 
 /// (recipient, wrapped item key) pairs of one item.
@@ -24,13 +24,13 @@ pub type Envelopes = Vec<(String, Vec<u8>)>;
 /// One row of a manifest listing.
 #[derive(Debug, Clone)]
 pub struct Summary {
-    pub content_id: ContentId,
+    pub(crate) content_id: ContentId,
     pub seq: u64,
-    pub kind: String,
-    pub size: u64,
-    pub chunk_count: u32,
-    pub created_at_ms: i64,
-    pub publisher: NodeId,
+    pub(crate) kind: String,
+    pub(crate) size: u64,
+    pub(crate) chunk_count: u32,
+    pub(crate) created_at_ms: i64,
+    pub(crate) publisher: NodeId,
 }
 
 /// The next value of the seq counter. Only inside a write transaction: the
@@ -199,7 +199,7 @@ impl Db {
 
     /// A stored manifest as raw bytes, not re-verified. For serving only:
     /// every receiver verifies the signature itself.
-    pub fn manifest_raw(&self, id: &ContentId) -> Result<Option<RawManifest>> {
+    pub(crate) fn manifest_raw(&self, id: &ContentId) -> Result<Option<RawManifest>> {
         Ok(self
             .r()
             .prepare_cached("SELECT body, signature, seq FROM manifests WHERE content_id = ?1")?
@@ -214,7 +214,7 @@ impl Db {
     }
 
     /// The current seq of an item.
-    pub fn seq_of(&self, id: &ContentId) -> Result<Option<u64>> {
+    pub(crate) fn seq_of(&self, id: &ContentId) -> Result<Option<u64>> {
         let seq: Option<i64> = self
             .r()
             .prepare_cached("SELECT seq FROM manifests WHERE content_id = ?1")?
@@ -223,7 +223,7 @@ impl Db {
         Ok(seq.map(|s| s as u64))
     }
 
-    pub fn has_manifest(&self, id: &ContentId) -> Result<bool> {
+    pub(crate) fn has_manifest(&self, id: &ContentId) -> Result<bool> {
         Ok(self
             .r()
             .query_row(

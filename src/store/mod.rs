@@ -37,7 +37,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use crate::crypto::{Hash, NodeId};
 use crate::error::{Error, Result};
 
-pub(crate) use facts::integrity_problems;
+pub use facts::integrity_problems;
 pub use facts::{DbFacts, Stats};
 pub use manifests::{Envelopes, RawManifest, Summary};
 pub use peers::{Peer, PeerState};
@@ -96,7 +96,7 @@ fn connect(path: &Path, access: Access) -> Result<Connection> {
 
 impl Db {
     /// Create the schema in a new database file (or an empty one).
-    pub fn create(path: &Path, node_id: &NodeId) -> Result<Db> {
+    pub(crate) fn create(path: &Path, node_id: &NodeId) -> Result<Db> {
         let c = connect(path, Access::Node)?;
         schema::create(&c, node_id)?;
         drop(c);
@@ -179,7 +179,7 @@ impl Db {
     }
 
     /// Settings a peer may see (no secrets are ever stored here).
-    pub fn public_settings(&self) -> Result<Vec<(String, String)>> {
+    pub(crate) fn public_settings(&self) -> Result<Vec<(String, String)>> {
         let c = self.r();
         let mut st =
             c.prepare("SELECT key, value FROM meta WHERE key NOT LIKE 'secret%' ORDER BY key")?;

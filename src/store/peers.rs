@@ -17,7 +17,7 @@ pub enum PeerState {
 }
 
 impl PeerState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PeerState::Trusted => "trusted",
             PeerState::Revoked => "revoked",
@@ -35,16 +35,16 @@ impl PeerState {
 
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub node_id: NodeId,
+    pub(crate) node_id: NodeId,
     pub name: String,
-    pub address: String,
+    pub(crate) address: String,
     pub state: PeerState,
-    pub mirror: bool,
+    pub(crate) mirror: bool,
     /// SubjectPublicKeyInfo DER, once learned from a verified TLS handshake.
     pub public_key: Option<Vec<u8>>,
-    pub added_at_ms: i64,
+    pub(crate) added_at_ms: i64,
     /// The seq up to which everything from this peer is durably stored.
-    pub cursor: u64,
+    pub(crate) cursor: u64,
 }
 
 impl Db {
@@ -92,7 +92,7 @@ impl Db {
     }
 
     /// Record a peer learned from another node, unless this node already knows it.
-    pub fn import_peer(&self, id: &NodeId, name: &str, address: &str) -> Result<bool> {
+    pub(crate) fn import_peer(&self, id: &NodeId, name: &str, address: &str) -> Result<bool> {
         let n = self.w().execute(
             "INSERT OR IGNORE INTO peers(node_id, name, address, state, added_at_ms) VALUES (?1, ?2, ?3, 'imported', ?4)",
             params![id.to_hex(), name, address, now_ms()],
@@ -126,7 +126,7 @@ impl Db {
         }))
     }
 
-    pub fn peers(&self) -> Result<Vec<Peer>> {
+    pub(crate) fn peers(&self) -> Result<Vec<Peer>> {
         let c = self.r();
         let sql = format!(
             "SELECT {} FROM peers ORDER BY added_at_ms, node_id",
@@ -165,7 +165,7 @@ impl Db {
         Ok(())
     }
 
-    pub fn set_cursor(&self, id: &NodeId, cursor: u64) -> Result<()> {
+    pub(crate) fn set_cursor(&self, id: &NodeId, cursor: u64) -> Result<()> {
         self.w().execute(
             "UPDATE peers SET cursor = ?2 WHERE node_id = ?1",
             params![id.to_hex(), cursor as i64],
@@ -184,7 +184,7 @@ impl Db {
     }
 
     /// Redeem an invite for `joiner`: trusts it and burns the invite, atomically.
-    pub fn redeem_invite(
+    pub(crate) fn redeem_invite(
         &self,
         secret_hash: &Hash,
         joiner: &NodeId,

@@ -13,9 +13,9 @@ use crate::identity::Identity;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RekeyReport {
     /// Items whose key was re-wrapped for the new identity.
-    pub rewrapped: u64,
+    pub(crate) rewrapped: u64,
     /// Items with no envelope for the old identity (e.g. legacy items imported without their key).
-    pub without_key: u64,
+    pub(crate) without_key: u64,
 }
 
 impl Db {

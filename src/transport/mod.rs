@@ -30,21 +30,21 @@ use crate::tls;
 pub(crate) use address::PeerAddress;
 
 /// Any byte stream a connection can run on.
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
-pub type BoxIo = Box<dyn Io>;
+pub(crate) type BoxIo = Box<dyn Io>;
 
 /// Who is on the other end of a server-side connection, as TLS established it.
 #[derive(Clone, Debug)]
-pub struct CallerInfo {
+pub(crate) struct CallerInfo {
     /// Node id and SubjectPublicKeyInfo DER from the client certificate, if one was presented.
-    pub node: Option<(NodeId, Vec<u8>)>,
+    pub(crate) node: Option<(NodeId, Vec<u8>)>,
     /// Remote address for logs ("onion" for Tor streams).
-    pub remote: String,
+    pub(crate) remote: String,
 }
 
 /// An accepted, TLS-authenticated connection handed to tonic.
-pub struct PeerConn {
+pub(crate) struct PeerConn {
     io: tokio_rustls::server::TlsStream<BoxIo>,
     info: CallerInfo,
 }
@@ -97,7 +97,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Run the TLS handshake on an accepted stream and queue the connection for
 /// tonic. Handshakes run concurrently, each bounded, so one slow peer cannot
 /// stall the listener.
-pub fn accept(
+pub(crate) fn accept(
     io: BoxIo,
     remote: String,
     acceptor: TlsAcceptor,
@@ -121,7 +121,7 @@ pub fn accept(
 }
 
 /// Accept TCP connections forever, feeding TLS connections into `out`.
-pub async fn accept_tcp(
+pub(crate) async fn accept_tcp(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     out: mpsc::Sender<io::Result<PeerConn>>,
@@ -158,7 +158,7 @@ pub struct TorHandle {
 }
 
 impl TorHandle {
-    pub fn new(opts: crate::tor::TorOptions) -> Arc<TorHandle> {
+    pub(crate) fn new(opts: crate::tor::TorOptions) -> Arc<TorHandle> {
         Arc::new(TorHandle {
             opts,
             client: tokio::sync::OnceCell::new(),
@@ -166,7 +166,7 @@ impl TorHandle {
     }
 
     /// The bootstrapped client (bootstrapping it now if needed, bounded by the configured timeout).
-    pub async fn get(&self) -> Result<crate::tor::Tor> {
+    pub(crate) async fn get(&self) -> Result<crate::tor::Tor> {
         self.client
             .get_or_try_init(|| async {
                 tracing::info!("starting embedded Tor");
@@ -181,7 +181,7 @@ impl TorHandle {
 
 /// How this node reaches `.onion` addresses.
 #[derive(Clone)]
-pub enum OnionRoute {
+pub(crate) enum OnionRoute {
     /// An external tor's SOCKS5 port (the proxy resolves the name).
     Socks(SocketAddr),
     /// The embedded Tor client.
@@ -202,7 +202,7 @@ impl Dialer {
     /// either the configured SOCKS5 proxy or embedded Tor (started on first
     /// use). Returns the embedded Tor handle too, which `serve` shares for its
     /// onion service.
-    pub fn for_node(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
+    pub(crate) fn for_node(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
         let tor = &node.config.tor;
         let (route, handle) = match &tor.socks {
             Some(s) => {
@@ -229,7 +229,7 @@ impl Dialer {
         Ok((dialer, handle))
     }
 
-    pub fn new(
+    pub(crate) fn new(
         identity: Arc<Identity>,
         onion: OnionRoute,
         connect_timeout: Duration,

@@ -41,22 +41,21 @@ use super::{fsync_dir, write_atomic, FileLock};
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
-pub use prune::PruneOutcome;
-pub use sealed::open_identity;
-pub use snapshot::{backup, data_dir_node_id, BackupOptions, BackupOutcome, WithIdentity};
+pub(crate) use sealed::open_identity;
+pub(crate) use snapshot::{backup, data_dir_node_id, BackupOptions, WithIdentity};
 pub(crate) use verify::copy_file_verified;
-pub use verify::{verify, verify_files, VerifyReport};
+pub(crate) use verify::{verify, verify_files};
 
-pub const MARKER: &str = "bitsync-backup.json";
-pub const REPO_FORMAT: &str = "bitsync-backup";
-pub const REPO_VERSION: u32 = 1;
-pub const SNAPSHOT_FORMAT: &str = "bitsync-backup-snapshot";
-pub const SNAPSHOT_VERSION: u32 = 1;
-pub const SNAPSHOT_FILE: &str = "snapshot.json";
-pub const DB_FILE: &str = "bitsync.db";
-pub const CONFIG_FILE: &str = "config.toml";
-pub const KEY_FILE: &str = "node.key.sealed";
-pub const ONION_FILE: &str = "onion.keys.sealed";
+pub(crate) const MARKER: &str = "bitsync-backup.json";
+pub(crate) const REPO_FORMAT: &str = "bitsync-backup";
+pub(crate) const REPO_VERSION: u32 = 1;
+pub(crate) const SNAPSHOT_FORMAT: &str = "bitsync-backup-snapshot";
+pub(crate) const SNAPSHOT_VERSION: u32 = 1;
+pub(crate) const SNAPSHOT_FILE: &str = "snapshot.json";
+pub(crate) const DB_FILE: &str = "bitsync.db";
+pub(crate) const CONFIG_FILE: &str = "config.toml";
+pub(crate) const KEY_FILE: &str = "node.key.sealed";
+pub(crate) const ONION_FILE: &str = "onion.keys.sealed";
 
 #[derive(Serialize, Deserialize, Debug)]
 struct Marker {
@@ -67,73 +66,73 @@ struct Marker {
 
 /// `snapshot.json`.
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct SnapshotMeta {
-    pub format: String,
-    pub format_version: u32,
-    pub id: String,
+pub(crate) struct SnapshotMeta {
+    pub(crate) format: String,
+    pub(crate) format_version: u32,
+    pub(crate) id: String,
     /// Hex node id of the instance backed up.
-    pub node_id: String,
-    pub created_at_ms: i64,
+    pub(crate) node_id: String,
+    pub(crate) created_at_ms: i64,
     /// RFC 3339, UTC, for people.
-    pub created_at: String,
-    pub bitsync_version: String,
-    pub counts: Counts,
+    pub(crate) created_at: String,
+    pub(crate) bitsync_version: String,
+    pub(crate) counts: Counts,
     /// Present when the snapshot holds the node key (sealed).
-    pub identity: Option<IdentityInfo>,
+    pub(crate) identity: Option<IdentityInfo>,
     /// Every file of the snapshot directory except snapshot.json, with its SHA-256.
-    pub files: Vec<FileEntry>,
+    pub(crate) files: Vec<FileEntry>,
     /// Every chunk the snapshot needs, as [id hex, bytes]; the id is the file's SHA-256.
-    pub chunks: Vec<(String, u64)>,
+    pub(crate) chunks: Vec<(String, u64)>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
-pub struct Counts {
-    pub manifests: u64,
-    pub chunks: u64,
-    pub chunk_bytes: u64,
-    pub head_seq: u64,
-    pub trusted_peers: u64,
+pub(crate) struct Counts {
+    pub(crate) manifests: u64,
+    pub(crate) chunks: u64,
+    pub(crate) chunk_bytes: u64,
+    pub(crate) head_seq: u64,
+    pub(crate) trusted_peers: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct IdentityInfo {
+pub(crate) struct IdentityInfo {
     /// The file in the snapshot directory holding the sealed key.
-    pub file: String,
+    pub(crate) file: String,
     /// Whether the node's own key file was sealed (restore writes it back the same way).
-    pub sealed_on_node: bool,
-    pub kdf: String,
+    pub(crate) sealed_on_node: bool,
+    pub(crate) kdf: String,
     /// The file holding the onion service's keys, sealed the same way (see
     /// [`super::onion`]); absent when the node never ran one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub onion_keys: Option<String>,
+    pub(crate) onion_keys: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct FileEntry {
-    pub path: String,
-    pub size: u64,
-    pub sha256: String,
+pub(crate) struct FileEntry {
+    pub(crate) path: String,
+    pub(crate) size: u64,
+    pub(crate) sha256: String,
 }
 
 /// Readable snapshots (oldest first), and unreadable snapshot directories with why.
-pub type SnapshotList = (Vec<SnapshotMeta>, Vec<(String, Error)>);
+pub(crate) type SnapshotList = (Vec<SnapshotMeta>, Vec<(String, Error)>);
 
 /// An opened backup repository.
-pub struct Repo {
-    pub root: PathBuf,
+pub(crate) struct Repo {
+    pub(crate) root: PathBuf,
 }
 
 impl Repo {
-    pub fn chunks(&self) -> PathBuf {
+    pub(crate) fn chunks(&self) -> PathBuf {
         self.root.join("chunks")
     }
-    pub fn snapshots(&self) -> PathBuf {
+    pub(crate) fn snapshots(&self) -> PathBuf {
         self.root.join("snapshots")
     }
-    pub fn tmp(&self) -> PathBuf {
+    pub(crate) fn tmp(&self) -> PathBuf {
         self.root.join("tmp")
     }
-    pub fn snapshot_dir(&self, id: &str) -> PathBuf {
+    pub(crate) fn snapshot_dir(&self, id: &str) -> PathBuf {
         self.snapshots().join(id)
     }
 
@@ -180,7 +179,7 @@ impl Repo {
     }
 
     /// Open a repository, creating it if `root` is missing or an empty directory.
-    pub fn open_or_create(root: &Path) -> Result<Repo> {
+    pub(crate) fn open_or_create(root: &Path) -> Result<Repo> {
         if root.join(MARKER).exists() {
             return Repo::open(root);
         }
@@ -223,17 +222,17 @@ impl Repo {
     }
 
     /// Take the writer's lock (backups, pruning).
-    pub fn lock_exclusive(&self) -> Result<FileLock> {
+    pub(crate) fn lock_exclusive(&self) -> Result<FileLock> {
         self.lock(true)
     }
     /// Take a reader's lock (verify, restore, clone --from-backup).
-    pub fn lock_shared(&self) -> Result<FileLock> {
+    pub(crate) fn lock_shared(&self) -> Result<FileLock> {
         self.lock(false)
     }
 
     /// Every finished snapshot, oldest first. Directories that cannot be read
     /// are returned as errors in the second list (`backup verify` reports them).
-    pub fn list(&self) -> Result<SnapshotList> {
+    pub(crate) fn list(&self) -> Result<SnapshotList> {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         let dir = self.snapshots();
@@ -259,7 +258,7 @@ impl Repo {
     }
 
     /// Find a snapshot by id, unique id prefix, or `latest` (also: none given).
-    pub fn find(&self, wanted: Option<&str>) -> Result<SnapshotMeta> {
+    pub(crate) fn find(&self, wanted: Option<&str>) -> Result<SnapshotMeta> {
         let (all, _) = self.list()?;
         let wanted = wanted
             .map(str::trim)
@@ -313,7 +312,7 @@ fn read_meta(dir: &Path) -> Result<SnapshotMeta> {
 }
 
 /// Parse the chunk list of a snapshot.
-pub fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
+pub(crate) fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
     m.chunks
         .iter()
         .map(|(id, size)| {
@@ -327,7 +326,7 @@ pub fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
 }
 
 /// SHA-256 and length of a file, streamed.
-pub fn hash_file(path: &Path) -> Result<(Hash, u64)> {
+pub(crate) fn hash_file(path: &Path) -> Result<(Hash, u64)> {
     use std::io::Read;
     let mut f = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
     let mut h = Sha256::new();

@@ -9,12 +9,12 @@ use super::{Repo, SnapshotMeta};
 use crate::error::{IoContext, Result};
 
 #[derive(Debug, Clone, Default)]
-pub struct PruneOutcome {
-    pub removed_snapshots: Vec<String>,
-    pub removed_chunks: u64,
-    pub removed_bytes: u64,
+pub(crate) struct PruneOutcome {
+    pub(crate) removed_snapshots: Vec<String>,
+    pub(crate) removed_chunks: u64,
+    pub(crate) removed_bytes: u64,
     /// Chunk removal was skipped because a remaining snapshot could not be read.
-    pub chunk_gc_skipped: Option<String>,
+    pub(crate) chunk_gc_skipped: Option<String>,
 }
 
 /// Keep the newest `keep` snapshots (always including `just_made`), then

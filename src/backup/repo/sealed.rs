@@ -44,7 +44,7 @@ pub(super) fn write_identity(
 }
 
 /// Open the snapshot's sealed node key with `passphrase`.
-pub fn open_identity(
+pub(crate) fn open_identity(
     repo: &Repo,
     m: &SnapshotMeta,
     passphrase: &dyn Fn() -> Result<Zeroizing<String>>,

@@ -21,27 +21,27 @@ use crate::node::Paths;
 use crate::store::{self, Db, DbFacts};
 
 /// The node key to put in a snapshot.
-pub struct WithIdentity<'a> {
-    pub identity: &'a Identity,
-    pub passphrase: &'a str,
-    pub sealed_on_node: bool,
+pub(crate) struct WithIdentity<'a> {
+    pub(crate) identity: &'a Identity,
+    pub(crate) passphrase: &'a str,
+    pub(crate) sealed_on_node: bool,
 }
 
-pub struct BackupOptions<'a> {
-    pub keep_last: Option<usize>,
-    pub identity: Option<WithIdentity<'a>>,
+pub(crate) struct BackupOptions<'a> {
+    pub(crate) keep_last: Option<usize>,
+    pub(crate) identity: Option<WithIdentity<'a>>,
 }
 
 /// What a backup run did.
 #[derive(Debug, Clone)]
-pub struct BackupOutcome {
-    pub snapshot: SnapshotMeta,
-    pub new_chunks: CopyStats,
-    pub pruned: Option<PruneOutcome>,
+pub(crate) struct BackupOutcome {
+    pub(crate) snapshot: SnapshotMeta,
+    pub(crate) new_chunks: CopyStats,
+    pub(crate) pruned: Option<PruneOutcome>,
 }
 
 /// Read the node id of a data dir's database (without opening the node key).
-pub fn data_dir_node_id(data_dir: &Path) -> Result<NodeId> {
+pub(crate) fn data_dir_node_id(data_dir: &Path) -> Result<NodeId> {
     let paths = Paths::new(data_dir);
     if !paths.db().is_file() {
         return Err(Error::not_found(format!(
@@ -55,7 +55,7 @@ pub fn data_dir_node_id(data_dir: &Path) -> Result<NodeId> {
 
 /// Add a snapshot of the data dir at `data_dir` to the repository at `repo_root`
 /// (created if missing). The node may be running and writing meanwhile.
-pub fn backup(
+pub(crate) fn backup(
     data_dir: &Path,
     repo_root: &Path,
     opts: &BackupOptions<'_>,

@@ -16,11 +16,11 @@ use crate::store::{self, Db};
 
 /// What `backup verify` found.
 #[derive(Debug, Default)]
-pub struct VerifyReport {
-    pub snapshots: Vec<String>,
-    pub files_checked: u64,
+pub(crate) struct VerifyReport {
+    pub(crate) snapshots: Vec<String>,
+    pub(crate) files_checked: u64,
     pub chunks_checked: u64,
-    pub bytes_checked: u64,
+    pub(crate) bytes_checked: u64,
     /// One line per problem, naming the file (relative to the repository).
     pub problems: Vec<String>,
 }
@@ -36,7 +36,7 @@ struct ChunkCheck {
 
 /// Re-hash every file the chosen snapshot (or every snapshot) needs and run
 /// `PRAGMA integrity_check` on its database. Problems are collected, not fatal.
-pub fn verify(
+pub(crate) fn verify(
     repo_root: &Path,
     snapshot: Option<&str>,
     progress: &(dyn Fn(u64, u64) + Sync),
@@ -235,7 +235,7 @@ fn check_chunk(
 
 /// Check a snapshot's own files (not its chunks) and its database before a
 /// restore. Returns the problems found.
-pub fn verify_files(repo: &Repo, m: &SnapshotMeta) -> Result<Vec<String>> {
+pub(crate) fn verify_files(repo: &Repo, m: &SnapshotMeta) -> Result<Vec<String>> {
     let dir = repo.snapshot_dir(&m.id);
     let mut problems = Vec::new();
     for f in &m.files {
