@@ -7,26 +7,42 @@
 //!
 //! ## The data path, one module per room
 //!
-//! - [`identity`]: the node key; node id = SHA-256 of the public key (SPKI DER).
+//! The rooms are listed from the foundation up. A room uses only rooms
+//! listed before it (of two on one line, the first is the lower; the three
+//! of the first line are peers), never one after it:
+//! a helper two rooms share moves towards the foundation, never sideways.
+//! `.ci/check-layers` enforces this order and fails on any import that
+//! breaks it or forms a circle.
+//!
+//! - [`error`] (one error type: which exit code and which gRPC status each
+//!   kind becomes), [`durable`] (temp file, fsync, rename; syncfs), `proto`
+//!   (the generated gRPC types).
 //! - [`crypto`]: hashes, chunk/metadata encryption (AES-256-GCM), envelopes
 //!   (RSA-OAEP), manifest signatures (RSA-PSS), passphrase sealing (scrypt).
+//! - [`identity`]: the node key; node id = SHA-256 of the public key (SPKI DER).
 //! - [`manifest`]: the signed description of an item; content id = SHA-256 of its body.
-//! - [`chunks`] and [`store`]: chunk files on disk, and the SQLite database
-//!   (manifests, envelopes, chunk index, peers, the sequence cursor).
-//! - [`durable`]: crash-safe writes (temp file, fsync, rename; syncfs).
-//! - [`node`] and [`config`]: a data dir opened as a node.
-//! - [`content`] (and [`legacy`] for Axon's cipher): put, get, verify.
-//! - [`tls`], [`invite`] and [`server`]: the gRPC services (Federation for
-//!   peers, Admin for the operator) inside mutual TLS pinned to node ids.
-//! - [`transport`] and [`tor`]: byte streams to peers over TCP or Tor.
-//! - [`replicator`]: the client half: clone, sync and mirrors.
+//! - `chunks` and [`store`]: chunk files on disk, and the SQLite database,
+//!   the one owner of the schema (manifests, envelopes, chunk index, peers,
+//!   the sequence counter); backup and clone-instance read and rekey through it.
+//! - [`config`] and [`node`]: a data dir opened as a node.
+//! - `legacy` (Axon's cipher) and [`content`]: put, get, verify.
+//! - [`tls`] and [`invite`]: certificates pinned to node ids; join tokens.
+//! - [`tor`] and [`transport`]: byte streams to peers over TCP or Tor, and the
+//!   one parser of peer addresses (what the dialer cannot dial is refused
+//!   when it is given).
+//! - [`replicator`]: the client half (clone, sync, mirrors), in rooms of its
+//!   own: a synchronous planner, the transfer engine, mirror supervision.
+//! - [`server`]: the gRPC services, Federation for peers and Admin for the
+//!   operator (which drives the replicator).
 //! - [`axon`]: reading Axon BBS backups for import.
 //! - [`backup`]: offline copies: backup repositories, restore, clone-instance,
 //!   and importing Axon backups.
 //! - [`cli`]: the `bitsync` command.
 //!
-//! The byte formats are specified in `docs/FORMAT.md` and the wire protocol in
-//! `docs/PROTOCOL.md`.
+//! `docs/DESIGN.md` says why the design is as it is and what each kind of
+//! party can and cannot do (the threat model, with the test that shows each
+//! claim). The byte formats are specified in `docs/FORMAT.md` and the wire
+//! protocol in `docs/PROTOCOL.md`.
 //!
 //! ## Invariants
 //!

@@ -5,7 +5,7 @@
 //! now (else PERMISSION_DENIED, logged with the refused id). Streams re-check
 //! trust before every message, so revoking a peer cuts its open streams too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -213,12 +213,48 @@ fn manifests_for(
     caller_spki: &[u8],
     ids: &[String],
 ) -> Vec<ManifestResult> {
+    let prepared = prepare_all(state, caller, caller_spki, ids);
+    let recipient = caller.to_hex();
+    let fresh: Vec<(ContentId, String, Vec<u8>)> = ids
+        .iter()
+        .zip(&prepared)
+        .filter_map(|(id, p)| match p {
+            Ok(p) if p.fresh => Some((
+                Hash::parse(id, "content id").ok()?,
+                recipient.clone(),
+                p.envelope.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let stored = store_fresh(state, caller, &fresh);
+    let none = HashMap::new();
+    let new_seqs = stored.as_ref().unwrap_or(&none);
+    ids.iter()
+        .zip(prepared)
+        .map(|(id, p)| {
+            let p = match (p, &stored) {
+                (Ok(p), Err(e)) if p.fresh => Err(e.clone()),
+                (p, _) => p,
+            };
+            result_for(state, &recipient, id, p, new_seqs)
+        })
+        .collect()
+}
+
+/// [`prepare`] each id, the batch split over (at most 8) cores.
+fn prepare_all(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    ids: &[String],
+) -> Vec<Result<Prepared, Error>> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(8);
     let per = ids.len().div_ceil(workers).max(16);
-    let prepared: Vec<Result<Prepared, Error>> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .chunks(per)
             .map(|part| {
@@ -233,78 +269,74 @@ fn manifests_for(
             .into_iter()
             .flat_map(|h| h.join().expect("rekey worker panicked"))
             .collect()
-    });
-    let recipient = caller.to_hex();
-    let fresh: Vec<(ContentId, String, Vec<u8>)> = ids
-        .iter()
-        .zip(&prepared)
-        .filter_map(|(id, p)| match p {
-            Ok(p) if p.fresh => Some((
-                Hash::parse(id, "content id").ok()?,
-                recipient.clone(),
-                p.envelope.clone(),
-            )),
-            _ => None,
-        })
-        .collect();
-    let stored = if fresh.is_empty() {
-        Ok(Vec::new())
-    } else {
-        state.node.db.add_envelopes(&fresh)
-    };
-    let mut new_seqs = std::collections::HashMap::new();
-    match &stored {
+    })
+}
+
+/// Store the envelopes wrapped in this batch in one transaction; returns
+/// each item's new seq (`None`: a concurrent call stored its own wrap first).
+fn store_fresh(
+    state: &ServerState,
+    caller: &NodeId,
+    fresh: &[(ContentId, String, Vec<u8>)],
+) -> Result<HashMap<ContentId, Option<u64>>, Error> {
+    if fresh.is_empty() {
+        return Ok(HashMap::new());
+    }
+    match state.node.db.add_envelopes(fresh) {
         Ok(seqs) => {
-            for ((cid, _, _), seq) in fresh.iter().zip(seqs) {
-                new_seqs.insert(*cid, *seq);
-            }
-            if !fresh.is_empty() {
-                tracing::debug!(items = fresh.len(), peer = %caller.short(), "re-keyed items for peer");
+            tracing::debug!(items = fresh.len(), peer = %caller.short(), "re-keyed items for peer");
+            Ok(fresh.iter().map(|(cid, _, _)| *cid).zip(seqs).collect())
+        }
+        Err(e) => {
+            tracing::warn!("storing re-keyed envelopes failed: {e}");
+            Err(e)
+        }
+    }
+}
+
+/// One item's answer: its manifest, the envelope for `recipient` and its
+/// seq, or the problem that kept it out.
+fn result_for(
+    state: &ServerState,
+    recipient: &str,
+    id: &str,
+    p: Result<Prepared, Error>,
+    new_seqs: &HashMap<ContentId, Option<u64>>,
+) -> ManifestResult {
+    let mut out = ManifestResult {
+        content_id: id.to_string(),
+        ..Default::default()
+    };
+    let mut p = match p {
+        Ok(p) => p,
+        Err(e) => {
+            out.problem = Some(problem(&e));
+            return out;
+        }
+    };
+    if p.fresh {
+        let cid = Hash::parse(id, "content id").expect("parsed in prepare");
+        match new_seqs.get(&cid).copied().flatten() {
+            Some(seq) => p.seq = seq,
+            // A concurrent call stored its own wrap first: return that one.
+            None => {
+                if let Ok(Some(env)) = state.node.db.envelope(&cid, recipient) {
+                    p.envelope = env;
+                }
+                p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
             }
         }
-        Err(e) => tracing::warn!("storing re-keyed envelopes failed: {e}"),
     }
-    ids.iter()
-        .zip(prepared)
-        .map(|(id, p)| {
-            let mut out = ManifestResult {
-                content_id: id.clone(),
-                ..Default::default()
-            };
-            let p = match (p, &stored) {
-                (Ok(p), Err(e)) if p.fresh => Err(e.clone()),
-                (p, _) => p,
-            };
-            match p {
-                Ok(mut p) => {
-                    if p.fresh {
-                        let cid = Hash::parse(id, "content id").expect("parsed in prepare");
-                        match new_seqs.get(&cid).copied().flatten() {
-                            Some(seq) => p.seq = seq,
-                            // A concurrent call stored its own wrap first: return that one.
-                            None => {
-                                if let Ok(Some(env)) = state.node.db.envelope(&cid, &recipient) {
-                                    p.envelope = env;
-                                }
-                                p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
-                            }
-                        }
-                    }
-                    out.manifest = Some(SignedManifest {
-                        body: p.body,
-                        signature: p.signature,
-                    });
-                    out.envelope = Some(Envelope {
-                        recipient: recipient.clone(),
-                        wrapped_key: p.envelope,
-                    });
-                    out.seq = p.seq;
-                }
-                Err(e) => out.problem = Some(problem(&e)),
-            }
-            out
-        })
-        .collect()
+    out.manifest = Some(SignedManifest {
+        body: p.body,
+        signature: p.signature,
+    });
+    out.envelope = Some(Envelope {
+        recipient: recipient.to_string(),
+        wrapped_key: p.envelope,
+    });
+    out.seq = p.seq;
+    out
 }
 
 #[tonic::async_trait]

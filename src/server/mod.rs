@@ -205,26 +205,25 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     let tls = crate::tls::server_config(&identity)?;
     tokio::spawn(transport::accept_tcp(tcp, tls.clone(), conn_tx.clone()));
 
-    let (health, _) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<FederationServer<federation::FederationService>>()
-        .await;
-    health
-        .set_serving::<AdminServer<admin::AdminService>>()
-        .await;
+    let health = health_reporter().await;
     if opts.tor || node.config.tor.enabled {
-        match tor {
-            Some(handle) => {
-                health.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing).await;
-                tokio::spawn(serve_onion(state.clone(), handle, tls.clone(), conn_tx, health.clone(), shutdown_rx.clone()));
-            }
-            None => {
-                return Err(Error::invalid(
-                    "[tor] socks is set: this node dials through an external tor; host the onion service with that \
-                     tor's HiddenServicePort (docs/TOR.md), or remove `socks` to use embedded Tor",
-                ))
-            }
-        }
+        let Some(handle) = tor else {
+            return Err(Error::invalid(
+                "[tor] socks is set: this node dials through an external tor; host the onion service with that \
+                 tor's HiddenServicePort (docs/TOR.md), or remove `socks` to use embedded Tor",
+            ));
+        };
+        health
+            .set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing)
+            .await;
+        tokio::spawn(serve_onion(
+            state.clone(),
+            handle,
+            tls.clone(),
+            conn_tx,
+            health.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     let fed = federation_server(state.clone(), conn_rx, &health, shutdown_rx.clone())?;
     let admin = admin_server(state.clone(), admin_listener, &health, shutdown_rx.clone())?;
@@ -235,24 +234,39 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     }
 
     tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
-
-    let log = |what: &'static str| {
-        move |r: std::result::Result<(), tonic::transport::Error>| {
-            if let Err(e) = r {
-                tracing::error!("{what} server failed: {e}");
-            }
-        }
-    };
-    let fed_log = log("federation");
-    let admin_log = log("admin");
-    tasks.push(tokio::spawn(async move { fed_log(fed.await) }));
-    tasks.push(tokio::spawn(async move { admin_log(admin.await) }));
+    tasks.push(spawn_logged("federation", fed));
+    tasks.push(spawn_logged("admin", admin));
     Ok(RunningNode {
         state,
         listen_address: bound,
         admin_socket: sock,
         shutdown_tx,
         tasks,
+    })
+}
+
+/// The health service's reporter, with both gRPC services marked serving.
+async fn health_reporter() -> HealthReporter {
+    let (health, _) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<FederationServer<federation::FederationService>>()
+        .await;
+    health
+        .set_serving::<AdminServer<admin::AdminService>>()
+        .await;
+    health
+}
+
+/// Run a server to its end on its own task; a server that fails is logged,
+/// since nobody awaits it until shutdown.
+fn spawn_logged(
+    what: &'static str,
+    server: impl Future<Output = std::result::Result<(), tonic::transport::Error>> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("{what} server failed: {e}");
+        }
     })
 }
 
