@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{open, Xorshift, BIN};
+use support::bench::{bin, env_usize, sync_all};
+use support::{open, Xorshift};
 
 const PASS: &str = "bench passphrase";
 
@@ -40,16 +41,10 @@ fn sh(cmd: &mut Command) {
     );
 }
 
-fn sync() {
-    sh(&mut Command::new("sync"));
-}
-
+/// The measured binary on `data_dir`, with the passphrase of a `--with-identity` backup.
 fn bitsync(data_dir: &Path) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("--data-dir")
-        .arg(data_dir)
-        .env("BITSYNC_PASSPHRASE", PASS)
-        .env_remove("BITSYNC_DATA_DIR");
+    let mut c = support::bench::bitsync(data_dir);
+    c.env("BITSYNC_PASSPHRASE", PASS);
     c
 }
 
@@ -58,7 +53,7 @@ fn best(rounds: usize, mut prepare: impl FnMut(), mut run: impl FnMut()) -> Dura
     let mut best = Duration::MAX;
     for _ in 0..rounds {
         prepare();
-        sync();
+        sync_all();
         let t = Instant::now();
         run();
         best = best.min(t.elapsed());
@@ -71,15 +66,8 @@ fn rm(p: &Path) {
 }
 
 fn main() {
-    let mb: u64 = std::env::var("BITSYNC_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
-    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
-        .max(1);
+    let mb = env_usize("BITSYNC_BENCH_MB", 2048) as u64;
+    let rounds = env_usize("BITSYNC_BENCH_ROUNDS", 2).max(1);
     let base = std::env::var_os("BITSYNC_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
@@ -109,7 +97,7 @@ fn main() {
             i += 1;
         }
     }
-    sync();
+    sync_all();
     let du = |p: &Path| -> u64 {
         let out = Command::new("du").arg("-sb").arg(p).output().expect("du");
         String::from_utf8_lossy(&out.stdout)
@@ -125,7 +113,7 @@ fn main() {
         size as f64 / 1048576.0,
         t.elapsed().as_secs_f64()
     );
-    println!("rounds: best of {rounds}; binary: {BIN}");
+    println!("rounds: best of {rounds}; binary: {}", bin().display());
 
     let cp = best(
         rounds,
@@ -137,7 +125,7 @@ fn main() {
         || rm(&cp_dst),
         || {
             sh(Command::new("cp").arg("-r").arg(&data).arg(&cp_dst));
-            sync();
+            sync_all();
         },
     );
     rm(&cp_dst);
@@ -186,28 +174,22 @@ fn main() {
         println!("{:<44} {:>9.3} {:>11.1}", name, s(d), rate(d));
     }
     println!();
-    println!(
-        "first backup / cp -r             = {:.2}x   (target <= 1.3x)",
-        s(first) / s(cp)
-    );
-    println!(
-        "first backup / (cp -r; sync)     = {:.2}x",
-        s(first) / s(cp_sync)
-    );
-    println!(
-        "second backup / first backup     = {:.1}%   (target < 5%)",
-        100.0 * s(second) / s(first)
-    );
-    println!(
-        "with-identity unchanged / first  = {:.1}%",
-        100.0 * s(with_key) / s(first)
-    );
-    println!(
-        "restore / cp -r                  = {:.2}x",
-        s(restore) / s(cp)
-    );
-    println!(
-        "restore / (cp -r; sync)          = {:.2}x",
-        s(restore) / s(cp_sync)
-    );
+    let x = |a: Duration, b: Duration| format!("{:.2}x", s(a) / s(b));
+    let pct = |a: Duration, b: Duration| format!("{:.1}%", 100.0 * s(a) / s(b));
+    for (what, ratio) in [
+        (
+            "first backup / cp -r",
+            format!("{}   (target <= 1.3x)", x(first, cp)),
+        ),
+        ("first backup / (cp -r; sync)", x(first, cp_sync)),
+        (
+            "second backup / first backup",
+            format!("{}   (target < 5%)", pct(second, first)),
+        ),
+        ("with-identity unchanged / first", pct(with_key, first)),
+        ("restore / cp -r", x(restore, cp)),
+        ("restore / (cp -r; sync)", x(restore, cp_sync)),
+    ] {
+        println!("{what:<33}= {ratio}");
+    }
 }

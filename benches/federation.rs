@@ -31,19 +31,12 @@ use bitsync::node::Node;
 use bitsync::proto::*;
 use bitsync::server::{self, ServeOptions};
 use bitsync::store::PeerState;
-use prost::Message;
 use tempfile::TempDir;
 
+use support::bench::{self, bench_dir, env_usize, proc_kib};
 use support::*;
 
 const BATCH: usize = 200;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn open_new_node(dir: &Path, config: Option<&str>) -> Node {
     match config {
@@ -54,21 +47,12 @@ fn open_new_node(dir: &Path, config: Option<&str>) -> Node {
 
 fn main() {
     bitsync::tls::install_crypto_provider();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let want = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
+    let want = bench::selection();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    println!(
-        "federation bench on {} cores",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("federation bench on {} cores", bench::cores());
     if want("rekey") {
         rt.block_on(rekey_bench());
     }
@@ -82,46 +66,18 @@ fn main() {
 /// Make `n` signed items with the server's own envelope, straight into its
 /// database (signing spread over the cores, inserts in order).
 fn fill_items(server: &Node, n: usize) -> Vec<String> {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     let own = server.id().to_hex();
-    let made: Vec<(Manifest, Vec<u8>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let per = n.div_ceil(threads);
-                let range = (t * per)..((t + 1) * per).min(n);
-                s.spawn(move || {
-                    range
-                        .map(|i| {
-                            let key = ItemKey::random();
-                            let plain = format!("item {i}").into_bytes();
-                            let ct = crypto::encrypt_chunk(&key, 0, true, &plain);
-                            let meta = ItemMeta {
-                                name: format!("item-{i}"),
-                            }
-                            .encode_to_vec();
-                            let body = manifest::native_body(
-                                server.identity(),
-                                "message",
-                                plain.len() as u64,
-                                manifest::MIN_CHUNK_SIZE,
-                                vec![Hash::of(&ct)],
-                                crypto::encrypt_meta(&key, &meta),
-                                manifest::now_ms() + i as i64,
-                            );
-                            let m = Manifest::create(server.identity(), body).unwrap();
-                            let wrapped = crypto::wrap_key(server.identity().public(), &key);
-                            (m, wrapped)
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+    let made: Vec<(Manifest, Vec<u8>)> = bench::parallel(n, |i| {
+        let plain = format!("item {i}").into_bytes();
+        let created = manifest::now_ms() + i as i64;
+        let (m, key, _) = bench::one_chunk_item(
+            server,
+            &format!("item-{i}"),
+            &plain,
+            manifest::MIN_CHUNK_SIZE,
+            created,
+        );
+        (m, crypto::wrap_key(server.identity().public(), &key))
     });
     made.iter()
         .map(|(m, w)| {
@@ -381,25 +337,7 @@ fn verdict(ok: bool) -> &'static str {
     }
 }
 
-/// Benchmarks need real disk, not a tmpfs: under target/ by default.
-fn bench_dir() -> PathBuf {
-    let d = std::env::var_os("BITSYNC_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data"));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 // ---- (b) StreamChunks vs cat ----------------------------------------------------
-
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 fn cat_files(paths: &[PathBuf]) -> Duration {
     let t = Instant::now();

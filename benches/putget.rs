@@ -30,67 +30,12 @@ mod support;
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use support::{DataReader, BIN};
+use support::bench::{bin, bitsync, env_usize, measure, sync_all, Run};
+use support::DataReader;
 
 const MIB: u64 = 1024 * 1024;
-
-struct Run {
-    wall: Duration,
-    user: Duration,
-    sys: Duration,
-    max_rss_kib: u64,
-    stdout: String,
-}
-
-fn tv(t: libc::timeval) -> Duration {
-    Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-}
-
-/// Run `cmd` to completion; time it and read its rusage with wait4.
-#[allow(clippy::zombie_processes)] // reaped by wait4
-fn run(cmd: &mut Command) -> Run {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env_remove("RUST_LOG");
-    let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    let wall = start.elapsed();
-    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
-    let mut stdout = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed (wait status {status:#x})"
-    );
-    Run {
-        wall,
-        user: tv(ru.ru_utime),
-        sys: tv(ru.ru_stime),
-        max_rss_kib: ru.ru_maxrss as u64,
-        stdout,
-    }
-}
-
-fn sync_all() {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-}
 
 /// Read a file once so it sits in the page cache.
 fn warm(path: &Path) {
@@ -103,19 +48,6 @@ fn make_input(path: &Path, bytes: u64) {
     let mut f = File::create(path).unwrap();
     std::io::copy(&mut DataReader::new(0x2545_F491_4F6C_DD1D, bytes), &mut f).unwrap();
     f.sync_all().unwrap();
-}
-
-fn bin() -> PathBuf {
-    std::env::var_os("BITSYNC_BENCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(BIN))
-}
-
-fn bitsync(data: &Path) -> Command {
-    let mut c = Command::new(bin());
-    c.env("BITSYNC_DATA_DIR", data)
-        .env_remove("BITSYNC_PASSPHRASE");
-    c
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -144,7 +76,8 @@ impl Series {
         self.wall.push(s);
         self.user.push(r.user.as_secs_f64());
         self.sys.push(r.sys.as_secs_f64());
-        self.rss_kib = self.rss_kib.max(r.max_rss_kib);
+        // wait4's figure, as this bench has always reported (its own RSS is small).
+        self.rss_kib = self.rss_kib.max(r.ru_maxrss_kib);
     }
     fn mbps(&self) -> f64 {
         median(self.mbps.clone())
@@ -153,15 +86,8 @@ impl Series {
 
 fn main() {
     // `cargo bench` passes --bench; any other argument is a filter we do not support.
-    let mb: u64 = std::env::var("BITSYNC_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let rounds: usize = std::env::var("BITSYNC_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let mb = env_usize("BITSYNC_BENCH_MB", 1024) as u64;
+    let rounds = env_usize("BITSYNC_BENCH_ROUNDS", 3).max(1);
     let base: PathBuf = std::env::var_os("BITSYNC_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
@@ -190,35 +116,37 @@ fn main() {
         let _ = fs::remove_file(&out);
         sync_all();
         warm(&input);
-        let r = run(Command::new("cp").arg(&input).arg(&out));
+        let r = measure(Command::new("cp").arg(&input).arg(&out));
         cp.add(&r, bytes);
         fs::remove_file(&out).unwrap();
 
         // cp + sync of the copy (coreutils `sync FILE` fsyncs that file)
         sync_all();
         warm(&input);
-        let r = run(Command::new("sh")
-            .arg("-c")
-            .arg("cp \"$1\" \"$2\" && sync \"$2\"")
-            .arg("sh")
-            .arg(&input)
-            .arg(&out));
+        let r = measure(
+            Command::new("sh")
+                .arg("-c")
+                .arg("cp \"$1\" \"$2\" && sync \"$2\"")
+                .arg("sh")
+                .arg(&input)
+                .arg(&out),
+        );
         cp_sync.add(&r, bytes);
         fs::remove_file(&out).unwrap();
 
         // put, into a fresh data dir
         let _ = fs::remove_dir_all(&data);
-        run(bitsync(&data).arg("init"));
+        measure(bitsync(&data).arg("init"));
         sync_all();
         warm(&input);
-        let r = run(bitsync(&data).arg("put").arg(&input));
+        let r = measure(bitsync(&data).arg("put").arg(&input));
         let id = r.stdout.lines().last().unwrap_or("").trim().to_string();
         assert_eq!(id.len(), 64, "put printed no content id: {:?}", r.stdout);
         put.add(&r, bytes);
 
         // get
         sync_all();
-        let r = run(bitsync(&data).arg("get").arg(&id).arg("-o").arg(&out));
+        let r = measure(bitsync(&data).arg("get").arg(&id).arg("-o").arg(&out));
         assert_eq!(
             fs::metadata(&out).unwrap().len(),
             bytes,

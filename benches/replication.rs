@@ -39,37 +39,22 @@ mod support;
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bitsync::content::{self, PutOptions};
-use bitsync::crypto::{self, Hash, ItemKey};
-use bitsync::manifest::{self, ItemMeta, Manifest};
+use bitsync::crypto::{self, Hash};
+use bitsync::manifest::{self, Manifest};
 use bitsync::node::{self, Node};
 use bitsync::store::PeerState;
-use prost::Message;
 use tempfile::TempDir;
 
+use support::bench::{self, bench_dir, env_usize, measure, proc_kib, sync_all};
 use support::*;
 
 const MIB: u64 = 1024 * 1024;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn bench_dir() -> PathBuf {
-    let d = std::env::var_os("BITSYNC_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data"));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Touch and free `bytes` of memory once, before anything is timed. A VM
 /// whose memory the host backs lazily (this one is a Firecracker VM) charges
@@ -99,102 +84,8 @@ fn warm_memory(bytes: u64) {
     );
 }
 
-fn sync_all() {
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-}
-
-struct Run {
-    wall: Duration,
-    /// User + system CPU of the process (and the children it waited for).
-    cpu: Duration,
-    /// Peak resident set of the process itself (see [`run`]).
-    max_rss_kib: u64,
-    stdout: String,
-}
-
-/// Run `cmd` to completion; time it, read its CPU time with wait4(2) and its
-/// peak RSS by polling its VmHWM every 10 ms. (Not wait4's ru_maxrss: the
-/// child is spawned with vfork, and at exec Linux folds the parent's RSS
-/// high-water mark into the child's ru_maxrss, so a bench holding much
-/// memory would be reported as the child's.) With BITSYNC_BENCH_RSS_TRACE
-/// set, the RSS is printed as it moves.
-#[allow(clippy::zombie_processes)] // reaped by wait4
-fn run(cmd: &mut Command) -> Run {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env_remove("RUST_LOG");
-    let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for our own child.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let mut out = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let trace = std::env::var_os("BITSYNC_BENCH_RSS_TRACE").is_some();
-    let watcher = std::thread::spawn(move || {
-        let mut peak = 0u64;
-        let mut shown = 0u64;
-        loop {
-            let (rss, hwm) = (
-                proc_kib(pid as u32, "VmRSS:"),
-                proc_kib(pid as u32, "VmHWM:"),
-            );
-            if hwm == 0 {
-                return peak; // exited
-            }
-            peak = peak.max(hwm);
-            if trace && hwm.abs_diff(shown) > 2048 {
-                eprintln!(
-                    "    [{:>6.2} s] pid {pid} VmRSS {:.1} MiB, VmHWM {:.1} MiB",
-                    secs(start.elapsed()),
-                    rss as f64 / 1024.0,
-                    hwm as f64 / 1024.0
-                );
-                shown = hwm;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    });
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
-    let wall = start.elapsed();
-    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
-    let max_rss_kib = watcher.join().unwrap();
-    let stdout = reader.join().unwrap();
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{cmd:?} failed (wait status {status:#x})"
-    );
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
-    };
-    Run {
-        wall,
-        cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
-        max_rss_kib,
-        stdout,
-    }
-}
-
 fn cli(dir: &Path, args: &[&str]) -> String {
-    run(Command::new(BIN).arg("--data-dir").arg(dir).args(args)).stdout
-}
-
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    measure(bench::bitsync(dir).args(args)).stdout
 }
 
 /// CPU time of a process so far; with `children`, that of its reaped children instead.
@@ -274,16 +165,11 @@ fn warm(dir: &Path) -> u64 {
 
 fn main() {
     bitsync::tls::install_crypto_provider();
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let want = |name: &str| args.is_empty() || args.iter().any(|a| name.contains(a.as_str()));
+    let want = bench::selection();
     println!(
-        "replication bench on {} cores, binary {BIN}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        "replication bench on {} cores, binary {}",
+        bench::cores(),
+        bench::bin().display()
     );
     if want("clone") {
         clone_bench();
@@ -372,15 +258,17 @@ fn clone_bench() {
         warm(&chunks);
         sync_all();
         let d0 = proc_cpu(daemon_pid, true);
-        let run1 = run(Command::new("rsync")
-            .arg("-a")
-            .arg(format!("rsync://127.0.0.1:{port}/chunks/"))
-            .arg(&dst));
+        let run1 = measure(
+            Command::new("rsync")
+                .arg("-a")
+                .arg(format!("rsync://127.0.0.1:{port}/chunks/"))
+                .arg(&dst),
+        );
         let s0 = Instant::now();
         sync_all();
         t_rsync.push(run1.wall);
         std::thread::sleep(Duration::from_millis(200)); // the daemon reaps its sender
-        c_rsync.push(run1.cpu + proc_cpu(daemon_pid, true).saturating_sub(d0));
+        c_rsync.push(run1.cpu() + proc_cpu(daemon_pid, true).saturating_sub(d0));
         t_rsync_sync.push(run1.wall + s0.elapsed());
         std::fs::remove_dir_all(&dst).unwrap();
 
@@ -388,11 +276,11 @@ fn clone_bench() {
         let dst = tmp.path().join(format!("cp-{r}"));
         warm(&chunks);
         sync_all();
-        let run2 = run(Command::new("cp").arg("-r").arg(&chunks).arg(&dst));
+        let run2 = measure(Command::new("cp").arg("-r").arg(&chunks).arg(&dst));
         let s0 = Instant::now();
         sync_all();
         t_cp.push(run2.wall);
-        c_cp.push(run2.cpu);
+        c_cp.push(run2.cpu());
         t_cp_sync.push(run2.wall + s0.elapsed());
         std::fs::remove_dir_all(&dst).unwrap();
 
@@ -413,17 +301,14 @@ fn clone_bench() {
         warm(&chunks);
         sync_all();
         let s0 = proc_cpu(served.pid(), false);
-        let run3 = run(Command::new(BIN)
-            .arg("--data-dir")
-            .arg(&b)
-            .args(["clone", &a_id]));
+        let run3 = measure(bench::bitsync(&b).args(["clone", &a_id]));
         assert!(
             run3.stdout.contains(&format!("cloned {i} items ({i} new)")),
             "clone said: {}",
             run3.stdout
         );
         t_clone.push(run3.wall);
-        c_clone.push(run3.cpu + proc_cpu(served.pid(), false).saturating_sub(s0));
+        c_clone.push(run3.cpu() + proc_cpu(served.pid(), false).saturating_sub(s0));
         clone_rss = clone_rss.max(run3.max_rss_kib);
         println!(
             "  round {r}: rsync {:.2} s, cp -r {:.2} s, clone {:.2} s",
@@ -433,10 +318,7 @@ fn clone_bench() {
         );
         if r + 1 == rounds {
             // The same clone again: everything is here, nothing may be transferred.
-            let again = run(Command::new(BIN)
-                .arg("--data-dir")
-                .arg(&b)
-                .args(["clone", &a_id]));
+            let again = measure(bench::bitsync(&b).args(["clone", &a_id]));
             assert!(
                 again
                     .stdout
@@ -553,6 +435,28 @@ fn wait_stored(db: &rusqlite::Connection, content_id: &str, limit: Duration) -> 
     }
 }
 
+/// Serve the mirror `dir` and wait until its mirror job is up to date; with
+/// a read-only connection to its database, for [`wait_stored`].
+fn serve_mirror(dir: &Path) -> (Serve, rusqlite::Connection) {
+    let served = Serve::spawn(dir, &["--listen", "127.0.0.1:0"], "warn");
+    wait_mirror_ready(dir);
+    (served, db_read_only(dir))
+}
+
+/// `len` deterministic bytes (seed `seed`) into the file `path`.
+fn write_input(path: &Path, seed: u64, len: u64) {
+    let mut data = Vec::new();
+    DataReader::new(seed, len).read_to_end(&mut data).unwrap();
+    std::fs::write(path, &data).unwrap();
+}
+
+/// `bitsync put <input>` on `dir`'s node, measured; with the content id it printed.
+fn put_file(dir: &Path, input: &Path) -> (bench::Run, String) {
+    let p = measure(bench::bitsync(dir).arg("put").arg(input));
+    let id = p.stdout.lines().last().unwrap().trim().to_string();
+    (p, id)
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted[i]
@@ -569,29 +473,13 @@ fn lag_bench() {
     let an = Node::open(&a, &node::no_passphrase).unwrap();
     trust(&an, &bn, &sa.addr, true);
     drop((an, bn));
-    let _sb = Serve::spawn(&b, &["--listen", "127.0.0.1:0"], "warn");
-    wait_mirror_ready(&b);
-    let db = rusqlite::Connection::open_with_flags(
-        b.join("bitsync.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let (_sb, db) = serve_mirror(&b);
     let mut lags = Vec::new();
     let mut puts = Vec::new();
     let input = tmp.path().join("in");
     for i in 0..n {
-        let mut data = Vec::new();
-        DataReader::new(0x1234_5678 + i as u64, MIB)
-            .read_to_end(&mut data)
-            .unwrap();
-        std::fs::write(&input, &data).unwrap();
-        let p = run(Command::new(BIN)
-            .arg("--data-dir")
-            .arg(&a)
-            .arg("put")
-            .arg(&input));
-        let id = p.stdout.lines().last().unwrap().trim().to_string();
+        write_input(&input, 0x1234_5678 + i as u64, MIB);
+        let (p, id) = put_file(&a, &input);
         lags.push(wait_stored(&db, &id, Duration::from_secs(30)));
         puts.push(p.wall);
     }
@@ -624,53 +512,24 @@ type Envelopes = Vec<(String, Vec<u8>)>;
 /// for the source and `other` (signing spread over the cores, chunk files
 /// synced once, manifests inserted in order, 1000 per transaction).
 fn fill_small_items(src: &Node, other: &Node, n: usize) {
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     let (own, theirs) = (src.id().to_hex(), other.id().to_hex());
     let other_pub = other.identity().public().clone();
-    let made: Vec<(Manifest, Envelopes, (Hash, u64))> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let per = n.div_ceil(threads);
-                let range = (t * per)..((t + 1) * per).min(n);
-                let (own, theirs, other_pub) = (own.clone(), theirs.clone(), other_pub.clone());
-                s.spawn(move || {
-                    range
-                        .map(|i| {
-                            let key = ItemKey::random();
-                            let plain = format!("small item {i} ").repeat(8).into_bytes();
-                            let ct = crypto::encrypt_chunk(&key, 0, true, &plain);
-                            let cid = Hash::of(&ct);
-                            src.chunks().write(&cid, &ct).unwrap();
-                            let meta = ItemMeta {
-                                name: format!("item-{i}"),
-                            }
-                            .encode_to_vec();
-                            let body = manifest::native_body(
-                                src.identity(),
-                                "message",
-                                plain.len() as u64,
-                                manifest::DEFAULT_CHUNK_SIZE,
-                                vec![cid],
-                                crypto::encrypt_meta(&key, &meta),
-                                manifest::now_ms(),
-                            );
-                            let m = Manifest::create(src.identity(), body).unwrap();
-                            let envs = vec![
-                                (own.clone(), crypto::wrap_key(src.identity().public(), &key)),
-                                (theirs.clone(), crypto::wrap_key(&other_pub, &key)),
-                            ];
-                            (m, envs, (cid, ct.len() as u64))
-                        })
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+    let made: Vec<(Manifest, Envelopes, (Hash, u64))> = bench::parallel(n, |i| {
+        let plain = format!("small item {i} ").repeat(8).into_bytes();
+        let (m, key, ct) = bench::one_chunk_item(
+            src,
+            &format!("item-{i}"),
+            &plain,
+            manifest::DEFAULT_CHUNK_SIZE,
+            manifest::now_ms(),
+        );
+        let cid = Hash::of(&ct);
+        src.chunks().write(&cid, &ct).unwrap();
+        let envs = vec![
+            (own.clone(), crypto::wrap_key(src.identity().public(), &key)),
+            (theirs.clone(), crypto::wrap_key(&other_pub, &key)),
+        ];
+        (m, envs, (cid, ct.len() as u64))
     });
     src.chunks().sync().unwrap();
     for part in made.chunks(1000) {
@@ -702,10 +561,7 @@ fn incremental_bench() {
     let a_id = an.id().to_hex();
     drop((an, bn));
 
-    let c = run(Command::new(BIN)
-        .arg("--data-dir")
-        .arg(&b)
-        .args(["clone", &a_id]));
+    let c = measure(bench::bitsync(&b).args(["clone", &a_id]));
     println!(
         "  first, the clone of {n} items: {:.1} s ({:.0} items/s), {:.1} MiB on the wire, cloner peak RSS {:.1} MiB",
         secs(c.wall),
@@ -713,31 +569,15 @@ fn incremental_bench() {
         wire_bytes(&px) as f64 / MIB as f64,
         c.max_rss_kib as f64 / 1024.0
     );
-    let _sb = Serve::spawn(&b, &["--listen", "127.0.0.1:0"], "warn");
-    wait_mirror_ready(&b);
-    let db = rusqlite::Connection::open_with_flags(
-        b.join("bitsync.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let (_sb, db) = serve_mirror(&b);
     let ok = |v: bool| if v { "ok" } else { "MISSED" };
     for (label, size) in [("1 KiB", 1024u64), ("1 MiB", MIB)] {
         std::thread::sleep(Duration::from_millis(500));
         let input = tmp.path().join("in");
-        let mut data = Vec::new();
-        DataReader::new(77 + size, size)
-            .read_to_end(&mut data)
-            .unwrap();
-        std::fs::write(&input, &data).unwrap();
+        write_input(&input, 77 + size, size);
         let before = wire_bytes(&px);
         let t0 = Instant::now();
-        let p = run(Command::new(BIN)
-            .arg("--data-dir")
-            .arg(&a)
-            .arg("put")
-            .arg(&input));
-        let id = p.stdout.lines().last().unwrap().trim().to_string();
+        let (_, id) = put_file(&a, &input);
         let lag = wait_stored(&db, &id, Duration::from_secs(60));
         let total = t0.elapsed();
         // Let the tail of the exchange (cursor, stream ends) pass through too.

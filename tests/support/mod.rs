@@ -16,13 +16,18 @@
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
 //! - [`tornet`] (a private Tor network) and [`axon_fixture`] (an independent
-//!   writer of Axon backups).
+//!   writer of Axon backups);
+//! - [`bench`]: what the benches measure with (the binary under test, a
+//!   timing runner with CPU and peak RSS, parallel item signing); reached as
+//!   `support::bench::...`, not re-exported (its `bitsync` is not
+//!   [`process::bitsync`]).
 //!
 //! Not every binary uses every helper.
 #![allow(dead_code, unused_imports)]
 
 pub mod admin;
 pub mod axon_fixture;
+pub mod bench;
 pub mod data;
 pub mod net;
 pub mod node;
