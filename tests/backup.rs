@@ -26,6 +26,23 @@ fn backup_cmd(home: &Path, data: &Path, repo: &Path) -> std::process::Command {
     c
 }
 
+/// `backup verify --repo <repo>`.
+fn verify_cmd(home: &Path, repo: &Path) -> std::process::Command {
+    let mut c = command(home);
+    c.args(["backup", "verify", "--repo"]).arg(repo);
+    c
+}
+
+/// `restore --repo <repo>` into the data dir `dest` (no passphrase given).
+fn restore_cmd(home: &Path, dest: &Path, repo: &Path) -> std::process::Command {
+    let mut c = command(home);
+    c.arg("--data-dir")
+        .arg(dest)
+        .args(["restore", "--repo"])
+        .arg(repo);
+    c
+}
+
 /// The ids of snapshots in a repository, oldest first (via `backup ls --json`).
 fn snapshots(home: &Path, repo: &Path) -> Vec<String> {
     let r = ok(command(home)
@@ -103,18 +120,11 @@ fn backup_while_writing_then_verify_and_restore() {
         originals.insert(id, b);
     }
 
-    let v = ok(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    let v = ok(&mut verify_cmd(home, &repo));
     assert!(v.stderr.contains("0 problem(s)"), "{v:?}");
 
     let restored = tmp.path().join("restored");
-    let r = ok(command(home)
-        .arg("--data-dir")
-        .arg(&restored)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .env("BITSYNC_PASSPHRASE", PASS));
+    let r = ok(restore_cmd(home, &restored, &repo).env("BITSYNC_PASSPHRASE", PASS));
     let src = open(&data);
     assert_eq!(
         r.last_line(),
@@ -186,9 +196,7 @@ fn second_backup_adds_only_new_chunks() {
     );
     // Each snapshot's own files: the database and config, never the chunks again.
     assert_eq!(count_files(&repo.join("snapshots")), 3 * 3);
-    ok(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    ok(&mut verify_cmd(home, &repo));
 }
 
 /// --keep-last removes old snapshots, then only chunks no remaining snapshot lists.
@@ -234,9 +242,7 @@ fn keep_last_keeps_what_remaining_snapshots_need() {
         b_chunks.len(),
         "nothing else was removed or kept"
     );
-    let v = ok(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    let v = ok(&mut verify_cmd(home, &repo));
     assert!(v.stderr.contains("checked 2 snapshot(s)"), "{v:?}");
     assert!(
         run(backup_cmd(home, &b_dir, &repo).args(["--keep-last", "0"])).code == 2,
@@ -272,22 +278,16 @@ fn restore_with_new_identity_reads_every_item() {
 
     // Without --with-identity there is no key to unwrap with: refused, nothing written.
     ok(&mut backup_cmd(home, &data, &repo));
-    let r = run(command(home)
-        .arg("--data-dir")
-        .arg(tmp.path().join("x"))
-        .args(["restore", "--new-identity", "--repo"])
-        .arg(&repo)
+    let r = run(restore_cmd(home, &tmp.path().join("x"), &repo)
+        .arg("--new-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("taken with --with-identity"), "{r:?}");
     assert!(!tmp.path().join("x").exists());
     // Naming that snapshot explicitly: the same refusal.
     let plain = snapshots(home, &repo).pop().unwrap();
-    let r = run(command(home)
-        .arg("--data-dir")
-        .arg(tmp.path().join("x"))
-        .args(["restore", "--snapshot", &plain, "--repo"])
-        .arg(&repo)
+    let r = run(restore_cmd(home, &tmp.path().join("x"), &repo)
+        .args(["--snapshot", &plain])
         .env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(r.stderr.contains("without --with-identity"), "{r:?}");
@@ -299,11 +299,8 @@ fn restore_with_new_identity_reads_every_item() {
     // A newer snapshot without the key: restore still finds the one with it.
     ok(&mut backup_cmd(home, &data, &repo));
     let restored = tmp.path().join("restored");
-    let r = ok(command(home)
-        .arg("--data-dir")
-        .arg(&restored)
-        .args(["restore", "--new-identity", "--repo"])
-        .arg(&repo)
+    let r = ok(restore_cmd(home, &restored, &repo)
+        .arg("--new-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
     let new_id = Hash::parse(&r.last_line(), "node id").unwrap();
     assert_ne!(new_id, old_id);
@@ -365,9 +362,7 @@ fn verify_names_damaged_and_missing_files() {
     // 1. A chunk.
     let c = chunk_file(&repo.join("chunks"), &chunks[1].0);
     flip_byte(&c, 100);
-    let r = run(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    let r = run(&mut verify_cmd(home, &repo));
     assert_eq!(r.code, 5, "{r:?}");
     let rel = format!(
         "chunks/{}/{}",
@@ -381,12 +376,7 @@ fn verify_names_damaged_and_missing_files() {
     assert_eq!(r.text().lines().count(), 1, "exactly one problem: {r:?}");
     // Restore stops before the data dir appears.
     let dest = tmp.path().join("dest");
-    let rr = run(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .env("BITSYNC_PASSPHRASE", PASS));
+    let rr = run(restore_cmd(home, &dest, &repo).env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(rr.code, 5, "{rr:?}");
     assert!(!dest.exists(), "nothing left at the destination");
     assert!(fs::read_dir(tmp.path()).unwrap().all(|e| !e
@@ -399,9 +389,7 @@ fn verify_names_damaged_and_missing_files() {
     // 2. The database copy: hash mismatch named.
     let db = repo.join("snapshots").join(&snap).join("bitsync.db");
     flip_byte(&db, 5000);
-    let r = run(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    let r = run(&mut verify_cmd(home, &repo));
     assert_eq!(r.code, 5, "{r:?}");
     assert!(
         r.text()
@@ -413,10 +401,7 @@ fn verify_names_damaged_and_missing_files() {
     // 3. A missing file.
     fs::remove_file(repo.join("snapshots").join(&snap).join("config.toml")).unwrap();
     fs::remove_file(&c).unwrap();
-    let r = run(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo)
-        .args(["--snapshot", &snap[..10]]));
+    let r = run(verify_cmd(home, &repo).args(["--snapshot", &snap[..10]]));
     assert_eq!(r.code, 5, "{r:?}");
     assert!(
         r.text()
@@ -424,12 +409,7 @@ fn verify_names_damaged_and_missing_files() {
         "{r:?}"
     );
     assert!(r.text().contains(&format!("{rel}: missing")), "{r:?}");
-    let rr = run(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .env("BITSYNC_PASSPHRASE", PASS));
+    let rr = run(restore_cmd(home, &dest, &repo).env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(rr.code, 5, "{rr:?}");
     assert!(rr.stderr.contains("config.toml: missing"), "{rr:?}");
     assert!(!dest.exists());
@@ -493,9 +473,7 @@ fn killed_backup_leaves_the_repository_valid() {
         first,
         "no half-made snapshot is visible"
     );
-    let v = ok(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    let v = ok(&mut verify_cmd(home, &repo));
     assert!(v.stderr.contains("checked 1 snapshot(s)"), "{v:?}");
     assert!(
         count_files(&repo.join("tmp")) > 0,
@@ -514,9 +492,7 @@ fn killed_backup_leaves_the_repository_valid() {
         "the next run cleared the leftovers"
     );
     assert_eq!(count_files(&repo.join("chunks")), total);
-    ok(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo));
+    ok(&mut verify_cmd(home, &repo));
 }
 
 /// Bad input: clear one-line errors, distinct exit codes, nothing written.
@@ -538,13 +514,9 @@ fn bad_input_is_refused_without_writing() {
         "{r:?}"
     );
     assert_eq!(tree(&junk), vec![("notes.txt".into(), b"mine".to_vec())]);
-    let r = run(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&junk));
+    let r = run(&mut verify_cmd(home, &junk));
     assert_eq!(r.code, 3, "{r:?}");
-    let r = run(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(tmp.path().join("nowhere")));
+    let r = run(&mut verify_cmd(home, &tmp.path().join("nowhere")));
     assert_eq!(r.code, 3, "{r:?}");
     assert!(!tmp.path().join("nowhere").exists());
 
@@ -561,22 +533,13 @@ fn bad_input_is_refused_without_writing() {
         .arg("--with-identity")
         .env("BITSYNC_PASSPHRASE", PASS));
     let dest = tmp.path().join("dest");
-    let r = run(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .env("BITSYNC_PASSPHRASE", "wrong"));
+    let r = run(restore_cmd(home, &dest, &repo).env("BITSYNC_PASSPHRASE", "wrong"));
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("wrong passphrase"), "{r:?}");
     assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {r:?}");
     assert!(!dest.exists());
     // No passphrase and no terminal.
-    let r = run(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo));
+    let r = run(&mut restore_cmd(home, &dest, &repo));
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("BITSYNC_PASSPHRASE"), "{r:?}");
     assert!(!dest.exists());
@@ -584,29 +547,16 @@ fn bad_input_is_refused_without_writing() {
     // A destination that is not empty.
     fs::create_dir(&dest).unwrap();
     fs::write(dest.join("keep"), b"k").unwrap();
-    let r = run(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .env("BITSYNC_PASSPHRASE", PASS));
+    let r = run(restore_cmd(home, &dest, &repo).env("BITSYNC_PASSPHRASE", PASS));
     assert_eq!(r.code, 4, "{r:?}");
     assert_eq!(tree(&dest), vec![("keep".into(), b"k".to_vec())]);
     // An empty destination directory is fine.
     fs::remove_file(dest.join("keep")).unwrap();
-    ok(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo)
-        .env("BITSYNC_PASSPHRASE", PASS));
+    ok(restore_cmd(home, &dest, &repo).env("BITSYNC_PASSPHRASE", PASS));
     ok(command(home).arg("--data-dir").arg(&dest).arg("verify"));
 
     // An unknown snapshot.
-    let r = run(command(home)
-        .args(["backup", "verify", "--repo"])
-        .arg(&repo)
-        .args(["--snapshot", "1999"]));
+    let r = run(verify_cmd(home, &repo).args(["--snapshot", "1999"]));
     assert_eq!(r.code, 3, "{r:?}");
     // `backup` without --repo is a usage error; `backup verify` without it too.
     assert_eq!(
@@ -661,11 +611,7 @@ fn sealed_node_key_round_trips_sealed() {
     );
 
     let dest = tmp.path().join("dest");
-    ok(command(home)
-        .arg("--data-dir")
-        .arg(&dest)
-        .args(["restore", "--repo"])
-        .arg(&repo)
+    ok(restore_cmd(home, &dest, &repo)
         .arg("--passphrase-file")
         .arg(&pf));
     assert!(fs::read_to_string(dest.join("node.key"))
@@ -770,12 +716,8 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     assert_eq!(r.code, 3, "{r:?}");
     assert!(!tmp.path().join("b0").exists());
 
-    let _serve = Serve::start(&a);
-    let token = ok(command(home)
-        .arg("--data-dir")
-        .arg(&a)
-        .args(["invite", "--ttl", "10m"]))
-    .last_line();
+    let serve = Serve::start(&a);
+    let token = serve.invite_for("10m");
     let b = tmp.path().join("b");
     let r = ok(command(home)
         .arg("--data-dir")

@@ -14,6 +14,7 @@ use bitsync::manifest::{Cipher, Manifest};
 use bitsync::node::Node;
 use rsa::pkcs1::EncodeRsaPrivateKey;
 use rsa::pkcs8::{EncodePrivateKey, LineEnding};
+use rsa::RsaPrivateKey;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
@@ -28,6 +29,25 @@ fn fixture(dir: &Path) -> Written {
         .data("tiny", "bob", AXON_CHUNK_SIZE + 1)
         .data(CHESS, "carol", 40_000)
         .write(dir)
+}
+
+/// An Axon backup of one applet, "tiny", with one data item of `alice` bytes.
+fn tiny_backup(dir: &Path, alice: usize) -> Written {
+    Builder::new()
+        .applet("tiny", 1000)
+        .data("tiny", "alice", alice)
+        .write(dir)
+}
+
+/// `key` written to `path` as PEM, PKCS#8 or (with `pkcs1`) PKCS#1: both are
+/// what `--axon-key` takes.
+fn write_key(path: &Path, key: &RsaPrivateKey, pkcs1: bool) {
+    let pem = if pkcs1 {
+        key.to_pkcs1_pem(LineEnding::LF).unwrap()
+    } else {
+        key.to_pkcs8_pem(LineEnding::LF).unwrap()
+    };
+    fs::write(path, pem.as_bytes()).unwrap();
 }
 
 fn import(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Out {
@@ -219,14 +239,7 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     let dir = tmp.path().join("backup");
     let w = fixture(&dir);
     let key_pem = tmp.path().join("axon.pem");
-    fs::write(
-        &key_pem,
-        shared_key()
-            .to_pkcs8_pem(LineEnding::LF)
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
+    write_key(&key_pem, &shared_key(), false);
     // One damaged piece, repaired later.
     let carol = w.item(CHESS, Some("carol"));
     let good = fs::read(&carol.chunk_paths[0]).unwrap();
@@ -294,14 +307,7 @@ fn with_key_republishes_natively_and_legacy_items_open() {
     // Repaired: the next run imports just that item (a PKCS#1 key file works too), and succeeds.
     fs::write(&carol.chunk_paths[0], &good).unwrap();
     let pkcs1 = tmp.path().join("axon-rsa.pem");
-    fs::write(
-        &pkcs1,
-        shared_key()
-            .to_pkcs1_pem(LineEnding::LF)
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
+    write_key(&pkcs1, &shared_key(), true);
     let r = import(home, &data, &dir, Some(&pkcs1));
     assert_eq!(r.code, 0, "{r:?}");
     let node = open(&data);
@@ -321,16 +327,9 @@ fn a_key_of_another_instance_is_reported_and_items_kept_legacy() {
     let tmp = TempDir::new().unwrap();
     let home = tmp.path();
     let dir = tmp.path().join("backup");
-    let w = Builder::new()
-        .applet("tiny", 1000)
-        .data("tiny", "alice", 700)
-        .write(&dir);
+    let w = tiny_backup(&dir, 700);
     let wrong = tmp.path().join("other.pem");
-    fs::write(
-        &wrong,
-        other_key().to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes(),
-    )
-    .unwrap();
+    write_key(&wrong, &other_key(), false);
     let data = tmp.path().join("node");
     init_node(&data, 65536);
     let r = import(home, &data, &dir, Some(&wrong));
@@ -387,19 +386,9 @@ fn legacy_items_imported_with_the_key_reach_a_cloning_peer() {
     let tmp = TempDir::new().unwrap();
     let home = tmp.path();
     let dir = tmp.path().join("backup");
-    let w = Builder::new()
-        .applet("tiny", 1000)
-        .data("tiny", "alice", 300_000)
-        .write(&dir);
+    let w = tiny_backup(&dir, 300_000);
     let key_pem = tmp.path().join("axon.pem");
-    fs::write(
-        &key_pem,
-        shared_key()
-            .to_pkcs8_pem(LineEnding::LF)
-            .unwrap()
-            .as_bytes(),
-    )
-    .unwrap();
+    write_key(&key_pem, &shared_key(), false);
     let a = tmp.path().join("a");
     init_node(&a, 65536);
     let r = import(home, &a, &dir, Some(&key_pem));
@@ -410,12 +399,8 @@ fn legacy_items_imported_with_the_key_reach_a_cloning_peer() {
         .collect();
     assert_eq!(legacy.len(), 2);
 
-    let _serve = Serve::start(&a);
-    let token = ok(command(home)
-        .arg("--data-dir")
-        .arg(&a)
-        .args(["invite", "--ttl", "10m"]))
-    .last_line();
+    let serve = Serve::start(&a);
+    let token = serve.invite_for("10m");
     let b = tmp.path().join("b");
     ok(command(home)
         .arg("--data-dir")

@@ -99,7 +99,18 @@ impl Serve {
 
     /// A fresh invite token (`bitsync invite` on the running node).
     pub fn invite(&self) -> String {
-        let t = super::process::ok_at(&self.dir, &["invite"]).last_line();
+        self.invite_with(&[])
+    }
+
+    /// A fresh invite token valid for `ttl` (`bitsync invite --ttl <ttl>`).
+    pub fn invite_for(&self, ttl: &str) -> String {
+        self.invite_with(&["--ttl", ttl])
+    }
+
+    fn invite_with(&self, args: &[&str]) -> String {
+        let mut cmd = vec!["invite"];
+        cmd.extend_from_slice(args);
+        let t = super::process::ok_at(&self.dir, &cmd).last_line();
         assert!(t.starts_with("bitsync-invite:"), "invite printed {t:?}");
         t
     }
