@@ -3,21 +3,42 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 
 use crate::support::{self, *};
 use bitsync::crypto::ContentId;
 use rusqlite::Connection;
 use tempfile::TempDir;
 
-fn clone_cmd(home: &Path, data: &Path, dest: &Path) -> std::process::Command {
+/// `clone-instance` of the data dir `data` into its usual layout under `dest`.
+fn clone_cmd(home: &Path, data: &Path, dest: &Path) -> Command {
+    clone_to(home, data, &dest.join("bitsync.db"), &dest.join("chunks"))
+}
+
+/// `clone-instance` of the data dir `data` to the database `db` and the chunk dir `att`.
+fn clone_to(home: &Path, data: &Path, db: &Path, att: &Path) -> Command {
     let mut c = command(home);
-    c.arg("--data-dir")
-        .arg(data)
-        .arg("clone-instance")
-        .arg("--dest-db")
-        .arg(dest.join("bitsync.db"))
+    c.arg("--data-dir").arg(data).arg("clone-instance");
+    c.arg("--dest-db")
+        .arg(db)
         .arg("--dest-attachments")
-        .arg(dest.join("chunks"));
+        .arg(att);
+    c
+}
+
+/// `clone-instance` of the database `src_db` with the chunk dir `src_att`
+/// (no data dir) to the database `db` and the chunk dir `att`.
+fn clone_from(home: &Path, src_db: &Path, src_att: &Path, db: &Path, att: &Path) -> Command {
+    let mut c = command(home);
+    c.arg("clone-instance")
+        .arg("--source-db")
+        .arg(src_db)
+        .arg("--source-attachments")
+        .arg(src_att);
+    c.arg("--dest-db")
+        .arg(db)
+        .arg("--dest-attachments")
+        .arg(att);
     c
 }
 
@@ -329,14 +350,12 @@ fn damaged_source_chunk_stops_the_copy_and_changes_nothing() {
         assert!(!dest.exists(), "nothing at the destination");
     }
     // Separate paths (two renames): still nothing left behind.
-    let r = run(command(home)
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("clone-instance")
-        .arg("--dest-db")
-        .arg(tmp.path().join("db-here.db"))
-        .arg("--dest-attachments")
-        .arg(tmp.path().join("att-here")));
+    let r = run(&mut clone_to(
+        home,
+        &data,
+        &tmp.path().join("db-here.db"),
+        &tmp.path().join("att-here"),
+    ));
     assert_eq!(r.code, 5, "{r:?}");
     let names: Vec<_> = fs::read_dir(tmp.path())
         .unwrap()
@@ -368,57 +387,38 @@ fn bad_paths_are_refused() {
     let data = tmp.path().join("node");
     let node = init_node(&data, 8192);
     put(&node, "a", &support::data(4, 5_000));
-    let base = |c: &mut std::process::Command| {
-        c.arg("--data-dir").arg(&data).arg("clone-instance");
-    };
     // The destination is the source.
-    let mut c = command(home);
-    base(&mut c);
-    c.arg("--dest-db")
-        .arg(data.join("bitsync.db"))
-        .arg("--dest-attachments")
-        .arg(tmp.path().join("x"));
+    let mut c = clone_to(home, &data, &data.join("bitsync.db"), &tmp.path().join("x"));
     assert_eq!(run(&mut c).code, 2);
     // Attachments inside the source's.
-    let mut c = command(home);
-    base(&mut c);
-    c.arg("--dest-db")
-        .arg(tmp.path().join("y.db"))
-        .arg("--dest-attachments")
-        .arg(data.join("chunks/inner"));
+    let mut c = clone_to(
+        home,
+        &data,
+        &tmp.path().join("y.db"),
+        &data.join("chunks/inner"),
+    );
     assert_eq!(run(&mut c).code, 2);
     // A source that does not exist.
-    let mut c = command(home);
-    c.arg("clone-instance")
-        .arg("--source-db")
-        .arg(tmp.path().join("none.db"))
-        .arg("--source-attachments")
-        .arg(data.join("chunks"))
-        .arg("--dest-db")
-        .arg(tmp.path().join("z.db"))
-        .arg("--dest-attachments")
-        .arg(tmp.path().join("z"));
+    let (z_db, z) = (tmp.path().join("z.db"), tmp.path().join("z"));
+    let mut c = clone_from(
+        home,
+        &tmp.path().join("none.db"),
+        &data.join("chunks"),
+        &z_db,
+        &z,
+    );
     let r = run(&mut c);
     assert_eq!(r.code, 3, "{r:?}");
     // A source that is not a bitsync database.
     let junk = tmp.path().join("junk.db");
     fs::write(&junk, vec![7u8; 8192]).unwrap();
-    c = command(home);
-    c.arg("clone-instance")
-        .arg("--source-db")
-        .arg(&junk)
-        .arg("--source-attachments")
-        .arg(data.join("chunks"))
-        .arg("--dest-db")
-        .arg(tmp.path().join("z.db"))
-        .arg("--dest-attachments")
-        .arg(tmp.path().join("z"));
+    c = clone_from(home, &junk, &data.join("chunks"), &z_db, &z);
     let r = run(&mut c);
     assert_ne!(r.code, 0, "{r:?}");
     assert_eq!(r.stderr.trim().lines().count(), 1, "{r:?}");
     assert!(!tmp.path().join("z.db").exists() && !tmp.path().join("z").exists());
     // --dest-db and --dest-attachments are required.
     let mut c = command(home);
-    base(&mut c);
+    c.arg("--data-dir").arg(&data).arg("clone-instance");
     assert_eq!(run(&mut c).code, 2);
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
 use serde_json::Value;
+use tempfile::TempDir;
 
 use crate::support::*;
 
@@ -57,6 +58,33 @@ fn put_cli(dir: &Path, scratch: &Path, name: &str, d: &[u8]) -> String {
     let id = ok_at(dir, &["put", f.to_str().unwrap()]).last_line();
     assert_eq!(id.len(), 64, "put printed {id:?}");
     id
+}
+
+/// Paths for data dirs named `names` in `tmp` (nothing created yet).
+fn dirs<const N: usize>(tmp: &TempDir, names: [&str; N]) -> [PathBuf; N] {
+    names.map(|n| tmp.path().join(n))
+}
+
+/// `status` of the node at `dir`, and the mirror job it shows (there must be one).
+fn mirror_job(dir: &Path) -> (Value, Value) {
+    let status: Value = serde_json::from_slice(&ok_at(dir, &["status"]).stdout).unwrap();
+    let job = status["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "mirror")
+        .unwrap_or_else(|| panic!("no mirror job in status: {status}"))
+        .clone();
+    (status, job)
+}
+
+/// Admin/Clone over grpcurl on the socket `sock`, with an invite token or peer id.
+fn admin_clone(sock: &Path, token_or_peer: &str) -> Out {
+    admin(
+        sock,
+        "Clone",
+        &format!("{{\"token_or_peer\":\"{token_or_peer}\"}}"),
+    )
 }
 
 /// `ls --json` as content id -> (complete, name).
@@ -256,13 +284,7 @@ fn mirror_added_while_running_receives_new_items() {
     for (id, d) in &published {
         assert_item(&b, id, d);
     }
-    let status: Value = serde_json::from_slice(&ok_at(&b, &["status"]).stdout).unwrap();
-    let job = status["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["kind"] == "mirror")
-        .expect("a mirror job in status");
+    let (_, job) = mirror_job(&b);
     assert_eq!(job["peer"], a_id.as_str());
     drop(sb);
 }
@@ -272,11 +294,7 @@ fn mirror_added_while_running_receives_new_items() {
 #[test]
 fn chain_a_to_b_to_c() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("c"),
-    );
+    let [a, b, c] = dirs(&tmp, ["a", "b", "c"]);
     let a_id = init(&a);
     let early = data(5, 150_000);
     let early_id = publish(&a, &[("early".into(), early.clone())]).remove(0);
@@ -486,12 +504,7 @@ fn chunks_of(dir: &Path, content_id: &str) -> Vec<String> {
 #[test]
 fn corrupt_chunks_are_refetched_from_another_peer_or_fail_clearly() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, s2, c, d) = (
-        tmp.path().join("a"),
-        tmp.path().join("s2"),
-        tmp.path().join("c"),
-        tmp.path().join("d"),
-    );
+    let [a, s2, c, d] = dirs(&tmp, ["a", "s2", "c", "d"]);
     init(&a);
     let items: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| (format!("f{i}"), data(50 + i, 3 * CHUNK + 1234)))
@@ -626,13 +639,7 @@ fn revoked_mirror_stops_receiving() {
         "an item published after the revocation reached B"
     );
 
-    let status: Value = serde_json::from_slice(&ok_at(&b, &["status"]).stdout).unwrap();
-    let job = status["jobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["kind"] == "mirror")
-        .expect("the mirror job is shown");
+    let (status, job) = mirror_job(&b);
     assert_eq!(job["phase"], "FAILED", "{status}");
     assert!(
         job["last_error"].as_str().unwrap_or("").contains("revoked"),
@@ -661,11 +668,7 @@ fn admin_clone_over_grpcurl_streams_progress() {
     let sock = sb.socket();
     let token = sa.invite();
 
-    let g = admin(
-        &sock,
-        "Clone",
-        &format!("{{\"token_or_peer\":\"{token}\"}}"),
-    );
+    let g = admin_clone(&sock, &token);
     assert_eq!(g.code, 0, "{g:?}");
     let msgs: Vec<Value> = serde_json::Deserializer::from_slice(&g.stdout)
         .into_iter::<Value>()
@@ -687,11 +690,7 @@ fn admin_clone_over_grpcurl_streams_progress() {
     }
 
     // The token is spent: a second use is refused.
-    let g = admin(
-        &sock,
-        "Clone",
-        &format!("{{\"token_or_peer\":\"{token}\"}}"),
-    );
+    let g = admin_clone(&sock, &token);
     assert_ne!(g.code, 0, "{g:?}");
     assert!(
         g.stderr.contains("Unauthenticated") && g.stderr.contains("already used"),
@@ -702,11 +701,7 @@ fn admin_clone_over_grpcurl_streams_progress() {
     let o = ok_at(&a, &["invite", "--ttl", "1s"]);
     let expired = o.last_line();
     std::thread::sleep(Duration::from_millis(1500));
-    let g = admin(
-        &sock,
-        "Clone",
-        &format!("{{\"token_or_peer\":\"{expired}\"}}"),
-    );
+    let g = admin_clone(&sock, &expired);
     assert_ne!(g.code, 0, "{g:?}");
     assert!(
         g.stderr.contains("Unauthenticated") && g.stderr.contains("expired"),
@@ -797,11 +792,7 @@ fn disk_full_fails_cleanly_and_resumes_after_space_is_freed() {
 #[test]
 fn unreachable_and_untrusted_peers_fail_with_their_exit_codes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("c"),
-    );
+    let [a, b, c] = dirs(&tmp, ["a", "b", "c"]);
     let a_id = init(&a);
     init(&b);
     let sa = Serve::start(&a);

@@ -109,6 +109,26 @@ impl Fixture {
         assert_eq!(n, 1);
     }
 
+    /// `body` re-signed by this node (the publisher) and stored as a new item
+    /// with `m`'s key: a forgery only the publisher could make.
+    fn store_forged(&self, m: &Manifest, body: ManifestBody) -> Manifest {
+        let forged = Manifest::create(self.node.identity(), body).unwrap();
+        let env = vec![(self.node.id().to_hex(), self.own_envelope(&m.id()))];
+        self.node.db().insert_manifest(&forged, &env, &[]).unwrap();
+        forged
+    }
+
+    /// `body` with `m`'s signature, which no longer matches: refused as a bad
+    /// signature when parsed, and `get` fails once it is stored under `id`.
+    fn store_unsigned(&self, id: &ContentId, m: &Manifest, body: &ManifestBody) {
+        let bytes = body.encode_to_vec();
+        let e = Manifest::from_signed(bytes.clone(), m.signature().to_vec()).unwrap_err();
+        assert_eq!(e.kind(), Kind::Integrity, "{e}");
+        assert!(e.message().contains("signature"), "{e}");
+        self.set_body(id, &bytes);
+        self.get_fails(id, Kind::Integrity);
+    }
+
     /// This node's envelope for `id`, unchanged.
     fn own_envelope(&self, id: &ContentId) -> Vec<u8> {
         self.node
@@ -200,12 +220,7 @@ fn reordered_chunk_list_fails_the_signature() {
     let (id, m, _) = three_chunk_item(&f);
     let mut body = decode(&m);
     body.chunk_ids.swap(0, 1);
-    let bytes = body.encode_to_vec();
-    let e = Manifest::from_signed(bytes.clone(), m.signature().to_vec()).unwrap_err();
-    assert_eq!(e.kind(), Kind::Integrity, "{e}");
-    assert!(e.message().contains("signature"), "{e}");
-    f.set_body(&id, &bytes);
-    f.get_fails(&id, Kind::Integrity);
+    f.store_unsigned(&id, &m, &body);
 }
 
 #[test]
@@ -215,9 +230,7 @@ fn reordered_chunk_list_validly_signed_still_fails_to_decrypt() {
     let (_, m, _) = three_chunk_item(&f);
     let mut body = decode(&m);
     body.chunk_ids.swap(0, 1);
-    let forged = Manifest::create(f.node.identity(), body).unwrap();
-    let env = vec![(f.node.id().to_hex(), f.own_envelope(&m.id()))];
-    f.node.db().insert_manifest(&forged, &env, &[]).unwrap();
+    let forged = f.store_forged(&m, body);
     let e = f.get_fails(&forged.id(), Kind::Integrity);
     assert!(e.message().contains("chunk 0"), "{e}");
 }
@@ -233,12 +246,7 @@ fn truncated_chunk_list_fails_the_signature() {
     assert_eq!(e.kind(), Kind::Integrity, "{e}");
     // Dropped last chunk with a consistent size: the signature fails.
     body.size = 2 * CHUNK as u64;
-    let bytes = body.encode_to_vec();
-    let e = Manifest::from_signed(bytes.clone(), m.signature().to_vec()).unwrap_err();
-    assert_eq!(e.kind(), Kind::Integrity, "{e}");
-    assert!(e.message().contains("signature"), "{e}");
-    f.set_body(&id, &bytes);
-    f.get_fails(&id, Kind::Integrity);
+    f.store_unsigned(&id, &m, &body);
 }
 
 #[test]
@@ -249,9 +257,7 @@ fn truncated_chunk_list_validly_signed_still_fails_to_decrypt() {
     let mut body = decode(&m);
     body.chunk_ids.pop();
     body.size = 2 * CHUNK as u64;
-    let forged = Manifest::create(f.node.identity(), body).unwrap();
-    let env = vec![(f.node.id().to_hex(), f.own_envelope(&m.id()))];
-    f.node.db().insert_manifest(&forged, &env, &[]).unwrap();
+    let forged = f.store_forged(&m, body);
     let e = f.get_fails(&forged.id(), Kind::Integrity);
     assert!(e.message().contains("chunk 1"), "{e}");
 }
@@ -273,9 +279,7 @@ fn chunk_of_the_wrong_length_is_detected() {
     let (_, m, _) = three_chunk_item(&f);
     let mut body = decode(&m);
     body.chunk_ids[2] = body.chunk_ids[1].clone();
-    let forged = Manifest::create(f.node.identity(), body).unwrap();
-    let env = vec![(f.node.id().to_hex(), f.own_envelope(&m.id()))];
-    f.node.db().insert_manifest(&forged, &env, &[]).unwrap();
+    let forged = f.store_forged(&m, body);
     f.get_fails(&forged.id(), Kind::Integrity);
 }
 
