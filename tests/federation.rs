@@ -159,6 +159,95 @@ async fn drain_chunks(
     }
 }
 
+/// One ListManifests page (the call must succeed).
+async fn list_page(fed: &mut Client, after_seq: u64, limit: u32) -> ListManifestsResponse {
+    fed.list_manifests(ListManifestsRequest { after_seq, limit })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// GetManifests of `content_ids` (the call must succeed).
+async fn get_manifests(fed: &mut Client, content_ids: Vec<String>) -> GetManifestsResponse {
+    fed.get_manifests(GetManifestsRequest { content_ids })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The chunk stream of `chunk_ids` (the call must succeed).
+async fn open_chunks(fed: &mut Client, chunk_ids: Vec<String>) -> tonic::Streaming<ChunkData> {
+    fed.stream_chunks(StreamChunksRequest { chunk_ids })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The code a StreamChunks call of `chunk_ids` is refused with.
+async fn stream_chunks_code(fed: &mut Client, chunk_ids: Vec<String>) -> Code {
+    code_of(
+        fed.stream_chunks(StreamChunksRequest { chunk_ids })
+            .await
+            .map(|_| ()),
+    )
+}
+
+/// Read a chunk stream whose first chunk has arrived until `cause` cuts it
+/// (each message within `secs`, pausing `pause` after each, a slow reader):
+/// the status it ends with and the chunks it delivered. Running to the end fails.
+async fn read_until_cut(
+    st: &mut tonic::Streaming<ChunkData>,
+    secs: u64,
+    cause: &str,
+    pause: Duration,
+) -> (tonic::Status, usize) {
+    let what = format!("the chunk stream to be cut by {cause}");
+    let mut got = 1;
+    loop {
+        match within(secs, &what, st.message()).await {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => panic!("the chunk stream ran to the end ({got} chunks) despite {cause}"),
+            Err(e) => return (e, got),
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// A server whose chunks are `LARGE_CHUNK` bytes, holding one item of
+/// `LARGE_CHUNKS` chunks (data seed `seed`), and a caller it trusts.
+struct LargeItem {
+    _dirs: (TempDir, TempDir),
+    s: RunningNode,
+    a: Node,
+    item: ContentId,
+    /// The item's chunk ids, in order.
+    ids: Vec<String>,
+}
+
+async fn large_item(seed: u64) -> LargeItem {
+    let cfg = Cfg {
+        chunk_size: LARGE_CHUNK,
+        ..Cfg::default()
+    };
+    let (s_dir, s) = serve_node(&cfg).await;
+    let (a_dir, a) = make_node(&Cfg::default());
+    trust(&s, &a.id());
+    let item = put(
+        server_node(&s),
+        "large",
+        &data(seed, LARGE_CHUNKS * LARGE_CHUNK as usize),
+    );
+    let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
+    let ids = m.chunk_ids().map(|c| c.to_hex()).collect();
+    LargeItem {
+        _dirs: (s_dir, a_dir),
+        s,
+        a,
+        item,
+        ids,
+    }
+}
+
 fn manifest_of(r: &ManifestResult) -> Manifest {
     let sm = r.manifest.as_ref().unwrap_or_else(|| {
         panic!(
@@ -212,14 +301,7 @@ async fn listing_pages_never_skip_while_items_are_added() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "listing did not converge");
-        let page = fed
-            .list_manifests(ListManifestsRequest {
-                after_seq: cursor,
-                limit: 1000,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let page = list_page(&mut fed, cursor, 1000).await;
         pages += 1;
         assert!(
             page.manifests.len() <= 7,
@@ -252,11 +334,7 @@ async fn listing_pages_never_skip_while_items_are_added() {
                 .take(3)
                 .map(|m| m.content_id.clone())
                 .collect();
-            let r = fed
-                .get_manifests(GetManifestsRequest { content_ids: ids })
-                .await
-                .unwrap()
-                .into_inner();
+            let r = get_manifests(&mut fed, ids).await;
             for res in r.results {
                 assert!(res.problem.is_none(), "{:?}", res.problem);
                 rekeyed.insert(res.content_id.clone(), res.seq);
@@ -273,14 +351,7 @@ async fn listing_pages_never_skip_while_items_are_added() {
     published.extend(within(30, "the writer", writer).await.unwrap());
     // One more pass: the writer may have committed after our last empty page.
     loop {
-        let page = fed
-            .list_manifests(ListManifestsRequest {
-                after_seq: cursor,
-                limit: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let page = list_page(&mut fed, cursor, 0).await;
         for m in &page.manifests {
             listings
                 .entry(m.content_id.clone())
@@ -337,14 +408,7 @@ async fn listing_pages_never_skip_while_items_are_added() {
     let mut all = Vec::new();
     let mut c = 0;
     loop {
-        let page = fed
-            .list_manifests(ListManifestsRequest {
-                after_seq: c,
-                limit: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let page = list_page(&mut fed, c, 0).await;
         assert!(page.manifests.len() <= 7);
         all.extend(page.manifests.iter().map(|m| m.content_id.clone()));
         c = page.next_after_seq;
@@ -472,12 +536,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         .unwrap_key(&ra1.results[4].envelope.as_ref().unwrap().wrapped_key)
         .unwrap();
     let chunk_ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
-    let mut st = fa1
-        .clone()
-        .stream_chunks(StreamChunksRequest { chunk_ids })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = open_chunks(&mut fa1.clone(), chunk_ids).await;
     let msgs = drain_chunks(&mut st).await.unwrap();
     let n = msgs.len();
     let mut plain = Vec::new();
@@ -533,13 +592,7 @@ async fn get_manifests_reports_per_item_problems() {
     ids.push("not-a-content-id".into());
 
     let mut fed = connect(&a, &s).await;
-    let r = fed
-        .get_manifests(GetManifestsRequest {
-            content_ids: ids.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = get_manifests(&mut fed, ids.clone()).await;
     assert_eq!(r.results.len(), ids.len());
     for (res, id) in r.results.iter().zip(&ids) {
         assert_eq!(&res.content_id, id, "results in request order");
@@ -587,13 +640,7 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
     let plain = data(300, 1000 * 4096 - 123);
     let item = put(server_node(&s), "big", &plain);
     let mut fed = connect(&a, &s).await;
-    let r = fed
-        .get_manifests(GetManifestsRequest {
-            content_ids: vec![item.to_hex()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = get_manifests(&mut fed, vec![item.to_hex()]).await;
     let m = manifest_of(&r.results[0]);
     assert_eq!(m.chunk_count(), 1000);
     let key = a
@@ -608,13 +655,7 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
     ids.insert(0, unknown[0].clone());
     ids.insert(501, unknown[1].clone());
     ids.push(unknown[2].clone());
-    let mut st = fed
-        .stream_chunks(StreamChunksRequest {
-            chunk_ids: ids.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = open_chunks(&mut fed, ids.clone()).await;
     let msgs = drain_chunks(&mut st)
         .await
         .expect("the stream ends cleanly");
@@ -660,13 +701,7 @@ async fn corrupted_chunk_is_data_loss_and_quarantined() {
 
     let mut fed = connect(&a, &s).await;
     let ids: Vec<String> = chunks.iter().map(|c| c.to_hex()).collect();
-    let mut st = fed
-        .stream_chunks(StreamChunksRequest {
-            chunk_ids: ids.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = open_chunks(&mut fed, ids.clone()).await;
     let msgs = drain_chunks(&mut st).await.unwrap();
     assert_eq!(msgs.len(), 3);
     assert!(
@@ -693,13 +728,7 @@ async fn corrupted_chunk_is_data_loss_and_quarantined() {
         "the bad chunk is no longer present"
     );
 
-    let mut st = fed
-        .stream_chunks(StreamChunksRequest {
-            chunk_ids: vec![ids[1].clone()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = open_chunks(&mut fed, vec![ids[1].clone()]).await;
     let msgs = drain_chunks(&mut st).await.unwrap();
     assert_eq!(
         msgs[0].problem.as_ref().unwrap().code,
@@ -745,13 +774,7 @@ async fn untrusted_and_revoked_callers_are_denied() {
             Code::PermissionDenied
         );
         assert_eq!(
-            code_of(
-                fed.stream_chunks(StreamChunksRequest {
-                    chunk_ids: vec![item.to_hex()]
-                })
-                .await
-                .map(|_| ())
-            ),
+            stream_chunks_code(&mut fed, vec![item.to_hex()]).await,
             Code::PermissionDenied
         );
         assert_eq!(
@@ -775,22 +798,15 @@ async fn untrusted_and_revoked_callers_are_denied() {
 /// and StreamChunks streams and refuses new calls on the same open channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_cuts_open_streams() {
-    let cfg = Cfg {
-        chunk_size: LARGE_CHUNK,
-        ..Cfg::default()
-    };
-    let (_s_dir, s) = serve_node(&cfg).await;
-    let (_a_dir, a) = make_node(&Cfg::default());
-    trust(&s, &a.id());
     // Far more than flow control lets the server push ahead (see LARGE_CHUNKS),
     // so the stream is still running when the revocation lands.
-    let item = put(
-        server_node(&s),
-        "large",
-        &data(600, LARGE_CHUNKS * LARGE_CHUNK as usize),
-    );
-    let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
-    let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
+    let LargeItem {
+        _dirs,
+        s,
+        a,
+        item,
+        ids,
+    } = large_item(600).await;
 
     let mut fed = connect(&a, &s).await;
     let mut watch = fed
@@ -804,11 +820,7 @@ async fn revocation_cuts_open_streams() {
         .unwrap();
     assert_eq!(first.kind, watch_event::Kind::Item as i32);
     assert_eq!(first.content_id, item.to_hex());
-    let mut chunks = fed
-        .stream_chunks(StreamChunksRequest { chunk_ids: ids })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut chunks = open_chunks(&mut fed, ids).await;
     let c0 = within(10, "the first chunk", chunks.message())
         .await
         .unwrap()
@@ -826,14 +838,7 @@ async fn revocation_cuts_open_streams() {
     assert_eq!(revoked.state, "revoked");
 
     // The chunk stream ends with PERMISSION_DENIED before delivering everything.
-    let mut got = 1;
-    let status = loop {
-        match within(15, "the chunk stream to be cut", chunks.message()).await {
-            Ok(Some(_)) => got += 1,
-            Ok(None) => panic!("the chunk stream finished all {got} chunks despite the revocation"),
-            Err(s) => break s,
-        }
-    };
+    let (status, got) = read_until_cut(&mut chunks, 15, "the revocation", Duration::ZERO).await;
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(
         got < LARGE_CHUNKS,
@@ -1141,21 +1146,11 @@ async fn limits_are_resource_exhausted() {
         e.message().contains('8'),
         "the error names the limit: {e:?}"
     );
-    let mut st = fa
-        .stream_chunks(StreamChunksRequest { chunk_ids: ids(8) })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = open_chunks(&mut fa, ids(8)).await;
     assert_eq!(drain_chunks(&mut st).await.unwrap().len(), 8);
     // A malformed chunk id fails the whole call.
     assert_eq!(
-        code_of(
-            fa.stream_chunks(StreamChunksRequest {
-                chunk_ids: vec!["zz".into()]
-            })
-            .await
-            .map(|_| ())
-        ),
+        stream_chunks_code(&mut fa, vec!["zz".into()]).await,
         Code::InvalidArgument
     );
     // Too many manifests in one GetManifests.
@@ -1185,11 +1180,7 @@ async fn limits_are_resource_exhausted() {
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert_eq!(
-        code_of(
-            fa.stream_chunks(StreamChunksRequest { chunk_ids: ids(1) })
-                .await
-                .map(|_| ())
-        ),
+        stream_chunks_code(&mut fa, ids(1)).await,
         Code::ResourceExhausted
     );
     // The limit is per peer: B is unaffected.
@@ -1300,29 +1291,14 @@ async fn instance_config_holds_no_key_material() {
 /// holding the drain, the client never hangs, and shutdown returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_ends_an_active_stream() {
-    let cfg = Cfg {
-        chunk_size: LARGE_CHUNK,
-        ..Cfg::default()
-    };
-    let (_s_dir, s) = serve_node(&cfg).await;
-    let (_a_dir, a) = make_node(&Cfg::default());
-    trust(&s, &a.id());
-    let item = put(
-        server_node(&s),
-        "large",
-        &data(700, LARGE_CHUNKS * LARGE_CHUNK as usize),
-    );
-    let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
-    let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
+    let LargeItem {
+        _dirs, s, a, ids, ..
+    } = large_item(700).await;
     let addr = s.listen_address;
     let server_id = server_node(&s).id();
 
     let mut fed = connect(&a, &s).await;
-    let mut st = fed
-        .stream_chunks(StreamChunksRequest { chunk_ids: ids })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut st = open_chunks(&mut fed, ids).await;
     within(10, "the first chunk", st.message())
         .await
         .unwrap()
@@ -1331,17 +1307,7 @@ async fn graceful_shutdown_ends_an_active_stream() {
     let started = Instant::now();
     let stopping = tokio::spawn(s.shutdown());
     // A slow reader (20 ms a chunk: 2.6 s for the whole item) keeps reading.
-    let mut got = 1;
-    let end = loop {
-        match within(20, "the stream to end after shutdown", st.message()).await {
-            Ok(Some(_)) => got += 1,
-            Ok(None) => panic!(
-                "the stream ran to the end ({got} chunks) instead of being ended by the shutdown"
-            ),
-            Err(e) => break e,
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (end, got) = read_until_cut(&mut st, 20, "the shutdown", Duration::from_millis(20)).await;
     assert!(
         matches!(end.code(), Code::Unavailable | Code::Cancelled),
         "the stream must end with UNAVAILABLE/CANCELLED, got {end:?} after {got} chunks"
