@@ -37,10 +37,7 @@ fn secs(d: Duration) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     bitsync::tls::install_crypto_provider();
-    let mb: usize = std::env::var("BITSYNC_BENCH_MB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+    let mb = support::bench::env_usize("BITSYNC_BENCH_MB", 64);
     let total = mb * 1024 * 1024;
     let tmp = tempfile::tempdir().unwrap();
 
