@@ -207,7 +207,7 @@ fn write_keys(
         }
         None => {
             old.save(&paths.key(), key_pass)?;
-            restore_onion_keys(&repo.snapshot_dir(&meta.id), meta, paths, &pass()?)?;
+            restore_onion_keys(repo, meta, paths, &pass()?)?;
             Ok((old.id(), None))
         }
     }
@@ -280,8 +280,7 @@ fn copy_snapshot(
     repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
     match entry(CONFIG_FILE) {
         Some(c) => {
-            let text =
-                fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
+            let text = repo::read_snapshot_file(&snap_dir.join(CONFIG_FILE))?;
             if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
                 return Err(Error::integrity(
                     "the snapshot's config.toml changed while it was read",
@@ -322,7 +321,7 @@ fn check_opens(
 /// Same identity: put the onion service's keys back, so the node keeps its
 /// `.onion` address. The sealed file is checked against its listed SHA-256.
 fn restore_onion_keys(
-    snap_dir: &Path,
+    repo: &Repo,
     meta: &repo::SnapshotMeta,
     paths: &Paths,
     pass: &str,
@@ -335,7 +334,7 @@ fn restore_onion_keys(
         .iter()
         .find(|f| f.path == file)
         .ok_or_else(|| Error::integrity("snapshot.json does not list the sealed onion keys"))?;
-    let sealed = fs::read(snap_dir.join(file)).ctx(format!("reading the snapshot's {file}"))?;
+    let sealed = repo::read_snapshot_file(&repo.snapshot_file(meta, file)?)?;
     if crate::crypto::Hash::of(&sealed).to_hex() != entry.sha256 {
         return Err(Error::integrity(format!(
             "the snapshot's {file} fails its SHA-256"
