@@ -345,9 +345,7 @@ pub(crate) fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
 /// True when `name` is one plain, visible file name: what a snapshot's own
 /// files are called (never absolute, never a path, never `..`).
 pub(crate) fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && !name.starts_with('.')
-        && !name.contains(['/', '\\', '\0'])
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
 }
 
 /// Open a repository file for reading: a regular file only, never through a
