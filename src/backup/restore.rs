@@ -81,15 +81,7 @@ pub(crate) fn restore(
         )));
     }
     // 2. The key, before anything is written: a wrong passphrase stops here.
-    let passphrase_once = std::cell::OnceCell::new();
-    let pass = || -> Result<Zeroizing<String>> {
-        if let Some(p) = passphrase_once.get() {
-            return Ok(Zeroizing::clone(p));
-        }
-        let p = passphrase()?;
-        let _ = passphrase_once.set(p.clone());
-        Ok(p)
-    };
+    let pass = asked_once(passphrase);
     let old = repo::open_identity(&repo, &meta, &pass)?;
     let new = opts.new_identity.then(Identity::generate).transpose()?;
     let list = repo::chunk_list(&meta)?;
@@ -133,6 +125,21 @@ pub(crate) fn restore(
         rekey,
         opts.new_identity,
     )
+}
+
+/// `passphrase`, asked for at most once (a terminal prompt is not repeated).
+fn asked_once(
+    passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+) -> impl Fn() -> Result<Zeroizing<String>> + '_ {
+    let once = std::cell::OnceCell::new();
+    move || {
+        if let Some(p) = once.get() {
+            return Ok(Zeroizing::clone(p));
+        }
+        let p = passphrase()?;
+        let _ = once.set(p.clone());
+        Ok(p)
+    }
 }
 
 /// A private, empty directory beside `dest` (in `parent`), removed on drop.
