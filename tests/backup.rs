@@ -946,6 +946,23 @@ fn snapshot_paths_are_confined_to_the_repository() {
     assert_eq!(out.code, 5, "{out:?}");
     assert!(out.stderr.contains("symbolic link"), "{out:?}");
     assert!(!dest.exists());
+
+    // The key back in place; a chunk file that is a link to an outside file:
+    // refused, and the outside file's size is not told.
+    fs::remove_file(snap.join("node.key.sealed")).unwrap();
+    fs::copy(&copy, snap.join("node.key.sealed")).unwrap();
+    let chunk = Hash::parse(original["chunks"][0][0].as_str().unwrap(), "chunk").unwrap();
+    let chunk_path = chunk_file(&repo.join("chunks"), &chunk);
+    let secret = outside.join("secret");
+    fs::write(&secret, support::data(1, 12_345)).unwrap();
+    fs::remove_file(&chunk_path).unwrap();
+    std::os::unix::fs::symlink(&secret, &chunk_path).unwrap();
+    let dest = tmp.path().join("dest-chunk");
+    let out = restore_bounded(home, &repo, &dest);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("symbolic link"), "{out:?}");
+    assert!(!out.stderr.contains("12345"), "size leaked: {out:?}");
+    assert!(!dest.exists());
 }
 
 /// A data dir or database writable by group or others: every command that

@@ -272,6 +272,7 @@ fn copy_snapshot(
         skip_existing: false,
         src_label: "the backup repository",
         staged: true,
+        outside_src: true,
     };
     copy::copy_chunks(&job, list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
         |e| {

@@ -350,8 +350,14 @@ pub(crate) fn is_plain_name(name: &str) -> bool {
 
 /// Open a repository file for reading: a regular file only, never through a
 /// symbolic link, never blocking on a FIFO ([`crate::durable::open_regular`]).
+/// A file that is not a regular one is a damaged (or forged) snapshot.
 pub(crate) fn open_snapshot_file(path: &Path) -> Result<fs::File> {
-    crate::durable::open_regular(path).ctx(format!("opening {}", path.display()))
+    crate::durable::open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => {
+            Error::integrity(format!("{} {e}: the snapshot is damaged", path.display()))
+        }
+        _ => Error::from_io(e, format!("opening {}", path.display())),
+    })
 }
 
 /// Read a (small) snapshot file whole, as [`open_snapshot_file`] opens it.
