@@ -260,6 +260,34 @@ fn seal_key(pass: &[u8], salt: &[u8], log_n: u8, r: u32, p: u32) -> Result<Zeroi
     Ok(out)
 }
 
+/// The most memory an opened seal may make scrypt use (128 × r × N bytes):
+/// 4× what [`seal`] writes (32 MiB).
+const SCRYPT_MAX_MEM: u64 = 128 << 20;
+/// The most work (N × r × p) an opened seal may ask for: 16× what [`seal`] writes.
+const SCRYPT_MAX_WORK: u64 = 16 << (SCRYPT_LOG_N as u64 + 3);
+
+/// Refuse scrypt parameters beyond what bitsync writes plus a margin,
+/// before scrypt allocates anything: a crafted header (log_n 22, r 64, p 16)
+/// would otherwise ask for 32 GiB and abort the process. bitsync never writes
+/// such a header and the header is authenticated, so it is damaged or forged
+/// data: `Integrity`, like a seal that is truncated.
+fn check_scrypt_cost(log_n: u8, r: u32, p: u32) -> Result<()> {
+    let ok = (1..=30).contains(&log_n) && r >= 1 && p >= 1 && {
+        let n = 1u64 << log_n;
+        let mem = (128 * n).saturating_mul(u64::from(r));
+        let work = n.saturating_mul(u64::from(r)).saturating_mul(u64::from(p));
+        mem <= SCRYPT_MAX_MEM && work <= SCRYPT_MAX_WORK
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(Error::integrity(format!(
+        "sealed data asks for scrypt log_n={log_n}, r={r}, p={p}, beyond what bitsync writes \
+         (15, 8, 1) and opens (at most {} MiB of memory and 16× the work); refused before running scrypt",
+        SCRYPT_MAX_MEM >> 20
+    )))
+}
+
 /// Seal `plain` under a passphrase: magic, scrypt parameters, salt, nonce, AES-256-GCM ciphertext.
 pub(crate) fn seal(passphrase: &str, plain: &[u8]) -> Vec<u8> {
     let mut salt = [0u8; 16];
@@ -301,11 +329,7 @@ pub(crate) fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8
     let log_n = header[4];
     let r = u32::from_be_bytes(header[5..9].try_into().unwrap());
     let p = u32::from_be_bytes(header[9..13].try_into().unwrap());
-    if log_n > 22 || r > 64 || p > 16 {
-        return Err(Error::invalid(
-            "sealed data asks for an unreasonable scrypt cost",
-        ));
-    }
+    check_scrypt_cost(log_n, r, p)?;
     let k = seal_key(passphrase.as_bytes(), &header[13..29], log_n, r, p)?;
     let n: [u8; 12] = header[29..41].try_into().expect("12-byte slice");
     let plain = gcm_open(&gcm_key(k.as_ref()), n, header, ct)
@@ -387,6 +411,36 @@ mod format_vectors {
         );
         assert_eq!(nonce(DOMAIN_CHUNK, 0, true).to_vec(), hex_of("empty_nonce"));
         assert_eq!(nonce(DOMAIN_META, 0, true).to_vec(), hex_of("meta_nonce"));
+    }
+
+    #[test]
+    fn scrypt_costs_beyond_the_margin_are_refused_before_running() {
+        assert!(check_scrypt_cost(SCRYPT_LOG_N, SCRYPT_R, SCRYPT_P).is_ok());
+        assert!(check_scrypt_cost(17, 8, 1).is_ok()); // 128 MiB
+        assert!(check_scrypt_cost(15, 8, 16).is_ok()); // 16× the work
+        for (l, r, p) in [
+            (22, 64, 16),
+            (22, 8, 1),
+            (18, 8, 1),
+            (15, 8, 17),
+            (0, 8, 1),
+            (15, 0, 1),
+            (15, 8, 0),
+            (255, 1, 1),
+            (15, u32::MAX, u32::MAX),
+        ] {
+            let e = check_scrypt_cost(l, r, p).unwrap_err();
+            assert_eq!(e.kind(), crate::error::Kind::Integrity, "{l} {r} {p}");
+        }
+        // Through unseal, with the header rewritten: refused at once.
+        let mut sealed = seal("pw", b"secret");
+        sealed[4] = 22;
+        sealed[5..9].copy_from_slice(&64u32.to_be_bytes());
+        sealed[9..13].copy_from_slice(&16u32.to_be_bytes());
+        let t = std::time::Instant::now();
+        let e = unseal("pw", &sealed).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::Integrity);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -65,3 +65,45 @@ pub(crate) fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
         .unwrap_or("bitsync");
     path.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
 }
+
+/// Open a file named by outside input (a backup someone else made) for
+/// reading, refusing anything but a regular file: a symbolic link as the last
+/// component is refused by the kernel (`O_NOFOLLOW`, so its target is never
+/// opened), and a FIFO or device is opened without blocking (`O_NONBLOCK`:
+/// opening a FIFO with no writer would wait forever) and then refused by its
+/// type. The errors say only what the name is, nothing about a link's target.
+/// Directories above the file are the caller's to confine.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<fs::File> {
+    use std::io::{Error as IoError, ErrorKind};
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => IoError::new(
+                ErrorKind::InvalidInput,
+                "is a symbolic link, which is refused here (only regular files are read)",
+            ),
+            _ => e,
+        })?;
+    let ft = f.metadata()?.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_block_device() || ft.is_char_device() {
+            "a device"
+        } else {
+            "a special file"
+        };
+        return Err(IoError::new(
+            ErrorKind::InvalidInput,
+            format!("is {what}, not a regular file; refused"),
+        ));
+    }
+    Ok(f)
+}

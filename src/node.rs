@@ -216,6 +216,7 @@ impl Node {
                 root.display()
             )));
         }
+        warn_if_writable_by_others(&paths);
         let config = Config::load(&paths.config())?;
         let identity = std::sync::Arc::new(Identity::load(&paths.key(), passphrase)?);
         let db = Db::open(&paths.db())?;
@@ -287,4 +288,32 @@ pub fn no_passphrase() -> Result<Zeroizing<String>> {
         Kind::Auth,
         "the node key is sealed: set BITSYNC_PASSPHRASE or pass --passphrase-file",
     ))
+}
+
+/// Warn (on stderr, through the log) when the data dir or the database can be
+/// written by the group or by everyone: whoever can write there can replace
+/// the database or the chunks (and so what this node serves and trusts), or
+/// the key. Only a warning, because a shared group may be deliberate; init
+/// creates both private (0700 / 0600).
+fn warn_if_writable_by_others(paths: &Paths) {
+    for (what, path) in [("data dir", paths.root.clone()), ("database", paths.db())] {
+        let Ok(meta) = fs::metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        if mode & 0o022 != 0 {
+            let who = if mode & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            };
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{:o}", mode & 0o7777),
+                "the {what} is writable by {who}: anyone who can write it can change what this node stores and trusts; \
+                 run `chmod go-w {}`",
+                path.display()
+            );
+        }
+    }
 }

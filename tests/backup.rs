@@ -749,3 +749,185 @@ fn clone_from_backup_takes_chunks_locally_and_the_rest_from_the_peer() {
     }
     ok(command(home).arg("--data-dir").arg(&b).arg("verify"));
 }
+
+/// A repository with one `--with-identity` snapshot of a node holding an item;
+/// returns (home, data dir, repo, snapshot id).
+fn repo_with_identity(tmp: &TempDir) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let (home, data, repo) = (tmp.path(), tmp.path().join("node"), tmp.path().join("repo"));
+    let node = init_node(&data, 4096);
+    put(&node, "x", &support::data(5, 9_000));
+    ok(backup_cmd(home, &data, &repo)
+        .arg("--with-identity")
+        .env("BITSYNC_PASSPHRASE", PASS));
+    let id = snapshots(home, &repo).pop().unwrap();
+    (data, repo, id)
+}
+
+/// Rewrite a snapshot's snapshot.json after `edit`, and re-list every file's
+/// SHA-256 and size, as a forger would.
+fn forge_snapshot(repo: &Path, id: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let dir = repo.join("snapshots").join(id);
+    let mut v = snapshot_json(repo, id);
+    edit(&mut v);
+    for f in v["files"].as_array_mut().unwrap() {
+        let p = dir.join(f["path"].as_str().unwrap());
+        if let Ok(bytes) = fs::read(&p) {
+            f["size"] = bytes.len().into();
+            f["sha256"] = Hash::of(&bytes).to_hex().into();
+        }
+    }
+    fs::write(
+        dir.join("snapshot.json"),
+        serde_json::to_vec_pretty(&v).unwrap(),
+    )
+    .unwrap();
+}
+
+/// `bitsync restore` as a child with a deadline and at most 4 GiB of address
+/// space, so a restore that tries to allocate tens of GiB fails fast.
+fn restore_bounded(home: &Path, repo: &Path, dest: &Path) -> Out {
+    use std::os::unix::process::CommandExt;
+    let mut c = command(home);
+    c.arg("--data-dir")
+        .arg(dest)
+        .args(["restore", "--repo"])
+        .arg(repo)
+        .env("BITSYNC_PASSPHRASE", PASS);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        c.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 4 << 30,
+                rlim_max: 4 << 30,
+            };
+            libc::setrlimit(libc::RLIMIT_AS, &lim);
+            Ok(())
+        });
+    }
+    run_within(&mut c, Duration::from_secs(60))
+}
+
+/// A sealed key whose header asks scrypt for 32 GiB (log_n 22, r 64, p 16)
+/// or 4 GiB (22, 8, 1): refused at once as damaged data (exit 5), before
+/// scrypt runs; nothing restored. (It aborted the process.)
+#[test]
+fn a_crafted_scrypt_header_is_refused_before_allocating() {
+    use base64::Engine;
+    let tmp = TempDir::new().unwrap();
+    let home = tmp.path();
+    let (_data, repo, id) = repo_with_identity(&tmp);
+    let key_path = repo.join("snapshots").join(&id).join("node.key.sealed");
+    let pem = fs::read_to_string(&key_path).unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    for (log_n, r, p) in [(22u8, 64u32, 16u32), (22, 8, 1)] {
+        let mut d = der.clone();
+        d[4] = log_n;
+        d[5..9].copy_from_slice(&r.to_be_bytes());
+        d[9..13].copy_from_slice(&p.to_be_bytes());
+        let enc = base64::engine::general_purpose::STANDARD.encode(&d);
+        let mut text = String::from("-----BEGIN BITSYNC SEALED KEY-----\n");
+        for line in enc.as_bytes().chunks(64) {
+            text.push_str(std::str::from_utf8(line).unwrap());
+            text.push('\n');
+        }
+        text.push_str("-----END BITSYNC SEALED KEY-----\n");
+        fs::write(&key_path, text).unwrap();
+        forge_snapshot(&repo, &id, |_| {});
+        let dest = tmp.path().join(format!("dest-{log_n}-{r}"));
+        let t = std::time::Instant::now();
+        let out = restore_bounded(home, &repo, &dest);
+        assert_eq!(out.code, 5, "{out:?}");
+        assert!(out.stderr.contains("scrypt"), "{out:?}");
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        assert!(!dest.exists());
+    }
+}
+
+/// `identity.file` naming a file outside the snapshot (absolute, with `..`,
+/// or through a symbolic link), here a genuine copy of the sealed key so that
+/// the old code restored from it: refused, nothing restored.
+#[test]
+fn snapshot_paths_are_confined_to_the_repository() {
+    let tmp = TempDir::new().unwrap();
+    let home = tmp.path();
+    let (_data, repo, id) = repo_with_identity(&tmp);
+    let snap = repo.join("snapshots").join(&id);
+    let outside = tmp.path().join("elsewhere");
+    fs::create_dir(&outside).unwrap();
+    let copy = outside.join("node.key.sealed");
+    fs::copy(snap.join("node.key.sealed"), &copy).unwrap();
+    let original = snapshot_json(&repo, &id);
+    let names = [
+        copy.display().to_string(),
+        "../../../elsewhere/node.key.sealed".to_string(),
+    ];
+    for (i, name) in names.iter().enumerate() {
+        forge_snapshot(&repo, &id, |v| v["identity"]["file"] = name.as_str().into());
+        let dest = tmp.path().join(format!("dest{i}"));
+        let out = restore_bounded(home, &repo, &dest);
+        assert_eq!(out.code, 5, "{name}: {out:?}");
+        assert!(
+            out.stderr.contains("not a file inside the snapshot"),
+            "{out:?}"
+        );
+        assert!(!dest.exists());
+    }
+    // The listed name, but a symbolic link to the copy outside.
+    fs::write(
+        snap.join("snapshot.json"),
+        serde_json::to_vec(&original).unwrap(),
+    )
+    .unwrap();
+    fs::remove_file(snap.join("node.key.sealed")).unwrap();
+    std::os::unix::fs::symlink(&copy, snap.join("node.key.sealed")).unwrap();
+    let dest = tmp.path().join("dest-link");
+    let out = restore_bounded(home, &repo, &dest);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("symbolic link"), "{out:?}");
+    assert!(!dest.exists());
+
+    // The key back in place; a chunk file that is a link to an outside file:
+    // refused, and the outside file's size is not told.
+    fs::remove_file(snap.join("node.key.sealed")).unwrap();
+    fs::copy(&copy, snap.join("node.key.sealed")).unwrap();
+    let chunk = Hash::parse(original["chunks"][0][0].as_str().unwrap(), "chunk").unwrap();
+    let chunk_path = chunk_file(&repo.join("chunks"), &chunk);
+    let secret = outside.join("secret");
+    fs::write(&secret, support::data(1, 12_345)).unwrap();
+    fs::remove_file(&chunk_path).unwrap();
+    std::os::unix::fs::symlink(&secret, &chunk_path).unwrap();
+    let dest = tmp.path().join("dest-chunk");
+    let out = restore_bounded(home, &repo, &dest);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr.contains("symbolic link"), "{out:?}");
+    assert!(!out.stderr.contains("12345"), "size leaked: {out:?}");
+    assert!(!dest.exists());
+}
+
+/// A data dir or database writable by group or others: every command that
+/// opens the node warns on stderr (and still works).
+#[test]
+fn a_world_writable_data_dir_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new().unwrap();
+    let data = tmp.path().join("node");
+    init_node(&data, 4096);
+    let r = ok(bitsync(&data).arg("ls"));
+    assert!(!r.stderr.contains("writable by"), "{r:?}");
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o777)).unwrap();
+    let r = ok(bitsync(&data).arg("ls"));
+    assert!(
+        r.stderr.contains("data dir is writable by everyone") && r.stderr.contains("chmod go-w"),
+        "{r:?}"
+    );
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(data.join("bitsync.db"), fs::Permissions::from_mode(0o660)).unwrap();
+    let r = ok(bitsync(&data).arg("ls"));
+    assert!(
+        r.stderr.contains("database is writable by its group"),
+        "{r:?}"
+    );
+}

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::support::axon_fixture::{
     axon_key_id, corrupt_piece, delete_piece, other_key, shared_key, truncate_piece, Builder,
@@ -420,4 +421,204 @@ fn legacy_items_imported_with_the_key_reach_a_cloning_peer() {
             "the peer reads the legacy item"
         );
     }
+}
+
+/// All a run printed, stdout and stderr.
+fn said(r: &Out) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&r.stdout), r.stderr)
+}
+
+/// Item ids a node holds content for (legacy and native), to see what was imported.
+fn applets_imported(node: &Node) -> usize {
+    manifests(node).len()
+}
+
+/// A FIFO where a piece or a JSON file should be: refused at once (opening
+/// it without O_NONBLOCK waited forever for a writer), the rest imported.
+#[test]
+fn a_fifo_in_the_backup_is_refused_without_hanging() {
+    let tmp = TempDir::new().unwrap();
+    let home = tmp.path();
+    let data = tmp.path().join("node");
+    init_node(&data, 65536);
+    let dir = tmp.path().join("backup");
+    let w = Builder::new()
+        .applet("tiny", 1000)
+        .applet("other", 2000)
+        .write(&dir);
+    crate::support::axon_fixture::make_fifo(&w.item("tiny", None).chunk_paths[0]);
+    let r = run_within(
+        command(home)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("import-axon")
+            .arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, 5, "one item not imported: {r:?}");
+    let text = said(&r);
+    assert!(text.contains("FIFO"), "{text}");
+    assert_eq!(
+        applets_imported(&open(&data)),
+        1,
+        "the other applet is imported"
+    );
+
+    // A FIFO as metadata.json: the whole backup is refused, promptly.
+    crate::support::axon_fixture::make_fifo(&w.metadata_path("other"));
+    let r = run_within(
+        command(home)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("import-axon")
+            .arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains("metadata.json") && r.stderr.contains("FIFO"),
+        "{r:?}"
+    );
+}
+
+/// Symbolic links leading out of the backup, to a file (a piece) and to a
+/// folder (a user's data_chunks/): refused; nothing of the outside is stored,
+/// even where it is exactly the piece the manifest names, and the outside
+/// file's size appears nowhere in what the command says.
+#[test]
+fn symlinks_out_of_the_backup_are_refused_and_nothing_outside_is_stored() {
+    let tmp = TempDir::new().unwrap();
+    let home = tmp.path();
+    let data = tmp.path().join("node");
+    init_node(&data, 65536);
+    let dir = tmp.path().join("backup");
+    let w = Builder::new()
+        .applet("tiny", 1000)
+        .applet("other", 2000)
+        .data("other", "carol", 5000)
+        .write(&dir);
+    let outside = tmp.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    // A secret of a size that would be easy to spot in a message.
+    let secret = outside.join("secret");
+    fs::write(&secret, crate::support::data(9, 12_345)).unwrap();
+    crate::support::axon_fixture::make_symlink(&secret, &w.item("tiny", None).chunk_paths[0]);
+    // carol's genuine pieces, moved out and linked back as a folder.
+    let carol = &w.item("other", Some("carol")).chunk_paths;
+    let carol_dir = carol[0].parent().unwrap().to_path_buf();
+    let moved = outside.join("carol");
+    fs::create_dir(&moved).unwrap();
+    let mut carol_ids = Vec::new();
+    for p in carol {
+        carol_ids.push(hash_of_file(p));
+        fs::copy(p, moved.join(p.file_name().unwrap())).unwrap();
+    }
+    crate::support::axon_fixture::make_symlink(&moved, &carol_dir);
+
+    let key = tmp.path().join("axon.pem");
+    fs::write(&key, w.key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    let r = import(home, &data, &dir, Some(&key));
+    assert_eq!(r.code, 5, "two items not imported: {r:?}");
+    let text = said(&r);
+    assert!(text.contains("symbolic link"), "{text}");
+    assert!(
+        !text.contains("12345") && !text.contains("12,345"),
+        "size leaked: {text}"
+    );
+    let secret_id = hash_of_file(&secret);
+    for id in carol_ids.iter().chain([&secret_id]) {
+        assert!(
+            !chunk_file(&data.join("chunks"), id).exists(),
+            "an outside file was stored as chunk {id}"
+        );
+    }
+    // Only "other"'s code: legacy and native.
+    assert_eq!(applets_imported(&open(&data)), 2, "{text}");
+}
+
+/// A 300 MB metadata.json (sparse, so the test writes nothing) is refused
+/// unread, naming the limit; so is an oversize applet_data.json.
+#[test]
+fn oversize_json_files_are_refused_unread() {
+    let tmp = TempDir::new().unwrap();
+    let home = tmp.path();
+    let data = tmp.path().join("node");
+    init_node(&data, 65536);
+    let dir = tmp.path().join("backup");
+    let w = Builder::new()
+        .applet("tiny", 1000)
+        .data("tiny", "alice", 100)
+        .write(&dir);
+    let big = fs::OpenOptions::new()
+        .write(true)
+        .open(w.applet_data_path("tiny"))
+        .unwrap();
+    big.set_len(100 << 20).unwrap();
+    let r = run_within(
+        command(home)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("import-axon")
+            .arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("applet_data.json") && r.stderr.contains("refused unread"),
+        "{r:?}"
+    );
+    let md = fs::OpenOptions::new()
+        .write(true)
+        .open(w.metadata_path("tiny"))
+        .unwrap();
+    md.set_len(300 << 20).unwrap();
+    let t = std::time::Instant::now();
+    let r = run_within(
+        command(home)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("import-axon")
+            .arg(&dir),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("metadata.json")
+            && r.stderr.contains("314572800 bytes, more than the 16777216"),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20));
+    assert_eq!(open(&data).db().head_seq().unwrap(), 0, "nothing imported");
+}
+
+/// A chunk_size of 2^32 − 1 (Axon writes 262144): that item is refused before
+/// a piece is read, naming the limit; the other items are imported.
+#[test]
+fn a_huge_chunk_size_is_refused_for_its_item() {
+    let tmp = TempDir::new().unwrap();
+    let home = tmp.path();
+    let data = tmp.path().join("node");
+    init_node(&data, 65536);
+    let dir = tmp.path().join("backup");
+    let w = Builder::new()
+        .applet("tiny", 1000)
+        .applet("other", 2000)
+        .write(&dir);
+    crate::support::axon_fixture::edit_json(&w.metadata_path("tiny"), |v| {
+        v["code_manifest"]["chunk_size"] = serde_json::json!(u32::MAX);
+    });
+    let key = tmp.path().join("axon.pem");
+    fs::write(&key, w.key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+    let r = import(home, &data, &dir, Some(&key));
+    assert_eq!(r.code, 5, "{r:?}");
+    let text = said(&r);
+    assert!(
+        text.contains("chunk_size is 4294967295 bytes, more than the 16777216"),
+        "{text}"
+    );
+    assert_eq!(
+        applets_imported(&open(&data)),
+        2,
+        "other: legacy and native"
+    );
 }

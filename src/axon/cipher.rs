@@ -9,7 +9,7 @@ use rsa::{Oaep, RsaPrivateKey, RsaPublicKey};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::pieces::read_piece;
+use super::pieces::{check_piece_size, stream_piece};
 use super::{AxonError, AxonItem, Result};
 use crate::legacy::CbcDecrypt;
 
@@ -69,12 +69,13 @@ pub fn unwrap_key(item: &AxonItem, private_key: &RsaPrivateKey) -> Result<Zeroiz
 /// Decrypts `item` with its AES `key` into `out` and returns the plaintext
 /// length.
 ///
-/// Streams: one piece is read at a time (plus fewer than 16 bytes carried over
-/// to the next when a piece does not end on an AES block, and the newest
-/// plaintext block held back as possible padding), so memory is bounded by
-/// `chunk_size` (the piece and its plaintext). Every piece's SHA-256 is checked before it is
-/// decrypted, the PKCS7 padding at the end is checked, and finally the
-/// plaintext's SHA-256 is compared with `content_hash`.
+/// Streams: each piece is read and decrypted in blocks of 64 KiB (plus fewer
+/// than 16 bytes carried over when a block does not end on an AES block, and
+/// the newest plaintext block held back as possible padding), so memory does
+/// not grow with `chunk_size`, which a crafted manifest may set to 4 GiB.
+/// Every piece's SHA-256 is checked at its end, before the next piece is
+/// read and before the padding is looked at; the PKCS7 padding at the end is
+/// checked, and finally the plaintext's SHA-256 is compared with `content_hash`.
 ///
 /// Plaintext is written to `out` as it is decrypted, before the final checks.
 /// **On any error, what was written to `out` must be discarded**: it may be
@@ -98,19 +99,20 @@ pub fn decrypt_item(item: &AxonItem, key: &[u8; 32], out: &mut impl Write) -> Re
             "the manifest lists no pieces; an AES-CBC ciphertext is never empty",
         ));
     }
-    let limit = u64::from(m.chunk_size);
+    check_piece_size(item)?;
     let mut dec = CbcDecrypt::new(key, &m.iv);
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
     let mut plain: Vec<u8> = Vec::new();
     let mut ciphertext_len = 0u64;
     let mut written = 0u64;
     let mut last_len = 0;
     for (index, path) in item.chunk_paths.iter().enumerate() {
-        read_piece(item, index, path, limit, &mut buf)?;
-        ciphertext_len += buf.len() as u64;
-        last_len = buf.len();
-        dec.update(&buf, &mut plain);
-        written += write_plain(item, out, &plain)?;
+        last_len = stream_piece(item, index, path, &mut buf, &mut |block| {
+            dec.update(block, &mut plain);
+            written += write_plain(item, out, &plain)?;
+            Ok(())
+        })?;
+        ciphertext_len += last_len;
     }
     if ciphertext_len % 16 != 0 {
         return Err(bad_item(

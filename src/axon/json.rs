@@ -2,7 +2,6 @@
 //! item's pieces should be.
 
 use std::collections::BTreeMap;
-use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
@@ -10,6 +9,7 @@ use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use serde_json::{Map, Value};
 
+use super::input::{self, MAX_APPLET_DATA, MAX_BACKUP_MANIFEST, MAX_METADATA};
 use super::{io_err, AxonBackup, AxonError, AxonItem, AxonItemKind, AxonManifest, Result};
 
 /// The backup's top-level file.
@@ -31,9 +31,14 @@ const APPLET_DATA: &str = "applet_data.json";
 /// different `name`, when two applets share a folder, or when a name cannot
 /// be a single folder name (`..`, empty, …), since the backup's layout then
 /// cannot say which files belong to which item.
+///
+/// Only regular files inside `dir` are read (see `input.rs`), and each JSON
+/// file only up to its limit ([`MAX_BACKUP_MANIFEST`], [`MAX_METADATA`],
+/// [`MAX_APPLET_DATA`]): a larger one is [`AxonError::TooLarge`], unread.
 pub fn open(dir: &Path) -> Result<AxonBackup> {
+    let root = std::fs::canonicalize(dir).map_err(|e| io_err(dir, "cannot open", e))?;
     let mpath = dir.join(BACKUP_MANIFEST);
-    let mvalue = read_json(&mpath)?;
+    let mvalue = input::read_json(&root, &mpath, MAX_BACKUP_MANIFEST)?;
     let m = Obj::new(&mpath, String::new(), &mvalue)?;
     let backup_date = m.req_str("backup_date")?.to_owned();
     let applets = m.req_array("applets")?;
@@ -70,7 +75,7 @@ pub fn open(dir: &Path) -> Result<AxonBackup> {
 
     let mut items = Vec::new();
     for (name, folder) in listed {
-        read_applet(&dir.join(folder), name, &mut items)?;
+        read_applet(&root, &dir.join(folder), name, &mut items)?;
     }
     Ok(AxonBackup {
         dir: dir.to_path_buf(),
@@ -91,9 +96,14 @@ fn is_single_component(s: &str) -> bool {
     matches!((c.next(), c.next()), (Some(Component::Normal(n)), None) if n == s)
 }
 
-fn read_applet(applet_dir: &Path, name: &str, items: &mut Vec<AxonItem>) -> Result<()> {
+fn read_applet(
+    root: &Path,
+    applet_dir: &Path,
+    name: &str,
+    items: &mut Vec<AxonItem>,
+) -> Result<()> {
     let mdpath = applet_dir.join(METADATA);
-    let mdvalue = read_json(&mdpath)?;
+    let mdvalue = input::read_json(root, &mdpath, MAX_METADATA)?;
     let md = Obj::new(&mdpath, String::new(), &mdvalue)?;
     let md_name = md.req_str("name")?;
     if md_name != name {
@@ -116,10 +126,11 @@ fn read_applet(applet_dir: &Path, name: &str, items: &mut Vec<AxonItem>) -> Resu
         manifest,
         chunk_paths,
         created_at,
+        root: root.to_path_buf(),
     });
 
     let dpath = applet_dir.join(APPLET_DATA);
-    let Some(dvalue) = read_json_if_present(&dpath)? else {
+    let Some(dvalue) = input::read_json_if_present(root, &dpath, MAX_APPLET_DATA)? else {
         return Ok(());
     };
     let list = dvalue
@@ -154,6 +165,7 @@ fn read_applet(applet_dir: &Path, name: &str, items: &mut Vec<AxonItem>) -> Resu
             manifest,
             chunk_paths,
             created_at,
+            root: root.to_path_buf(),
         });
     }
     Ok(())
@@ -245,27 +257,6 @@ fn decode_b64(s: &str) -> std::result::Result<Vec<u8>, base64::DecodeError> {
     );
     let compact: String = s.chars().filter(|c| !c.is_ascii_whitespace()).collect();
     LENIENT.decode(compact)
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| io_err(path, "cannot read", e))?;
-    serde_json::from_slice(&text).map_err(|source| AxonError::Json {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn read_json_if_present(path: &Path) -> Result<Option<Value>> {
-    match std::fs::read(path) {
-        Ok(text) => serde_json::from_slice(&text)
-            .map(Some)
-            .map_err(|source| AxonError::Json {
-                path: path.to_path_buf(),
-                source,
-            }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(io_err(path, "cannot read", e)),
-    }
 }
 
 fn field_err(path: &Path, field: &str, problem: impl Into<String>) -> AxonError {

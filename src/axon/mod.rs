@@ -32,10 +32,15 @@
 //! 3. [`unwrap_key`] and [`decrypt_item`] (`cipher.rs`) recover the plaintext, streaming,
 //!    verifying every piece hash and the final content hash.
 //!
+//! A backup is outside input: every file is opened through `input.rs`, which
+//! reads only regular files inside the backup folder (no FIFO, device or
+//! symbolic link out) and bounds the size of each JSON file and piece.
+//!
 //! Unknown JSON fields are ignored everywhere. `high_scores.json` and
 //! `shared_state.json` are not part of any item and are not read.
 
 mod cipher;
+mod input;
 mod json;
 mod pieces;
 
@@ -44,8 +49,10 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use cipher::{decrypt_item, key_id, unwrap_key};
+pub use input::MAX_PIECE_SIZE;
 pub use json::open;
 pub use pieces::check_item;
+pub(crate) use pieces::read_piece;
 
 /// An opened Axon backup: everything the JSON files say, no chunk read yet.
 #[derive(Clone, Debug)]
@@ -91,6 +98,8 @@ pub struct AxonItem {
     /// `last_updated` (Axon keeps no creation time for data). As written by
     /// Axon (ISO 8601), `None` when absent or null.
     pub created_at: Option<String>,
+    /// The backup folder, canonical: no piece is read from outside it.
+    pub(crate) root: PathBuf,
 }
 
 impl AxonItem {
@@ -121,8 +130,9 @@ impl AxonItem {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AxonManifest {
     pub content_hash: [u8; 32],
-    /// Axon always writes 262144. Pieces longer than this are refused, which
-    /// is what bounds memory while reading.
+    /// Axon always writes 262144. Pieces longer than this are refused, and
+    /// an item whose `chunk_size` exceeds [`MAX_PIECE_SIZE`] is refused
+    /// whole ([`AxonError::BadItem`]) before any piece is read.
     pub chunk_size: u32,
     pub chunk_hashes: Vec<[u8; 32]>,
     pub(crate) iv: [u8; 16],
@@ -156,6 +166,14 @@ pub enum AxonError {
         action: &'static str,
         #[source]
         source: io::Error,
+    },
+    /// A JSON file larger than this bitsync reads (the limits are in
+    /// `docs/FORMAT.md`); it was not read.
+    #[error("{}: is {size} bytes, more than the {limit} bytes bitsync reads for this file; refused unread", path.display())]
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
     },
     #[error("{}: not valid JSON: {source}", path.display())]
     Json {

@@ -293,6 +293,7 @@ fn copy_attachments(
         skip_existing: false,
         src_label: "the source attachments",
         staged: true,
+        outside_src: false,
     };
     let total = facts.chunk_bytes();
     let stats = copy::copy_chunks(&job, &facts.chunks, &|d| progress(d, total))

@@ -59,6 +59,10 @@ pub(crate) struct CopyJob<'a> {
     /// and a rename: only for destinations that are themselves staged and
     /// become visible as a whole after a sync (restore, clone-instance).
     pub(crate) staged: bool,
+    /// The source is outside input (a backup repository): chunk files that
+    /// are not regular files (FIFOs, symbolic links) are refused unopened.
+    /// A node's own data dir is read as it is (its owner can do worse).
+    pub(crate) outside_src: bool,
 }
 
 /// Copies are mostly waiting on the filesystem (creates, renames), not on
@@ -168,7 +172,7 @@ fn copy_one(
         }
     }
     let src = chunk_path(job.src_root, id);
-    let src_file = open_verified(&src, id, size, buf, job.src_label)?;
+    let src_file = open_verified(&src, id, size, buf, job.src_label, job.outside_src)?;
     let hex = id.to_hex();
     *n += 1;
     let tmp = if job.staged {
@@ -247,8 +251,9 @@ fn sha256(data: &[u8]) -> Hash {
     Hash(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
 }
 
-/// Read the chunk file at `path` into `buf` and check it is chunk `id` of
-/// `size` bytes (`size` 0: any size). Errors name the file.
+/// Read the chunk file at `path` (in a repository: a regular file only) into
+/// `buf` and check it is chunk `id` of `size` bytes (`size` 0: any size).
+/// Errors name the file.
 pub(crate) fn read_verified(
     path: &Path,
     id: &ChunkId,
@@ -256,7 +261,7 @@ pub(crate) fn read_verified(
     buf: &mut Vec<u8>,
     src_label: &str,
 ) -> Result<()> {
-    open_verified(path, id, size, buf, src_label).map(|_| ())
+    open_verified(path, id, size, buf, src_label, true).map(|_| ())
 }
 
 /// [`read_verified`], returning the open file (positioned at its end).
@@ -266,13 +271,29 @@ fn open_verified(
     size: u64,
     buf: &mut Vec<u8>,
     src_label: &str,
+    regular_only: bool,
 ) -> Result<fs::File> {
     buf.clear();
-    let mut f = match fs::File::open(path) {
+    // A repository may be someone else's: a chunk file that is a FIFO or a
+    // symbolic link (to /etc/shadow, say) is refused unopened, so neither
+    // a hang nor the outside file's size.
+    let opened = if regular_only {
+        crate::durable::open_regular(path)
+    } else {
+        fs::File::open(path)
+    };
+    let mut f = match opened {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::not_found(format!(
                 "chunk {id} is missing from {src_label} ({})",
+                path.display()
+            )))
+        }
+        // Not a regular file: the store is damaged (or forged), not the disk.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Err(Error::integrity(format!(
+                "chunk {} in {src_label} {e}: it is damaged",
                 path.display()
             )))
         }
@@ -291,7 +312,9 @@ fn open_verified(
         )));
     }
     buf.reserve(len as usize + 1);
-    f.read_to_end(buf)
+    (&mut f)
+        .take(MAX_CHUNK_BYTES as u64 + 1)
+        .read_to_end(buf)
         .ctx(format!("reading chunk {}", path.display()))?;
     let actual = sha256(buf);
     if actual != *id {

@@ -248,7 +248,10 @@ fn import_item(node: &Node, item: &AxonItem, axon_key: Option<&RsaPrivateKey>) -
     }
     let mut ct_len = 0u64;
     for p in &item.chunk_paths {
-        ct_len += fs::metadata(p).ctx(format!("piece {}", p.display()))?.len();
+        // Not followed: check_item found each a regular file inside the backup.
+        ct_len += fs::symlink_metadata(p)
+            .ctx(format!("piece {}", p.display()))?
+            .len();
     }
 
     // 2. With the Axon key: the item key and the verified plaintext, in a private temp file.
@@ -406,7 +409,8 @@ fn store_pieces(node: &Node, item: &AxonItem, m: &Manifest) -> Result<Vec<(Chunk
         let id = m.chunk_id(i);
         let len = m.chunk_len(i);
         if !node.db.has_chunk(&id)? {
-            let data = fs::read(path).ctx(format!("reading piece {}", path.display()))?;
+            // Checked again as read (the file may have changed since check_item).
+            let data = axon::read_piece(item, i).map_err(|e| Error::integrity(e.to_string()))?;
             node.chunks
                 .write(&id, &data)
                 .map_err(|e| e.context(format!("piece {i} ({})", path.display())))?;

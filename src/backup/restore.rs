@@ -81,15 +81,7 @@ pub(crate) fn restore(
         )));
     }
     // 2. The key, before anything is written: a wrong passphrase stops here.
-    let passphrase_once = std::cell::OnceCell::new();
-    let pass = || -> Result<Zeroizing<String>> {
-        if let Some(p) = passphrase_once.get() {
-            return Ok(Zeroizing::clone(p));
-        }
-        let p = passphrase()?;
-        let _ = passphrase_once.set(p.clone());
-        Ok(p)
-    };
+    let pass = asked_once(passphrase);
     let old = repo::open_identity(&repo, &meta, &pass)?;
     let new = opts.new_identity.then(Identity::generate).transpose()?;
     let list = repo::chunk_list(&meta)?;
@@ -133,6 +125,21 @@ pub(crate) fn restore(
         rekey,
         opts.new_identity,
     )
+}
+
+/// `passphrase`, asked for at most once (a terminal prompt is not repeated).
+fn asked_once(
+    passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+) -> impl Fn() -> Result<Zeroizing<String>> + '_ {
+    let once = std::cell::OnceCell::new();
+    move || {
+        if let Some(p) = once.get() {
+            return Ok(Zeroizing::clone(p));
+        }
+        let p = passphrase()?;
+        let _ = once.set(p.clone());
+        Ok(p)
+    }
 }
 
 /// A private, empty directory beside `dest` (in `parent`), removed on drop.
@@ -207,7 +214,7 @@ fn write_keys(
         }
         None => {
             old.save(&paths.key(), key_pass)?;
-            restore_onion_keys(&repo.snapshot_dir(&meta.id), meta, paths, &pass()?)?;
+            restore_onion_keys(repo, meta, paths, &pass()?)?;
             Ok((old.id(), None))
         }
     }
@@ -265,6 +272,7 @@ fn copy_snapshot(
         skip_existing: false,
         src_label: "the backup repository",
         staged: true,
+        outside_src: true,
     };
     copy::copy_chunks(&job, list, &|done| progress(done, meta.counts.chunk_bytes)).map_err(
         |e| {
@@ -280,8 +288,7 @@ fn copy_snapshot(
     repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
     match entry(CONFIG_FILE) {
         Some(c) => {
-            let text =
-                fs::read(snap_dir.join(CONFIG_FILE)).ctx("reading the snapshot's config.toml")?;
+            let text = repo::read_snapshot_file(&snap_dir.join(CONFIG_FILE))?;
             if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
                 return Err(Error::integrity(
                     "the snapshot's config.toml changed while it was read",
@@ -322,7 +329,7 @@ fn check_opens(
 /// Same identity: put the onion service's keys back, so the node keeps its
 /// `.onion` address. The sealed file is checked against its listed SHA-256.
 fn restore_onion_keys(
-    snap_dir: &Path,
+    repo: &Repo,
     meta: &repo::SnapshotMeta,
     paths: &Paths,
     pass: &str,
@@ -335,7 +342,7 @@ fn restore_onion_keys(
         .iter()
         .find(|f| f.path == file)
         .ok_or_else(|| Error::integrity("snapshot.json does not list the sealed onion keys"))?;
-    let sealed = fs::read(snap_dir.join(file)).ctx(format!("reading the snapshot's {file}"))?;
+    let sealed = repo::read_snapshot_file(&repo.snapshot_file(meta, file)?)?;
     if crate::crypto::Hash::of(&sealed).to_hex() != entry.sha256 {
         return Err(Error::integrity(format!(
             "the snapshot's {file} fails its SHA-256"

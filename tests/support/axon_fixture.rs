@@ -467,3 +467,28 @@ fn uuid_like(seed: &str) -> String {
         &h[20..32]
     )
 }
+
+/// Replace `path` (removed if present) with a FIFO: opening it to read waits
+/// for a writer that never comes.
+pub fn make_fifo(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let _ = fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other effect.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+        0,
+        "mkfifo {}",
+        path.display()
+    );
+}
+
+/// Replace `path` (removed if present) with a symbolic link to `target`.
+pub fn make_symlink(target: &Path, path: &Path) {
+    if path.is_dir() && !path.is_symlink() {
+        fs::remove_dir_all(path).unwrap();
+    } else {
+        let _ = fs::remove_file(path);
+    }
+    std::os::unix::fs::symlink(target, path).unwrap();
+}

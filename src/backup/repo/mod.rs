@@ -136,6 +136,23 @@ impl Repo {
         self.snapshots().join(id)
     }
 
+    /// The path of a file `snapshot.json` names (`files[].path`,
+    /// `identity.file`, `identity.onion_keys`), confined to the snapshot's
+    /// directory: a repository is outside input, and restore must never read
+    /// `/etc/shadow` because a snapshot says so. The name must be one plain
+    /// file name (not absolute, no `/`, not `.`/`..` or hidden), and the file,
+    /// if it exists, not a symbolic link. Reads then go through
+    /// [`hash_file`] / [`open_snapshot_file`], which refuse links and FIFOs.
+    pub(crate) fn snapshot_file(&self, m: &SnapshotMeta, name: &str) -> Result<PathBuf> {
+        if !is_plain_name(&m.id) || !is_plain_name(name) {
+            return Err(Error::integrity(format!(
+                "snapshot {:?}: snapshot.json names the file {name:?}, which is not a file inside the snapshot; refused",
+                m.id
+            )));
+        }
+        Ok(self.snapshot_dir(&m.id).join(name))
+    }
+
     /// Open an existing repository.
     pub fn open(root: &Path) -> Result<Repo> {
         let marker = root.join(MARKER);
@@ -325,10 +342,38 @@ pub(crate) fn chunk_list(m: &SnapshotMeta) -> Result<Vec<(ChunkId, u64)>> {
         .collect()
 }
 
+/// True when `name` is one plain, visible file name: what a snapshot's own
+/// files are called (never absolute, never a path, never `..`).
+pub(crate) fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0'])
+}
+
+/// Open a repository file for reading: a regular file only, never through a
+/// symbolic link, never blocking on a FIFO ([`crate::durable::open_regular`]).
+/// A file that is not a regular one is a damaged (or forged) snapshot.
+pub(crate) fn open_snapshot_file(path: &Path) -> Result<fs::File> {
+    crate::durable::open_regular(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput => {
+            Error::integrity(format!("{} {e}: the snapshot is damaged", path.display()))
+        }
+        _ => Error::from_io(e, format!("opening {}", path.display())),
+    })
+}
+
+/// Read a (small) snapshot file whole, as [`open_snapshot_file`] opens it.
+pub(crate) fn read_snapshot_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    open_snapshot_file(path)?
+        .read_to_end(&mut text)
+        .ctx(format!("reading {}", path.display()))?;
+    Ok(text)
+}
+
 /// SHA-256 and length of a file, streamed.
 pub(crate) fn hash_file(path: &Path) -> Result<(Hash, u64)> {
     use std::io::Read;
-    let mut f = fs::File::open(path).ctx(format!("opening {}", path.display()))?;
+    let mut f = open_snapshot_file(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;

@@ -2,7 +2,6 @@
 //! and the onion service's keys, sealed with the backup passphrase, and
 //! opening the key again for a restore.
 
-use std::fs;
 use std::path::Path;
 
 use zeroize::Zeroizing;
@@ -11,7 +10,7 @@ use super::super::write_atomic;
 use super::{
     file_entry, FileEntry, IdentityInfo, Repo, SnapshotMeta, WithIdentity, KEY_FILE, ONION_FILE,
 };
-use crate::error::{Error, IoContext, Kind, Result};
+use crate::error::{Error, Kind, Result};
 use crate::identity::{self, Identity};
 use crate::node::Paths;
 
@@ -56,9 +55,16 @@ pub(crate) fn open_identity(
             m.id
         ))
     })?;
-    let path = repo.snapshot_dir(&m.id).join(&info.file);
-    let text = fs::read_to_string(&path).ctx(format!("reading {}", path.display()))?;
-    if !identity::is_sealed_pem(&text) {
+    let path = repo.snapshot_file(m, &info.file)?;
+    // Listed, so verify_files checked it (its SHA-256, a regular file) before.
+    if !m.files.iter().any(|f| f.path == info.file) {
+        return Err(Error::integrity(format!(
+            "snapshot {}: snapshot.json does not list the sealed key {:?} among its files",
+            m.id, info.file
+        )));
+    }
+    let text = super::read_snapshot_file(&path)?;
+    if !identity::is_sealed_pem(&String::from_utf8_lossy(&text)) {
         return Err(Error::integrity(format!(
             "{} is not a sealed key",
             path.display()

@@ -182,6 +182,7 @@ fn copy_new_chunks(
         skip_existing: true,
         src_label: "the data dir",
         staged: false,
+        outside_src: false,
     };
     let stats = copy::copy_chunks(&job, &facts.chunks, &|done| progress(done, total)).map_err(|e| match e.kind() {
         Kind::Integrity | Kind::NotFound => e.context("backup stopped (run `bitsync verify` on the node, which quarantines damaged chunks, then back up again)"),

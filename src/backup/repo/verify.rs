@@ -86,7 +86,7 @@ fn check_listed_files(report: &mut VerifyReport, dir: &Path, m: &SnapshotMeta) {
     for f in &m.files {
         listed.insert(f.path.as_str(), f);
         report.files_checked += 1;
-        if f.path.contains('/') || f.path.starts_with('.') {
+        if !super::is_plain_name(&f.path) {
             report.problems.push(format!(
                 "{}: snapshot.json lists a file outside the snapshot",
                 rel(&f.path)
@@ -240,7 +240,7 @@ pub(crate) fn verify_files(repo: &Repo, m: &SnapshotMeta) -> Result<Vec<String>>
     let mut problems = Vec::new();
     for f in &m.files {
         let rel = format!("snapshots/{}/{}", m.id, f.path);
-        if f.path.contains('/') || f.path.starts_with('.') {
+        if !super::is_plain_name(&f.path) {
             problems.push(format!("{rel}: listed outside the snapshot"));
             continue;
         }
@@ -285,7 +285,7 @@ pub(crate) fn verify_files(repo: &Repo, m: &SnapshotMeta) -> Result<Vec<String>>
 /// Copy one snapshot file to `dst` (new), checking it against its entry as it goes, and fsync it.
 pub(crate) fn copy_file_verified(src: &Path, dst: &Path, expect: &FileEntry) -> Result<()> {
     use std::io::{Read, Write};
-    let mut f = fs::File::open(src).ctx(format!("opening {}", src.display()))?;
+    let mut f = super::open_snapshot_file(src)?;
     let mut out = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
