@@ -11,6 +11,7 @@ use super::{confirm, Cli};
 use crate::backup::{clone_instance, human_bytes};
 use crate::error::{Error, Result};
 use crate::node::Paths;
+use super::output::outln;
 
 #[derive(Args, Debug)]
 pub(crate) struct CloneInstanceArgs {
@@ -103,6 +104,6 @@ pub(super) fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
             out.source_node_id
         ),
     }
-    println!("{}", out.node_id);
+    outln!("{}", out.node_id);
     Ok(())
 }

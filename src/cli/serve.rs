@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::node::Paths;
 use crate::proto::admin_client::AdminClient;
 use crate::transport::admin_channel;
+use super::output::outln;
 
 pub(super) fn serve(cli: &Cli, listen: Option<String>, tor: bool) -> Result<()> {
     let n = cli.open_node()?;
@@ -31,7 +32,7 @@ pub(super) fn invite(data_dir: &Path, ttl: Duration) -> Result<()> {
             "one-time invite, valid for {}; on the other node run: bitsync clone <token>",
             humantime::format_duration(ttl)
         );
-        println!("{}", r.token);
+        outln!("{}", r.token);
         Ok(())
     })
 }
@@ -63,7 +64,7 @@ pub(super) fn status(data_dir: &Path) -> Result<()> {
             "stored_bytes": s.stored_bytes, "head_seq": s.head_seq, "trusted_peers": s.trusted_peers,
             "jobs": jobs, "uptime_ms": s.uptime_ms,
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         Ok(())
     })
 }
