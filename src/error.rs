@@ -335,7 +335,10 @@ mod tests {
         assert_eq!(quote("abc"), "\"abc\"");
         let long = "é".repeat(1000);
         let q = quote(&long);
-        assert!(q.starts_with(&format!("{:?}", "é".repeat(MAX_QUOTED))), "{q}");
+        assert!(
+            q.starts_with(&format!("{:?}", "é".repeat(MAX_QUOTED))),
+            "{q}"
+        );
         assert!(q.ends_with("… (2000 bytes)"), "{q}");
     }
 
@@ -343,6 +346,9 @@ mod tests {
     fn status_messages_are_bounded() {
         let s = tonic::Status::from(Error::invalid("x".repeat(100_000)));
         assert_eq!(s.message().chars().count(), MAX_STATUS_MESSAGE + 1);
-        assert_eq!(tonic::Status::from(Error::invalid("short")).message(), "short");
+        assert_eq!(
+            tonic::Status::from(Error::invalid("short")).message(),
+            "short"
+        );
     }
 }

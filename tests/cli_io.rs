@@ -50,7 +50,11 @@ fn output_into_a_closed_pipe_ends_quietly() {
     ] {
         let o = into_closed_pipe(&dir, &args);
         assert_eq!(o.code, 0, "bitsync {args:?} into a closed pipe: {o:?}");
-        assert!(o.stderr.is_empty(), "bitsync {args:?} printed: {}", o.stderr);
+        assert!(
+            o.stderr.is_empty(),
+            "bitsync {args:?} printed: {}",
+            o.stderr
+        );
     }
     // The exit code of a failing command is still its own.
     let o = into_closed_pipe(&dir, &["get", &"0".repeat(64)]);
@@ -98,6 +102,9 @@ fn clone_reads_the_token_from_stdin_or_a_file() {
     assert_eq!(o.code, 2, "{o:?}");
     assert!(o.stderr.contains("stdin holds no invite token"), "{o:?}");
     // A token argument and a token file together are refused by clap.
-    let o = at(&tmp.path().join("both"), &["clone", "x", "--token-file", "/dev/null"]);
+    let o = at(
+        &tmp.path().join("both"),
+        &["clone", "x", "--token-file", "/dev/null"],
+    );
     assert_eq!(o.code, 2, "{o:?}");
 }

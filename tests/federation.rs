@@ -1384,8 +1384,16 @@ async fn a_huge_id_is_not_echoed_whole_in_errors() {
         .expect_err("a 1 MB chunk id is refused");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     let msg = e.message();
-    assert!(msg.len() < 300, "{} bytes echoed: {}…", msg.len(), &msg[..200.min(msg.len())]);
-    assert!(msg.contains("chunk id") && msg.contains("zzzz") && msg.contains("…"), "{msg}");
+    assert!(
+        msg.len() < 300,
+        "{} bytes echoed: {}…",
+        msg.len(),
+        &msg[..200.min(msg.len())]
+    );
+    assert!(
+        msg.contains("chunk id") && msg.contains("zzzz") && msg.contains("…"),
+        "{msg}"
+    );
     assert!(msg.contains(&format!("{} bytes", huge.len())), "{msg}");
 
     let r = fed

@@ -33,7 +33,13 @@ fn a_source_cannot_fill_the_peer_table() {
     put(&node, "x", b"some content");
     drop(node);
     let mut peers: Vec<(String, String, String)> = (0..1500)
-        .map(|i| (fake_id(i), format!("p{i}"), format!("127.0.0.1:{}", 1000 + i)))
+        .map(|i| {
+            (
+                fake_id(i),
+                format!("p{i}"),
+                format!("127.0.0.1:{}", 1000 + i),
+            )
+        })
         .collect();
     for i in 0..5 {
         peers[i * 7].1 = "n".repeat(10_000); // a name over the limit
@@ -65,5 +71,11 @@ fn a_source_cannot_fill_the_peer_table() {
         .unwrap();
     assert_eq!(junk, 0);
     // The content came all the same.
-    assert_eq!(ok_at(&b, &["ls", "--json"]).text().matches("content_id").count(), 1);
+    assert_eq!(
+        ok_at(&b, &["ls", "--json"])
+            .text()
+            .matches("content_id")
+            .count(),
+        1
+    );
 }

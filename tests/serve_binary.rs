@@ -40,7 +40,11 @@ fn cert_pem(dir: &Path) -> String {
 
 /// The services `grpcurl list` printed, sorted.
 fn listed(out: &str) -> Vec<String> {
-    let mut v: Vec<String> = out.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let mut v: Vec<String> = out
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     v.sort();
     v
 }
@@ -156,7 +160,11 @@ fn grpcurl_lists_describes_and_calls_a_running_node() {
     c.args(["-max-time", "20", "-cacert"]).arg(&a_pem);
     c.args(["-servername", "bitsync", &node.addr, "list"]);
     let list = run_within(&mut c, Duration::from_secs(30)).ok("grpcurl list on TCP");
-    assert_eq!(listed(&list), served_with("bitsync.v1.Federation"), "{list}");
+    assert_eq!(
+        listed(&list),
+        served_with("bitsync.v1.Federation"),
+        "{list}"
+    );
     let listing = fed(
         &b_pem,
         &b.join("node.key"),
@@ -323,7 +331,11 @@ fn stock_clients_on_the_admin_socket_need_a_valid_authority() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/admin_status.py");
     let python = |authority: Option<&str>| {
         let mut cmd = Command::new("python3");
-        cmd.arg(&script).arg("--stubs").arg(&stubs).arg("--socket").arg(&sock);
+        cmd.arg(&script)
+            .arg("--stubs")
+            .arg(&stubs)
+            .arg("--socket")
+            .arg(&sock);
         if let Some(a) = authority {
             cmd.args(["--authority", a]);
         }
@@ -337,10 +349,13 @@ fn stock_clients_on_the_admin_socket_need_a_valid_authority() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"], "INTERNAL", "{v}");
 
-    let status = admin_grpcurl(&sock, &["bitsync.v1.Admin/Status"]).ok("grpcurl -authority localhost");
+    let status =
+        admin_grpcurl(&sock, &["bitsync.v1.Admin/Status"]).ok("grpcurl -authority localhost");
     assert!(status.contains(&id), "{status}");
     let mut bare = Command::new(grpcurl());
-    bare.args(["-plaintext", "-unix"]).arg(&sock).arg("bitsync.v1.Admin/Status");
+    bare.args(["-plaintext", "-unix"])
+        .arg(&sock)
+        .arg("bitsync.v1.Admin/Status");
     let out = run_within(&mut bare, Duration::from_secs(60));
     assert!(!out.status.success(), "grpcurl without -authority: {out:?}");
     assert!(out.stderr.contains("PROTOCOL_ERROR"), "{out:?}");
@@ -356,10 +371,12 @@ fn admin_over_tcp_has_reflection_listing_admin_only() {
     let a = tmp.path().join("a");
     let id = init(&a);
     let port = free_port();
-    let cfg = std::fs::read_to_string(a.join("config.toml")).unwrap().replace(
-        "admin_peers = []",
-        &format!("admin_listen = \"127.0.0.1:{port}\"\nadmin_peers = []"),
-    );
+    let cfg = std::fs::read_to_string(a.join("config.toml"))
+        .unwrap()
+        .replace(
+            "admin_peers = []",
+            &format!("admin_listen = \"127.0.0.1:{port}\"\nadmin_peers = []"),
+        );
     std::fs::write(a.join("config.toml"), cfg).unwrap();
     let mut node = Serve::start(&a);
     let a_pem = tmp.path().join("a.pem");
@@ -367,7 +384,10 @@ fn admin_over_tcp_has_reflection_listing_admin_only() {
     let call = |args: &[&str]| {
         let mut c = Command::new(grpcurl());
         c.args(["-max-time", "20", "-cacert"]).arg(&a_pem);
-        c.arg("-cert").arg(&a_pem).arg("-key").arg(a.join("node.key"));
+        c.arg("-cert")
+            .arg(&a_pem)
+            .arg("-key")
+            .arg(a.join("node.key"));
         c.args(["-servername", "bitsync", &format!("127.0.0.1:{port}")]);
         run_within(c.args(args), Duration::from_secs(30))
     };
@@ -391,7 +411,9 @@ fn certificate_common_name_fits_rfc_5280() {
     let id = init(&a);
     let pem = cert_pem(&a);
     let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     let cn = cert
         .subject()
@@ -401,7 +423,11 @@ fn certificate_common_name_fits_rfc_5280() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(cn.chars().count() <= 64, "CN {cn:?} is {} characters", cn.chars().count());
+    assert!(
+        cn.chars().count() <= 64,
+        "CN {cn:?} is {} characters",
+        cn.chars().count()
+    );
     assert_eq!(cn, format!("bitsync {}", &id[..12]));
     let spki = cert.tbs_certificate.subject_pki.raw;
     assert_eq!(hex::encode(Sha256::digest(spki)), id);

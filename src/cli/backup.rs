@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use super::output::outln;
 use super::{progress_bar, Cli};
 use crate::backup::{human_bytes, repo, restore};
 use crate::error::{Error, Result};
 use crate::node::Paths;
-use super::output::outln;
 
 /// `bitsync backup --repo DIR` makes a snapshot; `bitsync backup verify|ls --repo DIR` read the repository.
 #[derive(Args, Debug)]
@@ -183,7 +183,12 @@ fn list(repo_dir: &std::path::Path, json: bool) -> Result<()> {
     } else {
         outln!(
             "{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  KEY",
-            "SNAPSHOT", "TIME", "NODE", "ITEMS", "CHUNKS", "SIZE"
+            "SNAPSHOT",
+            "TIME",
+            "NODE",
+            "ITEMS",
+            "CHUNKS",
+            "SIZE"
         );
         for m in &all {
             outln!(

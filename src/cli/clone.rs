@@ -8,11 +8,11 @@ use super::{progress_bar, runtime, Cli};
 use crate::backup::hybrid::RepoChunks;
 use zeroize::Zeroizing;
 
+use super::output::outln;
 use crate::error::{Error, IoContext, Result};
 use crate::node::{self, InitOutcome, Node};
 use crate::replicator::ChunkSource;
 use crate::transport::Dialer;
-use super::output::outln;
 
 /// The longest line read as a token: a token with many addresses is a few
 /// KiB; anything longer is not one.
@@ -42,11 +42,17 @@ pub(super) fn target(arg: Option<&str>, file: Option<&Path>) -> Result<Zeroizing
             let line = Zeroizing::new(text.lines().next().unwrap_or("").to_string());
             (line, format!("token file {}", f.display()))
         }
-        (None, None) => return Err(Error::invalid("give an invite token, a peer id, - or --token-file")),
+        (None, None) => {
+            return Err(Error::invalid(
+                "give an invite token, a peer id, - or --token-file",
+            ))
+        }
     };
     let t = line.trim();
     if t.is_empty() {
-        return Err(Error::invalid(format!("{from} holds no invite token (an empty first line)")));
+        return Err(Error::invalid(format!(
+            "{from} holds no invite token (an empty first line)"
+        )));
     }
     Ok(Zeroizing::new(t.to_string()))
 }

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::backup::bytes_bar;
+use super::output::outln;
 use super::{confirm, Cli};
 use crate::backup::{clone_instance, human_bytes};
 use crate::error::{Error, Result};
 use crate::node::Paths;
-use super::output::outln;
 
 #[derive(Args, Debug)]
 pub(crate) struct CloneInstanceArgs {

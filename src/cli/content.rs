@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
+use super::output::outln;
 use super::{progress_bar, Cli};
 use crate::content::{self, Output, PutOptions};
 use crate::crypto::Hash;
 use crate::error::{Error, IoContext, Result};
 use crate::node::Node;
-use super::output::outln;
 
 pub(super) fn put(cli: &Cli, file: &Path, kind: &str, name: Option<&str>) -> Result<()> {
     let n = cli.open_node()?;
@@ -124,7 +124,10 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
     }
     outln!(
         "{:<64}  {:<8} {:>12}  {:<8}  NAME",
-        "CONTENT ID", "KIND", "SIZE", "STATE"
+        "CONTENT ID",
+        "KIND",
+        "SIZE",
+        "STATE"
     );
     for (s, name, complete) in rows {
         outln!(

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::output::outln;
 use super::Cli;
 use crate::backup::import_axon;
 use crate::error::{Error, Result};
-use super::output::outln;
 
 #[derive(Args, Debug)]
 pub(crate) struct ImportAxonArgs {

@@ -2,12 +2,12 @@
 
 use clap::Subcommand;
 
+use super::output::outln;
 use crate::crypto::Hash;
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::store::PeerState;
 use crate::transport::PeerAddress;
-use super::output::outln;
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum PeerCommand {
@@ -79,7 +79,10 @@ fn list(n: &Node, json: bool) -> Result<()> {
     }
     outln!(
         "{:<64}  {:<8}  {:<6}  {:<24}  NAME",
-        "NODE ID", "STATE", "MIRROR", "ADDRESS"
+        "NODE ID",
+        "STATE",
+        "MIRROR",
+        "ADDRESS"
     );
     for p in peers {
         outln!(

@@ -4,12 +4,12 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::output::outln;
 use super::{runtime, Cli};
 use crate::error::{Error, Result};
 use crate::node::Paths;
 use crate::proto::admin_client::AdminClient;
 use crate::transport::admin_channel;
-use super::output::outln;
 
 pub(super) fn serve(cli: &Cli, listen: Option<String>, tor: bool) -> Result<()> {
     let n = cli.open_node()?;

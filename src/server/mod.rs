@@ -128,7 +128,9 @@ fn reflection(
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
             .with_service_name(service);
         for s in COMMON_SERVICES {
             b = b.with_service_name(s);
@@ -254,8 +256,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
 
     let mut tasks = Vec::new();
     if let Some(addr) = &node.config.admin_listen {
-        let tcp = AdminTcp { addr, tls: tls.clone(), health: &health };
-        tasks.push(serve_admin_tcp(state.clone(), tcp, shutdown_rx.clone()).await?);
+        tasks.push(serve_admin_tcp(state.clone(), addr, &tls, &health, &shutdown_rx).await?);
     }
 
     tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
@@ -389,23 +390,18 @@ fn admin_server(
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), wait_for(shutdown)))
 }
 
-/// Where and how Admin is served on TCP (`admin_listen`).
-struct AdminTcp<'a> {
-    addr: &'a str,
-    tls: Arc<rustls::ServerConfig>,
-    health: &'a HealthReporter,
-}
-
 /// Admin over TCP, inside the same node-pinned mutual TLS as Federation;
 /// only this node's own key and the ids in `admin_peers` may call it.
 /// Health and reflection are served beside it, as on the socket (they tell
 /// nothing the proto files do not), so grpcurl works there without `-proto`.
 async fn serve_admin_tcp(
     state: Arc<ServerState>,
-    tcp: AdminTcp<'_>,
-    shutdown: watch::Receiver<bool>,
+    addr: &str,
+    tls: &Arc<rustls::ServerConfig>,
+    health: &HealthReporter,
+    shutdown: &watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let AdminTcp { addr, tls, health } = tcp;
+    let (tls, shutdown) = (tls.clone(), shutdown.clone());
     let mut allowed = std::collections::HashSet::from([state.node.id()]);
     for p in &state.node.config.admin_peers {
         allowed.insert(crate::crypto::Hash::parse(p, "admin_peers entry")?);
