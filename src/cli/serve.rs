@@ -29,7 +29,8 @@ pub(super) fn invite(data_dir: &Path, ttl: Duration) -> Result<()> {
             .map_err(Error::from)?
             .into_inner();
         eprintln!(
-            "one-time invite, valid for {}; on the other node run: bitsync clone <token>",
+            "one-time invite, valid for {}; on the other node, give it to `bitsync clone -` on stdin \
+             (or `--token-file F`): as an argument, every local user can read it in `ps`",
             humantime::format_duration(ttl)
         );
         outln!("{}", r.token);
