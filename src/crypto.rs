@@ -64,7 +64,8 @@ impl Hash {
         let mut a = [0u8; 32];
         if s.len() != 64 || hex::decode_to_slice(s, &mut a).is_err() {
             return Err(Error::invalid(format!(
-                "{what} {s:?} is not 64 hex characters"
+                "{what} {} is not 64 hex characters",
+                crate::error::quote(s)
             )));
         }
         Ok(Hash(a))

@@ -54,7 +54,10 @@
 //! a `Problem`. So a message never holds a secret: no key bytes, passphrase,
 //! invite secret, plaintext or decrypted item name. Ids (node, content,
 //! chunk) are public and are named in full; Federation errors name chunk
-//! ids, not the paths of chunk files. A message received from a peer is
+//! ids, not the paths of chunk files. What a message quotes of outside
+//! input (a string that was meant to be an id, an address) goes through
+//! [`quote`], which cuts it to 80 characters, and every status message is
+//! cut to 512 characters, so a peer never gets its own megabyte back. A message received from a peer is
 //! kept as received (see `From<tonic::Status>`), so it is the peer's text,
 //! not ours.
 
@@ -237,9 +240,18 @@ impl From<rusqlite::Error> for Error {
 
 /// What a service sends: [`Error::code`] and the message, verbatim (see
 /// "Messages" above: it must hold nothing secret).
+///
+/// The message is cut to [`MAX_STATUS_MESSAGE`] characters: it travels in
+/// the `grpc-message` header, and whatever a message quotes of a request
+/// should already be cut by [`quote`]; this is the backstop for any that is not.
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        tonic::Status::new(e.code(), e.message)
+        let code = e.code();
+        let message = match e.message.char_indices().nth(MAX_STATUS_MESSAGE) {
+            Some((at, _)) => format!("{}…", &e.message[..at]),
+            None => e.message,
+        };
+        tonic::Status::new(code, message)
     }
 }
 
@@ -294,4 +306,49 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::io(format!("worker failed: {e}")))?
+}
+
+/// The most characters of outside input (an id, an address, a name from a
+/// request or a file) that a message quotes; the rest is cut and marked "…".
+pub(crate) const MAX_QUOTED: usize = 80;
+
+/// The most characters of a status message this node sends.
+pub(crate) const MAX_STATUS_MESSAGE: usize = 512;
+
+/// `s` quoted as `{:?}` does, cut to [`MAX_QUOTED`] characters of input, for
+/// a message that names what a peer or a file gave us. A peer that sends a
+/// 1 MB "chunk id" gets back its first 80 characters, not the whole of it
+/// in `grpc-message`; the length says how much there was.
+pub(crate) fn quote(s: &str) -> String {
+    match s.char_indices().nth(MAX_QUOTED) {
+        Some((at, _)) => format!("{:?}… ({} bytes)", &s[..at], s.len()),
+        None => format!("{s:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_cuts_long_input_and_keeps_short_input() {
+        assert_eq!(quote("abc"), "\"abc\"");
+        let long = "é".repeat(1000);
+        let q = quote(&long);
+        assert!(
+            q.starts_with(&format!("{:?}", "é".repeat(MAX_QUOTED))),
+            "{q}"
+        );
+        assert!(q.ends_with("… (2000 bytes)"), "{q}");
+    }
+
+    #[test]
+    fn status_messages_are_bounded() {
+        let s = tonic::Status::from(Error::invalid("x".repeat(100_000)));
+        assert_eq!(s.message().chars().count(), MAX_STATUS_MESSAGE + 1);
+        assert_eq!(
+            tonic::Status::from(Error::invalid("short")).message(),
+            "short"
+        );
+    }
 }

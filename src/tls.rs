@@ -45,16 +45,22 @@ pub(crate) fn certificate(id: &Identity) -> Result<CertificateDer<'static>> {
     .map_err(|e| Error::io(format!("loading the node key for TLS: {e}")))?;
     let mut params = rcgen::CertificateParams::new(vec![CERT_NAME.to_string()])
         .map_err(|e| Error::io(format!("certificate parameters: {e}")))?;
+    // The CN only helps a human reading the certificate: nothing matches on
+    // it (the node id is the SPKI's hash). It holds the short id, since
+    // RFC 5280 caps a CN at 64 characters and `bitsync node <64 hex>` was 77
+    // (Python's cryptography warned).
     let mut dn = rcgen::DistinguishedName::new();
-    dn.push(
-        rcgen::DnType::CommonName,
-        format!("bitsync node {}", id.id()),
-    );
+    dn.push(rcgen::DnType::CommonName, common_name(&id.id()));
     params.distinguished_name = dn;
     let cert = params
         .self_signed(&key)
         .map_err(|e| Error::io(format!("signing the node certificate: {e}")))?;
     Ok(cert.der().clone())
+}
+
+/// The subject CN of a node's certificate: `bitsync <first 12 hex of the id>`.
+pub(crate) fn common_name(id: &NodeId) -> String {
+    format!("bitsync {}", id.short())
 }
 
 /// The certificate as PEM, for third-party clients (grpcurl, grpcio).

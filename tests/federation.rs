@@ -1332,3 +1332,50 @@ async fn graceful_shutdown_ends_an_active_stream() {
     .await;
     assert!(again.is_err(), "a node that was shut down still answered");
 }
+
+/// A peer's input is quoted in errors only in part (issue 11, bug 7): a 1 MB
+/// "chunk id" came back whole in `grpc-message`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_id_is_not_echoed_whole_in_errors() {
+    let (_ts, server) = serve_node(&Cfg::default()).await;
+    let (_tc, caller) = make_node(&Cfg::default());
+    trust(&server, &caller.id());
+    let mut fed = connect(&caller, &server).await;
+    let huge = "z".repeat(1 << 20);
+    let e = fed
+        .stream_chunks(StreamChunksRequest {
+            chunk_ids: vec![huge.clone()],
+        })
+        .await
+        .expect_err("a 1 MB chunk id is refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let msg = e.message();
+    assert!(
+        msg.len() < 300,
+        "{} bytes echoed: {}…",
+        msg.len(),
+        &msg[..200.min(msg.len())]
+    );
+    assert!(
+        msg.contains("chunk id") && msg.contains("zzzz") && msg.contains("…"),
+        "{msg}"
+    );
+    assert!(msg.contains(&format!("{} bytes", huge.len())), "{msg}");
+
+    let r = fed
+        .get_manifests(GetManifestsRequest {
+            content_ids: vec![huge.clone()],
+        })
+        .await;
+    let text = match r {
+        Err(s) => s.message().to_string(),
+        Ok(r) => r.into_inner().results[0]
+            .problem
+            .as_ref()
+            .expect("a malformed id has a problem")
+            .message
+            .clone(),
+    };
+    assert!(text.len() < 300, "{} bytes echoed in a problem", text.len());
+    server.shutdown().await;
+}

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
+use super::output::outln;
 use super::{progress_bar, Cli};
 use crate::backup::{human_bytes, repo, restore};
 use crate::error::{Error, Result};
@@ -139,14 +140,14 @@ pub(super) fn backup(cli: &Cli, a: &BackupArgs) -> Result<()> {
             eprintln!("warning: {w}");
         }
     }
-    println!("{}", s.id);
+    outln!("{}", s.id);
     Ok(())
 }
 
 fn verify(repo_dir: &std::path::Path, snapshot: Option<&str>) -> Result<()> {
     let r = repo::verify(repo_dir, snapshot, &bytes_bar("verify"))?;
     for p in &r.problems {
-        println!("{p}");
+        outln!("{p}");
     }
     eprintln!(
         "checked {} snapshot(s): {} files, {} chunks ({}): {} problem(s)",
@@ -178,14 +179,19 @@ fn list(repo_dir: &std::path::Path, json: bool) -> Result<()> {
                     "chunk_bytes": m.counts.chunk_bytes, "with_identity": m.identity.is_some()})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
     } else {
-        println!(
+        outln!(
             "{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  KEY",
-            "SNAPSHOT", "TIME", "NODE", "ITEMS", "CHUNKS", "SIZE"
+            "SNAPSHOT",
+            "TIME",
+            "NODE",
+            "ITEMS",
+            "CHUNKS",
+            "SIZE"
         );
         for m in &all {
-            println!(
+            outln!(
                 "{:<22}  {:<20}  {:<12}  {:>8}  {:>8}  {:>10}  {}",
                 m.id,
                 m.created_at,
@@ -259,6 +265,6 @@ pub(super) fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
             }
         }
     }
-    println!("{}", out.node_id);
+    outln!("{}", out.node_id);
     Ok(())
 }

@@ -6,10 +6,56 @@ use std::sync::Arc;
 
 use super::{progress_bar, runtime, Cli};
 use crate::backup::hybrid::RepoChunks;
-use crate::error::{Error, Result};
+use zeroize::Zeroizing;
+
+use super::output::outln;
+use crate::error::{Error, IoContext, Result};
 use crate::node::{self, InitOutcome, Node};
 use crate::replicator::ChunkSource;
 use crate::transport::Dialer;
+
+/// The longest line read as a token: a token with many addresses is a few
+/// KiB; anything longer is not one.
+const MAX_TOKEN_LINE: u64 = 64 * 1024;
+
+/// What to clone from: the argument, or the token read from stdin (`-`) or
+/// from `--token-file`. A token on the command line is visible to every
+/// local user in `ps` until it is redeemed; stdin and a file are not.
+pub(super) fn target(arg: Option<&str>, file: Option<&Path>) -> Result<Zeroizing<String>> {
+    use std::io::{BufRead, Read};
+    let (line, from) = match (arg, file) {
+        (Some("-"), _) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .take(MAX_TOKEN_LINE)
+                .read_line(&mut line)
+                .ctx("reading the invite token from stdin")?;
+            (Zeroizing::new(line), "stdin".to_string())
+        }
+        (Some(a), _) => return Ok(Zeroizing::new(a.to_string())),
+        (None, Some(f)) => {
+            let mut text = Zeroizing::new(String::new());
+            std::fs::File::open(f)
+                .and_then(|h| h.take(MAX_TOKEN_LINE).read_to_string(&mut text))
+                .ctx(format!("token file {}", f.display()))?;
+            let line = Zeroizing::new(text.lines().next().unwrap_or("").to_string());
+            (line, format!("token file {}", f.display()))
+        }
+        (None, None) => {
+            return Err(Error::invalid(
+                "give an invite token, a peer id, - or --token-file",
+            ))
+        }
+    };
+    let t = line.trim();
+    if t.is_empty() {
+        return Err(Error::invalid(format!(
+            "{from} holds no invite token (an empty first line)"
+        )));
+    }
+    Ok(Zeroizing::new(t.to_string()))
+}
 
 pub(super) fn clone(cli: &Cli, token_or_peer: &str, from_backup: Option<&Path>) -> Result<()> {
     let local = from_backup.map(RepoChunks::open).transpose()?.map(Arc::new);
@@ -74,7 +120,7 @@ async fn clone_command(n: Node, target: &str, local: Option<Arc<RepoChunks>>) ->
         .filter(|id| !n.db.is_complete(id).unwrap_or(false))
         .count();
     let secs = out.elapsed.as_secs_f64().max(0.001);
-    println!(
+    outln!(
         "cloned {} items ({} new), {} bytes received in {:.1} s ({:.1} MB/s)",
         ids.len(),
         out.items,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::backup::bytes_bar;
+use super::output::outln;
 use super::{confirm, Cli};
 use crate::backup::{clone_instance, human_bytes};
 use crate::error::{Error, Result};
@@ -103,6 +104,6 @@ pub(super) fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
             out.source_node_id
         ),
     }
-    println!("{}", out.node_id);
+    outln!("{}", out.node_id);
     Ok(())
 }

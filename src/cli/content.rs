@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use super::output::outln;
 use super::{progress_bar, Cli};
 use crate::content::{self, Output, PutOptions};
 use crate::crypto::Hash;
@@ -37,7 +38,7 @@ pub(super) fn put(cli: &Cli, file: &Path, kind: &str, name: Option<&str>) -> Res
     };
     let id = content::put(&n, &mut input, &opts, &|done| pb.set_position(done))?;
     pb.finish_and_clear();
-    println!("{id}");
+    outln!("{id}");
     Ok(())
 }
 
@@ -52,9 +53,14 @@ pub(super) fn get(cli: &Cli, content_id: &str, output: Option<&Path>) -> Result<
             content::get(&n, &id, Output::File(p), &progress)?;
         }
         _ => {
-            let stdout = std::io::stdout();
-            let mut lock = stdout.lock();
-            content::get(&n, &id, Output::Stream(&mut lock), &progress)?;
+            let mut out = super::output::Stdout(std::io::stdout().lock());
+            match content::get(&n, &id, Output::Stream(&mut out), &progress) {
+                // The reader took what it wanted (`get ID | head -c 100`).
+                Err(_) if super::output::gone() => {}
+                r => {
+                    r?;
+                }
+            }
         }
     }
     pb.finish_and_clear();
@@ -69,7 +75,7 @@ pub(super) fn verify(n: &Node) -> Result<()> {
     })?;
     pb.finish_and_clear();
     for p in &report.problems {
-        println!("{p}");
+        outln!("{p}");
     }
     eprintln!(
         "checked {} chunks and {} manifests: {} problem(s)",
@@ -113,15 +119,18 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<64}  {:<8} {:>12}  {:<8}  NAME",
-        "CONTENT ID", "KIND", "SIZE", "STATE"
+        "CONTENT ID",
+        "KIND",
+        "SIZE",
+        "STATE"
     );
     for (s, name, complete) in rows {
-        println!(
+        outln!(
             "{:<64}  {:<8} {:>12}  {:<8}  {}",
             s.content_id,
             s.kind,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use super::output::outln;
 use super::Cli;
 use crate::backup::import_axon;
 use crate::error::{Error, Result};
@@ -32,7 +33,7 @@ pub(super) fn import_axon(cli: &Cli, a: &ImportAxonArgs) -> Result<()> {
     let (mut imported, mut already) = (0, 0);
     for it in &report.items {
         if applet.as_deref() != Some(it.applet.as_str()) {
-            println!("applet '{}'", it.applet);
+            outln!("applet '{}'", it.applet);
             applet = Some(it.applet.clone());
         }
         let (was_imported, was_already) = print_item(it);
@@ -81,7 +82,7 @@ fn print_item(it: &import_axon::ItemReport) -> (bool, bool) {
             if let Some(n) = native {
                 parts.push(format!("native {}", n));
             }
-            println!(
+            outln!(
                 "  {what}: complete, {}{}",
                 if *was {
                     "already imported: "
@@ -91,7 +92,7 @@ fn print_item(it: &import_axon::ItemReport) -> (bool, bool) {
                 parts.join(", ")
             );
             if let Some(n) = note {
-                println!("    note: {n}");
+                outln!("    note: {n}");
             }
             (true, *was)
         }
@@ -103,14 +104,14 @@ fn print_item(it: &import_axon::ItemReport) -> (bool, bool) {
                 (true, false) => "MISSING pieces",
                 _ => "CORRUPT",
             };
-            println!("  {what}: {state}, not imported");
+            outln!("  {what}: {state}, not imported");
             for p in problems {
-                println!("    {p}");
+                outln!("    {p}");
             }
             (false, false)
         }
         import_axon::Status::Failed { reason } => {
-            println!("  {what}: FAILED, not imported: {reason}");
+            outln!("  {what}: FAILED, not imported: {reason}");
             (false, false)
         }
     }

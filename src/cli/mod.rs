@@ -14,6 +14,7 @@ mod clone;
 mod clone_instance;
 mod content;
 mod import_axon;
+pub(crate) mod output;
 mod peer;
 mod serve;
 
@@ -26,6 +27,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, IoContext, Result};
 use crate::node::{self, InitOutcome, Node};
+use output::{out, outln};
 
 pub(crate) use backup::{BackupArgs, RestoreArgs};
 pub(crate) use clone_instance::CloneInstanceArgs;
@@ -125,7 +127,13 @@ pub(crate) enum Command {
     },
     /// Make this node a complete copy of a peer's instance, from an invite token or a trusted peer's id
     Clone {
-        token_or_peer: String,
+        /// An invite token, a trusted peer's id, or - to read the token from
+        /// stdin (one line), which keeps it out of `ps`
+        #[arg(required_unless_present = "token_file")]
+        token_or_peer: Option<String>,
+        /// Read the invite token from this file (its first line)
+        #[arg(long, value_name = "FILE", conflicts_with = "token_or_peer")]
+        token_file: Option<PathBuf>,
         /// Take chunks from this local backup repository (hash-checked); only the rest comes over the network
         #[arg(long, value_name = "DIR")]
         from_backup: Option<PathBuf>,
@@ -220,6 +228,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 pub fn run(cli: &Cli) -> Result<()> {
     crate::tls::install_crypto_provider();
+    output::check(dispatch(cli))
+}
+
+fn dispatch(cli: &Cli) -> Result<()> {
     match &cli.command {
         Command::Init { seal } => init(cli, *seal),
         Command::Id { public_key, cert } => id(cli, *public_key, *cert),
@@ -233,8 +245,12 @@ pub fn run(cli: &Cli) -> Result<()> {
         Command::Status => serve::status(&cli.data_dir()),
         Command::Clone {
             token_or_peer,
+            token_file,
             from_backup,
-        } => clone::clone(cli, token_or_peer, from_backup.as_deref()),
+        } => {
+            let target = clone::target(token_or_peer.as_deref(), token_file.as_deref())?;
+            clone::clone(cli, &target, from_backup.as_deref())
+        }
         Command::Backup(a) => backup::backup(cli, a),
         Command::Restore(a) => backup::restore(cli, a),
         Command::CloneInstance(a) => clone_instance::clone_instance(cli, a),
@@ -252,7 +268,7 @@ fn init(cli: &Cli, seal: bool) -> Result<()> {
     match node::init(&dir, pass.as_deref().map(|s| s.as_str()))? {
         InitOutcome::Created(id) => {
             eprintln!("initialized {}", dir.display());
-            println!("{id}");
+            outln!("{id}");
         }
         InitOutcome::AlreadyInitialized(_) if seal => {
             return Err(Error::exists(format!(
@@ -263,7 +279,7 @@ fn init(cli: &Cli, seal: bool) -> Result<()> {
         }
         InitOutcome::AlreadyInitialized(id) => {
             eprintln!("{} is already initialized; nothing changed", dir.display());
-            println!("{id}");
+            outln!("{id}");
         }
     }
     Ok(())
@@ -271,17 +287,17 @@ fn init(cli: &Cli, seal: bool) -> Result<()> {
 
 fn id(cli: &Cli, public_key: bool, cert: bool) -> Result<()> {
     let n = cli.open_node()?;
-    println!("{}", n.id());
+    outln!("{}", n.id());
     if !public_key && !cert {
         if let Ok(onion) = std::fs::read_to_string(n.paths.tor().join("hostname")) {
-            println!("{}:{}", onion.trim(), crate::tor::DEFAULT_ONION_PORT);
+            outln!("{}:{}", onion.trim(), crate::tor::DEFAULT_ONION_PORT);
         }
     }
     if public_key {
-        print!("{}", n.identity.public_pem());
+        out!("{}", n.identity.public_pem());
     }
     if cert {
-        print!("{}", crate::tls::certificate_pem(&n.identity)?);
+        out!("{}", crate::tls::certificate_pem(&n.identity)?);
     }
     Ok(())
 }

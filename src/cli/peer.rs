@@ -2,6 +2,7 @@
 
 use clap::Subcommand;
 
+use super::output::outln;
 use crate::crypto::Hash;
 use crate::error::{Error, Result};
 use crate::node::Node;
@@ -73,15 +74,18 @@ fn list(n: &Node, json: bool) -> Result<()> {
                     "state": p.state.as_str(), "mirror": p.mirror, "added_at_ms": p.added_at_ms})
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<64}  {:<8}  {:<6}  {:<24}  NAME",
-        "NODE ID", "STATE", "MIRROR", "ADDRESS"
+        "NODE ID",
+        "STATE",
+        "MIRROR",
+        "ADDRESS"
     );
     for p in peers {
-        println!(
+        outln!(
             "{:<64}  {:<8}  {:<6}  {:<24}  {}",
             p.node_id,
             p.state.as_str(),

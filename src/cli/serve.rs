@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use super::output::outln;
 use super::{runtime, Cli};
 use crate::error::{Error, Result};
 use crate::node::Paths;
@@ -28,10 +29,11 @@ pub(super) fn invite(data_dir: &Path, ttl: Duration) -> Result<()> {
             .map_err(Error::from)?
             .into_inner();
         eprintln!(
-            "one-time invite, valid for {}; on the other node run: bitsync clone <token>",
+            "one-time invite, valid for {}; on the other node, give it to `bitsync clone -` on stdin \
+             (or `--token-file F`): as an argument, every local user can read it in `ps`",
             humantime::format_duration(ttl)
         );
-        println!("{}", r.token);
+        outln!("{}", r.token);
         Ok(())
     })
 }
@@ -63,7 +65,7 @@ pub(super) fn status(data_dir: &Path) -> Result<()> {
             "stored_bytes": s.stored_bytes, "head_seq": s.head_seq, "trusted_peers": s.trusted_peers,
             "jobs": jobs, "uptime_ms": s.uptime_ms,
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         Ok(())
     })
 }

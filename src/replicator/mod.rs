@@ -68,6 +68,7 @@ use crate::store::{Peer, PeerState};
 use crate::transport::Dialer;
 
 mod accept;
+mod instance;
 mod jobs;
 mod mirror;
 mod planner;
@@ -242,23 +243,7 @@ impl Replicator {
                 Error::from(s).context(format!("asking {} for its instance", peer.node_id.short()))
             })?
             .into_inner();
-        let mut imported = 0;
-        for p in &cfg.peers {
-            let Ok(id) = Hash::parse(&p.node_id, "node id") else {
-                continue;
-            };
-            if id == self.node.id() || id == peer.node_id || p.state != "trusted" {
-                continue;
-            }
-            if self.node.db.import_peer(&id, &p.name, &p.address)? {
-                imported += 1;
-            }
-        }
-        for (k, v) in &cfg.settings {
-            if k.starts_with("instance.") {
-                self.node.db.set_setting(k, v)?;
-            }
-        }
+        let imported = instance::import(&self.node.db, &cfg, &self.node.id(), &peer.node_id)?;
         if imported > 0 {
             tracing::info!(
                 "imported {imported} peer(s) from {} for review (`bitsync peer ls`)",

@@ -99,7 +99,21 @@ pub struct ServeOptions {
     pub tor: bool,
 }
 
-fn reflection() -> Result<(
+/// The names every listener serves besides its own service.
+const COMMON_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Server reflection (v1 and v1alpha, for older grpcurl) listing exactly
+/// the services of one listener: `service`, health and reflection. With all
+/// descriptors listed, a client saw Admin on the federation port and got
+/// `Unimplemented` for calling it.
+#[allow(clippy::type_complexity)]
+fn reflection(
+    service: &str,
+) -> Result<(
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
@@ -108,18 +122,30 @@ fn reflection() -> Result<(
     >,
 )> {
     let err = |e: tonic_reflection::server::Error| Error::io(format!("building reflection: {e}"));
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(err)?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(err)?;
-    Ok((v1, v1alpha))
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .with_service_name(service);
+        for s in COMMON_SERVICES {
+            b = b.with_service_name(s);
+        }
+        b
+    };
+    Ok((
+        builder().build_v1().map_err(err)?,
+        builder().build_v1alpha().map_err(err)?,
+    ))
 }
+
+/// The gRPC names of the two services, as reflection lists them.
+const FEDERATION: &str = "bitsync.v1.Federation";
+const ADMIN: &str = "bitsync.v1.Admin";
 
 /// The old path of [`Dialer::for_node`], kept while tests and benches use it.
 pub fn dialer(node: &Node) -> Result<(Dialer, Option<Arc<TorHandle>>)> {
@@ -230,7 +256,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
 
     let mut tasks = Vec::new();
     if let Some(addr) = &node.config.admin_listen {
-        tasks.push(serve_admin_tcp(state.clone(), addr, tls.clone(), shutdown_rx.clone()).await?);
+        tasks.push(serve_admin_tcp(state.clone(), addr, &tls, &health, &shutdown_rx).await?);
     }
 
     tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
@@ -326,7 +352,7 @@ fn federation_server(
     health: &HealthReporter,
     shutdown: watch::Receiver<bool>,
 ) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
-    let (refl_v1, refl_v1alpha) = reflection()?;
+    let (refl_v1, refl_v1alpha) = reflection(FEDERATION)?;
     let limits = &state.node.config.limits;
     let timeout = Duration::from_secs(limits.request_timeout_secs);
     let svc = FederationServer::new(federation::FederationService::new(state))
@@ -352,7 +378,7 @@ fn admin_server(
     health: &HealthReporter,
     shutdown: watch::Receiver<bool>,
 ) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
-    let (refl_v1, refl_v1alpha) = reflection()?;
+    let (refl_v1, refl_v1alpha) = reflection(ADMIN)?;
     let svc = AdminServer::new(admin::AdminService::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -366,12 +392,16 @@ fn admin_server(
 
 /// Admin over TCP, inside the same node-pinned mutual TLS as Federation;
 /// only this node's own key and the ids in `admin_peers` may call it.
+/// Health and reflection are served beside it, as on the socket (they tell
+/// nothing the proto files do not), so grpcurl works there without `-proto`.
 async fn serve_admin_tcp(
     state: Arc<ServerState>,
     addr: &str,
-    tls: Arc<rustls::ServerConfig>,
-    shutdown: watch::Receiver<bool>,
+    tls: &Arc<rustls::ServerConfig>,
+    health: &HealthReporter,
+    shutdown: &watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
+    let (tls, shutdown) = (tls.clone(), shutdown.clone());
     let mut allowed = std::collections::HashSet::from([state.node.id()]);
     for p in &state.node.config.admin_peers {
         allowed.insert(crate::crypto::Hash::parse(p, "admin_peers entry")?);
@@ -402,9 +432,16 @@ async fn serve_admin_tcp(
                 }
             }
         };
-    let svc = AdminServer::with_interceptor(admin::AdminService::new(state), check);
+    let svc = AdminServer::new(admin::AdminService::new(state))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, check);
+    let (refl_v1, refl_v1alpha) = reflection(ADMIN)?;
     let server = Server::builder()
         .add_service(svc)
+        .add_service(health_server(health))
+        .add_service(refl_v1)
+        .add_service(refl_v1alpha)
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), wait_for(shutdown));
     Ok(tokio::spawn(async move {
         if let Err(e) = server.await {

@@ -87,9 +87,18 @@ pub fn run(cmd: &mut Command) -> Out {
 /// the test after `timeout`.
 #[track_caller]
 pub fn run_within(cmd: &mut Command, timeout: Duration) -> Out {
+    run_io(cmd, Stdio::null(), None, timeout)
+}
+
+/// [`run_within`] with `stdin` as the child's stdin and, if given, `stdout`
+/// as its stdout (then [`Out::stdout`] is empty): for a token on stdin, or
+/// a pipe whose reader is gone.
+#[track_caller]
+pub fn run_io(cmd: &mut Command, stdin: Stdio, stdout: Option<Stdio>, timeout: Duration) -> Out {
+    let captured = stdout.is_none();
     let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdin(stdin)
+        .stdout(stdout.unwrap_or_else(Stdio::piped))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
@@ -100,7 +109,10 @@ pub fn run_within(cmd: &mut Command, timeout: Duration) -> Out {
             b
         })
     };
-    let so = drain(Box::new(child.stdout.take().unwrap()));
+    let so = match child.stdout.take() {
+        Some(o) if captured => drain(Box::new(o)),
+        _ => drain(Box::new(std::io::empty())),
+    };
     let se = drain(Box::new(child.stderr.take().unwrap()));
     let end = Instant::now() + timeout;
     let status = loop {
