@@ -87,6 +87,63 @@ impl Cursor {
     }
 }
 
+/// The largest seq a peer may list: the store keeps seqs as SQLite integers
+/// (i64), so a larger one cannot be a real seq and could never be saved as a
+/// cursor without wrapping negative.
+pub(super) const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// Check a ListManifests page against the rules of the listing cursor
+/// (PROTOCOL.md §8): every seq after `after`, strictly increasing, at most
+/// `MAX_SEQ`, no more summaries than `limit`, each item once, and `more` only
+/// on a page that moved the cursor. A page that breaks one is a protocol
+/// violation: taken as it is, it could keep the sync asking for the same page
+/// forever or move the cursor back. Returns what is wrong, to be reported
+/// against the peer.
+pub(super) fn check_page(
+    after: u64,
+    limit: u32,
+    page: &[ManifestSummary],
+    more: bool,
+) -> std::result::Result<(), String> {
+    if page.len() > limit as usize {
+        return Err(format!(
+            "sent a page of {} items when at most {limit} were asked for",
+            page.len()
+        ));
+    }
+    if page.is_empty() && more {
+        return Err(format!(
+            "sent an empty page after seq {after} that says more are ready: it does not advance"
+        ));
+    }
+    let mut last = after;
+    let mut seen = HashSet::new();
+    for s in page {
+        if s.seq > MAX_SEQ {
+            return Err(format!(
+                "listed seq {} (item {}), over the largest seq a node can hold ({MAX_SEQ})",
+                s.seq, s.content_id
+            ));
+        }
+        if s.seq <= last {
+            let what = if s.seq <= after {
+                format!("at or before the cursor {after} it was asked to list after")
+            } else {
+                format!("after seq {last}: seqs must strictly increase")
+            };
+            return Err(format!(
+                "listed seq {} (item {}) {what}; the page does not advance",
+                s.seq, s.content_id
+            ));
+        }
+        if !seen.insert(s.content_id.as_str()) {
+            return Err(format!("listed item {} twice on one page", s.content_id));
+        }
+        last = s.seq;
+    }
+    Ok(())
+}
+
 /// What planning a page found to do.
 #[derive(Default)]
 pub(super) struct Plan {

@@ -12,7 +12,7 @@ use tonic::transport::Channel;
 
 use super::accept::accept_all;
 use super::jobs::Tracker;
-use super::planner::{Accepted, Cursor, PageWork};
+use super::planner::{check_page, Accepted, Cursor, PageWork, MAX_SEQ};
 use super::{client, transfer, Outcome, Replicator};
 use crate::crypto::{ChunkId, ContentId, Hash};
 use crate::error::blocking;
@@ -66,12 +66,7 @@ impl Replicator {
         t.phase(Phase::Connecting);
         let ch = self.channel(&peer.node_id, &peer.address).await?;
         // Re-read: the cursor may have moved since `peer` was loaded.
-        let value = self
-            .node
-            .db
-            .peer(&peer.node_id)?
-            .map(|p| p.cursor)
-            .unwrap_or(0);
+        let value = stored_cursor(&self.node, &peer.node_id)?;
         let mut s = PeerSync {
             rep: self,
             peer,
@@ -108,6 +103,16 @@ impl PeerSync<'_> {
         &self.rep.node
     }
 
+    /// The source broke the protocol: the sync stops (keeping what it
+    /// stored) with an error naming the peer. `Integrity`: the peer's answers
+    /// are wrong, retrying at once will not help (mirrors back off).
+    fn violation(&self, why: &str) -> Error {
+        Error::integrity(format!(
+            "protocol violation by peer {}: it {why}",
+            self.peer.node_id
+        ))
+    }
+
     /// Every page of the listing after the cursor.
     async fn pages(&mut self) -> Result<()> {
         let mut fed = client(self.ch.clone());
@@ -127,6 +132,9 @@ impl PeerSync<'_> {
                     ))
                 })?
                 .into_inner();
+            if let Err(why) = check_page(after, PAGE, &page.manifests, page.more) {
+                return Err(self.violation(&why));
+            }
             let Some(last) = page.manifests.last().map(|s| s.seq) else {
                 break;
             };
@@ -146,16 +154,19 @@ impl PeerSync<'_> {
         self.fetch_manifests(&need).await?;
         let ready = self.work.index_missing();
         self.settle(ready).await?;
+        let mut source = Ok(());
         if self.work.wanted_any() {
             self.adopt_strays().await?;
             self.take_local().await?;
-            self.fetch_from_source().await?;
+            source = self.fetch_from_source().await?;
             self.ask_others().await?;
         }
         // Whatever is still missing fails its items; the cursor stops before the first.
         let failed = self.work.fail_unfinished();
         self.incomplete.extend(failed);
-        self.advance().await
+        self.advance().await?;
+        // The source failed mid-page: what the others had is stored, and the sync ends here.
+        source
     }
 
     /// What do we hold already? (No signature checks: the rows were verified
@@ -317,4 +328,17 @@ fn store_complete(
         node.db.insert_manifests(&batch)?;
     }
     Ok(not_stored)
+}
+
+/// The saved cursor for `peer`. One over [`MAX_SEQ`] can only have been
+/// stored by a version that took a source's out-of-range seq (it reads back
+/// as a wrapped negative number); listing again from the start is safe (it
+/// never skips an item, complete ones cost a listing row each).
+pub(super) fn stored_cursor(node: &Node, peer: &crate::crypto::NodeId) -> Result<u64> {
+    let value = node.db.peer(peer)?.map(|p| p.cursor).unwrap_or(0);
+    if value > MAX_SEQ {
+        tracing::warn!(%peer, "the saved cursor {value} is out of range; listing from the start");
+        return Ok(0);
+    }
+    Ok(value)
 }

@@ -168,13 +168,22 @@ impl PeerSync<'_> {
         }
     }
 
-    /// Stream what is still missing from the source. A failure there, the
-    /// peer's or ours, ends the sync (the cursor keeps what was achieved);
-    /// the other peers are asked only for what the source said it cannot send.
-    pub(super) async fn fetch_from_source(&mut self) -> Result<()> {
+    /// Stream what is still missing from the source. A local failure ends
+    /// the sync at once (the outer error); the source's (the inner one: an
+    /// error status, a broken or stalled stream) is returned after every
+    /// chunk it did not deliver was marked with it, so that the other peers
+    /// are asked for them before the sync ends with it.
+    pub(super) async fn fetch_from_source(&mut self) -> Result<Result<()>> {
         self.t.phase(Phase::Chunks);
         let (peer, ch, want) = (self.peer, self.ch.clone(), self.work.still_missing());
-        self.fetch_into(peer, ch, want).await?
+        let r = self.fetch_into(peer, ch, want).await?;
+        if let Err(e) = &r {
+            let why = e.to_string();
+            let left = self.work.still_missing();
+            self.work
+                .undelivered(left.into_iter().map(|c| (c, why.clone())).collect());
+        }
+        Ok(r)
     }
 
     /// Ask the other trusted peers, one after the other, for the chunks the
@@ -265,8 +274,22 @@ async fn stream_group(
             return g.out;
         }
     };
+    let idle = stream_idle(&g.node);
     loop {
-        let msg = match stream.message().await {
+        let next = match tokio::time::timeout(idle, stream.message()).await {
+            Ok(next) => next,
+            Err(_) => {
+                // Dropping the stream cancels the call (RST_STREAM).
+                let e = Error::unavailable(format!(
+                    "chunk stream from {} stalled: no message for {} s (request_timeout_secs), cancelled",
+                    g.who,
+                    idle.as_secs()
+                ));
+                g.out.error = Some((e, false));
+                break;
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(s) => {
@@ -287,6 +310,16 @@ async fn stream_group(
         }
     }
     g.out
+}
+
+/// How long a chunk stream may go without a message before it is cancelled:
+/// the node's `request_timeout_secs`. The channel's request timeout covers a
+/// call only until its response headers; a peer that sends them and then
+/// nothing would otherwise hold the sync forever. One message is at most one
+/// chunk (2 MiB + 16 bytes), which takes 17 s at 1 Mbit/s: the default 60 s
+/// leaves room for slow links and Tor.
+fn stream_idle(node: &Node) -> std::time::Duration {
+    std::time::Duration::from_secs(node.config.limits.request_timeout_secs.max(1))
 }
 
 /// One StreamChunks call under way.

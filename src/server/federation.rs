@@ -43,6 +43,18 @@ pub(crate) fn problem(e: &Error) -> Problem {
     }
 }
 
+/// Refuse a cursor no node can hold: seqs are SQLite integers (i64), and
+/// a larger `after_seq` must not wrap negative and list from the start.
+fn check_after_seq(after_seq: u64) -> Result<(), Status> {
+    if after_seq > i64::MAX as u64 {
+        return Err(Status::invalid_argument(format!(
+            "after_seq {after_seq} is out of range: seqs go up to {}",
+            i64::MAX
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn summary_to_proto(s: &Summary) -> ManifestSummary {
     ManifestSummary {
         content_id: s.content_id.to_hex(),
@@ -386,6 +398,7 @@ impl Federation for FederationService {
     ) -> Result<Response<ListManifestsResponse>, Status> {
         self.trusted(&req)?;
         let r = req.into_inner();
+        check_after_seq(r.after_seq)?;
         let max = self.state.node.config.limits.list_page_max;
         let limit = if r.limit == 0 {
             DEFAULT_PAGE.min(max)
@@ -515,6 +528,7 @@ impl Federation for FederationService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (caller, _) = self.trusted(&req)?;
         let mut cursor = req.into_inner().after_seq;
+        check_after_seq(cursor)?;
         let slot = self.stream_slot(caller)?;
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
