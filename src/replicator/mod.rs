@@ -97,6 +97,27 @@ pub struct Outcome {
     pub bytes: u64,
     pub(crate) elapsed: Duration,
     pub(crate) errors: Vec<String>,
+    /// Items refused for good because of bad bytes (one line each).
+    pub(crate) rejected: Vec<String>,
+}
+
+impl Outcome {
+    /// A clone or sync with rejected items did not bring in everything the
+    /// peer listed: fail it (`Integrity`, exit 5), naming how many and the
+    /// first, once everything else is stored and the cursor saved. Items
+    /// skipped because the peer holds no key for them are not failures (the
+    /// peer cannot give them to anyone; they are listed again if it gains a
+    /// key) and stay reported only. Mirrors report rejections and go on.
+    fn fail_on_rejected(self, peer: &NodeId) -> Result<Outcome> {
+        let Some(first) = self.rejected.first() else {
+            return Ok(self);
+        };
+        Err(Error::integrity(format!(
+            "{} item(s) from {} were rejected (the rest is complete): {first}",
+            self.rejected.len(),
+            peer.short()
+        )))
+    }
 }
 
 /// Live state of a job, watched by Admin streams and `Status`.
@@ -176,7 +197,7 @@ impl Replicator {
             format!("sync:{}", peer.to_hex()),
             "sync",
             peer.to_hex(),
-            move |me, t| async move { me.sync_peer(&p, &t).await },
+            move |me, t| async move { me.sync_peer(&p, &t).await?.fail_on_rejected(&p.node_id) },
         ))
     }
 
@@ -265,7 +286,9 @@ impl Replicator {
                 peer.node_id.short()
             );
         }
-        self.sync_peer(&peer, t).await
+        self.sync_peer(&peer, t)
+            .await?
+            .fail_on_rejected(&peer.node_id)
     }
 
     /// Redeem an invite: pin the inviter, join, trust it.
@@ -336,6 +359,7 @@ pub async fn clone_now(
                     bytes: p.bytes_done,
                     elapsed: Duration::from_millis(p.elapsed_ms as u64),
                     errors: p.errors.clone(),
+                    ..Default::default()
                 };
                 return match r {
                     Ok(()) => Ok(out),

@@ -144,6 +144,70 @@ pub(super) fn check_page(
     Ok(())
 }
 
+/// The items whose manifests are still to be fetched, asked for in batches
+/// that adapt to what the peer can send: a peer stops a batch before the
+/// message cap and answers the ids it left out with RESOURCE_EXHAUSTED
+/// ("ask again"); those go first into the next batch, which is no larger
+/// than what the peer managed, and grows back (doubling) while answers are
+/// whole. A call refused whole as too large (an older peer) halves it.
+pub(super) struct ManifestQueue {
+    queue: std::collections::VecDeque<usize>,
+    size: usize,
+    max: usize,
+}
+
+impl ManifestQueue {
+    pub(super) fn new(need: &[usize], max: usize) -> ManifestQueue {
+        ManifestQueue {
+            queue: need.iter().copied().collect(),
+            size: max,
+            max,
+        }
+    }
+
+    /// The next batch to ask for (empty when every manifest was answered).
+    pub(super) fn next(&self) -> Vec<usize> {
+        self.queue.iter().take(self.size).copied().collect()
+    }
+
+    /// The peer answered `batch` but left out `left_out` (a subset): those
+    /// are asked again first. A peer that leaves out the whole batch never
+    /// advances: a protocol violation (what it did is returned).
+    pub(super) fn answered(
+        &mut self,
+        batch: &[usize],
+        left_out: &HashSet<usize>,
+    ) -> std::result::Result<(), String> {
+        if !batch.is_empty() && batch.iter().all(|i| left_out.contains(i)) {
+            return Err(format!(
+                "answered none of the {} manifests asked for (all left out of a full batch)",
+                batch.len()
+            ));
+        }
+        self.queue.drain(..batch.len());
+        for &i in batch.iter().rev().filter(|i| left_out.contains(i)) {
+            self.queue.push_front(i);
+        }
+        let got = batch.len() - left_out.len();
+        self.size = if left_out.is_empty() {
+            (self.size * 2).min(self.max)
+        } else {
+            got.max(1)
+        };
+        Ok(())
+    }
+
+    /// The whole call was refused as too large: halve the batch. False when
+    /// it was one manifest already (nothing smaller to ask).
+    pub(super) fn too_large(&mut self, batch: usize) -> bool {
+        if batch <= 1 {
+            return false;
+        }
+        self.size = batch / 2;
+        true
+    }
+}
+
 /// What planning a page found to do.
 #[derive(Default)]
 pub(super) struct Plan {
@@ -170,6 +234,8 @@ pub(super) struct PageWork {
     next: usize,
     /// Other trusted peers asked for chunks the source could not send.
     others_asked: Vec<String>,
+    /// Why each item refused for good (bad bytes, not "skipped") was refused.
+    rejected: Vec<String>,
 }
 
 impl PageWork {
@@ -241,11 +307,15 @@ impl PageWork {
                     };
                     let msg = format!("item {cid} from {who}: {e}{note}");
                     report.push(msg.clone());
-                    refused.push((i, state, msg));
+                    let bad = e.kind() == Kind::Integrity;
+                    refused.push((i, state, msg, bad));
                 }
             }
         }
-        for (i, state, msg) in refused {
+        for (i, state, msg, bad) in refused {
+            if bad {
+                self.rejected.push(msg.clone());
+            }
             self.items[i].state = state;
             self.items[i].problem = Some(msg);
         }
@@ -336,6 +406,14 @@ impl PageWork {
             }
             p.push_str(&why);
         }
+    }
+
+    /// The items of this page refused for good because of bad bytes (a
+    /// signature, an id, an envelope, a chunk's length), one line each; the
+    /// job reports them and fails once the rest is done. Skipped items (the
+    /// peer holds no key for them) are not among them.
+    pub(super) fn take_rejected(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.rejected)
     }
 
     /// Another trusted peer was asked for what the source could not send.
@@ -537,6 +615,10 @@ mod tests {
         assert!(report[3].contains("not asked for"), "{report:?}");
         let silent = work.items[3].problem.as_deref().unwrap();
         assert!(silent.contains("did not answer"), "{silent}");
+        // Only the bad bytes count as rejected; the skipped item does not.
+        let rejected = work.take_rejected();
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(rejected[0].contains("item1"), "{rejected:?}");
         let mut c = cursor(0);
         work.advance(&mut c);
         assert_eq!(c.value, 2);
@@ -627,6 +709,56 @@ mod tests {
         assert_eq!(c.value, 0);
         let failed = work.fail_unfinished();
         assert!(failed[0].contains("vanished"), "{failed:?}");
+    }
+
+    #[test]
+    fn manifests_left_out_of_a_full_batch_are_asked_again_first() {
+        let mut q = ManifestQueue::new(&[0, 1, 2, 3, 4, 5], 4);
+        assert_eq!(q.next(), [0, 1, 2, 3]);
+        // The peer included 0 and 1 only.
+        q.answered(&[0, 1, 2, 3], &HashSet::from([2, 3])).unwrap();
+        assert_eq!(q.next(), [2, 3], "no more than the peer managed");
+        q.answered(&[2, 3], &HashSet::new()).unwrap();
+        assert_eq!(q.next(), [4, 5], "grows back while answers are whole");
+        q.answered(&[4, 5], &HashSet::new()).unwrap();
+        assert!(q.next().is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_leaves_out_a_whole_batch_is_a_violation_and_too_large_halves() {
+        let mut q = ManifestQueue::new(&[0, 1, 2, 3], 4);
+        let e = q.answered(&[0, 1, 2, 3], &HashSet::from([0, 1, 2, 3]));
+        assert!(e.unwrap_err().contains("none of the 4"));
+        assert!(q.too_large(4));
+        assert_eq!(q.next(), [0, 1]);
+        assert!(q.too_large(2));
+        assert_eq!(q.next(), [0]);
+        assert!(!q.too_large(1), "one manifest cannot be split");
+    }
+
+    #[test]
+    fn a_page_that_does_not_advance_is_refused() {
+        let p = |seqs: &[u64]| -> Vec<ManifestSummary> {
+            seqs.iter().map(|&s| summary(s, 0, 0)).collect()
+        };
+        assert!(check_page(10, 500, &p(&[11, 12, 40]), true).is_ok());
+        assert!(check_page(10, 500, &[], false).is_ok());
+        // The same page again (its seqs are not after the cursor), with more.
+        let e = check_page(40, 500, &p(&[11, 12, 40]), true).unwrap_err();
+        assert!(e.contains("does not advance"), "{e}");
+        // Backwards within a page, a repeat, an empty page saying more.
+        assert!(check_page(10, 500, &p(&[12, 11]), false).is_err());
+        assert!(check_page(10, 500, &p(&[12, 12]), false).is_err());
+        assert!(check_page(10, 500, &[], true).is_err());
+        // Over the largest seq a node holds, or a page larger than asked.
+        let e = check_page(10, 500, &p(&[MAX_SEQ + 1]), false).unwrap_err();
+        assert!(e.contains("largest seq"), "{e}");
+        assert!(check_page(10, 500, &p(&[MAX_SEQ]), false).is_ok());
+        assert!(check_page(0, 2, &p(&[1, 2, 3]), false).is_err());
+        // The same item twice on one page.
+        let mut twice = p(&[11, 12]);
+        twice[1].content_id = twice[0].content_id.clone();
+        assert!(check_page(10, 500, &twice, false).unwrap_err().contains("twice"));
     }
 
     #[test]

@@ -5,20 +5,22 @@
 //! moving the cursor over the settled prefix. Every step works on one
 //! [`PeerSync`]; the decisions are the planner's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use tonic::transport::Channel;
 
 use super::accept::accept_all;
 use super::jobs::Tracker;
-use super::planner::{check_page, Accepted, Cursor, PageWork, MAX_SEQ};
+use super::planner::{check_page, Accepted, Cursor, ManifestQueue, PageWork, MAX_SEQ};
 use super::{client, transfer, Outcome, Replicator};
 use crate::crypto::{ChunkId, ContentId, Hash};
 use crate::error::blocking;
 use crate::error::{Error, Kind, Result};
 use crate::node::Node;
-use crate::proto::{progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestSummary};
+use crate::proto::{
+    progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestResult, ManifestSummary,
+};
 use crate::store::Peer;
 
 /// Items asked for in one ListManifests call.
@@ -164,6 +166,8 @@ impl PeerSync<'_> {
         // Whatever is still missing fails its items; the cursor stops before the first.
         let failed = self.work.fail_unfinished();
         self.incomplete.extend(failed);
+        let rejected = self.work.take_rejected();
+        self.out.rejected.extend(rejected);
         self.advance().await?;
         // The source failed mid-page: what the others had is stored, and the sync ends here.
         source
@@ -208,18 +212,31 @@ impl PeerSync<'_> {
         self.t.phase(Phase::Manifests);
         let mut fed = client(self.ch.clone());
         let who = self.peer.node_id.short();
-        for batch in need.chunks(MANIFEST_BATCH) {
+        let mut queue = ManifestQueue::new(need, MANIFEST_BATCH);
+        loop {
+            let batch = queue.next();
+            if batch.is_empty() {
+                break;
+            }
             let ids: Vec<String> = batch
                 .iter()
                 .map(|&i| self.work.items[i].content_id.clone())
                 .collect();
-            let resp = fed
+            let resp = match fed
                 .get_manifests(GetManifestsRequest { content_ids: ids })
                 .await
-                .map_err(|s| Error::from(s).context(format!("fetching manifests from {who}")))?
-                .into_inner();
-            let verdicts = accept_all(self.node(), resp.results).await?;
-            let (accepted, report) = self.work.judge(batch, verdicts, &who);
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) if too_large(&s) && queue.too_large(batch.len()) => continue,
+                Err(s) => {
+                    return Err(Error::from(s).context(format!("fetching manifests from {who}")))
+                }
+            };
+            let (results, left_out) = self.left_out(&batch, resp.results);
+            queue.answered(&batch, &left_out).map_err(|why| self.violation(&why))?;
+            let batch: Vec<usize> = batch.into_iter().filter(|i| !left_out.contains(i)).collect();
+            let verdicts = accept_all(self.node(), results).await?;
+            let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {
                 self.t.error(line);
             }
@@ -247,6 +264,35 @@ impl PeerSync<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Split a GetManifests answer into the results to judge and the items
+    /// of `batch` the peer left out of a full batch (RESOURCE_EXHAUSTED:
+    /// "ask again").
+    fn left_out(
+        &self,
+        batch: &[usize],
+        results: Vec<ManifestResult>,
+    ) -> (Vec<ManifestResult>, HashSet<usize>) {
+        let index: HashMap<&str, usize> = batch
+            .iter()
+            .map(|&i| (self.work.items[i].content_id.as_str(), i))
+            .collect();
+        let mut left = HashSet::new();
+        let mut kept = Vec::with_capacity(results.len());
+        for r in results {
+            let full = r
+                .problem
+                .as_ref()
+                .is_some_and(|p| p.code == tonic::Code::ResourceExhausted as i32);
+            match index.get(r.content_id.as_str()) {
+                Some(&i) if full => {
+                    left.insert(i);
+                }
+                _ => kept.push(r),
+            }
+        }
+        (kept, left)
     }
 
     /// Chunk files a crashed run renamed into place but never recorded.
@@ -341,4 +387,14 @@ pub(super) fn stored_cursor(node: &Node, peer: &crate::crypto::NodeId) -> Result
         return Ok(0);
     }
     Ok(value)
+}
+
+/// A GetManifests call refused whole because its answer would exceed the
+/// message cap (an older peer, which does not cut its batches by bytes):
+/// OUT_OF_RANGE ("encoded message length too large") or RESOURCE_EXHAUSTED.
+fn too_large(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    )
 }

@@ -26,6 +26,15 @@ use crate::transport::CallerInfo;
 const CHUNK_WINDOW: usize = 4;
 /// Most manifests in one GetManifests call.
 pub(crate) const MAX_MANIFEST_BATCH: usize = 1000;
+/// A GetManifests response stays under this many bytes of included results.
+/// The message cap is 8 MiB (`MAX_MESSAGE` in server/mod.rs and in the
+/// replicator's client); the 1 MiB left is room for the results not
+/// included, at most 1000 of about 150 bytes each.
+const BATCH_BYTES: u64 = 7 * 1024 * 1024;
+/// What an included result weighs beyond its manifest's signed bytes, at
+/// most: the envelope (384 bytes for RSA-3072, more for a larger key), the
+/// recipient and content id (64 hex each), the seq and the field tags.
+const RESULT_OVERHEAD: u64 = 1024;
 const DEFAULT_PAGE: u32 = 500;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How long a stream ending at shutdown waits to queue its final status.
@@ -217,9 +226,72 @@ fn prepare(
     })
 }
 
+/// How many of `ids`, from the first, fit in one response: their manifests'
+/// stored sizes (read without loading them) plus [`RESULT_OVERHEAD`] each stay
+/// within [`BATCH_BYTES`]. At least one: a manifest is at most about 3 MiB.
+fn fitting(state: &ServerState, ids: &[String]) -> usize {
+    let mut total = 0u64;
+    for (n, id) in ids.iter().enumerate() {
+        let len = Hash::parse(id, "content id")
+            .ok()
+            .and_then(|cid| state.node.db.manifest_len(&cid).ok().flatten())
+            .unwrap_or(0);
+        total += len + RESULT_OVERHEAD;
+        if total > BATCH_BYTES && n > 0 {
+            return n;
+        }
+    }
+    ids.len()
+}
+
+/// The answer for an id left out of a full batch: RESOURCE_EXHAUSTED, which
+/// the replicator takes as "ask again" (no other per-item problem has it).
+fn left_out(id: &str) -> ManifestResult {
+    ManifestResult {
+        content_id: id.to_string(),
+        problem: Some(Problem {
+            code: tonic::Code::ResourceExhausted as i32,
+            message: format!(
+                "not included: the batch is full (a response stays under {} MiB); ask again",
+                BATCH_BYTES >> 20
+            ),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The results of a batch, sized by bytes: the prefix of `ids` whose
+/// manifests fit under the message cap is prepared and answered, the rest
+/// is answered with [`left_out`]. The prefix is cut before any manifest is
+/// loaded, so memory stays at one response whatever the ids name.
+fn manifests_for(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    ids: &[String],
+) -> Vec<ManifestResult> {
+    let (fit, rest) = ids.split_at(fitting(state, ids));
+    let mut out = answer(state, caller, caller_spki, fit);
+    // The estimate is an upper bound; measure anyway, the cap is hard.
+    let mut total = 0u64;
+    let mut keep = out.len();
+    for (n, r) in out.iter().enumerate() {
+        total += prost::Message::encoded_len(r) as u64 + 8;
+        if total > BATCH_BYTES && n > 0 {
+            keep = n;
+            break;
+        }
+    }
+    for r in &mut out[keep..] {
+        *r = left_out(&r.content_id);
+    }
+    out.extend(rest.iter().map(|id| left_out(id)));
+    out
+}
+
 /// Prepare a batch over the cores (re-keying is RSA work), store its new
 /// envelopes in one transaction, and build the results.
-fn manifests_for(
+fn answer(
     state: &ServerState,
     caller: &NodeId,
     caller_spki: &[u8],

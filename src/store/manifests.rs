@@ -226,6 +226,20 @@ impl Db {
             .optional()?)
     }
 
+    /// The signed bytes (body and signature) of a stored manifest, without
+    /// reading them: what a GetManifests answer for it will weigh, so a batch
+    /// can be cut to the message cap before anything is loaded.
+    pub(crate) fn manifest_len(&self, id: &ContentId) -> Result<Option<u64>> {
+        let n: Option<i64> = self
+            .r()
+            .prepare_cached(
+                "SELECT length(body) + length(signature) FROM manifests WHERE content_id = ?1",
+            )?
+            .query_row([id.to_hex()], |r| r.get(0))
+            .optional()?;
+        Ok(n.map(|n| n as u64))
+    }
+
     /// The current seq of an item.
     pub(crate) fn seq_of(&self, id: &ContentId) -> Result<Option<u64>> {
         let seq: Option<i64> = self
