@@ -47,6 +47,8 @@ pub(super) struct Item {
     pub(super) state: ItemState,
     /// Why it failed, if it did.
     pub(super) problem: Option<String>,
+    /// The ciphertext length its signed manifest gives each missing chunk.
+    lengths: HashMap<ChunkId, u64>,
 }
 
 /// The peer's cursor as this sync moves it.
@@ -268,6 +270,7 @@ impl PageWork {
                 remaining: 0,
                 state,
                 problem: None,
+                lengths: HashMap::new(),
             });
         }
         (work, plan)
@@ -336,6 +339,66 @@ impl PageWork {
     pub(super) fn accepted(&mut self, i: usize, pending: Accepted, missing: Vec<ChunkId>) {
         self.items[i].pending = Some(pending);
         self.found.insert(i, missing);
+    }
+
+    /// The ciphertext length item `i`'s signed manifest gives each of its
+    /// missing chunks (`Manifest::chunk_len`): a chunk is stored only at a
+    /// length some waiting item expects.
+    pub(super) fn expect_lengths(&mut self, i: usize, lengths: Vec<(ChunkId, u64)>) {
+        self.items[i].lengths.extend(lengths);
+    }
+
+    /// Item `i` is refused for good: its signed manifest cannot be satisfied.
+    pub(super) fn reject(&mut self, i: usize, why: String) {
+        let it = &mut self.items[i];
+        if matches!(it.state, ItemState::Working) {
+            it.state = ItemState::Rejected;
+            self.rejected.push(why.clone());
+            it.problem = Some(why);
+        }
+    }
+
+    /// The lengths at which each still-missing chunk may be stored: the
+    /// ones its waiting items expect.
+    pub(super) fn wanted_lengths(&self) -> HashMap<ChunkId, Vec<u64>> {
+        let mut out: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+        for (c, ws) in &self.waiters {
+            for &i in ws {
+                if let Some(&len) = self.items[i].lengths.get(c) {
+                    let v = out.entry(*c).or_default();
+                    if !v.contains(&len) {
+                        v.push(len);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Chunks that arrived with their lengths (a chunk's bytes are fixed by
+    /// its id, so its length is too): every waiting item whose signed
+    /// manifest gives the chunk another length can never be complete and is
+    /// rejected (DATA_LOSS); for the others the chunk counts as arrived.
+    /// `stored` is false for a chunk no waiting item wanted at that length
+    /// (it was not stored). Returns the items that just became complete.
+    pub(super) fn arrived_sized(&mut self, chunks: &[(ChunkId, u64)], who: &str) -> Vec<usize> {
+        for (c, len) in chunks {
+            let ws = self.waiters.get(c).cloned().unwrap_or_default();
+            for i in ws {
+                let Some(&want) = self.items[i].lengths.get(c) else {
+                    continue;
+                };
+                if want != *len {
+                    let why = format!(
+                        "item {}: chunk {c} from {who} is {len} bytes, its signed manifest says {want} (DATA_LOSS; rejected)",
+                        self.items[i].content_id
+                    );
+                    self.reject(i, why);
+                }
+            }
+        }
+        let ids: Vec<ChunkId> = chunks.iter().map(|(c, _)| *c).collect();
+        self.arrived(&ids)
     }
 
     /// Index every missing chunk once, in listing order (a chunk several
@@ -759,6 +822,31 @@ mod tests {
         let mut twice = p(&[11, 12]);
         twice[1].content_id = twice[0].content_id.clone();
         assert!(check_page(10, 500, &twice, false).unwrap_err().contains("twice"));
+    }
+
+    #[test]
+    fn a_chunk_of_another_length_than_the_manifest_says_rejects_the_item() {
+        let (x, y) = (chunk(1), chunk(2));
+        let mut work = page(vec![vec![x, y], vec![y]]);
+        work.expect_lengths(0, vec![(x, 4112), (y, 920)]);
+        work.expect_lengths(1, vec![(y, 4)]);
+        assert_eq!(work.wanted_lengths()[&x], [4112]);
+        let mut ys = work.wanted_lengths()[&y].clone();
+        ys.sort();
+        assert_eq!(ys, [4, 920]);
+        // y's bytes are 920 long: item 1, whose manifest says 4, is rejected.
+        assert!(work.arrived_sized(&[(y, 920)], "p").is_empty());
+        assert_eq!(work.items[1].state, ItemState::Rejected);
+        // x arrives 7 MiB long (not stored): item 0 is rejected too.
+        assert!(work.arrived_sized(&[(x, 7 << 20)], "p").is_empty());
+        assert_eq!(work.items[0].state, ItemState::Rejected);
+        let rejected = work.take_rejected();
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(rejected[1].contains("signed manifest says 4112"), "{rejected:?}");
+        assert!(work.still_missing().is_empty());
+        let mut c = cursor(0);
+        work.advance(&mut c);
+        assert_eq!(c.value, 20, "rejected items settle");
     }
 
     #[test]

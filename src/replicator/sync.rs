@@ -179,14 +179,13 @@ impl PeerSync<'_> {
         let node = self.node().clone();
         let listed: Vec<String> = page.iter().map(|s| s.content_id.clone()).collect();
         let me = node.id().to_hex();
-        let local: Vec<Option<Vec<ChunkId>>> = blocking(move || {
+        let local: Vec<Option<Vec<(ChunkId, u64)>>> = blocking(move || {
             listed
                 .iter()
                 .map(|cid| {
                     let id: ContentId = Hash::parse(cid, "content id")?;
                     if node.db.has_manifest(&id)? && node.db.envelope(&id, &me)?.is_some() {
-                        let missing = node.db.missing_chunks(&id)?;
-                        Ok(Some(missing.into_iter().map(|(_, c)| c).collect()))
+                        missing_sized(&node, &id).map(Some)
                     } else {
                         Ok(None)
                     }
@@ -194,7 +193,16 @@ impl PeerSync<'_> {
                 .collect()
         })
         .await?;
-        let (work, plan) = PageWork::new(page, local);
+        let ids = local
+            .iter()
+            .map(|l| l.as_ref().map(|v| v.iter().map(|(c, _)| *c).collect()))
+            .collect();
+        let (mut work, plan) = PageWork::new(page, ids);
+        for (i, l) in local.into_iter().enumerate() {
+            if let Some(lengths) = l {
+                work.expect_lengths(i, lengths);
+            }
+        }
         self.work = work;
         self.t.update(|p| {
             p.items_total += plan.items;
@@ -241,26 +249,33 @@ impl PeerSync<'_> {
                 self.t.error(line);
             }
             let node = self.node().clone();
-            let ids: Vec<Vec<ChunkId>> = accepted
+            let sized: Vec<Vec<(ChunkId, u64)>> = accepted
                 .iter()
-                .map(|(_, (m, _))| m.chunk_ids().collect())
+                .map(|(_, (m, _))| {
+                    let n = m.chunk_count();
+                    (0..n).map(|i| (m.chunk_id(i), m.chunk_len(i))).collect()
+                })
                 .collect();
-            let missing: Vec<Vec<ChunkId>> = blocking(move || {
-                ids.into_iter()
-                    .map(|cs| {
-                        let mut v = Vec::new();
-                        for c in cs {
-                            if !node.db.has_chunk(&c)? {
-                                v.push(c);
-                            }
-                        }
-                        Ok(v)
-                    })
-                    .collect()
+            let missing = blocking(move || {
+                sized
+                    .into_iter()
+                    .map(|cs| missing_of(&node, cs))
+                    .collect::<Result<Vec<_>>>()
             })
             .await?;
             for ((i, accepted), miss) in accepted.into_iter().zip(missing) {
-                self.work.accepted(i, accepted, miss);
+                match miss {
+                    Ok(miss) => {
+                        let ids = miss.iter().map(|(c, _)| *c).collect();
+                        self.work.accepted(i, accepted, ids);
+                        self.work.expect_lengths(i, miss);
+                    }
+                    Err(why) => {
+                        let why = format!("item {}: {why} (DATA_LOSS; rejected)", accepted.0.id());
+                        self.t.error(why.clone());
+                        self.work.reject(i, why);
+                    }
+                }
             }
         }
         Ok(())
@@ -298,7 +313,8 @@ impl PeerSync<'_> {
     /// Chunk files a crashed run renamed into place but never recorded.
     async fn adopt_strays(&mut self) -> Result<()> {
         let (node, want) = (self.node().clone(), self.work.still_missing());
-        let adopted = blocking(move || transfer::adopt_strays(&node, &want)).await?;
+        let lengths = self.work.wanted_lengths();
+        let adopted = blocking(move || transfer::adopt_strays(&node, &want, &lengths)).await?;
         if adopted.is_empty() {
             return Ok(());
         }
@@ -306,7 +322,7 @@ impl PeerSync<'_> {
             "adopted {} chunk file(s) left by an interrupted run",
             adopted.len()
         );
-        let ready = self.work.arrived(&adopted);
+        let ready = self.work.arrived_sized(&adopted, "an interrupted run");
         self.settle(ready).await
     }
 
@@ -317,8 +333,11 @@ impl PeerSync<'_> {
             return Ok(());
         };
         let (node, want) = (self.node().clone(), self.work.still_missing());
-        let got = blocking(move || transfer::fill_from_local(&node, &*src, &want)).await?;
-        let ready = self.work.arrived(&got);
+        let lengths = self.work.wanted_lengths();
+        let who = src.describe();
+        let got =
+            blocking(move || transfer::fill_from_local(&node, &*src, &want, &lengths)).await?;
+        let ready = self.work.arrived_sized(&got, &who);
         self.settle(ready).await
     }
 
@@ -397,4 +416,49 @@ fn too_large(s: &tonic::Status) -> bool {
         s.code(),
         tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
     )
+}
+
+/// The chunks of a stored item not present yet, each with the ciphertext
+/// length its manifest gives it.
+fn missing_sized(node: &Node, id: &ContentId) -> Result<Vec<(ChunkId, u64)>> {
+    let missing = node.db.missing_chunks(id)?;
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some((m, _)) = node.db.manifest(id)? else {
+        return Ok(Vec::new());
+    };
+    Ok(missing
+        .into_iter()
+        .map(|(i, c)| (c, m.chunk_len(i as usize)))
+        .collect())
+}
+
+/// Of an accepted manifest's chunks (id, length it gives), the ones not
+/// present here; `Err` (why) when a present chunk has another length than
+/// the manifest gives it: its bytes are fixed by its id, so the signed
+/// manifest can never be satisfied.
+fn missing_of(
+    node: &Node,
+    chunks: Vec<(ChunkId, u64)>,
+) -> Result<std::result::Result<Vec<(ChunkId, u64)>, String>> {
+    let mut v = Vec::new();
+    let mut given: HashMap<ChunkId, u64> = HashMap::new();
+    for (c, want) in chunks {
+        if let Some(other) = given.insert(c, want).filter(|&o| o != want) {
+            return Ok(Err(format!(
+                "its signed manifest lists chunk {c} at two lengths ({other} and {want} bytes)"
+            )));
+        }
+        match node.db.chunk_len(&c)? {
+            None => v.push((c, want)),
+            Some(len) if len == want => {}
+            Some(len) => {
+                return Ok(Err(format!(
+                    "chunk {c} is {len} bytes here, its signed manifest says {want}"
+                )))
+            }
+        }
+    }
+    Ok(Ok(v))
 }
