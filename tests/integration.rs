@@ -18,6 +18,7 @@ mod cli;
 mod clone_instance;
 mod federation;
 mod format_vectors;
+mod hostile_peer;
 mod import_axon;
 mod replicator;
 mod serve_binary;
