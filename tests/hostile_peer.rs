@@ -132,9 +132,10 @@ impl Federation for Hostile {
             });
         }
         let theirs = self.up.clone().stream_chunks(req).await?.into_inner();
-        Ok(Response::new(Box::pin(
-            futures::StreamExt::chain(futures::stream::iter(ours), theirs),
-        )))
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            futures::stream::iter(ours),
+            theirs,
+        ))))
     }
     async fn get_instance_config(
         &self,
@@ -142,10 +143,7 @@ impl Federation for Hostile {
     ) -> Result<Response<InstanceConfig>, Status> {
         self.up.clone().get_instance_config(r.into_inner()).await
     }
-    async fn watch(
-        &self,
-        r: Request<WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, r: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let s = self.up.clone().watch(r.into_inner()).await?.into_inner();
         Ok(Response::new(Box::pin(s)))
     }
@@ -253,7 +251,11 @@ impl Scene {
     }
 
     /// A hostile relay in front of the source, with its key.
-    async fn hostile(&self, how: Misbehave, blobs: HashMap<String, Vec<u8>>) -> (String, Arc<AtomicUsize>) {
+    async fn hostile(
+        &self,
+        how: Misbehave,
+        blobs: HashMap<String, Vec<u8>>,
+    ) -> (String, Arc<AtomicUsize>) {
         let lists = Arc::new(AtomicUsize::new(0));
         let svc = Hostile {
             up: self.up.clone(),
@@ -341,7 +343,11 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 fn two_chunk_item(node: &Node, last: &[u8], store_last: bool, seed: u64) -> (ContentId, ChunkId) {
     let first = random_bytes(CHUNK as usize + 16, seed);
     let ids = vec![Hash::of(&first), Hash::of(last)];
-    let store: Vec<&[u8]> = if store_last { vec![&first, last] } else { vec![&first] };
+    let store: Vec<&[u8]> = if store_last {
+        vec![&first, last]
+    } else {
+        vec![&first]
+    };
     (publish_crafted(node, 5000, ids.clone(), &store), ids[1])
 }
 
@@ -372,7 +378,11 @@ async fn a_page_that_does_not_advance_fails_the_clone_naming_the_peer() {
             "{how:?}: {} listing calls",
             lists.load(Ordering::Relaxed)
         );
-        assert!(t.elapsed() < Duration::from_secs(60), "{how:?}: {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{how:?}: {:?}",
+            t.elapsed()
+        );
     }
 }
 
@@ -389,7 +399,10 @@ async fn seqs_over_i64_max_are_refused_on_both_sides() {
     let mut up = scene.up.clone();
     for after_seq in [u64::MAX, 1 << 63] {
         let e = up
-            .list_manifests(ListManifestsRequest { after_seq, limit: 0 })
+            .list_manifests(ListManifestsRequest {
+                after_seq,
+                limit: 0,
+            })
             .await
             .expect_err("an out-of-range after_seq must be refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
@@ -401,7 +414,10 @@ async fn seqs_over_i64_max_are_refused_on_both_sides() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     }
     let ok = up
-        .list_manifests(ListManifestsRequest { after_seq: i64::MAX as u64, limit: 0 })
+        .list_manifests(ListManifestsRequest {
+            after_seq: i64::MAX as u64,
+            limit: 0,
+        })
         .await
         .unwrap()
         .into_inner();

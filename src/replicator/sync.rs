@@ -241,8 +241,13 @@ impl PeerSync<'_> {
                 }
             };
             let (results, left_out) = self.left_out(&batch, resp.results);
-            queue.answered(&batch, &left_out).map_err(|why| self.violation(&why))?;
-            let batch: Vec<usize> = batch.into_iter().filter(|i| !left_out.contains(i)).collect();
+            queue
+                .answered(&batch, &left_out)
+                .map_err(|why| self.violation(&why))?;
+            let batch: Vec<usize> = batch
+                .into_iter()
+                .filter(|i| !left_out.contains(i))
+                .collect();
             let verdicts = accept_all(self.node(), results).await?;
             let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {
