@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bitsync::crypto::{self, ContentId, Hash, ItemKey, NodeId};
@@ -52,6 +52,8 @@ enum Misbehave {
     StallChunks,
     /// StreamChunks: the blobs given instead of the peer's own chunks.
     Oversize,
+    /// Watch: headers, then nothing (no heartbeat).
+    StallWatch,
 }
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -60,10 +62,26 @@ type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 /// are the victim's), with a misbehaviour.
 struct Hostile {
     up: Client,
-    how: Misbehave,
+    how: Arc<Mutex<Misbehave>>,
     lists: Arc<AtomicUsize>,
+    watches: Arc<AtomicUsize>,
     /// Chunk id -> bytes sent for it in `Oversize` mode.
     blobs: Arc<HashMap<String, Vec<u8>>>,
+}
+
+impl Hostile {
+    fn how(&self) -> Misbehave {
+        *self.how.lock().unwrap()
+    }
+}
+
+/// A running relay: where it listens, what it was asked, and its
+/// misbehaviour, which the test may change while it runs.
+struct Relay {
+    addr: String,
+    lists: Arc<AtomicUsize>,
+    watches: Arc<AtomicUsize>,
+    how: Arc<Mutex<Misbehave>>,
 }
 
 #[tonic::async_trait]
@@ -83,11 +101,12 @@ impl Federation for Hostile {
     ) -> Result<Response<ListManifestsResponse>, Status> {
         self.lists.fetch_add(1, Ordering::Relaxed);
         let mut req = r.into_inner();
-        if self.how == Misbehave::RepeatPage {
+        let how = self.how();
+        if how == Misbehave::RepeatPage {
             req.after_seq = 0;
         }
         let mut page = self.up.clone().list_manifests(req).await?.into_inner();
-        match self.how {
+        match how {
             Misbehave::RepeatPage => page.more = true,
             Misbehave::Backwards => {
                 page.manifests.reverse();
@@ -113,12 +132,12 @@ impl Federation for Hostile {
         &self,
         r: Request<StreamChunksRequest>,
     ) -> Result<Response<Self::StreamChunksStream>, Status> {
-        if self.how == Misbehave::StallChunks {
+        if self.how() == Misbehave::StallChunks {
             return Ok(Response::new(Box::pin(futures::stream::pending())));
         }
         let mut req = r.into_inner();
         let mut ours = Vec::new();
-        if self.how == Misbehave::Oversize {
+        if self.how() == Misbehave::Oversize {
             req.chunk_ids.retain(|id| match self.blobs.get(id) {
                 Some(b) => {
                     ours.push(Ok(ChunkData {
@@ -144,6 +163,10 @@ impl Federation for Hostile {
         self.up.clone().get_instance_config(r.into_inner()).await
     }
     async fn watch(&self, r: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.watches.fetch_add(1, Ordering::Relaxed);
+        if self.how() == Misbehave::StallWatch {
+            return Ok(Response::new(Box::pin(futures::stream::pending())));
+        }
         let s = self.up.clone().watch(r.into_inner()).await?.into_inner();
         Ok(Response::new(Box::pin(s)))
     }
@@ -251,20 +274,22 @@ impl Scene {
     }
 
     /// A hostile relay in front of the source, with its key.
-    async fn hostile(
-        &self,
-        how: Misbehave,
-        blobs: HashMap<String, Vec<u8>>,
-    ) -> (String, Arc<AtomicUsize>) {
-        let lists = Arc::new(AtomicUsize::new(0));
+    async fn hostile(&self, how: Misbehave, blobs: HashMap<String, Vec<u8>>) -> Relay {
         let svc = Hostile {
             up: self.up.clone(),
-            how,
-            lists: lists.clone(),
+            how: Arc::new(Mutex::new(how)),
+            lists: Arc::default(),
+            watches: Arc::default(),
             blobs: Arc::new(blobs),
         };
+        let (lists, watches, how) = (svc.lists.clone(), svc.watches.clone(), svc.how.clone());
         let addr = serve_hostile(self.source.state.node.identity(), svc).await;
-        (addr.to_string(), lists)
+        Relay {
+            addr: addr.to_string(),
+            lists,
+            watches,
+            how,
+        }
     }
 
     /// `bitsync clone <source id>` on the victim, the source known at `address`.
@@ -369,7 +394,8 @@ async fn a_page_that_does_not_advance_fails_the_clone_naming_the_peer() {
     .await;
     let src = scene.source_id();
     for how in [Misbehave::RepeatPage, Misbehave::Backwards] {
-        let (addr, lists) = scene.hostile(how, HashMap::new()).await;
+        let r = scene.hostile(how, HashMap::new()).await;
+        let (addr, lists) = (r.addr, r.lists);
         let t = Instant::now();
         let o = scene.clone_via(&addr);
         assert_code(&o, 5, &format!("protocol violation by peer {src}"));
@@ -424,8 +450,8 @@ async fn seqs_over_i64_max_are_refused_on_both_sides() {
     assert!(ok.manifests.is_empty());
     // Client side: a source advertising such a seq is a protocol violation,
     // and the cursor saved for it never goes negative.
-    let (addr, _) = scene.hostile(Misbehave::HugeSeq, HashMap::new()).await;
-    let o = scene.clone_via(&addr);
+    let r = scene.hostile(Misbehave::HugeSeq, HashMap::new()).await;
+    let o = scene.clone_via(&r.addr);
     assert_code(&o, 5, "largest seq");
     let cursor: i64 = db_read_only(&scene.victim)
         .query_row(
@@ -445,9 +471,9 @@ async fn a_stalled_chunk_stream_is_cancelled_and_the_clone_fails_cleanly() {
     let mut id = None;
     let scene = Scene::new(|n| id = Some(put(n, "big", &data))).await;
     scene.short_timeout();
-    let (addr, _) = scene.hostile(Misbehave::StallChunks, HashMap::new()).await;
+    let r = scene.hostile(Misbehave::StallChunks, HashMap::new()).await;
     let t = Instant::now();
-    let o = scene.clone_via(&addr);
+    let o = scene.clone_via(&r.addr);
     assert_code(&o, 8, "stalled");
     assert!(
         t.elapsed() < Duration::from_secs(10 * TIMEOUT_SECS),
@@ -458,6 +484,59 @@ async fn a_stalled_chunk_stream_is_cancelled_and_the_clone_fails_cleanly() {
     let o = scene.clone_direct();
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(scene.victim_items(), [id.unwrap().to_hex()]);
+}
+
+/// A mirror whose source's Watch goes silent reconnects after 45 s; a source
+/// whose listing then loops is a protocol violation: the mirror shows
+/// FAILED with the reason and backs off instead of listing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_drops_a_silent_watch_and_backs_off_from_a_looping_source() {
+    let scene = Scene::new(|n| {
+        put(n, "a", b"mirrored");
+    })
+    .await;
+    let src = scene.source_id();
+    let relay = scene.hostile(Misbehave::StallWatch, HashMap::new()).await;
+    let serve = blocking(|| {
+        ok_at(
+            &scene.victim,
+            &["peer", "add", &src, &relay.addr, "--mirror"],
+        );
+        Serve::start(&scene.victim)
+    });
+    let opened = Instant::now();
+    blocking(|| {
+        wait_for(60, "the mirror to open its watch", || {
+            (relay.watches.load(Ordering::Relaxed) > 0).then_some(())
+        })
+    });
+    // While the watch is silent, the source turns to repeating its first page.
+    *relay.how.lock().unwrap() = Misbehave::RepeatPage;
+    let job = |needle: &'static str| {
+        blocking(|| {
+            wait_for(90, needle, || {
+                let o = ok_at(&scene.victim, &["status"]);
+                let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                let jobs = st["jobs"].as_array()?.clone();
+                let j = jobs.into_iter().find(|j| j["kind"] == "mirror")?;
+                let err = j["last_error"].as_str().unwrap_or("");
+                (j["phase"] == "FAILED" && err.contains(needle)).then_some(())
+            })
+        })
+    };
+    job("protocol violation by peer");
+    let log = serve.log();
+    assert!(log.contains("was silent for 45 s"), "{log}");
+    assert!(
+        opened.elapsed() >= Duration::from_secs(44),
+        "{:?}",
+        opened.elapsed()
+    );
+    // Backing off: a handful of listings in 5 s, not thousands.
+    let before = relay.lists.load(Ordering::Relaxed);
+    blocking(|| std::thread::sleep(Duration::from_secs(5)));
+    let more = relay.lists.load(Ordering::Relaxed) - before;
+    assert!(more <= 12, "{more} listing calls in 5 s");
 }
 
 // ---- bug 3: chunk lengths against the signed manifest -------------------------
@@ -476,8 +555,8 @@ async fn chunks_of_the_wrong_length_are_never_stored_and_fail_the_clone() {
     })
     .await;
     let blobs = HashMap::from([(Hash::of(&huge).to_hex(), huge.clone())]);
-    let (addr, _) = scene.hostile(Misbehave::Oversize, blobs).await;
-    let o = scene.clone_via(&addr);
+    let r = scene.hostile(Misbehave::Oversize, blobs).await;
+    let o = scene.clone_via(&r.addr);
     assert_code(&o, 5, "2 item(s)");
     assert!(o.stderr.contains("signed manifest says 920"), "{o:?}");
     assert_eq!(scene.victim_items(), ids, "only the good item is listed");
