@@ -435,8 +435,7 @@ async fn seqs_over_i64_max_are_refused_on_both_sides() {
         let e = up
             .watch(WatchRequest { after_seq })
             .await
-            .err()
-            .expect("an out-of-range watch must be refused");
+            .expect_err("an out-of-range watch must be refused");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     }
     let ok = up
