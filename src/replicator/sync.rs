@@ -185,7 +185,7 @@ impl PeerSync<'_> {
                 .map(|cid| {
                     let id: ContentId = Hash::parse(cid, "content id")?;
                     if node.db.has_manifest(&id)? && node.db.envelope(&id, &me)?.is_some() {
-                        missing_sized(&node, &id).map(Some)
+                        missing_sized(&node, &id)
                     } else {
                         Ok(None)
                     }
@@ -424,19 +424,27 @@ fn too_large(s: &tonic::Status) -> bool {
 }
 
 /// The chunks of a stored item not present yet, each with the ciphertext
-/// length its manifest gives it.
-fn missing_sized(node: &Node, id: &ContentId) -> Result<Vec<(ChunkId, u64)>> {
+/// length its manifest gives it; `None` (fetch the manifest from the peer)
+/// when the stored one cannot be read back verified.
+fn missing_sized(node: &Node, id: &ContentId) -> Result<Option<Vec<(ChunkId, u64)>>> {
     let missing = node.db.missing_chunks(id)?;
     if missing.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Some(Vec::new()));
     }
-    let Some((m, _)) = node.db.manifest(id)? else {
-        return Ok(Vec::new());
+    let m = match node.db.manifest(id) {
+        Ok(Some((m, _))) => m,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!("item {id} here does not verify ({e}); fetching its manifest again");
+            return Ok(None);
+        }
     };
-    Ok(missing
-        .into_iter()
-        .map(|(i, c)| (c, m.chunk_len(i as usize)))
-        .collect())
+    Ok(Some(
+        missing
+            .into_iter()
+            .map(|(i, c)| (c, m.chunk_len(i as usize)))
+            .collect(),
+    ))
 }
 
 /// Of an accepted manifest's chunks (id, length it gives), the ones not
