@@ -31,10 +31,20 @@
 //! incomplete blocks the cursor, but the sync goes on with the rest of the
 //! listing and then fails naming the chunks and what the peers said.
 //!
+//! A source is trusted, not believed: a listing page that does not advance
+//! (or goes back, or names a seq over `i64::MAX`), a GetManifests answer that
+//! leaves out everything asked, or Watch seqs out of order are protocol
+//! violations that end the sync naming the peer (`Integrity`); a chunk of
+//! another length than its signed manifest gives is not stored and rejects
+//! its items; a chunk stream silent for `request_timeout_secs` is cancelled
+//! (the other peers are asked, then the sync fails `Unavailable`). A clone
+//! or sync with rejected items fails once the rest is stored.
+//!
 //! Mirrors (`[[mirror]]` in config.toml, or peers added with `--mirror`, also
 //! while the node runs) keep a `Watch` stream open to their source, sync on
-//! every event and reconcile every minute; a lost connection is retried with
-//! exponential backoff and jitter. Each shows in `Admin/Status` as a job whose
+//! every event and reconcile every minute; a lost connection, or a Watch
+//! silent for 45 s (three heartbeats), is retried with exponential backoff
+//! and jitter. Each shows in `Admin/Status` as a job whose
 //! phase is DONE while it is up to date and FAILED (with the reason) while it
 //! is stopped, e.g. when the source revoked this node.
 //!
