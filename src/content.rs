@@ -273,7 +273,7 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
     for cid in node.db.content_ids()? {
         r.manifests_checked += 1;
         match node.db.manifest(&cid) {
-            Ok(Some(_)) => {
+            Ok(Some((m, _))) => {
                 let missing = node.db.missing_chunks(&cid)?;
                 if !missing.is_empty() {
                     r.problems.push(format!(
@@ -281,6 +281,7 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
                         missing.len()
                     ));
                 }
+                r.problems.extend(wrong_lengths(node, &m)?);
             }
             Ok(None) => r
                 .problems
@@ -289,4 +290,24 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
         }
     }
     Ok(r)
+}
+
+/// The present chunks of `m` whose length is not the one its signed
+/// manifest gives them (`Manifest::chunk_len`, from the item's size, chunk
+/// size and cipher; FORMAT.md §2.2): such a chunk hashes to its id, so the
+/// item can never be read (`get` fails on it), though every chunk checks.
+fn wrong_lengths(node: &Node, m: &Manifest) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, id) in m.chunk_ids().enumerate() {
+        let want = m.chunk_len(i);
+        if let Some(len) = node.db.chunk_len(&id)? {
+            if len != want {
+                out.push(format!(
+                    "item {}: chunk {i} ({id}) is {len} bytes, its signed manifest says {want} (DATA_LOSS)",
+                    m.id()
+                ));
+            }
+        }
+    }
+    Ok(out)
 }

@@ -100,7 +100,7 @@ fn tls_err(e: rustls::Error) -> Error {
 }
 
 /// Server side: present our certificate; accept (but do not require) any node's certificate.
-pub(crate) fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
+pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>> {
     let p = provider();
     let mut cfg = rustls::ServerConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -19,6 +19,7 @@ mod cli_io;
 mod clone_instance;
 mod federation;
 mod format_vectors;
+mod hostile_peer;
 mod import_axon;
 mod instance_config;
 mod replicator;

@@ -20,6 +20,11 @@ use crate::store::PeerState;
 const MIRROR_RESCAN: Duration = Duration::from_secs(2);
 /// A full sync this often, whatever the watch stream says.
 const RECONCILE: Duration = Duration::from_secs(60);
+/// An idle Watch stream carries a heartbeat every 15 s (PROTOCOL.md §4.7): one
+/// silent for three of them is dead (a stalled source, or a connection lost
+/// without a reset that keepalive pings have not caught), so it is dropped
+/// and reconnected with backoff.
+const WATCH_SILENCE: Duration = Duration::from_secs(45);
 
 /// The wait before reconnecting to a mirror source.
 struct Backoff {
@@ -174,7 +179,7 @@ impl Replicator {
         };
         synced(self.sync_peer(&peer, t).await)?;
         let ch = self.channel(&source, &peer.address).await?;
-        let cursor = self.node.db.peer(&source)?.map(|p| p.cursor).unwrap_or(0);
+        let cursor = super::sync::stored_cursor(&self.node, &source)?;
         let mut events = client(ch)
             .watch(WatchRequest { after_seq: cursor })
             .await
@@ -183,20 +188,32 @@ impl Replicator {
         tracing::info!(peer = %source, "mirroring");
         let mut tick = tokio::time::interval(RECONCILE);
         tick.tick().await;
+        let mut last_heard = tokio::time::Instant::now();
+        let mut last_item = cursor;
         loop {
             tokio::select! {
                 ev = events.message() => {
                     let ev = ev.map_err(Error::from)?.ok_or_else(|| Error::unavailable("the source closed the watch stream"))?;
+                    last_heard = tokio::time::Instant::now();
                     match watch_event::Kind::try_from(ev.kind) {
                         Ok(watch_event::Kind::Revoked) => return Err(Error::denied("the source revoked this node's trust")),
                         Ok(watch_event::Kind::Item) => {
-                            let cur = self.node.db.peer(&source)?.map(|p| p.cursor).unwrap_or(0);
+                            check_watch_seq(&source, last_item, ev.seq)?;
+                            last_item = ev.seq;
+                            let cur = super::sync::stored_cursor(&self.node, &source)?;
                             if ev.seq > cur {
                                 synced(self.sync_peer(&peer, t).await)?;
                             }
                         }
                         _ => {}
                     }
+                }
+                _ = tokio::time::sleep_until(last_heard + WATCH_SILENCE) => {
+                    return Err(Error::unavailable(format!(
+                        "the watch stream of {} was silent for {} s (heartbeats are due every 15 s): reconnecting",
+                        source.short(),
+                        WATCH_SILENCE.as_secs()
+                    )));
                 }
                 _ = tick.tick() => {
                     if !self.mirror_sources().contains(&source) {
@@ -208,6 +225,21 @@ impl Replicator {
             }
         }
     }
+}
+
+/// Watch ITEM events come in strictly increasing seq order, each a seq a
+/// node can hold (PROTOCOL.md §4.7, §8); anything else is a protocol
+/// violation, reported against the source (a flood of out-of-order events
+/// would otherwise start a sync each).
+fn check_watch_seq(source: &NodeId, last: u64, seq: u64) -> Result<()> {
+    if seq > super::planner::MAX_SEQ || seq <= last {
+        return Err(Error::integrity(format!(
+            "protocol violation by peer {source}: its watch stream sent item seq {seq} after {last} \
+             (seqs must strictly increase and stay at most {})",
+            super::planner::MAX_SEQ
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -31,10 +31,20 @@
 //! incomplete blocks the cursor, but the sync goes on with the rest of the
 //! listing and then fails naming the chunks and what the peers said.
 //!
+//! A source is trusted, not believed: a listing page that does not advance
+//! (or goes back, or names a seq over `i64::MAX`), a GetManifests answer that
+//! leaves out everything asked, or Watch seqs out of order are protocol
+//! violations that end the sync naming the peer (`Integrity`); a chunk of
+//! another length than its signed manifest gives is not stored and rejects
+//! its items; a chunk stream silent for `request_timeout_secs` is cancelled
+//! (the other peers are asked, then the sync fails `Unavailable`). A clone
+//! or sync with rejected items fails once the rest is stored.
+//!
 //! Mirrors (`[[mirror]]` in config.toml, or peers added with `--mirror`, also
 //! while the node runs) keep a `Watch` stream open to their source, sync on
-//! every event and reconcile every minute; a lost connection is retried with
-//! exponential backoff and jitter. Each shows in `Admin/Status` as a job whose
+//! every event and reconcile every minute; a lost connection, or a Watch
+//! silent for 45 s (three heartbeats), is retried with exponential backoff
+//! and jitter. Each shows in `Admin/Status` as a job whose
 //! phase is DONE while it is up to date and FAILED (with the reason) while it
 //! is stopped, e.g. when the source revoked this node.
 //!
@@ -98,6 +108,27 @@ pub struct Outcome {
     pub bytes: u64,
     pub(crate) elapsed: Duration,
     pub(crate) errors: Vec<String>,
+    /// Items refused for good because of bad bytes (one line each).
+    pub(crate) rejected: Vec<String>,
+}
+
+impl Outcome {
+    /// A clone or sync with rejected items did not bring in everything the
+    /// peer listed: fail it (`Integrity`, exit 5), naming how many and the
+    /// first, once everything else is stored and the cursor saved. Items
+    /// skipped because the peer holds no key for them are not failures (the
+    /// peer cannot give them to anyone; they are listed again if it gains a
+    /// key) and stay reported only. Mirrors report rejections and go on.
+    fn fail_on_rejected(self, peer: &NodeId) -> Result<Outcome> {
+        let Some(first) = self.rejected.first() else {
+            return Ok(self);
+        };
+        Err(Error::integrity(format!(
+            "{} item(s) from {} were rejected (the rest is complete): {first}",
+            self.rejected.len(),
+            peer.short()
+        )))
+    }
 }
 
 /// Live state of a job, watched by Admin streams and `Status`.
@@ -177,7 +208,7 @@ impl Replicator {
             format!("sync:{}", peer.to_hex()),
             "sync",
             peer.to_hex(),
-            move |me, t| async move { me.sync_peer(&p, &t).await },
+            move |me, t| async move { me.sync_peer(&p, &t).await?.fail_on_rejected(&p.node_id) },
         ))
     }
 
@@ -250,7 +281,9 @@ impl Replicator {
                 peer.node_id.short()
             );
         }
-        self.sync_peer(&peer, t).await
+        self.sync_peer(&peer, t)
+            .await?
+            .fail_on_rejected(&peer.node_id)
     }
 
     /// Redeem an invite: pin the inviter, join, trust it.
@@ -321,6 +354,7 @@ pub async fn clone_now(
                     bytes: p.bytes_done,
                     elapsed: Duration::from_millis(p.elapsed_ms as u64),
                     errors: p.errors.clone(),
+                    ..Default::default()
                 };
                 return match r {
                     Ok(()) => Ok(out),

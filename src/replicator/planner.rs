@@ -47,6 +47,8 @@ pub(super) struct Item {
     pub(super) state: ItemState,
     /// Why it failed, if it did.
     pub(super) problem: Option<String>,
+    /// The ciphertext length its signed manifest gives each missing chunk.
+    lengths: HashMap<ChunkId, u64>,
 }
 
 /// The peer's cursor as this sync moves it.
@@ -87,6 +89,127 @@ impl Cursor {
     }
 }
 
+/// The largest seq a peer may list: the store keeps seqs as SQLite integers
+/// (i64), so a larger one cannot be a real seq and could never be saved as a
+/// cursor without wrapping negative.
+pub(super) const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// Check a ListManifests page against the rules of the listing cursor
+/// (PROTOCOL.md §8): every seq after `after`, strictly increasing, at most
+/// `MAX_SEQ`, no more summaries than `limit`, each item once, and `more` only
+/// on a page that moved the cursor. A page that breaks one is a protocol
+/// violation: taken as it is, it could keep the sync asking for the same page
+/// forever or move the cursor back. Returns what is wrong, to be reported
+/// against the peer.
+pub(super) fn check_page(
+    after: u64,
+    limit: u32,
+    page: &[ManifestSummary],
+    more: bool,
+) -> std::result::Result<(), String> {
+    if page.len() > limit as usize {
+        return Err(format!(
+            "sent a page of {} items when at most {limit} were asked for",
+            page.len()
+        ));
+    }
+    if page.is_empty() && more {
+        return Err(format!(
+            "sent an empty page after seq {after} that says more are ready: it does not advance"
+        ));
+    }
+    let mut last = after;
+    let mut seen = HashSet::new();
+    for s in page {
+        if s.seq > MAX_SEQ {
+            return Err(format!(
+                "listed seq {} (item {}), over the largest seq a node can hold ({MAX_SEQ})",
+                s.seq, s.content_id
+            ));
+        }
+        if s.seq <= last {
+            let what = if s.seq <= after {
+                format!("at or before the cursor {after} it was asked to list after")
+            } else {
+                format!("after seq {last}: seqs must strictly increase")
+            };
+            return Err(format!(
+                "listed seq {} (item {}) {what}; the page does not advance",
+                s.seq, s.content_id
+            ));
+        }
+        if !seen.insert(s.content_id.as_str()) {
+            return Err(format!("listed item {} twice on one page", s.content_id));
+        }
+        last = s.seq;
+    }
+    Ok(())
+}
+
+/// The items whose manifests are still to be fetched, asked for in batches
+/// that adapt to what the peer can send: a peer stops a batch before the
+/// message cap and answers the ids it left out with RESOURCE_EXHAUSTED
+/// ("ask again"); those go first into the next batch, which is no larger
+/// than what the peer managed, and grows back (doubling) while answers are
+/// whole. A call refused whole as too large (an older peer) halves it.
+pub(super) struct ManifestQueue {
+    queue: std::collections::VecDeque<usize>,
+    size: usize,
+    max: usize,
+}
+
+impl ManifestQueue {
+    pub(super) fn new(need: &[usize], max: usize) -> ManifestQueue {
+        ManifestQueue {
+            queue: need.iter().copied().collect(),
+            size: max,
+            max,
+        }
+    }
+
+    /// The next batch to ask for (empty when every manifest was answered).
+    pub(super) fn next(&self) -> Vec<usize> {
+        self.queue.iter().take(self.size).copied().collect()
+    }
+
+    /// The peer answered `batch` but left out `left_out` (a subset): those
+    /// are asked again first. A peer that leaves out the whole batch never
+    /// advances: a protocol violation (what it did is returned).
+    pub(super) fn answered(
+        &mut self,
+        batch: &[usize],
+        left_out: &HashSet<usize>,
+    ) -> std::result::Result<(), String> {
+        if !batch.is_empty() && batch.iter().all(|i| left_out.contains(i)) {
+            return Err(format!(
+                "answered none of the {} manifests asked for (all left out of a full batch)",
+                batch.len()
+            ));
+        }
+        self.queue.drain(..batch.len());
+        for &i in batch.iter().rev().filter(|i| left_out.contains(i)) {
+            self.queue.push_front(i);
+        }
+        let got = batch.len() - left_out.len();
+        self.size = if left_out.is_empty() {
+            (self.size * 2).min(self.max)
+        } else {
+            got.max(1)
+        };
+        Ok(())
+    }
+
+    /// The whole call was refused as too large: halve the batch. False when
+    /// it was one manifest already (nothing smaller to ask).
+    pub(super) fn too_large(&mut self, batch: usize) -> bool {
+        if batch <= 1 {
+            return false;
+        }
+        self.size = batch / 2;
+        true
+    }
+}
+
 /// What planning a page found to do.
 #[derive(Default)]
 pub(super) struct Plan {
@@ -113,6 +236,8 @@ pub(super) struct PageWork {
     next: usize,
     /// Other trusted peers asked for chunks the source could not send.
     others_asked: Vec<String>,
+    /// Why each item refused for good (bad bytes, not "skipped") was refused.
+    rejected: Vec<String>,
 }
 
 impl PageWork {
@@ -145,6 +270,7 @@ impl PageWork {
                 remaining: 0,
                 state,
                 problem: None,
+                lengths: HashMap::new(),
             });
         }
         (work, plan)
@@ -184,11 +310,15 @@ impl PageWork {
                     };
                     let msg = format!("item {cid} from {who}: {e}{note}");
                     report.push(msg.clone());
-                    refused.push((i, state, msg));
+                    let bad = e.kind() == Kind::Integrity;
+                    refused.push((i, state, msg, bad));
                 }
             }
         }
-        for (i, state, msg) in refused {
+        for (i, state, msg, bad) in refused {
+            if bad {
+                self.rejected.push(msg.clone());
+            }
             self.items[i].state = state;
             self.items[i].problem = Some(msg);
         }
@@ -209,6 +339,66 @@ impl PageWork {
     pub(super) fn accepted(&mut self, i: usize, pending: Accepted, missing: Vec<ChunkId>) {
         self.items[i].pending = Some(pending);
         self.found.insert(i, missing);
+    }
+
+    /// The ciphertext length item `i`'s signed manifest gives each of its
+    /// missing chunks (`Manifest::chunk_len`): a chunk is stored only at a
+    /// length some waiting item expects.
+    pub(super) fn expect_lengths(&mut self, i: usize, lengths: Vec<(ChunkId, u64)>) {
+        self.items[i].lengths.extend(lengths);
+    }
+
+    /// Item `i` is refused for good: its signed manifest cannot be satisfied.
+    pub(super) fn reject(&mut self, i: usize, why: String) {
+        let it = &mut self.items[i];
+        if matches!(it.state, ItemState::Working) {
+            it.state = ItemState::Rejected;
+            self.rejected.push(why.clone());
+            it.problem = Some(why);
+        }
+    }
+
+    /// The lengths at which each still-missing chunk may be stored: the
+    /// ones its waiting items expect.
+    pub(super) fn wanted_lengths(&self) -> HashMap<ChunkId, Vec<u64>> {
+        let mut out: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+        for (c, ws) in &self.waiters {
+            for &i in ws {
+                if let Some(&len) = self.items[i].lengths.get(c) {
+                    let v = out.entry(*c).or_default();
+                    if !v.contains(&len) {
+                        v.push(len);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Chunks that arrived with their lengths (a chunk's bytes are fixed by
+    /// its id, so its length is too): every waiting item whose signed
+    /// manifest gives the chunk another length can never be complete and is
+    /// rejected (DATA_LOSS); for the others the chunk counts as arrived.
+    /// `stored` is false for a chunk no waiting item wanted at that length
+    /// (it was not stored). Returns the items that just became complete.
+    pub(super) fn arrived_sized(&mut self, chunks: &[(ChunkId, u64)], who: &str) -> Vec<usize> {
+        for (c, len) in chunks {
+            let ws = self.waiters.get(c).cloned().unwrap_or_default();
+            for i in ws {
+                let Some(&want) = self.items[i].lengths.get(c) else {
+                    continue;
+                };
+                if want != *len {
+                    let why = format!(
+                        "item {}: chunk {c} from {who} is {len} bytes, its signed manifest says {want} (DATA_LOSS; rejected)",
+                        self.items[i].content_id
+                    );
+                    self.reject(i, why);
+                }
+            }
+        }
+        let ids: Vec<ChunkId> = chunks.iter().map(|(c, _)| *c).collect();
+        self.arrived(&ids)
     }
 
     /// Index every missing chunk once, in listing order (a chunk several
@@ -279,6 +469,14 @@ impl PageWork {
             }
             p.push_str(&why);
         }
+    }
+
+    /// The items of this page refused for good because of bad bytes (a
+    /// signature, an id, an envelope, a chunk's length), one line each; the
+    /// job reports them and fails once the rest is done. Skipped items (the
+    /// peer holds no key for them) are not among them.
+    pub(super) fn take_rejected(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.rejected)
     }
 
     /// Another trusted peer was asked for what the source could not send.
@@ -378,225 +576,4 @@ impl PageWork {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crypto::Hash;
-    use crate::error::Error;
-
-    fn chunk(n: u8) -> ChunkId {
-        Hash::of(&[n])
-    }
-
-    fn summary(seq: u64, size: u64, chunks: u32) -> ManifestSummary {
-        ManifestSummary {
-            content_id: format!("item{seq}"),
-            seq,
-            size,
-            chunk_count: chunks,
-            ..Default::default()
-        }
-    }
-
-    /// A page whose items are all stored here, missing the chunks given.
-    fn page(missing: Vec<Vec<ChunkId>>) -> PageWork {
-        let listed: Vec<ManifestSummary> = (1..=missing.len() as u64)
-            .map(|s| summary(s * 10, 0, 0))
-            .collect();
-        let (mut work, _) = PageWork::new(&listed, missing.into_iter().map(Some).collect());
-        let ready = work.index_missing();
-        work.completed(ready, &HashSet::new());
-        work
-    }
-
-    fn cursor(value: u64) -> Cursor {
-        Cursor::new(value, Instant::now())
-    }
-
-    fn states(work: &PageWork) -> Vec<ItemState> {
-        work.items.iter().map(|it| it.state).collect()
-    }
-
-    #[test]
-    fn plan_sorts_items_into_done_missing_chunks_and_missing_manifests() {
-        let listed = [summary(1, 100, 2), summary(2, 50, 1), summary(3, 7, 3)];
-        let local = vec![Some(vec![]), Some(vec![chunk(1)]), None];
-        let (work, plan) = PageWork::new(&listed, local);
-        assert_eq!(
-            states(&work),
-            [ItemState::Done, ItemState::Working, ItemState::Working]
-        );
-        assert_eq!(plan.need, [2]);
-        // Not complete here: items 2 and 3, with 16 bytes of tag per chunk.
-        assert_eq!(plan.items, 2);
-        assert_eq!(plan.bytes, 50 + 16 + 7 + 3 * 16);
-    }
-
-    #[test]
-    fn cursor_never_passes_an_incomplete_item() {
-        let mut work = page(vec![vec![], vec![chunk(1)], vec![]]);
-        let mut c = cursor(5);
-        work.advance(&mut c);
-        // Item 3 (seq 30) is complete, but item 2 (seq 20) is not: stop at 10.
-        assert_eq!(c.value, 10);
-        let ready = work.arrived(&[chunk(1)]);
-        assert_eq!(ready, [1]);
-        work.completed(ready, &HashSet::new());
-        work.advance(&mut c);
-        assert_eq!(c.value, 30);
-    }
-
-    #[test]
-    fn a_failed_item_blocks_the_cursor_for_the_rest_of_the_sync() {
-        let mut work = page(vec![vec![], vec![chunk(1)], vec![chunk(2)]]);
-        let mut c = cursor(0);
-        work.arrived(&[chunk(2)]);
-        work.completed(vec![2], &HashSet::new());
-        let failed = work.fail_unfinished();
-        assert_eq!(failed.len(), 1);
-        work.advance(&mut c);
-        assert_eq!(c.value, 10);
-        // Later pages cannot move it either.
-        let mut next = page(vec![vec![], vec![], vec![]]);
-        next.advance(&mut c);
-        assert_eq!(c.value, 10);
-    }
-
-    #[test]
-    fn rejected_and_skipped_items_settle_and_failures_block() {
-        use ItemState::{Failed, Rejected};
-        let listed: Vec<_> = (1..=4).map(|s| summary(s, 0, 0)).collect();
-        let (mut work, plan) = PageWork::new(&listed, vec![None; 4]);
-        let verdicts: Vec<(String, Result<()>)> = vec![
-            ("item1".into(), Err(Error::integrity("bad signature"))),
-            ("item2".into(), Err(Error::not_found("no key for you"))),
-            ("item3".into(), Err(Error::unavailable("try later"))),
-            ("item9".into(), Ok(())),
-        ];
-        let (accepted, report) = work.judge(&plan.need, verdicts, "peer");
-        assert!(accepted.is_empty(), "item9 was not asked for");
-        assert_eq!(states(&work), [Rejected, Rejected, Failed, Failed]);
-        assert!(report[0].ends_with("(rejected)"), "{report:?}");
-        assert!(report[1].ends_with("(skipped)"), "{report:?}");
-        assert!(report[3].contains("not asked for"), "{report:?}");
-        let silent = work.items[3].problem.as_deref().unwrap();
-        assert!(silent.contains("did not answer"), "{silent}");
-        let mut c = cursor(0);
-        work.advance(&mut c);
-        assert_eq!(c.value, 2);
-    }
-
-    #[test]
-    fn arrival_completes_exactly_the_items_waiting_for_it() {
-        let (x, y, z) = (chunk(1), chunk(2), chunk(3));
-        let mut work = page(vec![vec![x, y], vec![y], vec![z]]);
-        assert_eq!(work.arrived(&[y]), [1]);
-        assert_eq!(work.items[0].remaining, 1);
-        assert_eq!(work.arrived(&[z, x]), [0, 2], "sorted, in listing order");
-        assert!(work.still_missing().is_empty());
-    }
-
-    #[test]
-    fn a_chunk_listed_twice_is_wanted_once() {
-        let (x, y) = (chunk(1), chunk(2));
-        // Twice within one item, and shared with the next.
-        let mut work = page(vec![vec![x, x, y], vec![y, x]]);
-        assert_eq!(work.items[0].remaining, 2);
-        assert_eq!(work.still_missing(), [x, y]);
-        assert!(work.arrived(&[x]).is_empty());
-        assert_eq!(work.arrived(&[y]), [0, 1]);
-        // A chunk delivered again (adopted, then streamed) changes nothing.
-        assert!(work.arrived(&[x, y]).is_empty());
-        assert_eq!(work.items[0].remaining, 0);
-    }
-
-    #[test]
-    fn still_missing_keeps_listing_order() {
-        let ids: Vec<ChunkId> = (0..6).map(chunk).collect();
-        let mut work = page(vec![ids[3..].to_vec(), ids[..3].to_vec()]);
-        work.arrived(&[ids[4], ids[0]]);
-        assert_eq!(work.still_missing(), [ids[3], ids[5], ids[1], ids[2]]);
-        assert!(work.wanted_any());
-    }
-
-    #[test]
-    fn an_empty_page_moves_nothing_and_fails_nothing() {
-        let (mut work, plan) = PageWork::new(&[], vec![]);
-        assert!(plan.need.is_empty() && plan.items == 0 && plan.bytes == 0);
-        assert!(work.index_missing().is_empty());
-        assert!(!work.wanted_any());
-        let mut c = cursor(42);
-        work.advance(&mut c);
-        assert_eq!(c.value, 42);
-        assert!(work.fail_unfinished().is_empty());
-        assert_eq!(c.due(true, Instant::now()), None);
-    }
-
-    #[test]
-    fn an_unfinished_item_names_its_first_missing_chunk_and_the_peers_reasons() {
-        let (x, y) = (chunk(1), chunk(2));
-        let mut work = page(vec![vec![y, x]]);
-        work.undelivered(vec![(y, "DataLoss from a".into())]);
-        work.undelivered(vec![(y, "b ended the stream".into())]);
-        work.asked("b".into());
-        let failed = work.fail_unfinished();
-        assert_eq!(failed.len(), 1);
-        let line = &failed[0];
-        assert!(line.contains("2 chunk(s) missing"), "{line}");
-        let why = format!("chunk {y}: DataLoss from a; b ended the stream");
-        assert!(line.contains(&why), "{line}");
-        assert!(line.ends_with("(also asked b)"), "{line}");
-        assert_eq!(work.items[0].state, ItemState::Failed);
-    }
-
-    #[test]
-    fn a_chunk_that_arrives_forgets_why_it_was_missing() {
-        let (x, y) = (chunk(1), chunk(2));
-        let mut work = page(vec![vec![x, y]]);
-        work.undelivered(vec![(x, "lost".into()), (y, "gone".into())]);
-        work.arrived(&[x]);
-        let line = &work.fail_unfinished()[0];
-        assert!(line.contains(&format!("chunk {y}: gone")), "{line}");
-        assert!(line.contains("no other trusted peer to ask"), "{line}");
-    }
-
-    #[test]
-    fn an_item_whose_manifest_could_not_be_stored_fails_and_blocks() {
-        let mut work = page(vec![vec![chunk(1)], vec![]]);
-        let ready = work.arrived(&[chunk(1)]);
-        assert!(work.take_pending(&ready).is_empty(), "stored here already");
-        assert_eq!(work.completed(ready, &HashSet::from([0])), 0);
-        let mut c = cursor(0);
-        work.advance(&mut c);
-        assert_eq!(c.value, 0);
-        let failed = work.fail_unfinished();
-        assert!(failed[0].contains("vanished"), "{failed:?}");
-    }
-
-    #[test]
-    fn the_cursor_never_moves_back() {
-        // A page listed from an older cursor than the one saved.
-        let mut work = page(vec![vec![], vec![]]);
-        let mut c = cursor(15);
-        work.advance(&mut c);
-        assert_eq!(c.value, 20);
-        let mut c = cursor(99);
-        page(vec![vec![]]).advance(&mut c);
-        assert_eq!(c.value, 99);
-    }
-
-    #[test]
-    fn the_cursor_is_saved_when_it_moved_and_at_most_once_a_second() {
-        let (t0, ms) = (Instant::now(), Duration::from_millis);
-        let mut c = Cursor::new(7, t0);
-        assert_eq!(c.due(true, t0), None, "unchanged: nothing to save");
-        c.value = 9;
-        assert_eq!(c.due(false, t0 + ms(500)), None);
-        assert_eq!(c.due(true, t0 + ms(500)), Some(9));
-        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY), Some(9));
-        c.saved(9, t0 + CURSOR_SAVE_EVERY);
-        assert_eq!(c.due(true, t0 + CURSOR_SAVE_EVERY * 5), None);
-        c.value = 12;
-        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY + ms(10)), None);
-        assert_eq!(c.due(false, t0 + CURSOR_SAVE_EVERY * 2), Some(12));
-    }
-}
+mod tests;

@@ -5,20 +5,22 @@
 //! moving the cursor over the settled prefix. Every step works on one
 //! [`PeerSync`]; the decisions are the planner's.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use tonic::transport::Channel;
 
 use super::accept::accept_all;
 use super::jobs::Tracker;
-use super::planner::{Accepted, Cursor, PageWork};
+use super::planner::{check_page, Accepted, Cursor, ManifestQueue, PageWork, MAX_SEQ};
 use super::{client, transfer, Outcome, Replicator};
 use crate::crypto::{ChunkId, ContentId, Hash};
 use crate::error::blocking;
 use crate::error::{Error, Kind, Result};
 use crate::node::Node;
-use crate::proto::{progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestSummary};
+use crate::proto::{
+    progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestResult, ManifestSummary,
+};
 use crate::store::Peer;
 
 /// Items asked for in one ListManifests call.
@@ -66,12 +68,7 @@ impl Replicator {
         t.phase(Phase::Connecting);
         let ch = self.channel(&peer.node_id, &peer.address).await?;
         // Re-read: the cursor may have moved since `peer` was loaded.
-        let value = self
-            .node
-            .db
-            .peer(&peer.node_id)?
-            .map(|p| p.cursor)
-            .unwrap_or(0);
+        let value = stored_cursor(&self.node, &peer.node_id)?;
         let mut s = PeerSync {
             rep: self,
             peer,
@@ -108,6 +105,16 @@ impl PeerSync<'_> {
         &self.rep.node
     }
 
+    /// The source broke the protocol: the sync stops (keeping what it
+    /// stored) with an error naming the peer. `Integrity`: the peer's answers
+    /// are wrong, retrying at once will not help (mirrors back off).
+    fn violation(&self, why: &str) -> Error {
+        Error::integrity(format!(
+            "protocol violation by peer {}: it {why}",
+            self.peer.node_id
+        ))
+    }
+
     /// Every page of the listing after the cursor.
     async fn pages(&mut self) -> Result<()> {
         let mut fed = client(self.ch.clone());
@@ -127,6 +134,9 @@ impl PeerSync<'_> {
                     ))
                 })?
                 .into_inner();
+            if let Err(why) = check_page(after, PAGE, &page.manifests, page.more) {
+                return Err(self.violation(&why));
+            }
             let Some(last) = page.manifests.last().map(|s| s.seq) else {
                 break;
             };
@@ -146,16 +156,21 @@ impl PeerSync<'_> {
         self.fetch_manifests(&need).await?;
         let ready = self.work.index_missing();
         self.settle(ready).await?;
+        let mut source = Ok(());
         if self.work.wanted_any() {
             self.adopt_strays().await?;
             self.take_local().await?;
-            self.fetch_from_source().await?;
+            source = self.fetch_from_source().await?;
             self.ask_others().await?;
         }
         // Whatever is still missing fails its items; the cursor stops before the first.
         let failed = self.work.fail_unfinished();
         self.incomplete.extend(failed);
-        self.advance().await
+        let rejected = self.work.take_rejected();
+        self.out.rejected.extend(rejected);
+        self.advance().await?;
+        // The source failed mid-page: what the others had is stored, and the sync ends here.
+        source
     }
 
     /// What do we hold already? (No signature checks: the rows were verified
@@ -164,14 +179,13 @@ impl PeerSync<'_> {
         let node = self.node().clone();
         let listed: Vec<String> = page.iter().map(|s| s.content_id.clone()).collect();
         let me = node.id().to_hex();
-        let local: Vec<Option<Vec<ChunkId>>> = blocking(move || {
+        let local: Vec<Option<Vec<(ChunkId, u64)>>> = blocking(move || {
             listed
                 .iter()
                 .map(|cid| {
                     let id: ContentId = Hash::parse(cid, "content id")?;
                     if node.db.has_manifest(&id)? && node.db.envelope(&id, &me)?.is_some() {
-                        let missing = node.db.missing_chunks(&id)?;
-                        Ok(Some(missing.into_iter().map(|(_, c)| c).collect()))
+                        missing_sized(&node, &id)
                     } else {
                         Ok(None)
                     }
@@ -179,7 +193,16 @@ impl PeerSync<'_> {
                 .collect()
         })
         .await?;
-        let (work, plan) = PageWork::new(page, local);
+        let ids = local
+            .iter()
+            .map(|l| l.as_ref().map(|v| v.iter().map(|(c, _)| *c).collect()))
+            .collect();
+        let (mut work, plan) = PageWork::new(page, ids);
+        for (i, l) in local.into_iter().enumerate() {
+            if let Some(lengths) = l {
+                work.expect_lengths(i, lengths);
+            }
+        }
         self.work = work;
         self.t.update(|p| {
             p.items_total += plan.items;
@@ -197,51 +220,106 @@ impl PeerSync<'_> {
         self.t.phase(Phase::Manifests);
         let mut fed = client(self.ch.clone());
         let who = self.peer.node_id.short();
-        for batch in need.chunks(MANIFEST_BATCH) {
+        let mut queue = ManifestQueue::new(need, MANIFEST_BATCH);
+        loop {
+            let batch = queue.next();
+            if batch.is_empty() {
+                break;
+            }
             let ids: Vec<String> = batch
                 .iter()
                 .map(|&i| self.work.items[i].content_id.clone())
                 .collect();
-            let resp = fed
+            let resp = match fed
                 .get_manifests(GetManifestsRequest { content_ids: ids })
                 .await
-                .map_err(|s| Error::from(s).context(format!("fetching manifests from {who}")))?
-                .into_inner();
-            let verdicts = accept_all(self.node(), resp.results).await?;
-            let (accepted, report) = self.work.judge(batch, verdicts, &who);
+            {
+                Ok(r) => r.into_inner(),
+                Err(s) if too_large(&s) && queue.too_large(batch.len()) => continue,
+                Err(s) => {
+                    return Err(Error::from(s).context(format!("fetching manifests from {who}")))
+                }
+            };
+            let (results, left_out) = self.left_out(&batch, resp.results);
+            queue
+                .answered(&batch, &left_out)
+                .map_err(|why| self.violation(&why))?;
+            let batch: Vec<usize> = batch
+                .into_iter()
+                .filter(|i| !left_out.contains(i))
+                .collect();
+            let verdicts = accept_all(self.node(), results).await?;
+            let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {
                 self.t.error(line);
             }
             let node = self.node().clone();
-            let ids: Vec<Vec<ChunkId>> = accepted
+            let sized: Vec<Vec<(ChunkId, u64)>> = accepted
                 .iter()
-                .map(|(_, (m, _))| m.chunk_ids().collect())
+                .map(|(_, (m, _))| {
+                    let n = m.chunk_count();
+                    (0..n).map(|i| (m.chunk_id(i), m.chunk_len(i))).collect()
+                })
                 .collect();
-            let missing: Vec<Vec<ChunkId>> = blocking(move || {
-                ids.into_iter()
-                    .map(|cs| {
-                        let mut v = Vec::new();
-                        for c in cs {
-                            if !node.db.has_chunk(&c)? {
-                                v.push(c);
-                            }
-                        }
-                        Ok(v)
-                    })
-                    .collect()
+            let missing = blocking(move || {
+                sized
+                    .into_iter()
+                    .map(|cs| missing_of(&node, cs))
+                    .collect::<Result<Vec<_>>>()
             })
             .await?;
             for ((i, accepted), miss) in accepted.into_iter().zip(missing) {
-                self.work.accepted(i, accepted, miss);
+                match miss {
+                    Ok(miss) => {
+                        let ids = miss.iter().map(|(c, _)| *c).collect();
+                        self.work.accepted(i, accepted, ids);
+                        self.work.expect_lengths(i, miss);
+                    }
+                    Err(why) => {
+                        let why = format!("item {}: {why} (DATA_LOSS; rejected)", accepted.0.id());
+                        self.t.error(why.clone());
+                        self.work.reject(i, why);
+                    }
+                }
             }
         }
         Ok(())
     }
 
+    /// Split a GetManifests answer into the results to judge and the items
+    /// of `batch` the peer left out of a full batch (RESOURCE_EXHAUSTED:
+    /// "ask again").
+    fn left_out(
+        &self,
+        batch: &[usize],
+        results: Vec<ManifestResult>,
+    ) -> (Vec<ManifestResult>, HashSet<usize>) {
+        let index: HashMap<&str, usize> = batch
+            .iter()
+            .map(|&i| (self.work.items[i].content_id.as_str(), i))
+            .collect();
+        let mut left = HashSet::new();
+        let mut kept = Vec::with_capacity(results.len());
+        for r in results {
+            let full = r
+                .problem
+                .as_ref()
+                .is_some_and(|p| p.code == tonic::Code::ResourceExhausted as i32);
+            match index.get(r.content_id.as_str()) {
+                Some(&i) if full => {
+                    left.insert(i);
+                }
+                _ => kept.push(r),
+            }
+        }
+        (kept, left)
+    }
+
     /// Chunk files a crashed run renamed into place but never recorded.
     async fn adopt_strays(&mut self) -> Result<()> {
         let (node, want) = (self.node().clone(), self.work.still_missing());
-        let adopted = blocking(move || transfer::adopt_strays(&node, &want)).await?;
+        let lengths = self.work.wanted_lengths();
+        let adopted = blocking(move || transfer::adopt_strays(&node, &want, &lengths)).await?;
         if adopted.is_empty() {
             return Ok(());
         }
@@ -249,7 +327,7 @@ impl PeerSync<'_> {
             "adopted {} chunk file(s) left by an interrupted run",
             adopted.len()
         );
-        let ready = self.work.arrived(&adopted);
+        let ready = self.work.arrived_sized(&adopted, "an interrupted run");
         self.settle(ready).await
     }
 
@@ -260,8 +338,11 @@ impl PeerSync<'_> {
             return Ok(());
         };
         let (node, want) = (self.node().clone(), self.work.still_missing());
-        let got = blocking(move || transfer::fill_from_local(&node, &*src, &want)).await?;
-        let ready = self.work.arrived(&got);
+        let lengths = self.work.wanted_lengths();
+        let who = src.describe();
+        let got =
+            blocking(move || transfer::fill_from_local(&node, &*src, &want, &lengths)).await?;
+        let ready = self.work.arrived_sized(&got, &who);
         self.settle(ready).await
     }
 
@@ -317,4 +398,80 @@ fn store_complete(
         node.db.insert_manifests(&batch)?;
     }
     Ok(not_stored)
+}
+
+/// The saved cursor for `peer`. One over [`MAX_SEQ`] can only have been
+/// stored by a version that took a source's out-of-range seq (it reads back
+/// as a wrapped negative number); listing again from the start is safe (it
+/// never skips an item, complete ones cost a listing row each).
+pub(super) fn stored_cursor(node: &Node, peer: &crate::crypto::NodeId) -> Result<u64> {
+    let value = node.db.peer(peer)?.map(|p| p.cursor).unwrap_or(0);
+    if value > MAX_SEQ {
+        tracing::warn!(%peer, "the saved cursor {value} is out of range; listing from the start");
+        return Ok(0);
+    }
+    Ok(value)
+}
+
+/// A GetManifests call refused whole because its answer would exceed the
+/// message cap (an older peer, which does not cut its batches by bytes):
+/// OUT_OF_RANGE ("encoded message length too large") or RESOURCE_EXHAUSTED.
+fn too_large(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    )
+}
+
+/// The chunks of a stored item not present yet, each with the ciphertext
+/// length its manifest gives it; `None` (fetch the manifest from the peer)
+/// when the stored one cannot be read back verified.
+fn missing_sized(node: &Node, id: &ContentId) -> Result<Option<Vec<(ChunkId, u64)>>> {
+    let missing = node.db.missing_chunks(id)?;
+    if missing.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let m = match node.db.manifest(id) {
+        Ok(Some((m, _))) => m,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            tracing::warn!("item {id} here does not verify ({e}); fetching its manifest again");
+            return Ok(None);
+        }
+    };
+    Ok(Some(
+        missing
+            .into_iter()
+            .map(|(i, c)| (c, m.chunk_len(i as usize)))
+            .collect(),
+    ))
+}
+
+/// Of an accepted manifest's chunks (id, length it gives), the ones not
+/// present here; `Err` (why) when a present chunk has another length than
+/// the manifest gives it: its bytes are fixed by its id, so the signed
+/// manifest can never be satisfied.
+fn missing_of(
+    node: &Node,
+    chunks: Vec<(ChunkId, u64)>,
+) -> Result<std::result::Result<Vec<(ChunkId, u64)>, String>> {
+    let mut v = Vec::new();
+    let mut given: HashMap<ChunkId, u64> = HashMap::new();
+    for (c, want) in chunks {
+        if let Some(other) = given.insert(c, want).filter(|&o| o != want) {
+            return Ok(Err(format!(
+                "its signed manifest lists chunk {c} at two lengths ({other} and {want} bytes)"
+            )));
+        }
+        match node.db.chunk_len(&c)? {
+            None => v.push((c, want)),
+            Some(len) if len == want => {}
+            Some(len) => {
+                return Ok(Err(format!(
+                    "chunk {c} is {len} bytes here, its signed manifest says {want}"
+                )))
+            }
+        }
+    }
+    Ok(Ok(v))
 }

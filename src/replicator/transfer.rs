@@ -4,7 +4,7 @@
 //! group-commit recorder per fetch; and the adoption of chunk files a crashed
 //! run left unrecorded.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -30,6 +30,15 @@ const RECORD_QUEUE: usize = 256;
 /// Chunks from a local source written between two syncs (and one transaction).
 const LOCAL_BATCH: usize = 64;
 
+/// The lengths at which each missing chunk may be stored: those its
+/// waiting items' signed manifests give it (`PageWork::wanted_lengths`).
+pub(super) type Lengths = HashMap<ChunkId, Vec<u64>>;
+
+/// Whether `len` is a length some waiting item expects for chunk `id`.
+fn wanted(lengths: &Lengths, id: &ChunkId, len: u64) -> bool {
+    lengths.get(id).is_some_and(|v| v.contains(&len))
+}
+
 /// A place chunks may be read from before asking the peer (`clone
 /// --from-backup`). Owned here, where it is consulted; the backup room
 /// implements it for a repository.
@@ -40,20 +49,22 @@ pub(crate) trait ChunkSource: Send + Sync {
     fn describe(&self) -> String;
 }
 
-/// Store every chunk of `ids` that `src` holds with the right hash, synced and
-/// recorded. Returns the ids stored; the others are to be fetched from the peer.
+/// Store every chunk of `ids` that `src` holds with the right hash and a
+/// length some item expects, synced and recorded. Returns the chunks stored
+/// with their lengths; the others are to be fetched from the peer.
 pub(super) fn fill_from_local(
     node: &Node,
     src: &dyn ChunkSource,
     ids: &[ChunkId],
-) -> Result<Vec<ChunkId>> {
+    lengths: &Lengths,
+) -> Result<Vec<(ChunkId, u64)>> {
     let mut stored = Vec::new();
     let mut batch: Vec<(ChunkId, u64)> = Vec::new();
-    let flush = |batch: &mut Vec<(ChunkId, u64)>, stored: &mut Vec<ChunkId>| -> Result<()> {
+    let flush = |batch: &mut Vec<(ChunkId, u64)>, stored: &mut Vec<(ChunkId, u64)>| -> Result<()> {
         if !batch.is_empty() {
             node.chunks.sync()?;
             node.db.record_chunks(batch)?;
-            stored.extend(batch.drain(..).map(|(c, _)| c));
+            stored.append(batch);
         }
         Ok(())
     };
@@ -62,6 +73,11 @@ pub(super) fn fill_from_local(
             continue;
         }
         let Some(data) = src.read(id) else { continue };
+        if !wanted(lengths, id, data.len() as u64) {
+            // Left to the peer, whose copy (the same bytes, if it hashes
+            // right) then rejects the item that expects another length.
+            continue;
+        }
         match node.chunks.write(id, &data) {
             Ok(()) => batch.push((*id, data.len() as u64)),
             Err(e) if e.kind() == Kind::Integrity => {
@@ -78,16 +94,21 @@ pub(super) fn fill_from_local(
 }
 
 /// Chunk files present on disk but not recorded (a run died between rename
-/// and record): keep those whose bytes hash to their id, remove the others.
-/// Returns the adopted ids, synced and recorded.
-pub(super) fn adopt_strays(node: &Node, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+/// and record): keep those whose bytes hash to their id and whose length an
+/// item expects, remove the others. Returns the adopted chunks with their
+/// lengths, synced and recorded.
+pub(super) fn adopt_strays(
+    node: &Node,
+    ids: &[ChunkId],
+    lengths: &Lengths,
+) -> Result<Vec<(ChunkId, u64)>> {
     let mut adopted = Vec::new();
     for id in ids {
         let path = node.chunks.path(id);
         let Ok(meta) = std::fs::metadata(&path) else {
             continue;
         };
-        if meta.len() as usize > crate::chunks::MAX_CHUNK_BYTES {
+        if !wanted(lengths, id, meta.len()) {
             let _ = std::fs::remove_file(&path);
             continue;
         }
@@ -103,7 +124,7 @@ pub(super) fn adopt_strays(node: &Node, ids: &[ChunkId]) -> Result<Vec<ChunkId>>
     }
     node.chunks.sync()?;
     node.db.record_chunks(&adopted)?;
-    Ok(adopted.into_iter().map(|(c, _)| c).collect())
+    Ok(adopted)
 }
 
 impl PeerSync<'_> {
@@ -118,11 +139,17 @@ impl PeerSync<'_> {
     ) -> Result<Result<()>> {
         let groups: Vec<Vec<ChunkId>> = ids.chunks(CHUNKS_PER_STREAM).map(|c| c.to_vec()).collect();
         let (node, t) = (self.rep.node.clone(), self.t);
+        let lengths = Arc::new(self.work.wanted_lengths());
+        let who = from.node_id.short();
         let (rec_tx, mut recorded) = spawn_recorder(node.clone());
         // The calls hold the only senders: once they are dropped, the recorder flushes and ends.
         let mut calls = Some(Box::pin(
             futures::stream::iter(groups)
-                .map(move |g| stream_group(node.clone(), from, ch.clone(), g, rec_tx.clone(), t))
+                .map(move |g| {
+                    let (node, ch, rec, lengths) =
+                        (node.clone(), ch.clone(), rec_tx.clone(), lengths.clone());
+                    stream_group(node, from, ch, g, rec, lengths, t)
+                })
                 .buffer_unordered(PARALLEL_STREAMS),
         ));
         let mut peer_error = None;
@@ -133,6 +160,8 @@ impl PeerSync<'_> {
                     Some(g) => {
                         self.out.bytes += g.bytes;
                         self.work.undelivered(g.failed);
+                        // Not stored; the items expecting other lengths are rejected.
+                        self.work.arrived_sized(&g.wrong_length, &who);
                         match g.error {
                             Some((e, true)) => local_error = local_error.or(Some(e)),
                             Some((e, false)) => peer_error = peer_error.or(Some(e)),
@@ -146,8 +175,8 @@ impl PeerSync<'_> {
                     None => calls = None,
                 },
                 r = recorded.recv() => match r {
-                    Some(Ok(ids)) => {
-                        let ready = self.work.arrived(&ids);
+                    Some(Ok(sized)) => {
+                        let ready = self.work.arrived_sized(&sized, &who);
                         self.settle(ready).await?;
                     }
                     Some(Err(e)) => {
@@ -168,13 +197,22 @@ impl PeerSync<'_> {
         }
     }
 
-    /// Stream what is still missing from the source. A failure there, the
-    /// peer's or ours, ends the sync (the cursor keeps what was achieved);
-    /// the other peers are asked only for what the source said it cannot send.
-    pub(super) async fn fetch_from_source(&mut self) -> Result<()> {
+    /// Stream what is still missing from the source. A local failure ends
+    /// the sync at once (the outer error); the source's (the inner one: an
+    /// error status, a broken or stalled stream) is returned after every
+    /// chunk it did not deliver was marked with it, so that the other peers
+    /// are asked for them before the sync ends with it.
+    pub(super) async fn fetch_from_source(&mut self) -> Result<Result<()>> {
         self.t.phase(Phase::Chunks);
         let (peer, ch, want) = (self.peer, self.ch.clone(), self.work.still_missing());
-        self.fetch_into(peer, ch, want).await?
+        let r = self.fetch_into(peer, ch, want).await?;
+        if let Err(e) = &r {
+            let why = e.to_string();
+            let left = self.work.still_missing();
+            self.work
+                .undelivered(left.into_iter().map(|c| (c, why.clone())).collect());
+        }
+        Ok(r)
     }
 
     /// Ask the other trusted peers, one after the other, for the chunks the
@@ -231,6 +269,9 @@ struct GroupOut {
     failed: Vec<(ChunkId, String)>,
     /// Chunk bytes received and stored.
     bytes: u64,
+    /// Received with the right hash but a length no waiting item's signed
+    /// manifest gives: not stored.
+    wrong_length: Vec<(ChunkId, u64)>,
     /// The call broke off (the chunks it did not get are in neither list);
     /// true when the failure is local (writing or recording), not the peer's.
     error: Option<(Error, bool)>,
@@ -243,6 +284,7 @@ async fn stream_group(
     ch: Channel,
     ids: Vec<ChunkId>,
     recorder: RecorderTx,
+    lengths: Arc<Lengths>,
     t: &Tracker,
 ) -> GroupOut {
     let who = peer.node_id.short();
@@ -253,6 +295,7 @@ async fn stream_group(
         node,
         pending: ids.into_iter().collect(),
         recorder,
+        lengths,
         t,
         out: GroupOut::default(),
         who,
@@ -265,8 +308,22 @@ async fn stream_group(
             return g.out;
         }
     };
+    let idle = stream_idle(&g.node);
     loop {
-        let msg = match stream.message().await {
+        let next = match tokio::time::timeout(idle, stream.message()).await {
+            Ok(next) => next,
+            Err(_) => {
+                // Dropping the stream cancels the call (RST_STREAM).
+                let e = Error::unavailable(format!(
+                    "chunk stream from {} stalled: no message for {} s (request_timeout_secs), cancelled",
+                    g.who,
+                    idle.as_secs()
+                ));
+                g.out.error = Some((e, false));
+                break;
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(s) => {
@@ -289,12 +346,23 @@ async fn stream_group(
     g.out
 }
 
+/// How long a chunk stream may go without a message before it is cancelled:
+/// the node's `request_timeout_secs`. The channel's request timeout covers a
+/// call only until its response headers; a peer that sends them and then
+/// nothing would otherwise hold the sync forever. One message is at most one
+/// chunk (2 MiB + 16 bytes), which takes 17 s at 1 Mbit/s: the default 60 s
+/// leaves room for slow links and Tor.
+fn stream_idle(node: &Node) -> std::time::Duration {
+    std::time::Duration::from_secs(node.config.limits.request_timeout_secs.max(1))
+}
+
 /// One StreamChunks call under way.
 struct Group<'a> {
     node: Arc<Node>,
     /// Asked for and not received yet.
     pending: HashSet<ChunkId>,
     recorder: RecorderTx,
+    lengths: Arc<Lengths>,
     t: &'a Tracker,
     out: GroupOut,
     /// The peer, for messages.
@@ -328,6 +396,21 @@ impl Group<'_> {
         let node = self.node.clone();
         let data = msg.data;
         let len = data.len() as u64;
+        if !wanted(&self.lengths, &id, len) {
+            // Checked before the hash: a wrong length is wrong whatever the
+            // bytes; if they do hash to the id, the item is provably bad.
+            if Hash::of(&data) == id {
+                t.error(format!(
+                    "chunk {id} from {who} is {len} bytes, no length its signed manifest gives (DATA_LOSS, not stored)"
+                ));
+                self.out.wrong_length.push((id, len));
+            } else {
+                let why = format!("{who} sent wrong bytes for it (not stored)");
+                t.error(format!("chunk {id}: {why}"));
+                self.out.failed.push((id, why));
+            }
+            return Ok(());
+        }
         let write = tokio::task::spawn_blocking(move || node.chunks.write(&id, &data))
             .await
             .unwrap_or_else(|e| Err(Error::io(format!("chunk writer failed: {e}"))));
@@ -357,8 +440,9 @@ fn code_name(code: i32) -> String {
 
 /// Where writers hand over chunks they wrote: (id, ciphertext length).
 type RecorderTx = tokio::sync::mpsc::Sender<(ChunkId, u64)>;
-/// Batches made durable and present, in order (or the error that ended the recorder).
-type RecordedRx = tokio::sync::mpsc::UnboundedReceiver<Result<Vec<ChunkId>>>;
+/// Batches made durable and present, with their lengths, in order (or the
+/// error that ended the recorder).
+type RecordedRx = tokio::sync::mpsc::UnboundedReceiver<Result<Vec<(ChunkId, u64)>>>;
 
 /// Group commit for received chunks: writers hand over each chunk they wrote
 /// (verified, renamed into place); one `syncfs` and one transaction then make
@@ -374,15 +458,15 @@ fn spawn_recorder(node: Arc<Node>) -> (RecorderTx, RecordedRx) {
             while let Ok(more) = rx.try_recv() {
                 batch.push(more);
             }
-            let ids: Vec<ChunkId> = batch.iter().map(|(c, _)| *c).collect();
             let n = node.clone();
             let r = blocking(move || {
                 n.chunks.sync()?;
-                n.db.record_chunks(&batch)
+                n.db.record_chunks(&batch)?;
+                Ok(batch)
             })
             .await;
             let failed = r.is_err();
-            if done_tx.send(r.map(|()| ids)).is_err() || failed {
+            if done_tx.send(r).is_err() || failed {
                 return;
             }
         }

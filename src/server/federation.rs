@@ -5,7 +5,7 @@
 //! now (else PERMISSION_DENIED, logged with the refused id). Streams re-check
 //! trust before every message, so revoking a peer cuts its open streams too.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,13 +14,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::ServerState;
-use crate::crypto::{self, ContentId, Hash, NodeId};
+use crate::crypto::{Hash, NodeId};
 use crate::error::{blocking, Error, Kind};
-use crate::identity;
 use crate::proto::federation_server::Federation;
 use crate::proto::*;
 use crate::store::Summary;
 use crate::transport::CallerInfo;
+
+mod batch;
 
 /// Chunks read ahead of what the client has taken (HTTP/2 flow control does the rest).
 const CHUNK_WINDOW: usize = 4;
@@ -41,6 +42,18 @@ pub(crate) fn problem(e: &Error) -> Problem {
         code: e.code() as i32,
         message: e.message().to_string(),
     }
+}
+
+/// Refuse a cursor no node can hold: seqs are SQLite integers (i64), and
+/// a larger `after_seq` must not wrap negative and list from the start.
+fn check_after_seq(after_seq: u64) -> Result<(), Status> {
+    if after_seq > i64::MAX as u64 {
+        return Err(Status::invalid_argument(format!(
+            "after_seq {after_seq} is out of range: seqs go up to {}",
+            i64::MAX
+        )));
+    }
+    Ok(())
 }
 
 pub(crate) fn summary_to_proto(s: &Summary) -> ManifestSummary {
@@ -138,207 +151,6 @@ impl FederationService {
     }
 }
 
-/// One item of a GetManifests batch, before the batch's new envelopes are stored.
-struct Prepared {
-    body: Vec<u8>,
-    signature: Vec<u8>,
-    seq: u64,
-    envelope: Vec<u8>,
-    /// The envelope was made just now and still has to be stored.
-    fresh: bool,
-}
-
-/// The manifest and the caller's envelope for one item, re-keying just in
-/// time if the caller has none yet. The manifest is served as stored; the
-/// caller verifies its signature.
-fn prepare(
-    state: &ServerState,
-    caller: &NodeId,
-    caller_spki: &[u8],
-    id: &str,
-) -> Result<Prepared, Error> {
-    let node = &state.node;
-    let cid: ContentId = Hash::parse(id, "content id")?;
-    let crate::store::RawManifest {
-        body,
-        signature,
-        seq,
-    } = node
-        .db
-        .manifest_raw(&cid)?
-        .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
-    if let Some(envelope) = node.db.envelope(&cid, &caller.to_hex())? {
-        return Ok(Prepared {
-            body,
-            signature,
-            seq,
-            envelope,
-            fresh: false,
-        });
-    }
-    // Just-in-time rekey: unwrap our own envelope, check the key opens this
-    // item, wrap it for the caller.
-    let own = node
-        .db
-        .envelope(&cid, &node.id().to_hex())?
-        .ok_or_else(|| {
-            Error::new(
-                Kind::NotFound,
-                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
-            )
-        })?;
-    let m = crate::manifest::Manifest::from_signed(body, signature)?;
-    let key = node
-        .identity
-        .unwrap_key(&own)
-        .map_err(|e| e.context(format!("item {cid}")))?;
-    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
-        .map_err(|e| e.context(format!("item {cid}")))?;
-    let public = identity::public_key_from_spki(caller_spki)?;
-    let envelope = crypto::wrap_key(&public, &key);
-    Ok(Prepared {
-        body: m.body_bytes().to_vec(),
-        signature: m.signature().to_vec(),
-        seq,
-        envelope,
-        fresh: true,
-    })
-}
-
-/// Prepare a batch over the cores (re-keying is RSA work), store its new
-/// envelopes in one transaction, and build the results.
-fn manifests_for(
-    state: &ServerState,
-    caller: &NodeId,
-    caller_spki: &[u8],
-    ids: &[String],
-) -> Vec<ManifestResult> {
-    let prepared = prepare_all(state, caller, caller_spki, ids);
-    let recipient = caller.to_hex();
-    let fresh: Vec<(ContentId, String, Vec<u8>)> = ids
-        .iter()
-        .zip(&prepared)
-        .filter_map(|(id, p)| match p {
-            Ok(p) if p.fresh => Some((
-                Hash::parse(id, "content id").ok()?,
-                recipient.clone(),
-                p.envelope.clone(),
-            )),
-            _ => None,
-        })
-        .collect();
-    let stored = store_fresh(state, caller, &fresh);
-    let none = HashMap::new();
-    let new_seqs = stored.as_ref().unwrap_or(&none);
-    ids.iter()
-        .zip(prepared)
-        .map(|(id, p)| {
-            let p = match (p, &stored) {
-                (Ok(p), Err(e)) if p.fresh => Err(e.clone()),
-                (p, _) => p,
-            };
-            result_for(state, &recipient, id, p, new_seqs)
-        })
-        .collect()
-}
-
-/// [`prepare`] each id, the batch split over (at most 8) cores.
-fn prepare_all(
-    state: &ServerState,
-    caller: &NodeId,
-    caller_spki: &[u8],
-    ids: &[String],
-) -> Vec<Result<Prepared, Error>> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(8);
-    let per = ids.len().div_ceil(workers).max(16);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ids
-            .chunks(per)
-            .map(|part| {
-                s.spawn(move || {
-                    part.iter()
-                        .map(|id| prepare(state, caller, caller_spki, id))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("rekey worker panicked"))
-            .collect()
-    })
-}
-
-/// Store the envelopes wrapped in this batch in one transaction; returns
-/// each item's new seq (`None`: a concurrent call stored its own wrap first).
-fn store_fresh(
-    state: &ServerState,
-    caller: &NodeId,
-    fresh: &[(ContentId, String, Vec<u8>)],
-) -> Result<HashMap<ContentId, Option<u64>>, Error> {
-    if fresh.is_empty() {
-        return Ok(HashMap::new());
-    }
-    match state.node.db.add_envelopes(fresh) {
-        Ok(seqs) => {
-            tracing::debug!(items = fresh.len(), peer = %caller.short(), "re-keyed items for peer");
-            Ok(fresh.iter().map(|(cid, _, _)| *cid).zip(seqs).collect())
-        }
-        Err(e) => {
-            tracing::warn!("storing re-keyed envelopes failed: {e}");
-            Err(e)
-        }
-    }
-}
-
-/// One item's answer: its manifest, the envelope for `recipient` and its
-/// seq, or the problem that kept it out.
-fn result_for(
-    state: &ServerState,
-    recipient: &str,
-    id: &str,
-    p: Result<Prepared, Error>,
-    new_seqs: &HashMap<ContentId, Option<u64>>,
-) -> ManifestResult {
-    let mut out = ManifestResult {
-        content_id: id.to_string(),
-        ..Default::default()
-    };
-    let mut p = match p {
-        Ok(p) => p,
-        Err(e) => {
-            out.problem = Some(problem(&e));
-            return out;
-        }
-    };
-    if p.fresh {
-        let cid = Hash::parse(id, "content id").expect("parsed in prepare");
-        match new_seqs.get(&cid).copied().flatten() {
-            Some(seq) => p.seq = seq,
-            // A concurrent call stored its own wrap first: return that one.
-            None => {
-                if let Ok(Some(env)) = state.node.db.envelope(&cid, recipient) {
-                    p.envelope = env;
-                }
-                p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
-            }
-        }
-    }
-    out.manifest = Some(SignedManifest {
-        body: p.body,
-        signature: p.signature,
-    });
-    out.envelope = Some(Envelope {
-        recipient: recipient.to_string(),
-        wrapped_key: p.envelope,
-    });
-    out.seq = p.seq;
-    out
-}
-
 #[tonic::async_trait]
 impl Federation for FederationService {
     type StreamChunksStream = ReceiverStream<Result<ChunkData, Status>>;
@@ -386,6 +198,7 @@ impl Federation for FederationService {
     ) -> Result<Response<ListManifestsResponse>, Status> {
         self.trusted(&req)?;
         let r = req.into_inner();
+        check_after_seq(r.after_seq)?;
         let max = self.state.node.config.limits.list_page_max;
         let limit = if r.limit == 0 {
             DEFAULT_PAGE.min(max)
@@ -420,7 +233,8 @@ impl Federation for FederationService {
             )));
         }
         let state = self.state.clone();
-        let results = blocking(move || Ok(manifests_for(&state, &caller, &spki, &ids))).await?;
+        let results =
+            blocking(move || Ok(batch::manifests_for(&state, &caller, &spki, &ids))).await?;
         Ok(Response::new(GetManifestsResponse { results }))
     }
 
@@ -515,6 +329,7 @@ impl Federation for FederationService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (caller, _) = self.trusted(&req)?;
         let mut cursor = req.into_inner().after_seq;
+        check_after_seq(cursor)?;
         let slot = self.stream_slot(caller)?;
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();

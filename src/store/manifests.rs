@@ -33,6 +33,19 @@ pub struct Summary {
     pub(crate) publisher: NodeId,
 }
 
+/// The largest seq the store can hold (seqs are SQLite integers).
+const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// A seq from outside (a peer's `after_seq`) as the SQLite integer it is
+/// compared with; out of range is `Invalid`, never wrapped.
+fn seq_param(seq: u64) -> Result<i64> {
+    i64::try_from(seq).map_err(|_| {
+        Error::invalid(format!(
+            "seq {seq} is out of range: seqs go up to {MAX_SEQ}"
+        ))
+    })
+}
+
 /// The next value of the seq counter. Only inside a write transaction: the
 /// value commits (or rolls back) with the change it numbers.
 fn bump_seq(tx: &Transaction<'_>) -> Result<u64> {
@@ -213,6 +226,31 @@ impl Db {
             .optional()?)
     }
 
+    /// The signed bytes (body and signature) of a stored manifest, without
+    /// reading them: what a GetManifests answer for it will weigh, so a batch
+    /// can be cut to the message cap before anything is loaded.
+    pub(crate) fn manifest_len(&self, id: &ContentId) -> Result<Option<u64>> {
+        let n: Option<i64> = self
+            .r()
+            .prepare_cached(
+                "SELECT length(body) + length(signature) FROM manifests WHERE content_id = ?1",
+            )?
+            .query_row([id.to_hex()], |r| r.get(0))
+            .optional()?;
+        Ok(n.map(|n| n as u64))
+    }
+
+    /// The recorded length of a present chunk (its ciphertext, as written
+    /// and hash-checked), to hold it against what a manifest says.
+    pub(crate) fn chunk_len(&self, id: &ChunkId) -> Result<Option<u64>> {
+        let n: Option<i64> = self
+            .r()
+            .prepare_cached("SELECT size FROM chunks WHERE chunk_id = ?1")?
+            .query_row([id.to_hex()], |r| r.get(0))
+            .optional()?;
+        Ok(n.map(|n| n as u64))
+    }
+
     /// The current seq of an item.
     pub(crate) fn seq_of(&self, id: &ContentId) -> Result<Option<u64>> {
         let seq: Option<i64> = self
@@ -258,14 +296,17 @@ impl Db {
         Ok(Some((m, seq as u64)))
     }
 
-    /// Up to `limit` summaries with seq > `after`, in seq order.
+    /// Up to `limit` summaries with seq > `after`, in seq order. Seqs are
+    /// SQLite integers (i64): an `after` beyond `i64::MAX` is refused
+    /// (`Invalid`), never wrapped negative (which would list from the start).
     pub fn list_after(&self, after: u64, limit: u32) -> Result<Vec<Summary>> {
+        let after = seq_param(after)?;
         let c = self.r();
         let mut st = c.prepare_cached(
             "SELECT content_id, seq, kind, size, chunk_count, created_at_ms, publisher FROM manifests
              WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
-        let rows = st.query_map(params![after as i64, limit as i64], |r| {
+        let rows = st.query_map(params![after, limit as i64], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,

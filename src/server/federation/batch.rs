@@ -1,0 +1,286 @@
+//! One GetManifests batch: the manifests asked for and the caller's
+//! envelopes (re-keyed just in time, PROTOCOL.md §5), sized by bytes so the
+//! answer stays under the message cap.
+
+use std::collections::HashMap;
+
+use super::problem;
+use crate::crypto::{self, ContentId, Hash, NodeId};
+use crate::error::{Error, Kind};
+use crate::identity;
+use crate::proto::*;
+use crate::server::ServerState;
+
+/// A GetManifests response stays under this many bytes of included results.
+/// The message cap is 8 MiB (`MAX_MESSAGE` in server/mod.rs and in the
+/// replicator's client); the 1 MiB left is room for the results not
+/// included, at most 1000 of about 150 bytes each.
+const BATCH_BYTES: u64 = 7 * 1024 * 1024;
+/// What an included result weighs beyond its manifest's signed bytes, at
+/// most: the envelope (384 bytes for RSA-3072, more for a larger key), the
+/// recipient and content id (64 hex each), the seq and the field tags.
+const RESULT_OVERHEAD: u64 = 1024;
+
+/// One item of a GetManifests batch, before the batch's new envelopes are stored.
+struct Prepared {
+    body: Vec<u8>,
+    signature: Vec<u8>,
+    seq: u64,
+    envelope: Vec<u8>,
+    /// The envelope was made just now and still has to be stored.
+    fresh: bool,
+}
+
+/// The manifest and the caller's envelope for one item, re-keying just in
+/// time if the caller has none yet. The manifest is served as stored; the
+/// caller verifies its signature.
+fn prepare(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    id: &str,
+) -> Result<Prepared, Error> {
+    let node = &state.node;
+    let cid: ContentId = Hash::parse(id, "content id")?;
+    let crate::store::RawManifest {
+        body,
+        signature,
+        seq,
+    } = node
+        .db
+        .manifest_raw(&cid)?
+        .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+    if let Some(envelope) = node.db.envelope(&cid, &caller.to_hex())? {
+        return Ok(Prepared {
+            body,
+            signature,
+            seq,
+            envelope,
+            fresh: false,
+        });
+    }
+    // Just-in-time rekey: unwrap our own envelope, check the key opens this
+    // item, wrap it for the caller.
+    let own = node
+        .db
+        .envelope(&cid, &node.id().to_hex())?
+        .ok_or_else(|| {
+            Error::new(
+                Kind::NotFound,
+                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
+            )
+        })?;
+    let m = crate::manifest::Manifest::from_signed(body, signature)?;
+    let key = node
+        .identity
+        .unwrap_key(&own)
+        .map_err(|e| e.context(format!("item {cid}")))?;
+    crypto::decrypt_meta(&key, &m.body().encrypted_meta)
+        .map_err(|e| e.context(format!("item {cid}")))?;
+    let public = identity::public_key_from_spki(caller_spki)?;
+    let envelope = crypto::wrap_key(&public, &key);
+    Ok(Prepared {
+        body: m.body_bytes().to_vec(),
+        signature: m.signature().to_vec(),
+        seq,
+        envelope,
+        fresh: true,
+    })
+}
+
+/// How many of `ids`, from the first, fit in one response: their manifests'
+/// stored sizes (read without loading them) plus [`RESULT_OVERHEAD`] each stay
+/// within [`BATCH_BYTES`]. At least one: a manifest is at most about 3 MiB.
+fn fitting(state: &ServerState, ids: &[String]) -> usize {
+    let mut total = 0u64;
+    for (n, id) in ids.iter().enumerate() {
+        let len = Hash::parse(id, "content id")
+            .ok()
+            .and_then(|cid| state.node.db.manifest_len(&cid).ok().flatten())
+            .unwrap_or(0);
+        total += len + RESULT_OVERHEAD;
+        if total > BATCH_BYTES && n > 0 {
+            return n;
+        }
+    }
+    ids.len()
+}
+
+/// The answer for an id left out of a full batch: RESOURCE_EXHAUSTED, which
+/// the replicator takes as "ask again" (no other per-item problem has it).
+fn left_out(id: &str) -> ManifestResult {
+    ManifestResult {
+        content_id: id.to_string(),
+        problem: Some(Problem {
+            code: tonic::Code::ResourceExhausted as i32,
+            message: format!(
+                "not included: the batch is full (a response stays under {} MiB); ask again",
+                BATCH_BYTES >> 20
+            ),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The results of a batch, sized by bytes: the prefix of `ids` whose
+/// manifests fit under the message cap is prepared and answered, the rest
+/// is answered with [`left_out`]. The prefix is cut before any manifest is
+/// loaded, so memory stays at one response whatever the ids name.
+pub(super) fn manifests_for(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    ids: &[String],
+) -> Vec<ManifestResult> {
+    let (fit, rest) = ids.split_at(fitting(state, ids));
+    let mut out = answer(state, caller, caller_spki, fit);
+    // The estimate is an upper bound; measure anyway, the cap is hard.
+    let mut total = 0u64;
+    let mut keep = out.len();
+    for (n, r) in out.iter().enumerate() {
+        total += prost::Message::encoded_len(r) as u64 + 8;
+        if total > BATCH_BYTES && n > 0 {
+            keep = n;
+            break;
+        }
+    }
+    for r in &mut out[keep..] {
+        *r = left_out(&r.content_id);
+    }
+    out.extend(rest.iter().map(|id| left_out(id)));
+    out
+}
+
+/// Prepare a batch over the cores (re-keying is RSA work), store its new
+/// envelopes in one transaction, and build the results.
+fn answer(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    ids: &[String],
+) -> Vec<ManifestResult> {
+    let prepared = prepare_all(state, caller, caller_spki, ids);
+    let recipient = caller.to_hex();
+    let fresh: Vec<(ContentId, String, Vec<u8>)> = ids
+        .iter()
+        .zip(&prepared)
+        .filter_map(|(id, p)| match p {
+            Ok(p) if p.fresh => Some((
+                Hash::parse(id, "content id").ok()?,
+                recipient.clone(),
+                p.envelope.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let stored = store_fresh(state, caller, &fresh);
+    let none = HashMap::new();
+    let new_seqs = stored.as_ref().unwrap_or(&none);
+    ids.iter()
+        .zip(prepared)
+        .map(|(id, p)| {
+            let p = match (p, &stored) {
+                (Ok(p), Err(e)) if p.fresh => Err(e.clone()),
+                (p, _) => p,
+            };
+            result_for(state, &recipient, id, p, new_seqs)
+        })
+        .collect()
+}
+
+/// [`prepare`] each id, the batch split over (at most 8) cores.
+fn prepare_all(
+    state: &ServerState,
+    caller: &NodeId,
+    caller_spki: &[u8],
+    ids: &[String],
+) -> Vec<Result<Prepared, Error>> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
+    let per = ids.len().div_ceil(workers).max(16);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = ids
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|id| prepare(state, caller, caller_spki, id))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("rekey worker panicked"))
+            .collect()
+    })
+}
+
+/// Store the envelopes wrapped in this batch in one transaction; returns
+/// each item's new seq (`None`: a concurrent call stored its own wrap first).
+fn store_fresh(
+    state: &ServerState,
+    caller: &NodeId,
+    fresh: &[(ContentId, String, Vec<u8>)],
+) -> Result<HashMap<ContentId, Option<u64>>, Error> {
+    if fresh.is_empty() {
+        return Ok(HashMap::new());
+    }
+    match state.node.db.add_envelopes(fresh) {
+        Ok(seqs) => {
+            tracing::debug!(items = fresh.len(), peer = %caller.short(), "re-keyed items for peer");
+            Ok(fresh.iter().map(|(cid, _, _)| *cid).zip(seqs).collect())
+        }
+        Err(e) => {
+            tracing::warn!("storing re-keyed envelopes failed: {e}");
+            Err(e)
+        }
+    }
+}
+
+/// One item's answer: its manifest, the envelope for `recipient` and its
+/// seq, or the problem that kept it out.
+fn result_for(
+    state: &ServerState,
+    recipient: &str,
+    id: &str,
+    p: Result<Prepared, Error>,
+    new_seqs: &HashMap<ContentId, Option<u64>>,
+) -> ManifestResult {
+    let mut out = ManifestResult {
+        content_id: id.to_string(),
+        ..Default::default()
+    };
+    let mut p = match p {
+        Ok(p) => p,
+        Err(e) => {
+            out.problem = Some(problem(&e));
+            return out;
+        }
+    };
+    if p.fresh {
+        let cid = Hash::parse(id, "content id").expect("parsed in prepare");
+        match new_seqs.get(&cid).copied().flatten() {
+            Some(seq) => p.seq = seq,
+            // A concurrent call stored its own wrap first: return that one.
+            None => {
+                if let Ok(Some(env)) = state.node.db.envelope(&cid, recipient) {
+                    p.envelope = env;
+                }
+                p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
+            }
+        }
+    }
+    out.manifest = Some(SignedManifest {
+        body: p.body,
+        signature: p.signature,
+    });
+    out.envelope = Some(Envelope {
+        recipient: recipient.to_string(),
+        wrapped_key: p.envelope,
+    });
+    out.seq = p.seq;
+    out
+}
