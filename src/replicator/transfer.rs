@@ -378,8 +378,8 @@ impl Group<'_> {
         let (who, t) = (&self.who, self.t);
         let Ok(id) = Hash::parse(&msg.chunk_id, "chunk id") else {
             t.error(format!(
-                "peer {who} sent a malformed chunk id {:?}",
-                msg.chunk_id
+                "peer {who} sent a malformed chunk id {}",
+                crate::error::quote(&msg.chunk_id)
             ));
             return Ok(());
         };
