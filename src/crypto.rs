@@ -1,6 +1,6 @@
 //! Every cryptographic primitive the node uses, in one room.
 //!
-//! - [`Hash`]: SHA-256 digests, which name chunks, manifests and nodes.
+//! - [`Hash`](struct@Hash): SHA-256 digests, which name chunks, manifests and nodes.
 //! - Chunk and metadata encryption: AES-256-GCM under a random per-item key,
 //!   with a nonce that binds each chunk to its index and to whether it is the
 //!   last one, so reordering, substitution and truncation all fail to decrypt.

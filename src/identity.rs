@@ -5,11 +5,11 @@
 //!
 //! On disk the private key is PKCS#8 PEM (mode 0600), or, when sealed with a
 //! passphrase, a `BITSYNC SEALED KEY` PEM block holding the PKCS#8 DER sealed
-//! by [`crypto::seal`](crate::crypto::seal).
+//! by [`crate::crypto::seal`].
 //!
 //! Private-key operations (unwrapping envelopes, signing manifests) run on
 //! aws-lc, whose RSA is constant-time; the `rsa` crate is used only for
-//! public-key work (see the note in [`crypto`](crate::crypto)).
+//! public-key work (see the note in [`crate::crypto`]).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -1,7 +1,7 @@
 //! Signed manifests: what an item is made of, vouched for by its publisher.
 //!
 //! The body is a protobuf [`ManifestBody`] whose bytes are signed as they are
-//! (RSA-PSS-SHA256, see [`crypto::sign_manifest`]). The content id is the
+//! (RSA-PSS-SHA256, see [`Identity::sign_manifest`]). The content id is the
 //! SHA-256 of those body bytes, never of the plaintext, so equal files
 //! published twice get different ids and reveal nothing about each other.
 //! Envelopes (the item key wrapped per recipient) live beside the manifest,

@@ -9,6 +9,10 @@
 //! the room that does the work with plain values (paths, option structs),
 //! so nothing below the CLI sees [`Cli`].
 
+// The doc comments of the argument types are clap's `--help` text, written
+// for a terminal (`<data-dir>`, `[IPv6]:port`), not rustdoc markup.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 mod backup;
 mod clone;
 mod clone_instance;

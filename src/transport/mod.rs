@@ -1,6 +1,6 @@
 //! Byte streams between nodes: TCP, or Tor (embedded arti or an external
 //! SOCKS5 proxy) for `.onion` addresses, always wrapped in node-pinned mutual
-//! TLS (see [`tls`](crate::tls)) before gRPC sees them.
+//! TLS (see [`crate::tls`]) before gRPC sees them.
 //!
 //! One gRPC channel per peer carries every call to it (HTTP/2 multiplexing),
 //! so a clone over Tor builds one circuit, not one per chunk.
