@@ -16,7 +16,7 @@ use bitsync::node::Node;
 use bitsync::proto::federation_client::FederationClient;
 use bitsync::proto::*;
 use bitsync::replicator::{self, Client};
-use bitsync::server::{self, RunningNode, ServeOptions};
+use bitsync::server::RunningNode;
 use bitsync::store::PeerState;
 use prost::Message;
 use tempfile::TempDir;
@@ -67,20 +67,7 @@ fn make_node(cfg: &Cfg) -> (TempDir, Node) {
 /// A node serving Federation on 127.0.0.1:0 and Admin on its socket.
 async fn serve_node(cfg: &Cfg) -> (TempDir, RunningNode) {
     let (tmp, n) = make_node(cfg);
-    let running = within(
-        30,
-        "the node to start",
-        server::start(
-            n,
-            ServeOptions {
-                listen: Some("127.0.0.1:0".into()),
-                ..Default::default()
-            },
-        ),
-    )
-    .await
-    .unwrap();
-    (tmp, running)
+    (tmp, crate::support::node::serve(n).await)
 }
 
 fn server_node(s: &RunningNode) -> &Node {

@@ -24,7 +24,7 @@ use bitsync::node::Node;
 use bitsync::proto::federation_server::{Federation, FederationServer};
 use bitsync::proto::*;
 use bitsync::replicator::{self, Client};
-use bitsync::server::{self, RunningNode, ServeOptions};
+use bitsync::server::RunningNode;
 use bitsync::store::PeerState;
 use futures::Stream;
 use prost::Message;
@@ -218,19 +218,7 @@ impl Scene {
         let tmp = TempDir::new().unwrap();
         let n = init_node(&tmp.path().join("source"), CHUNK);
         prepare(&n);
-        let source = within(
-            30,
-            "the source to start",
-            server::start(
-                n,
-                ServeOptions {
-                    listen: Some("127.0.0.1:0".into()),
-                    ..Default::default()
-                },
-            ),
-        )
-        .await
-        .unwrap();
+        let source = crate::support::node::serve(n).await;
         let victim = tmp.path().join("victim");
         let id = blocking(|| ok_at(&victim, &["init"]).last_line());
         let victim_id: NodeId = Hash::parse(&id, "node id").unwrap();

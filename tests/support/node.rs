@@ -8,7 +8,10 @@ use std::time::Duration;
 use bitsync::content::{self, PutOptions};
 use bitsync::crypto::ContentId;
 use bitsync::node::{self, Node};
+use bitsync::server::{self, RunningNode, ServeOptions};
 use bitsync::transport::Dialer;
+
+use super::wait::within;
 
 /// Set a fresh data dir's chunk size (plaintext bytes per chunk) in its
 /// config.toml: small chunks make items of many chunks from little data.
@@ -85,4 +88,16 @@ pub fn db_read_only(dir: &Path) -> rusqlite::Connection {
     .unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
     c
+}
+
+/// `node` serving Federation on 127.0.0.1:0 and Admin on its socket, in this
+/// process; fails the test if it is not up within 30 s.
+pub async fn serve(node: Node) -> RunningNode {
+    let opts = ServeOptions {
+        listen: Some("127.0.0.1:0".into()),
+        ..Default::default()
+    };
+    within(30, "the node to start", server::start(node, opts))
+        .await
+        .unwrap()
 }
