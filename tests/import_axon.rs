@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::support::axon_fixture::{
@@ -52,12 +53,25 @@ fn write_key(path: &Path, key: &RsaPrivateKey, pkcs1: bool) {
 }
 
 fn import(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Out {
+    run(&mut import_cmd(home, data, dir, key))
+}
+
+/// `import-axon` without a key, failing the test if it takes over 30 s: for
+/// inputs the old code hung on or read whole.
+fn import_promptly(home: &Path, data: &Path, dir: &Path) -> Out {
+    run_within(
+        &mut import_cmd(home, data, dir, None),
+        Duration::from_secs(30),
+    )
+}
+
+fn import_cmd(home: &Path, data: &Path, dir: &Path, key: Option<&Path>) -> Command {
     let mut c = command(home);
     c.arg("--data-dir").arg(data).arg("import-axon").arg(dir);
     if let Some(k) = key {
         c.arg("--axon-key").arg(k);
     }
-    run(&mut c)
+    c
 }
 
 fn manifests(node: &Node) -> Vec<Manifest> {
@@ -447,14 +461,7 @@ fn a_fifo_in_the_backup_is_refused_without_hanging() {
         .applet("other", 2000)
         .write(&dir);
     crate::support::axon_fixture::make_fifo(&w.item("tiny", None).chunk_paths[0]);
-    let r = run_within(
-        command(home)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("import-axon")
-            .arg(&dir),
-        Duration::from_secs(30),
-    );
+    let r = import_promptly(home, &data, &dir);
     assert_eq!(r.code, 5, "one item not imported: {r:?}");
     let text = said(&r);
     assert!(text.contains("FIFO"), "{text}");
@@ -466,14 +473,7 @@ fn a_fifo_in_the_backup_is_refused_without_hanging() {
 
     // A FIFO as metadata.json: the whole backup is refused, promptly.
     crate::support::axon_fixture::make_fifo(&w.metadata_path("other"));
-    let r = run_within(
-        command(home)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("import-axon")
-            .arg(&dir),
-        Duration::from_secs(30),
-    );
+    let r = import_promptly(home, &data, &dir);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
         r.stderr.contains("metadata.json") && r.stderr.contains("FIFO"),
@@ -554,14 +554,7 @@ fn oversize_json_files_are_refused_unread() {
         .open(w.applet_data_path("tiny"))
         .unwrap();
     big.set_len(100 << 20).unwrap();
-    let r = run_within(
-        command(home)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("import-axon")
-            .arg(&dir),
-        Duration::from_secs(30),
-    );
+    let r = import_promptly(home, &data, &dir);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
         r.stderr.contains("applet_data.json") && r.stderr.contains("refused unread"),
@@ -573,14 +566,7 @@ fn oversize_json_files_are_refused_unread() {
         .unwrap();
     md.set_len(300 << 20).unwrap();
     let t = std::time::Instant::now();
-    let r = run_within(
-        command(home)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("import-axon")
-            .arg(&dir),
-        Duration::from_secs(30),
-    );
+    let r = import_promptly(home, &data, &dir);
     assert_eq!(r.code, 2, "{r:?}");
     assert!(
         r.stderr.contains("metadata.json")

@@ -19,6 +19,17 @@ impl Db {
     }
 
     /// Record chunks that were written and synced.
+    /// The recorded length of a present chunk (its ciphertext, as written
+    /// and hash-checked), to hold it against what a manifest says.
+    pub(crate) fn chunk_len(&self, id: &ChunkId) -> Result<Option<u64>> {
+        let n: Option<i64> = self
+            .r()
+            .prepare_cached("SELECT size FROM chunks WHERE chunk_id = ?1")?
+            .query_row([id.to_hex()], |r| r.get(0))
+            .optional()?;
+        Ok(n.map(|n| n as u64))
+    }
+
     pub fn record_chunks(&self, chunks: &[(ChunkId, u64)]) -> Result<()> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -240,17 +240,6 @@ impl Db {
         Ok(n.map(|n| n as u64))
     }
 
-    /// The recorded length of a present chunk (its ciphertext, as written
-    /// and hash-checked), to hold it against what a manifest says.
-    pub(crate) fn chunk_len(&self, id: &ChunkId) -> Result<Option<u64>> {
-        let n: Option<i64> = self
-            .r()
-            .prepare_cached("SELECT size FROM chunks WHERE chunk_id = ?1")?
-            .query_row([id.to_hex()], |r| r.get(0))
-            .optional()?;
-        Ok(n.map(|n| n as u64))
-    }
-
     /// The current seq of an item.
     pub(crate) fn seq_of(&self, id: &ContentId) -> Result<Option<u64>> {
         let seq: Option<i64> = self
