@@ -98,34 +98,21 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
     }
     let identity = Identity::generate()?;
     if root.exists() {
-        let leftovers: Vec<_> = fs::read_dir(root)
+        let entries: Vec<_> = fs::read_dir(root)
             .ctx(format!("reading {}", root.display()))?
             .flatten()
             .map(|e| e.file_name())
-            // What an interrupted `fill` leaves behind may be redone.
-            .filter(|n| {
-                !matches!(
-                    n.to_str(),
-                    Some(
-                        "config.toml"
-                            | "node.key"
-                            | ".node.key.tmp"
-                            | ".config.toml.tmp"
-                            | "chunks"
-                            | "quarantine"
-                            | ".bitsync.db.init"
-                            | ".bitsync.db.init-wal"
-                            | ".bitsync.db.init-shm"
-                            | ".bitsync.db.init-journal"
-                    )
-                )
-            })
             .collect();
-        if !leftovers.is_empty() {
+        if entries.iter().any(|n| !redoable(n)) {
             return Err(Error::exists(format!(
                 "{} exists and is not a bitsync data dir; choose an empty or new directory",
                 root.display()
             )));
+        }
+        // Temp files are named after the pid that wrote them: a dead
+        // process's are never renamed into place, so they go.
+        for n in entries.iter().filter(|n| is_stale_temp(n)) {
+            let _ = fs::remove_file(root.join(n));
         }
         fill(&paths, &identity, passphrase)?;
     } else {
@@ -153,6 +140,30 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
         result?;
     }
     Ok(InitOutcome::Created(identity.id()))
+}
+
+/// What an interrupted [`fill`] may leave in an existing directory, all of
+/// which a new `init` redoes.
+fn redoable(name: &std::ffi::OsStr) -> bool {
+    matches!(
+        name.to_str(),
+        Some(
+            "config.toml"
+                | "node.key"
+                | "chunks"
+                | "quarantine"
+                | ".bitsync.db.init"
+                | ".bitsync.db.init-wal"
+                | ".bitsync.db.init-shm"
+                | ".bitsync.db.init-journal"
+        )
+    ) || is_stale_temp(name)
+}
+
+/// A temp file of [`crate::durable::write_atomic`] for the key or the config.
+fn is_stale_temp(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.starts_with(".node.key.tmp-") || n.starts_with(".config.toml.tmp-"))
 }
 
 fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<()> {

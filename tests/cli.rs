@@ -786,6 +786,10 @@ fn init_resumes_after_an_interrupted_init_in_an_existing_dir() {
     // The state an interruption just before the database rename leaves.
     fs::remove_file(t.data.join("bitsync.db")).unwrap();
     fs::write(t.data.join(".bitsync.db.init"), b"").unwrap();
+    // An interruption while the key or the config was being written leaves
+    // their temp files, named after the pid of the process that died.
+    fs::write(t.data.join(".node.key.tmp-4242"), b"half a key").unwrap();
+    fs::write(t.data.join(".config.toml.tmp-4242"), b"half").unwrap();
     let o = t.run(&["init"]);
     assert_eq!(
         o.code, 0,
@@ -793,6 +797,9 @@ fn init_resumes_after_an_interrupted_init_in_an_existing_dir() {
         o.stderr
     );
     t.ok(&["id"]);
+    for stale in [".node.key.tmp-4242", ".config.toml.tmp-4242"] {
+        assert!(!t.data.join(stale).exists(), "{stale} was left behind");
+    }
 }
 
 /// `init --seal` on a node whose key is not sealed asks for a passphrase,
