@@ -261,6 +261,99 @@ print(worst)
     server.shutdown().await;
 }
 
+/// A stock Python TLS client (no client certificate) that opens `n`
+/// connections, prints how many the node kept open, and holds them until
+/// its stdin closes.
+const HOLD_TLS: &str = r#"
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.set_alpn_protocols(["h2"])
+conns = [ctx.wrap_socket(socket.create_connection((sys.argv[1], int(sys.argv[2])))) for _ in range(int(sys.argv[3]))]
+kept = 0
+for s in conns:
+    s.settimeout(1.0)
+    try:
+        while s.recv(65536):
+            pass
+    except socket.timeout:
+        kept += 1
+    except Exception:
+        pass
+print(kept, flush=True)
+sys.stdin.read()
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_of_strangers_cannot_take_the_reserve_of_trusted_peers() {
+    use std::io::BufRead;
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let node = new_node_with_config(
+        &tmp.path().join("server"),
+        "[limits]\nmax_connections = 6\nreserved_for_trusted = 3\nmax_connections_per_address = 100\n",
+    );
+    let (peer, stranger) = (
+        new_node(&tmp.path().join("peer")),
+        new_node(&tmp.path().join("stranger")),
+    );
+    node.db()
+        .upsert_peer(&peer.id(), "", "", PeerState::Trusted, false)
+        .unwrap();
+    let server = serve(node).await;
+    let (id, addr) = (
+        server.state.node.id().to_hex(),
+        server.listen_address.to_string(),
+    );
+
+    // Five connections without a certificate: three fit outside the reserve.
+    let mut py = std::process::Command::new("python3")
+        .args([
+            "-c",
+            HOLD_TLS,
+            "127.0.0.1",
+            &server.listen_address.port().to_string(),
+            "5",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(py.stdout.take().unwrap());
+    let kept = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line
+    });
+    let kept = within(60, "the Python client", kept).await.unwrap();
+    assert_eq!(kept.trim(), "3", "connections the node kept of 5");
+
+    // An untrusted key is refused a connection too; a trusted peer gets one.
+    let refused = async {
+        let ch = dialer(&stranger)
+            .channel(Hash::parse(&id, "id").unwrap(), &addr)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        FederationClient::new(ch).hello(HelloRequest {}).await
+    };
+    match within(30, "the stranger's Hello", refused).await {
+        Err(s) => assert_ne!(
+            s.code(),
+            Code::PermissionDenied,
+            "the stranger was let in: {s:?}"
+        ),
+        Ok(r) => panic!("the stranger's Hello succeeded: {r:?}"),
+    }
+    let hello = FederationClient::new(channel(&peer, &id, &addr).await)
+        .hello(HelloRequest {})
+        .await;
+    assert!(hello.is_ok(), "the trusted peer's Hello: {hello:?}");
+    drop(py.stdin.take());
+    let _ = py.wait();
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_joins_beyond_the_rate_are_refused_and_logged_briefly() {
     let tmp = TempDir::new().unwrap();
