@@ -65,7 +65,7 @@ async fn fifty_concurrent_clones_from_one_source_all_complete_and_verify() {
     let tmp = TempDir::new().unwrap();
     let src = tmp.path().join("source");
     ok_at(&src, &["init"]);
-    set_limits(&src, "max_chunk_streams = 2\nstream_wait_ms = 100");
+    set_limits(&src, "max_chunk_streams = 2\nstream_wait_ms = 500");
     for (i, len) in [(1, 4 << 20), (2, 300_000), (3, 10)] {
         let f = tmp.path().join(format!("item{i}"));
         std::fs::write(&f, data(i, len)).unwrap();
