@@ -545,10 +545,10 @@ async fn a_hundred_chunk_streams_stay_within_the_memory_budget() {
          peak (VmHWM) {peak:.0} MiB, {after:.0} MiB after",
         total >> 20
     );
-    // The budget (32 MiB), plus what each of the 100 streams may hold
-    // beyond it: one encoded chunk in tonic's buffer and one in HTTP/2's
-    // send queue (2 MiB). Without the budget this load peaked at 801 MiB.
-    let bound = before + 32.0 + 100.0 * 2.0;
+    // The budget (32 MiB), plus what each of the 100 streams holds beyond
+    // it: one encoded chunk in tonic's buffer and one in HTTP/2's send
+    // queue (2 MiB; measured 1.6-2), allowed 2.5. Without the budget: 801 MiB.
+    let bound = before + 32.0 + 100.0 * 2.5;
     assert!(
         peak < bound,
         "peak RSS {peak:.0} MiB, bound {bound:.0} MiB (before {before:.0} MiB)"
