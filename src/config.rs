@@ -60,6 +60,29 @@ request_timeout_secs = 60
 list_page_max = 1000
 # Most chunk ids in one StreamChunks request.
 max_chunks_per_request = 4096
+# Connections (per listener: federation, and admin_listen apart). Over a cap a
+# new connection is closed at once. Connections still in their TLS handshake:
+max_handshakes = 128
+max_handshakes_per_address = 32
+# A handshake must finish within this (a silent or trickling client is dropped).
+handshake_timeout_secs = 10
+# Established connections; the last reserved_for_trusted of them only for
+# trusted peers (and admin_peers on admin_listen), so others cannot exhaust them.
+max_connections = 512
+reserved_for_trusted = 64
+# Established connections from one address that are not a trusted peer's.
+max_connections_per_address = 64
+# A connection with no gRPC call open for this long is closed.
+idle_timeout_secs = 300
+# Failed Join attempts (bad or used invites) allowed per minute, from one
+# address and from everyone; beyond them Join is refused RESOURCE_EXHAUSTED.
+join_failures_per_minute_per_address = 10
+join_failures_per_minute = 60
+# StreamChunks calls open at once (all peers), and chunk bytes queued for them.
+max_chunk_streams = 128
+max_bytes_in_flight_mib = 128
+# How long a StreamChunks call waits for a free stream before RESOURCE_EXHAUSTED.
+stream_wait_ms = 2000
 
 [tor]
 # Serve Federation on an onion service with embedded Tor (arti); no tor daemon needed.
@@ -98,6 +121,18 @@ pub(crate) struct Limits {
     pub(crate) request_timeout_secs: u64,
     pub(crate) list_page_max: u32,
     pub(crate) max_chunks_per_request: u32,
+    pub(crate) max_handshakes: u32,
+    pub(crate) max_handshakes_per_address: u32,
+    pub(crate) handshake_timeout_secs: u64,
+    pub(crate) max_connections: u32,
+    pub(crate) reserved_for_trusted: u32,
+    pub(crate) max_connections_per_address: u32,
+    pub(crate) idle_timeout_secs: u64,
+    pub(crate) join_failures_per_minute_per_address: u32,
+    pub(crate) join_failures_per_minute: u32,
+    pub(crate) max_chunk_streams: u32,
+    pub(crate) max_bytes_in_flight_mib: u32,
+    pub(crate) stream_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +174,18 @@ impl Default for Limits {
             request_timeout_secs: 60,
             list_page_max: 1000,
             max_chunks_per_request: 4096,
+            max_handshakes: 128,
+            max_handshakes_per_address: 32,
+            handshake_timeout_secs: 10,
+            max_connections: 512,
+            reserved_for_trusted: 64,
+            max_connections_per_address: 64,
+            idle_timeout_secs: 300,
+            join_failures_per_minute_per_address: 10,
+            join_failures_per_minute: 60,
+            max_chunk_streams: 128,
+            max_bytes_in_flight_mib: 128,
+            stream_wait_ms: 2000,
         }
     }
 }
@@ -171,12 +218,30 @@ impl Config {
                 c.chunk_size
             )));
         }
-        if c.limits.list_page_max == 0
-            || c.limits.max_chunks_per_request == 0
-            || c.limits.max_streams_per_peer == 0
-        {
+        let l = &c.limits;
+        let counts = [
+            l.list_page_max,
+            l.max_chunks_per_request,
+            l.max_streams_per_peer,
+            l.max_handshakes,
+            l.max_handshakes_per_address,
+            l.max_connections,
+            l.max_connections_per_address,
+            l.join_failures_per_minute_per_address,
+            l.join_failures_per_minute,
+            l.max_chunk_streams,
+            l.max_bytes_in_flight_mib,
+        ];
+        if counts.contains(&0) || l.handshake_timeout_secs == 0 || l.idle_timeout_secs == 0 {
             return Err(Error::invalid("limits must be positive"));
         }
+        if l.reserved_for_trusted >= l.max_connections {
+            return Err(Error::invalid(format!(
+                "[limits] reserved_for_trusted ({}) must be below max_connections ({})",
+                l.reserved_for_trusted, l.max_connections
+            )));
+        }
+
         Ok(c)
     }
 }
@@ -191,6 +256,21 @@ mod tests {
         assert_eq!(c.listen, DEFAULT_LISTEN);
         assert_eq!(c.chunk_size, crate::manifest::DEFAULT_CHUNK_SIZE);
         assert!(!c.tor.enabled);
+        let (l, d) = (&c.limits, Limits::default());
+        assert_eq!(
+            (
+                l.max_handshakes,
+                l.max_connections,
+                l.idle_timeout_secs,
+                l.max_chunk_streams
+            ),
+            (
+                d.max_handshakes,
+                d.max_connections,
+                d.idle_timeout_secs,
+                d.max_chunk_streams
+            )
+        );
     }
 
     #[test]

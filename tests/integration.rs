@@ -22,6 +22,8 @@ mod format_vectors;
 mod hostile_peer;
 mod import_axon;
 mod instance_config;
+mod limits;
+mod load;
 mod replicator;
 mod serve_binary;
 mod tamper;

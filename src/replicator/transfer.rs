@@ -24,6 +24,8 @@ use crate::store::{Peer, PeerState};
 const CHUNKS_PER_STREAM: usize = 64;
 /// Parallel StreamChunks calls per sync.
 const PARALLEL_STREAMS: usize = 4;
+/// Retries of a StreamChunks call the source refused as busy.
+const BUSY_RETRIES: u32 = 6;
 /// Chunks written but not yet synced and recorded, at most (the writers wait
 /// beyond this). One syncfs and one transaction cover everything queued.
 const RECORD_QUEUE: usize = 256;
@@ -278,6 +280,30 @@ struct GroupOut {
 }
 
 /// One StreamChunks call: verify and write each chunk, then hand it to the recorder.
+/// Open a StreamChunks call. A source at its stream limits answers
+/// RESOURCE_EXHAUSTED (after waiting `stream_wait_ms` itself): that is
+/// retried with backoff and jitter (0.25 s doubling, about 16 s in all)
+/// before it counts as the source's failure.
+async fn open_stream(
+    ch: Channel,
+    req: StreamChunksRequest,
+    who: &str,
+) -> std::result::Result<tonic::codec::Streaming<ChunkData>, tonic::Status> {
+    let mut pause = std::time::Duration::from_millis(250);
+    for _ in 0..BUSY_RETRIES {
+        match client(ch.clone()).stream_chunks(req.clone()).await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                let wait = pause.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5));
+                tracing::info!("{who} is busy ({}); asking again in {wait:?}", s.message());
+                tokio::time::sleep(wait).await;
+                pause *= 2;
+            }
+            r => return r.map(|s| s.into_inner()),
+        }
+    }
+    client(ch).stream_chunks(req).await.map(|s| s.into_inner())
+}
+
 async fn stream_group(
     node: Arc<Node>,
     peer: &Peer,
@@ -300,8 +326,8 @@ async fn stream_group(
         out: GroupOut::default(),
         who,
     };
-    let mut stream = match client(ch).stream_chunks(req).await {
-        Ok(s) => s.into_inner(),
+    let mut stream = match open_stream(ch, req, &g.who).await {
+        Ok(s) => s,
         Err(s) => {
             let e = Error::from(s).context(format!("streaming chunks from {}", g.who));
             g.out.error = Some((e, false));

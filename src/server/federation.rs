@@ -153,7 +153,7 @@ impl FederationService {
 
 #[tonic::async_trait]
 impl Federation for FederationService {
-    type StreamChunksStream = ReceiverStream<Result<ChunkData, Status>>;
+    type StreamChunksStream = super::limits::Budgeted;
     type WatchStream = ReceiverStream<Result<WatchEvent, Status>>;
 
     async fn hello(&self, req: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
@@ -171,18 +171,30 @@ impl Federation for FederationService {
     }
 
     async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
-        let (id, spki, remote) = Self::caller(&req)?;
+        let info = req.extensions().get::<CallerInfo>();
+        let (ip, from) = (info.and_then(|c| c.ip), info.map(|c| c.remote.clone()));
+        let from = from.unwrap_or_default();
+        let limiter = &self.state.join_limit;
+        limiter.check(ip, &from)?;
+        // Every failure spends the caller's budget; only those under the
+        // limit get here, so this warning is as bounded as the attempts.
+        let refuse = |e: Status, remote: &str| {
+            limiter.failed(ip);
+            tracing::warn!(%remote, "refused a join: {}", e.message());
+            e
+        };
+        let (id, spki, remote) = Self::caller(&req).map_err(|e| refuse(e, &from))?;
         let r = req.into_inner();
         if id == self.state.node.id() {
             return Err(Status::invalid_argument("a node cannot join itself"));
         }
-        let hash = crate::invite::hash_secret_text(&r.secret)?;
+        let hash =
+            crate::invite::hash_secret_text(&r.secret).map_err(|e| refuse(e.into(), &remote))?;
         let name: String = r.name.chars().take(64).collect();
         let address: String = r.address.chars().take(256).collect();
         let db = &self.state.node.db;
         if let Err(e) = db.redeem_invite(&hash, &id, &name, &address) {
-            tracing::warn!(node = %id, %remote, "refused a join: {e}");
-            return Err(e.into());
+            return Err(refuse(e.into(), &format!("{remote} (node {id})")));
         }
         db.set_peer_key(&id, &spki)?;
         tracing::info!(node = %id, name = %name, "node joined with an invite and is now a trusted peer");
@@ -257,7 +269,8 @@ impl Federation for FederationService {
             .collect::<Result<Vec<_>, _>>()
             .map_err(Status::from)?;
         let slot = self.stream_slot(caller)?;
-        let (tx, rx) = mpsc::channel(CHUNK_WINDOW);
+        let budget = self.state.chunk_budget.stream().await?;
+        let (tx, rx) = mpsc::channel::<super::limits::Queued>(CHUNK_WINDOW);
         let state = self.state.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -272,39 +285,44 @@ impl Federation for FederationService {
             };
             for id in parsed {
                 if *shutdown.borrow() {
-                    let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send(Err(stopping()))).await;
+                    let _ =
+                        tokio::time::timeout(SHUTDOWN_SEND, tx.send((Err(stopping()), None))).await;
                     return;
                 }
                 if !state.node.db.is_trusted(&caller).unwrap_or(false) {
                     tracing::warn!(node = %caller, "ending a chunk stream: the peer was revoked");
-                    let _ = tx
-                        .send(Err(Status::permission_denied(format!(
-                            "node {caller} was revoked"
-                        ))))
-                        .await;
+                    let msg = Status::permission_denied(format!("node {caller} was revoked"));
+                    let _ = tx.send((Err(msg), None)).await;
                     return;
                 }
+                // Room in the node-wide byte budget before the chunk is read.
+                let len = state.node.db.chunk_len(&id).ok().flatten().unwrap_or(0);
+                let permit = tokio::select! {
+                    p = state.chunk_budget.bytes(len) => p,
+                    _ = tx.closed() => return,
+                    _ = shutdown.changed() => continue,
+                };
                 let st = state.clone();
                 let msg = blocking(move || Ok(read_chunk(&st, &id))).await;
                 let msg = match msg {
                     Ok(m) => m,
                     Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
+                        let _ = tx.send((Err(e.into()), None)).await;
                         return;
                     }
                 };
                 tokio::select! {
-                    sent = tx.send(Ok(msg)) => if sent.is_err() {
+                    sent = tx.send((Ok(msg), Some(permit))) => if sent.is_err() {
                         return; // the client went away
                     },
                     _ = shutdown.changed() => {
-                        let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send(Err(stopping()))).await;
+                        let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send((Err(stopping()), None))).await;
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(super::limits::Budgeted::new(rx, budget)))
     }
 
     async fn get_instance_config(

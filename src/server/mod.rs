@@ -13,6 +13,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod federation;
+mod limits;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,6 +55,10 @@ pub struct ServerState {
     pub(crate) started: Instant,
     pub(crate) listen_address: Mutex<String>,
     pub onion_address: Mutex<Option<String>>,
+    /// Failed Join attempts, per address and in total.
+    pub(crate) join_limit: limits::JoinLimiter,
+    /// Concurrent StreamChunks calls and the chunk bytes queued for them.
+    pub(crate) chunk_budget: limits::ChunkBudget,
 }
 
 impl ServerState {
@@ -224,12 +229,29 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         started: Instant::now(),
         listen_address: Mutex::new(bound.to_string()),
         onion_address: Mutex::new(None),
+        join_limit: limits::JoinLimiter::new(&node.config.limits),
+        chunk_budget: limits::ChunkBudget::new(&node.config.limits),
     });
     spawn_head_poller(node.clone(), head_tx, shutdown_rx.clone());
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let tls = crate::tls::server_config(&identity)?;
-    tokio::spawn(transport::accept_tcp(tcp, tls.clone(), conn_tx.clone()));
+    let conn_limits = transport::ConnLimits::from_config(&node.config.limits);
+    transport::raise_fd_limit(
+        &conn_limits,
+        1 + node.config.admin_listen.is_some() as usize,
+    );
+    let db_node = node.clone();
+    let gate = transport::Gate::new(
+        conn_limits,
+        Box::new(move |id| db_node.db.is_trusted(id).unwrap_or(false)),
+    );
+    tokio::spawn(transport::accept_tcp(
+        tcp,
+        tls.clone(),
+        gate.clone(),
+        conn_tx.clone(),
+    ));
 
     let health = health_reporter().await;
     if opts.tor || node.config.tor.enabled {
@@ -246,7 +268,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
             state.clone(),
             handle,
             tls.clone(),
-            conn_tx,
+            (gate, conn_tx),
             health.clone(),
             shutdown_rx.clone(),
         ));
@@ -364,6 +386,7 @@ fn federation_server(
         .initial_connection_window_size(Some(16 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(transport::TrackCalls)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -412,7 +435,12 @@ async fn serve_admin_tcp(
     let bound = listener.local_addr().ctx("reading bound address")?;
     tracing::info!("admin listening on {bound} (mutual TLS)");
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(transport::accept_tcp(listener, tls, tx));
+    let operators = allowed.clone();
+    let gate = transport::Gate::new(
+        transport::ConnLimits::from_config(&state.node.config.limits),
+        Box::new(move |id| operators.contains(id)),
+    );
+    tokio::spawn(transport::accept_tcp(listener, tls, gate, tx));
     let check =
         move |req: tonic::Request<()>| -> std::result::Result<tonic::Request<()>, tonic::Status> {
             let caller = req
@@ -438,6 +466,7 @@ async fn serve_admin_tcp(
     let svc = tonic::service::interceptor::InterceptedService::new(svc, check);
     let (refl_v1, refl_v1alpha) = reflection(ADMIN)?;
     let server = Server::builder()
+        .layer(transport::TrackCalls)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -460,7 +489,10 @@ async fn serve_onion(
     state: Arc<ServerState>,
     tor: Arc<TorHandle>,
     tls: Arc<rustls::ServerConfig>,
-    conns: mpsc::Sender<std::io::Result<transport::PeerConn>>,
+    (gate, conns): (
+        Arc<transport::Gate>,
+        mpsc::Sender<std::io::Result<transport::PeerConn>>,
+    ),
     health: tonic_health::server::HealthReporter,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -497,7 +529,7 @@ async fn serve_onion(
                     }
                 }
                 s = futures::StreamExt::next(&mut streams) => match s {
-                    Some(stream) => transport::accept(Box::new(stream), "onion".into(), acceptor.clone(), conns.clone()),
+                    Some(stream) => transport::accept(Box::new(stream), "onion".into(), None, acceptor.clone(), &gate, conns.clone()),
                     None => return Err(Error::unavailable("the onion service stopped")),
                 },
                 _ = shutdown.changed() => return Ok(()),

@@ -6,6 +6,8 @@
 //! so a clone over Tor builds one circuit, not one per chunk.
 
 mod address;
+mod gate;
+mod idle;
 
 use std::io;
 use std::net::SocketAddr;
@@ -28,6 +30,8 @@ use crate::node::Node;
 use crate::tls;
 
 pub(crate) use address::PeerAddress;
+pub(crate) use gate::{ConnLimits, Gate, RateLog};
+pub(crate) use idle::TrackCalls;
 
 /// Any byte stream a connection can run on.
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -41,12 +45,19 @@ pub(crate) struct CallerInfo {
     pub(crate) node: Option<(NodeId, Vec<u8>)>,
     /// Remote address for logs ("onion" for Tor streams).
     pub(crate) remote: String,
+    /// The remote IP address (none for Tor streams), for per-address limits.
+    pub(crate) ip: Option<std::net::IpAddr>,
+    /// The calls open on this connection, for its idle timeout.
+    pub(crate) activity: Arc<idle::Activity>,
 }
 
 /// An accepted, TLS-authenticated connection handed to tonic.
 pub(crate) struct PeerConn {
     io: tokio_rustls::server::TlsStream<BoxIo>,
     info: CallerInfo,
+    idle: idle::IdleClock,
+    /// Its place in the listener's connection count, given back on drop.
+    _admitted: gate::Admitted,
 }
 
 impl tonic::transport::server::Connected for PeerConn {
@@ -62,7 +73,10 @@ impl AsyncRead for PeerConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Pending => self.idle.poll_expired(cx).map(Err),
+            ready => ready,
+        }
     }
 }
 
@@ -92,31 +106,47 @@ impl AsyncWrite for PeerConn {
     }
 }
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// Run the TLS handshake on an accepted stream and queue the connection for
-/// tonic. Handshakes run concurrently, each bounded, so one slow peer cannot
-/// stall the listener.
+/// tonic. Handshakes run concurrently, each bounded by the handshake timeout
+/// (a whole-handshake deadline, so trickling bytes does not extend it), so
+/// one slow peer cannot stall the listener; over the gate's caps the stream
+/// is closed at once.
 pub(crate) fn accept(
     io: BoxIo,
     remote: String,
+    ip: Option<std::net::IpAddr>,
     acceptor: TlsAcceptor,
+    gate: &Arc<Gate>,
     out: mpsc::Sender<io::Result<PeerConn>>,
 ) {
+    let Some(hs) = gate.begin(ip, &remote) else {
+        return; // dropping `io` closes it
+    };
+    let gate = gate.clone();
     tokio::spawn(async move {
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-            Ok(Ok(tls)) => {
-                let node = tls::peer_node(tls.get_ref().1.peer_certificates());
-                let _ = out
-                    .send(Ok(PeerConn {
-                        io: tls,
-                        info: CallerInfo { node, remote },
-                    }))
-                    .await;
-            }
-            Ok(Err(e)) => tracing::info!(%remote, "TLS handshake failed: {e}"),
-            Err(_) => tracing::info!(%remote, "TLS handshake timed out"),
-        }
+        let limit = gate.limits.handshake_timeout;
+        let tls = match tokio::time::timeout(limit, acceptor.accept(io)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return tracing::info!(%remote, "TLS handshake failed: {e}"),
+            Err(_) => return tracing::info!(%remote, "TLS handshake timed out after {limit:?}"),
+        };
+        let node = tls::peer_node(tls.get_ref().1.peer_certificates());
+        let Some(admitted) = gate.admit(hs, node.as_ref().map(|n| &n.0), &remote) else {
+            return;
+        };
+        let activity = idle::Activity::new();
+        let conn = PeerConn {
+            io: tls,
+            idle: idle::IdleClock::new(activity.clone(), gate.limits.idle_timeout),
+            info: CallerInfo {
+                node,
+                remote,
+                ip,
+                activity,
+            },
+            _admitted: admitted,
+        };
+        let _ = out.send(Ok(conn)).await;
     });
 }
 
@@ -124,6 +154,7 @@ pub(crate) fn accept(
 pub(crate) async fn accept_tcp(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
+    gate: Arc<Gate>,
     out: mpsc::Sender<io::Result<PeerConn>>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -134,11 +165,15 @@ pub(crate) async fn accept_tcp(
                 accept(
                     Box::new(stream),
                     addr.to_string(),
+                    Some(addr.ip()),
                     acceptor.clone(),
+                    &gate,
                     out.clone(),
                 );
             }
             Err(e) => {
+                // Out of file descriptors, typically: the caps in [limits]
+                // are above what RLIMIT_NOFILE allows (see raise_fd_limit).
                 tracing::warn!("accepting a TCP connection failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -146,6 +181,36 @@ pub(crate) async fn accept_tcp(
         if out.is_closed() {
             return;
         }
+    }
+}
+
+/// Raise this process's soft RLIMIT_NOFILE to its hard limit (the default
+/// soft limit, 1024, is below what the connection caps allow), and warn if
+/// the caps of `listeners` listeners can still exceed it.
+pub(crate) fn raise_fd_limit(limits: &ConnLimits, listeners: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    // 64: the database, chunk files being read, the admin socket, Tor.
+    let need = (limits.max_handshakes + limits.max_connections) * listeners + 64;
+    if (lim.rlim_cur as usize) < need {
+        tracing::warn!(
+            "the file descriptor limit ({}) is below what [limits] max_handshakes + max_connections \
+             allow ({need}); lower them or raise `ulimit -n`",
+            lim.rlim_cur
+        );
     }
 }
 

@@ -14,6 +14,7 @@
 //!   or the tonic client;
 //! - [`node`]: data dirs driven in-process through the library;
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
+//! - [`procfs`]: a process's fds and RSS from /proc, the fd limit, `[limits]` in a config;
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
 //! - [`tornet`] (a private Tor network) and [`axon_fixture`] (an independent
 //!   writer of Axon backups);
@@ -32,6 +33,7 @@ pub mod data;
 pub mod net;
 pub mod node;
 pub mod process;
+pub mod procfs;
 pub mod serve;
 pub mod tornet;
 pub mod wait;
@@ -41,5 +43,6 @@ pub use data::*;
 pub use net::*;
 pub use node::*;
 pub use process::*;
+pub use procfs::*;
 pub use serve::*;
 pub use wait::*;
