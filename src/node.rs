@@ -26,6 +26,7 @@ use crate::config::{Config, DEFAULT_CONFIG};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::store::Db;
 
 #[derive(Debug, Clone)]
@@ -181,6 +182,8 @@ pub struct Node {
     pub(crate) identity: std::sync::Arc<Identity>,
     pub(crate) db: Db,
     pub(crate) chunks: ChunkDir,
+    /// What this node has done since it was opened, for the metrics listener.
+    pub(crate) metrics: std::sync::Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Node {
@@ -237,6 +240,7 @@ impl Node {
             identity,
             db,
             chunks,
+            metrics: Default::default(),
         })
     }
 
