@@ -98,9 +98,9 @@ pub struct StateGauges {
     pub mirror_last_sync: Family<PeerLabel, SecondsGauge>,
     pub jobs: Family<KindLabel, Gauge>,
     pub job_items_done: Family<JobLabels, Gauge>,
-    pub job_items_total: Family<JobLabels, Gauge>,
+    pub job_items_expected: Family<JobLabels, Gauge>,
     pub job_bytes_done: Family<JobLabels, Gauge>,
-    pub job_bytes_total: Family<JobLabels, Gauge>,
+    pub job_bytes_expected: Family<JobLabels, Gauge>,
     pub job_failed: Family<JobLabels, Gauge>,
     pub tor_enabled: Gauge,
     pub tor_bootstrapped: Gauge,
@@ -337,9 +337,9 @@ impl StateGauges {
             mirror_last_sync: Family::default(),
             jobs: Family::default(),
             job_items_done: Family::default(),
-            job_items_total: Family::default(),
+            job_items_expected: Family::default(),
             job_bytes_done: Family::default(),
-            job_bytes_total: Family::default(),
+            job_bytes_expected: Family::default(),
             job_failed: Family::default(),
             tor_enabled: Gauge::default(),
             tor_bootstrapped: Gauge::default(),
@@ -371,11 +371,11 @@ impl StateGauges {
         let h = "Items a job has completed";
         r.register("job_items_done", h, g.job_items_done.clone());
         let h = "Items a job has found to fetch so far";
-        r.register("job_items_total", h, g.job_items_total.clone());
+        r.register("job_items_expected", h, g.job_items_expected.clone());
         let h = "Chunk bytes a job has received";
         r.register_with_unit("job_done", h, b.clone(), g.job_bytes_done.clone());
         let h = "Chunk bytes a job has found to fetch so far";
-        r.register_with_unit("job_total", h, b, g.job_bytes_total.clone());
+        r.register_with_unit("job_expected", h, b, g.job_bytes_expected.clone());
         let h = "1 while a job's phase is FAILED (a mirror retrying)";
         r.register("job_failed", h, g.job_failed.clone());
         let h = "1 when this node serves an onion service";

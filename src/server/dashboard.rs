@@ -164,9 +164,9 @@ impl Snapshot {
         }
         for f in [
             &g.job_items_done,
-            &g.job_items_total,
+            &g.job_items_expected,
             &g.job_bytes_done,
-            &g.job_bytes_total,
+            &g.job_bytes_expected,
             &g.job_failed,
         ] {
             f.clear();
@@ -182,11 +182,11 @@ impl Snapshot {
                 peer: peer.clone(),
             };
             g.job_items_done.get_or_create(&l).set(p.items_done as i64);
-            g.job_items_total
+            g.job_items_expected
                 .get_or_create(&l)
                 .set(p.items_total as i64);
             g.job_bytes_done.get_or_create(&l).set(p.bytes_done as i64);
-            g.job_bytes_total
+            g.job_bytes_expected
                 .get_or_create(&l)
                 .set(p.bytes_total as i64);
             let failed = p.phase == Phase::Failed as i32;
@@ -259,6 +259,8 @@ impl Snapshot {
                 "bytes": self.stats.stored_bytes},
             "peers": peers,
             "jobs": jobs,
+            "now_ms": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64).unwrap_or(0),
             "errors": errors.split_off(skip),
         })
     }

@@ -15,6 +15,8 @@
 //! - [`node`]: data dirs driven in-process through the library;
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
+//! - [`watch`]: a node's metrics listener over HTTP, promtool, a real
+//!   Prometheus server and headless Chromium;
 //! - [`tornet`] (a private Tor network) and [`axon_fixture`] (an independent
 //!   writer of Axon backups);
 //! - [`bench`]: what the benches measure with (the binary under test, a
@@ -35,6 +37,7 @@ pub mod process;
 pub mod serve;
 pub mod tornet;
 pub mod wait;
+pub mod watch;
 
 pub use admin::*;
 pub use data::*;
@@ -43,3 +46,4 @@ pub use node::*;
 pub use process::*;
 pub use serve::*;
 pub use wait::*;
+pub use watch::*;
