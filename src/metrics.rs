@@ -121,6 +121,9 @@ pub struct Metrics {
     grpc: Family<GrpcLabels, Counter>,
     jobs_failed: Family<KindLabel, Counter>,
     mirrors: Mutex<HashMap<String, MirrorClock>>,
+    /// Held while the gauges of state are replaced and read, so two
+    /// scrapes at once never see each other's half-cleared families.
+    scrape: Mutex<()>,
     /// Set before each scrape.
     pub state: StateGauges,
 }
@@ -152,6 +155,7 @@ impl Metrics {
             grpc: Family::default(),
             jobs_failed: Family::default(),
             mirrors: Mutex::new(HashMap::new()),
+            scrape: Mutex::new(()),
             state: StateGauges::register(&mut r),
             registry: Registry::default(),
         };
@@ -229,6 +233,11 @@ impl Metrics {
 
     fn mirrors(&self) -> std::sync::MutexGuard<'_, HashMap<String, MirrorClock>> {
         self.mirrors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold while setting [`Self::state`] and reading it back.
+    pub fn scrape_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.scrape.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A mirror of `peer` started: its lag counts from now until its first sync.

@@ -90,8 +90,9 @@ async fn metrics(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> R
         Ok(s) => s,
         Err(e) => return failed(e),
     };
-    snap.set_gauges(&state);
     let m = &state.node.metrics;
+    let _scrape = m.scrape_lock();
+    snap.set_gauges(&state);
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -108,6 +109,7 @@ async fn metrics(State(state): State<Arc<ServerState>>, headers: HeaderMap) -> R
 async fn status_json(State(state): State<Arc<ServerState>>) -> Response {
     match Snapshot::take(&state).await {
         Ok(snap) => {
+            let _scrape = state.node.metrics.scrape_lock();
             snap.set_gauges(&state);
             let body = snap.to_json(&state).to_string();
             let h = [
