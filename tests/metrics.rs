@@ -148,6 +148,18 @@ fn scrape_during_a_clone_passes_promtool_and_byte_counters_match_what_was_cloned
         sample(&b_text, "bitsync_grpc_requests_total", &cloned),
         Some(1.0)
     );
+    // Nothing Admin-only leaks: no full node id, address or token anywhere.
+    let page = serde_json::to_string(&status_json(&mb)).unwrap();
+    for text in [&a_text, &b_text, &page] {
+        for secret in [
+            a_id.as_str(),
+            b_id.as_str(),
+            sa.addr.as_str(),
+            "bitsync-invite",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
     drop((sa, sb));
 }
 
