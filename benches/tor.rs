@@ -69,6 +69,7 @@ async fn main() {
         ServeOptions {
             listen: None,
             tor: true,
+            ..Default::default()
         },
     )
     .await

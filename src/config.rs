@@ -48,6 +48,11 @@ advertise = []
 # admin_listen = "127.0.0.1:7451"
 admin_peers = []
 
+# Prometheus metrics (/metrics) and a live status page (/) over plain HTTP, with
+# no authentication: keep it on loopback (or behind a proxy that authenticates).
+# Off unless set here or given as `serve --metrics HOST:PORT`.
+# metrics_listen = "127.0.0.1:9450"
+
 # Plaintext bytes per chunk for new items (4096 ..= 2097152).
 chunk_size = 1048576
 
@@ -108,6 +113,7 @@ pub(crate) struct Config {
     pub(crate) advertise: Vec<String>,
     pub(crate) admin_listen: Option<String>,
     pub(crate) admin_peers: Vec<String>,
+    pub(crate) metrics_listen: Option<String>,
     pub(crate) chunk_size: u32,
     pub(crate) limits: Limits,
     pub(crate) tor: TorConfig,
@@ -159,6 +165,7 @@ impl Default for Config {
             advertise: Vec::new(),
             admin_listen: None,
             admin_peers: Vec::new(),
+            metrics_listen: None,
             chunk_size: crate::manifest::DEFAULT_CHUNK_SIZE,
             limits: Limits::default(),
             tor: TorConfig::default(),

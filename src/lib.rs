@@ -17,6 +17,8 @@
 //! - [`error`] (one error type: which exit code and which gRPC status each
 //!   kind becomes), [`durable`] (temp file, fsync, rename; syncfs), `proto`
 //!   (the generated gRPC types).
+//! - [`metrics`]: the node's Prometheus registry, which every room above
+//!   records into.
 //! - [`crypto`]: hashes, chunk/metadata encryption (AES-256-GCM), envelopes
 //!   (RSA-OAEP), manifest signatures (RSA-PSS), passphrase sealing (scrypt).
 //! - [`identity`]: the node key; node id = SHA-256 of the public key (SPKI DER).
@@ -71,6 +73,7 @@ pub mod identity;
 pub mod invite;
 pub(crate) mod legacy;
 pub mod manifest;
+pub mod metrics;
 pub mod node;
 pub mod replicator;
 pub mod server;

@@ -26,6 +26,7 @@ use crate::config::{Config, DEFAULT_CONFIG};
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::identity::Identity;
+use crate::metrics::Metrics;
 use crate::store::Db;
 
 #[derive(Debug, Clone)]
@@ -192,6 +193,8 @@ pub struct Node {
     pub(crate) identity: std::sync::Arc<Identity>,
     pub(crate) db: Db,
     pub(crate) chunks: ChunkDir,
+    /// What this node has done since it was opened, for the metrics listener.
+    pub(crate) metrics: std::sync::Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Node {
@@ -248,6 +251,7 @@ impl Node {
             identity,
             db,
             chunks,
+            metrics: Default::default(),
         })
     }
 

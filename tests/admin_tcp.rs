@@ -33,7 +33,7 @@ async fn admin_over_tcp_admits_only_the_node_and_its_admin_peers() {
         a,
         ServeOptions {
             listen: Some("127.0.0.1:0".into()),
-            tor: false,
+            ..Default::default()
         },
     )
     .await

@@ -24,6 +24,7 @@ mod import_axon;
 mod instance_config;
 mod limits;
 mod load;
+mod metrics;
 mod replicator;
 mod serve_binary;
 mod tamper;

@@ -122,6 +122,10 @@ pub(crate) enum Command {
         /// Also serve on an onion service with embedded Tor (as `[tor] enabled = true`)
         #[arg(long)]
         tor: bool,
+        /// Serve Prometheus metrics and the status page (plain HTTP, unauthenticated),
+        /// overriding `metrics_listen` in config.toml
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics: Option<String>,
     },
     /// Make a one-time invite token on the running node (printed as the last line)
     Invite {
@@ -244,7 +248,18 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Command::Ls { json } => content::list(&cli.open_node()?, *json),
         Command::Peer { command } => peer::run(&cli.open_node()?, command),
         Command::Verify => content::verify(&cli.open_node()?),
-        Command::Serve { listen, tor } => serve::serve(cli, listen.clone(), *tor),
+        Command::Serve {
+            listen,
+            tor,
+            metrics,
+        } => {
+            let opts = crate::server::ServeOptions {
+                listen: listen.clone(),
+                tor: *tor,
+                metrics: metrics.clone(),
+            };
+            serve::serve(cli, opts)
+        }
         Command::Invite { ttl } => serve::invite(&cli.data_dir(), *ttl),
         Command::Status => serve::status(&cli.data_dir()),
         Command::Clone {

@@ -11,9 +11,8 @@ use crate::node::Paths;
 use crate::proto::admin_client::AdminClient;
 use crate::transport::admin_channel;
 
-pub(super) fn serve(cli: &Cli, listen: Option<String>, tor: bool) -> Result<()> {
+pub(super) fn serve(cli: &Cli, opts: crate::server::ServeOptions) -> Result<()> {
     let n = cli.open_node()?;
-    let opts = crate::server::ServeOptions { listen, tor };
     runtime()?.block_on(crate::server::serve(n, opts))
 }
 

@@ -118,6 +118,7 @@ impl Replicator {
                     Phase::Failed as i32
                 };
                 if let Err(e) = &result {
+                    me.node.metrics.job_failed(kind);
                     push_error(p, e.to_string());
                 }
             });

@@ -120,6 +120,7 @@ impl Replicator {
     async fn mirror(self: Arc<Self>, source: NodeId, mut shutdown: watch::Receiver<bool>) {
         let key = format!("mirror:{}", source.to_hex());
         let t = self.show_job(&key, "mirror", source.to_hex());
+        self.node.metrics.mirror_started(&source.short());
         let mut backoff = Backoff::new();
         loop {
             if *shutdown.borrow() {
@@ -151,6 +152,7 @@ impl Replicator {
                 )
             };
             tracing::warn!(peer = %source, "{msg}");
+            self.node.metrics.job_failed("mirror");
             t.update(|p| {
                 p.phase = Phase::Failed as i32;
                 push_error(p, msg);
@@ -174,6 +176,7 @@ impl Replicator {
         let peer = self.trusted_peer(&source)?;
         let synced = |r: Result<Outcome>| -> Result<()> {
             r?;
+            self.node.metrics.mirror_synced(&source.short());
             t.phase(Phase::Done);
             Ok(())
         };

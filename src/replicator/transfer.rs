@@ -16,6 +16,7 @@ use super::sync::PeerSync;
 use crate::crypto::{ChunkId, Hash};
 use crate::error::blocking;
 use crate::error::{Error, Kind, Result};
+use crate::metrics::Rejected;
 use crate::node::Node;
 use crate::proto::{progress::Phase, ChunkData, StreamChunksRequest};
 use crate::store::{Peer, PeerState};
@@ -414,6 +415,11 @@ impl Group<'_> {
             return Ok(());
         }
         if let Some(p) = msg.problem {
+            if p.code == tonic::Code::DataLoss as i32 {
+                self.node
+                    .metrics
+                    .chunk_rejected(who, Rejected::PeerDataLoss);
+            }
             let why = format!("{} from {who}: {}", code_name(p.code), p.message);
             t.error(format!("chunk {id}: {why}"));
             self.out.failed.push((id, why));
@@ -426,11 +432,13 @@ impl Group<'_> {
             // Checked before the hash: a wrong length is wrong whatever the
             // bytes; if they do hash to the id, the item is provably bad.
             if Hash::of(&data) == id {
+                self.node.metrics.chunk_rejected(who, Rejected::WrongLength);
                 t.error(format!(
                     "chunk {id} from {who} is {len} bytes, no length its signed manifest gives (DATA_LOSS, not stored)"
                 ));
                 self.out.wrong_length.push((id, len));
             } else {
+                self.node.metrics.chunk_rejected(who, Rejected::BadHash);
                 let why = format!("{who} sent wrong bytes for it (not stored)");
                 t.error(format!("chunk {id}: {why}"));
                 self.out.failed.push((id, why));
@@ -444,11 +452,13 @@ impl Group<'_> {
             Ok(()) => {
                 self.out.bytes += len;
                 t.update(|p| p.bytes_done += len);
+                self.node.metrics.chunk_received(who, len);
                 if self.recorder.send((id, len)).await.is_err() {
                     return Err(Error::io("the chunk recorder stopped"));
                 }
             }
             Err(e) if e.kind() == Kind::Integrity => {
+                self.node.metrics.chunk_rejected(who, Rejected::BadHash);
                 let why = format!("{who} sent wrong bytes for it (not stored)");
                 t.error(format!("chunk {id}: {why}"));
                 self.out.failed.push((id, why));

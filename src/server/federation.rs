@@ -311,9 +311,12 @@ impl Federation for FederationService {
                         return;
                     }
                 };
+                let len = msg.problem.is_none().then_some(msg.data.len() as u64);
                 tokio::select! {
                     sent = tx.send((Ok(msg), Some(permit))) => if sent.is_err() {
                         return; // the client went away
+                    } else if let Some(len) = len {
+                        state.node.metrics.chunk_sent(&caller.short(), len);
                     },
                     _ = shutdown.changed() => {
                         let _ = tokio::time::timeout(SHUTDOWN_SEND, tx.send((Err(stopping()), None))).await;

@@ -12,7 +12,9 @@
 //! in-flight calls finish for a few seconds, then exits.
 
 pub(crate) mod admin;
+mod dashboard;
 pub(crate) mod federation;
+mod grpc_metrics;
 mod limits;
 
 use std::collections::HashMap;
@@ -102,6 +104,8 @@ pub struct ServeOptions {
     pub listen: Option<String>,
     /// Serve on an onion service too, as `[tor] enabled = true` does.
     pub tor: bool,
+    /// Serve metrics and the status page here, overriding `metrics_listen`.
+    pub metrics: Option<String>,
 }
 
 /// The names every listener serves besides its own service.
@@ -163,6 +167,8 @@ pub struct RunningNode {
     /// The bound federation address.
     pub listen_address: std::net::SocketAddr,
     pub admin_socket: std::path::PathBuf,
+    /// The bound metrics and status page address, when one was asked for.
+    pub metrics_address: Option<std::net::SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -264,6 +270,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         health
             .set_service_status(TOR_HEALTH, tonic_health::ServingStatus::NotServing)
             .await;
+        node.metrics.state.tor_enabled.set(1);
         tokio::spawn(serve_onion(
             state.clone(),
             handle,
@@ -280,6 +287,16 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
     if let Some(addr) = &node.config.admin_listen {
         tasks.push(serve_admin_tcp(state.clone(), addr, &tls, &health, &shutdown_rx).await?);
     }
+    let mut metrics_address = None;
+    if let Some(addr) = opts
+        .metrics
+        .as_ref()
+        .or(node.config.metrics_listen.as_ref())
+    {
+        let (bound, task) = dashboard::serve(state.clone(), addr, shutdown_rx.clone()).await?;
+        metrics_address = Some(bound);
+        tasks.push(task);
+    }
 
     tokio::spawn(replicator.clone().run_mirrors(shutdown_rx.clone()));
     tasks.push(spawn_logged("federation", fed));
@@ -288,6 +305,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         state,
         listen_address: bound,
         admin_socket: sock,
+        metrics_address,
         shutdown_tx,
         tasks,
     })
@@ -377,10 +395,12 @@ fn federation_server(
     let (refl_v1, refl_v1alpha) = reflection(FEDERATION)?;
     let limits = &state.node.config.limits;
     let timeout = Duration::from_secs(limits.request_timeout_secs);
+    let counted = grpc_metrics::GrpcMetricsLayer::new(state.node.metrics.clone());
     let svc = FederationServer::new(federation::FederationService::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     Ok(Server::builder()
+        .layer(counted)
         .timeout(timeout)
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
@@ -402,10 +422,12 @@ fn admin_server(
     shutdown: watch::Receiver<bool>,
 ) -> Result<impl Future<Output = std::result::Result<(), tonic::transport::Error>>> {
     let (refl_v1, refl_v1alpha) = reflection(ADMIN)?;
+    let counted = grpc_metrics::GrpcMetricsLayer::new(state.node.metrics.clone());
     let svc = AdminServer::new(admin::AdminService::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     Ok(Server::builder()
+        .layer(counted)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -460,6 +482,7 @@ async fn serve_admin_tcp(
                 }
             }
         };
+    let counted = grpc_metrics::GrpcMetricsLayer::new(state.node.metrics.clone());
     let svc = AdminServer::new(admin::AdminService::new(state))
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
@@ -467,6 +490,7 @@ async fn serve_admin_tcp(
     let (refl_v1, refl_v1alpha) = reflection(ADMIN)?;
     let server = Server::builder()
         .layer(transport::TrackCalls)
+        .layer(counted)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -498,6 +522,7 @@ async fn serve_onion(
 ) {
     let run = async {
         let client = tor.get().await?;
+        state.node.metrics.state.tor_bootstrapped.set(1);
         let (svc, streams) = crate::tor::launch_onion_service(&client, "bitsync")
             .await
             .map_err(|e| Error::unavailable(format!("launching the onion service: {e}")))?;
@@ -523,6 +548,7 @@ async fn serve_onion(
                     match r {
                         Ok(()) => {
                             health.set_service_status(TOR_HEALTH, tonic_health::ServingStatus::Serving).await;
+                            state.node.metrics.state.onion_reachable.set(1);
                             tracing::info!("onion service {address} is reachable");
                         }
                         Err(e) => tracing::warn!("onion service {address} not reachable yet: {e}"),

@@ -16,6 +16,8 @@
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
 //! - [`procfs`]: a process's fds and RSS from /proc, the fd limit, `[limits]` in a config;
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
+//! - [`watch`]: a node's metrics listener over HTTP, promtool, a real
+//!   Prometheus server and headless Chromium;
 //! - [`tornet`] (a private Tor network) and [`axon_fixture`] (an independent
 //!   writer of Axon backups);
 //! - [`bench`]: what the benches measure with (the binary under test, a
@@ -37,6 +39,7 @@ pub mod procfs;
 pub mod serve;
 pub mod tornet;
 pub mod wait;
+pub mod watch;
 
 pub use admin::*;
 pub use data::*;
@@ -46,3 +49,4 @@ pub use process::*;
 pub use procfs::*;
 pub use serve::*;
 pub use wait::*;
+pub use watch::*;

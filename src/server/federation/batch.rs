@@ -61,6 +61,7 @@ fn prepare(
     }
     // Just-in-time rekey: unwrap our own envelope, check the key opens this
     // item, wrap it for the caller.
+    let started = std::time::Instant::now();
     let own = node
         .db
         .envelope(&cid, &node.id().to_hex())?
@@ -79,6 +80,7 @@ fn prepare(
         .map_err(|e| e.context(format!("item {cid}")))?;
     let public = identity::public_key_from_spki(caller_spki)?;
     let envelope = crypto::wrap_key(&public, &key);
+    node.metrics.rekeyed(started.elapsed());
     Ok(Prepared {
         body: m.body_bytes().to_vec(),
         signature: m.signature().to_vec(),
