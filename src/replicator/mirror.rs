@@ -126,7 +126,7 @@ impl Replicator {
                 break;
             }
             if !self.mirror_sources().contains(&source) {
-                tracing::info!(peer = %source, "stopped mirroring: no longer a mirror source");
+                tracing::info!(peer = %source.short(), "stopped mirroring: no longer a mirror source");
                 break;
             }
             let started = Instant::now();
@@ -150,7 +150,7 @@ impl Replicator {
                     wait.as_secs_f64()
                 )
             };
-            tracing::warn!(peer = %source, "{msg}");
+            tracing::warn!(peer = %source.short(), "{msg}");
             t.update(|p| {
                 p.phase = Phase::Failed as i32;
                 push_error(p, msg);
@@ -174,7 +174,7 @@ impl Replicator {
         let peer = self.trusted_peer(&source)?;
         let synced = |r: Result<Outcome>| -> Result<()> {
             r?;
-            t.phase(Phase::Done);
+            t.synced();
             Ok(())
         };
         synced(self.sync_peer(&peer, t).await)?;
@@ -185,7 +185,7 @@ impl Replicator {
             .await
             .map_err(|s| Error::from(s).context("opening the watch stream"))?
             .into_inner();
-        tracing::info!(peer = %source, "mirroring");
+        tracing::info!(peer = %source.short(), "mirroring");
         let mut tick = tokio::time::interval(RECONCILE);
         tick.tick().await;
         let mut last_heard = tokio::time::Instant::now();

@@ -13,6 +13,7 @@
 
 pub(crate) mod admin;
 pub(crate) mod federation;
+mod request_log;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -179,11 +180,12 @@ impl RunningNode {
 /// Run the node until SIGTERM/SIGINT.
 pub(crate) async fn serve(node: Node, opts: ServeOptions) -> Result<()> {
     let running = start(node, opts).await?;
-    eprintln!(
-        "bitsync node {} listening on {}, admin on {}",
-        running.state.node.id(),
-        running.listen_address,
-        running.admin_socket.display()
+    // A log line, not a bare print, so `--log-format json` output stays all JSON.
+    tracing::info!(
+        node = %running.state.node.id(),
+        admin = %running.admin_socket.display(),
+        "bitsync node listening on {}",
+        running.listen_address
     );
     wait_for_signal().await;
     tracing::info!("shutting down: finishing in-flight calls");
@@ -364,6 +366,7 @@ fn federation_server(
         .initial_connection_window_size(Some(16 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(request_log::RequestLog)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -383,6 +386,7 @@ fn admin_server(
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     Ok(Server::builder()
+        .layer(request_log::RequestLog)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -425,7 +429,7 @@ async fn serve_admin_tcp(
                 )),
                 Some(id) if allowed.contains(&id) => Ok(req),
                 Some(id) => {
-                    tracing::warn!(node = %id, "refused an Admin call from a node not in admin_peers");
+                    tracing::warn!(peer = %id.short(), "refused an Admin call from a node not in admin_peers");
                     Err(tonic::Status::permission_denied(format!(
                         "node {id} may not use this node's Admin service"
                     )))
@@ -438,6 +442,7 @@ async fn serve_admin_tcp(
     let svc = tonic::service::interceptor::InterceptedService::new(svc, check);
     let (refl_v1, refl_v1alpha) = reflection(ADMIN)?;
     let server = Server::builder()
+        .layer(request_log::RequestLog)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)

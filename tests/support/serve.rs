@@ -77,7 +77,7 @@ impl Serve {
             if !self.socket().exists() {
                 return None;
             }
-            let out = at(&self.dir, &["status"]);
+            let out = at(&self.dir, &["status", "--json"]);
             (out.code == 0).then(|| {
                 serde_json::from_slice(&out.stdout)
                     .unwrap_or_else(|e| panic!("status is not JSON ({e}): {out:?}"))
