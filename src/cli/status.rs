@@ -122,7 +122,15 @@ fn print_table(s: &StatusResponse, peers: &[PeerInfo], now_ms: i64) {
     if jobs.is_empty() {
         outln!("no jobs running");
     } else {
-        let mut t = Table::new(&["JOB", "PEER", "PHASE", "ITEMS", "BYTES", "RATE", "LAST ERROR"]);
+        let mut t = Table::new(&[
+            "JOB",
+            "PEER",
+            "PHASE",
+            "ITEMS",
+            "BYTES",
+            "RATE",
+            "LAST ERROR",
+        ]);
         for j in jobs {
             t.row(job_row(j));
         }
