@@ -7,6 +7,8 @@
 //! parse gives text logs here; the command then fails on it with the usual
 //! message when it opens the node.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use super::Cli;
@@ -32,8 +34,12 @@ impl Cli {
 pub fn init(cli: &Cli) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cli.default_log_filter()));
+    // Colours only for a person at a terminal: in a file or a pipe the
+    // escape codes would be in every line a shipper reads.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match cli.log_format() {
         LogFormat::Text => builder.init(),
