@@ -149,3 +149,51 @@ fn status_shows_peers_and_mirror_lag_as_a_table() {
         ]
     );
 }
+
+/// A clone running in the node (Admin/Clone), slowed by a paced proxy, is
+/// in the JOBS table with its peer, phase, items and bytes of the total, and
+/// rate.
+#[test]
+fn status_shows_a_running_job_with_its_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ok_at(&a, &["init"]);
+    ok_at(&b, &["init"]);
+    let item = tmp.path().join("item");
+    std::fs::write(&item, data(5, 4 << 20)).unwrap();
+    ok(bitsync(&a).arg("put").arg(&item));
+    let sa = Serve::start(&a);
+    // About 4 s for the item at 1 MiB/s: long enough to be seen running.
+    let slow = proxy(sa.addr.parse().unwrap(), Some(1 << 20));
+    let b_id = ok_at(&b, &["id"]).last_line();
+    ok_at(&a, &["peer", "add", &b_id, "127.0.0.1:9"]);
+    ok_at(&b, &["peer", "add", &sa.node_id, &slow.addr.to_string()]);
+    let sb = Serve::start(&b);
+    let sock = sb.socket();
+    let req = format!(r#"{{"token_or_peer":"{}"}}"#, sa.node_id);
+    let clone = std::thread::spawn(move || admin(&sock, "Clone", &req));
+
+    let a_short = &sa.node_id[..12];
+    let cols = |l: &str| {
+        l.split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let (table, job) = wait_for(60, "the clone to show progress in `status`", || {
+        let table = ok_at(&b, &["status"]).text();
+        let job = cols(table.lines().find(|l| l.starts_with("clone"))?);
+        (job[2] == "CHUNKS" && !job[4].starts_with("0 B/")).then_some((table, job))
+    });
+    assert!(table.contains("JOB  "), "{table}");
+    assert_eq!(&job[..4], ["clone", a_short, "CHUNKS", "0/1"], "{table}");
+    assert!(
+        job[4].contains("/4.00 MiB (") && job[4].ends_with("%)"),
+        "{table}"
+    );
+    assert!(job[5].ends_with("/s") && job[5] != "0 B/s", "rate: {table}");
+    let out = clone.join().unwrap();
+    assert_eq!(out.code, 0, "Admin/Clone: {out:?}");
+    assert!(out.text().contains("DONE"), "{out:?}");
+}
