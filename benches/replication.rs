@@ -400,7 +400,7 @@ fn clone_bench() {
 fn wait_mirror_ready(dir: &Path) {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = cli(dir, &["status"]);
+        let s = cli(dir, &["status", "--json"]);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         if v["jobs"]
             .as_array()

@@ -56,6 +56,10 @@ admin_peers = []
 # Plaintext bytes per chunk for new items (4096 ..= 2097152).
 chunk_size = 1048576
 
+# Log lines on stderr: "text" for people, "json" (one object per line) for
+# log shippers. `--log-format` overrides it; RUST_LOG sets the levels.
+log_format = "text"
+
 [limits]
 # Concurrent streaming calls (StreamChunks, Watch) one peer may hold open.
 max_streams_per_peer = 16
@@ -115,9 +119,21 @@ pub(crate) struct Config {
     pub(crate) admin_peers: Vec<String>,
     pub(crate) metrics_listen: Option<String>,
     pub(crate) chunk_size: u32,
+    pub(crate) log_format: LogFormat,
     pub(crate) limits: Limits,
     pub(crate) tor: TorConfig,
     pub(crate) mirror: Vec<MirrorConfig>,
+}
+
+/// How log lines are written: one format for the whole process, chosen
+/// before the node is opened (`--log-format`, else `log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `tracing`'s human format: time, level, message, then `key=value` fields.
+    Text,
+    /// One JSON object per line, the fields at its top level.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +183,7 @@ impl Default for Config {
             admin_peers: Vec::new(),
             metrics_listen: None,
             chunk_size: crate::manifest::DEFAULT_CHUNK_SIZE,
+            log_format: LogFormat::Text,
             limits: Limits::default(),
             tor: TorConfig::default(),
             mirror: Vec::new(),
@@ -278,6 +295,14 @@ mod tests {
                 d.max_chunk_streams
             )
         );
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(Config::parse("").unwrap().log_format, LogFormat::Text);
+        let c = Config::parse("log_format = \"json\"").unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::parse("log_format = \"xml\"").is_err());
     }
 
     #[test]

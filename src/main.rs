@@ -3,13 +3,7 @@ use clap::Parser;
 fn main() {
     tune_allocator();
     let cli = bitsync::cli::Cli::parse();
-    let default = cli.default_log_filter();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    bitsync::cli::logs::init(&cli);
     if let Err(e) = bitsync::cli::run(&cli) {
         eprintln!("bitsync: {e}");
         std::process::exit(e.exit_code());

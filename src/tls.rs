@@ -190,7 +190,7 @@ impl ServerCertVerifier for PinnedNode {
     ) -> TlsResult<ServerCertVerified> {
         let got = check_rsa(end_entity)?;
         if got != self.expected {
-            tracing::warn!(expected = %self.expected, presented = %got, "refused a peer presenting the wrong node id");
+            tracing::warn!(peer = %self.expected.short(), presented = %got.short(), "refused a peer presenting the wrong node id");
             return Err(rustls::Error::General(format!(
                 "peer presented node id {got}, expected {}",
                 self.expected

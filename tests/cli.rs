@@ -386,11 +386,31 @@ fn peer_add_ls_revoke() {
     assert_eq!(get(&p1)["address"], "peer-one.example:7450");
     assert_eq!(get(&p1)["mirror"], false);
     assert_eq!(get(&p2)["mirror"], true);
+    // The table: status's columns with the whole id and when it was added.
     let table = t.ok(&["peer", "ls"]).text();
-    assert!(
-        table.contains(&p1) && table.contains(&p2) && table.contains("trusted"),
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| {
+            l.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        rows[0],
+        ["NODE ID", "STATE", "MIRROR", "ADDRESS", "ADDED", "NAME"],
         "{table}"
     );
+    let row = |id: &str| rows.iter().find(|r| r[0] == id).unwrap().clone();
+    let (r1, r2) = (row(&p1), row(&p2));
+    assert_eq!(
+        [r1[1], r1[2], r1[3], r1[5]],
+        ["trusted", "no", "peer-one.example:7450", "one"],
+        "{table}"
+    );
+    assert!(r1[4].starts_with("20") && r1[4].ends_with('Z'), "{table}");
+    assert_eq!([r2[2], r2[5]], ["yes", "-"], "no name shows as -: {table}");
 
     t.ok(&["peer", "revoke", &p1]);
     let peers = t.peers_json();

@@ -502,7 +502,7 @@ async fn a_mirror_drops_a_silent_watch_and_backs_off_from_a_looping_source() {
     let job = |needle: &'static str| {
         blocking(|| {
             wait_for(90, needle, || {
-                let o = ok_at(&scene.victim, &["status"]);
+                let o = ok_at(&scene.victim, &["status", "--json"]);
                 let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
                 let jobs = st["jobs"].as_array()?.clone();
                 let j = jobs.into_iter().find(|j| j["kind"] == "mirror")?;

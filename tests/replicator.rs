@@ -67,7 +67,7 @@ fn dirs<const N: usize>(tmp: &TempDir, names: [&str; N]) -> [PathBuf; N] {
 
 /// `status` of the node at `dir`, and the mirror job it shows (there must be one).
 fn mirror_job(dir: &Path) -> (Value, Value) {
-    let status: Value = serde_json::from_slice(&ok_at(dir, &["status"]).stdout).unwrap();
+    let status: Value = serde_json::from_slice(&ok_at(dir, &["status", "--json"]).stdout).unwrap();
     let job = status["jobs"]
         .as_array()
         .unwrap()

@@ -26,7 +26,7 @@ fn wait_until(what: &str, budget: Duration, mut f: impl FnMut() -> bool) {
 }
 
 fn status(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&ok_at(dir, &["status"]).text()).expect("status json")
+    serde_json::from_str(&ok_at(dir, &["status", "--json"]).text()).expect("status json")
 }
 
 fn items(dir: &Path) -> Vec<serde_json::Value> {

@@ -18,9 +18,12 @@ mod clone;
 mod clone_instance;
 mod content;
 mod import_axon;
+pub mod logs;
 pub(crate) mod output;
 mod peer;
 mod serve;
+mod status;
+mod table;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -51,6 +54,9 @@ pub struct Cli {
     /// File holding the passphrase of a sealed node key (else $BITSYNC_PASSPHRASE, else a prompt)
     #[arg(long, global = true, value_name = "FILE")]
     pub(crate) passphrase_file: Option<PathBuf>,
+    /// Log lines on stderr as text or as one JSON object per line [default: `log_format` in config.toml, else text]
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub(crate) log_format: Option<crate::config::LogFormat>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -146,8 +152,12 @@ pub(crate) enum Command {
         #[arg(long, value_name = "DIR")]
         from_backup: Option<PathBuf>,
     },
-    /// Show the running node's status (JSON)
-    Status,
+    /// Show the running node: addresses, peers, mirrors with their lag, jobs with progress
+    Status {
+        /// The JSON object scripts read, instead of the table
+        #[arg(long)]
+        json: bool,
+    },
     /// Add a snapshot of this node to a backup repository (or: backup verify|ls --repo DIR)
     Backup(BackupArgs),
     /// Restore a backup snapshot into a new data dir (--data-dir)
@@ -261,7 +271,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
             serve::serve(cli, opts)
         }
         Command::Invite { ttl } => serve::invite(&cli.data_dir(), *ttl),
-        Command::Status => serve::status(&cli.data_dir()),
+        Command::Status { json } => status::status(&cli.data_dir(), *json),
         Command::Clone {
             token_or_peer,
             token_file,

@@ -3,6 +3,7 @@
 use clap::Subcommand;
 
 use super::output::outln;
+use super::table::Table;
 use crate::crypto::Hash;
 use crate::error::{Error, Result};
 use crate::node::Node;
@@ -77,22 +78,25 @@ fn list(n: &Node, json: bool) -> Result<()> {
         outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
     }
-    outln!(
-        "{:<64}  {:<8}  {:<6}  {:<24}  NAME",
-        "NODE ID",
-        "STATE",
-        "MIRROR",
-        "ADDRESS"
-    );
+    // The columns of `status`'s peer table, with the whole id (what `peer
+    // revoke` takes) and when the peer was added.
+    let mut t = Table::new(&["NODE ID", "STATE", "MIRROR", "ADDRESS", "ADDED", "NAME"]);
     for p in peers {
-        outln!(
-            "{:<64}  {:<8}  {:<6}  {:<24}  {}",
-            p.node_id,
-            p.state.as_str(),
-            if p.mirror { "yes" } else { "" },
+        t.row([
+            p.node_id.to_hex(),
+            p.state.as_str().to_string(),
+            if p.mirror { "yes" } else { "no" }.to_string(),
             p.address,
-            p.name
-        );
+            added(p.added_at_ms),
+            p.name,
+        ]);
     }
+    t.print();
     Ok(())
+}
+
+/// When a peer was added, to the second, in UTC.
+fn added(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }

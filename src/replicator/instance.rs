@@ -57,6 +57,7 @@ pub(crate) fn import(db: &Db, cfg: &InstanceConfig, me: &NodeId, source: &NodeId
     let over = offered.saturating_sub(MAX_IMPORTED_PEERS);
     if over > 0 || bad > 0 {
         tracing::warn!(
+            peer = %source.short(),
             "{} offered {} peer(s); skipped {over} over the limit of {MAX_IMPORTED_PEERS} and {bad} with a bad id, \
              a name over {MAX_PEER_NAME} bytes or a bad address",
             source.short(),
@@ -78,6 +79,7 @@ pub(crate) fn import(db: &Db, cfg: &InstanceConfig, me: &NodeId, source: &NodeId
     }
     if skipped > 0 {
         tracing::warn!(
+            peer = %source.short(),
             "{} offered instance settings over the limits ({MAX_SETTINGS} settings, keys of \
              {MAX_SETTING_KEY} bytes, values of {MAX_SETTING_VALUE}); skipped {skipped}",
             source.short()

@@ -40,12 +40,19 @@ impl Tracker {
 
     /// Log a problem and keep it in the job's error lines.
     pub(super) fn error(&self, msg: String) {
-        tracing::warn!("{msg}");
+        tracing::warn!(peer = %short(&self.state.borrow().peer), "{msg}");
         self.update(|p| push_error(p, msg));
     }
 
     pub(super) fn phase(&self, phase: Phase) {
         self.update(|p| p.phase = phase as i32);
+    }
+
+    /// A sync succeeded: up to date (DONE) as of now.
+    pub(super) fn synced(&self) {
+        self.phase(Phase::Done);
+        self.state
+            .send_modify(|s| s.last_synced_at_ms = crate::manifest::now_ms());
     }
 }
 
@@ -66,8 +73,14 @@ fn initial(kind: &'static str, peer: String) -> JobState {
             peer,
             ..Default::default()
         },
+        last_synced_at_ms: 0,
         result: None,
     }
+}
+
+/// The short form of a job's peer (a node id in hex) for log fields.
+fn short(peer: &str) -> &str {
+    peer.get(..12).unwrap_or(peer)
 }
 
 impl Replicator {

@@ -127,7 +127,7 @@ impl Replicator {
                 break;
             }
             if !self.mirror_sources().contains(&source) {
-                tracing::info!(peer = %source, "stopped mirroring: no longer a mirror source");
+                tracing::info!(peer = %source.short(), "stopped mirroring: no longer a mirror source");
                 break;
             }
             let started = Instant::now();
@@ -151,7 +151,7 @@ impl Replicator {
                     wait.as_secs_f64()
                 )
             };
-            tracing::warn!(peer = %source, "{msg}");
+            tracing::warn!(peer = %source.short(), "{msg}");
             self.node.metrics.job_failed("mirror");
             t.update(|p| {
                 p.phase = Phase::Failed as i32;
@@ -177,7 +177,7 @@ impl Replicator {
         let synced = |r: Result<Outcome>| -> Result<()> {
             r?;
             self.node.metrics.mirror_synced(&source.short());
-            t.phase(Phase::Done);
+            t.synced();
             Ok(())
         };
         synced(self.sync_peer(&peer, t).await)?;
@@ -188,7 +188,7 @@ impl Replicator {
             .await
             .map_err(|s| Error::from(s).context("opening the watch stream"))?
             .into_inner();
-        tracing::info!(peer = %source, "mirroring");
+        tracing::info!(peer = %source.short(), "mirroring");
         let mut tick = tokio::time::interval(RECONCILE);
         tick.tick().await;
         let mut last_heard = tokio::time::Instant::now();

@@ -137,6 +137,9 @@ pub(crate) struct JobState {
     pub(crate) kind: &'static str,
     pub(crate) peer: String,
     pub(crate) progress: Progress,
+    /// When a sync of this job last succeeded (Unix ms; 0: not yet): a
+    /// mirror's lag is counted from it while it is not up to date.
+    pub(crate) last_synced_at_ms: i64,
     /// Set when the job ends.
     pub(crate) result: Option<std::result::Result<(), Error>>,
 }
@@ -277,8 +280,8 @@ impl Replicator {
         let imported = instance::import(&self.node.db, &cfg, &self.node.id(), &peer.node_id)?;
         if imported > 0 {
             tracing::info!(
-                "imported {imported} peer(s) from {} for review (`bitsync peer ls`)",
-                peer.node_id.short()
+                peer = %peer.node_id.short(),
+                "imported {imported} peer(s) from it for review (`bitsync peer ls`)"
             );
         }
         self.sync_peer(&peer, t)
@@ -323,7 +326,7 @@ impl Replicator {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(inv.node_id, ch);
-                    tracing::info!(peer = %inv.node_id, "joined peer with an invite");
+                    tracing::info!(peer = %inv.node_id.short(), "joined peer with an invite");
                     return Ok(p);
                 }
                 Err(e) => last = Some(e),

@@ -324,6 +324,7 @@ impl PeerSync<'_> {
             return Ok(());
         }
         tracing::info!(
+            peer = %self.peer.node_id.short(),
             "adopted {} chunk file(s) left by an interrupted run",
             adopted.len()
         );
@@ -407,7 +408,7 @@ fn store_complete(
 pub(super) fn stored_cursor(node: &Node, peer: &crate::crypto::NodeId) -> Result<u64> {
     let value = node.db.peer(peer)?.map(|p| p.cursor).unwrap_or(0);
     if value > MAX_SEQ {
-        tracing::warn!(%peer, "the saved cursor {value} is out of range; listing from the start");
+        tracing::warn!(peer = %peer.short(), "the saved cursor {value} is out of range; listing from the start");
         return Ok(0);
     }
     Ok(value)

@@ -248,9 +248,10 @@ impl PeerSync<'_> {
                 }
             };
             tracing::info!(
-                "asking {who} for {} chunk(s) {} could not send",
-                left.len(),
-                source.short()
+                peer = %who,
+                source = %source.short(),
+                "asking another peer for {} chunk(s) the source could not send",
+                left.len()
             );
             self.work.asked(who.clone());
             if let Err(e) = self.fetch_into(&other, och, left).await? {

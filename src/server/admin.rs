@@ -81,6 +81,7 @@ impl Admin for AdminService {
                 kind: j.kind.to_string(),
                 peer: j.peer,
                 progress: Some(j.progress),
+                last_synced_at_ms: j.last_synced_at_ms,
             })
             .collect();
         Ok(Response::new(StatusResponse {
@@ -176,7 +177,7 @@ impl Admin for AdminService {
             PeerState::Trusted,
             r.mirror,
         )?;
-        tracing::info!(peer = %id, "peer trusted by the operator");
+        tracing::info!(peer = %id.short(), "peer trusted by the operator");
         Ok(Response::new(peer_to_proto(&p)))
     }
 
@@ -186,7 +187,7 @@ impl Admin for AdminService {
     ) -> Result<Response<PeerInfo>, Status> {
         let id = Hash::parse(&req.into_inner().node_id, "node id")?;
         let p = self.state.node.db.revoke_peer(&id)?;
-        tracing::info!(peer = %id, "peer revoked by the operator");
+        tracing::info!(peer = %id.short(), "peer revoked by the operator");
         Ok(Response::new(peer_to_proto(&p)))
     }
 

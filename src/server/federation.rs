@@ -127,7 +127,7 @@ impl FederationService {
         if self.state.node.db.is_trusted(id).map_err(Status::from)? {
             return Ok(());
         }
-        tracing::warn!(node = %id, %remote, "refused a call from a node that is not a trusted peer");
+        tracing::warn!(peer = %id.short(), %remote, "refused a call from a node that is not a trusted peer");
         Err(Status::permission_denied(format!(
             "node {id} is not a trusted peer of node {} (untrusted or revoked)",
             self.state.node.id()
@@ -194,10 +194,12 @@ impl Federation for FederationService {
         let address: String = r.address.chars().take(256).collect();
         let db = &self.state.node.db;
         if let Err(e) = db.redeem_invite(&hash, &id, &name, &address) {
-            return Err(refuse(e.into(), &format!("{remote} (node {id})")));
+            limiter.failed(ip);
+            tracing::warn!(peer = %id.short(), %remote, "refused a join: {e}");
+            return Err(e.into());
         }
         db.set_peer_key(&id, &spki)?;
-        tracing::info!(node = %id, name = %name, "node joined with an invite and is now a trusted peer");
+        tracing::info!(peer = %id.short(), name = %name, "node joined with an invite and is now a trusted peer");
         Ok(Response::new(JoinResponse {
             node_id: self.state.node.id().to_hex(),
             name: self.state.node.name(),
@@ -290,7 +292,7 @@ impl Federation for FederationService {
                     return;
                 }
                 if !state.node.db.is_trusted(&caller).unwrap_or(false) {
-                    tracing::warn!(node = %caller, "ending a chunk stream: the peer was revoked");
+                    tracing::warn!(peer = %caller.short(), "ending a chunk stream: the peer was revoked");
                     let msg = Status::permission_denied(format!("node {caller} was revoked"));
                     let _ = tx.send((Err(msg), None)).await;
                     return;
@@ -367,7 +369,7 @@ impl Federation for FederationService {
                         content_id: String::new(),
                     };
                     let _ = tx.send(Ok(ev)).await;
-                    tracing::info!(node = %caller, "ended a watch stream: the peer was revoked");
+                    tracing::info!(peer = %caller.short(), "ended a watch stream: the peer was revoked");
                     return;
                 }
                 let page = match state.node.db.list_after(cursor, 256) {

@@ -16,6 +16,7 @@ mod dashboard;
 pub(crate) mod federation;
 mod grpc_metrics;
 mod limits;
+mod request_log;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -190,11 +191,12 @@ impl RunningNode {
 /// Run the node until SIGTERM/SIGINT.
 pub(crate) async fn serve(node: Node, opts: ServeOptions) -> Result<()> {
     let running = start(node, opts).await?;
-    eprintln!(
-        "bitsync node {} listening on {}, admin on {}",
-        running.state.node.id(),
-        running.listen_address,
-        running.admin_socket.display()
+    // A log line, not a bare print, so `--log-format json` output stays all JSON.
+    tracing::info!(
+        node = %running.state.node.id(),
+        admin = %running.admin_socket.display(),
+        "bitsync node listening on {}",
+        running.listen_address
     );
     wait_for_signal().await;
     tracing::info!("shutting down: finishing in-flight calls");
@@ -407,6 +409,7 @@ fn federation_server(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(transport::TrackCalls)
+        .layer(request_log::RequestLog)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -428,6 +431,7 @@ fn admin_server(
         .max_encoding_message_size(MAX_MESSAGE);
     Ok(Server::builder()
         .layer(counted)
+        .layer(request_log::RequestLog)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)
@@ -475,7 +479,7 @@ async fn serve_admin_tcp(
                 )),
                 Some(id) if allowed.contains(&id) => Ok(req),
                 Some(id) => {
-                    tracing::warn!(node = %id, "refused an Admin call from a node not in admin_peers");
+                    tracing::warn!(peer = %id.short(), "refused an Admin call from a node not in admin_peers");
                     Err(tonic::Status::permission_denied(format!(
                         "node {id} may not use this node's Admin service"
                     )))
@@ -491,6 +495,7 @@ async fn serve_admin_tcp(
     let server = Server::builder()
         .layer(transport::TrackCalls)
         .layer(counted)
+        .layer(request_log::RequestLog)
         .add_service(svc)
         .add_service(health_server(health))
         .add_service(refl_v1)

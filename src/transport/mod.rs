@@ -308,7 +308,7 @@ impl Dialer {
         }
     }
 
-    async fn open(&self, address: &PeerAddress) -> Result<BoxIo> {
+    async fn open(&self, peer: NodeId, address: &PeerAddress) -> Result<BoxIo> {
         let (host, port) = (address.host.as_str(), address.port);
         let unreachable =
             |e: String| Error::unavailable(format!("cannot reach {host}:{port}: {e}"));
@@ -348,6 +348,7 @@ impl Dialer {
                                 return Err(unreachable(e.to_string()));
                             }
                             tracing::info!(
+                                peer = %peer.short(),
                                 "onion connect to {host} failed ({e}); retrying in {pause:?}"
                             );
                             tokio::time::sleep(pause).await;
@@ -365,7 +366,7 @@ impl Dialer {
         peer: NodeId,
         address: &str,
     ) -> Result<tokio_rustls::client::TlsStream<BoxIo>> {
-        let io = self.open(&PeerAddress::parse(address)?).await?;
+        let io = self.open(peer, &PeerAddress::parse(address)?).await?;
         let connector = TlsConnector::from(tls::client_config(&self.identity, peer)?);
         tokio::time::timeout(
             self.connect_timeout,

@@ -30,6 +30,12 @@ impl Serve {
     /// the node answers `bitsync status` on its admin socket, i.e. has bound
     /// its federation port.
     pub fn spawn(dir: &Path, args: &[&str], rust_log: &str) -> Serve {
+        Serve::spawn_env(dir, args, rust_log, &[])
+    }
+
+    /// [`Serve::spawn`] with `env` set for the node (e.g. `BITSYNC_PASSPHRASE`
+    /// for a sealed key).
+    pub fn spawn_env(dir: &Path, args: &[&str], rust_log: &str, env: &[(&str, &str)]) -> Serve {
         let log = dir.with_extension("serve.log");
         let f = std::fs::OpenOptions::new()
             .create(true)
@@ -41,6 +47,7 @@ impl Serve {
             .args(args)
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(f)
@@ -77,7 +84,7 @@ impl Serve {
             if !self.socket().exists() {
                 return None;
             }
-            let out = at(&self.dir, &["status"]);
+            let out = at(&self.dir, &["status", "--json"]);
             (out.code == 0).then(|| {
                 serde_json::from_slice(&out.stdout)
                     .unwrap_or_else(|e| panic!("status is not JSON ({e}): {out:?}"))

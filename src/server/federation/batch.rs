@@ -236,7 +236,7 @@ fn store_fresh(
             Ok(fresh.iter().map(|(cid, _, _)| *cid).zip(seqs).collect())
         }
         Err(e) => {
-            tracing::warn!("storing re-keyed envelopes failed: {e}");
+            tracing::warn!(peer = %caller.short(), "storing re-keyed envelopes failed: {e}");
             Err(e)
         }
     }
