@@ -22,6 +22,7 @@ mod format_vectors;
 mod hostile_peer;
 mod import_axon;
 mod instance_config;
+mod netns;
 mod replicator;
 mod serve_binary;
 mod tamper;

@@ -14,6 +14,8 @@
 //!   or the tonic client;
 //! - [`node`]: data dirs driven in-process through the library;
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
+//! - [`netns`]: two network namespaces joined by a delayed, lossy,
+//!   rate-limited or cut link (TUN devices and a forwarder of our own);
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
 //! - [`tornet`] (a private Tor network) and [`axon_fixture`] (an independent
 //!   writer of Axon backups);
@@ -30,6 +32,7 @@ pub mod axon_fixture;
 pub mod bench;
 pub mod data;
 pub mod net;
+pub mod netns;
 pub mod node;
 pub mod process;
 pub mod serve;
