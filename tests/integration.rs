@@ -27,6 +27,7 @@ mod limits;
 mod load;
 mod logs;
 mod metrics;
+mod netns;
 mod replicator;
 mod serve_binary;
 mod tamper;

@@ -37,7 +37,10 @@
 //! violations that end the sync naming the peer (`Integrity`); a chunk of
 //! another length than its signed manifest gives is not stored and rejects
 //! its items; a chunk stream silent for `request_timeout_secs` is cancelled
-//! (the other peers are asked, then the sync fails `Unavailable`). A clone
+//! (the other peers are asked, then the sync fails `Unavailable`). A
+//! connection lost after a pass made progress (an outage long enough for
+//! the HTTP/2 keepalive to close it) is redialled and the sync resumes from
+//! its cursor, a few times with backoff. A clone
 //! or sync with rejected items fails once the rest is stored.
 //!
 //! Mirrors (`[[mirror]]` in config.toml, or peers added with `--mirror`, also

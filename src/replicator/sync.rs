@@ -27,6 +27,8 @@ use crate::store::Peer;
 const PAGE: u32 = 500;
 /// Manifests asked for in one GetManifests call.
 const MANIFEST_BATCH: usize = 200;
+/// How often one sync resumes on a new connection after losing one mid-way.
+const RESUMES: u32 = 5;
 
 /// The state of one sync from one peer.
 pub(super) struct PeerSync<'a> {
@@ -79,7 +81,7 @@ impl Replicator {
             work: PageWork::default(),
             incomplete: Vec::new(),
         };
-        let result = s.pages().await;
+        let result = s.pages_resuming().await;
         // Keep what was achieved, even when the sync broke off.
         let saved = s.save_cursor(true).await;
         s.out.elapsed = started.elapsed();
@@ -113,6 +115,52 @@ impl PeerSync<'_> {
             "protocol violation by peer {}: it {why}",
             self.peer.node_id
         ))
+    }
+
+    /// [`Self::pages`], resumed on a new connection when the source became
+    /// unreachable after this pass made progress (bytes, items or cursor):
+    /// a connection lost to a network outage (e.g. closed by the HTTP/2
+    /// keepalive while a partition lasts) is not the end of a clone that was
+    /// working. At most [`RESUMES`] times, waiting 1, 2, 4... s first; a
+    /// pass that achieved nothing (an unreachable or stalled source) ends the
+    /// sync with its error at once. Everything stored stays; the cursor
+    /// stopped before the first item the pass left incomplete, so the next
+    /// pass lists those again.
+    async fn pages_resuming(&mut self) -> Result<()> {
+        let mut wait = std::time::Duration::from_secs(1);
+        let mut resumes = 0;
+        loop {
+            let before = (self.out.bytes, self.out.items, self.cursor.value);
+            let r = self.pages().await;
+            // An item rejected before the break and listed again after it counts once.
+            let mut seen = HashSet::new();
+            self.out.rejected.retain(|l| seen.insert(l.clone()));
+            let e = match r {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let progressed = (self.out.bytes, self.out.items, self.cursor.value) != before;
+            if e.kind() != Kind::Unavailable || !progressed || resumes == RESUMES {
+                return Err(e);
+            }
+            resumes += 1;
+            let who = self.peer.node_id.short();
+            self.t.error(format!(
+                "{e}; resuming from {who} on a new connection in {} s",
+                wait.as_secs()
+            ));
+            self.save_cursor(true).await?;
+            self.incomplete.clear();
+            self.work = PageWork::default();
+            self.rep.drop_channel(&self.peer.node_id);
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            self.t.phase(Phase::Connecting);
+            self.ch = self
+                .rep
+                .channel(&self.peer.node_id, &self.peer.address)
+                .await?;
+        }
     }
 
     /// Every page of the listing after the cursor.

@@ -355,7 +355,7 @@ async fn stream_group(
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(s) => {
-                let e = Error::from(s).context(format!("chunk stream from {}", g.who));
+                let e = broken_stream(s).context(format!("chunk stream from {}", g.who));
                 g.out.error = Some((e, false));
                 break;
             }
@@ -372,6 +372,18 @@ async fn stream_group(
         }
     }
     g.out
+}
+
+/// The error of a chunk stream that broke off mid-way. A connection lost
+/// under the stream (closed by the HTTP/2 keepalive during an outage, or
+/// reset) reaches us as UNKNOWN "h2 protocol error: ...", not as a status
+/// the peer sent: that is the peer being unreachable (`Unavailable`: exit 8,
+/// and the sync resumes on a new connection), not a local I/O error.
+fn broken_stream(s: tonic::Status) -> Error {
+    if s.code() == tonic::Code::Unknown && s.message().starts_with("h2 protocol error") {
+        return Error::unavailable(s.message().to_string());
+    }
+    Error::from(s)
 }
 
 /// How long a chunk stream may go without a message before it is cancelled:
@@ -515,5 +527,21 @@ async fn next_or_pending<S: futures::Stream + Unpin>(s: &mut Option<S>) -> Optio
     match s {
         Some(s) => s.next().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_lost_under_a_stream_is_unavailable_a_peer_status_keeps_its_code() {
+        let lost =
+            tonic::Status::unknown("h2 protocol error: error reading a body from connection");
+        assert_eq!(broken_stream(lost).kind(), Kind::Unavailable);
+        let sent = tonic::Status::unknown("something the peer said");
+        assert_eq!(broken_stream(sent).kind(), Kind::Io);
+        let denied = tonic::Status::permission_denied("h2 protocol error: no");
+        assert_eq!(broken_stream(denied).kind(), Kind::Denied);
     }
 }

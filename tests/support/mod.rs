@@ -14,6 +14,8 @@
 //!   or the tonic client;
 //! - [`node`]: data dirs driven in-process through the library;
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
+//! - [`netns`]: two network namespaces joined by a delayed, lossy,
+//!   rate-limited or cut link (TUN devices and a forwarder of our own);
 //! - [`procfs`]: a process's fds and RSS from /proc, the fd limit, `[limits]` in a config;
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
 //! - [`watch`]: a node's metrics listener over HTTP, promtool, a real
@@ -33,6 +35,7 @@ pub mod axon_fixture;
 pub mod bench;
 pub mod data;
 pub mod net;
+pub mod netns;
 pub mod node;
 pub mod process;
 pub mod procfs;

@@ -16,12 +16,18 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 /// data dir or passphrase, `RUST_LOG=warn`, stdin from /dev/null (so: no terminal).
 pub fn command(home: &Path) -> Command {
     let mut c = Command::new(BIN);
+    clean_env(&mut c, home);
+    c
+}
+
+/// The clean environment of [`command`], on any command that runs `bitsync`
+/// (e.g. through `ip netns exec`).
+pub fn clean_env(c: &mut Command, home: &Path) {
     c.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", home)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
-    c
 }
 
 /// [`command`] on the data dir `dir` (`--data-dir`), with the directory
