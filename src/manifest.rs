@@ -201,8 +201,10 @@ pub(crate) fn check_structure(b: &ManifestBody) -> Result<()> {
         Cipher::Unspecified => return Err(Error::integrity("manifest names no cipher")),
     }
     // Before any arithmetic on the size: a peer's 2^64 - 1 would overflow
-    // the cipher's total (and, wrapped, pass as an item of no chunks).
-    let most = MAX_CHUNKS_PER_ITEM * u64::from(b.chunk_size);
+    // the cipher's total (and, wrapped, pass as an item of no chunks). The
+    // bound is what a body under MAX_BODY_BYTES can list at all (34 bytes a
+    // chunk id), so no manifest accepted before is refused now.
+    let most = (MAX_BODY_BYTES / 34) as u64 * u64::from(b.chunk_size);
     if b.size > most {
         return Err(Error::integrity(format!(
             "size {} is more than one manifest can describe ({most} bytes in chunks of {})",
@@ -279,7 +281,8 @@ mod tests {
     /// a release build it wrapped to 0 and passed as an item of no chunks).
     #[test]
     fn a_size_beyond_what_a_manifest_can_list_is_refused() {
-        for size in [u64::MAX, u64::MAX - 15, MAX_CHUNKS_PER_ITEM * 4096 + 1] {
+        let listable = (MAX_BODY_BYTES / 34) as u64;
+        for size in [u64::MAX, u64::MAX - 15, listable * 4096 + 1] {
             let e = check_structure(&legacy_body(size, Vec::new())).unwrap_err();
             assert_eq!(e.kind(), crate::error::Kind::Integrity);
             assert!(e.message().contains("more than one manifest"), "{e}");
