@@ -13,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    // cargo-fuzz sets `--cfg fuzzing` (src/fuzz.rs). Declared here, not in
+    // Cargo.toml's [lints]: those are not applied when this crate is built
+    // as the dependency of fuzz/, which is its own workspace.
+    println!("cargo::rustc-check-cfg=cfg(fuzzing)");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

@@ -319,23 +319,57 @@ pub(crate) fn is_sealed(data: &[u8]) -> bool {
     data.starts_with(SEAL_MAGIC)
 }
 
+/// The parts of sealed data, read and checked before any key is derived.
+pub(crate) struct SealHeader<'a> {
+    /// The 41 header bytes, authenticated as the ciphertext's associated data.
+    header: &'a [u8],
+    log_n: u8,
+    r: u32,
+    p: u32,
+    ct: &'a [u8],
+}
+
+impl<'a> SealHeader<'a> {
+    /// Split sealed data and refuse what is not bitsync-sealed or asks for
+    /// more scrypt work than [`check_scrypt_cost`] allows, running no scrypt.
+    pub(crate) fn parse(sealed: &'a [u8]) -> Result<SealHeader<'a>> {
+        if sealed.len() < 41 + 16 || !is_sealed(sealed) {
+            return Err(Error::integrity(
+                "sealed data is truncated or not bitsync-sealed",
+            ));
+        }
+        let (header, ct) = sealed.split_at(41);
+        let log_n = header[4];
+        let r = u32::from_be_bytes(header[5..9].try_into().expect("4-byte slice"));
+        let p = u32::from_be_bytes(header[9..13].try_into().expect("4-byte slice"));
+        check_scrypt_cost(log_n, r, p)?;
+        Ok(SealHeader {
+            header,
+            log_n,
+            r,
+            p,
+            ct,
+        })
+    }
+
+    fn salt(&self) -> &[u8] {
+        &self.header[13..29]
+    }
+
+    /// Decrypt with a key already derived from the passphrase.
+    pub(crate) fn open_with(&self, key: &[u8; 32]) -> Result<Zeroizing<Vec<u8>>> {
+        let n: [u8; 12] = self.header[29..41].try_into().expect("12-byte slice");
+        let plain = gcm_open(&gcm_key(key), n, self.header, self.ct)
+            .ok_or_else(|| Error::auth("wrong passphrase (or the sealed file was altered)"))?;
+        Ok(Zeroizing::new(plain))
+    }
+}
+
 /// Open sealed data; a wrong passphrase is an [`Kind::Auth`](crate::error::Kind::Auth) error.
 pub(crate) fn unseal(passphrase: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
-    if sealed.len() < 41 + 16 || !is_sealed(sealed) {
-        return Err(Error::integrity(
-            "sealed data is truncated or not bitsync-sealed",
-        ));
-    }
-    let (header, ct) = sealed.split_at(41);
-    let log_n = header[4];
-    let r = u32::from_be_bytes(header[5..9].try_into().unwrap());
-    let p = u32::from_be_bytes(header[9..13].try_into().unwrap());
-    check_scrypt_cost(log_n, r, p)?;
-    let k = seal_key(passphrase.as_bytes(), &header[13..29], log_n, r, p)?;
-    let n: [u8; 12] = header[29..41].try_into().expect("12-byte slice");
-    let plain = gcm_open(&gcm_key(k.as_ref()), n, header, ct)
-        .ok_or_else(|| Error::auth("wrong passphrase (or the sealed file was altered)"))?;
-    Ok(Zeroizing::new(plain))
+    let h = SealHeader::parse(sealed)?;
+    let k = seal_key(passphrase.as_bytes(), h.salt(), h.log_n, h.r, h.p)?;
+    h.open_with(&k)
 }
 
 #[cfg(test)]

@@ -201,7 +201,7 @@ fn pem_encode(label: &str, der: &[u8]) -> Zeroizing<Vec<u8>> {
 }
 
 /// The bytes of the first PEM block in `text`.
-fn pem_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
+pub(crate) fn pem_decode(text: &str) -> Option<Zeroizing<Vec<u8>>> {
     let b64: Zeroizing<String> = Zeroizing::new(
         text.lines()
             .skip_while(|l| !l.starts_with("-----BEGIN "))

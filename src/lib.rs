@@ -40,6 +40,9 @@
 //! - [`backup`]: offline copies: backup repositories, restore, clone-instance,
 //!   and importing Axon backups.
 //! - [`cli`]: the `bitsync` command.
+//! - `fuzz` (only in builds with `--cfg fuzzing`, as cargo-fuzz makes them):
+//!   the entry points of the fuzz targets in `fuzz/`, one per parser of
+//!   outside input; above every room, used by none.
 //!
 //! `docs/DESIGN.md` says why the design is as it is and what each kind of
 //! party can and cannot do (the threat model, with the test that shows each
@@ -69,6 +72,9 @@ pub mod content;
 pub mod crypto;
 pub mod durable;
 pub mod error;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz;
 pub mod identity;
 pub mod invite;
 pub(crate) mod legacy;

@@ -128,7 +128,7 @@ impl Manifest {
 }
 
 /// Number of ciphertext bytes the item's cipher produces for `size` plaintext bytes.
-fn cipher_total(body: &ManifestBody) -> u64 {
+pub(crate) fn cipher_total(body: &ManifestBody) -> u64 {
     match body.cipher() {
         Cipher::Aes256GcmChunked => {
             let n = expected_chunks(body);
@@ -146,7 +146,7 @@ fn expected_chunks(body: &ManifestBody) -> u64 {
     }
 }
 
-fn chunk_cipher_len(body: &ManifestBody, index: usize) -> u64 {
+pub(crate) fn chunk_cipher_len(body: &ManifestBody, index: usize) -> u64 {
     let n = body.chunk_ids.len() as u64;
     let i = index as u64;
     let cs = body.chunk_size as u64;
@@ -169,7 +169,7 @@ fn chunk_cipher_len(body: &ManifestBody, index: usize) -> u64 {
     }
 }
 
-fn check_structure(b: &ManifestBody) -> Result<()> {
+pub(crate) fn check_structure(b: &ManifestBody) -> Result<()> {
     if b.format_version != FORMAT_VERSION {
         return Err(Error::invalid(format!(
             "unsupported format version {}",
@@ -199,6 +199,17 @@ fn check_structure(b: &ManifestBody) -> Result<()> {
             }
         }
         Cipher::Unspecified => return Err(Error::integrity("manifest names no cipher")),
+    }
+    // Before any arithmetic on the size: a peer's 2^64 - 1 would overflow
+    // the cipher's total (and, wrapped, pass as an item of no chunks). The
+    // bound is what a body under MAX_BODY_BYTES can list at all (34 bytes a
+    // chunk id), so no manifest accepted before is refused now.
+    let most = (MAX_BODY_BYTES / 34) as u64 * u64::from(b.chunk_size);
+    if b.size > most {
+        return Err(Error::integrity(format!(
+            "size {} is more than one manifest can describe ({most} bytes in chunks of {})",
+            b.size, b.chunk_size
+        )));
     }
     if b.chunk_ids.iter().any(|c| c.len() != 32) {
         return Err(Error::integrity("a chunk id is not 32 bytes"));
@@ -251,6 +262,38 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn legacy_body(size: u64, chunk_ids: Vec<Vec<u8>>) -> ManifestBody {
+        ManifestBody {
+            format_version: FORMAT_VERSION,
+            size,
+            chunk_size: 4096,
+            chunk_ids,
+            cipher: Cipher::AxonAes256Cbc as i32,
+            legacy_iv: vec![0; 16],
+            legacy_plain_sha256: vec![0; 32],
+            ..Default::default()
+        }
+    }
+
+    /// Found while writing the manifest_body fuzz target: a legacy size near
+    /// 2^64 overflowed the cipher's total (a panic with overflow checks; in
+    /// a release build it wrapped to 0 and passed as an item of no chunks).
+    #[test]
+    fn a_size_beyond_what_a_manifest_can_list_is_refused() {
+        let listable = (MAX_BODY_BYTES / 34) as u64;
+        for size in [u64::MAX, u64::MAX - 15, listable * 4096 + 1] {
+            let e = check_structure(&legacy_body(size, Vec::new())).unwrap_err();
+            assert_eq!(e.kind(), crate::error::Kind::Integrity);
+            assert!(e.message().contains("more than one manifest"), "{e}");
+        }
+        let ok = legacy_body(4096 * 2 - 17, vec![vec![1; 32], vec![2; 32]]);
+        check_structure(&ok).unwrap();
+        assert_eq!(
+            chunk_cipher_len(&ok, 0) + chunk_cipher_len(&ok, 1),
+            cipher_total(&ok)
+        );
+    }
 
     /// The largest item `check_item_size` lets through still signs: its body
     /// fits under MAX_BODY_BYTES with a name of 4 KiB.

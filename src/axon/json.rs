@@ -39,7 +39,25 @@ pub fn open(dir: &Path) -> Result<AxonBackup> {
     let root = std::fs::canonicalize(dir).map_err(|e| io_err(dir, "cannot open", e))?;
     let mpath = dir.join(BACKUP_MANIFEST);
     let mvalue = input::read_json(&root, &mpath, MAX_BACKUP_MANIFEST)?;
-    let m = Obj::new(&mpath, String::new(), &mvalue)?;
+    let (backup_date, listed) = parse_backup_manifest(&mpath, &mvalue)?;
+    let mut items = Vec::new();
+    for (name, folder) in listed {
+        read_applet(&root, &dir.join(folder), name, &mut items)?;
+    }
+    Ok(AxonBackup {
+        dir: dir.to_path_buf(),
+        backup_date,
+        items,
+    })
+}
+
+/// The applet list of `backup_manifest.json` (read from `mpath`): its
+/// `backup_date`, and each applet's name with the folder it is in.
+pub(crate) fn parse_backup_manifest<'v>(
+    mpath: &'v Path,
+    mvalue: &'v Value,
+) -> Result<(String, Vec<(&'v str, String)>)> {
+    let m = Obj::new(mpath, String::new(), mvalue)?;
     let backup_date = m.req_str("backup_date")?.to_owned();
     let applets = m.req_array("applets")?;
 
@@ -51,18 +69,18 @@ pub fn open(dir: &Path) -> Result<AxonBackup> {
         let field = format!("applets[{i}]");
         let name = entry
             .as_str()
-            .ok_or_else(|| field_err(&mpath, &field, "is not a string"))?;
+            .ok_or_else(|| field_err(mpath, &field, "is not a string"))?;
         let folder = folder_name(name);
         if !is_single_component(&folder) {
             return Err(field_err(
-                &mpath,
+                mpath,
                 &field,
                 format!("{name:?} does not give a usable folder name ({folder:?})"),
             ));
         }
         if let Some((j, other)) = folders.insert(folder.clone(), (i, name)) {
             return Err(field_err(
-                &mpath,
+                mpath,
                 &field,
                 format!(
                     "{name:?} and applets[{j}] {other:?} both map to the folder {folder:?}, \
@@ -72,16 +90,7 @@ pub fn open(dir: &Path) -> Result<AxonBackup> {
         }
         listed.push((name, folder));
     }
-
-    let mut items = Vec::new();
-    for (name, folder) in listed {
-        read_applet(&root, &dir.join(folder), name, &mut items)?;
-    }
-    Ok(AxonBackup {
-        dir: dir.to_path_buf(),
-        backup_date,
-        items,
-    })
+    Ok((backup_date, listed))
 }
 
 /// Axon's folder name for an applet: `/` and spaces become `_`.
@@ -104,21 +113,7 @@ fn read_applet(
 ) -> Result<()> {
     let mdpath = applet_dir.join(METADATA);
     let mdvalue = input::read_json(root, &mdpath, MAX_METADATA)?;
-    let md = Obj::new(&mdpath, String::new(), &mdvalue)?;
-    let md_name = md.req_str("name")?;
-    if md_name != name {
-        return Err(field_err(
-            &mdpath,
-            "name",
-            format!("is {md_name:?}, but {BACKUP_MANIFEST} lists this folder's applet as {name:?}"),
-        ));
-    }
-    let manifest = parse_manifest(
-        &mdpath,
-        md.child_name("code_manifest"),
-        md.req("code_manifest")?,
-    )?;
-    let created_at = md.opt_str("created_at")?.map(str::to_owned);
+    let (manifest, created_at) = parse_metadata(&mdpath, &mdvalue, name)?;
     let chunk_paths = piece_paths(&applet_dir.join("chunks"), manifest.chunk_hashes.len());
     items.push(AxonItem {
         applet: name.to_owned(),
@@ -133,11 +128,67 @@ fn read_applet(
     let Some(dvalue) = input::read_json_if_present(root, &dpath, MAX_APPLET_DATA)? else {
         return Ok(());
     };
+    for d in parse_applet_data(&dpath, &dvalue)? {
+        let chunk_paths = piece_paths(
+            &applet_dir.join("data_chunks").join(&d.owner_username),
+            d.manifest.chunk_hashes.len(),
+        );
+        items.push(AxonItem {
+            applet: name.to_owned(),
+            kind: AxonItemKind::AppletData {
+                instance_id: d.instance_id,
+                owner_username: d.owner_username,
+            },
+            manifest: d.manifest,
+            chunk_paths,
+            created_at: d.created_at,
+            root: root.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// An applet's `metadata.json` (read from `mdpath`), which must name the
+/// applet `name`: its code manifest and creation time.
+pub(crate) fn parse_metadata(
+    mdpath: &Path,
+    mdvalue: &Value,
+    name: &str,
+) -> Result<(AxonManifest, Option<String>)> {
+    let md = Obj::new(mdpath, String::new(), mdvalue)?;
+    let md_name = md.req_str("name")?;
+    if md_name != name {
+        return Err(field_err(
+            mdpath,
+            "name",
+            format!("is {md_name:?}, but {BACKUP_MANIFEST} lists this folder's applet as {name:?}"),
+        ));
+    }
+    let manifest = parse_manifest(
+        mdpath,
+        md.child_name("code_manifest"),
+        md.req("code_manifest")?,
+    )?;
+    let created_at = md.opt_str("created_at")?.map(str::to_owned);
+    Ok((manifest, created_at))
+}
+
+/// One user's data instance listed in `applet_data.json`.
+pub(crate) struct DataEntry {
+    pub(crate) instance_id: String,
+    pub(crate) owner_username: String,
+    pub(crate) manifest: AxonManifest,
+    pub(crate) created_at: Option<String>,
+}
+
+/// Every entry of an applet's `applet_data.json` (read from `dpath`).
+pub(crate) fn parse_applet_data(dpath: &Path, dvalue: &Value) -> Result<Vec<DataEntry>> {
     let list = dvalue
         .as_array()
-        .ok_or_else(|| field_err(&dpath, "(top level)", "is not a list"))?;
+        .ok_or_else(|| field_err(dpath, "(top level)", "is not a list"))?;
+    let mut out = Vec::with_capacity(list.len());
     for (j, entry) in list.iter().enumerate() {
-        let e = Obj::new(&dpath, format!("[{j}]"), entry)?;
+        let e = Obj::new(dpath, format!("[{j}]"), entry)?;
         let instance_id = e.req_id("id")?;
         let owner_username = e.req_str("owner_username")?.to_owned();
         if !is_single_component(&owner_username) {
@@ -147,28 +198,19 @@ fn read_applet(
             ));
         }
         let manifest = parse_manifest(
-            &dpath,
+            dpath,
             e.child_name("data_manifest"),
             e.req("data_manifest")?,
         )?;
         let created_at = e.opt_str("last_updated")?.map(str::to_owned);
-        let chunk_paths = piece_paths(
-            &applet_dir.join("data_chunks").join(&owner_username),
-            manifest.chunk_hashes.len(),
-        );
-        items.push(AxonItem {
-            applet: name.to_owned(),
-            kind: AxonItemKind::AppletData {
-                instance_id,
-                owner_username,
-            },
+        out.push(DataEntry {
+            instance_id,
+            owner_username,
             manifest,
-            chunk_paths,
             created_at,
-            root: root.to_path_buf(),
         });
     }
-    Ok(())
+    Ok(out)
 }
 
 fn piece_paths(dir: &Path, n: usize) -> Vec<PathBuf> {

@@ -41,7 +41,7 @@
 
 mod cipher;
 mod input;
-mod json;
+pub(crate) mod json;
 mod pieces;
 
 use std::collections::BTreeMap;

@@ -172,12 +172,13 @@ pub(crate) fn parse_axon_time(s: &str) -> Option<i64> {
                 _ => return None,
             };
             let r = &rest[1..];
+            // `get`, not indexing: the zone is outside input and may cut a
+            // multi-byte character (`+1é1` is four bytes).
+            let two = |at: usize| r.get(at..at + 2)?.parse::<i64>().ok();
             let (oh, om) = match r.len() {
-                5 if r.as_bytes()[2] == b':' => {
-                    (r[0..2].parse::<i64>().ok()?, r[3..5].parse::<i64>().ok()?)
-                }
-                4 => (r[0..2].parse::<i64>().ok()?, r[2..4].parse::<i64>().ok()?),
-                2 => (r.parse::<i64>().ok()?, 0),
+                5 if r.as_bytes()[2] == b':' => (two(0)?, two(3)?),
+                4 => (two(0)?, two(2)?),
+                2 => (two(0)?, 0),
                 _ => return None,
             };
             sign * (oh * 60 + om)
@@ -517,5 +518,18 @@ mod tests {
         );
         assert_eq!(parse_axon_time("yesterday"), None);
         assert_eq!(parse_axon_time("2025-13-02T03:04:05Z"), None);
+    }
+
+    /// Found while writing the axon_json fuzz target: a zone whose digits are cut by a
+    /// multi-byte character panicked (byte index 2 is not a char boundary).
+    #[test]
+    fn a_zone_with_a_multibyte_character_is_refused_not_a_panic() {
+        assert_eq!(parse_axon_time("2025-01-02T03:04:05+1é1"), None);
+        assert_eq!(parse_axon_time("2025-01-02T03:04:05-é"), None);
+        assert_eq!(parse_axon_time("2025-01-02T03:04:05+é:0"), None);
+        assert_eq!(
+            parse_axon_time("2025-01-02T05:04:05+0200"),
+            Some(1_735_787_045_000)
+        );
     }
 }

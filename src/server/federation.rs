@@ -22,12 +22,14 @@ use crate::store::Summary;
 use crate::transport::CallerInfo;
 
 mod batch;
+pub(crate) mod requests;
+
+use requests::check_after_seq;
 
 /// Chunks read ahead of what the client has taken (HTTP/2 flow control does the rest).
 const CHUNK_WINDOW: usize = 4;
 /// Most manifests in one GetManifests call.
 pub(crate) const MAX_MANIFEST_BATCH: usize = 1000;
-const DEFAULT_PAGE: u32 = 500;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 /// How long a stream ending at shutdown waits to queue its final status.
 const SHUTDOWN_SEND: Duration = Duration::from_secs(2);
@@ -42,18 +44,6 @@ pub(crate) fn problem(e: &Error) -> Problem {
         code: e.code() as i32,
         message: e.message().to_string(),
     }
-}
-
-/// Refuse a cursor no node can hold: seqs are SQLite integers (i64), and
-/// a larger `after_seq` must not wrap negative and list from the start.
-fn check_after_seq(after_seq: u64) -> Result<(), Status> {
-    if after_seq > i64::MAX as u64 {
-        return Err(Status::invalid_argument(format!(
-            "after_seq {after_seq} is out of range: seqs go up to {}",
-            i64::MAX
-        )));
-    }
-    Ok(())
 }
 
 pub(crate) fn summary_to_proto(s: &Summary) -> ManifestSummary {
@@ -188,10 +178,8 @@ impl Federation for FederationService {
         if id == self.state.node.id() {
             return Err(Status::invalid_argument("a node cannot join itself"));
         }
-        let hash =
-            crate::invite::hash_secret_text(&r.secret).map_err(|e| refuse(e.into(), &remote))?;
-        let name: String = r.name.chars().take(64).collect();
-        let address: String = r.address.chars().take(256).collect();
+        let (hash, name, address) =
+            requests::join_fields(&r).map_err(|e| refuse(e, &remote))?;
         let db = &self.state.node.db;
         if let Err(e) = db.redeem_invite(&hash, &id, &name, &address) {
             limiter.failed(ip);
@@ -213,12 +201,7 @@ impl Federation for FederationService {
         self.trusted(&req)?;
         let r = req.into_inner();
         check_after_seq(r.after_seq)?;
-        let max = self.state.node.config.limits.list_page_max;
-        let limit = if r.limit == 0 {
-            DEFAULT_PAGE.min(max)
-        } else {
-            r.limit.min(max)
-        };
+        let limit = requests::page_limit(r.limit, self.state.node.config.limits.list_page_max);
         let mut page = self
             .state
             .node
@@ -240,12 +223,7 @@ impl Federation for FederationService {
     ) -> Result<Response<GetManifestsResponse>, Status> {
         let (caller, spki) = self.trusted(&req)?;
         let ids = req.into_inner().content_ids;
-        if ids.len() > MAX_MANIFEST_BATCH {
-            return Err(Status::resource_exhausted(format!(
-                "{} ids in one GetManifests; the limit is {MAX_MANIFEST_BATCH}",
-                ids.len()
-            )));
-        }
+        requests::check_manifest_batch(ids.len(), MAX_MANIFEST_BATCH)?;
         let state = self.state.clone();
         let results =
             blocking(move || Ok(batch::manifests_for(&state, &caller, &spki, &ids))).await?;
@@ -259,17 +237,7 @@ impl Federation for FederationService {
         let (caller, _) = self.trusted(&req)?;
         let ids = req.into_inner().chunk_ids;
         let max = self.state.node.config.limits.max_chunks_per_request as usize;
-        if ids.len() > max {
-            return Err(Status::resource_exhausted(format!(
-                "{} chunk ids in one StreamChunks; the limit is {max}",
-                ids.len()
-            )));
-        }
-        let parsed = ids
-            .iter()
-            .map(|s| Hash::parse(s, "chunk id"))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(Status::from)?;
+        let parsed = requests::chunk_ids(&ids, max)?;
         let slot = self.stream_slot(caller)?;
         let budget = self.state.chunk_budget.stream().await?;
         let (tx, rx) = mpsc::channel::<super::limits::Queued>(CHUNK_WINDOW);

@@ -310,7 +310,13 @@ impl Repo {
 fn read_meta(dir: &Path) -> Result<SnapshotMeta> {
     let p = dir.join(SNAPSHOT_FILE);
     let text = fs::read(&p).ctx(format!("reading {}", p.display()))?;
-    let m: SnapshotMeta = serde_json::from_slice(&text)
+    parse_meta(&text, &p)
+}
+
+/// Decode the `snapshot.json` read from `p` (named in errors) and refuse
+/// another format or a newer version.
+pub(crate) fn parse_meta(text: &[u8], p: &Path) -> Result<SnapshotMeta> {
+    let m: SnapshotMeta = serde_json::from_slice(text)
         .map_err(|e| Error::integrity(format!("{} is damaged: {e}", p.display())))?;
     if m.format != SNAPSHOT_FORMAT {
         return Err(Error::integrity(format!(
