@@ -178,8 +178,7 @@ impl Federation for FederationService {
         if id == self.state.node.id() {
             return Err(Status::invalid_argument("a node cannot join itself"));
         }
-        let (hash, name, address) =
-            requests::join_fields(&r).map_err(|e| refuse(e, &remote))?;
+        let (hash, name, address) = requests::join_fields(&r).map_err(|e| refuse(e, &remote))?;
         let db = &self.state.node.db;
         if let Err(e) = db.redeem_invite(&hash, &id, &name, &address) {
             limiter.failed(ip);
