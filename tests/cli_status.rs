@@ -65,13 +65,6 @@ fn status_shows_peers_and_mirror_lag_as_a_table() {
     assert!(row(&table, "node").ends_with(b_id), "{table}");
     assert!(row(&table, "listen").ends_with(&sb.addr), "{table}");
     assert!(row(&table, "stored").contains(" 1 items, "), "{table}");
-    let cols = |l: &str| {
-        l.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         cols(row(&table, "PEER")),
         ["PEER", "STATE", "MIRROR", "ADDRESS", "NAME"]
@@ -174,13 +167,6 @@ fn status_shows_a_running_job_with_its_progress() {
     let clone = std::thread::spawn(move || admin(&sock, "Clone", &req));
 
     let a_short = &sa.node_id[..12];
-    let cols = |l: &str| {
-        l.split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
     let (table, job) = wait_for(60, "the clone to show progress in `status`", || {
         let table = ok_at(&b, &["status"]).text();
         let job = cols(table.lines().find(|l| l.starts_with("clone"))?);
@@ -196,4 +182,13 @@ fn status_shows_a_running_job_with_its_progress() {
     let out = clone.join().unwrap();
     assert_eq!(out.code, 0, "Admin/Clone: {out:?}");
     assert!(out.text().contains("DONE"), "{out:?}");
+}
+
+/// The cells of a table row (columns are two or more spaces apart).
+fn cols(l: &str) -> Vec<String> {
+    l.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(String::from)
+        .collect()
 }

@@ -10,7 +10,6 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use bitsync::proto::CreateInviteRequest;
-use serde_json::Value;
 use tempfile::TempDir;
 
 use crate::support::*;
@@ -19,10 +18,7 @@ const CLONES: usize = 50;
 
 /// Content ids and whether each is complete, from `ls --json`.
 fn items(dir: &Path) -> BTreeSet<(String, bool)> {
-    let o = ok_at(dir, &["ls", "--json"]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    v.as_array()
-        .unwrap()
+    ls_json(dir)
         .iter()
         .map(|i| {
             let id = i["content_id"].as_str().unwrap().to_string();

@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::support::netns::{Link, ADDR_A, ADDR_B};
 use crate::support::*;
 
@@ -115,10 +113,7 @@ fn finish_clone(mut child: Child, dir: &Path, secs: u64) -> (i32, String) {
 
 /// `ls --json`: content id -> (name, complete).
 fn ls(dir: &Path) -> BTreeMap<String, (String, bool)> {
-    let o = ok_at(dir, &["ls", "--json"]);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-    v.as_array()
-        .unwrap()
+    ls_json(dir)
         .iter()
         .map(|i| {
             let id = i["content_id"].as_str().unwrap().to_string();

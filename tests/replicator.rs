@@ -89,11 +89,7 @@ fn admin_clone(sock: &Path, token_or_peer: &str) -> Out {
 
 /// `ls --json` as content id -> (complete, name).
 fn ls(dir: &Path) -> HashMap<String, (bool, String)> {
-    let o = ok_at(dir, &["ls", "--json"]);
-    let v: Value =
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ls --json: {e}: {o:?}"));
-    v.as_array()
-        .unwrap()
+    ls_json(dir)
         .iter()
         .map(|i| {
             (

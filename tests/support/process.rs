@@ -167,3 +167,9 @@ pub fn ok_at(dir: &Path, args: &[&str]) -> Out {
     );
     o
 }
+
+/// The items of `ls --json` on `dir`, one JSON object each.
+pub fn ls_json(dir: &Path) -> Vec<serde_json::Value> {
+    let o = ok_at(dir, &["ls", "--json"]);
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("ls --json: {e}: {o:?}"))
+}
