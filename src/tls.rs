@@ -136,10 +136,39 @@ pub fn server_name() -> ServerName<'static> {
 }
 
 fn check_rsa(cert: &CertificateDer<'_>) -> TlsResult<NodeId> {
-    let spki = spki_of(cert).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let spki = spki_of(cert).map_err(|e| bad_certificate(e.to_string()))?;
     identity::public_key_from_spki(&spki)
-        .map_err(|_| rustls::Error::General("peer certificate key is not an RSA key".into()))?;
+        .map_err(|_| bad_certificate("peer certificate key is not an RSA key".into()))?;
     Ok(identity::node_id_of(&spki))
+}
+
+/// Why a peer's certificate was refused, carried inside rustls' own
+/// "invalid peer certificate" error, so the dialer can tell a peer that is
+/// not who it should be ([`is_refused_certificate`]) from a network failure.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+fn bad_certificate(why: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(Refused(why)),
+    )))
+}
+
+/// Whether a failed handshake means the peer's certificate was refused (a
+/// wrong or malformed node certificate), as opposed to the network or the
+/// protocol failing. Asks rustls' error kind, never the message text.
+pub(crate) fn is_refused_certificate(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
 }
 
 type TlsResult<T> = std::result::Result<T, rustls::Error>;
@@ -191,7 +220,7 @@ impl ServerCertVerifier for PinnedNode {
         let got = check_rsa(end_entity)?;
         if got != self.expected {
             tracing::warn!(peer = %self.expected.short(), presented = %got.short(), "refused a peer presenting the wrong node id");
-            return Err(rustls::Error::General(format!(
+            return Err(bad_certificate(format!(
                 "peer presented node id {got}, expected {}",
                 self.expected
             )));

@@ -888,6 +888,34 @@ async fn wrong_node_id_fails_the_handshake() {
     t.shutdown().await;
 }
 
+/// A server that answers the ClientHello out of order (a Finished message
+/// before any ServerHello) is a broken or hostile endpoint, not the wrong
+/// node: UNAVAILABLE, although rustls' message ("unexpected message ... when
+/// expecting ServerHello") reads like a refused certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbled_handshake_is_unavailable_not_denied() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_a_dir, a) = make_node(&Cfg::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut hello = [0u8; 512];
+        let _ = sock.read(&mut hello).await;
+        // Handshake record, TLS 1.2 framing: Finished (20) with 32 bytes.
+        let mut record = vec![0x16, 0x03, 0x03, 0x00, 36, 20, 0, 0, 32];
+        record.extend([0u8; 32]);
+        sock.write_all(&record).await.unwrap();
+        let _ = sock.read(&mut hello).await;
+    });
+    let err = within(20, "the handshake", dialer(&a).channel(a.id(), &address))
+        .await
+        .expect_err("the handshake must fail");
+    assert!(err.to_string().contains("unexpected"), "{err}");
+    assert_eq!(err.kind(), bitsync::error::Kind::Unavailable, "{err}");
+    server.abort();
+}
+
 /// An invite works once, then is refused as UNAUTHENTICATED, and an expired
 /// one is refused as UNAUTHENTICATED too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -376,7 +376,7 @@ impl Dialer {
         .map_err(|_| Error::unavailable(format!("TLS handshake with {address} timed out")))?
         .map_err(|e| {
             let msg = e.to_string();
-            if msg.contains("expected") {
+            if tls::is_refused_certificate(&e) {
                 Error::denied(format!("{address} is not node {peer}: {msg}"))
             } else {
                 Error::unavailable(format!("TLS handshake with {address} failed: {msg}"))
