@@ -99,7 +99,10 @@ pub(crate) fn envelopes_for_new_item(
             continue;
         }
         if let Some(spki) = &p.public_key {
-            out.push((p.node_id.to_hex(), node.wrap_for_spki(spki, content_id, key)?));
+            out.push((
+                p.node_id.to_hex(),
+                node.wrap_for_spki(spki, content_id, key)?,
+            ));
         }
     }
     Ok(out)

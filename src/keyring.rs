@@ -47,9 +47,10 @@ impl Keyring {
                 let id = LinkId {
                     sender: me,
                     recipient: me,
-                    generation: 1,
+                    generation: db.next_link_generation()?,
                 };
-                let (_, envelope) = link::make_link(id, identity.public(), |m| identity.sign_pss(m));
+                let (_, envelope) =
+                    link::make_link(id, identity.public(), |m| identity.sign_pss(m));
                 db.insert_link(&id, &envelope, None)?;
                 db.current_link(&me, &me)?
                     .ok_or_else(|| Error::io("own link key vanished after it was stored"))?
@@ -120,14 +121,15 @@ impl Keyring {
             }
         }
         let _making = self.making.lock().unwrap_or_else(|p| p.into_inner());
-        let previous = db.current_link(&self.me, recipient)?.map(|r| r.generation);
-        if let (false, Some(_)) = (rotate, previous) {
-            return current(db)?.ok_or_else(|| Error::io("link key vanished"));
+        if !rotate {
+            if let Some(found) = current(db)? {
+                return Ok(found);
+            }
         }
         let id = LinkId {
             sender: self.me,
             recipient: *recipient,
-            generation: previous.unwrap_or(0) + 1,
+            generation: db.next_link_generation()?,
         };
         let (key, envelope) = link::make_link(id, public, |m| identity.sign_pss(m));
         db.insert_link(&id, &envelope, Some(&link::seal_link(&self.own, &id, &key)))?;
@@ -165,7 +167,9 @@ impl Keyring {
 
     /// Open an envelope addressed to this node: an item envelope under a
     /// stored link key, or an RSA envelope (format 1). A link key not held
-    /// here is `NotFound` (the replicator asks the peer for it first).
+    /// here is `Integrity` too: the replicator asks the peer for the link
+    /// keys it lacks before it opens anything, so what is still missing then
+    /// was altered or never sent.
     pub(crate) fn open_item(
         &self,
         identity: &Identity,
@@ -182,7 +186,7 @@ impl Keyring {
             generation,
         };
         let link = self.stored(db, &id)?.ok_or_else(|| {
-            Error::not_found(format!(
+            Error::integrity(format!(
                 "item {} uses link key {}→{} generation {generation}, which this node does not hold",
                 content_id.short(),
                 sender.short(),
@@ -250,7 +254,13 @@ impl Keyring {
     /// `bitsync peer rekey`: a new generation of `L(self→peer)`; the old
     /// generations and the envelopes stored for the peer go (new ones are
     /// made just in time). Returns the new generation.
-    pub(crate) fn rotate(&self, identity: &Identity, db: &Db, peer: &NodeId, spki: &[u8]) -> Result<u32> {
+    pub(crate) fn rotate(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        peer: &NodeId,
+        spki: &[u8],
+    ) -> Result<u32> {
         if *peer == self.me {
             return Err(Error::invalid(
                 "a node's own link key is not rotated; rotate the identity with clone-instance",
@@ -280,7 +290,9 @@ impl Keyring {
             let mut rows = Vec::with_capacity(batch.len());
             for (cid, wrapped) in batch {
                 match identity.unwrap_key(&wrapped) {
-                    Ok(key) => rows.push((cid, link::wrap_item(&self.own, &self.own_id(), &cid, &key))),
+                    Ok(key) => {
+                        rows.push((cid, link::wrap_item(&self.own, &self.own_id(), &cid, &key)))
+                    }
                     Err(_) => {
                         tracing::warn!(item = %cid.short(), "own envelope does not unwrap; left as it is");
                         failed += 1;
@@ -289,7 +301,10 @@ impl Keyring {
             }
             db.replace_own_envelopes(&self.me, &rows)?;
             done += rows.len();
-            tracing::info!(envelopes = done, "migrating this node's envelopes to format 2");
+            tracing::info!(
+                envelopes = done,
+                "migrating this node's envelopes to format 2"
+            );
         }
         db.set_setting("envelope_format", "2")?;
         Ok(done)

@@ -161,9 +161,9 @@ async fn get_manifests(fed: &mut Client, content_ids: Vec<String>) -> GetManifes
         content_ids,
         envelope_format: ENVELOPE_FORMAT,
     })
-        .await
-        .unwrap()
-        .into_inner()
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 /// The chunk stream of `chunk_ids` (the call must succeed).
@@ -525,7 +525,10 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     // A decrypts a whole item with the key and the streamed chunks.
     let m = manifest_of(&ra1.results[4]);
     let key = a
-        .open_envelope(&m.id(), &ra1.results[4].envelope.as_ref().unwrap().wrapped_key)
+        .open_envelope(
+            &m.id(),
+            &ra1.results[4].envelope.as_ref().unwrap().wrapped_key,
+        )
         .unwrap();
     let chunk_ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
     let mut st = open_chunks(&mut fa1.clone(), chunk_ids).await;
@@ -606,9 +609,14 @@ async fn get_manifests_reports_per_item_problems() {
         } else {
             assert!(res.problem.is_none(), "{id}: {:?}", res.problem);
             let m = manifest_of(res);
-            open_envelope(&a, &mut fed, &m.id(), &res.envelope.as_ref().unwrap().wrapped_key)
-                .await
-                .unwrap();
+            open_envelope(
+                &a,
+                &mut fed,
+                &m.id(),
+                &res.envelope.as_ref().unwrap().wrapped_key,
+            )
+            .await
+            .unwrap();
             assert_eq!(m.id().to_hex(), *id);
         }
     }
@@ -635,9 +643,14 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
     let r = get_manifests(&mut fed, vec![item.to_hex()]).await;
     let m = manifest_of(&r.results[0]);
     assert_eq!(m.chunk_count(), 1000);
-    let key = open_envelope(&a, &mut fed, &m.id(), &r.results[0].envelope.as_ref().unwrap().wrapped_key)
-        .await
-        .unwrap();
+    let key = open_envelope(
+        &a,
+        &mut fed,
+        &m.id(),
+        &r.results[0].envelope.as_ref().unwrap().wrapped_key,
+    )
+    .await
+    .unwrap();
 
     let mut ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
     let unknown: Vec<String> = (0..3)

@@ -13,7 +13,9 @@ use rand::RngCore;
 use rsa::RsaPublicKey;
 use zeroize::Zeroizing;
 
-use super::{gcm_key, gcm_open, gcm_seal, verify_pss, wrap_secret, ContentId, Hash, ItemKey, NodeId};
+use super::{
+    gcm_key, gcm_open, gcm_seal, verify_pss, wrap_secret, ContentId, Hash, ItemKey, NodeId,
+};
 use crate::error::{Error, Result};
 
 const LINK_MAGIC: &[u8; 4] = b"BLE2";
@@ -289,8 +291,13 @@ pub fn open_sealed_link(own: &LinkKey, id: &LinkId, sealed: &[u8]) -> Result<Lin
     }
     let nonce: [u8; 12] = sealed[..12].try_into().expect("12 bytes");
     let plain = Zeroizing::new(
-        gcm_open(&gcm_key(own.0.as_ref()), nonce, &seal_aad(id), &sealed[12..])
-            .ok_or_else(bad)?,
+        gcm_open(
+            &gcm_key(own.0.as_ref()),
+            nonce,
+            &seal_aad(id),
+            &sealed[12..],
+        )
+        .ok_or_else(bad)?,
     );
     let mut k = Zeroizing::new([0u8; 32]);
     k.copy_from_slice(&plain);
@@ -317,7 +324,10 @@ mod tests {
         let env = wrap_item(&l, &id(1), &cid, &k);
         assert_eq!(env.len(), ITEM_ENVELOPE_LEN);
         assert_eq!(item_link(&env), Some((id(1).sender, 1)));
-        assert_eq!(open_item(&l, &id(1), &cid, &env).unwrap().as_bytes(), k.as_bytes());
+        assert_eq!(
+            open_item(&l, &id(1), &cid, &env).unwrap().as_bytes(),
+            k.as_bytes()
+        );
         assert!(open_item(&l, &id(1), &Hash::of(b"other"), &env).is_err());
         let swapped = LinkId {
             recipient: Hash::of(b"q"),

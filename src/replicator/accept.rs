@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use super::planner::Accepted;
 use crate::crypto;
+use crate::crypto::NodeId;
 use crate::error::blocking;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::node::Node;
-use crate::crypto::NodeId;
 use crate::proto::{GetLinkEnvelopesRequest, ManifestResult};
 use crate::replicator::Client;
 

@@ -27,7 +27,11 @@ pub const MAX_LINK_ENVELOPES: u32 = 64;
 
 impl Db {
     /// The newest generation of `L(sender→recipient)`, if there is one.
-    pub(crate) fn current_link(&self, sender: &NodeId, recipient: &NodeId) -> Result<Option<LinkRow>> {
+    pub(crate) fn current_link(
+        &self,
+        sender: &NodeId,
+        recipient: &NodeId,
+    ) -> Result<Option<LinkRow>> {
         Ok(self
             .r()
             .prepare_cached(
@@ -64,9 +68,32 @@ impl Db {
             .optional()?)
     }
 
+    /// A link key generation never handed out before (FORMAT.md §4.2).
+    pub(crate) fn next_link_generation(&self) -> Result<u32> {
+        let mut c = self.w();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO counters(name, value) VALUES ('link_generation', 0)",
+            [],
+        )?;
+        let v: i64 = tx.query_row(
+            "UPDATE counters SET value = value + 1 WHERE name = 'link_generation' RETURNING value",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        u32::try_from(v)
+            .map_err(|_| crate::error::Error::integrity("link generations are exhausted"))
+    }
+
     /// Store a link key; false if that generation was stored already (a
     /// concurrent maker won: the caller reads the stored one).
-    pub(crate) fn insert_link(&self, id: &LinkId, envelope: &[u8], sealed: Option<&[u8]>) -> Result<bool> {
+    pub(crate) fn insert_link(
+        &self,
+        id: &LinkId,
+        envelope: &[u8],
+        sealed: Option<&[u8]>,
+    ) -> Result<bool> {
         let n = self.w().execute(
             "INSERT OR IGNORE INTO link_keys(sender, recipient, generation, envelope, sealed, created_at_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -84,7 +111,11 @@ impl Db {
 
     /// The link envelopes of `L(sender→recipient)`, newest first, at most
     /// [`MAX_LINK_ENVELOPES`].
-    pub(crate) fn link_envelopes(&self, sender: &NodeId, recipient: &NodeId) -> Result<Vec<Vec<u8>>> {
+    pub(crate) fn link_envelopes(
+        &self,
+        sender: &NodeId,
+        recipient: &NodeId,
+    ) -> Result<Vec<Vec<u8>>> {
         let c = self.r();
         let mut st = c.prepare_cached(
             "SELECT envelope FROM link_keys WHERE sender = ?1 AND recipient = ?2
@@ -101,7 +132,12 @@ impl Db {
     /// `keep` = `u32::MAX`) and every envelope stored for `recipient`, in one
     /// transaction: revocation and rotation (PROTOCOL.md §6). Returns how
     /// many envelopes went.
-    pub(crate) fn drop_links(&self, sender: &NodeId, recipient: &NodeId, keep: u32) -> Result<usize> {
+    pub(crate) fn drop_links(
+        &self,
+        sender: &NodeId,
+        recipient: &NodeId,
+        keep: u32,
+    ) -> Result<usize> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -143,7 +179,11 @@ impl Db {
 
     /// Replace own envelopes with their format-2 re-wraps in one transaction.
     /// No seq moves: peers never see a node's own envelope.
-    pub(crate) fn replace_own_envelopes(&self, me: &NodeId, rows: &[(ContentId, Vec<u8>)]) -> Result<()> {
+    pub(crate) fn replace_own_envelopes(
+        &self,
+        me: &NodeId,
+        rows: &[(ContentId, Vec<u8>)],
+    ) -> Result<()> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (cid, wrapped) in rows {

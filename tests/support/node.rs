@@ -112,7 +112,7 @@ pub async fn open_envelope(
     envelope: &[u8],
 ) -> bitsync::Result<bitsync::crypto::ItemKey> {
     match node.open_envelope(id, envelope) {
-        Err(e) if e.kind() == bitsync::error::Kind::NotFound => {
+        Err(e) if e.kind() == bitsync::error::Kind::Integrity => {
             let r = fed
                 .get_link_envelopes(bitsync::proto::GetLinkEnvelopesRequest {})
                 .await
@@ -123,4 +123,16 @@ pub async fn open_envelope(
         }
         other => other,
     }
+}
+
+/// A Federation client of `server`, authenticated as `caller`.
+pub async fn federation_client(caller: &Node, server: &RunningNode) -> bitsync::replicator::Client {
+    let ch = within(
+        20,
+        "connecting",
+        dialer(caller).channel(server.state.node.id(), &server.listen_address.to_string()),
+    )
+    .await
+    .expect("dialing the test node");
+    bitsync::replicator::client(ch)
 }
