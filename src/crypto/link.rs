@@ -166,8 +166,9 @@ impl LinkEnvelope {
                 "link envelope's sender is not the key it was checked with",
             ));
         }
-        let public = crate::identity::public_key_from_spki(sender_spki)
-            .map_err(|_| Error::integrity("link envelope's sender key is not an RSA key"))?;
+        let public =
+            <RsaPublicKey as rsa::pkcs8::DecodePublicKey>::from_public_key_der(sender_spki)
+                .map_err(|_| Error::integrity("link envelope's sender key is not an RSA key"))?;
         if !verify_pss(&public, &link_message(&self.signed), &self.signature) {
             return Err(Error::integrity(format!(
                 "link envelope from {} does not verify: it was altered or forged",
