@@ -379,3 +379,38 @@ fn a_format_1_repository_restores_and_migrates() {
         .args(["backup", "verify", "--repo"])
         .arg(tmp.path().join("repo")));
 }
+
+#[test]
+fn peer_rekey_rotates_the_link_key_of_a_peer_that_has_called() {
+    let tmp = TempDir::new().unwrap();
+    let (n, other) = (fresh(&tmp, "n"), fresh(&tmp, "o"));
+    let dir = n.paths().root().to_path_buf();
+    let id = other.id().to_hex();
+    n.db()
+        .upsert_peer(&other.id(), "", "", PeerState::Trusted, false)
+        .unwrap();
+    drop(n);
+    let out = run(bitsync(&dir).args(["peer", "rekey", &id]));
+    assert_eq!(out.code, 3, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("has not called this node yet"),
+        "{}",
+        out.stderr
+    );
+    // Once its key is known (its first call records it), rekey makes a new generation.
+    let n = open(&dir);
+    n.db()
+        .set_peer_key(&other.id(), other.identity().spki())
+        .unwrap();
+    drop(n);
+    let out = ok(bitsync(&dir).args(["peer", "rekey", &id]));
+    assert!(
+        out.stderr.contains("rotated to generation"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        link_rows(&dir).iter().filter(|(_, r, _)| *r == id).count(),
+        1
+    );
+}
