@@ -81,25 +81,28 @@ pub fn put(
         manifest::now_ms(),
     );
     let m = Manifest::create(&node.identity, body)?;
-    let envelopes = envelopes_for_new_item(node, &key)?;
+    let envelopes = envelopes_for_new_item(node, &m.id(), &key)?;
     node.db.insert_manifest(&m, &envelopes, &present)?;
     Ok(m.id())
 }
 
 /// Envelopes for this node and every trusted peer whose public key is known
 /// (peers known only by id get theirs just in time, when they first ask).
-pub(crate) fn envelopes_for_new_item(node: &Node, key: &ItemKey) -> Result<Vec<(String, Vec<u8>)>> {
-    let mut out = vec![(
-        node.id().to_hex(),
-        crypto::wrap_key(node.identity.public(), key),
-    )];
+pub(crate) fn envelopes_for_new_item(
+    node: &Node,
+    content_id: &ContentId,
+    key: &ItemKey,
+) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = vec![(node.id().to_hex(), node.wrap_own(content_id, key)?)];
     for p in node.db.peers()? {
         if p.state != crate::store::PeerState::Trusted {
             continue;
         }
         if let Some(spki) = &p.public_key {
-            let public = crate::identity::public_key_from_spki(spki)?;
-            out.push((p.node_id.to_hex(), crypto::wrap_key(&public, key)));
+            out.push((
+                p.node_id.to_hex(),
+                node.wrap_for_spki(spki, content_id, key)?,
+            ));
         }
     }
     Ok(out)
@@ -126,8 +129,7 @@ pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
             ))
         })?;
     let key = node
-        .identity
-        .unwrap_key(&wrapped)
+        .open_envelope(&m.id(), &wrapped)
         .map_err(|e| e.context(format!("item {}", m.id())))?;
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|e| e.context(format!("item {}", m.id())))?;

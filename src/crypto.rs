@@ -4,7 +4,8 @@
 //! - Chunk and metadata encryption: AES-256-GCM under a random per-item key,
 //!   with a nonce that binds each chunk to its index and to whether it is the
 //!   last one, so reordering, substitution and truncation all fail to decrypt.
-//! - Envelopes: the item key wrapped with RSA-OAEP-SHA256 for one recipient.
+//! - Envelopes: the item key wrapped for one recipient: in format 2 under a
+//!   per-pair link key (`link`), in format 1 with RSA-OAEP-SHA256.
 //! - Manifest signatures: RSA-PSS-SHA256 over a domain-separated message.
 //!
 //! Only public-key operations live here (wrapping, verifying). Private-key
@@ -33,6 +34,8 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
+
+pub mod link;
 
 /// A SHA-256 digest. Shown and parsed as 64 lowercase hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -205,8 +208,14 @@ pub fn decrypt_meta(key: &ItemKey, ct: &[u8]) -> Result<Vec<u8>> {
     })
 }
 
-/// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label).
+/// Wrap an item key for one recipient (RSA-OAEP, SHA-256 for hash and MGF1, no label):
+/// a format-1 envelope, still written for Axon's legacy recipients and read everywhere.
 pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
+    wrap_secret(recipient, key.as_bytes())
+}
+
+/// RSA-OAEP-SHA256 of a 32-byte secret (an item key, or a link secret).
+fn wrap_secret(recipient: &RsaPublicKey, secret: &[u8]) -> Vec<u8> {
     let spki = recipient
         .to_public_key_der()
         .expect("an RSA public key always encodes");
@@ -215,7 +224,7 @@ pub fn wrap_key(recipient: &RsaPublicKey, key: &ItemKey) -> Vec<u8> {
     let oaep = OaepPublicEncryptingKey::new(public).expect("RSA keys support OAEP");
     let mut out = vec![0u8; oaep.ciphertext_size()];
     let n = oaep
-        .encrypt(&OAEP_SHA256_MGF1SHA256, key.as_bytes(), &mut out, None)
+        .encrypt(&OAEP_SHA256_MGF1SHA256, secret, &mut out, None)
         .expect("RSA-OAEP of 32 bytes fits any key of 1024 bits or more")
         .len();
     out.truncate(n);
@@ -234,14 +243,22 @@ pub fn signed_message(body: &[u8]) -> Vec<u8> {
 /// Check an RSA-PSS-SHA256 (salt 32 bytes) manifest signature. Signing is
 /// [`Identity::sign_manifest`](crate::identity::Identity::sign_manifest).
 pub(crate) fn verify_manifest(public: &RsaPublicKey, body: &[u8], signature: &[u8]) -> Result<()> {
-    let pkcs1 = public
-        .to_pkcs1_der()
-        .map_err(|_| Error::integrity("publisher key does not encode"))?;
+    if verify_pss(public, &signed_message(body), signature) {
+        return Ok(());
+    }
+    Err(Error::integrity(
+        "manifest signature does not verify: the manifest was altered",
+    ))
+}
+
+/// RSA-PSS-SHA256 (salt 32 bytes) of `message` under `public`.
+fn verify_pss(public: &RsaPublicKey, message: &[u8], signature: &[u8]) -> bool {
+    let Ok(pkcs1) = public.to_pkcs1_der() else {
+        return false;
+    };
     UnparsedPublicKey::new(&RSA_PSS_2048_8192_SHA256, pkcs1.as_bytes())
-        .verify(&signed_message(body), signature)
-        .map_err(|_| {
-            Error::integrity("manifest signature does not verify: the manifest was altered")
-        })
+        .verify(message, signature)
+        .is_ok()
 }
 
 // ---- passphrase sealing ----------------------------------------------------

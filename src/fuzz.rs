@@ -78,6 +78,21 @@ pub fn invite_token(data: &[u8]) {
     assert_eq!(again.expires_at_ms, invite.expires_at_ms);
 }
 
+/// A link envelope as a peer's `GetLinkEnvelopes` answer carries it, and the
+/// same bytes as an item envelope (FORMAT.md §4.2–4.3). Signatures are not
+/// checked here (no key); what parses has the fields the layout gives it.
+pub fn link_envelope(data: &[u8]) {
+    if let Ok(e) = crate::crypto::link::LinkEnvelope::parse(data) {
+        assert!(e.id.generation >= 1);
+        assert!(e.wrapped_secret().len() <= 1024);
+        assert_eq!(&data[4..36], &e.id.sender.0);
+    }
+    if let Some((sender, _)) = crate::crypto::link::item_link(data) {
+        assert_eq!(data.len(), crate::crypto::link::ITEM_ENVELOPE_LEN);
+        assert_eq!(&data[4..36], &sender.0);
+    }
+}
+
 /// A sealed key file as restore reads it from a snapshot (PEM, then the
 /// seal's header), and the same bytes as a raw seal. scrypt is not run: a
 /// header that passes its checks is opened with a fixed key, which must
@@ -231,6 +246,7 @@ pub fn federation_request(data: &[u8]) {
         }
         3 => {
             if let Ok(r) = GetManifestsRequest::decode(body) {
+                let _ = requests::check_envelope_format(r.envelope_format);
                 if requests::check_manifest_batch(r.content_ids.len(), MAX_MANIFEST_BATCH).is_ok() {
                     for id in &r.content_ids {
                         let _ = Hash::parse(id, "content id");

@@ -97,22 +97,36 @@ impl Identity {
 
     /// Unwrap an envelope addressed to this node (RSA-OAEP-SHA256, constant-time).
     pub fn unwrap_key(&self, wrapped: &[u8]) -> Result<ItemKey> {
+        ItemKey::from_bytes(&self.unwrap_secret(wrapped)?)
+    }
+
+    /// RSA-OAEP-SHA256 decryption of anything wrapped to this node (an
+    /// envelope, a link envelope's secret), constant-time.
+    pub(crate) fn unwrap_secret(&self, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
         let mut buf = Zeroizing::new(vec![0u8; self.decrypting.min_output_size()]);
-        let plain = self
+        let n = self
             .decrypting
             .decrypt(&OAEP_SHA256_MGF1SHA256, wrapped, &mut buf, None)
-            .map_err(|_| Error::integrity("envelope does not unwrap with this node's key"))?;
-        ItemKey::from_bytes(plain)
+            .map_err(|_| Error::integrity("envelope does not unwrap with this node's key"))?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
     }
 
     /// RSA-PSS-SHA256 (salt 32 bytes) over [`crypto::signed_message`].
     pub(crate) fn sign_manifest(&self, body: &[u8]) -> Vec<u8> {
+        self.sign_pss(&crypto::signed_message(body))
+    }
+
+    /// RSA-PSS-SHA256 (salt 32 bytes) over a domain-separated message the
+    /// caller built (a manifest's, a link envelope's).
+    pub(crate) fn sign_pss(&self, message: &[u8]) -> Vec<u8> {
         let mut sig = vec![0u8; self.signing.public_modulus_len()];
         self.signing
             .sign(
                 &RSA_PSS_SHA256,
                 &aws_lc_rs::rand::SystemRandom::new(),
-                &crypto::signed_message(body),
+                message,
                 &mut sig,
             )
             .expect("RSA signing with a valid key cannot fail");

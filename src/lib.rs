@@ -26,6 +26,9 @@
 //! - `chunks` and [`store`]: chunk files on disk, and the SQLite database,
 //!   the one owner of the schema (manifests, envelopes, chunk index, peers,
 //!   the sequence counter); backup and clone-instance read and rekey through it.
+//! - [`keyring`]: format 2's link keys in use: the node's own, unwrapped
+//!   once at start, and making, receiving and opening the rest through the
+//!   store (docs/FORMAT.md §4).
 //! - [`config`] and [`node`]: a data dir opened as a node.
 //! - `legacy` (Axon's cipher) and [`content`]: put, get, verify.
 //! - [`tls`] and [`invite`]: certificates pinned to node ids; join tokens.
@@ -77,6 +80,7 @@ pub mod error;
 pub mod fuzz;
 pub mod identity;
 pub mod invite;
+pub mod keyring;
 pub(crate) mod legacy;
 pub mod manifest;
 pub mod metrics;

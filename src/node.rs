@@ -23,9 +23,10 @@ use zeroize::Zeroizing;
 
 use crate::chunks::ChunkDir;
 use crate::config::{Config, DEFAULT_CONFIG};
-use crate::crypto::NodeId;
+use crate::crypto::{ContentId, ItemKey, NodeId};
 use crate::error::{Error, IoContext, Kind, Result};
 use crate::identity::Identity;
+use crate::keyring::Keyring;
 use crate::metrics::Metrics;
 use crate::store::Db;
 
@@ -195,6 +196,8 @@ pub struct Node {
     pub(crate) chunks: ChunkDir,
     /// What this node has done since it was opened, for the metrics listener.
     pub(crate) metrics: std::sync::Arc<Metrics>,
+    /// Link keys (format 2): `L(self→self)` in memory, the rest via `db`.
+    pub(crate) keyring: Keyring,
 }
 
 impl std::fmt::Debug for Node {
@@ -245,6 +248,8 @@ impl Node {
             )));
         }
         let chunks = ChunkDir::open(&paths.chunks(), &paths.quarantine())?;
+        let keyring = Keyring::open(&identity, &db)?;
+        keyring.migrate_own(&identity, &db)?;
         Ok(Node {
             paths,
             config,
@@ -252,7 +257,66 @@ impl Node {
             db,
             chunks,
             metrics: Default::default(),
+            keyring,
         })
+    }
+
+    /// The envelope of an item key for this node itself (FORMAT.md §4.3).
+    pub(crate) fn wrap_own(&self, content_id: &ContentId, key: &ItemKey) -> Result<Vec<u8>> {
+        let me = self.id();
+        self.keyring.wrap_for(
+            &self.identity,
+            &self.db,
+            &me,
+            self.identity.public(),
+            content_id,
+            key,
+        )
+    }
+
+    /// The envelope of an item key for the node whose public key is `spki`.
+    pub(crate) fn wrap_for_spki(
+        &self,
+        spki: &[u8],
+        content_id: &ContentId,
+        key: &ItemKey,
+    ) -> Result<Vec<u8>> {
+        self.keyring
+            .wrap_for_spki(&self.identity, &self.db, spki, content_id, key)
+    }
+
+    /// The item key in an envelope addressed to this node, either format
+    /// (`Integrity` also when it names a link key not received).
+    pub fn open_envelope(&self, content_id: &ContentId, envelope: &[u8]) -> Result<ItemKey> {
+        self.keyring
+            .open_item(&self.identity, &self.db, content_id, envelope)
+    }
+
+    /// `bitsync peer rekey`: rotate `L(self→peer)`. The peer must be trusted
+    /// and its public key known (it has called this node at least once).
+    pub fn rotate_link(&self, peer: &NodeId) -> Result<u32> {
+        let p = self
+            .db
+            .peer(peer)?
+            .filter(|p| p.state == crate::store::PeerState::Trusted)
+            .ok_or_else(|| Error::not_found(format!("node {peer} is not a trusted peer")))?;
+        let spki = p.public_key.ok_or_else(|| {
+            Error::not_found(format!(
+                "node {peer} has not called this node yet, so it has no link key to rotate"
+            ))
+        })?;
+        self.keyring.rotate(&self.identity, &self.db, peer, &spki)
+    }
+
+    /// Keep the link envelopes a peer (public key `sender_spki`) made for
+    /// this node, as `GetLinkEnvelopes` returns them; how many were new.
+    pub fn receive_link_envelopes(
+        &self,
+        sender_spki: &[u8],
+        envelopes: &[Vec<u8>],
+    ) -> Result<usize> {
+        self.keyring
+            .receive(&self.identity, &self.db, sender_spki, envelopes)
     }
 
     pub fn id(&self) -> NodeId {

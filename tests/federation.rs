@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use bitsync::crypto::{self, ContentId, Hash, NodeId};
 use bitsync::invite::Invite;
+use bitsync::keyring::ENVELOPE_FORMAT;
 use bitsync::manifest::{now_ms, Manifest};
 use bitsync::node::Node;
 use bitsync::proto::federation_client::FederationClient;
@@ -156,10 +157,13 @@ async fn list_page(fed: &mut Client, after_seq: u64, limit: u32) -> ListManifest
 
 /// GetManifests of `content_ids` (the call must succeed).
 async fn get_manifests(fed: &mut Client, content_ids: Vec<String>) -> GetManifestsResponse {
-    fed.get_manifests(GetManifestsRequest { content_ids })
-        .await
-        .unwrap()
-        .into_inner()
+    fed.get_manifests(GetManifestsRequest {
+        content_ids,
+        envelope_format: ENVELOPE_FORMAT,
+    })
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 /// The chunk stream of `chunk_ids` (the call must succeed).
@@ -445,6 +449,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     // A asks twice at once (two connections), B at the same time.
     let req = || GetManifestsRequest {
         content_ids: ids.clone(),
+        envelope_format: ENVELOPE_FORMAT,
     };
     let (ra1, ra2, rb) = within(60, "concurrent GetManifests", async {
         let (mut x, mut y, mut z) = (fa1.clone(), fa2.clone(), fb.clone());
@@ -493,9 +498,8 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         // A opens its envelope and decrypts the metadata; B's envelope is not A's.
         let m = manifest_of(x);
         assert_eq!(m.id(), *it);
-        let key = a
-            .identity()
-            .unwrap_key(&ea.wrapped_key)
+        let key = open_envelope(&a, &mut fa1.clone(), it, &ea.wrapped_key)
+            .await
             .expect("A unwraps its envelope");
         let meta = ItemMeta::decode(
             crypto::decrypt_meta(&key, &m.body().encrypted_meta)
@@ -507,10 +511,12 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         let eb = z.envelope.as_ref().unwrap();
         assert_eq!(eb.recipient, b.id().to_hex());
         assert!(
-            a.identity().unwrap_key(&eb.wrapped_key).is_err(),
+            a.open_envelope(it, &eb.wrapped_key).is_err(),
             "A must not open B's envelope"
         );
-        assert!(b.identity().unwrap_key(&eb.wrapped_key).is_ok());
+        assert!(open_envelope(&b, &mut fb.clone(), it, &eb.wrapped_key)
+            .await
+            .is_ok());
     }
     // One seq bump per (item, peer) that was re-keyed: 5 items x 2 peers.
     let head1 = server_node(&s).db().head_seq().unwrap();
@@ -519,8 +525,10 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     // A decrypts a whole item with the key and the streamed chunks.
     let m = manifest_of(&ra1.results[4]);
     let key = a
-        .identity()
-        .unwrap_key(&ra1.results[4].envelope.as_ref().unwrap().wrapped_key)
+        .open_envelope(
+            &m.id(),
+            &ra1.results[4].envelope.as_ref().unwrap().wrapped_key,
+        )
         .unwrap();
     let chunk_ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
     let mut st = open_chunks(&mut fa1.clone(), chunk_ids).await;
@@ -601,9 +609,14 @@ async fn get_manifests_reports_per_item_problems() {
         } else {
             assert!(res.problem.is_none(), "{id}: {:?}", res.problem);
             let m = manifest_of(res);
-            a.identity()
-                .unwrap_key(&res.envelope.as_ref().unwrap().wrapped_key)
-                .unwrap();
+            open_envelope(
+                &a,
+                &mut fed,
+                &m.id(),
+                &res.envelope.as_ref().unwrap().wrapped_key,
+            )
+            .await
+            .unwrap();
             assert_eq!(m.id().to_hex(), *id);
         }
     }
@@ -630,10 +643,14 @@ async fn stream_chunks_delivers_1000_chunks_and_reports_unknown_ids() {
     let r = get_manifests(&mut fed, vec![item.to_hex()]).await;
     let m = manifest_of(&r.results[0]);
     assert_eq!(m.chunk_count(), 1000);
-    let key = a
-        .identity()
-        .unwrap_key(&r.results[0].envelope.as_ref().unwrap().wrapped_key)
-        .unwrap();
+    let key = open_envelope(
+        &a,
+        &mut fed,
+        &m.id(),
+        &r.results[0].envelope.as_ref().unwrap().wrapped_key,
+    )
+    .await
+    .unwrap();
 
     let mut ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
     let unknown: Vec<String> = (0..3)
@@ -754,7 +771,8 @@ async fn untrusted_and_revoked_callers_are_denied() {
         assert_eq!(
             code_of(
                 fed.get_manifests(GetManifestsRequest {
-                    content_ids: vec![item.to_hex()]
+                    content_ids: vec![item.to_hex()],
+                    envelope_format: ENVELOPE_FORMAT,
                 })
                 .await
             ),
@@ -1172,6 +1190,7 @@ async fn limits_are_resource_exhausted() {
     let e = fa
         .get_manifests(GetManifestsRequest {
             content_ids: ids(1001),
+            envelope_format: ENVELOPE_FORMAT,
         })
         .await
         .unwrap_err();
@@ -1380,6 +1399,7 @@ async fn a_huge_id_is_not_echoed_whole_in_errors() {
     let r = fed
         .get_manifests(GetManifestsRequest {
             content_ids: vec![huge.clone()],
+            envelope_format: ENVELOPE_FORMAT,
         })
         .await;
     let text = match r {

@@ -128,6 +128,12 @@ impl Federation for Hostile {
     ) -> Result<Response<GetManifestsResponse>, Status> {
         self.up.clone().get_manifests(r.into_inner()).await
     }
+    async fn get_link_envelopes(
+        &self,
+        r: Request<GetLinkEnvelopesRequest>,
+    ) -> Result<Response<GetLinkEnvelopesResponse>, Status> {
+        self.up.clone().get_link_envelopes(r.into_inner()).await
+    }
     async fn stream_chunks(
         &self,
         r: Request<StreamChunksRequest>,

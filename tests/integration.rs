@@ -24,6 +24,7 @@ mod hostile_peer;
 mod import_axon;
 mod instance_config;
 mod limits;
+mod linkkeys;
 mod load;
 mod logs;
 mod metrics;

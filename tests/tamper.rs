@@ -113,7 +113,14 @@ impl Fixture {
     /// with `m`'s key: a forgery only the publisher could make.
     fn store_forged(&self, m: &Manifest, body: ManifestBody) -> Manifest {
         let forged = Manifest::create(self.node.identity(), body).unwrap();
-        let env = vec![(self.node.id().to_hex(), self.own_envelope(&m.id()))];
+        // Envelopes bind their item (format 2): `m`'s key, wrapped anew for
+        // the forgery (an RSA envelope, which every reader still opens).
+        let key = self
+            .node
+            .open_envelope(&m.id(), &self.own_envelope(&m.id()))
+            .unwrap();
+        let wrapped = crypto::wrap_key(self.node.identity().public(), &key);
+        let env = vec![(self.node.id().to_hex(), wrapped)];
         self.node.db().insert_manifest(&forged, &env, &[]).unwrap();
         forged
     }

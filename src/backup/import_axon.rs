@@ -392,10 +392,7 @@ fn import_legacy(
         .collect();
     if let Some(k) = item_key {
         if node.db.envelope(&m.id(), &node.id().to_hex())?.is_none() {
-            envelopes.push((
-                node.id().to_hex(),
-                crypto::wrap_key(node.identity.public(), k),
-            ));
+            envelopes.push((node.id().to_hex(), node.wrap_own(&m.id(), k)?));
         }
     }
     let changed = node.db.insert_manifest(&m, &envelopes, &present)?.is_some();

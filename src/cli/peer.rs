@@ -1,4 +1,4 @@
-//! `peer add|ls|revoke`: the peers this node trusts.
+//! `peer add|ls|revoke|rekey`: the peers this node trusts, and their link keys.
 
 use clap::Subcommand;
 
@@ -30,6 +30,9 @@ pub(crate) enum PeerCommand {
     },
     /// Stop trusting a node, at once (open connections included)
     Revoke { node_id: String },
+    /// Rotate the link key this node made for a peer (PROTOCOL.md §6): a new
+    /// generation; the peer's envelopes are re-wrapped under it just in time
+    Rekey { node_id: String },
 }
 
 pub(super) fn run(n: &Node, command: &PeerCommand) -> Result<()> {
@@ -60,6 +63,11 @@ pub(super) fn run(n: &Node, command: &PeerCommand) -> Result<()> {
             let id = Hash::parse(node_id, "node id")?;
             let p = n.db.revoke_peer(&id)?;
             eprintln!("revoked {}", p.node_id);
+        }
+        PeerCommand::Rekey { node_id } => {
+            let id = Hash::parse(node_id, "node id")?;
+            let generation = n.rotate_link(&id)?;
+            eprintln!("link key for {id} rotated to generation {generation}");
         }
     }
     Ok(())

@@ -5,11 +5,13 @@ use std::sync::Arc;
 
 use super::planner::Accepted;
 use crate::crypto;
+use crate::crypto::NodeId;
 use crate::error::blocking;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::node::Node;
-use crate::proto::ManifestResult;
+use crate::proto::{GetLinkEnvelopesRequest, ManifestResult};
+use crate::replicator::Client;
 
 /// Check a GetManifests result: signature, id, and that our envelope opens it.
 fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
@@ -38,7 +40,7 @@ fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
     if env.recipient != node.id().to_hex() {
         return Err(Error::integrity("peer sent an envelope for another node"));
     }
-    let key = node.identity.unwrap_key(&env.wrapped_key)?;
+    let key = node.open_envelope(&m.id(), &env.wrapped_key)?;
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|_| Error::integrity("the envelope the peer sent does not open this item"))?;
     Ok((m, env.wrapped_key.clone()))
@@ -80,4 +82,54 @@ pub(super) async fn accept_all(
         out.extend(part?);
     }
     Ok(out)
+}
+
+/// Before accepting a batch: if an envelope names a link key this node does
+/// not hold yet, ask `peer` for its link envelopes once, and keep those that
+/// check (PROTOCOL.md §4.4a). A failure is logged and not fatal: the items
+/// whose envelopes need the missing key are then refused one by one.
+pub(super) async fn fetch_links(
+    node: &Arc<Node>,
+    fed: &mut Client,
+    peer: &NodeId,
+    results: &[ManifestResult],
+) {
+    let envelopes: Vec<Vec<u8>> = results
+        .iter()
+        .filter_map(|r| r.envelope.as_ref().map(|e| e.wrapped_key.clone()))
+        .collect();
+    let n = node.clone();
+    let missing = blocking(move || {
+        for e in &envelopes {
+            if !n.keyring.holds_link_of(&n.db, e)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await;
+    if !matches!(missing, Ok(true)) {
+        return;
+    }
+    let got = match fed.get_link_envelopes(GetLinkEnvelopesRequest {}).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            tracing::warn!(peer = %peer.short(), "asking for link envelopes failed: {}", s.message());
+            return;
+        }
+    };
+    if crate::crypto::Hash::of(&got.sender_spki) != *peer {
+        tracing::warn!(peer = %peer.short(), "peer sent link envelopes under a key that is not its node id; refused");
+        return;
+    }
+    let n = node.clone();
+    let received = blocking(move || {
+        n.keyring
+            .receive(&n.identity, &n.db, &got.sender_spki, &got.link_envelopes)
+    })
+    .await;
+    match received {
+        Ok(new) => tracing::debug!(peer = %peer.short(), new, "received link keys"),
+        Err(e) => tracing::warn!(peer = %peer.short(), "refused the peer's link envelopes: {e}"),
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tonic::transport::Channel;
 
-use super::accept::accept_all;
+use super::accept::{accept_all, fetch_links};
 use super::jobs::Tracker;
 use super::planner::{check_page, Accepted, Cursor, ManifestQueue, PageWork, MAX_SEQ};
 use super::{client, transfer, Outcome, Replicator};
@@ -279,7 +279,10 @@ impl PeerSync<'_> {
                 .map(|&i| self.work.items[i].content_id.clone())
                 .collect();
             let resp = match fed
-                .get_manifests(GetManifestsRequest { content_ids: ids })
+                .get_manifests(GetManifestsRequest {
+                    content_ids: ids,
+                    envelope_format: crate::keyring::ENVELOPE_FORMAT,
+                })
                 .await
             {
                 Ok(r) => r.into_inner(),
@@ -296,6 +299,7 @@ impl PeerSync<'_> {
                 .into_iter()
                 .filter(|i| !left_out.contains(i))
                 .collect();
+            fetch_links(self.node(), &mut fed, &self.peer.node_id, &results).await;
             let verdicts = accept_all(self.node(), results).await?;
             let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {

@@ -221,12 +221,30 @@ impl Federation for FederationService {
         req: Request<GetManifestsRequest>,
     ) -> Result<Response<GetManifestsResponse>, Status> {
         let (caller, spki) = self.trusted(&req)?;
-        let ids = req.into_inner().content_ids;
+        let req = req.into_inner();
+        requests::check_envelope_format(req.envelope_format)?;
+        let ids = req.content_ids;
         requests::check_manifest_batch(ids.len(), MAX_MANIFEST_BATCH)?;
         let state = self.state.clone();
         let results =
             blocking(move || Ok(batch::manifests_for(&state, &caller, &spki, &ids))).await?;
         Ok(Response::new(GetManifestsResponse { results }))
+    }
+
+    async fn get_link_envelopes(
+        &self,
+        req: Request<GetLinkEnvelopesRequest>,
+    ) -> Result<Response<GetLinkEnvelopesResponse>, Status> {
+        let (caller, _) = self.trusted(&req)?;
+        let node = &self.state.node;
+        let link_envelopes = node
+            .db
+            .link_envelopes(&node.id(), &caller)
+            .map_err(Status::from)?;
+        Ok(Response::new(GetLinkEnvelopesResponse {
+            link_envelopes,
+            sender_spki: node.identity.spki().to_vec(),
+        }))
     }
 
     async fn stream_chunks(

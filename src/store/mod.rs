@@ -15,12 +15,13 @@
 //!
 //! The files: `schema.rs` (the tables and the version check), `manifests.rs`
 //! (manifests, envelopes, the seq counter, listing by cursor), `peers.rs`
-//! (the peer list and invites), `chunk_index.rs` (which chunks are present),
+//! (the peer list and invites), `links.rs` (link keys, format 2), `chunk_index.rs` (which chunks are present),
 //! `facts.rs` (what a database says about itself: stats, facts, integrity)
 //! and `rekey.rs` (a copy's items re-wrapped for a new identity).
 
 mod chunk_index;
 mod facts;
+mod links;
 mod manifests;
 mod peers;
 mod rekey;
@@ -138,8 +139,8 @@ impl Db {
     }
 
     fn open_with(path: &Path, access: Access) -> Result<Db> {
-        let writer = connect(path, access)?;
-        schema::check(&writer, path)?;
+        let mut writer = connect(path, access)?;
+        schema::check(&mut writer, path, access != Access::ReadOnly)?;
         let reader = connect(path, access)?;
         Ok(Db {
             writer: Mutex::new(writer),

@@ -100,6 +100,8 @@ impl Db {
         Ok(n > 0)
     }
 
+    /// Revoke a peer: its state, and (PROTOCOL.md §6) every link key this
+    /// node made for it and every envelope stored for it.
     pub fn revoke_peer(&self, id: &NodeId) -> Result<Peer> {
         let n = self.w().execute(
             "UPDATE peers SET state = 'revoked', mirror = 0 WHERE node_id = ?1",
@@ -110,6 +112,8 @@ impl Db {
                 "node {id} is not in the peer list (see `bitsync peer ls`)"
             )));
         }
+        let dropped = self.drop_links(&self.node_id()?, id, u32::MAX)?;
+        tracing::info!(peer = %id.short(), envelopes = dropped, "revoked: link keys and envelopes for the peer deleted");
         self.peer(id)?
             .ok_or_else(|| Error::io("peer vanished after update"))
     }

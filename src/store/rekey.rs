@@ -5,9 +5,72 @@ use rusqlite::{params, TransactionBehavior};
 
 use super::manifests::move_to_new_seq;
 use super::Db;
-use crate::crypto;
+use crate::crypto::link::{self, LinkEnvelope, LinkId, LinkKey};
+use crate::crypto::{self, ContentId, Hash, ItemKey};
 use crate::error::{Error, Result};
 use crate::identity::Identity;
+
+/// The old identity's `L(old→old)`, to open its own item envelopes and the
+/// link keys it received (sealed under it).
+struct OldLinks {
+    own: Option<(LinkId, LinkKey)>,
+}
+
+impl OldLinks {
+    fn load(tx: &rusqlite::Transaction<'_>, old: &Identity) -> Result<OldLinks> {
+        let me = old.id().to_hex();
+        let row: Option<Vec<u8>> = rusqlite::OptionalExtension::optional(tx.query_row(
+            "SELECT envelope FROM link_keys WHERE sender = ?1 AND recipient = ?1
+             ORDER BY generation DESC LIMIT 1",
+            [&me],
+            |r| r.get(0),
+        ))?;
+        let Some(bytes) = row else {
+            return Ok(OldLinks { own: None });
+        };
+        let e = LinkEnvelope::parse(&bytes)?;
+        e.verify(old.spki())?;
+        let key = e.key(&old.unwrap_secret(e.wrapped_secret())?)?;
+        Ok(OldLinks {
+            own: Some((e.id, key)),
+        })
+    }
+
+    /// The item key of an envelope addressed to the old identity.
+    fn open(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        old: &Identity,
+        cid: &str,
+        wrapped: &[u8],
+    ) -> Result<ItemKey> {
+        let Some((sender, generation)) = link::item_link(wrapped) else {
+            return old.unwrap_key(wrapped);
+        };
+        let (own_id, own) = self
+            .own
+            .as_ref()
+            .ok_or_else(|| Error::integrity("an item envelope, but no own link key"))?;
+        let id = LinkId {
+            sender,
+            recipient: old.id(),
+            generation,
+        };
+        let content_id: ContentId = Hash::parse(cid, "content id")?;
+        if id == *own_id {
+            return link::open_item(own, &id, &content_id, wrapped);
+        }
+        let sealed: Vec<u8> = tx
+            .query_row(
+                "SELECT sealed FROM link_keys WHERE sender = ?1 AND recipient = ?2 AND generation = ?3",
+                params![sender.to_hex(), old.id().to_hex(), generation],
+                |r| r.get(0),
+            )
+            .map_err(|_| Error::integrity("an item envelope names a link key the copy does not hold"))?;
+        let key = link::open_sealed_link(own, &id, &sealed)?;
+        link::open_item(&key, &id, &content_id, wrapped)
+    }
+}
 
 /// What [`Db::rekey`] changed.
 #[derive(Debug, Default, Clone, Copy)]
@@ -46,8 +109,9 @@ impl Db {
         };
         let total: i64 = tx.query_row("SELECT COUNT(*) FROM manifests", [], |r| r.get(0))?;
         let mut report = RekeyReport::default();
+        let links = OldLinks::load(&tx, old)?;
         for (cid, wrapped) in &rows {
-            let key = old.unwrap_key(wrapped).map_err(|e| {
+            let key = links.open(&tx, old, cid, wrapped).map_err(|e| {
                 e.context(format!(
                     "item {cid}: re-wrapping its key for the new identity"
                 ))
@@ -69,6 +133,11 @@ impl Db {
             "UPDATE meta SET value = ?1 WHERE key = 'node_id'",
             [&new_hex],
         )?;
+        // The link keys were the old node's; the new one makes its own, and
+        // migrates the RSA envelopes written above when it first opens
+        // (FORMAT.md §4.6).
+        tx.execute("DELETE FROM link_keys", [])?;
+        tx.execute("DELETE FROM meta WHERE key = 'envelope_format'", [])?;
         // The old identity is not a peer of the new one unless the operator says so.
         tx.commit()?;
         Ok(report)

@@ -60,11 +60,26 @@ CREATE TABLE IF NOT EXISTS invites(
     used_by TEXT);
 "#;
 
-pub const SCHEMA_VERSION: &str = "1";
+/// What format 2 added (docs/FORMAT.md §4.4): also the whole of the 1 → 2 migration.
+pub(super) const LINK_KEYS: &str = r#"
+CREATE TABLE IF NOT EXISTS link_keys(
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    sealed BLOB,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (sender, recipient, generation));
+"#;
+
+pub const SCHEMA_VERSION: &str = "2";
+/// The version before link keys, which a writable open migrates in place.
+const FORMAT_1: &str = "1";
 
 /// Create the tables in a new (or empty) database and name its node.
 pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
     c.execute_batch(SCHEMA)?;
+    c.execute_batch(LINK_KEYS)?;
     c.execute(
         "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?1), ('node_id', ?2)",
         params![SCHEMA_VERSION, node_id.to_hex()],
@@ -72,8 +87,10 @@ pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
     Ok(())
 }
 
-/// Refuse a file that is not a bitsync database of the version this build reads.
-pub(super) fn check(c: &Connection, path: &Path) -> Result<()> {
+/// Refuse a file that is not a bitsync database of the version this build
+/// reads. A format-1 database is migrated in place (one transaction) when
+/// `writable`, and read as it is otherwise (a snapshot's copy keeps its bytes).
+pub(super) fn check(c: &mut Connection, path: &Path, writable: bool) -> Result<()> {
     let version: Option<String> = c
         .query_row(
             "SELECT value FROM meta WHERE key = 'schema_version'",
@@ -84,6 +101,12 @@ pub(super) fn check(c: &Connection, path: &Path) -> Result<()> {
         .map_err(|e| {
             Error::from(e).context(format!("{} is not a bitsync database", path.display()))
         })?;
+    if version.as_deref() == Some(FORMAT_1) {
+        if writable {
+            migrate_from_1(c)?;
+        }
+        return Ok(());
+    }
     if version.as_deref() != Some(SCHEMA_VERSION) {
         return Err(Error::invalid(format!(
             "{} has schema version {:?}; this bitsync reads {SCHEMA_VERSION}",
@@ -91,5 +114,19 @@ pub(super) fn check(c: &Connection, path: &Path) -> Result<()> {
             version
         )));
     }
+    Ok(())
+}
+
+/// Schema 1 → 2 (FORMAT.md §4.6 step 1): the new table and the new version
+/// commit together, so a kill at any point leaves version 1 or version 2.
+fn migrate_from_1(c: &mut Connection) -> Result<()> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(LINK_KEYS)?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'schema_version' AND value = ?2",
+        params![SCHEMA_VERSION, FORMAT_1],
+    )?;
+    tx.commit()?;
+    tracing::info!("database migrated from schema 1 to 2 (link keys)");
     Ok(())
 }

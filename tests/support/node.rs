@@ -101,3 +101,38 @@ pub async fn serve(node: Node) -> RunningNode {
         .await
         .unwrap()
 }
+
+/// The item key in `envelope` (for `node`, from the peer behind `fed`): a
+/// format-2 envelope names a link key, which is fetched with
+/// `GetLinkEnvelopes` first when `node` does not hold it yet.
+pub async fn open_envelope(
+    node: &Node,
+    fed: &mut bitsync::replicator::Client,
+    id: &ContentId,
+    envelope: &[u8],
+) -> bitsync::Result<bitsync::crypto::ItemKey> {
+    match node.open_envelope(id, envelope) {
+        Err(e) if e.kind() == bitsync::error::Kind::Integrity => {
+            let r = fed
+                .get_link_envelopes(bitsync::proto::GetLinkEnvelopesRequest {})
+                .await
+                .expect("GetLinkEnvelopes")
+                .into_inner();
+            node.receive_link_envelopes(&r.sender_spki, &r.link_envelopes)?;
+            node.open_envelope(id, envelope)
+        }
+        other => other,
+    }
+}
+
+/// A Federation client of `server`, authenticated as `caller`.
+pub async fn federation_client(caller: &Node, server: &RunningNode) -> bitsync::replicator::Client {
+    let ch = within(
+        20,
+        "connecting",
+        dialer(caller).channel(server.state.node.id(), &server.listen_address.to_string()),
+    )
+    .await
+    .expect("dialing the test node");
+    bitsync::replicator::client(ch)
+}

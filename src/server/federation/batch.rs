@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use super::problem;
 use crate::crypto::{self, ContentId, Hash, NodeId};
 use crate::error::{Error, Kind};
-use crate::identity;
 use crate::proto::*;
 use crate::server::ServerState;
 
@@ -73,13 +72,11 @@ fn prepare(
         })?;
     let m = crate::manifest::Manifest::from_signed(body, signature)?;
     let key = node
-        .identity
-        .unwrap_key(&own)
+        .open_envelope(&cid, &own)
         .map_err(|e| e.context(format!("item {cid}")))?;
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|e| e.context(format!("item {cid}")))?;
-    let public = identity::public_key_from_spki(caller_spki)?;
-    let envelope = crypto::wrap_key(&public, &key);
+    let envelope = node.wrap_for_spki(caller_spki, &cid, &key)?;
     node.metrics.rekeyed(started.elapsed());
     Ok(Prepared {
         body: m.body_bytes().to_vec(),

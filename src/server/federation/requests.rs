@@ -45,6 +45,19 @@ pub(crate) fn join_fields(r: &JoinRequest) -> Result<(Hash, String, String), Sta
     Ok((hash, name, address))
 }
 
+/// A GetManifests caller must read format-2 envelopes (PROTOCOL.md §4.4):
+/// an older bitsync is refused by name rather than sent what it cannot open.
+pub(crate) fn check_envelope_format(format: u32) -> Result<(), Status> {
+    if format == crate::keyring::ENVELOPE_FORMAT {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "this node serves envelope format {} (link keys); the caller asked with format {format}: \
+         upgrade bitsync on the calling node",
+        crate::keyring::ENVELOPE_FORMAT
+    )))
+}
+
 /// A GetManifests batch of `n` ids, at most `max`.
 pub(crate) fn check_manifest_batch(n: usize, max: usize) -> Result<(), Status> {
     if n > max {

@@ -1,0 +1,315 @@
+//! The node's link keys in use (docs/FORMAT.md §4.2–4.6): its own
+//! `L(self→self)`, unwrapped once at start and held only in memory, and the
+//! operations that make, receive, and use link keys through the database.
+//!
+//! Every other link key is stored sealed under `L(self→self)` and opened
+//! per use (one AES-GCM of 32 bytes, about a microsecond), so nothing else
+//! is cached: a revoked or rotated key is gone the moment its row is.
+//! RSA work is once per peer: making `L(self→P)` (a wrap and a signature),
+//! and unwrapping a received link envelope.
+
+use std::sync::Mutex;
+
+use rsa::RsaPublicKey;
+
+use crate::crypto::link::{self, LinkEnvelope, LinkId, LinkKey};
+use crate::crypto::{ContentId, ItemKey, NodeId};
+use crate::error::{Error, Result};
+use crate::identity::{self, Identity};
+use crate::store::Db;
+
+/// How many own envelopes one migration transaction re-wraps (FORMAT.md §4.6).
+const MIGRATE_BATCH: usize = 500;
+
+pub struct Keyring {
+    me: NodeId,
+    own: LinkKey,
+    own_generation: u32,
+    /// Held while a link key is made, so concurrent re-keys of one batch
+    /// make one link key per peer, not one per thread.
+    making: Mutex<()>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keyring({})", self.me.short())
+    }
+}
+
+impl Keyring {
+    /// Load `L(self→self)` (making generation 1 if the database has none:
+    /// a new or just-migrated data dir), with one RSA unwrap.
+    pub(crate) fn open(identity: &Identity, db: &Db) -> Result<Keyring> {
+        let me = identity.id();
+        let row = match db.current_link(&me, &me)? {
+            Some(row) => row,
+            None => {
+                let id = LinkId {
+                    sender: me,
+                    recipient: me,
+                    generation: db.next_link_generation()?,
+                };
+                let (_, envelope) =
+                    link::make_link(id, identity.public(), |m| identity.sign_pss(m));
+                db.insert_link(&id, &envelope, None)?;
+                db.current_link(&me, &me)?
+                    .ok_or_else(|| Error::io("own link key vanished after it was stored"))?
+            }
+        };
+        let parsed = LinkEnvelope::parse(&row.envelope)?;
+        parsed.verify(identity.spki())?;
+        let secret = identity
+            .unwrap_secret(parsed.wrapped_secret())
+            .map_err(|e| e.context("this node's own link key"))?;
+        Ok(Keyring {
+            me,
+            own: parsed.key(&secret)?,
+            own_generation: row.generation,
+            making: Mutex::new(()),
+        })
+    }
+
+    fn own_id(&self) -> LinkId {
+        LinkId {
+            sender: self.me,
+            recipient: self.me,
+            generation: self.own_generation,
+        }
+    }
+
+    /// A stored link key, opened from its sealed form (or `L(self→self)`).
+    fn stored(&self, db: &Db, id: &LinkId) -> Result<Option<LinkKey>> {
+        if *id == self.own_id() {
+            return Ok(Some(self.own.clone()));
+        }
+        match db.link(id)? {
+            Some(row) => match row.sealed {
+                Some(sealed) => Ok(Some(link::open_sealed_link(&self.own, id, &sealed)?)),
+                None => Err(Error::integrity("a stored link key has no sealed key")),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// The current `L(self→recipient)`, made (and stored) if there is none,
+    /// or a new generation when `rotate`.
+    fn link_to(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        recipient: &NodeId,
+        public: &RsaPublicKey,
+        rotate: bool,
+    ) -> Result<(LinkId, LinkKey)> {
+        if *recipient == self.me {
+            return Ok((self.own_id(), self.own.clone()));
+        }
+        let current = |db: &Db| -> Result<Option<(LinkId, LinkKey)>> {
+            let Some(row) = db.current_link(&self.me, recipient)? else {
+                return Ok(None);
+            };
+            let id = LinkId {
+                sender: self.me,
+                recipient: *recipient,
+                generation: row.generation,
+            };
+            Ok(self.stored(db, &id)?.map(|k| (id, k)))
+        };
+        if !rotate {
+            if let Some(found) = current(db)? {
+                return Ok(found);
+            }
+        }
+        let _making = self.making.lock().unwrap_or_else(|p| p.into_inner());
+        if !rotate {
+            if let Some(found) = current(db)? {
+                return Ok(found);
+            }
+        }
+        let id = LinkId {
+            sender: self.me,
+            recipient: *recipient,
+            generation: db.next_link_generation()?,
+        };
+        let (key, envelope) = link::make_link(id, public, |m| identity.sign_pss(m));
+        db.insert_link(&id, &envelope, Some(&link::seal_link(&self.own, &id, &key)))?;
+        tracing::info!(peer = %recipient.short(), generation = id.generation, "made a link key");
+        Ok((id, key))
+    }
+
+    /// The item envelope of `key` for `recipient` (FORMAT.md §4.3).
+    pub(crate) fn wrap_for(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        recipient: &NodeId,
+        public: &RsaPublicKey,
+        content_id: &ContentId,
+        key: &ItemKey,
+    ) -> Result<Vec<u8>> {
+        let (id, link) = self.link_to(identity, db, recipient, public, false)?;
+        Ok(link::wrap_item(&link, &id, content_id, key))
+    }
+
+    /// [`Self::wrap_for`] a peer known by its SubjectPublicKeyInfo DER.
+    pub(crate) fn wrap_for_spki(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        spki: &[u8],
+        content_id: &ContentId,
+        key: &ItemKey,
+    ) -> Result<Vec<u8>> {
+        let public = identity::public_key_from_spki(spki)?;
+        let recipient = identity::node_id_of(spki);
+        self.wrap_for(identity, db, &recipient, &public, content_id, key)
+    }
+
+    /// Open an envelope addressed to this node: an item envelope under a
+    /// stored link key, or an RSA envelope (format 1). A link key not held
+    /// here is `Integrity` too: the replicator asks the peer for the link
+    /// keys it lacks before it opens anything, so what is still missing then
+    /// was altered or never sent.
+    pub(crate) fn open_item(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        content_id: &ContentId,
+        envelope: &[u8],
+    ) -> Result<ItemKey> {
+        let Some((sender, generation)) = link::item_link(envelope) else {
+            return identity.unwrap_key(envelope);
+        };
+        let id = LinkId {
+            sender,
+            recipient: self.me,
+            generation,
+        };
+        let link = self.stored(db, &id)?.ok_or_else(|| {
+            Error::integrity(format!(
+                "item {} uses link key {}→{} generation {generation}, which this node does not hold",
+                content_id.short(),
+                sender.short(),
+                self.me.short()
+            ))
+        })?;
+        link::open_item(&link, &id, content_id, envelope)
+    }
+
+    /// Whether this node holds the link key an envelope for it names
+    /// (always true for an RSA envelope).
+    pub(crate) fn holds_link_of(&self, db: &Db, envelope: &[u8]) -> Result<bool> {
+        let Some((sender, generation)) = link::item_link(envelope) else {
+            return Ok(true);
+        };
+        let id = LinkId {
+            sender,
+            recipient: self.me,
+            generation,
+        };
+        Ok(id == self.own_id() || db.link(&id)?.is_some())
+    }
+
+    /// Take link envelopes `sender` (whose public key is `sender_spki`)
+    /// made for this node: check each, unwrap it once, store it sealed.
+    /// Returns how many were new. One that fails its checks is refused
+    /// (`Integrity`), and the rest are not looked at.
+    pub(crate) fn receive(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        sender_spki: &[u8],
+        envelopes: &[Vec<u8>],
+    ) -> Result<usize> {
+        let sender = identity::node_id_of(sender_spki);
+        let mut new = 0;
+        for bytes in envelopes {
+            let e = LinkEnvelope::parse(bytes)?;
+            if e.id.sender != sender || e.id.recipient != self.me {
+                return Err(Error::integrity(format!(
+                    "peer {} sent a link envelope for {}→{}, not for {}→this node",
+                    sender.short(),
+                    e.id.sender.short(),
+                    e.id.recipient.short(),
+                    sender.short()
+                )));
+            }
+            if db.link(&e.id)?.is_some() {
+                continue;
+            }
+            e.verify(sender_spki)?;
+            let secret = identity.unwrap_secret(e.wrapped_secret()).map_err(|_| {
+                Error::integrity(format!(
+                    "link envelope from {} does not unwrap with this node's key",
+                    sender.short()
+                ))
+            })?;
+            let key = e.key(&secret)?;
+            let sealed = link::seal_link(&self.own, &e.id, &key);
+            new += db.insert_link(&e.id, bytes, Some(&sealed))? as usize;
+        }
+        Ok(new)
+    }
+
+    /// `bitsync peer rekey`: a new generation of `L(self→peer)`; the old
+    /// generations and the envelopes stored for the peer go (new ones are
+    /// made just in time). Returns the new generation.
+    pub(crate) fn rotate(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        peer: &NodeId,
+        spki: &[u8],
+    ) -> Result<u32> {
+        if *peer == self.me {
+            return Err(Error::invalid(
+                "a node's own link key is not rotated; rotate the identity with clone-instance",
+            ));
+        }
+        let public = identity::public_key_from_spki(spki)?;
+        let (id, _) = self.link_to(identity, db, peer, &public, true)?;
+        db.drop_links(&self.me, peer, id.generation)?;
+        Ok(id.generation)
+    }
+
+    /// FORMAT.md §4.6 steps 3–4: re-wrap own RSA envelopes under
+    /// `L(self→self)`, [`MIGRATE_BATCH`] per transaction, until none is left.
+    /// Returns how many were re-wrapped.
+    pub(crate) fn migrate_own(&self, identity: &Identity, db: &Db) -> Result<usize> {
+        if db.setting("envelope_format")?.as_deref() == Some("2") {
+            return Ok(0);
+        }
+        let (mut done, mut failed) = (0, 0);
+        loop {
+            // Envelopes that do not unwrap stay as they are, before the
+            // window of the next batch (the listing is in content id order).
+            let batch = db.own_rsa_envelopes(&self.me, MIGRATE_BATCH, failed)?;
+            if batch.is_empty() {
+                break;
+            }
+            let mut rows = Vec::with_capacity(batch.len());
+            for (cid, wrapped) in batch {
+                match identity.unwrap_key(&wrapped) {
+                    Ok(key) => {
+                        rows.push((cid, link::wrap_item(&self.own, &self.own_id(), &cid, &key)))
+                    }
+                    Err(_) => {
+                        tracing::warn!(item = %cid.short(), "own envelope does not unwrap; left as it is");
+                        failed += 1;
+                    }
+                }
+            }
+            db.replace_own_envelopes(&self.me, &rows)?;
+            done += rows.len();
+            tracing::info!(
+                envelopes = done,
+                "migrating this node's envelopes to format 2"
+            );
+        }
+        db.set_setting("envelope_format", "2")?;
+        Ok(done)
+    }
+}
+
+/// The format-2 envelope format number, sent in `GetManifestsRequest`.
+pub const ENVELOPE_FORMAT: u32 = 2;
