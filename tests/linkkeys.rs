@@ -276,16 +276,17 @@ async fn rotation_and_revocation_never_reuse_a_link_key() {
     s.shutdown().await;
 }
 
-/// Copy the format-1 fixture (a data dir and a repository) into `dest`.
+/// Copy the format-1 fixture (a data dir and a repository) into `dest`. Its
+/// node key is in git only sealed (under `PASS`), as `node.key.sealed`.
 fn fixture(dest: &Path) {
     for (from, to) in [("node", "node"), ("repo", "repo")] {
         copy_dir(&Path::new(FIXTURE).join(from), &dest.join(to));
     }
-    let mut p = fs::metadata(dest.join("node/node.key"))
-        .unwrap()
-        .permissions();
+    let key = dest.join("node/node.key");
+    fs::rename(dest.join("node/node.key.sealed"), &key).unwrap();
+    let mut p = fs::metadata(&key).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o600);
-    fs::set_permissions(dest.join("node/node.key"), p).unwrap();
+    fs::set_permissions(&key, p).unwrap();
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -303,9 +304,9 @@ fn copy_dir(from: &Path, to: &Path) {
 /// The fixture's items, as `bitsync put` stored them.
 fn fixture_items() -> Vec<(ContentId, Vec<u8>)> {
     [
-        "287c4f3abe1df3e13de0db41b7dc746e1b0ffef5072ce0a5fb7bd254d6f364cd",
-        "f65ab07974bb6ab0c1ac564c933a717b105f9b584710f5ea864a5689e6fa1896",
-        "13b4f0b6462542c809eaa0e7cf28996c7b9cf2bb63cff4661ecb1785315e669d",
+        "e125ccfb5256088444bb8256c3ac3b1f76fb3a9ac6b27ed35ebeeb68762c6b1a",
+        "4cefba2aa44ad8866be7a978218df56d220ca5c3ddc2916beab441e674934223",
+        "d06e7c3e881b282fb8253a1a89b4cfa553769a3474503c07c42d9a03db37aba3",
     ]
     .iter()
     .enumerate()
@@ -350,6 +351,7 @@ fn a_format_1_data_dir_migrates_in_place_and_resumes_after_kill_9() {
     for delay_ms in [0u64, 20, 60, 120, 250] {
         let mut child = bitsync(&dir)
             .args(["ls"])
+            .env("BITSYNC_PASSPHRASE", PASS)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
