@@ -25,14 +25,24 @@ use crate::identity::{self, Identity};
 /// (grpcurl, grpcio) use it as the server name override.
 pub(crate) const CERT_NAME: &str = "bitsync";
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The one rustls provider (aws-lc-rs), with the key exchange groups in our
+/// order of preference: the hybrid X25519MLKEM768 first, so a recorded
+/// handshake stays secret against a future quantum computer, then classic
+/// X25519 for peers that do not offer the hybrid. Every ClientConfig and
+/// ServerConfig is built from this explicitly; nothing relies on the
+/// process default.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    Arc::new(CryptoProvider {
+        kx_groups: vec![kx_group::X25519MLKEM768, kx_group::X25519],
+        ..default_provider()
+    })
 }
 
-/// Install ring as rustls' process-wide provider, so no second provider in the
-/// dependency graph can make rustls pick one at random (or panic).
+/// Install the same provider as rustls' process-wide default, so any library
+/// that builds a config without naming one (tonic, arti) gets it too.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = Arc::unwrap_or_clone(provider()).install_default();
 }
 
 /// A self-signed certificate over this node's identity key.
@@ -292,5 +302,81 @@ impl ClientCertVerifier for AnyNode {
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.signatures.schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::{ClientConnection, NamedGroup, ServerConnection};
+
+    /// Runs a TLS handshake in memory between a client and a server config
+    /// and returns the key exchange group both ends agreed on.
+    fn handshake(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> NamedGroup {
+        let mut c = ClientConnection::new(client, server_name()).unwrap();
+        let mut s = ServerConnection::new(server).unwrap();
+        for _ in 0..16 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut buf.as_slice()).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut buf.as_slice()).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        assert!(
+            !c.is_handshaking() && !s.is_handshaking(),
+            "handshake did not finish"
+        );
+        let ours = c.negotiated_key_exchange_group().unwrap().name();
+        assert_eq!(s.negotiated_key_exchange_group().unwrap().name(), ours);
+        ours
+    }
+
+    /// Two nodes' own configs agree on the post-quantum hybrid.
+    #[test]
+    fn two_nodes_negotiate_x25519mlkem768() {
+        let a = Identity::generate().unwrap();
+        let b = Identity::generate().unwrap();
+        let group = handshake(
+            client_config(&b, a.id()).unwrap(),
+            server_config(&a).unwrap(),
+        );
+        assert_eq!(group, NamedGroup::X25519MLKEM768);
+    }
+
+    /// A peer offering only classic X25519 still connects: the hybrid is
+    /// preferred, not required.
+    #[test]
+    fn classic_x25519_is_the_fallback() {
+        let a = Identity::generate().unwrap();
+        let b = Identity::generate().unwrap();
+        let classic = Arc::new(CryptoProvider {
+            kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        });
+        let cfg = rustls::ClientConfig::builder_with_provider(classic.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedNode {
+                expected: a.id(),
+                signatures: HandshakeSignatures(classic),
+            }))
+            .with_client_auth_cert(vec![certificate(&b).unwrap()], key_der(&b))
+            .unwrap();
+        let group = handshake(Arc::new(cfg), server_config(&a).unwrap());
+        assert_eq!(group, NamedGroup::X25519);
     }
 }

@@ -1072,7 +1072,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyServer {
 
 /// A TLS client that presents no certificate, offering only `version`.
 fn anonymous_tls(version: &'static rustls::SupportedProtocolVersion) -> Arc<rustls::ClientConfig> {
-    let p = Arc::new(rustls::crypto::ring::default_provider());
+    let p = bitsync::tls::provider();
     let mut cfg = rustls::ClientConfig::builder_with_provider(p.clone())
         .with_protocol_versions(&[version])
         .unwrap()
