@@ -77,7 +77,7 @@ pub fn put(
     )?;
     node.chunks.sync()?;
     // The files as written hash to their ids (they were hashed to name them).
-    node.db.record_checks(&checks)?;
+    node.db.record_checks(&checks);
     let meta = ItemMeta {
         name: opts.name.clone(),
     }
@@ -367,7 +367,7 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
                 Ok(stamp) => {
                     good.push((id, stamp));
                     if good.len() >= CHECKS_BATCH {
-                        node.db.record_checks(&std::mem::take(&mut good))?;
+                        node.db.record_checks(&std::mem::take(&mut good));
                     }
                 }
                 Err(e) => {
@@ -381,7 +381,7 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
             Ok(())
         },
     )?;
-    node.db.record_checks(&good)?;
+    node.db.record_checks(&good);
     for cid in node.db.content_ids()? {
         r.manifests_checked += 1;
         match node.db.manifest(&cid) {

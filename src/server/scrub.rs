@@ -1,5 +1,7 @@
 //! Runs the background scrub ([`content::scrub`](crate::content::scrub)) while
-//! the node serves: a pass, then a pause, until shutdown.
+//! the node serves: a pause, then a pass, until shutdown. The first pass waits
+//! too, so a node that starts to sync is not slowed by its own scrub (until
+//! then every send re-hashes what has no recent check).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,6 +24,10 @@ pub(super) fn spawn(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
     }
     tokio::spawn(async move {
         loop {
+            tokio::select! {
+                _ = tokio::time::sleep(BETWEEN_PASSES) => {}
+                _ = shutdown.changed() => return,
+            }
             let stop = Arc::new(AtomicBool::new(false));
             let (n, s) = (node.clone(), stop.clone());
             let mut pass = tokio::task::spawn_blocking(move || scrub_pass(&n, rate, &s));
@@ -40,10 +46,6 @@ pub(super) fn spawn(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!("scrub pass stopped: {e}"),
                 Err(e) => tracing::warn!("scrub pass failed: {e}"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(BETWEEN_PASSES) => {}
-                _ = shutdown.changed() => return,
             }
         }
     });

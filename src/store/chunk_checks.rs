@@ -14,10 +14,21 @@ use crate::manifest::now_ms;
 impl Db {
     /// Record that each file, as stamped before it was read (or just after
     /// this node wrote it), hashed to its chunk id now. One transaction.
-    pub(crate) fn record_checks(&self, checks: &[(ChunkId, Stamp)]) -> Result<()> {
+    /// Best effort: the table is a cache, so a failure (a full disk during
+    /// `verify`) is logged and changes nothing but the next send's re-hash.
+    pub(crate) fn record_checks(&self, checks: &[(ChunkId, Stamp)]) {
         if checks.is_empty() {
-            return Ok(());
+            return;
         }
+        if let Err(e) = self.try_record_checks(checks) {
+            tracing::warn!(
+                chunks = checks.len(),
+                "hash checks not recorded (they are re-done when the chunks are next sent): {e}"
+            );
+        }
+    }
+
+    fn try_record_checks(&self, checks: &[(ChunkId, Stamp)]) -> Result<()> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
