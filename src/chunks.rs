@@ -17,6 +17,8 @@ use rand::RngCore;
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
+pub(crate) mod pipeline;
+
 /// A temp file untouched this long belongs to a writer that died.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -25,6 +27,34 @@ pub(crate) const MAX_CHUNK_BYTES: usize = crate::manifest::MAX_CHUNK_SIZE as usi
 
 /// Largest single write(2) when storing a chunk (see [`ChunkDir::write`]).
 const WRITE_PIECE: usize = 256 * 1024;
+
+/// What identifies one version of a chunk file: which inode it is, and the
+/// size and times the kernel keeps for it. A write, truncate, rename or
+/// chmod of the file, or another file put in its place, changes at least one
+/// field (ctime cannot be set from user space). A hash check of the file's
+/// bytes is recorded with the stamp taken before they were read
+/// (docs/FORMAT.md §4 "chunk_checks").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+}
+
+impl Stamp {
+    pub(crate) fn of(m: &fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ChunkDir {
@@ -69,7 +99,8 @@ impl ChunkDir {
 
     /// Verify `data` against `id` and write it into place (temp file, rename).
     /// Durable only after [`sync`](Self::sync); record it as present after that.
-    pub fn write(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
+    /// Returns the placed file's stamp: its bytes are the ones just hashed.
+    pub fn write(&self, id: &ChunkId, data: &[u8]) -> Result<Stamp> {
         let actual = Hash::of(data);
         if actual != *id {
             return Err(Error::integrity(format!(
@@ -80,13 +111,13 @@ impl ChunkDir {
     }
 
     /// Write a chunk this node just made; its id is computed here, once.
-    pub(crate) fn write_new(&self, data: &[u8]) -> Result<ChunkId> {
+    pub(crate) fn write_new(&self, data: &[u8]) -> Result<(ChunkId, Stamp)> {
         let id = Hash::of(data);
-        self.place(&id, data)?;
-        Ok(id)
+        let stamp = self.place(&id, data)?;
+        Ok((id, stamp))
     }
 
-    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
+    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Stamp> {
         let path = self.path(id);
         let dir = path.parent().expect("chunk path has a parent");
         let tmp = self.root.join("tmp").join(format!(
@@ -107,7 +138,10 @@ impl ChunkDir {
             if !dir.exists() {
                 fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
             }
-            fs::rename(&tmp, &path).ctx(format!("renaming chunk into {}", path.display()))
+            fs::rename(&tmp, &path).ctx(format!("renaming chunk into {}", path.display()))?;
+            // After the rename, which changes the inode's ctime.
+            let m = fs::metadata(&path).ctx(format!("chunk {}", path.display()))?;
+            Ok(Stamp::of(&m))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -122,9 +156,32 @@ impl ChunkDir {
 
     /// Read a chunk and check its hash. A mismatch quarantines the file and is a DATA_LOSS error.
     pub(crate) fn read(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (data, _) = self.read_unchecked(id)?;
+        self.check(id, &data)?;
+        Ok(data)
+    }
+
+    /// Check `data`, just read from chunk `id`'s file, against its id: a
+    /// mismatch quarantines the file and is a DATA_LOSS error.
+    pub(crate) fn check(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
+        if Hash::of(data) != *id {
+            self.quarantine(id)?;
+            return Err(Error::integrity(format!(
+                "chunk {id} on disk fails its hash; moved to quarantine (run `bitsync verify`, then re-sync it from a peer)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Read a chunk's file (bounded to the largest chunk) without checking its
+    /// hash, with the file's stamp taken before the read: the caller must
+    /// [`check`](Self::check) the bytes, or hold a check of that same stamp.
+    pub(crate) fn read_unchecked(&self, id: &ChunkId) -> Result<(Vec<u8>, Stamp)> {
         let path = self.path(id);
         let mut f = fs::File::open(&path).ctx(format!("chunk {id}"))?;
-        let len = f.metadata().ctx(format!("chunk {id}"))?.len() as usize;
+        let meta = f.metadata().ctx(format!("chunk {id}"))?;
+        let stamp = Stamp::of(&meta);
+        let len = meta.len() as usize;
         if len > MAX_CHUNK_BYTES {
             self.quarantine(id)?;
             return Err(Error::integrity(format!(
@@ -134,13 +191,7 @@ impl ChunkDir {
         let mut data = Vec::with_capacity(len);
         f.read_to_end(&mut data)
             .ctx(format!("reading chunk {id}"))?;
-        if Hash::of(&data) != *id {
-            self.quarantine(id)?;
-            return Err(Error::integrity(format!(
-                "chunk {id} on disk fails its hash; moved to quarantine (run `bitsync verify`, then re-sync it from a peer)"
-            )));
-        }
-        Ok(data)
+        Ok((data, stamp))
     }
 
     /// Move a bad chunk out of the way so it is never served again.

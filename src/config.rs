@@ -56,6 +56,11 @@ admin_peers = []
 # Plaintext bytes per chunk for new items (4096 ..= 2097152).
 chunk_size = 1048576
 
+# While serving, re-hash chunk files in the background at most this many MiB/s
+# (0: never). A chunk checked within the last day is skipped; one whose file is
+# unchanged since a check in the last 7 days is sent without a re-hash.
+scrub_mib_per_sec = 32
+
 # Log lines on stderr: "text" for people, "json" (one object per line) for
 # log shippers. `--log-format` overrides it; RUST_LOG sets the levels.
 log_format = "text"
@@ -119,6 +124,7 @@ pub(crate) struct Config {
     pub(crate) admin_peers: Vec<String>,
     pub(crate) metrics_listen: Option<String>,
     pub(crate) chunk_size: u32,
+    pub(crate) scrub_mib_per_sec: u32,
     pub(crate) log_format: LogFormat,
     pub(crate) limits: Limits,
     pub(crate) tor: TorConfig,
@@ -183,6 +189,7 @@ impl Default for Config {
             admin_peers: Vec::new(),
             metrics_listen: None,
             chunk_size: crate::manifest::DEFAULT_CHUNK_SIZE,
+            scrub_mib_per_sec: 32,
             log_format: LogFormat::Text,
             limits: Limits::default(),
             tor: TorConfig::default(),

@@ -1,7 +1,9 @@
 //! Items in and out of the store: publish (`put`), read back (`get`), audit (`verify`).
 //!
-//! Both directions stream one chunk at a time, so memory stays at a few
-//! chunks whatever the item's size. `get` checks the manifest signature and
+//! Both directions stream chunks through a bounded pipeline
+//! ([`pipeline::ordered`]): the calling thread reads and writes in order,
+//! worker threads hash and encrypt/decrypt a few chunks at once, so every core
+//! works and memory stays at a few chunks whatever the item's size. `get` checks the manifest signature and
 //! unwraps the key before writing a byte, verifies each chunk's hash and GCM
 //! tag as it goes, and writes a file output atomically: a tampered item
 //! leaves no output file behind.
@@ -12,13 +14,18 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
-use crate::crypto::{self, ContentId, ItemKey};
+pub mod scrub;
+
+use crate::chunks::pipeline;
+use crate::crypto::{self, ChunkId, ContentId, ItemKey};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{self, Cipher, ItemMeta, Manifest};
 use crate::node::Node;
 
 /// Chunks written between two syncs of the chunk dir during `put`.
 const SYNC_EVERY: usize = 64;
+/// Hash checks `verify` records per database transaction.
+const CHECKS_BATCH: usize = 1024;
 
 pub struct PutOptions {
     pub kind: String,
@@ -39,34 +46,38 @@ pub fn put(
     let key = ItemKey::random();
     let mut ids = Vec::new();
     let mut present = Vec::new();
+    let mut checks = Vec::new();
     let mut size = 0u64;
-    let mut cur = read_full(input, chunk_size)?;
-    let mut index = 0u64;
-    loop {
-        let next = if cur.len() == chunk_size {
-            read_full(input, chunk_size)?
-        } else {
-            Vec::new()
-        };
-        let last = next.is_empty();
-        size += cur.len() as u64;
-        // Input of unknown size (a pipe): stop at the first chunk too many.
-        manifest::check_item_size(size, chunk_size as u32)?;
-        let ct = crypto::encrypt_chunk(&key, index, last, &cur);
-        let id = node.chunks.write_new(&ct)?;
-        ids.push(id);
-        present.push((id, ct.len() as u64));
-        progress(size);
-        if ids.len() % SYNC_EVERY == 0 {
-            node.chunks.sync()?;
-        }
-        if last {
-            break;
-        }
-        cur = next;
-        index += 1;
-    }
+    let (workers, depth) = pipeline::default_shape();
+    // Chunk files are written by the workers; none is recorded as present
+    // before the sync below (and the manifest row) make them durable.
+    pipeline::ordered(
+        InputChunks::new(input, chunk_size),
+        workers,
+        depth,
+        |(index, last, plain): (u64, bool, Vec<u8>)| {
+            let ct = crypto::encrypt_chunk(&key, index, last, &plain);
+            let len = plain.len() as u64;
+            drop(plain);
+            let written = node.chunks.write_new(&ct);
+            written.map(|(id, stamp)| (id, stamp, ct.len() as u64, len))
+        },
+        |written| {
+            let (id, stamp, ct_len, plain_len) = written?;
+            size += plain_len;
+            ids.push(id);
+            present.push((id, ct_len));
+            checks.push((id, stamp));
+            progress(size);
+            if ids.len() % SYNC_EVERY == 0 {
+                node.chunks.sync()?;
+            }
+            Ok(())
+        },
+    )?;
     node.chunks.sync()?;
+    // The files as written hash to their ids (they were hashed to name them).
+    node.db.record_checks(&checks);
     let meta = ItemMeta {
         name: opts.name.clone(),
     }
@@ -106,6 +117,61 @@ pub(crate) fn envelopes_for_new_item(
         }
     }
     Ok(out)
+}
+
+/// The input of `put` cut into `(index, last, plaintext)` chunks: one chunk of
+/// look-ahead tells the last one (an empty input is one empty chunk). Stops
+/// with an error at the first chunk past the largest item, so a pipe of
+/// unknown size is bounded.
+struct InputChunks<'a> {
+    input: &'a mut dyn Read,
+    chunk_size: usize,
+    next: Option<Vec<u8>>,
+    index: u64,
+    size: u64,
+    done: bool,
+}
+
+impl<'a> InputChunks<'a> {
+    fn new(input: &'a mut dyn Read, chunk_size: usize) -> InputChunks<'a> {
+        InputChunks {
+            input,
+            chunk_size,
+            next: None,
+            index: 0,
+            size: 0,
+            done: false,
+        }
+    }
+
+    fn step(&mut self) -> Result<(u64, bool, Vec<u8>)> {
+        let cur = match self.next.take() {
+            Some(c) => c,
+            None => read_full(self.input, self.chunk_size)?,
+        };
+        let last = cur.len() < self.chunk_size || {
+            let next = read_full(self.input, self.chunk_size)?;
+            let empty = next.is_empty();
+            self.next = Some(next);
+            empty
+        };
+        self.size += cur.len() as u64;
+        manifest::check_item_size(self.size, self.chunk_size as u32)?;
+        self.index += 1;
+        Ok((self.index - 1, last, cur))
+    }
+}
+
+impl Iterator for InputChunks<'_> {
+    type Item = Result<(u64, bool, Vec<u8>)>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.step();
+        self.done = !matches!(r, Ok((_, false, _)));
+        Some(r)
+    }
 }
 
 fn read_full(input: &mut dyn Read, n: usize) -> Result<Vec<u8>> {
@@ -218,25 +284,42 @@ fn decrypt_to(
     }
     let n = m.chunk_count();
     let mut written = 0u64;
-    for (i, id) in m.chunk_ids().enumerate() {
-        let ct = node.read_chunk(&id).map_err(|e| match e.kind() {
-            crate::error::Kind::NotFound => Error::not_found(format!(
-                "item {} is incomplete: chunk {i} ({id}) is not here yet",
-                m.id()
-            )),
-            _ => e,
-        })?;
-        if ct.len() as u64 != m.chunk_len(i) {
-            return Err(Error::integrity(format!(
-                "chunk {i} of item {} has the wrong length",
-                m.id()
-            )));
-        }
-        let plain = crypto::decrypt_chunk(key, i as u64, i + 1 == n, &ct)?;
-        w.write_all(&plain).ctx("writing output")?;
-        written += plain.len() as u64;
-        progress(written);
-    }
+    let (workers, depth) = pipeline::default_shape();
+    // Workers read, hash and decrypt; this thread does the bookkeeping of a
+    // failed chunk (quarantined by its worker, forgotten here) and writes in order.
+    pipeline::ordered(
+        m.chunk_ids().enumerate().map(Ok),
+        workers,
+        depth,
+        |(i, id): (usize, ChunkId)| -> (ChunkId, Result<Vec<u8>>) {
+            let plain = (|| {
+                let (ct, _) = node.chunks.read_unchecked(&id)?;
+                node.chunks.check(&id, &ct)?;
+                if ct.len() as u64 != m.chunk_len(i) {
+                    return Err(Error::integrity(format!(
+                        "chunk {i} of item {} has the wrong length",
+                        m.id()
+                    )));
+                }
+                crypto::decrypt_chunk(key, i as u64, i + 1 == n, &ct)
+            })();
+            let plain = plain.map_err(|e| match e.kind() {
+                crate::error::Kind::NotFound => Error::not_found(format!(
+                    "item {} is incomplete: chunk {i} ({id}) is not here yet",
+                    m.id()
+                )),
+                _ => e,
+            });
+            (id, plain)
+        },
+        |(id, plain)| {
+            let plain = plain.map_err(|e| node.chunk_failed(&id, e))?;
+            w.write_all(&plain).ctx("writing output")?;
+            written += plain.len() as u64;
+            progress(written);
+            Ok(())
+        },
+    )?;
     if written != m.body().size {
         return Err(Error::integrity(format!(
             "item {} decrypted to {written} bytes, manifest says {}",
@@ -264,14 +347,41 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
     let chunks = node.db.chunk_list()?;
     let total: u64 = chunks.iter().map(|(_, s)| *s).sum();
     let mut done = 0u64;
-    for (id, size) in &chunks {
-        if let Err(e) = node.read_chunk(id) {
-            r.problems.push(format!("chunk {id}: {e}"));
-        }
-        r.chunks_checked += 1;
-        done += size;
-        progress(done, total);
-    }
+    let mut good = Vec::new();
+    // Chunks are read and hashed on every core; a failed one is quarantined
+    // by its worker and forgotten here, in list order.
+    let (workers, depth) = pipeline::default_shape();
+    pipeline::ordered(
+        chunks.iter().map(Ok),
+        workers,
+        depth,
+        |(id, size): &(ChunkId, u64)| {
+            let checked = node.chunks.read_unchecked(id).and_then(|(data, stamp)| {
+                node.chunks.check(id, &data)?;
+                Ok(stamp)
+            });
+            (*id, *size, checked)
+        },
+        |(id, size, checked)| {
+            match checked {
+                Ok(stamp) => {
+                    good.push((id, stamp));
+                    if good.len() >= CHECKS_BATCH {
+                        node.db.record_checks(&std::mem::take(&mut good));
+                    }
+                }
+                Err(e) => {
+                    let e = node.chunk_failed(&id, e);
+                    r.problems.push(format!("chunk {id}: {e}"));
+                }
+            }
+            r.chunks_checked += 1;
+            done += size;
+            progress(done, total);
+            Ok(())
+        },
+    )?;
+    node.db.record_checks(&good);
     for cid in node.db.content_ids()? {
         r.manifests_checked += 1;
         match node.db.manifest(&cid) {

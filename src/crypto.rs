@@ -30,7 +30,6 @@ use rand::RngCore;
 use rsa::pkcs1::EncodeRsaPublicKey;
 use rsa::pkcs8::EncodePublicKey;
 use rsa::RsaPublicKey;
-use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
@@ -49,8 +48,14 @@ pub type ContentId = Hash;
 pub type NodeId = Hash;
 
 impl Hash {
+    /// SHA-256 of `data` on aws-lc (SHA-NI assembly), the implementation
+    /// `openssl speed` measures: on the reference CPU it runs at openssl's rate,
+    /// level with the `sha2` crate's SHA-NI path and never behind it
+    /// (benches/hash.rs; docs/BENCHMARKS.md). Every chunk is hashed here (put,
+    /// get, verify, serve, receive, backup), so this rate bounds them.
     pub fn of(data: &[u8]) -> Hash {
-        Hash(Sha256::digest(data).into())
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+        Hash(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
     }
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -76,6 +81,30 @@ impl Hash {
     /// The first 12 hex characters, for logs and tables.
     pub(crate) fn short(&self) -> String {
         self.to_hex()[..12].to_string()
+    }
+}
+
+/// Streaming SHA-256 on the same implementation as [`Hash::of`], for data
+/// read in pieces (backup files, legacy items).
+#[derive(Clone)]
+pub struct Hasher(aws_lc_rs::digest::Context);
+
+impl Hasher {
+    pub fn new() -> Hasher {
+        Hasher(aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256))
+    }
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+    pub fn finish(self) -> Hash {
+        let d = self.0.finish();
+        Hash(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
+    }
+}
+
+impl Default for Hasher {
+    fn default() -> Hasher {
+        Hasher::new()
     }
 }
 
@@ -409,6 +438,23 @@ mod tests {
         assert_eq!(&unseal("correct horse", &s).unwrap()[..], b"secret");
         let e = unseal("wrong", &s).unwrap_err();
         assert_eq!(e.kind(), crate::error::Kind::Auth);
+    }
+
+    /// aws-lc's SHA-256 (one-shot and streamed in uneven pieces) against the
+    /// `sha2` crate, across the block-boundary lengths.
+    #[test]
+    fn sha256_matches_the_sha2_crate() {
+        use sha2::Digest;
+        for n in [0usize, 1, 55, 56, 63, 64, 65, 1000, 1 << 20] {
+            let data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+            let want: [u8; 32] = sha2::Sha256::digest(&data).into();
+            assert_eq!(Hash::of(&data).0, want, "one-shot, {n} bytes");
+            let mut h = Hasher::new();
+            for piece in data.chunks(7 + n / 3) {
+                h.update(piece);
+            }
+            assert_eq!(h.finish().0, want, "streamed, {n} bytes");
+        }
     }
 
     #[test]

@@ -11,7 +11,6 @@ use std::io::Write;
 use aes::cipher::consts::U16;
 use aes::cipher::inout::InOutBuf;
 use aes::cipher::{BlockDecryptMut, KeyIvInit};
-use sha2::{Digest, Sha256};
 
 use crate::crypto::ItemKey;
 use crate::error::{Error, IoContext, Result};
@@ -41,7 +40,7 @@ pub(crate) struct CbcDecrypt {
     partial: Vec<u8>,
     /// The newest plaintext block: the padding if no more ciphertext comes.
     held: Option<[u8; 16]>,
-    hasher: Sha256,
+    hasher: crate::crypto::Hasher,
 }
 
 impl CbcDecrypt {
@@ -50,7 +49,7 @@ impl CbcDecrypt {
             dec: cbc::Decryptor::<aes::Aes256>::new(key.into(), iv.into()),
             partial: Vec::with_capacity(16),
             held: None,
-            hasher: Sha256::new(),
+            hasher: crate::crypto::Hasher::new(),
         }
     }
 
@@ -93,7 +92,7 @@ impl CbcDecrypt {
         let tail = last[..16 - pad].to_vec();
         let mut hasher = self.hasher;
         hasher.update(&tail);
-        Ok((tail, hasher.finalize().into()))
+        Ok((tail, hasher.finish().0))
     }
 }
 
@@ -166,7 +165,7 @@ mod tests {
         }
         let (tail, sha) = dec.finish()?;
         plain.extend_from_slice(&tail);
-        assert_eq!(sha, <[u8; 32]>::from(Sha256::digest(&plain)));
+        assert_eq!(sha, crate::crypto::Hash::of(&plain).0);
         Ok(plain)
     }
 

@@ -30,6 +30,10 @@ use crate::keyring::Keyring;
 use crate::metrics::Metrics;
 use crate::store::Db;
 
+/// How long a recorded hash check of an unchanged chunk file spares a
+/// re-hash when the chunk is sent (7 days; the scrub renews checks daily).
+pub(crate) const CHECK_TRUSTED_MS: i64 = 7 * 24 * 3600 * 1000;
+
 #[derive(Debug, Clone)]
 pub struct Paths {
     pub root: PathBuf,
@@ -342,13 +346,44 @@ impl Node {
     /// Read a present chunk, re-checking its hash. A chunk that fails is
     /// quarantined and forgotten, so it is no longer present (a sync fetches it again).
     pub(crate) fn read_chunk(&self, id: &crate::crypto::ChunkId) -> Result<Vec<u8>> {
-        match self.chunks.read(id) {
-            Err(e) if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound => {
-                self.db.forget_chunk(id)?;
-                Err(e)
+        self.chunks.read(id).map_err(|e| self.chunk_failed(id, e))
+    }
+
+    /// Read a present chunk to send to a peer. Its hash is checked unless a
+    /// check of this very file is on record (same [`Stamp`]: device, inode,
+    /// size, mtime and ctime) from the last [`CHECK_TRUSTED_MS`]; the
+    /// receiver always hashes what it gets, and the scrub re-checks every
+    /// chunk in the background (docs/PROTOCOL.md, StreamChunks). Failures as
+    /// [`read_chunk`](Self::read_chunk).
+    ///
+    /// [`Stamp`]: crate::chunks::Stamp
+    pub(crate) fn read_chunk_to_send(&self, id: &crate::crypto::ChunkId) -> Result<Vec<u8>> {
+        let (data, stamp) = self
+            .chunks
+            .read_unchecked(id)
+            .map_err(|e| self.chunk_failed(id, e))?;
+        let recent = crate::manifest::now_ms() - CHECK_TRUSTED_MS;
+        match self.db.chunk_check(id) {
+            Ok(Some((s, at))) if s == stamp && at >= recent => Ok(data),
+            _ => {
+                self.chunks
+                    .check(id, &data)
+                    .map_err(|e| self.chunk_failed(id, e))?;
+                Ok(data)
             }
-            other => other,
         }
+    }
+
+    /// The bookkeeping for a chunk read (or check) that failed with `e`: a
+    /// chunk whose file is gone or failed its hash (and so was quarantined)
+    /// is forgotten, so it is no longer present. Returns the error to report.
+    pub(crate) fn chunk_failed(&self, id: &crate::crypto::ChunkId, e: Error) -> Error {
+        if e.kind() == Kind::Integrity || e.kind() == Kind::NotFound {
+            if let Err(db) = self.db.forget_chunk(id) {
+                return db;
+            }
+        }
+        e
     }
 
     /// The name peers see: the configured one, else the first 12 hex chars of the id.

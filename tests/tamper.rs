@@ -588,3 +588,36 @@ fn put_killed_mid_stream_leaves_no_manifest() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v, serde_json::json!([]));
 }
+
+/// The background scrub re-hashes what has no recent check of the same file:
+/// a chunk changed on disk is found and quarantined before a peer asks, and a
+/// pass over chunks all checked since (put recorded them) reads none.
+#[test]
+fn the_scrub_quarantines_a_damaged_chunk_and_skips_recent_checks() {
+    use bitsync::content::scrub::{scrub_pass, ScrubReport};
+    use std::sync::atomic::AtomicBool;
+    let f = Fixture::new();
+    let id = f.put(&vec![7u8; 3 * CHUNK as usize]);
+    let m = f.manifest(&id);
+    let stop = AtomicBool::new(false);
+    let pass = || scrub_pass(&f.node, 1 << 30, &stop).unwrap();
+    assert_eq!(pass(), ScrubReport::default(), "put recorded its checks");
+    flip_byte(&f.chunk_path(&m, 1), 10);
+    assert_eq!(
+        pass(),
+        ScrubReport {
+            checked: 1,
+            failed: 1
+        }
+    );
+    assert!(!f.node.db().has_chunk(&m.chunk_id(1)).unwrap());
+    assert!(f.node.db().has_chunk(&m.chunk_id(0)).unwrap());
+    assert!(f
+        .node
+        .paths()
+        .root()
+        .join("quarantine")
+        .join(m.chunk_id(1).to_hex())
+        .exists());
+    f.get_fails(&id, Kind::NotFound);
+}

@@ -244,13 +244,6 @@ fn copy_range(src: &fs::File, dst: &fs::File, len: u64) -> std::io::Result<bool>
     Ok(true)
 }
 
-/// SHA-256 with aws-lc (SHA-NI where the CPU has it): the copy engine's
-/// hot path, measurably faster here than the `sha2` crate (docs/BENCHMARKS.md).
-fn sha256(data: &[u8]) -> Hash {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    Hash(d.as_ref().try_into().expect("SHA-256 is 32 bytes"))
-}
-
 /// Read the chunk file at `path` (in a repository: a regular file only) into
 /// `buf` and check it is chunk `id` of `size` bytes (`size` 0: any size).
 /// Errors name the file.
@@ -316,7 +309,7 @@ fn open_verified(
         .take(MAX_CHUNK_BYTES as u64 + 1)
         .read_to_end(buf)
         .ctx(format!("reading chunk {}", path.display()))?;
-    let actual = sha256(buf);
+    let actual = Hash::of(buf);
     if actual != *id {
         return Err(Error::integrity(format!(
             "chunk {} in {src_label} fails its hash (its SHA-256 is {actual}): it is damaged",
@@ -324,15 +317,4 @@ fn open_verified(
         )));
     }
     Ok(f)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn aws_lc_sha256_matches_the_crate_hash() {
-        for n in [0usize, 1, 63, 64, 65, 1 << 20] {
-            let data: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
-            assert_eq!(super::sha256(&data), crate::crypto::Hash::of(&data));
-        }
-    }
 }

@@ -82,7 +82,7 @@ pub(super) fn fill_from_local(
             continue;
         }
         match node.chunks.write(id, &data) {
-            Ok(()) => batch.push((*id, data.len() as u64)),
+            Ok(_) => batch.push((*id, data.len() as u64)),
             Err(e) if e.kind() == Kind::Integrity => {
                 tracing::warn!(chunk = %id, "{} holds a damaged copy; fetching it from the peer", src.describe());
             }
@@ -462,7 +462,7 @@ impl Group<'_> {
             .await
             .unwrap_or_else(|e| Err(Error::io(format!("chunk writer failed: {e}"))));
         match write {
-            Ok(()) => {
+            Ok(_) => {
                 self.out.bytes += len;
                 t.update(|p| p.bytes_done += len);
                 self.node.metrics.chunk_received(who, len);

@@ -427,7 +427,7 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
             }
         }
     }
-    match node.read_chunk(id) {
+    match node.read_chunk_to_send(id) {
         Ok(data) => ChunkData {
             chunk_id: id.to_hex(),
             data: data.into(),

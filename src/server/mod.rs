@@ -17,6 +17,7 @@ pub(crate) mod federation;
 mod grpc_metrics;
 mod limits;
 mod request_log;
+mod scrub;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -241,6 +242,7 @@ pub async fn start(node: Node, opts: ServeOptions) -> Result<RunningNode> {
         chunk_budget: limits::ChunkBudget::new(&node.config.limits),
     });
     spawn_head_poller(node.clone(), head_tx, shutdown_rx.clone());
+    scrub::spawn(node.clone(), shutdown_rx.clone());
 
     let (conn_tx, conn_rx) = mpsc::channel(64);
     let tls = crate::tls::server_config(&identity)?;

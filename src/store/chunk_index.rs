@@ -48,8 +48,14 @@ impl Db {
 
     /// Forget a chunk (it failed its hash and was quarantined).
     pub(crate) fn forget_chunk(&self, id: &ChunkId) -> Result<()> {
-        self.w()
-            .execute("DELETE FROM chunks WHERE chunk_id = ?1", [id.to_hex()])?;
+        let mut c = self.w();
+        let tx = c.transaction()?;
+        tx.execute("DELETE FROM chunks WHERE chunk_id = ?1", [id.to_hex()])?;
+        tx.execute(
+            "DELETE FROM chunk_checks WHERE chunk_id = ?1",
+            [id.to_hex()],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 

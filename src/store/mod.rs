@@ -16,9 +16,11 @@
 //! The files: `schema.rs` (the tables and the version check), `manifests.rs`
 //! (manifests, envelopes, the seq counter, listing by cursor), `peers.rs`
 //! (the peer list and invites), `links.rs` (link keys, format 2), `chunk_index.rs` (which chunks are present),
+//! `chunk_checks.rs` (when each chunk file last hashed right),
 //! `facts.rs` (what a database says about itself: stats, facts, integrity)
 //! and `rekey.rs` (a copy's items re-wrapped for a new identity).
 
+mod chunk_checks;
 mod chunk_index;
 mod facts;
 mod links;
@@ -141,6 +143,9 @@ impl Db {
     fn open_with(path: &Path, access: Access) -> Result<Db> {
         let mut writer = connect(path, access)?;
         schema::check(&mut writer, path, access != Access::ReadOnly)?;
+        if access == Access::Node {
+            writer.execute_batch(schema::CHUNK_CHECKS)?;
+        }
         let reader = connect(path, access)?;
         Ok(Db {
             writer: Mutex::new(writer),

@@ -72,6 +72,20 @@ CREATE TABLE IF NOT EXISTS link_keys(
     PRIMARY KEY (sender, recipient, generation));
 "#;
 
+/// A cache of hash checks (FORMAT.md §4 "chunk_checks"), created by every
+/// open of a node's own database: its rows are never needed, so a database
+/// without it (older, or a copy) is read as one whose chunks are all unchecked.
+pub(super) const CHUNK_CHECKS: &str = r#"
+CREATE TABLE IF NOT EXISTS chunk_checks(
+    chunk_id TEXT PRIMARY KEY,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    checked_at_ms INTEGER NOT NULL);
+"#;
+
 pub const SCHEMA_VERSION: &str = "2";
 /// The version before link keys, which a writable open migrates in place.
 const FORMAT_1: &str = "1";
@@ -80,6 +94,7 @@ const FORMAT_1: &str = "1";
 pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
     c.execute_batch(SCHEMA)?;
     c.execute_batch(LINK_KEYS)?;
+    c.execute_batch(CHUNK_CHECKS)?;
     c.execute(
         "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?1), ('node_id', ?2)",
         params![SCHEMA_VERSION, node_id.to_hex()],

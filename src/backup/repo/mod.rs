@@ -35,7 +35,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use super::{fsync_dir, write_atomic, FileLock};
 use crate::crypto::{ChunkId, Hash};
@@ -380,7 +379,7 @@ pub(crate) fn read_snapshot_file(path: &Path) -> Result<Vec<u8>> {
 pub(crate) fn hash_file(path: &Path) -> Result<(Hash, u64)> {
     use std::io::Read;
     let mut f = open_snapshot_file(path)?;
-    let mut h = Sha256::new();
+    let mut h = crate::crypto::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -393,7 +392,7 @@ pub(crate) fn hash_file(path: &Path) -> Result<(Hash, u64)> {
         h.update(&buf[..k]);
         n += k as u64;
     }
-    Ok((Hash(h.finalize().into()), n))
+    Ok((h.finish(), n))
 }
 
 pub(super) fn file_entry(dir: &Path, name: &str) -> Result<FileEntry> {

@@ -5,8 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
-
 use super::super::copy;
 use super::super::fsync_file;
 use super::{chunk_list, hash_file, FileEntry, Repo, SnapshotMeta, DB_FILE, SNAPSHOT_FILE};
@@ -291,7 +289,7 @@ pub(crate) fn copy_file_verified(src: &Path, dst: &Path, expect: &FileEntry) -> 
         .create_new(true)
         .open(dst)
         .ctx(format!("creating {}", dst.display()))?;
-    let mut h = Sha256::new();
+    let mut h = crate::crypto::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
     loop {
@@ -305,7 +303,7 @@ pub(crate) fn copy_file_verified(src: &Path, dst: &Path, expect: &FileEntry) -> 
         n += k as u64;
     }
     out.sync_all().ctx(format!("syncing {}", dst.display()))?;
-    let got = Hash(h.finalize().into()).to_hex();
+    let got = h.finish().to_hex();
     if got != expect.sha256 || n != expect.size {
         return Err(Error::integrity(format!(
             "{} changed while it was copied (SHA-256 {got})",
