@@ -105,6 +105,7 @@ async fn get_all(
             .get_manifests(GetManifestsRequest {
                 content_ids: batch.to_vec(),
                 envelope_format: bitsync::keyring::ENVELOPE_FORMAT,
+                caller_kem_key: None,
             })
             .await
             .unwrap()

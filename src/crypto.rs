@@ -34,6 +34,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
+pub mod kem;
 pub mod link;
 
 /// A SHA-256 digest. Shown and parsed as 64 lowercase hex characters.

@@ -57,6 +57,39 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     result
 }
 
+/// [`write_atomic`], unless `path` exists: then nothing is written and the
+/// result is `false`. The temp file is hard-linked into place (which, unlike
+/// rename, never replaces), so of two processes creating the same file at
+/// once exactly one wins and both then read the winner's.
+pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = temp_sibling(path, "new");
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .ctx(format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .ctx(format!("writing {}", tmp.display()))?;
+        f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => sync_dir(dir).map(|_| true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::from_io(
+                e,
+                format!("linking {} into place", path.display()),
+            )),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
 /// A hidden name beside `path` for building it: `.<name>.<tag>-<pid>`.
 pub(crate) fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path

@@ -28,6 +28,9 @@ use zeroize::Zeroizing;
 use crate::crypto::{self, ItemKey, NodeId};
 use crate::error::{Error, IoContext, Result};
 
+mod kem;
+pub use kem::KemKey;
+
 const SEALED_LABEL: &str = "BITSYNC SEALED KEY";
 const KEY_LABEL: &str = "PRIVATE KEY";
 

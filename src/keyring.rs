@@ -8,14 +8,14 @@
 //! RSA work is once per peer: making `L(self→P)` (a wrap and a signature),
 //! and unwrapping a received link envelope.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rsa::RsaPublicKey;
 
 use crate::crypto::link::{self, LinkEnvelope, LinkId, LinkKey};
 use crate::crypto::{ContentId, ItemKey, NodeId};
 use crate::error::{Error, Result};
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, KemKey};
 use crate::store::Db;
 
 /// How many own envelopes one migration transaction re-wraps (FORMAT.md §4.6).
@@ -25,6 +25,8 @@ pub struct Keyring {
     me: NodeId,
     own: LinkKey,
     own_generation: u32,
+    /// This node's ML-KEM-768 key: the other half of a hybrid link envelope.
+    kem: Arc<KemKey>,
     /// Held while a link key is made, so concurrent re-keys of one batch
     /// make one link key per peer, not one per thread.
     making: Mutex<()>,
@@ -36,10 +38,33 @@ impl std::fmt::Debug for Keyring {
     }
 }
 
+/// The link key a verified link envelope for this node carries: the RSA
+/// unwrap of `S` and, for a hybrid `BLE3` envelope, the ML-KEM decapsulation
+/// of `ss` (FORMAT.md §4.2b).
+fn open_link(identity: &Identity, kem: &KemKey, e: &LinkEnvelope) -> Result<LinkKey> {
+    let secret = identity.unwrap_secret(e.wrapped_secret())?;
+    let ss = e
+        .kem_ciphertext()
+        .map(|ct| kem.decapsulate(ct))
+        .transpose()?;
+    e.key(&secret, ss.as_ref().map(|s| s.as_slice()))
+}
+
+/// Whether a stored link envelope is the hybrid `BLE3`.
+fn is_hybrid(envelope: &[u8]) -> bool {
+    envelope.starts_with(b"BLE3")
+}
+
 impl Keyring {
     /// Load `L(self→self)` (making generation 1 if the database has none:
-    /// a new or just-migrated data dir), with one RSA unwrap.
-    pub(crate) fn open(identity: &Identity, db: &Db) -> Result<Keyring> {
+    /// a new or just-migrated data dir), with one RSA unwrap. `kem` is the
+    /// node's ML-KEM-768 key, which opens the hybrid link envelopes peers make.
+    ///
+    /// `L(self→self)` itself stays a `BLE2` envelope: it never leaves the
+    /// node (GetLinkEnvelopes hands out only `L(self→caller)`), and a
+    /// database copied with a new identity (restore, clone-instance) opens
+    /// it with the old RSA key alone (docs/DESIGN.md §2.1).
+    pub(crate) fn open(identity: &Identity, kem: Arc<KemKey>, db: &Db) -> Result<Keyring> {
         let me = identity.id();
         let row = match db.current_link(&me, &me)? {
             Some(row) => row,
@@ -50,7 +75,7 @@ impl Keyring {
                     generation: db.next_link_generation()?,
                 };
                 let (_, envelope) =
-                    link::make_link(id, identity.public(), |m| identity.sign_pss(m));
+                    link::make_link(id, identity.public(), None, |m| identity.sign_pss(m))?;
                 db.insert_link(&id, &envelope, None)?;
                 db.current_link(&me, &me)?
                     .ok_or_else(|| Error::io("own link key vanished after it was stored"))?
@@ -58,13 +83,13 @@ impl Keyring {
         };
         let parsed = LinkEnvelope::parse(&row.envelope)?;
         parsed.verify(identity.spki())?;
-        let secret = identity
-            .unwrap_secret(parsed.wrapped_secret())
+        let own = open_link(identity, &kem, &parsed)
             .map_err(|e| e.context("this node's own link key"))?;
         Ok(Keyring {
             me,
-            own: parsed.key(&secret)?,
+            own,
             own_generation: row.generation,
+            kem,
             making: Mutex::new(()),
         })
     }
@@ -92,7 +117,11 @@ impl Keyring {
     }
 
     /// The current `L(self→recipient)`, made (and stored) if there is none,
-    /// or a new generation when `rotate`.
+    /// or a new generation when `rotate`, or when the recipient's ML-KEM key
+    /// is pinned and the current one is still `BLE2` (the upgrade to
+    /// hybrid, PROTOCOL.md §4.4b). A new generation replaces the older ones:
+    /// they and the envelopes stored for the recipient go in the same step,
+    /// under the lock, so no envelope under a dropped generation is kept.
     fn link_to(
         &self,
         identity: &Identity,
@@ -104,36 +133,44 @@ impl Keyring {
         if *recipient == self.me {
             return Ok((self.own_id(), self.own.clone()));
         }
-        let current = |db: &Db| -> Result<Option<(LinkId, LinkKey)>> {
+        // The pinned key, and the current link if it can stay.
+        let usable = |db: &Db| -> Result<(Option<Vec<u8>>, Option<(LinkId, LinkKey)>, bool)> {
+            let kem = db.peer_kem_key(recipient)?;
             let Some(row) = db.current_link(&self.me, recipient)? else {
-                return Ok(None);
+                return Ok((kem, None, false));
             };
+            if rotate || (kem.is_some() && !is_hybrid(&row.envelope)) {
+                return Ok((kem, None, true));
+            }
             let id = LinkId {
                 sender: self.me,
                 recipient: *recipient,
                 generation: row.generation,
             };
-            Ok(self.stored(db, &id)?.map(|k| (id, k)))
+            Ok((kem, self.stored(db, &id)?.map(|k| (id, k)), true))
         };
         if !rotate {
-            if let Some(found) = current(db)? {
+            if let (_, Some(found), _) = usable(db)? {
                 return Ok(found);
             }
         }
         let _making = self.making.lock().unwrap_or_else(|p| p.into_inner());
-        if !rotate {
-            if let Some(found) = current(db)? {
-                return Ok(found);
-            }
+        let (kem, found, replaces) = usable(db)?;
+        if let Some(found) = found {
+            return Ok(found);
         }
         let id = LinkId {
             sender: self.me,
             recipient: *recipient,
             generation: db.next_link_generation()?,
         };
-        let (key, envelope) = link::make_link(id, public, |m| identity.sign_pss(m));
+        let (key, envelope) =
+            link::make_link(id, public, kem.as_deref(), |m| identity.sign_pss(m))?;
         db.insert_link(&id, &envelope, Some(&link::seal_link(&self.own, &id, &key)))?;
-        tracing::info!(peer = %recipient.short(), generation = id.generation, "made a link key");
+        if replaces {
+            db.drop_links(&self.me, recipient, id.generation)?;
+        }
+        tracing::info!(peer = %recipient.short(), generation = id.generation, hybrid = kem.is_some(), "made a link key");
         Ok((id, key))
     }
 
@@ -238,13 +275,12 @@ impl Keyring {
                 continue;
             }
             e.verify(sender_spki)?;
-            let secret = identity.unwrap_secret(e.wrapped_secret()).map_err(|_| {
+            let key = open_link(identity, &self.kem, &e).map_err(|_| {
                 Error::integrity(format!(
-                    "link envelope from {} does not unwrap with this node's key",
+                    "link envelope from {} does not unwrap with this node's keys",
                     sender.short()
                 ))
             })?;
-            let key = e.key(&secret)?;
             let sealed = link::seal_link(&self.own, &e.id, &key);
             new += db.insert_link(&e.id, bytes, Some(&sealed))? as usize;
         }
@@ -268,8 +304,29 @@ impl Keyring {
         }
         let public = identity::public_key_from_spki(spki)?;
         let (id, _) = self.link_to(identity, db, peer, &public, true)?;
-        db.drop_links(&self.me, peer, id.generation)?;
         Ok(id.generation)
+    }
+
+    /// After a peer's ML-KEM key is pinned: its current link key, made
+    /// hybrid if it was `BLE2` (a new generation, as `rotate` makes).
+    /// Returns the generation in use.
+    pub(crate) fn ensure_link(
+        &self,
+        identity: &Identity,
+        db: &Db,
+        peer: &NodeId,
+        spki: &[u8],
+    ) -> Result<u32> {
+        let public = identity::public_key_from_spki(spki)?;
+        Ok(self
+            .link_to(identity, db, peer, &public, false)?
+            .0
+            .generation)
+    }
+
+    /// The node's ML-KEM-768 key.
+    pub(crate) fn kem(&self) -> &KemKey {
+        &self.kem
     }
 
     /// FORMAT.md §4.6 steps 3–4: re-wrap own RSA envelopes under

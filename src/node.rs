@@ -3,6 +3,7 @@
 //! ```text
 //! <data-dir>/config.toml   settings (commented defaults written by init)
 //!            node.key      RSA-3072 private key, PKCS#8 PEM or sealed (0600)
+//!            node.mlkem    ML-KEM-768 key, PEM or sealed like node.key (0600)
 //!            bitsync.db    SQLite database (+ -wal, -shm)
 //!            chunks/       encrypted chunks by id, chunks/tmp/ for writes in progress
 //!            quarantine/   chunks that failed their hash
@@ -25,7 +26,7 @@ use crate::chunks::ChunkDir;
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::crypto::{ContentId, ItemKey, NodeId};
 use crate::error::{Error, IoContext, Kind, Result};
-use crate::identity::Identity;
+use crate::identity::{Identity, KemKey};
 use crate::keyring::Keyring;
 use crate::metrics::Metrics;
 use crate::store::Db;
@@ -51,6 +52,10 @@ impl Paths {
     }
     pub fn key(&self) -> PathBuf {
         self.root.join("node.key")
+    }
+    /// The ML-KEM-768 key (FORMAT.md §1.4), beside `node.key`.
+    pub fn kem_key(&self) -> PathBuf {
+        self.root.join("node.mlkem")
     }
     pub fn db(&self) -> PathBuf {
         self.root.join("bitsync.db")
@@ -156,6 +161,7 @@ fn redoable(name: &std::ffi::OsStr) -> bool {
         Some(
             "config.toml"
                 | "node.key"
+                | "node.mlkem"
                 | "chunks"
                 | "quarantine"
                 | ".bitsync.db.init"
@@ -168,14 +174,18 @@ fn redoable(name: &std::ffi::OsStr) -> bool {
 
 /// A temp file of [`crate::durable::write_atomic`] for the key or the config.
 fn is_stale_temp(name: &std::ffi::OsStr) -> bool {
-    name.to_str()
-        .is_some_and(|n| n.starts_with(".node.key.tmp-") || n.starts_with(".config.toml.tmp-"))
+    name.to_str().is_some_and(|n| {
+        n.starts_with(".node.key.tmp-")
+            || n.starts_with(".node.mlkem.new-")
+            || n.starts_with(".config.toml.tmp-")
+    })
 }
 
 fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<()> {
     fs::set_permissions(&paths.root, fs::Permissions::from_mode(0o700))
         .ctx(format!("setting mode 0700 on {}", paths.root.display()))?;
     identity.save(&paths.key(), passphrase)?;
+    KemKey::generate()?.save(&paths.kem_key(), passphrase)?;
     crate::durable::write_atomic(&paths.config(), DEFAULT_CONFIG.as_bytes(), 0o600)?;
     for d in [paths.chunks(), paths.quarantine()] {
         fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
@@ -200,8 +210,11 @@ pub struct Node {
     pub(crate) chunks: ChunkDir,
     /// What this node has done since it was opened, for the metrics listener.
     pub(crate) metrics: std::sync::Arc<Metrics>,
-    /// Link keys (format 2): `L(self→self)` in memory, the rest via `db`.
+    /// Link keys (format 2): `L(self→self)` in memory, the rest via `db`;
+    /// and the node's ML-KEM-768 key.
     pub(crate) keyring: Keyring,
+    /// The encapsulation key with this node's signature, made on first use.
+    signed_kem_key: std::sync::OnceLock<crate::proto::SignedKemKey>,
 }
 
 impl std::fmt::Debug for Node {
@@ -239,7 +252,9 @@ impl Node {
         }
         warn_if_writable_by_others(&paths);
         let config = Config::load(&paths.config())?;
-        let identity = std::sync::Arc::new(Identity::load(&paths.key(), passphrase)?);
+        let ask = ask_once(passphrase);
+        let identity = std::sync::Arc::new(Identity::load(&paths.key(), &ask)?);
+        let kem = std::sync::Arc::new(load_or_make_kem(&paths, &ask)?);
         let db = Db::open(&paths.db())?;
         let stored = db.setting("node_id")?.unwrap_or_default();
         if stored != identity.id().to_hex() {
@@ -252,7 +267,7 @@ impl Node {
             )));
         }
         let chunks = ChunkDir::open(&paths.chunks(), &paths.quarantine())?;
-        let keyring = Keyring::open(&identity, &db)?;
+        let keyring = Keyring::open(&identity, kem, &db)?;
         keyring.migrate_own(&identity, &db)?;
         Ok(Node {
             paths,
@@ -262,7 +277,67 @@ impl Node {
             chunks,
             metrics: Default::default(),
             keyring,
+            signed_kem_key: Default::default(),
         })
+    }
+
+    /// This node's ML-KEM-768 encapsulation key, signed by its node key, as
+    /// Hello and GetManifests carry it (PROTOCOL.md §4.4b).
+    pub fn signed_kem_key(&self) -> crate::proto::SignedKemKey {
+        self.signed_kem_key
+            .get_or_init(|| {
+                let kem = self.keyring.kem();
+                crate::proto::SignedKemKey {
+                    encapsulation_key: kem.encapsulation_key().to_vec(),
+                    signature: self.identity.sign_kem_key(kem),
+                }
+            })
+            .clone()
+    }
+
+    /// Check and pin the ML-KEM key `peer` (public key `spki`) presented;
+    /// once pinned, its link key is made hybrid (a new `BLE3` generation
+    /// replaces a `BLE2` one). A bad key or signature is `Integrity`;
+    /// [`KemPin::Differs`] is for the caller to refuse.
+    ///
+    /// [`KemPin::Differs`]: crate::store::KemPin::Differs
+    pub fn pin_kem_key(
+        &self,
+        peer: &NodeId,
+        spki: &[u8],
+        offered: &crate::proto::SignedKemKey,
+    ) -> Result<crate::store::KemPin> {
+        use crate::store::KemPin;
+        let public = crate::identity::public_key_from_spki(spki)?;
+        if crate::identity::node_id_of(spki) != *peer {
+            return Err(Error::integrity(
+                "the key checked is not the peer's node key",
+            ));
+        }
+        crate::crypto::kem::verify_key(
+            peer,
+            &public,
+            &offered.encapsulation_key,
+            &offered.signature,
+        )?;
+        let pin = self.db.pin_peer_kem_key(peer, &offered.encapsulation_key)?;
+        match pin {
+            KemPin::New | KemPin::Same => {
+                if pin == KemPin::New {
+                    tracing::info!(peer = %peer.short(), "pinned the peer's ML-KEM-768 key");
+                }
+                if self.db.is_trusted(peer)? {
+                    self.keyring
+                        .ensure_link(&self.identity, &self.db, peer, spki)?;
+                }
+            }
+            KemPin::Differs => tracing::warn!(
+                peer = %peer.short(),
+                "refused an ML-KEM-768 key that differs from the one pinned for the peer"
+            ),
+            KemPin::UnknownPeer => {}
+        }
+        Ok(pin)
     }
 
     /// The envelope of an item key for this node itself (FORMAT.md §4.3).
@@ -394,6 +469,49 @@ impl Node {
             self.config.name.clone()
         }
     }
+}
+
+/// `passphrase`, asked at most once however many sealed files are opened.
+fn ask_once(
+    passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+) -> impl Fn() -> Result<Zeroizing<String>> + '_ {
+    let asked = std::cell::RefCell::new(None::<Zeroizing<String>>);
+    move || {
+        if let Some(p) = asked.borrow().as_ref() {
+            return Ok(p.clone());
+        }
+        let p = passphrase()?;
+        *asked.borrow_mut() = Some(p.clone());
+        Ok(p)
+    }
+}
+
+/// `node.mlkem`, made on the first open of a data dir older than it (sealed
+/// exactly when `node.key` is, under the same passphrase). Made with
+/// [`crate::durable::write_new`], so two processes opening one data dir at
+/// once end up with the same key.
+fn load_or_make_kem(
+    paths: &Paths,
+    passphrase: &dyn Fn() -> Result<Zeroizing<String>>,
+) -> Result<KemKey> {
+    let path = paths.kem_key();
+    if !path.exists() {
+        let key_text = Zeroizing::new(
+            fs::read_to_string(paths.key())
+                .ctx(format!("reading node key {}", paths.key().display()))?,
+        );
+        let pass = match crate::identity::is_sealed_pem(&key_text) {
+            true => Some(passphrase()?),
+            false => None,
+        };
+        let new = KemKey::generate()?;
+        let bytes = new.file_bytes(pass.as_ref().map(|p| p.as_str()));
+        if crate::durable::write_new(&path, &bytes, 0o600)? {
+            tracing::info!(path = %path.display(), "made this node's ML-KEM-768 key");
+            return Ok(new);
+        }
+    }
+    KemKey::load(&path, passphrase)
 }
 
 /// A passphrase source for nodes whose key is not sealed: asking is a bug.

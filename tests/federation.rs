@@ -160,6 +160,7 @@ async fn get_manifests(fed: &mut Client, content_ids: Vec<String>) -> GetManifes
     fed.get_manifests(GetManifestsRequest {
         content_ids,
         envelope_format: ENVELOPE_FORMAT,
+        caller_kem_key: None,
     })
     .await
     .unwrap()
@@ -450,6 +451,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
     let req = || GetManifestsRequest {
         content_ids: ids.clone(),
         envelope_format: ENVELOPE_FORMAT,
+        caller_kem_key: None,
     };
     let (ra1, ra2, rb) = within(60, "concurrent GetManifests", async {
         let (mut x, mut y, mut z) = (fa1.clone(), fa2.clone(), fb.clone());
@@ -773,6 +775,7 @@ async fn untrusted_and_revoked_callers_are_denied() {
                 fed.get_manifests(GetManifestsRequest {
                     content_ids: vec![item.to_hex()],
                     envelope_format: ENVELOPE_FORMAT,
+                    caller_kem_key: None,
                 })
                 .await
             ),
@@ -1191,6 +1194,7 @@ async fn limits_are_resource_exhausted() {
         .get_manifests(GetManifestsRequest {
             content_ids: ids(1001),
             envelope_format: ENVELOPE_FORMAT,
+            caller_kem_key: None,
         })
         .await
         .unwrap_err();
@@ -1400,6 +1404,7 @@ async fn a_huge_id_is_not_echoed_whole_in_errors() {
         .get_manifests(GetManifestsRequest {
             content_ids: vec![huge.clone()],
             envelope_format: ENVELOPE_FORMAT,
+            caller_kem_key: None,
         })
         .await;
     let text = match r {

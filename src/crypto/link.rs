@@ -1,7 +1,13 @@
 //! Format 2 key hierarchy (docs/FORMAT.md §4.2–4.4): per-pair link keys,
-//! sent once inside an RSA-wrapped, signed link envelope, and per-item
-//! envelopes that are AES-256-GCM under a link key. The asymmetric work is
-//! once per pair of nodes; per item only symmetric work remains.
+//! sent once inside a signed link envelope, and per-item envelopes that are
+//! AES-256-GCM under a link key. The asymmetric work is once per pair of
+//! nodes; per item only symmetric work remains.
+//!
+//! A link envelope is `BLE2` (the secret RSA-OAEP-wrapped) or, when the
+//! recipient's ML-KEM-768 key is known, the hybrid `BLE3` (§4.2b): the RSA
+//! wrap and an ML-KEM ciphertext, the link key derived from both secrets,
+//! so breaking RSA alone (a recorded envelope and a future quantum
+//! computer) or ML-KEM alone reveals nothing.
 //!
 //! Like the rest of this room, only public-key operations are here: the
 //! caller signs and unwraps with its [`Identity`](crate::identity::Identity).
@@ -14,14 +20,19 @@ use rsa::RsaPublicKey;
 use zeroize::Zeroizing;
 
 use super::{
-    gcm_key, gcm_open, gcm_seal, verify_pss, wrap_secret, ContentId, Hash, ItemKey, NodeId,
+    gcm_key, gcm_open, gcm_seal, kem, verify_pss, wrap_secret, ContentId, Hash, ItemKey, NodeId,
 };
 use crate::error::{Error, Result};
 
 const LINK_MAGIC: &[u8; 4] = b"BLE2";
+/// The hybrid link envelope (RSA-OAEP and ML-KEM-768), FORMAT.md §4.2b.
+const HYBRID_MAGIC: &[u8; 4] = b"BLE3";
 const ITEM_MAGIC: &[u8; 4] = b"BIE2";
-/// Domain of the link signature and the HKDF salt.
+/// Domain of the `BLE2` link signature and its HKDF salt.
 const LINK_DOMAIN: &[u8] = b"bitsync-link-v2";
+/// Domain of the `BLE3` signature and its HKDF salt: a distinct label, so a
+/// `BLE2` and a `BLE3` key never coincide even for equal inputs.
+const HYBRID_DOMAIN: &[u8] = b"bitsync-link-v3";
 const ITEM_AAD: &[u8] = b"bitsync-item-envelope-v2\0";
 const SEAL_AAD: &[u8] = b"bitsync-link-seal-v2\0";
 /// An item envelope's length: magic, sender, generation, nonce, key, tag.
@@ -59,13 +70,14 @@ impl fmt::Debug for LinkKey {
 }
 
 impl LinkKey {
-    /// HKDF-SHA256(salt "bitsync-link-v2", IKM = the transported secret, info = the link id).
-    fn derive(id: &LinkId, secret: &[u8]) -> LinkKey {
+    /// HKDF-SHA256(salt = the version's domain, IKM = the transported
+    /// secret(s), info = the link id): IKM is `S` for `BLE2`, `S || ss` for `BLE3`.
+    fn derive(id: &LinkId, domain: &[u8], ikm: &[u8]) -> LinkKey {
         let info = id.bytes();
         let info_parts: [&[u8]; 1] = [&info];
         let mut out = Zeroizing::new([0u8; 32]);
-        Salt::new(HKDF_SHA256, LINK_DOMAIN)
-            .extract(secret)
+        Salt::new(HKDF_SHA256, domain)
+            .extract(ikm)
             .expand(&info_parts, HKDF_SHA256)
             .and_then(|okm| okm.fill(out.as_mut()))
             .expect("HKDF-SHA256 yields 32 bytes");
@@ -77,38 +89,62 @@ impl LinkKey {
 pub struct LinkEnvelope {
     pub id: LinkId,
     wrapped: Vec<u8>,
+    /// The ML-KEM-768 ciphertext of a hybrid (`BLE3`) envelope.
+    kem_ciphertext: Option<Vec<u8>>,
     /// Every byte before `sig_len`: what the signature covers, after the domain.
     signed: Vec<u8>,
     signature: Vec<u8>,
 }
 
-fn link_message(signed: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(LINK_DOMAIN.len() + 1 + signed.len());
-    m.extend_from_slice(LINK_DOMAIN);
+fn link_message(domain: &[u8], signed: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(domain.len() + 1 + signed.len());
+    m.extend_from_slice(domain);
     m.push(0);
     m.extend_from_slice(signed);
     m
 }
 
+/// `S || ss`, the hybrid IKM.
+fn hybrid_ikm(secret: &[u8], kem_secret: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut ikm = Zeroizing::new(Vec::with_capacity(secret.len() + kem_secret.len()));
+    ikm.extend_from_slice(secret);
+    ikm.extend_from_slice(kem_secret);
+    ikm
+}
+
 /// Make `L(id)` and its link envelope to `recipient`, signed with `sign`
-/// (the sender's RSA-PSS over the message it is given).
+/// (the sender's RSA-PSS over the message it is given): hybrid `BLE3` when
+/// the recipient's ML-KEM-768 encapsulation key `kem_key` is known, else `BLE2`.
 pub fn make_link(
     id: LinkId,
     recipient: &RsaPublicKey,
+    kem_key: Option<&[u8]>,
     sign: impl FnOnce(&[u8]) -> Vec<u8>,
-) -> (LinkKey, Vec<u8>) {
+) -> Result<(LinkKey, Vec<u8>)> {
     let mut secret = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(secret.as_mut());
     let wrapped = wrap_secret(recipient, secret.as_ref());
-    let mut out = Vec::with_capacity(80 + 2 * wrapped.len());
-    out.extend_from_slice(LINK_MAGIC);
+    let kem = kem_key.map(kem::encapsulate).transpose()?;
+    let (magic, domain) = match kem {
+        Some(_) => (HYBRID_MAGIC, HYBRID_DOMAIN),
+        None => (LINK_MAGIC, LINK_DOMAIN),
+    };
+    let mut out = Vec::with_capacity(80 + 2 * wrapped.len() + kem::CIPHERTEXT_LEN);
+    out.extend_from_slice(magic);
     out.extend_from_slice(&id.bytes());
     out.extend_from_slice(&(wrapped.len() as u16).to_be_bytes());
     out.extend_from_slice(&wrapped);
-    let signature = sign(&link_message(&out));
+    if let Some((ct, _)) = &kem {
+        out.extend_from_slice(ct);
+    }
+    let signature = sign(&link_message(domain, &out));
     out.extend_from_slice(&(signature.len() as u16).to_be_bytes());
     out.extend_from_slice(&signature);
-    (LinkKey::derive(&id, secret.as_ref()), out)
+    let key = match &kem {
+        Some((_, ss)) => LinkKey::derive(&id, domain, &hybrid_ikm(secret.as_ref(), ss.as_ref())),
+        None => LinkKey::derive(&id, domain, secret.as_ref()),
+    };
+    Ok((key, out))
 }
 
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
@@ -133,13 +169,23 @@ fn take_u16_field<'a>(b: &mut &'a [u8], what: &str) -> Result<&'a [u8]> {
 impl LinkEnvelope {
     pub fn parse(bytes: &[u8]) -> Result<LinkEnvelope> {
         let mut b = bytes;
-        if take(&mut b, 4)? != LINK_MAGIC {
-            return Err(Error::integrity("not a link envelope (magic is not BLE2)"));
-        }
+        let hybrid = match take(&mut b, 4)? {
+            m if m == LINK_MAGIC => false,
+            m if m == HYBRID_MAGIC => true,
+            _ => {
+                return Err(Error::integrity(
+                    "not a link envelope (magic is neither BLE2 nor BLE3)",
+                ))
+            }
+        };
         let sender = Hash::from_slice(take(&mut b, 32)?)?;
         let recipient = Hash::from_slice(take(&mut b, 32)?)?;
         let generation = u32::from_be_bytes(take(&mut b, 4)?.try_into().expect("4 bytes"));
         let wrapped = take_u16_field(&mut b, "wrapped secret")?.to_vec();
+        let kem_ciphertext = match hybrid {
+            true => Some(take(&mut b, kem::CIPHERTEXT_LEN)?.to_vec()),
+            false => None,
+        };
         let signed = bytes[..bytes.len() - b.len()].to_vec();
         let signature = take_u16_field(&mut b, "signature")?.to_vec();
         if !b.is_empty() || generation == 0 {
@@ -154,9 +200,22 @@ impl LinkEnvelope {
                 generation,
             },
             wrapped,
+            kem_ciphertext,
             signed,
             signature,
         })
+    }
+
+    /// Whether this is a hybrid (`BLE3`) envelope.
+    pub fn is_hybrid(&self) -> bool {
+        self.kem_ciphertext.is_some()
+    }
+
+    fn domain(&self) -> &'static [u8] {
+        match self.is_hybrid() {
+            true => HYBRID_DOMAIN,
+            false => LINK_DOMAIN,
+        }
     }
 
     /// Check the sender's signature; `sender_spki` must be the key the sender id names.
@@ -169,7 +228,11 @@ impl LinkEnvelope {
         let public =
             <RsaPublicKey as rsa::pkcs8::DecodePublicKey>::from_public_key_der(sender_spki)
                 .map_err(|_| Error::integrity("link envelope's sender key is not an RSA key"))?;
-        if !verify_pss(&public, &link_message(&self.signed), &self.signature) {
+        if !verify_pss(
+            &public,
+            &link_message(self.domain(), &self.signed),
+            &self.signature,
+        ) {
             return Err(Error::integrity(format!(
                 "link envelope from {} does not verify: it was altered or forged",
                 self.id.sender.short()
@@ -183,15 +246,33 @@ impl LinkEnvelope {
         &self.wrapped
     }
 
-    /// The link key from the secret [`Self::wrapped_secret`] opened to.
-    pub fn key(&self, secret: &[u8]) -> Result<LinkKey> {
+    /// The ML-KEM-768 ciphertext of a `BLE3` envelope, for the recipient's
+    /// decapsulation key to open.
+    pub fn kem_ciphertext(&self) -> Option<&[u8]> {
+        self.kem_ciphertext.as_deref()
+    }
+
+    /// The link key from the secret [`Self::wrapped_secret`] opened to and,
+    /// for a `BLE3` envelope, the shared secret [`Self::kem_ciphertext`]
+    /// decapsulated to (`None` for `BLE2`).
+    pub fn key(&self, secret: &[u8], kem_secret: Option<&[u8]>) -> Result<LinkKey> {
         if secret.len() != 32 {
             return Err(Error::integrity(format!(
                 "link envelope's secret has {} bytes, expected 32",
                 secret.len()
             )));
         }
-        Ok(LinkKey::derive(&self.id, secret))
+        match (self.is_hybrid(), kem_secret) {
+            (false, None) => Ok(LinkKey::derive(&self.id, LINK_DOMAIN, secret)),
+            (true, Some(ss)) if ss.len() == 32 => Ok(LinkKey::derive(
+                &self.id,
+                HYBRID_DOMAIN,
+                &hybrid_ikm(secret, ss),
+            )),
+            _ => Err(Error::integrity(
+                "link envelope's ML-KEM secret is missing, unexpected or not 32 bytes",
+            )),
+        }
     }
 }
 
@@ -319,7 +400,7 @@ mod tests {
 
     #[test]
     fn item_envelope_binds_content_recipient_and_generation() {
-        let l = LinkKey::derive(&id(1), &[7; 32]);
+        let l = LinkKey::derive(&id(1), LINK_DOMAIN, &[7; 32]);
         let cid = Hash::of(b"item");
         let k = ItemKey::random();
         let env = wrap_item(&l, &id(1), &cid, &k);
@@ -343,8 +424,8 @@ mod tests {
 
     #[test]
     fn sealed_link_key_round_trips_and_binds_its_id() {
-        let own = LinkKey::derive(&id(1), &[1; 32]);
-        let l = LinkKey::derive(&id(2), &[2; 32]);
+        let own = LinkKey::derive(&id(1), LINK_DOMAIN, &[1; 32]);
+        let l = LinkKey::derive(&id(2), LINK_DOMAIN, &[2; 32]);
         let s = seal_link(&own, &id(2), &l);
         assert_eq!(open_sealed_link(&own, &id(2), &s).unwrap().0, l.0);
         assert!(open_sealed_link(&own, &id(3), &s).is_err());

@@ -282,6 +282,7 @@ impl PeerSync<'_> {
                 .get_manifests(GetManifestsRequest {
                     content_ids: ids,
                     envelope_format: crate::keyring::ENVELOPE_FORMAT,
+                    caller_kem_key: Some(self.node().signed_kem_key()),
                 })
                 .await
             {

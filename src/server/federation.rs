@@ -5,7 +5,7 @@
 //! now (else PERMISSION_DENIED, logged with the refused id). Streams re-check
 //! trust before every message, so revoking a peer cuts its open streams too.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ const SHUTDOWN_SEND: Duration = Duration::from_secs(2);
 pub(crate) struct FederationService {
     state: Arc<ServerState>,
     keys_recorded: Mutex<HashSet<NodeId>>,
+    /// The ML-KEM key each caller last presented and passed its checks in
+    /// this process, so a repeat costs no signature check.
+    kem_checked: Mutex<HashMap<NodeId, Vec<u8>>>,
 }
 
 pub(crate) fn problem(e: &Error) -> Problem {
@@ -81,6 +84,7 @@ impl FederationService {
         FederationService {
             state,
             keys_recorded: Mutex::new(HashSet::new()),
+            kem_checked: Mutex::new(HashMap::new()),
         }
     }
 
@@ -124,6 +128,47 @@ impl FederationService {
         )))
     }
 
+    /// The caller's ML-KEM key, checked and pinned (PROTOCOL.md §4.4b)
+    /// before anything is re-keyed for it. A bad key or signature is
+    /// DATA_LOSS; a key other than the pinned one FAILED_PRECONDITION,
+    /// logged; no key at all is a caller not yet upgraded (BLE2 links).
+    async fn check_caller_kem(
+        &self,
+        caller: &NodeId,
+        spki: &[u8],
+        offered: Option<SignedKemKey>,
+    ) -> Result<(), Status> {
+        let Some(offered) = offered else {
+            return Ok(());
+        };
+        let seen = {
+            let seen = self.kem_checked.lock().unwrap_or_else(|p| p.into_inner());
+            seen.get(caller) == Some(&offered.encapsulation_key)
+        };
+        if seen {
+            return Ok(());
+        }
+        let (state, peer, key) = (self.state.clone(), *caller, spki.to_vec());
+        let ek = offered.encapsulation_key.clone();
+        let pin = blocking(move || state.node.pin_kem_key(&peer, &key, &offered)).await;
+        match pin {
+            Ok(crate::store::KemPin::Differs) => Err(Status::failed_precondition(format!(
+                "node {caller} presented an ML-KEM-768 key other than the one pinned for it here; \
+                 the operator of node {} must revoke and trust it again to accept a new key",
+                self.state.node.id()
+            ))),
+            Ok(_) => {
+                let mut seen = self.kem_checked.lock().unwrap_or_else(|p| p.into_inner());
+                seen.insert(*caller, ek);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(peer = %caller.short(), "refused the caller's ML-KEM key: {e}");
+                Err(e.into())
+            }
+        }
+    }
+
     fn stream_slot(&self, peer: NodeId) -> Result<StreamSlot, Status> {
         let max = self.state.node.config.limits.max_streams_per_peer;
         let mut s = self.state.streams.lock().unwrap_or_else(|p| p.into_inner());
@@ -157,6 +202,7 @@ impl Federation for FederationService {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            kem_key: Some(node.signed_kem_key()),
         }))
     }
 
@@ -223,6 +269,8 @@ impl Federation for FederationService {
         let (caller, spki) = self.trusted(&req)?;
         let req = req.into_inner();
         requests::check_envelope_format(req.envelope_format)?;
+        self.check_caller_kem(&caller, &spki, req.caller_kem_key)
+            .await?;
         let ids = req.content_ids;
         requests::check_manifest_batch(ids.len(), MAX_MANIFEST_BATCH)?;
         let state = self.state.clone();

@@ -33,6 +33,19 @@ impl PeerState {
     }
 }
 
+/// What pinning a peer's ML-KEM key found (PROTOCOL.md §4.4b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KemPin {
+    /// Nothing was pinned; now this key is.
+    New,
+    /// This very key is pinned.
+    Same,
+    /// Another key is pinned: the offered one is refused.
+    Differs,
+    /// The node is not in the peer list.
+    UnknownPeer,
+}
+
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub(crate) node_id: NodeId,
@@ -100,11 +113,12 @@ impl Db {
         Ok(n > 0)
     }
 
-    /// Revoke a peer: its state, and (PROTOCOL.md §6) every link key this
-    /// node made for it and every envelope stored for it.
+    /// Revoke a peer: its state, its pinned ML-KEM key (a peer trusted
+    /// again is pinned anew), and (PROTOCOL.md §6) every link key this node
+    /// made for it and every envelope stored for it.
     pub fn revoke_peer(&self, id: &NodeId) -> Result<Peer> {
         let n = self.w().execute(
-            "UPDATE peers SET state = 'revoked', mirror = 0 WHERE node_id = ?1",
+            "UPDATE peers SET state = 'revoked', mirror = 0, kem_key = NULL WHERE node_id = ?1",
             [id.to_hex()],
         )?;
         if n == 0 {
@@ -167,6 +181,44 @@ impl Db {
             params![id.to_hex(), spki],
         )?;
         Ok(())
+    }
+
+    /// The ML-KEM-768 encapsulation key pinned for a peer, if any.
+    pub(crate) fn peer_kem_key(&self, id: &NodeId) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .r()
+            .prepare_cached("SELECT kem_key FROM peers WHERE node_id = ?1")?
+            .query_row([id.to_hex()], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+
+    /// Pin `key` (already checked against the peer's signature) for a
+    /// known peer, unless one is pinned: then say whether it is the same.
+    pub(crate) fn pin_peer_kem_key(&self, id: &NodeId, key: &[u8]) -> Result<KemPin> {
+        let mut c = self.w();
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let pinned: Option<Option<Vec<u8>>> = tx
+            .query_row(
+                "SELECT kem_key FROM peers WHERE node_id = ?1",
+                [id.to_hex()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let pin = match pinned {
+            None => KemPin::UnknownPeer,
+            Some(Some(k)) if k == key => KemPin::Same,
+            Some(Some(_)) => KemPin::Differs,
+            Some(None) => {
+                tx.execute(
+                    "UPDATE peers SET kem_key = ?2 WHERE node_id = ?1",
+                    params![id.to_hex(), key],
+                )?;
+                KemPin::New
+            }
+        };
+        tx.commit()?;
+        Ok(pin)
     }
 
     pub(crate) fn set_cursor(&self, id: &NodeId, cursor: u64) -> Result<()> {

@@ -30,7 +30,9 @@ impl OldLinks {
         };
         let e = LinkEnvelope::parse(&bytes)?;
         e.verify(old.spki())?;
-        let key = e.key(&old.unwrap_secret(e.wrapped_secret())?)?;
+        // L(self→self) is always BLE2 (keyring.rs, `Keyring::open`): the
+        // old RSA key alone opens it.
+        let key = e.key(&old.unwrap_secret(e.wrapped_secret())?, None)?;
         Ok(OldLinks {
             own: Some((e.id, key)),
         })

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS peers(
     mirror INTEGER NOT NULL DEFAULT 0,
     public_key BLOB,
     added_at_ms INTEGER NOT NULL,
-    cursor INTEGER NOT NULL DEFAULT 0);
+    cursor INTEGER NOT NULL DEFAULT 0,
+    kem_key BLOB);
 CREATE TABLE IF NOT EXISTS manifests(
     content_id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
@@ -86,9 +87,15 @@ CREATE TABLE IF NOT EXISTS chunk_checks(
     checked_at_ms INTEGER NOT NULL);
 "#;
 
-pub const SCHEMA_VERSION: &str = "2";
+/// What schema 3 added (FORMAT.md §7): a peer's pinned ML-KEM-768
+/// encapsulation key, also the whole of the 2 → 3 migration.
+const PEER_KEM_KEY: &str = "ALTER TABLE peers ADD COLUMN kem_key BLOB;";
+
+pub const SCHEMA_VERSION: &str = "3";
 /// The version before link keys, which a writable open migrates in place.
 const FORMAT_1: &str = "1";
+/// The version before pinned ML-KEM keys (link envelopes `BLE2` only).
+const FORMAT_2: &str = "2";
 
 /// Create the tables in a new (or empty) database and name its node.
 pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
@@ -103,8 +110,9 @@ pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
 }
 
 /// Refuse a file that is not a bitsync database of the version this build
-/// reads. A format-1 database is migrated in place (one transaction) when
-/// `writable`, and read as it is otherwise (a snapshot's copy keeps its bytes).
+/// reads. A schema-1 or schema-2 database is migrated in place (one
+/// transaction per step) when `writable`, and read as it is otherwise (a
+/// snapshot's copy keeps its bytes; nothing read-only reads `kem_key`).
 pub(super) fn check(c: &mut Connection, path: &Path, writable: bool) -> Result<()> {
     let version: Option<String> = c
         .query_row(
@@ -116,9 +124,12 @@ pub(super) fn check(c: &mut Connection, path: &Path, writable: bool) -> Result<(
         .map_err(|e| {
             Error::from(e).context(format!("{} is not a bitsync database", path.display()))
         })?;
-    if version.as_deref() == Some(FORMAT_1) {
+    if matches!(version.as_deref(), Some(FORMAT_1) | Some(FORMAT_2)) {
         if writable {
-            migrate_from_1(c)?;
+            if version.as_deref() == Some(FORMAT_1) {
+                migrate_from_1(c)?;
+            }
+            migrate_from_2(c)?;
         }
         return Ok(());
     }
@@ -139,9 +150,23 @@ fn migrate_from_1(c: &mut Connection) -> Result<()> {
     tx.execute_batch(LINK_KEYS)?;
     tx.execute(
         "UPDATE meta SET value = ?1 WHERE key = 'schema_version' AND value = ?2",
-        params![SCHEMA_VERSION, FORMAT_1],
+        params![FORMAT_2, FORMAT_1],
     )?;
     tx.commit()?;
     tracing::info!("database migrated from schema 1 to 2 (link keys)");
+    Ok(())
+}
+
+/// Schema 2 → 3: the `peers.kem_key` column and the new version commit
+/// together (SQLite's ALTER TABLE is transactional).
+fn migrate_from_2(c: &mut Connection) -> Result<()> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(PEER_KEM_KEY)?;
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'schema_version' AND value = ?2",
+        params![SCHEMA_VERSION, FORMAT_2],
+    )?;
+    tx.commit()?;
+    tracing::info!("database migrated from schema 2 to 3 (pinned ML-KEM keys)");
     Ok(())
 }
