@@ -21,6 +21,7 @@ mod clone_instance;
 mod federation;
 mod format_vectors;
 mod hostile_peer;
+mod hybrid;
 mod import_axon;
 mod instance_config;
 mod limits;
