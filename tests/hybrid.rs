@@ -379,3 +379,130 @@ async fn a_ble2_link_becomes_ble3_once_the_peer_presents_its_key() {
     assert_eq!(generation_of(&again[0]), generation_of(&new[0]));
     s.shutdown().await;
 }
+
+const PASS: &str = "throwaway-fixture-passphrase";
+const FORMAT2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/format2");
+
+/// Copy the format-2 fixture (tests/fixtures/format2/README.md) into `dest`:
+/// data dirs `s` and `a`, their sealed keys in place as `node.key`.
+fn format2_fixture(dest: &Path) {
+    fn copy_dir(from: &Path, to: &Path) {
+        fs::create_dir_all(to).unwrap();
+        for e in fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &to.join(e.file_name()));
+            } else {
+                fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    for n in ["s", "a"] {
+        copy_dir(&Path::new(FORMAT2).join(n), &dest.join(n));
+        let key = dest.join(n).join("node.key");
+        fs::rename(dest.join(n).join("node.key.sealed"), &key).unwrap();
+        let mut p = fs::metadata(&key).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut p, 0o600);
+        fs::set_permissions(&key, p).unwrap();
+    }
+}
+
+fn open_sealed(dir: &Path) -> Node {
+    Node::open(dir, &|| Ok(zeroize::Zeroizing::new(PASS.to_string()))).unwrap()
+}
+
+/// (generation, magic) of every `L(sender→recipient)` row in `dir`'s database.
+fn links(dir: &Path, sender: &str, recipient: &str) -> Vec<(u32, Vec<u8>)> {
+    let c = db_read_only(dir);
+    let mut st = c
+        .prepare(
+            "SELECT generation, substr(envelope, 1, 4) FROM link_keys
+             WHERE sender = ?1 AND recipient = ?2 ORDER BY generation",
+        )
+        .unwrap();
+    st.query_map([sender, recipient], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_format_2_pair_made_before_the_hybrid_keeps_working_and_upgrades() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    format2_fixture(tmp.path());
+    let (s_dir, a_dir) = (tmp.path().join("s"), tmp.path().join("a"));
+    let (s_hex, a_hex) = (
+        "1f1c30ba6f128fc5591ae23322696e338502870cd21718d06756e20bf5390096",
+        "1fbc0e7ec5e343163b44da2cb3af87145b8057051a420ebc6a0509e447c928a0",
+    );
+    let before = links(&s_dir, s_hex, a_hex);
+    assert_eq!(before, vec![(2, b"BLE2".to_vec())], "the fixture's L(s→a)");
+    let items: Vec<(ContentId, Vec<u8>)> = [
+        "9d247511f3d40eaf9a9b26b71d21ffc0c225adbc8c8aeae82548b4e6867acd36",
+        "10852d63e7cb363b6bbc42d6a22ef2158462fd549b03280cb614296ecf1e0df8",
+        "767cdb569611abc55d41d200f5f909bd3dfc18900343726fe702576f0c17a541",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, id)| {
+        let text = format!("format two item {}\n", i + 1).repeat(50);
+        (id.parse().unwrap(), text.into_bytes())
+    })
+    .collect();
+
+    // First open by this bitsync: schema 3, and an ML-KEM key made beside
+    // each node key, sealed like it; everything stored still reads.
+    let (s, a) = (open_sealed(&s_dir), open_sealed(&a_dir));
+    for dir in [&s_dir, &a_dir] {
+        let kem = dir.join("node.mlkem");
+        let mode = fs::metadata(&kem).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        assert!(fs::read_to_string(&kem)
+            .unwrap()
+            .contains("BITSYNC SEALED KEY"));
+        let v: String = db_read_only(dir)
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(v, "3");
+    }
+    for (id, plain) in &items {
+        assert_eq!(&get(&s, id), plain);
+        assert_eq!(&get(&a, id), plain, "a's copy, under the BLE2 L(s→a)");
+    }
+    // The key made on first open is the one every later open reads.
+    let published = a.signed_kem_key();
+    drop(a);
+    let a = open_sealed(&a_dir);
+    assert_eq!(
+        a.signed_kem_key().encapsulation_key,
+        published.encapsulation_key
+    );
+
+    // a presents its key: s pins it and rotates L(s→a) to a BLE3 generation.
+    let s = serve(s).await;
+    let mut fa = federation_client(&a, &s).await;
+    let ids: Vec<ContentId> = items.iter().map(|(id, _)| *id).collect();
+    let envelopes = get_manifests(&mut fa, &ids, Some(a.signed_kem_key()))
+        .await
+        .unwrap();
+    let after = links(&s_dir, s_hex, a_hex);
+    assert_eq!(after.len(), 1, "the BLE2 generation is dropped: {after:?}");
+    assert!(after[0].0 > 2);
+    assert_eq!(after[0].1, b"BLE3");
+    assert!(envelopes.iter().all(|e| generation_of(e) == after[0].0));
+    for (id, e) in ids.iter().zip(&envelopes) {
+        open_envelope(&a, &mut fa, id, e).await.unwrap();
+    }
+    for (id, plain) in &items {
+        assert_eq!(&get(&a, id), plain);
+    }
+    s.shutdown().await;
+}
