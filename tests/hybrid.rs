@@ -506,3 +506,68 @@ async fn a_format_2_pair_made_before_the_hybrid_keeps_working_and_upgrades() {
     }
     s.shutdown().await;
 }
+
+/// The encapsulation key in a data dir's node.mlkem, checked sealed and 0600.
+fn sealed_kem_key(dir: &Path) -> Vec<u8> {
+    let path = dir.join("node.mlkem");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&path).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "{}", path.display());
+    assert!(fs::read_to_string(&path)
+        .unwrap()
+        .contains("BITSYNC SEALED KEY"));
+    open_sealed(dir).signed_kem_key().encapsulation_key
+}
+
+#[test]
+fn backups_with_identity_restore_and_clone_instance_carry_the_ml_kem_key() {
+    let tmp = TempDir::new().unwrap();
+    let (dir, repo) = (tmp.path().join("n"), tmp.path().join("repo"));
+    let env = ("BITSYNC_PASSPHRASE", PASS);
+    ok(bitsync(&dir).args(["init", "--seal"]).env(env.0, env.1));
+    let ek = sealed_kem_key(&dir);
+
+    ok(bitsync(&dir)
+        .args(["backup", "--with-identity", "--repo"])
+        .arg(&repo)
+        .env(env.0, env.1));
+    let snap = fs::read_dir(repo.join("snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(snap.join("snapshot.json")).unwrap()).unwrap();
+    assert_eq!(meta["identity"]["kem_key"], "node.mlkem.sealed");
+    assert!(fs::read_to_string(snap.join("node.mlkem.sealed"))
+        .unwrap()
+        .contains("BITSYNC SEALED KEY"));
+    ok(bitsync(&dir)
+        .args(["backup", "verify", "--repo"])
+        .arg(&repo));
+
+    // Disaster recovery keeps the key peers pinned; a new identity gets a new one.
+    let same = tmp.path().join("same");
+    ok(bitsync(&same)
+        .args(["restore", "--repo"])
+        .arg(&repo)
+        .env(env.0, env.1));
+    assert_eq!(sealed_kem_key(&same), ek);
+    let new = tmp.path().join("new");
+    ok(bitsync(&new)
+        .args(["restore", "--new-identity", "--repo"])
+        .arg(&repo)
+        .env(env.0, env.1));
+    assert_ne!(sealed_kem_key(&new), ek);
+
+    let copy = tmp.path().join("copy");
+    ok(bitsync(&dir)
+        .arg("clone-instance")
+        .arg("--dest-db")
+        .arg(copy.join("bitsync.db"))
+        .arg("--dest-attachments")
+        .arg(copy.join("chunks"))
+        .arg("--new-identity")
+        .env(env.0, env.1));
+    assert_ne!(sealed_kem_key(&copy), ek);
+}

@@ -15,8 +15,9 @@
 //! - An existing destination is replaced only with `--force`, or after a yes
 //!   on the terminal; with no terminal the command refuses.
 //! - `--new-identity`: the copy gets its own RSA-3072 key, written as
-//!   `node.key` next to `--dest-db` (sealed with the same passphrase if the
-//!   source key is sealed, else plain with mode 0600); every item the source
+//!   `node.key` next to `--dest-db` with a new ML-KEM key as `node.mlkem`
+//!   (both sealed with the same passphrase if the source key is sealed, else
+//!   plain with mode 0600); every item the source
 //!   could open is re-wrapped for it (see [`Db::rekey`]). The source's
 //!   `config.toml` is copied next to `--dest-db` too when none is there, so
 //!   `<dest-db dir>` is a runnable data dir when `--dest-attachments` is
@@ -320,6 +321,8 @@ impl Extras<'_> {
         };
         let source_config = parent_of(&o.source_db).join("config.toml");
         n.save(&dir.join("node.key"), self.sealed)?;
+        // A new identity gets a new ML-KEM key too, sealed like its node key.
+        crate::identity::KemKey::generate()?.save(&dir.join("node.mlkem"), self.sealed)?;
         self.written_key = Some(key_path(o));
         let cfg = dir.join("config.toml");
         if !cfg.exists() && source_config.is_file() {

@@ -10,9 +10,12 @@
 //!
 //! Two modes:
 //! - same identity (disaster recovery): the snapshot's key is written back as
-//!   `node.key`, sealed again with the same passphrase if the node's key was
-//!   sealed when the backup was taken, unsealed (mode 0600) otherwise;
-//! - `--new-identity`: a new RSA-3072 key; every item the old node could open
+//!   `node.key` (and its ML-KEM key as `node.mlkem`, if the snapshot holds
+//!   one, so peers that pinned it keep accepting it), sealed again with the
+//!   same passphrase if the node's key was sealed when the backup was taken,
+//!   unsealed (mode 0600) otherwise;
+//! - `--new-identity`: a new RSA-3072 key (and, on the first open, a new
+//!   ML-KEM key); every item the old node could open
 //!   gets an envelope for the new node id (unwrapped with the snapshot's key),
 //!   the old node's envelopes are dropped, each changed item moves to a new
 //!   seq, and `meta.node_id` is rewritten. Peers that trusted the old id must
@@ -214,6 +217,9 @@ fn write_keys(
         }
         None => {
             old.save(&paths.key(), key_pass)?;
+            if let Some(kem) = repo::open_kem_key(repo, meta, pass)? {
+                kem.save(&paths.kem_key(), key_pass)?;
+            }
             restore_onion_keys(repo, meta, paths, &pass()?)?;
             Ok((old.id(), None))
         }

@@ -100,7 +100,7 @@ pub(super) fn clone_instance(cli: &Cli, a: &CloneInstanceArgs) -> Result<()> {
             }
         }
         _ => eprintln!(
-            "the copy keeps node id {}: it needs the original node.key to run, and must never run at the same time as the original (use --new-identity for that)",
+            "the copy keeps node id {}: it needs the original node.key and node.mlkem to run, and must never run at the same time as the original (use --new-identity for that)",
             out.source_node_id
         ),
     }

@@ -9,6 +9,7 @@
 //!        snapshots/<id>/config.toml    the node's configuration
 //!        snapshots/<id>/node.key.sealed  with --with-identity: the node key, sealed (scrypt + AES-256-GCM)
 //!        snapshots/<id>/onion.keys.sealed  with --with-identity, if the node has an onion service: its keys, sealed
+//!        snapshots/<id>/node.mlkem.sealed  with --with-identity, if the node has one: its ML-KEM-768 key, sealed
 //!        tmp/                        snapshots being built; cleared by the next backup
 //! ```
 //!
@@ -40,7 +41,7 @@ use super::{fsync_dir, write_atomic, FileLock};
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
-pub(crate) use sealed::open_identity;
+pub(crate) use sealed::{open_identity, open_kem_key};
 pub(crate) use snapshot::{backup, data_dir_node_id, BackupOptions, WithIdentity};
 pub(crate) use verify::copy_file_verified;
 pub(crate) use verify::{verify, verify_files};
@@ -55,6 +56,7 @@ pub(crate) const DB_FILE: &str = "bitsync.db";
 pub(crate) const CONFIG_FILE: &str = "config.toml";
 pub(crate) const KEY_FILE: &str = "node.key.sealed";
 pub(crate) const ONION_FILE: &str = "onion.keys.sealed";
+pub(crate) const KEM_FILE: &str = "node.mlkem.sealed";
 
 #[derive(Serialize, Deserialize, Debug)]
 struct Marker {
@@ -104,6 +106,11 @@ pub(crate) struct IdentityInfo {
     /// [`super::onion`]); absent when the node never ran one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) onion_keys: Option<String>,
+    /// The file holding the node's ML-KEM-768 key (`node.mlkem`), sealed
+    /// the same way; absent when the node had none yet (it makes one when
+    /// it next opens) or the snapshot is older.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) kem_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -121,6 +121,14 @@ fn check_listed_files(report: &mut VerifyReport, dir: &Path, m: &SnapshotMeta) {
                 rel(SNAPSHOT_FILE)
             ));
         }
+        if let Some(f) = &id.kem_key {
+            if !listed.contains_key(f.as_str()) {
+                report.problems.push(format!(
+                    "{}: the sealed ML-KEM key is not among the listed files",
+                    rel(SNAPSHOT_FILE)
+                ));
+            }
+        }
         if let Some(f) = &id.onion_keys {
             if !listed.contains_key(f.as_str()) {
                 report.problems.push(format!(
