@@ -78,14 +78,28 @@ pub fn invite_token(data: &[u8]) {
     assert_eq!(again.expires_at_ms, invite.expires_at_ms);
 }
 
-/// A link envelope as a peer's `GetLinkEnvelopes` answer carries it, and the
-/// same bytes as an item envelope (FORMAT.md §4.2–4.3). Signatures are not
-/// checked here (no key); what parses has the fields the layout gives it.
+/// A link envelope as a peer's `GetLinkEnvelopes` answer carries it (`BLE2`
+/// or the hybrid `BLE3`), and the same bytes as an item envelope (FORMAT.md
+/// §4.2–4.3). Signatures are not checked here (no key); what parses has the
+/// fields the layout gives it, and a hybrid one its 1088-byte ML-KEM
+/// ciphertext, which key derivation takes only with a shared secret.
 pub fn link_envelope(data: &[u8]) {
     if let Ok(e) = crate::crypto::link::LinkEnvelope::parse(data) {
         assert!(e.id.generation >= 1);
         assert!(e.wrapped_secret().len() <= 1024);
         assert_eq!(&data[4..36], &e.id.sender.0);
+        assert_eq!(e.is_hybrid(), data.starts_with(b"BLE3"));
+        match e.kem_ciphertext() {
+            Some(ct) => {
+                assert_eq!(ct.len(), crate::crypto::kem::CIPHERTEXT_LEN);
+                assert!(e.key(&[0; 32], None).is_err());
+                assert!(e.key(&[0; 32], Some(&[0; 32])).is_ok());
+            }
+            None => {
+                assert!(e.key(&[0; 32], Some(&[0; 32])).is_err());
+                assert!(e.key(&[0; 32], None).is_ok());
+            }
+        }
     }
     if let Some((sender, _)) = crate::crypto::link::item_link(data) {
         assert_eq!(data.len(), crate::crypto::link::ITEM_ENVELOPE_LEN);
