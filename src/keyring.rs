@@ -50,6 +50,16 @@ fn open_link(identity: &Identity, kem: &KemKey, e: &LinkEnvelope) -> Result<Link
     e.key(&secret, ss.as_ref().map(|s| s.as_slice()))
 }
 
+/// The state of `L(self→recipient)` as [`Keyring::current_link`] found it.
+struct LinkState {
+    /// The recipient's pinned ML-KEM-768 encapsulation key.
+    kem: Option<Vec<u8>>,
+    /// The current link key, if it can stay in use.
+    keep: Option<(LinkId, LinkKey)>,
+    /// Whether any generation exists (a new one then replaces them).
+    exists: bool,
+}
+
 /// Whether a stored link envelope is the hybrid `BLE3`.
 fn is_hybrid(envelope: &[u8]) -> bool {
     envelope.starts_with(b"BLE3")
@@ -133,30 +143,14 @@ impl Keyring {
         if *recipient == self.me {
             return Ok((self.own_id(), self.own.clone()));
         }
-        // The pinned key, and the current link if it can stay.
-        let usable = |db: &Db| -> Result<(Option<Vec<u8>>, Option<(LinkId, LinkKey)>, bool)> {
-            let kem = db.peer_kem_key(recipient)?;
-            let Some(row) = db.current_link(&self.me, recipient)? else {
-                return Ok((kem, None, false));
-            };
-            if rotate || (kem.is_some() && !is_hybrid(&row.envelope)) {
-                return Ok((kem, None, true));
-            }
-            let id = LinkId {
-                sender: self.me,
-                recipient: *recipient,
-                generation: row.generation,
-            };
-            Ok((kem, self.stored(db, &id)?.map(|k| (id, k)), true))
-        };
         if !rotate {
-            if let (_, Some(found), _) = usable(db)? {
+            if let Some(found) = self.current_link(db, recipient, false)?.keep {
                 return Ok(found);
             }
         }
         let _making = self.making.lock().unwrap_or_else(|p| p.into_inner());
-        let (kem, found, replaces) = usable(db)?;
-        if let Some(found) = found {
+        let LinkState { kem, keep, exists } = self.current_link(db, recipient, rotate)?;
+        if let Some(found) = keep {
             return Ok(found);
         }
         let id = LinkId {
@@ -167,11 +161,49 @@ impl Keyring {
         let (key, envelope) =
             link::make_link(id, public, kem.as_deref(), |m| identity.sign_pss(m))?;
         db.insert_link(&id, &envelope, Some(&link::seal_link(&self.own, &id, &key)))?;
-        if replaces {
+        if exists {
             db.drop_links(&self.me, recipient, id.generation)?;
         }
         tracing::info!(peer = %recipient.short(), generation = id.generation, hybrid = kem.is_some(), "made a link key");
         Ok((id, key))
+    }
+
+    /// What [`Self::link_to`] decides on: the recipient's pinned ML-KEM key,
+    /// and its current link key unless that must be replaced (`rotate`, or a
+    /// key is pinned and the link is still `BLE2`).
+    fn current_link(&self, db: &Db, recipient: &NodeId, rotate: bool) -> Result<LinkState> {
+        let Some(row) = db.current_link(&self.me, recipient)? else {
+            return Ok(LinkState {
+                kem: db.peer_kem_key(recipient)?,
+                keep: None,
+                exists: false,
+            });
+        };
+        // A hybrid link stays whatever is pinned, so the per-item path reads
+        // the pin only while the link is still BLE2.
+        let hybrid = is_hybrid(&row.envelope);
+        let kem = match hybrid && !rotate {
+            true => None,
+            false => db.peer_kem_key(recipient)?,
+        };
+        let mut keep = None;
+        if !rotate && (hybrid || kem.is_none()) {
+            let id = LinkId {
+                sender: self.me,
+                recipient: *recipient,
+                generation: row.generation,
+            };
+            keep = self.stored(db, &id)?.map(|k| (id, k));
+        }
+        let kem = match (&keep, kem, hybrid) {
+            (None, None, true) => db.peer_kem_key(recipient)?,
+            (_, kem, _) => kem,
+        };
+        Ok(LinkState {
+            kem,
+            keep,
+            exists: true,
+        })
     }
 
     /// The item envelope of `key` for `recipient` (FORMAT.md §4.3).
