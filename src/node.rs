@@ -172,10 +172,12 @@ fn redoable(name: &std::ffi::OsStr) -> bool {
     ) || is_stale_temp(name)
 }
 
-/// A temp file of [`crate::durable::write_atomic`] for the key or the config.
+/// A temp file of [`crate::durable::write_atomic`] for a key or the config,
+/// or of [`crate::durable::write_new`] for `node.mlkem`.
 fn is_stale_temp(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|n| {
         n.starts_with(".node.key.tmp-")
+            || n.starts_with(".node.mlkem.tmp-")
             || n.starts_with(".node.mlkem.new-")
             || n.starts_with(".config.toml.tmp-")
     })
