@@ -329,9 +329,24 @@ async fn ml_kem_keys_are_pinned_and_a_changed_or_forged_one_is_refused() {
         pinned(&s_dir, &a.id()),
         Some(a.signed_kem_key().encapsulation_key)
     );
-    // Revoking clears the pin; trusted again, A's next key is pinned.
+    // Revoking clears the pin; trusted again, the key A presents is pinned,
+    // be it the same one (link keys made for A are then hybrid again) ...
     sn.db().revoke_peer(&a.id()).unwrap();
     assert_eq!(pinned(&s_dir, &a.id()), None);
+    trust(&s, &a.id());
+    get_manifests(&mut fa, &ids, Some(a.signed_kem_key()))
+        .await
+        .unwrap();
+    assert_eq!(
+        pinned(&s_dir, &a.id()),
+        Some(a.signed_kem_key().encapsulation_key)
+    );
+    assert_eq!(
+        &link_envelopes(&mut fa).await.link_envelopes[0][..4],
+        b"BLE3"
+    );
+    // ... or a new one.
+    sn.db().revoke_peer(&a.id()).unwrap();
     trust(&s, &a.id());
     get_manifests(&mut fa, &ids, Some(other.clone()))
         .await

@@ -145,7 +145,9 @@ impl FederationService {
             let seen = self.kem_checked.lock().unwrap_or_else(|p| p.into_inner());
             seen.get(caller) == Some(&offered.encapsulation_key)
         };
-        if seen {
+        // Checked before and still the pin (a revocation clears it): done.
+        let db = &self.state.node.db;
+        if seen && db.peer_kem_key(caller)?.as_ref() == Some(&offered.encapsulation_key) {
             return Ok(());
         }
         let (state, peer, key) = (self.state.clone(), *caller, spki.to_vec());
