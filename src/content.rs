@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
+mod list;
 pub mod scrub;
+
+pub use list::{list, Listed};
 
 use crate::chunks::pipeline;
 use crate::crypto::{self, ChunkId, ContentId, ItemKey};
