@@ -18,11 +18,16 @@
 //!     item being stored (hence complete) in the mirror's database is taken,
 //!     polled read-only every millisecond. Items are published one after
 //!     another. Targets: p50 < 250 ms, p99 < 1 s.
-//! (c) incremental sync: a mirror that holds a clone of N small items
-//!     (default 100,000), connected to the source through a byte-counting
-//!     TCP proxy; one new item is published: bytes on the wire (both ways,
-//!     TLS included) and time until the mirror has it.
-//!     Target: < 64 KiB plus the item.
+//! (c) small items: a source of N one-chunk items (default 100,000) with
+//!     format-2 envelopes (through its link keys, as `bitsync put` makes
+//!     them) is cloned by `bitsync clone` through a byte-counting TCP proxy
+//!     (items/s, peak RSS of both nodes; target >= 5,000/s), the clone listed
+//!     by `bitsync ls` (target <= 2 s), then the mirror follows the source
+//!     and one new item is published: bytes on the wire (both ways, TLS
+//!     included) and time until the mirror has it (target < 64 KiB plus the
+//!     item). The same clone and `ls` on format-1 (RSA) envelopes, with
+//!     `BITSYNC_BENCH_F1_ITEMS` items (default 10,000; 0 skips), give the
+//!     ratio.
 //!
 //! ```sh
 //! cargo bench --bench replication                       # all three
@@ -503,17 +508,38 @@ fn lag_bench() {
     );
 }
 
-// ---- (c) incremental sync ------------------------------------------------------------
+// ---- (c) first clone, ls and incremental sync of small items -------------------------
 
 /// (recipient, wrapped key) pairs of one item.
 type Envelopes = Vec<(String, Vec<u8>)>;
 
+/// How the source wraps item keys.
+#[derive(Clone, Copy, PartialEq)]
+enum Wrap {
+    /// Format 2, what `bitsync put` does now: through the link keys
+    /// (AES-GCM per item; one RSA wrap per link key, made once).
+    Link,
+    /// Format 1: an RSA-OAEP envelope per recipient per item, as a data dir
+    /// made before format 2 holds them. The receiver opens each with its
+    /// private key; a format-2 source serves a stored envelope as it is.
+    Rsa,
+}
+
 /// `n` one-chunk items straight into the source's store, each with envelopes
 /// for the source and `other` (signing spread over the cores, chunk files
 /// synced once, manifests inserted in order, 1000 per transaction).
-fn fill_small_items(src: &Node, other: &Node, n: usize) {
+fn fill_small_items(src: &Node, other: &Node, n: usize, wrap: Wrap) {
     let (own, theirs) = (src.id().to_hex(), other.id().to_hex());
     let other_pub = other.identity().public().clone();
+    // Trusted with its key known before the items are made, so each carries
+    // its envelope (the address is set once the source serves).
+    trust(src, other, "127.0.0.1:9", false);
+    if wrap == Wrap::Link {
+        // The link keys are made at the first wrap; make them here, before
+        // the threads would race to make one each.
+        content::envelopes_for_new_item(src, &Hash::of(b"bench"), &crypto::ItemKey::random())
+            .unwrap();
+    }
     let made: Vec<(Manifest, Envelopes, (Hash, u64))> = bench::parallel(n, |i| {
         let plain = format!("small item {i} ").repeat(8).into_bytes();
         let (m, key, ct) = bench::one_chunk_item(
@@ -525,10 +551,14 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
         );
         let cid = Hash::of(&ct);
         src.chunks().write(&cid, &ct).unwrap();
-        let envs = vec![
-            (own.clone(), crypto::wrap_key(src.identity().public(), &key)),
-            (theirs.clone(), crypto::wrap_key(&other_pub, &key)),
-        ];
+        let envs = match wrap {
+            Wrap::Link => content::envelopes_for_new_item(src, &m.id(), &key).unwrap(),
+            Wrap::Rsa => vec![
+                (own.clone(), crypto::wrap_key(src.identity().public(), &key)),
+                (theirs.clone(), crypto::wrap_key(&other_pub, &key)),
+            ],
+        };
+        assert_eq!(envs.len(), 2, "an envelope for the source and the mirror");
         (m, envs, (cid, ct.len() as u64))
     });
     src.chunks().sync().unwrap();
@@ -541,48 +571,147 @@ fn fill_small_items(src: &Node, other: &Node, n: usize) {
     }
 }
 
-fn incremental_bench() {
-    let n = env_usize("BITSYNC_BENCH_ITEMS", 100_000);
+/// A source of `n` small items served through a byte-counting proxy, and a
+/// fresh mirror dir that trusts it.
+struct SmallSource {
+    tmp: TempDir,
+    a: std::path::PathBuf,
+    b: std::path::PathBuf,
+    serve: Serve,
+    px: Proxy,
+    a_id: String,
+}
+
+fn small_source(n: usize, wrap: Wrap) -> SmallSource {
     let tmp = TempDir::new_in(bench_dir()).unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    println!("\n(c) incremental sync: a mirror holding {n} small items; one new item published");
     let (an, bn) = (new_node(&a), new_node(&b));
     let t = Instant::now();
-    fill_small_items(&an, &bn, n);
+    fill_small_items(&an, &bn, n, wrap);
     println!(
         "  setup: {n} items signed and stored on the source in {:.1} s (not part of the figures)",
         secs(t.elapsed())
     );
     drop(an);
-    let sa = Serve::spawn(&a, &["--listen", "127.0.0.1:0"], "warn");
-    let px = proxy(sa.addr.parse().unwrap(), None);
+    let serve = Serve::spawn(&a, &["--listen", "127.0.0.1:0"], "warn");
+    let px = proxy(serve.addr.parse().unwrap(), None);
     let an = Node::open(&a, &node::no_passphrase).unwrap();
     trust(&an, &bn, &px.addr.to_string(), true);
     let a_id = an.id().to_hex();
     drop((an, bn));
+    SmallSource {
+        tmp,
+        a,
+        b,
+        serve,
+        px,
+        a_id,
+    }
+}
 
-    let c = measure(bench::bitsync(&b).args(["clone", &a_id]));
+/// What the first clone and `ls` of the mirror cost.
+struct CloneFigures {
+    items_per_s: f64,
+    ls: Duration,
+}
+
+/// Time `bitsync clone` of the source into the mirror, then `bitsync ls` of
+/// the mirror (median of 3; the page cache is warm after the clone, as for a
+/// user listing what they just cloned).
+fn time_clone_and_ls(s: &SmallSource, n: usize) -> CloneFigures {
+    sync_all();
+    let c = measure(bench::bitsync(&s.b).args(["clone", &s.a_id]));
+    let serve_hwm = proc_kib(s.serve.pid(), "VmHWM:");
+    let items_per_s = n as f64 / secs(c.wall);
     println!(
-        "  first, the clone of {n} items: {:.1} s ({:.0} items/s), {:.1} MiB on the wire, cloner peak RSS {:.1} MiB",
+        "  first clone of {n} items: {:.2} s ({items_per_s:.0} items/s), {:.1} MiB on the wire, \
+         peak RSS: serving node (VmHWM) {:.1} MiB, cloner (VmHWM) {:.1} MiB; CPU cloner {:.2} s",
         secs(c.wall),
-        n as f64 / secs(c.wall),
-        wire_bytes(&px) as f64 / MIB as f64,
-        c.max_rss_kib as f64 / 1024.0
+        wire_bytes(&s.px) as f64 / MIB as f64,
+        serve_hwm as f64 / 1024.0,
+        c.max_rss_kib as f64 / 1024.0,
+        secs(c.cpu()),
     );
-    let (_sb, db) = serve_mirror(&b);
+    let runs: Vec<bench::Run> = (0..3)
+        .map(|_| measure(bench::bitsync(&s.b).args(["ls"])))
+        .collect();
+    let rows = runs[0].stdout.lines().count().saturating_sub(1);
+    assert_eq!(rows, n, "`bitsync ls` lists every cloned item");
+    assert!(
+        !runs[0].stdout.contains("partial"),
+        "every cloned item is complete"
+    );
+    let ls = median(runs.iter().map(|r| r.wall).collect());
+    let rss = runs.iter().map(|r| r.max_rss_kib).max().unwrap_or(0);
+    println!(
+        "  bitsync ls of the {n} items: {:.3} s (median of 3; {:.1} us per item), peak RSS {:.1} MiB",
+        secs(ls),
+        secs(ls) * 1e6 / n as f64,
+        rss as f64 / 1024.0
+    );
+    CloneFigures { items_per_s, ls }
+}
+
+fn incremental_bench() {
+    let n = env_usize("BITSYNC_BENCH_ITEMS", 100_000);
+    let n1 = env_usize("BITSYNC_BENCH_F1_ITEMS", 10_000);
+    println!(
+        "\n(c) {n} small items: first clone, ls, then one new item published (incremental sync)"
+    );
+    println!("  format 2 (link keys), as `bitsync put` stores them now:");
+    let s = small_source(n, Wrap::Link);
+    let f2 = time_clone_and_ls(&s, n);
+    incremental(&s);
+    drop(s);
+    let f1 = (n1 > 0).then(|| {
+        println!("  format 1 (an RSA-OAEP envelope per item), {n1} items, same binary:");
+        time_clone_and_ls(&small_source(n1, Wrap::Rsa), n1)
+    });
+    let ok = |v: bool| if v { "MET" } else { "MISSED" };
+    println!(
+        "  format 2 first clone: {:.0} items/s   target >= 5000/s   {}",
+        f2.items_per_s,
+        ok(f2.items_per_s >= 5000.0)
+    );
+    println!(
+        "  format 2 ls of {n}: {:.3} s   target <= 2 s   {}",
+        secs(f2.ls),
+        ok(secs(f2.ls) <= 2.0)
+    );
+    if let Some(f1) = f1 {
+        println!(
+            "  format 1 first clone: {:.0} items/s; format 2 / format 1 = {:.1}x",
+            f1.items_per_s,
+            f2.items_per_s / f1.items_per_s
+        );
+        let per = |d: Duration, k: usize| secs(d) * 1e6 / k as f64;
+        println!(
+            "  ls per item: format 1 {:.1} us, format 2 {:.1} us; format 1 / format 2 = {:.1}x",
+            per(f1.ls, n1),
+            per(f2.ls, n),
+            per(f1.ls, n1) / per(f2.ls, n)
+        );
+    }
+}
+
+/// With the mirror following the source (`serve` with the source as a
+/// mirror peer), publish a 1 KiB and a 1 MiB item: bytes on the wire and lag.
+fn incremental(s: &SmallSource) {
+    let (tmp, a, px) = (&s.tmp, &s.a, &s.px);
+    let (_sb, db) = serve_mirror(&s.b);
     let ok = |v: bool| if v { "ok" } else { "MISSED" };
     for (label, size) in [("1 KiB", 1024u64), ("1 MiB", MIB)] {
         std::thread::sleep(Duration::from_millis(500));
         let input = tmp.path().join("in");
         write_input(&input, 77 + size, size);
-        let before = wire_bytes(&px);
+        let before = wire_bytes(px);
         let t0 = Instant::now();
-        let (_, id) = put_file(&a, &input);
+        let (_, id) = put_file(a, &input);
         let lag = wait_stored(&db, &id, Duration::from_secs(60));
         let total = t0.elapsed();
         // Let the tail of the exchange (cursor, stream ends) pass through too.
         std::thread::sleep(Duration::from_millis(300));
-        let wire = wire_bytes(&px) - before;
+        let wire = wire_bytes(px) - before;
         let item = size + 16;
         let over = wire.saturating_sub(item);
         println!(

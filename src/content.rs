@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
+mod list;
 pub mod scrub;
+
+pub use list::{list, Listed};
 
 use crate::chunks::pipeline;
 use crate::crypto::{self, ChunkId, ContentId, ItemKey};
@@ -99,7 +102,8 @@ pub fn put(
 
 /// Envelopes for this node and every trusted peer whose public key is known
 /// (peers known only by id get theirs just in time, when they first ask).
-pub(crate) fn envelopes_for_new_item(
+/// Public so that benches fill a store with the envelopes `put` makes.
+pub fn envelopes_for_new_item(
     node: &Node,
     content_id: &ContentId,
     key: &ItemKey,

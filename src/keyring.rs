@@ -3,8 +3,9 @@
 //! operations that make, receive, and use link keys through the database.
 //!
 //! Every other link key is stored sealed under `L(self→self)` and opened
-//! per use (one AES-GCM of 32 bytes, about a microsecond), so nothing else
-//! is cached: a revoked or rotated key is gone the moment its row is.
+//! per use (a row lookup and one AES-GCM of 32 bytes, a few microseconds),
+//! and cached no longer than one listing ([`Opener`]): a revoked or rotated
+//! key is gone the moment its row is.
 //! RSA work is once per peer: making `L(self→P)` (a wrap and a signature),
 //! and unwrapping a received link envelope.
 
@@ -17,6 +18,47 @@ use crate::crypto::{ContentId, ItemKey, NodeId};
 use crate::error::{Error, Result};
 use crate::identity::{self, Identity, KemKey};
 use crate::store::Db;
+
+/// See [`Keyring::opener`].
+pub(crate) struct Opener<'a> {
+    keyring: &'a Keyring,
+    identity: &'a Identity,
+    db: &'a Db,
+    links: std::collections::HashMap<LinkId, LinkKey>,
+}
+
+impl Opener<'_> {
+    /// [`Keyring::open_item`], with the link key from this opener's cache.
+    pub(crate) fn open(&mut self, content_id: &ContentId, envelope: &[u8]) -> Result<ItemKey> {
+        let Some((sender, generation)) = link::item_link(envelope) else {
+            return self.identity.unwrap_key(envelope);
+        };
+        let id = LinkId {
+            sender,
+            recipient: self.keyring.me,
+            generation,
+        };
+        if !self.links.contains_key(&id) {
+            let key = self
+                .keyring
+                .stored(self.db, &id)?
+                .ok_or_else(|| missing_link(content_id, &id))?;
+            self.links.insert(id, key);
+        }
+        link::open_item(&self.links[&id], &id, content_id, envelope)
+    }
+}
+
+/// The error for an envelope naming a link key this node does not hold.
+fn missing_link(content_id: &ContentId, id: &LinkId) -> Error {
+    Error::integrity(format!(
+        "item {} uses link key {}→{} generation {}, which this node does not hold",
+        content_id.short(),
+        id.sender.short(),
+        id.recipient.short(),
+        id.generation
+    ))
+}
 
 /// How many own envelopes one migration transaction re-wraps (FORMAT.md §4.6).
 const MIGRATE_BATCH: usize = 500;
@@ -246,23 +288,20 @@ impl Keyring {
         content_id: &ContentId,
         envelope: &[u8],
     ) -> Result<ItemKey> {
-        let Some((sender, generation)) = link::item_link(envelope) else {
-            return identity.unwrap_key(envelope);
-        };
-        let id = LinkId {
-            sender,
-            recipient: self.me,
-            generation,
-        };
-        let link = self.stored(db, &id)?.ok_or_else(|| {
-            Error::integrity(format!(
-                "item {} uses link key {}→{} generation {generation}, which this node does not hold",
-                content_id.short(),
-                sender.short(),
-                self.me.short()
-            ))
-        })?;
-        link::open_item(&link, &id, content_id, envelope)
+        self.opener(identity, db).open(content_id, envelope)
+    }
+
+    /// Open many envelopes for this node, each link key looked up and
+    /// unsealed once: for a listing, where every item of a clone names the
+    /// same `L(source→self)`. Lives as long as one listing, so a revocation
+    /// or rotation is never outlived by more than that.
+    pub(crate) fn opener<'a>(&'a self, identity: &'a Identity, db: &'a Db) -> Opener<'a> {
+        Opener {
+            keyring: self,
+            identity,
+            db,
+            links: std::collections::HashMap::new(),
+        }
     }
 
     /// Whether this node holds the link key an envelope for it names

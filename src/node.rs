@@ -373,6 +373,11 @@ impl Node {
             .open_item(&self.identity, &self.db, content_id, envelope)
     }
 
+    /// [`Node::open_envelope`] for many items, each link key unsealed once.
+    pub(crate) fn opener(&self) -> crate::keyring::Opener<'_> {
+        self.keyring.opener(&self.identity, &self.db)
+    }
+
     /// `bitsync peer rekey`: rotate `L(self→peer)`. The peer must be trusted
     /// and its public key known (it has called this node at least once).
     pub fn rotate_link(&self, peer: &NodeId) -> Result<u32> {

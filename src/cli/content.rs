@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::output::outln;
 use super::{progress_bar, Cli};
-use crate::content::{self, Output, PutOptions};
+use crate::content::{self, Listed, Output, PutOptions};
 use crate::crypto::Hash;
 use crate::error::{Error, IoContext, Result};
 use crate::node::Node;
@@ -96,22 +96,15 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
     let mut rows = Vec::new();
     let mut after = 0;
     loop {
-        let page = n.db.list_after(after, 1000)?;
+        let page = content::list(n, after, 1000)?;
         let Some(last) = page.last() else { break };
-        after = last.seq;
-        for s in page {
-            let m = content::load_manifest(n, &s.content_id)?;
-            let name = content::item_meta(n, &m)
-                .map(|m| m.name)
-                .unwrap_or_default();
-            let complete = n.db.is_complete(&s.content_id)?;
-            rows.push((s, name, complete));
-        }
+        after = last.summary.seq;
+        rows.extend(page);
     }
     if json {
         let v: Vec<_> = rows
             .iter()
-            .map(|(s, name, complete)| {
+            .map(|Listed { summary: s, name, complete }| {
                 serde_json::json!({
                     "content_id": s.content_id.to_hex(), "seq": s.seq, "kind": s.kind, "name": name,
                     "size": s.size, "chunks": s.chunk_count, "created_at_ms": s.created_at_ms,
@@ -129,7 +122,12 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
         "SIZE",
         "STATE"
     );
-    for (s, name, complete) in rows {
+    for Listed {
+        summary: s,
+        name,
+        complete,
+    } in rows
+    {
         outln!(
             "{:<64}  {:<8} {:>12}  {:<8}  {}",
             s.content_id,

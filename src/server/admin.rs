@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{peer_to_proto, ServerState};
-use crate::content;
+use crate::content::{self, Listed};
 use crate::crypto::Hash;
 use crate::error::{blocking, Error};
 use crate::invite::Invite;
@@ -119,27 +119,31 @@ impl Admin for AdminService {
         let node = self.state.node.clone();
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
         let resp = blocking(move || -> Result<ListContentResponse, Error> {
-            let mut page = node.db.list_after(r.after_seq, limit + 1)?;
+            let mut page = content::list(&node, r.after_seq, limit + 1)?;
             let more = page.len() > limit as usize;
             page.truncate(limit as usize);
-            let mut items = Vec::with_capacity(page.len());
-            for s in &page {
-                let m = content::load_manifest(&node, &s.content_id)?;
-                items.push(ContentInfo {
-                    content_id: s.content_id.to_hex(),
-                    seq: s.seq,
-                    kind: s.kind.clone(),
-                    name: content::item_meta(&node, &m)
-                        .map(|m| m.name)
-                        .unwrap_or_default(),
-                    size: s.size,
-                    created_at_ms: s.created_at_ms,
-                    publisher: s.publisher.to_hex(),
-                    complete: node.db.is_complete(&s.content_id)?,
-                });
-            }
+            let next_after_seq = page.last().map(|l| l.summary.seq).unwrap_or(r.after_seq);
+            let items = page
+                .into_iter()
+                .map(
+                    |Listed {
+                         summary: s,
+                         name,
+                         complete,
+                     }| ContentInfo {
+                        content_id: s.content_id.to_hex(),
+                        seq: s.seq,
+                        kind: s.kind,
+                        size: s.size,
+                        created_at_ms: s.created_at_ms,
+                        publisher: s.publisher.to_hex(),
+                        name,
+                        complete,
+                    },
+                )
+                .collect();
             Ok(ListContentResponse {
-                next_after_seq: page.last().map(|s| s.seq).unwrap_or(r.after_seq),
+                next_after_seq,
                 more,
                 items,
             })

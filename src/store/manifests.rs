@@ -33,6 +33,51 @@ pub struct Summary {
     pub(crate) publisher: NodeId,
 }
 
+/// A summary with what a listing shows beside it ([`Db::listing_after`]).
+pub(crate) struct ListingRow {
+    pub(crate) summary: Summary,
+    /// The stored (signed) manifest body.
+    pub(crate) body: Vec<u8>,
+    /// The envelope for the recipient asked about, if it has one.
+    pub(crate) envelope: Option<Vec<u8>>,
+    /// Every chunk of the item is present.
+    pub(crate) complete: bool,
+}
+
+/// The columns of a [`Summary`], in the order [`SummaryRow::read`] takes them.
+const SUMMARY_COLUMNS: &str =
+    "m.content_id, m.seq, m.kind, m.size, m.chunk_count, m.created_at_ms, m.publisher";
+
+/// A [`Summary`] as SQLite returns it, before its ids are parsed.
+struct SummaryRow(String, i64, String, i64, i64, i64, String);
+
+impl SummaryRow {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<SummaryRow> {
+        Ok(SummaryRow(
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+        ))
+    }
+
+    fn summary(self) -> Result<Summary> {
+        let SummaryRow(cid, seq, kind, size, count, created, publisher) = self;
+        Ok(Summary {
+            content_id: hex_id(cid, "content id")?,
+            seq: seq as u64,
+            kind,
+            size: size as u64,
+            chunk_count: count as u32,
+            created_at_ms: created,
+            publisher: hex_id(publisher, "node id")?,
+        })
+    }
+}
+
 /// The largest seq the store can hold (seqs are SQLite integers).
 const MAX_SEQ: u64 = i64::MAX as u64;
 
@@ -49,11 +94,9 @@ fn seq_param(seq: u64) -> Result<i64> {
 /// The next value of the seq counter. Only inside a write transaction: the
 /// value commits (or rolls back) with the change it numbers.
 fn bump_seq(tx: &Transaction<'_>) -> Result<u64> {
-    let v: i64 = tx.query_row(
-        "UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value",
-        [],
-        |r| r.get(0),
-    )?;
+    let v: i64 = tx
+        .prepare_cached("UPDATE counters SET value = value + 1 WHERE name = 'seq' RETURNING value")?
+        .query_row([], |r| r.get(0))?;
     Ok(v as u64)
 }
 
@@ -61,10 +104,8 @@ fn bump_seq(tx: &Transaction<'_>) -> Result<u64> {
 /// again (its envelopes changed). Returns the new seq.
 pub(super) fn move_to_new_seq(tx: &Transaction<'_>, content_id: &str) -> Result<u64> {
     let seq = bump_seq(tx)?;
-    tx.execute(
-        "UPDATE manifests SET seq = ?2 WHERE content_id = ?1",
-        params![content_id, seq as i64],
-    )?;
+    tx.prepare_cached("UPDATE manifests SET seq = ?2 WHERE content_id = ?1")?
+        .execute(params![content_id, seq as i64])?;
     Ok(seq)
 }
 
@@ -109,10 +150,10 @@ impl Db {
         let cid = m.id().to_hex();
         let now = now_ms();
         for (id, size) in present {
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT OR IGNORE INTO chunks(chunk_id, size, stored_at_ms) VALUES (?1, ?2, ?3)",
-                params![id.to_hex(), *size as i64, now],
-            )?;
+            )?
+            .execute(params![id.to_hex(), *size as i64, now])?;
         }
         let exists: bool = tx
             .query_row(
@@ -127,8 +168,7 @@ impl Db {
             Self::insert_new_manifest(tx, m, &cid, now)?;
         }
         for (recipient, wrapped) in envelopes {
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
+            let n = tx.prepare_cached("INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)")?.execute(
                 params![cid, recipient, wrapped],
             )?;
             changed |= n > 0;
@@ -136,11 +176,10 @@ impl Db {
         let seq = if changed && exists {
             Some(move_to_new_seq(tx, &cid)?)
         } else if changed {
-            Some(tx.query_row(
-                "SELECT seq FROM manifests WHERE content_id = ?1",
-                [&cid],
-                |r| r.get::<_, i64>(0),
-            )? as u64)
+            Some(
+                tx.prepare_cached("SELECT seq FROM manifests WHERE content_id = ?1")?
+                    .query_row([&cid], |r| r.get::<_, i64>(0))? as u64,
+            )
         } else {
             None
         };
@@ -151,9 +190,8 @@ impl Db {
     fn insert_new_manifest(tx: &Transaction<'_>, m: &Manifest, cid: &str, now: i64) -> Result<()> {
         let seq = bump_seq(tx)?;
         let b = m.body();
-        tx.execute(
-            "INSERT INTO manifests(content_id, seq, body, signature, kind, size, chunk_count, created_at_ms, publisher, added_at_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        tx.prepare_cached("INSERT INTO manifests(content_id, seq, body, signature, kind, size, chunk_count, created_at_ms, publisher, added_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?.execute(
             params![
                 cid,
                 seq as i64,
@@ -167,7 +205,7 @@ impl Db {
                 now
             ],
         )?;
-        let mut st = tx.prepare(
+        let mut st = tx.prepare_cached(
             "INSERT INTO manifest_chunks(content_id, idx, chunk_id) VALUES (?1, ?2, ?3)",
         )?;
         for (i, id) in m.chunk_ids().enumerate() {
@@ -185,8 +223,7 @@ impl Db {
         let mut out = Vec::with_capacity(rows.len());
         for (content_id, recipient, wrapped) in rows {
             let cid = content_id.to_hex();
-            let n = tx.execute(
-                "INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)",
+            let n = tx.prepare_cached("INSERT OR IGNORE INTO envelopes(content_id, recipient, wrapped) VALUES (?1, ?2, ?3)")?.execute(
                 params![cid, recipient, wrapped],
             )?;
             out.push(if n > 0 {
@@ -291,35 +328,47 @@ impl Db {
     pub fn list_after(&self, after: u64, limit: u32) -> Result<Vec<Summary>> {
         let after = seq_param(after)?;
         let c = self.r();
-        let mut st = c.prepare_cached(
-            "SELECT content_id, seq, kind, size, chunk_count, created_at_ms, publisher FROM manifests
-             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = st.query_map(params![after, limit as i64], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, String>(6)?,
-            ))
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {SUMMARY_COLUMNS} FROM manifests m WHERE m.seq > ?1 ORDER BY m.seq LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![after, limit as i64], SummaryRow::read)?;
+        rows.map(|row| row?.summary()).collect()
+    }
+
+    /// [`Db::list_after`] with what a listing shows beside each summary, in
+    /// one query: the stored body (its encrypted metadata holds the name),
+    /// the envelope for `recipient`, and whether every chunk is present.
+    /// No signature is checked: see `content::list`.
+    pub(crate) fn listing_after(
+        &self,
+        after: u64,
+        limit: u32,
+        recipient: &NodeId,
+    ) -> Result<Vec<ListingRow>> {
+        let after = seq_param(after)?;
+        let c = self.r();
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {SUMMARY_COLUMNS}, m.body, e.wrapped,
+                 NOT EXISTS (SELECT 1 FROM manifest_chunks mc
+                             LEFT JOIN chunks c ON c.chunk_id = mc.chunk_id
+                             WHERE mc.content_id = m.content_id AND c.chunk_id IS NULL)
+             FROM manifests m
+             LEFT JOIN envelopes e ON e.content_id = m.content_id AND e.recipient = ?3
+             WHERE m.seq > ?1 ORDER BY m.seq LIMIT ?2"
+        ))?;
+        let rows = st.query_map(params![after, limit as i64, recipient.to_hex()], |r| {
+            Ok((SummaryRow::read(r)?, r.get(7)?, r.get(8)?, r.get(9)?))
         })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (cid, seq, kind, size, count, created, publisher) = row?;
-            out.push(Summary {
-                content_id: hex_id(cid, "content id")?,
-                seq: seq as u64,
-                kind,
-                size: size as u64,
-                chunk_count: count as u32,
-                created_at_ms: created,
-                publisher: hex_id(publisher, "node id")?,
-            });
-        }
-        Ok(out)
+        rows.map(|row| {
+            let (summary, body, envelope, complete) = row?;
+            Ok(ListingRow {
+                summary: summary.summary()?,
+                body,
+                envelope,
+                complete,
+            })
+        })
+        .collect()
     }
 
     pub fn head_seq(&self) -> Result<u64> {
