@@ -6,7 +6,9 @@
 //!     item, one link key made) and second pass (stored envelopes). Targets:
 //!     >= 10,000/s first, >= 50,000/s cached. Format 1's per-item re-key
 //!     (RSA unwrap + RSA wrap) is timed in the same run, step by step, on
-//!     the same items before they are migrated.
+//!     the same items before they are migrated. Then the same first fetch
+//!     by a caller that presents its ML-KEM-768 key (a hybrid BLE3 link
+//!     key, FORMAT.md §4.2b), printed as a ratio to the BLE2 one.
 //! (b) StreamChunks: a real `bitsync serve` child process holding M MiB
 //!     (default 2048) of 1 MiB chunks, streamed over loopback mutual TLS,
 //!     every chunk hash-checked by the receiver, against `cat`ing the same
