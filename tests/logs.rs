@@ -181,6 +181,24 @@ fn no_secret_in_any_output_at_trace_level() {
     for l in sealed.lines().filter(|l| !l.starts_with("-----")) {
         needles.push(("node a's sealed key".into(), l.to_string()));
     }
+    // b's ML-KEM-768 decapsulation key (FORMAT.md §1.4): its secret parts,
+    // dk_PKE and z (the ek between them is published), and a's sealed one.
+    let kem_pem = std::fs::read_to_string(b.join("node.mlkem")).unwrap();
+    let dk = base64::engine::general_purpose::STANDARD
+        .decode(
+            kem_pem
+                .lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        )
+        .unwrap();
+    assert_eq!(dk.len(), 2400, "b's node.mlkem is unsealed");
+    byte_forms("node b's ML-KEM key (dk_PKE)", &dk[..1152], &mut needles);
+    byte_forms("node b's ML-KEM key (z)", &dk[2368..], &mut needles);
+    let sealed = std::fs::read_to_string(a.join("node.mlkem")).unwrap();
+    for l in sealed.lines().filter(|l| !l.starts_with("-----")) {
+        needles.push(("node a's sealed ML-KEM key".into(), l.to_string()));
+    }
     // The search can fail: it finds a secret planted in a copy of the logs.
     for (label, n) in [&needles[0], &needles[needles.len() / 2]] {
         let planted = format!("{logs}\nplanted {n}\n");
