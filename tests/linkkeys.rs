@@ -327,8 +327,8 @@ fn setting(dir: &Path, key: &str) -> Option<String> {
         .unwrap()
 }
 
-/// The node reads the fixture's items, at schema 2, with every own envelope
-/// a format-2 item envelope.
+/// The node reads the fixture's items, at schema 3, with every own envelope
+/// a format-2 item envelope and a sealed node.mlkem.
 fn assert_migrated(dir: &Path) {
     let pass = || Ok(zeroize::Zeroizing::new(PASS.to_string()));
     let n = Node::open(dir, &pass).expect("open the migrated node");
@@ -338,6 +338,9 @@ fn assert_migrated(dir: &Path) {
         generation_of(&e);
     }
     drop(n);
+    // Its ML-KEM key was made on that first open, sealed like node.key.
+    let kem = fs::read_to_string(dir.join("node.mlkem")).unwrap();
+    assert!(kem.contains("BITSYNC SEALED KEY"), "node.mlkem is sealed");
     assert_eq!(setting(dir, "schema_version").as_deref(), Some("3"));
     assert_eq!(setting(dir, "envelope_format").as_deref(), Some("2"));
 }
