@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::chunks::{BucketSpec, Credentials, Location};
 use crate::error::{Error, IoContext, Result};
 
 /// The port literal, once: a macro because `concat!` (which builds the
@@ -108,6 +109,16 @@ enabled = false
 bootstrap_timeout_secs = 120
 connect_timeout_secs = 60
 
+# Where chunks are stored. Unset: <data-dir>/chunks on this disk. An
+# S3-compatible bucket (`bitsync init --chunks s3://bucket/prefix` sets it):
+# [chunks]
+# url = "s3://bucket/prefix"
+# endpoint = "http://127.0.0.1:8333"   # else AWS_ENDPOINT_URL, else AWS S3
+# region = "us-east-1"                 # else AWS_REGION
+# allow_http = false                   # true for a plain-HTTP endpoint
+# credentials_file = "/path/to/credentials"  # mode 0600, AWS format; else
+#                                      # AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY
+
 # Mirror sources: `bitsync serve` keeps a Watch stream open to each and pulls what is new.
 # [[mirror]]
 # peer = "<node id of a trusted peer>"
@@ -129,6 +140,7 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     pub(crate) tor: TorConfig,
     pub(crate) mirror: Vec<MirrorConfig>,
+    pub(crate) chunks: ChunksConfig,
 }
 
 /// How log lines are written: one format for the whole process, chosen
@@ -173,6 +185,104 @@ pub(crate) struct TorConfig {
     pub(crate) connect_timeout_secs: u64,
 }
 
+/// Where the chunks are: `<data-dir>/chunks` unless `url` names a bucket.
+/// Credentials are never in this file (it goes into backups): they come
+/// from the AWS environment or from `credentials_file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct ChunksConfig {
+    pub(crate) url: Option<String>,
+    pub(crate) endpoint: Option<String>,
+    pub(crate) region: Option<String>,
+    pub(crate) allow_http: Option<bool>,
+    pub(crate) credentials_file: Option<PathBuf>,
+}
+
+impl ChunksConfig {
+    /// The chunk store this section describes for the data dir `root`, whose
+    /// own chunk and quarantine dirs are `dir` and `quarantine`. A relative
+    /// `credentials_file` is relative to the data dir.
+    pub(crate) fn location(
+        &self,
+        root: &Path,
+        dir: PathBuf,
+        quarantine: PathBuf,
+    ) -> Result<Location> {
+        let Some(url) = &self.url else {
+            return Ok(Location::Dir {
+                root: dir,
+                quarantine,
+            });
+        };
+        let credentials = match &self.credentials_file {
+            None => None,
+            Some(f) => Some(read_credentials(&root.join(f))?),
+        };
+        Ok(Location::Bucket(BucketSpec {
+            url: url.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            allow_http: self.allow_http,
+            credentials,
+        }))
+    }
+}
+
+/// Read an AWS shared-credentials file (`aws_access_key_id`,
+/// `aws_secret_access_key`, optional `aws_session_token`, in its
+/// `[default]` section or before any section). Refused unless only its
+/// owner can read it, as ssh does with keys.
+fn read_credentials(path: &Path) -> Result<Credentials> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).ctx(format!("credentials file {shown}"))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(Error::denied(format!(
+            "credentials file {shown} can be read by others (mode {:o}); run `chmod 600 {shown}`",
+            meta.permissions().mode() & 0o777
+        )));
+    }
+    if meta.len() > 64 * 1024 {
+        return Err(Error::invalid(format!(
+            "credentials file {shown} is larger than 64 KiB"
+        )));
+    }
+    let text = zeroize::Zeroizing::new(
+        std::fs::read_to_string(path).ctx(format!("reading credentials file {shown}"))?,
+    );
+    let (mut id, mut secret, mut token) = (None, None, None);
+    let mut in_default = true;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_default = line == "[default]";
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        if !in_default {
+            continue;
+        }
+        let v = v.trim().to_string();
+        match k.trim() {
+            "aws_access_key_id" => id = Some(v),
+            "aws_secret_access_key" => secret = Some(zeroize::Zeroizing::new(v)),
+            "aws_session_token" => token = Some(zeroize::Zeroizing::new(v)),
+            _ => {}
+        }
+    }
+    match (id, secret) {
+        (Some(access_key_id), Some(secret_access_key)) => Ok(Credentials {
+            access_key_id,
+            secret_access_key,
+            session_token: token,
+        }),
+        _ => Err(Error::invalid(format!(
+            "credentials file {shown} has no aws_access_key_id and aws_secret_access_key in its [default] section"
+        ))),
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MirrorConfig {
@@ -194,6 +304,7 @@ impl Default for Config {
             limits: Limits::default(),
             tor: TorConfig::default(),
             mirror: Vec::new(),
+            chunks: ChunksConfig::default(),
         }
     }
 }

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use crate::chunks::ChunkDir;
+use crate::chunks::{Chunks, Location};
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::crypto::{ContentId, ItemKey, NodeId};
 use crate::error::{Error, IoContext, Kind, Result};
@@ -66,6 +66,12 @@ impl Paths {
     pub fn quarantine(&self) -> PathBuf {
         self.root.join("quarantine")
     }
+    /// Where this data dir's chunks are, by its configuration.
+    pub(crate) fn chunk_location(&self, config: &Config) -> Result<Location> {
+        config
+            .chunks
+            .location(&self.root, self.chunks(), self.quarantine())
+    }
     pub(crate) fn tor(&self) -> PathBuf {
         self.root.join("tor")
     }
@@ -97,6 +103,18 @@ pub enum InitOutcome {
 /// Create a data dir with a new identity. An existing, complete data dir is
 /// left untouched (so `bitsync init && bitsync serve` can be run every time).
 pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
+    init_with(root, passphrase, None)
+}
+
+/// [`init`], with the chunks in the object store at `chunks`
+/// (`s3://bucket/prefix`) instead of `<data-dir>/chunks`. The store is
+/// reached and marked as a chunk store before the data dir is made, so a
+/// wrong URL, endpoint or credential fails here.
+pub fn init_with(
+    root: &Path,
+    passphrase: Option<&str>,
+    chunks: Option<&str>,
+) -> Result<InitOutcome> {
     let paths = Paths::new(root);
     if paths.is_initialized() {
         let db = Db::open(&paths.db())?;
@@ -125,7 +143,7 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
         for n in entries.iter().filter(|n| is_stale_temp(n)) {
             let _ = fs::remove_file(root.join(n));
         }
-        fill(&paths, &identity, passphrase)?;
+        fill(&paths, &identity, passphrase, chunks)?;
     } else {
         let parent = root
             .parent()
@@ -140,7 +158,7 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
         let _ = fs::remove_dir_all(&tmp);
         let result = fs::create_dir(&tmp)
             .ctx(format!("creating {}", tmp.display()))
-            .and_then(|_| fill(&Paths::new(&tmp), &identity, passphrase))
+            .and_then(|_| fill(&Paths::new(&tmp), &identity, passphrase, chunks))
             .and_then(|_| {
                 fs::rename(&tmp, root).ctx(format!("moving the new data dir to {}", root.display()))
             })
@@ -151,6 +169,11 @@ pub fn init(root: &Path, passphrase: Option<&str>) -> Result<InitOutcome> {
         result?;
     }
     Ok(InitOutcome::Created(identity.id()))
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 /// What an interrupted [`fill`] may leave in an existing directory, all of
@@ -183,12 +206,24 @@ fn is_stale_temp(name: &std::ffi::OsStr) -> bool {
     })
 }
 
-fn fill(paths: &Paths, identity: &Identity, passphrase: Option<&str>) -> Result<()> {
+fn fill(
+    paths: &Paths,
+    identity: &Identity,
+    passphrase: Option<&str>,
+    chunks: Option<&str>,
+) -> Result<()> {
+    let mut config = DEFAULT_CONFIG.to_string();
+    if let Some(url) = chunks {
+        crate::chunks::BucketSpec::parse_url(url)?;
+        config.push_str(&format!("\n[chunks]\nurl = {}\n", toml_string(url)));
+        let parsed = Config::parse(&config)?;
+        Chunks::open(&paths.chunk_location(&parsed)?, true)?;
+    }
     fs::set_permissions(&paths.root, fs::Permissions::from_mode(0o700))
         .ctx(format!("setting mode 0700 on {}", paths.root.display()))?;
     identity.save(&paths.key(), passphrase)?;
     KemKey::generate()?.save(&paths.kem_key(), passphrase)?;
-    crate::durable::write_atomic(&paths.config(), DEFAULT_CONFIG.as_bytes(), 0o600)?;
+    crate::durable::write_atomic(&paths.config(), config.as_bytes(), 0o600)?;
     for d in [paths.chunks(), paths.quarantine()] {
         fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
     }
@@ -209,7 +244,7 @@ pub struct Node {
     pub(crate) config: Config,
     pub(crate) identity: std::sync::Arc<Identity>,
     pub(crate) db: Db,
-    pub(crate) chunks: ChunkDir,
+    pub(crate) chunks: Chunks,
     /// What this node has done since it was opened, for the metrics listener.
     pub(crate) metrics: std::sync::Arc<Metrics>,
     /// Link keys (format 2): `L(self→self)` in memory, the rest via `db`;
@@ -268,7 +303,7 @@ impl Node {
                 stored
             )));
         }
-        let chunks = ChunkDir::open(&paths.chunks(), &paths.quarantine())?;
+        let chunks = Chunks::open(&paths.chunk_location(&config)?, false)?;
         let keyring = Keyring::open(&identity, kem, &db)?;
         keyring.migrate_own(&identity, &db)?;
         Ok(Node {
@@ -421,7 +456,7 @@ impl Node {
         &self.db
     }
 
-    pub fn chunks(&self) -> &ChunkDir {
+    pub fn chunks(&self) -> &Chunks {
         &self.chunks
     }
 

@@ -700,7 +700,7 @@ async fn corrupted_chunk_is_data_loss_and_quarantined() {
     let (m, _) = server_node(&s).db().manifest(&item).unwrap().unwrap();
     let chunks: Vec<Hash> = m.chunk_ids().collect();
     let bad = chunks[1];
-    let path = server_node(&s).chunks().path(&bad);
+    let path = server_node(&s).chunks().file(&bad).unwrap();
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[100] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();

@@ -87,7 +87,7 @@ impl Fixture {
     }
 
     fn chunk_path(&self, m: &Manifest, i: usize) -> PathBuf {
-        self.node.chunks().path(&m.chunk_id(i))
+        self.node.chunks().file(&m.chunk_id(i)).unwrap()
     }
 
     fn manifest(&self, id: &ContentId) -> Manifest {
@@ -466,7 +466,7 @@ fn chunk_written_but_not_recorded_is_not_present() {
         let ct = crypto::encrypt_chunk(&key, i, i == 2, &data(1, CHUNK as usize));
         let cid = Hash::of(&ct);
         f.node.chunks().write(&cid, &ct).unwrap();
-        assert!(f.node.chunks().path(&cid).is_file());
+        assert!(f.node.chunks().file(&cid).unwrap().is_file());
         ids.push(cid);
     }
     f.node.chunks().sync().unwrap();
@@ -475,10 +475,9 @@ fn chunk_written_but_not_recorded_is_not_present() {
     assert_eq!(e.kind(), Kind::Integrity);
     // A write torn by the crash, left in chunks/tmp/.
     let torn = f
-        .node
-        .chunks()
-        .root()
-        .join("tmp")
+        .tmp
+        .path()
+        .join("data/chunks/tmp")
         .join(format!("{}.0000000000000000", ids[0].to_hex()));
     fs::write(&torn, b"half a chunk").unwrap();
     // Temp files are cleared once stale (a live writer in another process

@@ -169,6 +169,10 @@ pub(crate) fn run(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<CloneOutcome> {
     let started = std::time::Instant::now();
+    super::local_chunks_only(
+        &parent_of(&o.source_db).join("config.toml"),
+        "clone-instance",
+    )?;
     if !plan.existing.is_empty() && !o.force {
         return Err(Error::exists(format!(
             "{} exists; pass --force to replace it",

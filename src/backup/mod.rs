@@ -40,6 +40,23 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
+/// Refuse a data dir whose chunks are in an object store: the copy engines
+/// here read and write chunk files, and copying an object-store node's
+/// chunks is not built yet (docs/FORMAT.md §6.2). `what` names the command.
+pub(crate) fn local_chunks_only(config: &Path, what: &str) -> Result<()> {
+    if !config.is_file() {
+        return Ok(());
+    }
+    let c = crate::config::Config::load(config)?;
+    match &c.chunks.url {
+        None => Ok(()),
+        Some(url) => Err(Error::invalid(format!(
+            "{what} of a node whose chunks are in an object store ({url}) is not supported yet; \
+             only nodes with a local chunk dir"
+        ))),
+    }
+}
+
 /// fsync a file by path.
 pub(crate) fn fsync_file(path: &Path) -> Result<()> {
     fs::File::open(path)

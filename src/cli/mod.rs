@@ -80,6 +80,11 @@ pub(crate) enum Command {
         /// Seal the node key with a passphrase
         #[arg(long)]
         seal: bool,
+        /// Keep the chunks in this S3-compatible bucket (s3://bucket/prefix)
+        /// instead of <data-dir>/chunks; endpoint and credentials from the
+        /// AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...)
+        #[arg(long, value_name = "URL")]
+        chunks: Option<String>,
     },
     /// Print this node's id
     Id {
@@ -251,7 +256,7 @@ pub fn run(cli: &Cli) -> Result<()> {
 
 fn dispatch(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Command::Init { seal } => init(cli, *seal),
+        Command::Init { seal, chunks } => init(cli, *seal, chunks.as_deref()),
         Command::Id { public_key, cert } => id(cli, *public_key, *cert),
         Command::Put { file, kind, name } => content::put(cli, file, kind, name.as_deref()),
         Command::Get { content_id, output } => content::get(cli, content_id, output.as_deref()),
@@ -287,22 +292,25 @@ fn dispatch(cli: &Cli) -> Result<()> {
     }
 }
 
-fn init(cli: &Cli, seal: bool) -> Result<()> {
+fn init(cli: &Cli, seal: bool, chunks: Option<&str>) -> Result<()> {
     let pass = if seal {
         Some(cli.passphrase(true)?)
     } else {
         None
     };
     let dir = cli.data_dir();
-    match node::init(&dir, pass.as_deref().map(|s| s.as_str()))? {
+    match node::init_with(&dir, pass.as_deref().map(|s| s.as_str()), chunks)? {
         InitOutcome::Created(id) => {
             eprintln!("initialized {}", dir.display());
+            if let Some(url) = chunks {
+                eprintln!("chunks are stored in {url}");
+            }
             outln!("{id}");
         }
-        InitOutcome::AlreadyInitialized(_) if seal => {
+        InitOutcome::AlreadyInitialized(_) if seal || chunks.is_some() => {
             return Err(Error::exists(format!(
-                "{} is already initialized and its key was left as it is; \
-                 --seal only applies to a new data dir",
+                "{} is already initialized and was left as it is; \
+                 --seal and --chunks only apply to a new data dir",
                 dir.display()
             )));
         }

@@ -65,7 +65,7 @@ fn print_json(s: &StatusResponse) {
         "node_id": s.node_id, "name": s.name, "version": s.version, "listen_address": s.listen_address,
         "onion_address": s.onion_address, "manifests": s.manifests, "chunks": s.chunks,
         "stored_bytes": s.stored_bytes, "head_seq": s.head_seq, "trusted_peers": s.trusted_peers,
-        "jobs": jobs, "uptime_ms": s.uptime_ms,
+        "jobs": jobs, "uptime_ms": s.uptime_ms, "chunk_store": s.chunk_store,
     });
     outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
 }
@@ -90,6 +90,7 @@ fn print_table(s: &StatusResponse, peers: &[PeerInfo], now_ms: i64) {
             s.head_seq
         ),
     ]);
+    head.row(["chunks in".into(), s.chunk_store.clone()]);
     head.print();
 
     outln!();

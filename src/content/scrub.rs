@@ -42,9 +42,7 @@ pub fn scrub_pass(node: &Node, bytes_per_sec: u64, stop: &AtomicBool) -> Result<
             break;
         }
         let due = crate::manifest::now_ms() - SCRUB_AFTER_MS;
-        let stamp = std::fs::metadata(node.chunks.path(&id))
-            .ok()
-            .map(|m| crate::chunks::Stamp::of(&m));
+        let stamp = node.chunks.stamp(&id).ok().flatten();
         if matches!(node.db.chunk_check(&id)?, Some((s, at)) if Some(s) == stamp && at >= due) {
             continue;
         }

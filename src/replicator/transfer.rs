@@ -107,19 +107,16 @@ pub(super) fn adopt_strays(
 ) -> Result<Vec<(ChunkId, u64)>> {
     let mut adopted = Vec::new();
     for id in ids {
-        let path = node.chunks.path(id);
-        let Ok(meta) = std::fs::metadata(&path) else {
+        let Ok(Some(stamp)) = node.chunks.stamp(id) else {
             continue;
         };
-        if !wanted(lengths, id, meta.len()) {
-            let _ = std::fs::remove_file(&path);
+        if !wanted(lengths, id, stamp.size) {
+            node.chunks.remove(id)?;
             continue;
         }
-        match std::fs::read(&path) {
-            Ok(data) if Hash::of(&data) == *id => adopted.push((*id, data.len() as u64)),
-            _ => {
-                let _ = std::fs::remove_file(&path);
-            }
+        match node.chunks.read_unchecked(id) {
+            Ok((data, _)) if Hash::of(&data) == *id => adopted.push((*id, data.len() as u64)),
+            _ => node.chunks.remove(id)?,
         }
     }
     if adopted.is_empty() {

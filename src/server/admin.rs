@@ -108,6 +108,7 @@ impl Admin for AdminService {
             trusted_peers: stats.trusted_peers,
             jobs,
             uptime_ms: self.state.started.elapsed().as_millis() as i64,
+            chunk_store: self.state.node.chunks.describe(),
         }))
     }
 

@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -320,27 +321,42 @@ impl Federation for FederationService {
                     "node {me} is shutting down; retry the chunks not received"
                 ))
             };
-            for id in parsed {
+            // Chunks are read ahead of the one being sent (by as many as
+            // the store asks for: one for a local disk, several for an
+            // object store whose round trips would otherwise serialise the
+            // stream), each within the node-wide byte budget.
+            let ahead = state.node.chunks.read_ahead();
+            let reads = futures::stream::iter(parsed)
+                .map(|id| {
+                    let st = state.clone();
+                    async move {
+                        let len = st.node.db.chunk_len(&id).ok().flatten().unwrap_or(0);
+                        let permit = st.chunk_budget.bytes(len).await;
+                        let msg = blocking(move || Ok(read_chunk(&st, &id))).await;
+                        (msg, permit)
+                    }
+                })
+                .buffered(ahead);
+            futures::pin_mut!(reads);
+            loop {
                 if *shutdown.borrow() {
                     let _ =
                         tokio::time::timeout(SHUTDOWN_SEND, tx.send((Err(stopping()), None))).await;
                     return;
                 }
+                let next = tokio::select! {
+                    n = reads.next() => n,
+                    _ = tx.closed() => return,
+                    _ = shutdown.changed() => continue,
+                };
+                let Some((msg, permit)) = next else { return };
+                // Checked before each chunk is sent, not only when it was read.
                 if !state.node.db.is_trusted(&caller).unwrap_or(false) {
                     tracing::warn!(peer = %caller.short(), "ending a chunk stream: the peer was revoked");
                     let msg = Status::permission_denied(format!("node {caller} was revoked"));
                     let _ = tx.send((Err(msg), None)).await;
                     return;
                 }
-                // Room in the node-wide byte budget before the chunk is read.
-                let len = state.node.db.chunk_len(&id).ok().flatten().unwrap_or(0);
-                let permit = tokio::select! {
-                    p = state.chunk_budget.bytes(len) => p,
-                    _ = tx.closed() => return,
-                    _ = shutdown.changed() => continue,
-                };
-                let st = state.clone();
-                let msg = blocking(move || Ok(read_chunk(&st, &id))).await;
                 let msg = match msg {
                     Ok(m) => m,
                     Err(e) => {

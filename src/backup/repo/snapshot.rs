@@ -63,6 +63,7 @@ pub(crate) fn backup(
 ) -> Result<BackupOutcome> {
     let paths = Paths::new(data_dir);
     let node_id = data_dir_node_id(data_dir)?;
+    crate::backup::local_chunks_only(&paths.config(), "backup")?;
     check_options(&paths, opts, &node_id)?;
     let repo = Repo::open_or_create(repo_root)?;
     let _lock = repo.lock_exclusive()?;
