@@ -528,7 +528,10 @@ async fn stream_bench() {
     .unwrap();
     let (m, _) = server.db().manifest(&id).unwrap().unwrap();
     let ids: Vec<String> = m.chunk_ids().map(|c| c.to_hex()).collect();
-    let paths: Vec<PathBuf> = m.chunk_ids().map(|c| server.chunks().file(&c).unwrap()).collect();
+    let paths: Vec<PathBuf> = m
+        .chunk_ids()
+        .map(|c| server.chunks().file(&c).unwrap())
+        .collect();
     server
         .db()
         .upsert_peer(&caller.id(), "bench", "", PeerState::Trusted, false)

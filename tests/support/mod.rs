@@ -16,6 +16,7 @@
 //! - [`net`]: a loopback TCP proxy that counts bytes or slows the wire;
 //! - [`netns`]: two network namespaces joined by a delayed, lossy,
 //!   rate-limited or cut link (TUN devices and a forwarder of our own);
+//! - [`seaweed`]: a real SeaweedFS (S3) and a client of its own for the bucket;
 //! - [`procfs`]: a process's fds and RSS from /proc, the fd limit, `[limits]` in a config;
 //! - [`wait`]: polling and awaiting with deadlines (every wait is bounded);
 //! - [`watch`]: a node's metrics listener over HTTP, promtool, a real
@@ -39,6 +40,7 @@ pub mod netns;
 pub mod node;
 pub mod process;
 pub mod procfs;
+pub mod seaweed;
 pub mod serve;
 pub mod tornet;
 pub mod wait;

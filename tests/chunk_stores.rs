@@ -1,0 +1,358 @@
+//! Chunks in an S3-compatible object store (docs/FORMAT.md §5.2) on a real
+//! SeaweedFS: the chunk-store rules on both backends, clones from a disk
+//! node into a bucket node and back, a bad object caught and fetched
+//! elsewhere, credentials refused at start, and the store going away in the
+//! middle of a clone. Real `bitsync` processes throughout; the bucket is
+//! looked at and altered with an S3 client of the test's own.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+
+use crate::support::seaweed::{s3, S3};
+use crate::support::*;
+
+const CHUNK: usize = 65536;
+
+/// Where a test node keeps its chunks.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Dir,
+    Bucket,
+}
+
+/// A node at `dir` with 64 KiB chunks on `store`; the bucket URL for a bucket node.
+fn init(dir: &Path, store: Store, name: &str) -> Option<String> {
+    let url = match store {
+        Store::Dir => {
+            ok_at(dir, &["init"]);
+            None
+        }
+        Store::Bucket => {
+            let url = s3().url(name);
+            s3().init_node(dir, &url, None);
+            Some(url)
+        }
+    };
+    set_chunk_size(dir, CHUNK);
+    url
+}
+
+fn publish(dir: &Path, scratch: &Path, items: &[(String, Vec<u8>)]) -> Vec<String> {
+    items
+        .iter()
+        .map(|(name, d)| {
+            let f = scratch.join(name);
+            std::fs::write(&f, d).unwrap();
+            ok_at(dir, &["put", f.to_str().unwrap()]).last_line()
+        })
+        .collect()
+}
+
+fn items(seed: u64) -> Vec<(String, Vec<u8>)> {
+    let sizes = [0, 1, CHUNK - 1, CHUNK, 5 * CHUNK + 7, 300_000];
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (format!("item-{seed}-{i}"), data(seed * 100 + i as u64, n)))
+        .collect()
+}
+
+/// Every item reads back through `bitsync get` byte for byte.
+#[track_caller]
+fn assert_items(dir: &Path, ids: &[String], items: &[(String, Vec<u8>)]) {
+    for (id, (name, d)) in ids.iter().zip(items) {
+        let o = ok_at(dir, &["get", id]);
+        assert!(o.stdout == *d, "{name} ({id}) differs on {}", dir.display());
+    }
+}
+
+fn recorded_chunks(dir: &Path) -> HashSet<String> {
+    let c = db_read_only(dir);
+    let mut st = c.prepare("SELECT chunk_id FROM chunks").unwrap();
+    st.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+fn chunks_of(dir: &Path, content_id: &str) -> Vec<String> {
+    let c = db_read_only(dir);
+    let mut st = c
+        .prepare("SELECT chunk_id FROM manifest_chunks WHERE content_id = ?1 ORDER BY idx")
+        .unwrap();
+    st.query_map([content_id], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// Chunk `hex` as stored by the node at `dir` (its file, or its object).
+fn stored(dir: &Path, url: Option<&str>, hex: &str) -> Option<Vec<u8>> {
+    match url {
+        None => std::fs::read(dir.join("chunks").join(&hex[..2]).join(hex)).ok(),
+        Some(u) => s3().get(&S3::chunk_key(u, hex)),
+    }
+}
+
+fn quarantined(dir: &Path, url: Option<&str>, hex: &str) -> bool {
+    match url {
+        None => dir.join("quarantine").join(hex).is_file(),
+        Some(u) => s3().get(&S3::quarantine_key(u, hex)).is_some(),
+    }
+}
+
+/// Flip a byte in the middle of chunk `hex`, behind the node's back.
+fn corrupt(dir: &Path, url: Option<&str>, hex: &str) {
+    let mut b = stored(dir, url, hex).expect("the chunk is stored");
+    let mid = b.len() / 2;
+    b[mid] ^= 0x5a;
+    match url {
+        None => std::fs::write(dir.join("chunks").join(&hex[..2]).join(hex), b).unwrap(),
+        Some(u) => s3().put(&S3::chunk_key(u, hex), b),
+    }
+}
+
+#[test]
+fn both_backends_keep_the_chunk_store_rules() {
+    for store in [Store::Dir, Store::Bucket] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("n");
+        let url = init(&dir, store, "rules");
+        let items = items(1);
+        let ids = publish(&dir, tmp.path(), &items);
+        assert_items(&dir, &ids, &items);
+        let o = ok_at(&dir, &["verify"]);
+        assert!(o.stderr.contains("0 problem(s)"), "{store:?}: {o:?}");
+
+        // Every recorded chunk is stored whole under its hash, nothing else.
+        let recorded = recorded_chunks(&dir);
+        for hex in &recorded {
+            let b = stored(&dir, url.as_deref(), hex)
+                .unwrap_or_else(|| panic!("{store:?}: {hex} missing"));
+            assert_eq!(bitsync::crypto::Hash::of(&b).to_hex(), *hex, "{store:?}");
+        }
+        if let Some(u) = &url {
+            assert_eq!(s3().keys(u, "chunks").len(), recorded.len());
+            assert!(dir
+                .join("chunks")
+                .read_dir()
+                .unwrap()
+                .all(|e| e.unwrap().file_name() == "tmp"));
+        }
+
+        // A chunk altered behind the node's back: get fails DATA_LOSS, the
+        // chunk is quarantined and forgotten, the item shows incomplete.
+        let bad = chunks_of(&dir, &ids[4])[2].clone();
+        corrupt(&dir, url.as_deref(), &bad);
+        let o = at(&dir, &["get", &ids[4]]);
+        assert_eq!(o.code, 5, "{store:?}: {o:?}");
+        assert!(o.stderr.contains("quarantine"), "{store:?}: {}", o.stderr);
+        assert!(quarantined(&dir, url.as_deref(), &bad), "{store:?}");
+        assert!(stored(&dir, url.as_deref(), &bad).is_none(), "{store:?}");
+        assert!(!recorded_chunks(&dir).contains(&bad), "{store:?}");
+        let listed = ls_json(&dir);
+        let item = listed
+            .iter()
+            .find(|i| i["content_id"] == ids[4].as_str())
+            .unwrap();
+        assert_eq!(item["complete"], false, "{store:?}: {item}");
+        // The other items are untouched.
+        assert_items(&dir, &ids[..4], &items[..4]);
+    }
+}
+
+#[test]
+fn clone_from_disk_into_a_bucket_and_from_the_bucket_to_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(|n| tmp.path().join(n));
+    init(&a, Store::Dir, "a");
+    let url = init(&b, Store::Bucket, "clone-b").unwrap();
+    let items = items(2);
+    let ids = publish(&a, tmp.path(), &items);
+    let sa = Serve::start(&a);
+
+    // Disk -> bucket.
+    ok_at(&b, &["clone", &sa.invite()]);
+    assert_items(&b, &ids, &items);
+    ok_at(&b, &["verify"]);
+    assert_eq!(s3().keys(&url, "chunks").len(), recorded_chunks(&b).len());
+    assert_eq!(recorded_chunks(&b), recorded_chunks(&a));
+
+    // The bucket node serves; status names its store and never its keys.
+    let mut sb = Serve::start(&b);
+    let status = ok_at(&b, &["status", "--json"]).text();
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["chunk_store"], format!("object store {url}"), "{status}");
+    assert!(!status.contains(&s3().secret_key));
+
+    // One of B's objects goes bad behind its back: C, cloning from B, gets
+    // DATA_LOSS for it (that item stays incomplete), and fetches it from A.
+    let bad = chunks_of(&b, &ids[5])[1].clone();
+    corrupt(&b, Some(&url), &bad);
+    let o = at(&c, &["clone", &sb.invite()]);
+    let complete = |dir: &Path| -> Vec<bool> {
+        let l = ls_json(dir);
+        ids.iter()
+            .map(|id| {
+                l.iter()
+                    .any(|i| i["content_id"] == id.as_str() && i["complete"] == true)
+            })
+            .collect()
+    };
+    assert_eq!(complete(&c), [true, true, true, true, true, false], "{o:?}");
+    assert!(
+        o.text().contains("DATA_LOSS")
+            || o.stderr.contains("DATA_LOSS")
+            || o.stderr.contains("hash"),
+        "{o:?}"
+    );
+    assert!(quarantined(&b, Some(&url), &bad));
+    ok_at(&c, &["clone", &sa.invite()]);
+    assert_items(&c, &ids, &items);
+    ok_at(&c, &["verify"]);
+    sb.terminate(20);
+    let log = std::fs::read_to_string(b.with_extension("serve.log")).unwrap();
+    assert!(
+        !log.contains(&s3().secret_key),
+        "the secret key is in B's log"
+    );
+}
+
+#[test]
+fn bad_settings_fail_at_start_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tmp.path().join("b");
+    let url = init(&b, Store::Bucket, "creds").unwrap();
+    let creds = tmp.path().join("b.s3-credentials");
+    let good = std::fs::read_to_string(&creds).unwrap();
+
+    // Wrong secret: refused when the node opens (exit 6, UNAUTHENTICATED's
+    // kind), naming the bucket, never showing a key.
+    let wrong = "0123456789wrongwrongwrong";
+    std::fs::write(&creds, good.replace(&s3().secret_key, wrong)).unwrap();
+    let o = at(&b, &["ls"]);
+    assert_eq!(o.code, 6, "{o:?}");
+    assert!(
+        o.stderr.contains(&url) && o.stderr.contains("refused this node's credentials"),
+        "{}",
+        o.stderr
+    );
+    assert!(!o.stderr.contains(wrong) && !o.stderr.contains(&s3().secret_key));
+
+    // A credentials file others can read is refused before it is read.
+    std::fs::write(&creds, &good).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = at(&b, &["ls"]);
+    assert_eq!(o.code, 7, "{o:?}");
+    assert!(o.stderr.contains("chmod 600"), "{}", o.stderr);
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
+    ok_at(&b, &["ls"]);
+
+    // A URL that is not a chunk store (a typo) is not silently a new one.
+    let cfg = b.join("config.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace(&url, &format!("{url}-typo"))).unwrap();
+    let o = at(&b, &["ls"]);
+    assert_eq!(o.code, 3, "{o:?}");
+    assert!(o.stderr.contains("no bitsync chunk store"), "{}", o.stderr);
+
+    // Nothing listens at the endpoint: UNAVAILABLE's exit code, bounded in time.
+    std::fs::write(&cfg, text.replace(&s3().endpoint, "http://127.0.0.1:9")).unwrap();
+    let t = std::time::Instant::now();
+    let o = at(&b, &["ls"]);
+    assert_eq!(o.code, 8, "{o:?}");
+    assert!(o.stderr.contains("cannot be reached"), "{}", o.stderr);
+    assert!(t.elapsed().as_secs() < 60, "took {:?}", t.elapsed());
+
+    // init --chunks refuses a bad URL before it makes anything.
+    let o = at(
+        &tmp.path().join("x"),
+        &["init", "--chunks", "s3://Bad_Bucket/p"],
+    );
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(!tmp.path().join("x").exists());
+}
+
+#[test]
+fn the_store_going_away_mid_clone_is_unavailable_and_the_rerun_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a_id = ok_at(&a, &["init"]).last_line();
+    set_chunk_size(&a, CHUNK);
+    // B reaches the store through a proxy the test can cut.
+    let store = proxy(
+        s3().endpoint.trim_start_matches("http://").parse().unwrap(),
+        None,
+    );
+    let url = s3().url("down");
+    s3().init_node(&b, &url, Some(&format!("http://{}", store.addr)));
+    let b_id = ok_at(&b, &["id"]).last_line();
+    let items: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("big-{i}"),
+                data(300 + i, 2 * 1024 * 1024 + 100 * i as usize),
+            )
+        })
+        .collect();
+    let ids = publish(&a, tmp.path(), &items);
+    let total_chunks: usize = ids.iter().map(|id| chunks_of(&a, id).len()).sum();
+    let sa = Serve::start(&a);
+    // The wire to A runs at 4 MiB/s, so the cut lands mid-transfer.
+    let wire = proxy(sa.addr.parse().unwrap(), Some(4 << 20));
+    ok_at(&a, &["peer", "add", &b_id, "127.0.0.1:9"]);
+    ok_at(&b, &["peer", "add", &a_id, &wire.addr.to_string()]);
+
+    let child = bitsync(&b)
+        .args(["clone", &a_id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(120, "a third of the chunks on B", || {
+        (recorded_chunks(&b).len() >= total_chunks / 3).then_some(())
+    });
+    store.set_cut(true);
+    let cut_at = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    eprintln!("the clone ended {:?} after the cut", cut_at.elapsed());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(8),
+        "the clone did not end UNAVAILABLE: {stderr}"
+    );
+    assert!(
+        stderr.contains("cannot be reached") && stderr.contains(&url),
+        "{stderr}"
+    );
+
+    // Nothing half-written counts: every recorded chunk is whole in the bucket.
+    let recorded = recorded_chunks(&b);
+    assert!(
+        recorded.len() < total_chunks,
+        "the clone finished before the cut"
+    );
+    for hex in &recorded {
+        let obj = s3()
+            .get(&S3::chunk_key(&url, hex))
+            .unwrap_or_else(|| panic!("{hex} recorded, not stored"));
+        assert_eq!(bitsync::crypto::Hash::of(&obj).to_hex(), *hex);
+    }
+
+    // The store is back: the same command finishes the clone.
+    store.set_cut(false);
+    let before = wire.down.load(Ordering::Relaxed);
+    ok_at(&b, &["clone", &a_id]);
+    assert_items(&b, &ids, &items);
+    ok_at(&b, &["verify"]);
+    let resent = wire.down.load(Ordering::Relaxed) - before;
+    let total: u64 = items.iter().map(|(_, d)| d.len() as u64).sum();
+    assert!(
+        resent < total,
+        "the re-run fetched {resent} bytes of {total}: it started over"
+    );
+}
