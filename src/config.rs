@@ -228,6 +228,36 @@ impl ChunksConfig {
     }
 }
 
+/// Set (or, with `None`, remove) `[chunks] url` in the config file at
+/// `path`, keeping every other line and comment, in one atomic write. The
+/// result must load as a valid config, or nothing is written.
+pub(crate) fn set_chunks_url(path: &Path, url: Option<&str>) -> Result<()> {
+    let text = std::fs::read_to_string(path).ctx(format!("reading {}", path.display()))?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    match url {
+        Some(u) => {
+            let t = doc
+                .entry("chunks")
+                .or_insert_with(|| toml_edit::Item::Table(toml_edit::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| {
+                    Error::invalid(format!("{}: chunks is not a table", path.display()))
+                })?;
+            t["url"] = toml_edit::value(u);
+        }
+        None => {
+            if let Some(t) = doc.get_mut("chunks").and_then(|c| c.as_table_mut()) {
+                t.remove("url");
+            }
+        }
+    }
+    let out = doc.to_string();
+    Config::parse(&out).map_err(|e| e.context(path.display()))?;
+    crate::durable::write_atomic(path, out.as_bytes(), 0o600)
+}
+
 /// Read an AWS shared-credentials file (`aws_access_key_id`,
 /// `aws_secret_access_key`, optional `aws_session_token`, in its
 /// `[default]` section or before any section). Refused unless only its

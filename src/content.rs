@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 mod list;
+pub mod migrate;
 pub mod scrub;
 
 pub use list::{list, Listed};
@@ -51,7 +52,7 @@ pub fn put(
     let mut present = Vec::new();
     let mut checks = Vec::new();
     let mut size = 0u64;
-    let (workers, depth) = pipeline::default_shape();
+    let (workers, depth) = pipeline::shape(&node.chunks);
     // Chunk files are written by the workers; none is recorded as present
     // before the sync below (and the manifest row) make them durable.
     pipeline::ordered(
@@ -288,7 +289,7 @@ fn decrypt_to(
     }
     let n = m.chunk_count();
     let mut written = 0u64;
-    let (workers, depth) = pipeline::default_shape();
+    let (workers, depth) = pipeline::shape(&node.chunks);
     // Workers read, hash and decrypt; this thread does the bookkeeping of a
     // failed chunk (quarantined by its worker, forgotten here) and writes in order.
     pipeline::ordered(
@@ -354,7 +355,7 @@ pub fn verify(node: &Node, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport> 
     let mut good = Vec::new();
     // Chunks are read and hashed on every core; a failed one is quarantined
     // by its worker and forgotten here, in list order.
-    let (workers, depth) = pipeline::default_shape();
+    let (workers, depth) = pipeline::shape(&node.chunks);
     pipeline::ordered(
         chunks.iter().map(Ok),
         workers,

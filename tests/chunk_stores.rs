@@ -356,3 +356,97 @@ fn the_store_going_away_mid_clone_is_unavailable_and_the_rerun_completes() {
         "the re-run fetched {resent} bytes of {total}: it started over"
     );
 }
+
+#[test]
+fn migrate_to_a_bucket_and_back_resumes_after_kill_9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = tmp.path().join("n");
+    ok_at(&n, &["init"]);
+    // Many small chunks, so the kill lands mid-copy.
+    set_chunk_size(&n, 4096);
+    let items: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("m-{i}"),
+                data(700 + i, 1024 * 1024 + 33 * i as usize),
+            )
+        })
+        .collect();
+    let ids = publish(&n, tmp.path(), &items);
+    let recorded = recorded_chunks(&n);
+    let url = s3().url("migrate");
+    let cfg = n.join("config.toml");
+    let before = std::fs::read_to_string(&cfg).unwrap();
+
+    let mut child = bitsync(&n)
+        .args(["chunks", "migrate", "--to", &url])
+        .envs(s3().aws_env())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(120, "a fifth of the chunks in the bucket", || {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("the migration ended ({st}) before it could be killed");
+        }
+        (s3().keys(&url, "chunks").len() >= recorded.len() / 5).then_some(())
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let copied_before = s3().keys(&url, "chunks").len();
+    assert!(
+        copied_before < recorded.len(),
+        "the migration finished before the kill"
+    );
+
+    // Killed: the node still runs on its chunk dir, config untouched.
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
+    assert_items(&n, &ids[..2], &items[..2]);
+
+    // The re-run copies only what the bucket lacks, then switches.
+    let o = run(bitsync(&n)
+        .args(["chunks", "migrate", "--to", &url])
+        .envs(s3().aws_env()));
+    assert_eq!(o.code, 0, "{o:?}");
+    let line = o.last_line();
+    let already: usize = line
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" already there; the old store was left as it was"))
+        .unwrap_or_else(|| panic!("no count in {line:?}"))
+        .parse()
+        .unwrap();
+    assert!(already >= copied_before.saturating_sub(1), "{line}");
+    assert_eq!(s3().keys(&url, "chunks").len(), recorded.len());
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains(&format!("url = \"{url}\"")), "{text}");
+    assert!(
+        text.contains("# bitsync node configuration."),
+        "comments were lost"
+    );
+    let on_s3 = |args: &[&str]| {
+        let o = run(bitsync(&n).args(args).envs(s3().aws_env()));
+        assert_eq!(o.code, 0, "{args:?}: {o:?}");
+        o
+    };
+    for (id, (_, d)) in ids.iter().zip(&items) {
+        assert!(on_s3(&["get", id]).stdout == *d, "{id} after the migration");
+    }
+    assert!(on_s3(&["verify"]).stderr.contains("0 problem(s)"));
+    // Without the store's settings the node now fails to start, clearly.
+    let o = at(&n, &["ls"]);
+    assert_ne!(o.code, 0);
+    assert!(o.stderr.contains(&url), "{}", o.stderr);
+
+    // The operator removes the old chunk dir; then back to a new one.
+    std::fs::remove_dir_all(n.join("chunks")).unwrap();
+    let o = on_s3(&["chunks", "migrate", "--to", "local"]);
+    assert!(
+        o.last_line()
+            .contains(&format!("{} chunks copied", recorded.len())),
+        "{o:?}"
+    );
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(!text.lines().any(|l| l.starts_with("url =")), "{text}");
+    assert_items(&n, &ids, &items);
+    assert!(ok_at(&n, &["verify"]).stderr.contains("0 problem(s)"));
+}

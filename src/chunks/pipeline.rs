@@ -14,12 +14,14 @@ use std::sync::Mutex;
 
 use crate::error::Result;
 
-/// Worker threads and chunks in flight for the data path: one worker per
-/// core (the calling thread does the ordered I/O besides), and two chunks per
+/// Worker threads and chunks in flight for the data path over `store`: one
+/// worker per core (the calling thread does the ordered I/O besides), or as
+/// many as the store wants reads in flight if that is more (a remote object
+/// store, where a worker mostly waits on a round trip); and two chunks per
 /// worker so none waits on the reorder buffer.
-pub(crate) fn default_shape() -> (usize, usize) {
+pub(crate) fn shape(store: &super::Chunks) -> (usize, usize) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = cores.clamp(1, 8);
+    let workers = cores.clamp(1, 8).max(store.read_ahead());
     (workers, 2 * workers)
 }
 

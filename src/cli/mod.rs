@@ -14,6 +14,7 @@
 #![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 mod backup;
+mod chunks;
 mod clone;
 mod clone_instance;
 mod content;
@@ -37,6 +38,7 @@ use crate::node::{self, InitOutcome, Node};
 use output::{out, outln};
 
 pub(crate) use backup::{BackupArgs, RestoreArgs};
+pub(crate) use chunks::ChunksCommand;
 pub(crate) use clone_instance::CloneInstanceArgs;
 pub(crate) use import_axon::ImportAxonArgs;
 pub(crate) use peer::PeerCommand;
@@ -122,6 +124,11 @@ pub(crate) enum Command {
     Peer {
         #[command(subcommand)]
         command: PeerCommand,
+    },
+    /// Where the chunks are stored: move them to an object store or back
+    Chunks {
+        #[command(subcommand)]
+        command: ChunksCommand,
     },
     /// Re-hash every chunk, check every manifest signature and the database
     Verify,
@@ -262,6 +269,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
         Command::Get { content_id, output } => content::get(cli, content_id, output.as_deref()),
         Command::Ls { json } => content::list(&cli.open_node()?, *json),
         Command::Peer { command } => peer::run(&cli.open_node()?, command),
+        Command::Chunks { command } => chunks::run(&cli.open_node()?, command),
         Command::Verify => content::verify(&cli.open_node()?),
         Command::Serve {
             listen,

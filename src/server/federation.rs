@@ -503,10 +503,21 @@ fn read_chunk(state: &ServerState, id: &Hash) -> ChunkData {
             if e.kind() == Kind::NotFound {
                 return missing();
             }
+            // The peer gets the code and what it means for this chunk; the
+            // store's own error (bucket, endpoint, paths) stays in our log.
+            let problem = if e.kind() == Kind::Integrity {
+                problem(&e)
+            } else {
+                tracing::warn!(chunk = %id, "reading a chunk to send: {e}");
+                Problem {
+                    code: e.code() as i32,
+                    message: format!("chunk {id} could not be read from this node's chunk store"),
+                }
+            };
             ChunkData {
                 chunk_id: id.to_hex(),
                 data: Default::default(),
-                problem: Some(problem(&e)),
+                problem: Some(problem),
             }
         }
     }
