@@ -23,7 +23,9 @@
 //!   (RSA-OAEP), manifest signatures (RSA-PSS), passphrase sealing (scrypt).
 //! - [`identity`]: the node key; node id = SHA-256 of the public key (SPKI DER).
 //! - [`manifest`]: the signed description of an item; content id = SHA-256 of its body.
-//! - `chunks` and [`store`]: chunk files on disk, and the SQLite database,
+//! - `chunks` and [`store`]: the chunk store, one door with the rules
+//!   (hash before write, re-hash on read, quarantine) over two backends (a
+//!   chunk dir on disk, an S3-compatible bucket), and the SQLite database,
 //!   the one owner of the schema (manifests, envelopes, chunk index, peers,
 //!   the sequence counter); backup and clone-instance read and rekey through it.
 //! - [`keyring`]: format 2's link keys in use: the node's own, unwrapped

@@ -1,8 +1,9 @@
 //! Chunks in an S3-compatible object store (docs/FORMAT.md §5.2) on a real
-//! SeaweedFS: the chunk-store rules on both backends, clones from a disk
-//! node into a bucket node and back, a bad object caught and fetched
-//! elsewhere, credentials refused at start, and the store going away in the
-//! middle of a clone. Real `bitsync` processes throughout; the bucket is
+//! SeaweedFS: the chunk-store rules on both backends, a clone and a mirror
+//! from a disk node into a bucket node and a clone back, a bad object caught
+//! and fetched elsewhere, credentials refused at start, the store going away
+//! in the middle of a clone, and `chunks migrate` there and back with a
+//! kill -9 in the middle. Real `bitsync` processes throughout; the bucket is
 //! looked at and altered with an S3 client of the test's own.
 
 use std::collections::HashSet;
@@ -164,7 +165,7 @@ fn both_backends_keep_the_chunk_store_rules() {
 }
 
 #[test]
-fn clone_from_disk_into_a_bucket_and_from_the_bucket_to_disk() {
+fn clone_and_mirror_from_disk_into_a_bucket_and_clone_from_the_bucket_to_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let [a, b, c] = ["a", "b", "c"].map(|n| tmp.path().join(n));
     init(&a, Store::Dir, "a");
@@ -186,6 +187,25 @@ fn clone_from_disk_into_a_bucket_and_from_the_bucket_to_disk() {
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["chunk_store"], format!("object store {url}"), "{status}");
     assert!(!status.contains(&s3().secret_key));
+
+    // B mirrors A: a new item on A lands in B's bucket while both run.
+    let a_id = ok_at(&a, &["id"]).last_line();
+    ok_at(&b, &["peer", "add", &a_id, &sa.addr, "--mirror"]);
+    let late = data(77, 3 * CHUNK + 5);
+    let late_id = publish(&a, tmp.path(), &[("late".into(), late.clone())]).remove(0);
+    wait_for(60, "B to mirror the new item", || {
+        ls_json(&b)
+            .iter()
+            .any(|i| i["content_id"] == late_id.as_str() && i["complete"] == true)
+            .then_some(())
+    });
+    assert_items(&b, std::slice::from_ref(&late_id), &[("late".into(), late)]);
+    for hex in chunks_of(&b, &late_id) {
+        assert!(
+            s3().get(&S3::chunk_key(&url, &hex)).is_some(),
+            "{hex} not in the bucket"
+        );
+    }
 
     // One of B's objects goes bad behind its back: C, cloning from B, gets
     // DATA_LOSS for it (that item stays incomplete), and fetches it from A.

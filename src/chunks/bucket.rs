@@ -137,6 +137,16 @@ impl Bucket {
         }
         // Bounded in time: a store that is down fails a call within about
         // half a minute (UNAVAILABLE) instead of the default three minutes.
+        // No SHA-256 of each body for the request signature (SigV4's
+        // UNSIGNED-PAYLOAD), unless AWS_UNSIGNED_PAYLOAD says otherwise:
+        // measured, it was most of this node's CPU in a clone into
+        // SeaweedFS (docs/BENCHMARKS.md), and it protects nothing a chunk
+        // needs. A chunk is named by the SHA-256 of its bytes and re-hashed
+        // on every read, so an object changed on the way in is caught and
+        // quarantined like one changed at rest; over https TLS guards it.
+        if std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_none() {
+            b = b.with_unsigned_payload(true);
+        }
         // Set key by key: `with_client_options` would drop what the
         // environment set (AWS_ALLOW_HTTP is a client option).
         b = b
