@@ -30,36 +30,44 @@ struct Prepared {
     fresh: bool,
 }
 
-/// The manifest and the caller's envelope for one item, re-keying just in
-/// time if the caller has none yet. The manifest is served as stored; the
-/// caller verifies its signature.
-fn prepare(
-    state: &ServerState,
-    caller: &NodeId,
-    caller_spki: &[u8],
-    id: &str,
-) -> Result<Prepared, Error> {
+/// What the database holds for one item of a batch: the answer, or the
+/// manifest of an item the caller has no envelope for yet.
+enum Found {
+    Ready(Prepared),
+    Rekey(ContentId, crate::store::RawManifest),
+}
+
+/// The manifest and the caller's envelope for one item, if it has one: two
+/// indexed lookups, no crypto.
+fn look_up(state: &ServerState, caller: &str, id: &str) -> Result<Found, Error> {
     let node = &state.node;
     let cid: ContentId = Hash::parse(id, "content id")?;
-    let crate::store::RawManifest {
-        body,
-        signature,
-        seq,
-    } = node
+    let raw = node
         .db
         .manifest_raw(&cid)?
         .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
-    if let Some(envelope) = node.db.envelope(&cid, &caller.to_hex())? {
-        return Ok(Prepared {
-            body,
-            signature,
-            seq,
+    Ok(match node.db.envelope(&cid, caller)? {
+        Some(envelope) => Found::Ready(Prepared {
+            body: raw.body,
+            signature: raw.signature,
+            seq: raw.seq,
             envelope,
             fresh: false,
-        });
-    }
-    // Just-in-time rekey: unwrap our own envelope, check the key opens this
-    // item, wrap it for the caller.
+        }),
+        None => Found::Rekey(cid, raw),
+    })
+}
+
+/// Just-in-time rekey of one item: unwrap our own envelope, check the key
+/// opens this item, wrap it for the caller. The manifest is served as
+/// stored; the caller verifies its signature.
+fn rekey(
+    state: &ServerState,
+    caller_spki: &[u8],
+    cid: ContentId,
+    raw: crate::store::RawManifest,
+) -> Result<Prepared, Error> {
+    let node = &state.node;
     let started = std::time::Instant::now();
     let own = node
         .db
@@ -70,7 +78,7 @@ fn prepare(
                 format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
             )
         })?;
-    let m = crate::manifest::Manifest::from_signed(body, signature)?;
+    let m = crate::manifest::Manifest::from_signed(raw.body, raw.signature)?;
     let key = node
         .open_envelope(&cid, &own)
         .map_err(|e| e.context(format!("item {cid}")))?;
@@ -81,7 +89,7 @@ fn prepare(
     Ok(Prepared {
         body: m.body_bytes().to_vec(),
         signature: m.signature().to_vec(),
-        seq,
+        seq: raw.seq,
         envelope,
         fresh: true,
     })
@@ -187,25 +195,57 @@ fn answer(
         .collect()
 }
 
-/// [`prepare`] each id, the batch split over (at most 8) cores.
+/// Below this many items to re-key in a batch, other threads cost more than
+/// they save.
+const PARALLEL_REKEY: usize = 32;
+
+/// Look every item up on this thread (an item the caller already holds an
+/// envelope for costs two indexed lookups, and measured, handing those to
+/// other threads spent more in futex wake-ups and lock contention than the
+/// lookups themselves: docs/BENCHMARKS.md, issue 13), then re-key the rest,
+/// over the cores when there are enough (a signature check and a wrap each).
 fn prepare_all(
     state: &ServerState,
     caller: &NodeId,
     caller_spki: &[u8],
     ids: &[String],
 ) -> Vec<Result<Prepared, Error>> {
+    let recipient = caller.to_hex();
+    let mut out: Vec<Result<Prepared, Error>> = Vec::with_capacity(ids.len());
+    let mut todo: Vec<(usize, ContentId, crate::store::RawManifest)> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        match look_up(state, &recipient, id) {
+            Ok(Found::Ready(p)) => out.push(Ok(p)),
+            Ok(Found::Rekey(cid, raw)) => {
+                out.push(Err(Error::io("not yet re-keyed")));
+                todo.push((i, cid, raw));
+            }
+            Err(e) => out.push(Err(e)),
+        }
+    }
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(8);
-    let per = ids.len().div_ceil(workers).max(16);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = ids
-            .chunks(per)
+    if todo.len() < PARALLEL_REKEY || workers == 1 {
+        for (i, cid, raw) in todo {
+            out[i] = rekey(state, caller_spki, cid, raw);
+        }
+        return out;
+    }
+    let per = todo.len().div_ceil(workers);
+    let mut parts: Vec<Vec<_>> = Vec::new();
+    while !todo.is_empty() {
+        let rest = todo.split_off(todo.len().saturating_sub(per));
+        parts.push(rest);
+    }
+    let done: Vec<(usize, Result<Prepared, Error>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = parts
+            .into_iter()
             .map(|part| {
                 s.spawn(move || {
-                    part.iter()
-                        .map(|id| prepare(state, caller, caller_spki, id))
+                    part.into_iter()
+                        .map(|(i, cid, raw)| (i, rekey(state, caller_spki, cid, raw)))
                         .collect::<Vec<_>>()
                 })
             })
@@ -214,7 +254,11 @@ fn prepare_all(
             .into_iter()
             .flat_map(|h| h.join().expect("rekey worker panicked"))
             .collect()
-    })
+    });
+    for (i, r) in done {
+        out[i] = r;
+    }
+    out
 }
 
 /// Store the envelopes wrapped in this batch in one transaction; returns
