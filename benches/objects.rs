@@ -23,7 +23,6 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bitsync::content::{self, PutOptions};
 use tempfile::TempDir;
 
 use support::bench::{self, bench_dir, env_usize, measure, sync_all, Run};
@@ -69,17 +68,7 @@ fn clone_vs_rclone(tmp: &TempDir, mb: u64, rounds: usize) {
     println!("\n(a) clone into SeaweedFS vs rclone copy: {mb} MiB in 1 MiB chunks, {rounds} round(s) (median)");
     let t = Instant::now();
     let src = new_node(&a);
-    let (per_item, mut left, mut i) = (64 * MIB, mb * MIB, 0u64);
-    while left > 0 {
-        let n = left.min(per_item);
-        let opts = PutOptions {
-            kind: "file".into(),
-            name: format!("part-{i}"),
-        };
-        content::put(&src, &mut DataReader::new(0x51ED ^ i, n), &opts, &|_| {}).unwrap();
-        left -= n;
-        i += 1;
-    }
+    let i = bench::publish_parts(&src, mb * MIB, 64 * MIB, 0x51ED);
     let a_id = src.id().to_hex();
     drop(src);
     println!(

@@ -49,7 +49,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bitsync::content::{self, PutOptions};
+use bitsync::content;
 use bitsync::crypto::{self, Hash};
 use bitsync::manifest::{self, Manifest};
 use bitsync::node::{self, Node};
@@ -197,25 +197,7 @@ fn clone_bench() {
     println!("\n(a) clone vs rsync vs cp -r: {mb} MiB in 1 MiB chunks, loopback, {rounds} rounds (median)");
     let t = Instant::now();
     let src = new_node(&a);
-    let per_item = 64 * MIB;
-    let mut left = mb * MIB;
-    let mut i = 0u64;
-    while left > 0 {
-        let n = left.min(per_item);
-        let opts = PutOptions {
-            kind: "file".into(),
-            name: format!("part-{i}"),
-        };
-        content::put(
-            &src,
-            &mut DataReader::new(0x9E37_79B9_7F4A_7C15 ^ i, n),
-            &opts,
-            &|_| {},
-        )
-        .unwrap();
-        left -= n;
-        i += 1;
-    }
+    let i = bench::publish_parts(&src, mb * MIB, 64 * MIB, 0x9E37_79B9_7F4A_7C15);
     let a_id = src.id().to_hex();
     drop(src);
     println!(

@@ -31,26 +31,33 @@ pub(crate) fn syncfs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The directory `path` is in ("." for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Write `bytes` to a new file `tmp` with `mode` and fsync it.
+fn write_synced(tmp: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(tmp)
+        .ctx(format!("creating {}", tmp.display()))?;
+    f.write_all(bytes)
+        .ctx(format!("writing {}", tmp.display()))?;
+    f.sync_all().ctx(format!("syncing {}", tmp.display()))
+}
+
 /// Write `bytes` to `path` atomically: temp file beside it, fsync, rename, fsync the directory.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let tmp = temp_sibling(path, "tmp");
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .ctx(format!("writing {}", tmp.display()))?;
-        f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
+    let result = write_synced(&tmp, bytes, mode).and_then(|_| {
         fs::rename(&tmp, path).ctx(format!("renaming {} into place", tmp.display()))?;
-        sync_dir(dir)
-    })();
+        sync_dir(parent_dir(path))
+    });
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -62,30 +69,15 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 /// rename, never replaces), so of two processes creating the same file at
 /// once exactly one wins and both then read the winner's.
 pub(crate) fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let tmp = temp_sibling(path, "new");
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .ctx(format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .ctx(format!("writing {}", tmp.display()))?;
-        f.sync_all().ctx(format!("syncing {}", tmp.display()))?;
-        match fs::hard_link(&tmp, path) {
-            Ok(()) => sync_dir(dir).map(|_| true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(Error::from_io(
-                e,
-                format!("linking {} into place", path.display()),
-            )),
-        }
-    })();
+    let result = write_synced(&tmp, bytes, mode).and_then(|_| match fs::hard_link(&tmp, path) {
+        Ok(()) => sync_dir(parent_dir(path)).map(|_| true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(Error::from_io(
+            e,
+            format!("linking {} into place", path.display()),
+        )),
+    });
     let _ = fs::remove_file(&tmp);
     result
 }

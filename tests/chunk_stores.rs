@@ -6,7 +6,6 @@
 //! kill -9 in the middle. Real `bitsync` processes throughout; the bucket is
 //! looked at and altered with an S3 client of the test's own.
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
@@ -67,26 +66,6 @@ fn assert_items(dir: &Path, ids: &[String], items: &[(String, Vec<u8>)]) {
         let o = ok_at(dir, &["get", id]);
         assert!(o.stdout == *d, "{name} ({id}) differs on {}", dir.display());
     }
-}
-
-fn recorded_chunks(dir: &Path) -> HashSet<String> {
-    let c = db_read_only(dir);
-    let mut st = c.prepare("SELECT chunk_id FROM chunks").unwrap();
-    st.query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect()
-}
-
-fn chunks_of(dir: &Path, content_id: &str) -> Vec<String> {
-    let c = db_read_only(dir);
-    let mut st = c
-        .prepare("SELECT chunk_id FROM manifest_chunks WHERE content_id = ?1 ORDER BY idx")
-        .unwrap();
-    st.query_map([content_id], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect()
 }
 
 /// Chunk `hex` as stored by the node at `dir` (its file, or its object).

@@ -65,6 +65,8 @@ fn status_shows_peers_and_mirror_lag_as_a_table() {
     assert!(row(&table, "node").ends_with(b_id), "{table}");
     assert!(row(&table, "listen").ends_with(&sb.addr), "{table}");
     assert!(row(&table, "stored").contains(" 1 items, "), "{table}");
+    let store = format!("chunk dir {}", b.join("chunks").display());
+    assert!(row(&table, "chunks in").ends_with(&store), "{table}");
     assert_eq!(
         cols(row(&table, "PEER")),
         ["PEER", "STATE", "MIRROR", "ADDRESS", "NAME"]
@@ -109,6 +111,7 @@ fn status_shows_peers_and_mirror_lag_as_a_table() {
     assert_eq!(
         keys,
         [
+            "chunk_store",
             "chunks",
             "head_seq",
             "jobs",

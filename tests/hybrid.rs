@@ -12,13 +12,10 @@ use std::fs;
 use std::path::Path;
 
 use bitsync::crypto::ContentId;
-use bitsync::error::Kind;
 use bitsync::keyring::ENVELOPE_FORMAT;
 use bitsync::node::Node;
 use bitsync::proto::*;
 use bitsync::replicator::Client;
-use bitsync::server::RunningNode;
-use bitsync::store::PeerState;
 use rsa::pkcs8::DecodePrivateKey;
 use rsa::signature::{RandomizedSigner, SignatureEncoding};
 use rsa::{Oaep, RsaPrivateKey};
@@ -27,20 +24,6 @@ use tempfile::TempDir;
 use tonic::Code;
 
 use crate::support::*;
-
-fn fresh(tmp: &TempDir, name: &str) -> Node {
-    bitsync::tls::install_crypto_provider();
-    new_node(&tmp.path().join(name))
-}
-
-fn trust(server: &RunningNode, peer: &bitsync::crypto::NodeId) {
-    server
-        .state
-        .node
-        .db()
-        .upsert_peer(peer, "", "", PeerState::Trusted, false)
-        .unwrap();
-}
 
 /// GetManifests presenting `kem` as the caller's key.
 async fn get_manifests(
@@ -65,21 +48,9 @@ async fn get_manifests(
         .collect())
 }
 
-async fn link_envelopes(fed: &mut Client) -> GetLinkEnvelopesResponse {
-    fed.get_link_envelopes(GetLinkEnvelopesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn generation_of(item_envelope: &[u8]) -> u32 {
     assert_eq!(&item_envelope[..4], b"BIE2");
     u32::from_be_bytes(item_envelope[36..40].try_into().unwrap())
-}
-
-fn data_loss(e: bitsync::Error) {
-    assert_eq!(e.kind(), Kind::Integrity, "{e}");
-    assert_eq!(tonic::Status::from(e).code(), Code::DataLoss);
 }
 
 /// A node's RSA key, read from its (unsealed) node.key as FORMAT.md §1.1 says.
@@ -154,38 +125,6 @@ fn pinned(dir: &Path, peer: &bitsync::crypto::NodeId) -> Option<Vec<u8>> {
             |r| r.get(0),
         )
         .unwrap()
-}
-
-/// tests/python/link_unwrap.py opens the same item key as `node`, from
-/// FORMAT.md alone (skipped, and said so, without python3's
-/// `cryptography` and `kyber_py`).
-fn python_agrees(node: &Node, id: &ContentId, envelope: &[u8]) {
-    let has = std::process::Command::new("python3")
-        .args(["-c", "import cryptography, kyber_py"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        eprintln!("skipped: python3 with cryptography and kyber-py is not available");
-        return;
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/link_unwrap.py");
-    let o = std::process::Command::new("python3")
-        .arg(script)
-        .arg(node.paths().root())
-        .arg(id.to_hex())
-        .arg(hex::encode(envelope))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "link_unwrap.py: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let key = node.open_envelope(id, envelope).unwrap();
-    assert_eq!(
-        String::from_utf8(o.stdout).unwrap().trim(),
-        hex::encode(key.as_bytes())
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

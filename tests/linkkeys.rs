@@ -9,12 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use bitsync::crypto::ContentId;
-use bitsync::error::Kind;
 use bitsync::keyring::ENVELOPE_FORMAT;
 use bitsync::node::Node;
 use bitsync::proto::*;
 use bitsync::replicator::Client;
-use bitsync::server::RunningNode;
 use bitsync::store::PeerState;
 use tempfile::TempDir;
 use tonic::Code;
@@ -24,21 +22,6 @@ use crate::support::*;
 /// The fixture snapshot's sealed key opens with this (tests/fixtures/format1/README.md).
 const PASS: &str = "throwaway-fixture-passphrase";
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/format1");
-
-fn fresh(tmp: &TempDir, name: &str) -> Node {
-    bitsync::tls::install_crypto_provider();
-    new_node(&tmp.path().join(name))
-}
-
-fn trust(server: &RunningNode, peer: &NodeIdOf) {
-    server
-        .state
-        .node
-        .db()
-        .upsert_peer(peer, "", "", PeerState::Trusted, false)
-        .unwrap();
-}
-type NodeIdOf = bitsync::crypto::NodeId;
 
 /// GetManifests as a format-2 caller; the envelope of each item, in order.
 async fn envelopes(fed: &mut Client, ids: &[ContentId]) -> Vec<Vec<u8>> {
@@ -58,13 +41,6 @@ async fn envelopes(fed: &mut Client, ids: &[ContentId]) -> Vec<Vec<u8>> {
             x.envelope.unwrap().wrapped_key
         })
         .collect()
-}
-
-async fn link_envelopes(fed: &mut Client) -> GetLinkEnvelopesResponse {
-    fed.get_link_envelopes(GetLinkEnvelopesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 /// (sender, recipient, generation) of every link key in a database.
@@ -89,42 +65,6 @@ fn with_generation(envelope: &[u8], g: u32) -> Vec<u8> {
     let mut e = envelope.to_vec();
     e[36..40].copy_from_slice(&g.to_be_bytes());
     e
-}
-
-/// tests/python/link_unwrap.py reads from `node`'s data dir the item key
-/// `node` opens (skipped, and said so, where python3 lacks `cryptography`).
-fn python_agrees(node: &Node, id: &ContentId, envelope: &[u8]) {
-    let has = std::process::Command::new("python3")
-        .args(["-c", "import cryptography"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has {
-        eprintln!("skipped: python3 with the cryptography package is not available");
-        return;
-    }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/link_unwrap.py");
-    let o = std::process::Command::new("python3")
-        .arg(script)
-        .arg(node.paths().root())
-        .arg(id.to_hex())
-        .arg(hex::encode(envelope))
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "link_unwrap.py: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let key = node.open_envelope(id, envelope).unwrap();
-    assert_eq!(
-        String::from_utf8(o.stdout).unwrap().trim(),
-        hex::encode(key.as_bytes())
-    );
-}
-
-fn data_loss(e: bitsync::Error) {
-    assert_eq!(e.kind(), Kind::Integrity, "{e}");
-    assert_eq!(tonic::Status::from(e).code(), Code::DataLoss);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //!
 //! Every wait is bounded: a broken node fails the test with what it printed.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
@@ -146,16 +146,6 @@ fn chunk_rows(dir: &Path) -> (u64, u64) {
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
     )
     .unwrap()
-}
-
-/// Ids of the chunks a node's database records as present.
-fn recorded_chunks(dir: &Path) -> HashSet<String> {
-    let c = db_read_only(dir);
-    let mut st = c.prepare("SELECT chunk_id FROM chunks").unwrap();
-    st.query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect()
 }
 
 /// Chunk files in place in a data dir, by chunk id, with their sizes.
@@ -485,21 +475,6 @@ fn corrupt(dir: &Path, chunks: &[String]) {
         b[mid] ^= 0x5a;
         std::fs::write(&p, b).unwrap();
     }
-}
-
-fn chunks_of(dir: &Path, content_id: &str) -> Vec<String> {
-    let c = rusqlite::Connection::open_with_flags(
-        dir.join("bitsync.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    let mut st = c
-        .prepare("SELECT chunk_id FROM manifest_chunks WHERE content_id = ?1 ORDER BY idx")
-        .unwrap();
-    st.query_map([content_id], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect()
 }
 
 #[test]

@@ -225,3 +225,22 @@ pub fn one_chunk_item(
     let m = Manifest::create(node.identity(), body).unwrap();
     (m, key, ct)
 }
+
+/// Publish `bytes` of generated data into `node` as items of at most
+/// `per_item` bytes named `part-N` (through `content::put`, as `bitsync
+/// put` does); returns how many items.
+pub fn publish_parts(node: &Node, bytes: u64, per_item: u64, seed: u64) -> u64 {
+    let (mut left, mut i) = (bytes, 0u64);
+    while left > 0 {
+        let n = left.min(per_item);
+        let opts = bitsync::content::PutOptions {
+            kind: "file".into(),
+            name: format!("part-{i}"),
+        };
+        let mut input = super::DataReader::new(seed ^ i, n);
+        bitsync::content::put(node, &mut input, &opts, &|_| {}).unwrap();
+        left -= n;
+        i += 1;
+    }
+    i
+}

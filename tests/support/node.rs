@@ -136,3 +136,90 @@ pub async fn federation_client(caller: &Node, server: &RunningNode) -> bitsync::
     .expect("dialing the test node");
     bitsync::replicator::client(ch)
 }
+
+/// A new node in `tmp/name`, with the process's TLS provider installed.
+pub fn fresh(tmp: &tempfile::TempDir, name: &str) -> Node {
+    bitsync::tls::install_crypto_provider();
+    new_node(&tmp.path().join(name))
+}
+
+/// Make `peer` a trusted peer of the running `server` (no address).
+pub fn trust(server: &RunningNode, peer: &bitsync::crypto::NodeId) {
+    server
+        .state
+        .node
+        .db()
+        .upsert_peer(peer, "", "", bitsync::store::PeerState::Trusted, false)
+        .unwrap();
+}
+
+/// The server's link envelopes for the caller of `fed`.
+pub async fn link_envelopes(
+    fed: &mut bitsync::replicator::Client,
+) -> bitsync::proto::GetLinkEnvelopesResponse {
+    fed.get_link_envelopes(bitsync::proto::GetLinkEnvelopesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// `e` is an integrity failure, which a peer sees as DATA_LOSS.
+#[track_caller]
+pub fn data_loss(e: bitsync::Error) {
+    assert_eq!(e.kind(), bitsync::error::Kind::Integrity, "{e}");
+    assert_eq!(tonic::Status::from(e).code(), tonic::Code::DataLoss);
+}
+
+/// tests/python/link_unwrap.py opens the same item key as `node`, from
+/// FORMAT.md alone (skipped, and said so, without python3's
+/// `cryptography` and `kyber_py`).
+pub fn python_agrees(node: &Node, id: &ContentId, envelope: &[u8]) {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import cryptography, kyber_py"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        eprintln!("skipped: python3 with cryptography and kyber-py is not available");
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/link_unwrap.py");
+    let o = std::process::Command::new("python3")
+        .arg(script)
+        .arg(node.paths().root())
+        .arg(id.to_hex())
+        .arg(hex::encode(envelope))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "link_unwrap.py: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let key = node.open_envelope(id, envelope).unwrap();
+    assert_eq!(
+        String::from_utf8(o.stdout).unwrap().trim(),
+        hex::encode(key.as_bytes())
+    );
+}
+
+/// Ids of the chunks a node's database records as present.
+pub fn recorded_chunks(dir: &Path) -> std::collections::HashSet<String> {
+    let c = db_read_only(dir);
+    let mut st = c.prepare("SELECT chunk_id FROM chunks").unwrap();
+    st.query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
+/// The chunk ids of item `content_id`, in order, from a node's database.
+pub fn chunks_of(dir: &Path, content_id: &str) -> Vec<String> {
+    let c = db_read_only(dir);
+    let mut st = c
+        .prepare("SELECT chunk_id FROM manifest_chunks WHERE content_id = ?1 ORDER BY idx")
+        .unwrap();
+    st.query_map([content_id], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect()
+}
