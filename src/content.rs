@@ -250,7 +250,10 @@ pub fn get(
             let result = (|| -> Result<u64> {
                 let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
                 let n = {
-                    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+                    // Small chunks are gathered into writes of one piece;
+                    // a whole piece passes straight through.
+                    let mut w =
+                        std::io::BufWriter::with_capacity(crate::durable::WRITE_PIECE, &mut f);
                     let n = decrypt_to(node, &m, &key, &mut w, progress)?;
                     w.flush().ctx(format!("writing {}", tmp.display()))?;
                     n
@@ -319,7 +322,7 @@ fn decrypt_to(
         },
         |(id, plain)| {
             let plain = plain.map_err(|e| node.chunk_failed(&id, e))?;
-            w.write_all(&plain).ctx("writing output")?;
+            crate::durable::write_in_pieces(w, &plain).ctx("writing output")?;
             written += plain.len() as u64;
             progress(written);
             Ok(())

@@ -31,6 +31,18 @@ pub(crate) fn syncfs(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Largest single write(2) of bulk data (chunk files, `get`'s output): one
+/// write of 1 MiB or more into the page cache is several times slower than
+/// the same bytes in 256 KiB writes on Linux 6.x with large folios
+/// (measured: docs/BENCHMARKS.md, replication and issue 15).
+pub(crate) const WRITE_PIECE: usize = 256 * 1024;
+
+/// `w.write_all(data)` in [`WRITE_PIECE`]s.
+pub(crate) fn write_in_pieces(w: &mut dyn Write, data: &[u8]) -> std::io::Result<()> {
+    data.chunks(WRITE_PIECE)
+        .try_for_each(|piece| w.write_all(piece))
+}
+
 /// The directory `path` is in ("." for a bare name).
 fn parent_dir(path: &Path) -> &Path {
     path.parent()

@@ -7,7 +7,7 @@
 //! run, so a crash can leave stray files, never a short chunk.
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use rand::RngCore;
@@ -18,12 +18,6 @@ use crate::error::{Error, IoContext, Result};
 
 /// A temp file untouched this long belongs to a writer that died.
 const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// Largest single write(2) when storing a chunk: one write of 1 MiB or more
-/// into the page cache is several times slower than the same bytes in
-/// 256 KiB writes on Linux 6.x with large folios (measured:
-/// docs/BENCHMARKS.md, replication).
-const WRITE_PIECE: usize = 256 * 1024;
 
 #[derive(Debug)]
 pub(super) struct Dir {
@@ -82,10 +76,8 @@ impl Backend for Dir {
         ));
         let result = (|| {
             let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
-            for piece in data.chunks(WRITE_PIECE) {
-                f.write_all(piece)
-                    .ctx(format!("writing chunk {}", tmp.display()))?;
-            }
+            crate::durable::write_in_pieces(&mut f, data)
+                .ctx(format!("writing chunk {}", tmp.display()))?;
             drop(f);
             if !dir.exists() {
                 fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
