@@ -82,8 +82,9 @@ trait Backend: Send + Sync + std::fmt::Debug {
     }
     /// Put bytes already checked against `id` into place, whole or not at
     /// all; durable once [`sync`](Self::sync) returns. Returns the stamp of
-    /// what was placed.
-    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Stamp>;
+    /// what was placed when the write tells it for free (`None`: it would
+    /// take another request).
+    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Option<Stamp>>;
     fn sync(&self) -> Result<()>;
     /// The stored bytes, unchecked, with the stamp taken before they were
     /// read; an Integrity error from [`oversized`] if larger than any chunk.
@@ -139,8 +140,9 @@ impl Chunks {
 
     /// Verify `data` against `id` and put it into place, whole or not at all.
     /// Durable only after [`sync`](Self::sync); record it as present after that.
-    /// Returns the placed chunk's stamp: its bytes are the ones just hashed.
-    pub fn write(&self, id: &ChunkId, data: &[u8]) -> Result<Stamp> {
+    /// Returns the placed chunk's stamp, if the store gave it: its bytes
+    /// are the ones just hashed.
+    pub fn write(&self, id: &ChunkId, data: &[u8]) -> Result<Option<Stamp>> {
         let actual = Hash::of(data);
         if actual != *id {
             return Err(Error::integrity(format!(
@@ -151,7 +153,7 @@ impl Chunks {
     }
 
     /// Write a chunk this node just made; its id is computed here, once.
-    pub(crate) fn write_new(&self, data: &[u8]) -> Result<(ChunkId, Stamp)> {
+    pub(crate) fn write_new(&self, data: &[u8]) -> Result<(ChunkId, Option<Stamp>)> {
         let id = Hash::of(data);
         let stamp = self.backend.place(&id, data)?;
         Ok((id, stamp))

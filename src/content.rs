@@ -71,7 +71,7 @@ pub fn put(
             size += plain_len;
             ids.push(id);
             present.push((id, ct_len));
-            checks.push((id, stamp));
+            checks.extend(stamp.map(|s| (id, s)));
             progress(size);
             if ids.len() % SYNC_EVERY == 0 {
                 node.chunks.sync()?;

@@ -66,7 +66,7 @@ impl Backend for Dir {
         Some(self.path(id))
     }
 
-    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Stamp> {
+    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Option<Stamp>> {
         let path = self.path(id);
         let dir = path.parent().expect("chunk path has a parent");
         let tmp = self.root.join("tmp").join(format!(
@@ -85,7 +85,7 @@ impl Backend for Dir {
             fs::rename(&tmp, &path).ctx(format!("renaming chunk into {}", path.display()))?;
             // After the rename, which changes the inode's ctime.
             let m = fs::metadata(&path).ctx(format!("chunk {}", path.display()))?;
-            Ok(Stamp::of(&m))
+            Ok(Some(Stamp::of(&m)))
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
