@@ -87,6 +87,7 @@ pub(crate) mod legacy;
 pub mod manifest;
 pub mod metrics;
 pub mod node;
+pub(crate) mod objects;
 pub mod replicator;
 pub mod server;
 pub mod store;
