@@ -21,7 +21,7 @@ mod bucket;
 mod local;
 pub(crate) mod pipeline;
 
-pub use bucket::{BucketSpec, Credentials};
+pub use crate::objects::{BucketSpec, Credentials};
 
 /// Upper bound on one chunk's ciphertext: the largest allowed chunk size plus the GCM tag.
 pub(crate) const MAX_CHUNK_BYTES: usize = crate::manifest::MAX_CHUNK_SIZE as usize + 16;
@@ -170,6 +170,27 @@ impl Chunks {
         let (data, _) = self.read_unchecked(id)?;
         self.check(id, &data)?;
         Ok(data)
+    }
+
+    /// Read a chunk and check its hash, changing nothing: a mismatch is a
+    /// DATA_LOSS error and the chunk stays where it is. For copies, which
+    /// only ever read their source (`verify` quarantines).
+    pub(crate) fn read_untouched(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let data = self.fetch_untouched(id)?;
+        let actual = Hash::of(&data);
+        if actual != *id {
+            return Err(Error::integrity(format!(
+                "chunk {id} in the {} fails its hash (its SHA-256 is {actual}): it is damaged",
+                self.describe()
+            )));
+        }
+        Ok(data)
+    }
+
+    /// The stored bytes of chunk `id` (bounded to the largest chunk),
+    /// unchecked, changing nothing: the caller checks them.
+    pub(crate) fn fetch_untouched(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.backend.fetch(id).map(|(data, _)| data)
     }
 
     /// Check `data`, just read from chunk `id`, against its id: a mismatch

@@ -449,3 +449,207 @@ fn migrate_to_a_bucket_and_back_resumes_after_kill_9() {
     assert_items(&n, &ids, &items);
     assert!(ok_at(&n, &["verify"]).stderr.contains("0 problem(s)"));
 }
+
+#[test]
+fn backup_restore_and_clone_instance_of_a_bucket_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (n, repo) = (tmp.path().join("n"), tmp.path().join("repo"));
+    let url = init(&n, Store::Bucket, "backup").unwrap();
+    let items = items(9);
+    let ids = publish(&n, tmp.path(), &items);
+    let recorded = recorded_chunks(&n);
+    let pass = [("BITSYNC_PASSPHRASE", "backup pass phrase")];
+    let repo_arg = repo.to_str().unwrap();
+    run(bitsync(&n)
+        .args(["backup", "--with-identity", "--repo", repo_arg])
+        .envs(pass))
+    .ok("backup of a bucket node");
+    ok_at(&n, &["backup", "verify", "--repo", repo_arg]);
+    for hex in &recorded {
+        let f = repo.join("chunks").join(&hex[..2]).join(hex);
+        assert!(f.is_file(), "chunk {hex} is not in the repository");
+    }
+    // The repository holds no credentials (config.toml names only the file).
+    let secret = s3().secret_key.as_bytes();
+    for f in walk(&repo) {
+        let b = std::fs::read(&f).unwrap();
+        assert!(!b.windows(secret.len()).any(|w| w == secret), "{f:?}");
+    }
+
+    // Same identity, same bucket (the machine died, its bucket did not):
+    // every object is kept, nothing is uploaded again.
+    let same = tmp.path().join("same");
+    let objects_before = s3().keys(&url, "chunks").len();
+    run(bitsync(&same)
+        .args(["restore", "--repo", repo_arg])
+        .envs(pass))
+    .ok("restore into the snapshot's bucket");
+    assert_eq!(s3().keys(&url, "chunks").len(), objects_before);
+    assert_items(&same, &ids, &items);
+
+    // Into a new bucket prefix, and into a local chunk dir.
+    let url2 = s3().url("restored");
+    let (bucket2, local) = (tmp.path().join("b2"), tmp.path().join("local"));
+    run(bitsync(&bucket2)
+        .args(["restore", "--repo", repo_arg, "--chunks", &url2])
+        .envs(pass))
+    .ok("restore into another bucket");
+    assert_eq!(s3().keys(&url2, "chunks").len(), recorded.len());
+    assert_items(&bucket2, &ids, &items);
+    ok_at(&bucket2, &["verify"]);
+    run(bitsync(&local)
+        .args(["restore", "--repo", repo_arg, "--chunks", "local"])
+        .envs(pass))
+    .ok("restore into a local chunk dir");
+    let cfg = std::fs::read_to_string(local.join("config.toml")).unwrap();
+    assert!(!names_a_bucket(&cfg), "{cfg}");
+    assert_eq!(recorded_chunks(&local), recorded);
+    for hex in &recorded {
+        assert!(
+            stored(&local, None, hex).is_some(),
+            "{hex} not in local/chunks"
+        );
+    }
+    assert_items(&local, &ids, &items);
+
+    // clone-instance copies from the bucket into local attachments.
+    let c = tmp.path().join("c");
+    let (db, att) = (c.join("bitsync.db"), c.join("chunks"));
+    ok(bitsync(&n).args([
+        "clone-instance",
+        "--new-identity",
+        "--dest-db",
+        db.to_str().unwrap(),
+        "--dest-attachments",
+        att.to_str().unwrap(),
+    ]));
+    let cfg = std::fs::read_to_string(c.join("config.toml")).unwrap();
+    assert!(
+        !names_a_bucket(&cfg),
+        "the copy writes into the source's bucket: {cfg}"
+    );
+    assert_items(&c, &ids, &items);
+    ok_at(&c, &["verify"]);
+    assert_ne!(
+        ok_at(&c, &["id"]).last_line(),
+        ok_at(&n, &["id"]).last_line()
+    );
+
+    // A damaged object stops a backup (DATA_LOSS) and is left in place.
+    let hex = recorded.iter().next().unwrap();
+    corrupt(&n, Some(&url), hex);
+    std::fs::remove_dir_all(&repo).unwrap();
+    let o = run(bitsync(&n).args(["backup", "--repo", repo_arg]));
+    assert_eq!(o.code, 5, "{o:?}");
+    assert!(o.stderr.contains(hex.as_str()), "{o:?}");
+    assert!(!quarantined(&n, Some(&url), hex));
+}
+
+/// Whether a config.toml sets `[chunks] url` (not just its comment).
+fn names_a_bucket(config: &str) -> bool {
+    config.lines().any(|l| l.trim_start().starts_with("url ="))
+}
+
+#[test]
+fn backup_to_and_restore_from_an_s3_repository() {
+    let tmp = tempfile::tempdir().unwrap();
+    let n = tmp.path().join("n");
+    init(&n, Store::Dir, "");
+    let items = items(11);
+    let ids = publish(&n, tmp.path(), &items);
+    let recorded = recorded_chunks(&n);
+    let repo = s3().url("repo");
+    let env = |c: &mut std::process::Command| {
+        c.envs(s3().aws_env())
+            .env("BITSYNC_PASSPHRASE", "repo pass phrase");
+    };
+    let backup = |extra: &[&str]| {
+        let mut c = bitsync(&n);
+        c.args(["backup", "--with-identity", "--repo", &repo])
+            .args(extra);
+        env(&mut c);
+        run(&mut c)
+    };
+    let first = backup(&[]);
+    assert_eq!(first.code, 0, "{first:?}");
+    assert_eq!(s3().keys(&repo, "chunks").len(), recorded.len());
+    // A second backup uploads no chunk.
+    let second = backup(&[]);
+    assert_eq!(second.code, 0, "{second:?}");
+    assert!(
+        second.stderr.contains(&format!(
+            "0 new chunks (0 B) copied, {} already in the repository",
+            recorded.len()
+        )),
+        "{second:?}"
+    );
+    let mut ls = bitsync(&n);
+    ls.args(["backup", "ls", "--json", "--repo", &repo]);
+    env(&mut ls);
+    let listed: serde_json::Value = serde_json::from_str(&run(&mut ls).ok("backup ls")).unwrap();
+    let snaps: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        snaps,
+        [first.last_line(), second.last_line()],
+        "backup ls lists both snapshots, oldest first"
+    );
+    let mut verify = bitsync(&n);
+    verify.args(["backup", "verify", "--repo", &repo]);
+    env(&mut verify);
+    run(&mut verify).ok("backup verify");
+
+    // Restore from the bucket into a local data dir, and into a bucket node.
+    let r = tmp.path().join("r");
+    let mut restore = bitsync(&r);
+    restore.args(["restore", "--repo", &repo]);
+    env(&mut restore);
+    run(&mut restore).ok("restore from s3");
+    assert_items(&r, &ids, &items);
+    let url = s3().url("restored-from-s3");
+    let rb = tmp.path().join("rb");
+    let mut restore = bitsync(&rb);
+    restore.args(["restore", "--repo", &repo, "--chunks", &url]);
+    env(&mut restore);
+    run(&mut restore).ok("restore from s3 into a bucket node");
+    assert_eq!(s3().keys(&url, "chunks").len(), recorded.len());
+
+    // No pruning without a lock; a prefix that holds something else is refused.
+    let o = backup(&["--keep-last", "1"]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("--keep-last is not supported"), "{o:?}");
+    let mut c = bitsync(&n);
+    c.args(["backup", "--repo", &url]);
+    env(&mut c);
+    let o = run(&mut c);
+    assert_eq!(o.code, 4, "{o:?}");
+    assert!(
+        o.stderr.contains("not a bitsync backup repository"),
+        "{o:?}"
+    );
+
+    // A damaged object: verify names it, restore refuses and writes nothing.
+    let hex = recorded.iter().next().unwrap();
+    let key = S3::chunk_key(&repo, hex);
+    let mut b = s3().get(&key).unwrap();
+    b[0] ^= 1;
+    s3().put(&key, b);
+    let o = run(&mut verify);
+    assert_eq!(o.code, 5, "{o:?}");
+    assert!(
+        o.text()
+            .contains(&format!("chunks/{}/{hex}: damaged", &hex[..2])),
+        "{o:?}"
+    );
+    let bad = tmp.path().join("bad");
+    let mut restore = bitsync(&bad);
+    restore.args(["restore", "--repo", &repo]);
+    env(&mut restore);
+    let o = run(&mut restore);
+    assert_eq!(o.code, 5, "{o:?}");
+    assert!(!bad.exists() || walk(&bad).is_empty(), "restore left files");
+}

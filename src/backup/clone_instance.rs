@@ -23,15 +23,20 @@
 //!   `<dest-db dir>` is a runnable data dir when `--dest-attachments` is
 //!   `<dest-db dir>/chunks`. Without `--new-identity` no key is written: the
 //!   copy keeps the source's node id and must never run beside it.
+//! - A source whose chunks are in an object store (its config.toml says so)
+//!   is copied from there; the copy's chunks are always the local
+//!   `--dest-attachments`, and the config.toml copied beside it names no
+//!   object store, so the copy never writes into the source's bucket.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use super::copy::{self, CopyJob, CopyStats};
+use super::copy::{self, CopyJob, CopyStats, End};
 use super::dbcopy;
 use super::{fsync_dir, human_bytes, syncfs, temp_sibling, TempTree};
+use crate::chunks::Chunks;
 use crate::crypto::NodeId;
 use crate::error::{Error, IoContext, Result};
 use crate::identity::{self, Identity};
@@ -60,6 +65,9 @@ pub(crate) struct Plan {
     /// What already exists at the destination and would be replaced.
     pub(crate) existing: Vec<PathBuf>,
     pub(crate) free: Option<u64>,
+    /// The object store the source's chunks are in, when its config names one
+    /// (then `source_attachments` is not read).
+    pub(crate) source_store: Option<Chunks>,
 }
 
 #[derive(Debug)]
@@ -93,7 +101,8 @@ pub(crate) fn plan(o: &CloneOptions) -> Result<Plan> {
             o.source_db.display()
         )));
     }
-    if !o.source_attachments.is_dir() {
+    let source_store = super::bucket_of(&parent_of(&o.source_db), false)?;
+    if source_store.is_none() && !o.source_attachments.is_dir() {
         return Err(Error::not_found(format!(
             "source attachments {} is not a directory",
             o.source_attachments.display()
@@ -144,6 +153,7 @@ pub(crate) fn plan(o: &CloneOptions) -> Result<Plan> {
         node_id: facts.node_id,
         existing,
         free: super::free_space(&o.dest_attachments),
+        source_store,
     })
 }
 
@@ -169,10 +179,6 @@ pub(crate) fn run(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<CloneOutcome> {
     let started = std::time::Instant::now();
-    super::local_chunks_only(
-        &parent_of(&o.source_db).join("config.toml"),
-        "clone-instance",
-    )?;
     if !plan.existing.is_empty() && !o.force {
         return Err(Error::exists(format!(
             "{} exists; pass --force to replace it",
@@ -205,7 +211,11 @@ pub(crate) fn run(
     let facts = Db::open_read_only(&stage.db)?.facts()?;
 
     // 2. Every chunk it lists, re-hashed.
-    let stats = copy_attachments(o, &stage.att, &facts, progress)?;
+    let src = match &plan.source_store {
+        Some(store) => End::Store(store),
+        None => End::Dir(&o.source_attachments),
+    };
+    let stats = copy_attachments(src, &stage.att, &facts, progress)?;
 
     // 3. A new identity for a copy that runs beside the original.
     let mut rekey = None;
@@ -284,7 +294,7 @@ fn open_source_key(
 
 /// Copy the chunks the staged database lists into `stage_att`, re-hashed.
 fn copy_attachments(
-    o: &CloneOptions,
+    src: End<'_>,
     stage_att: &Path,
     facts: &DbFacts,
     progress: &(dyn Fn(u64, u64) + Sync),
@@ -292,8 +302,8 @@ fn copy_attachments(
     fs::create_dir_all(stage_att).ctx(format!("creating {}", stage_att.display()))?;
     let tmp = stage_att.join("tmp");
     let job = CopyJob {
-        src_root: &o.source_attachments,
-        dst_root: stage_att,
+        src,
+        dst: End::Dir(stage_att),
         tmp_dir: &tmp,
         skip_existing: false,
         src_label: "the source attachments",
@@ -333,6 +343,8 @@ impl Extras<'_> {
             let text =
                 fs::read(&source_config).ctx(format!("reading {}", source_config.display()))?;
             crate::durable::write_atomic(&cfg, &text, 0o600)?;
+            // The copy's chunks are the local attachments, never the source's bucket.
+            crate::config::set_chunks_url(&cfg, None)?;
             self.written_config = Some(parent_of(&o.dest_db).join("config.toml"));
         }
         if absolute(&o.dest_attachments) == absolute(&parent_of(&o.dest_db).join("chunks")) {
@@ -476,7 +488,10 @@ pub(crate) fn describe(o: &CloneOptions, p: &Plan) -> String {
         } else {
             String::new()
         },
-        o.source_attachments.display(),
+        match &p.source_store {
+            Some(store) => store.describe(),
+            None => o.source_attachments.display().to_string(),
+        },
         p.chunks,
         human_bytes(p.chunk_bytes)
     ));

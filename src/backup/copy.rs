@@ -1,7 +1,8 @@
 //! The chunk copy engine shared by backup, restore and clone-instance.
 //!
 //! Chunks are copied between directories laid out like a data dir's
-//! `chunks/` (`<first two hex chars>/<64 hex chars>`). Each chunk is read
+//! `chunks/` (`<first two hex chars>/<64 hex chars>`), or between such a
+//! directory and a node's object store ([`End::Store`]). Each chunk is read
 //! whole (chunks are at most [`MAX_CHUNK_BYTES`]), hashed, compared with its
 //! id, written to a temporary file and renamed into place; the caller makes
 //! the batch durable with one syncfs(2) before recording anything that
@@ -17,6 +18,8 @@
 //! docs/BENCHMARKS.md), falling back to write(2) where the kernel cannot.
 //! Chunk files are never modified in place (only created by rename), and the
 //! descriptor pins the inode, so the copied bytes are the hashed bytes.
+//! An object store has no such shortcut: its chunks are fetched into memory,
+//! hashed there and written from there (one chunk per worker at a time).
 
 use std::collections::HashSet;
 use std::fs;
@@ -25,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::chunks::MAX_CHUNK_BYTES;
+use crate::chunks::{Chunks, MAX_CHUNK_BYTES};
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
@@ -45,13 +48,24 @@ pub(crate) struct CopyStats {
     pub(crate) skipped: u64,
 }
 
+/// One side of a copy.
+#[derive(Clone, Copy)]
+pub(crate) enum End<'a> {
+    /// A directory laid out like a data dir's `chunks/`.
+    Dir(&'a Path),
+    /// A node's chunk store in an object store. As a source it is only read
+    /// (a chunk failing its hash stops the copy and stays where it is); as a
+    /// destination each chunk is one atomic PUT, durable once it returns.
+    Store(&'a Chunks),
+}
+
 pub(crate) struct CopyJob<'a> {
-    pub(crate) src_root: &'a Path,
-    pub(crate) dst_root: &'a Path,
-    /// Where temporary files go (same filesystem as `dst_root`).
+    pub(crate) src: End<'a>,
+    pub(crate) dst: End<'a>,
+    /// Where temporary files go (same filesystem as a `Dir` destination).
     pub(crate) tmp_dir: &'a Path,
-    /// Skip chunks whose destination file exists with the expected size
-    /// (incremental backups). Without it every chunk is written.
+    /// Skip chunks whose destination file (or object) exists with the
+    /// expected size (incremental backups). Without it every chunk is written.
     pub(crate) skip_existing: bool,
     /// How the source is named in errors ("the data dir", "the repository").
     pub(crate) src_label: &'a str,
@@ -79,8 +93,8 @@ fn threads() -> usize {
         .clamp(1, 16)
 }
 
-/// Copy every chunk in `list` (id, ciphertext size) from `src_root` to
-/// `dst_root`, re-hashing each. Stops at the first failure and returns it;
+/// Copy every chunk in `list` (id, ciphertext size) from `job.src` to
+/// `job.dst`, re-hashing each. Stops at the first failure and returns it;
 /// chunks already renamed into place stay (they are whole and named by their
 /// hash, so they are harmless and reused by the next run).
 pub(crate) fn copy_chunks(
@@ -88,8 +102,9 @@ pub(crate) fn copy_chunks(
     list: &[(ChunkId, u64)],
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<CopyStats> {
-    fs::create_dir_all(job.tmp_dir).ctx(format!("creating {}", job.tmp_dir.display()))?;
-    fs::create_dir_all(job.dst_root).ctx(format!("creating {}", job.dst_root.display()))?;
+    if let End::Dir(dst_root) = job.dst {
+        make_dirs(job.tmp_dir, dst_root, list)?;
+    }
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -97,19 +112,6 @@ pub(crate) fn copy_chunks(
     let copied_bytes = AtomicU64::new(0);
     let skipped = AtomicU64::new(0);
     let done_bytes = AtomicU64::new(0);
-    // The <xx> directories, made once up front rather than raced for by the workers.
-    let prefixes: HashSet<String> = list
-        .iter()
-        .map(|(id, _)| id.to_hex()[..2].to_string())
-        .collect();
-    for p in &prefixes {
-        let d = job.dst_root.join(p);
-        match fs::create_dir(&d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::from_io(e, format!("creating {}", d.display()))),
-        }
-    }
     let pid = std::process::id();
     std::thread::scope(|s| {
         for worker in 0..threads() {
@@ -154,6 +156,26 @@ pub(crate) fn copy_chunks(
     })
 }
 
+/// The temp dir, the destination and its `<xx>` directories, made once up
+/// front rather than raced for by the workers.
+fn make_dirs(tmp_dir: &Path, dst_root: &Path, list: &[(ChunkId, u64)]) -> Result<()> {
+    fs::create_dir_all(tmp_dir).ctx(format!("creating {}", tmp_dir.display()))?;
+    fs::create_dir_all(dst_root).ctx(format!("creating {}", dst_root.display()))?;
+    let prefixes: HashSet<String> = list
+        .iter()
+        .map(|(id, _)| id.to_hex()[..2].to_string())
+        .collect();
+    for p in &prefixes {
+        let d = dst_root.join(p);
+        match fs::create_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::from_io(e, format!("creating {}", d.display()))),
+        }
+    }
+    Ok(())
+}
+
 /// Copy one chunk; `Ok(false)` when it was already there.
 fn copy_one(
     job: &CopyJob<'_>,
@@ -163,7 +185,11 @@ fn copy_one(
     (pid, worker): (u32, usize),
     n: &mut u64,
 ) -> Result<bool> {
-    let dst = chunk_path(job.dst_root, id);
+    let (src_root, dst_root) = match (job.src, job.dst) {
+        (End::Dir(s), End::Dir(d)) => (s, d),
+        _ => return copy_through_memory(job, id, size, buf, (pid, worker), n),
+    };
+    let dst = chunk_path(dst_root, id);
     if job.skip_existing {
         if let Ok(m) = fs::metadata(&dst) {
             if m.len() == size {
@@ -171,7 +197,7 @@ fn copy_one(
             }
         }
     }
-    let src = chunk_path(job.src_root, id);
+    let src = chunk_path(src_root, id);
     let src_file = open_verified(&src, id, size, buf, job.src_label, job.outside_src)?;
     let hex = id.to_hex();
     *n += 1;
@@ -199,6 +225,76 @@ fn copy_one(
         let _ = fs::remove_file(&tmp);
     }
     result.map(|_| true)
+}
+
+/// [`copy_one`] where one side is an object store: the chunk is fetched
+/// into `buf`, hashed there and written from there.
+fn copy_through_memory(
+    job: &CopyJob<'_>,
+    id: &ChunkId,
+    size: u64,
+    buf: &mut Vec<u8>,
+    (pid, worker): (u32, usize),
+    n: &mut u64,
+) -> Result<bool> {
+    if job.skip_existing {
+        let there = match job.dst {
+            End::Dir(d) => fs::metadata(chunk_path(d, id)).ok().map(|m| m.len()),
+            End::Store(s) => s.stamp(id)?.map(|st| st.size),
+        };
+        if there == Some(size) {
+            return Ok(false);
+        }
+    }
+    match job.src {
+        End::Dir(s) => {
+            open_verified(
+                &chunk_path(s, id),
+                id,
+                size,
+                buf,
+                job.src_label,
+                job.outside_src,
+            )?;
+        }
+        End::Store(s) => {
+            *buf = s.read_untouched(id)?;
+            if size != 0 && buf.len() as u64 != size {
+                return Err(Error::integrity(format!(
+                    "chunk {id} in the {} is {} bytes, expected {size}: it is damaged",
+                    s.describe(),
+                    buf.len()
+                )));
+            }
+        }
+    }
+    match job.dst {
+        End::Store(s) => {
+            s.write(id, buf)?;
+        }
+        End::Dir(d) => {
+            let dst = chunk_path(d, id);
+            *n += 1;
+            let tmp = if job.staged {
+                dst.clone()
+            } else {
+                job.tmp_dir
+                    .join(format!("{}.{pid}.{worker}.{n}", id.to_hex()))
+            };
+            let written = fs::write(&tmp, &buf[..]).ctx(format!("writing {}", tmp.display()));
+            let placed = written.and_then(|()| {
+                if job.staged {
+                    return Ok(());
+                }
+                fs::rename(&tmp, &dst).ctx(format!("renaming a chunk into {}", dst.display()))
+            });
+            if placed.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            placed?;
+        }
+    }
+    Ok(true)
 }
 
 /// Copy `len` bytes from the start of `src` to the start of the empty `dst`

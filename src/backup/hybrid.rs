@@ -10,19 +10,17 @@
 //! Manifests are always the peer's and fully verified, so a repository can
 //! only save bandwidth, never change what the clone holds.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::copy;
 use super::repo::Repo;
 use crate::crypto::ChunkId;
 use crate::error::{Kind, Result};
 use crate::replicator::ChunkSource;
 
-/// The chunk directory of a backup repository.
+/// The chunks of a backup repository (a directory or an object store).
 pub(crate) struct RepoChunks {
-    root: PathBuf,
-    repo: PathBuf,
+    repo: Repo,
     _lock: super::FileLock,
     /// Chunks and bytes handed out (each hash-checked on read).
     pub(crate) hits: AtomicU64,
@@ -36,8 +34,7 @@ impl RepoChunks {
         let r = Repo::open(repo)?;
         let lock = r.lock_shared()?;
         Ok(RepoChunks {
-            root: r.chunks(),
-            repo: repo.to_path_buf(),
+            repo: r,
             _lock: lock,
             hits: AtomicU64::new(0),
             hit_bytes: AtomicU64::new(0),
@@ -47,10 +44,9 @@ impl RepoChunks {
 
 impl ChunkSource for RepoChunks {
     fn read(&self, id: &ChunkId) -> Option<Vec<u8>> {
-        let path = copy::chunk_path(&self.root, id);
         let mut buf = Vec::new();
         // Size 0: any size; the hash check follows on write.
-        match copy::read_verified(&path, id, 0, &mut buf, "the backup repository") {
+        match self.repo.read_chunk(id, 0, &mut buf) {
             Ok(()) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 self.hit_bytes
@@ -65,6 +61,6 @@ impl ChunkSource for RepoChunks {
         }
     }
     fn describe(&self) -> String {
-        format!("backup repository {}", self.repo.display())
+        format!("backup repository {}", self.repo.name())
     }
 }

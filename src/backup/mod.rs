@@ -38,23 +38,27 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use crate::chunks::Chunks;
 use crate::error::{Error, IoContext, Result};
+use crate::node::Paths;
 
-/// Refuse a data dir whose chunks are in an object store: the copy engines
-/// here read and write chunk files, and copying an object-store node's
-/// chunks is not built yet (docs/FORMAT.md §6.2). `what` names the command.
-pub(crate) fn local_chunks_only(config: &Path, what: &str) -> Result<()> {
-    if !config.is_file() {
-        return Ok(());
+/// The object store that holds the chunks of the data dir at `root`, as
+/// its config.toml names it (reached and its marker checked now, or written
+/// if `create`, so a wrong endpoint or key fails before anything is copied);
+/// `None` when they are in the data dir's own chunk dir.
+pub(crate) fn bucket_of(root: &Path, create: bool) -> Result<Option<Chunks>> {
+    let paths = Paths::new(root);
+    if !paths.config().is_file() {
+        return Ok(None);
     }
-    let c = crate::config::Config::load(config)?;
-    match &c.chunks.url {
-        None => Ok(()),
-        Some(url) => Err(Error::invalid(format!(
-            "{what} of a node whose chunks are in an object store ({url}) is not supported yet; \
-             only nodes with a local chunk dir"
-        ))),
+    let c = crate::config::Config::load(&paths.config())?;
+    if c.chunks.url.is_none() {
+        return Ok(None);
     }
+    let at = c
+        .chunks
+        .location(root, paths.chunks(), paths.quarantine())?;
+    Chunks::open(&at, create).map(Some)
 }
 
 /// fsync a file by path.

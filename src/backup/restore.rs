@@ -20,15 +20,22 @@
 //!   the old node's envelopes are dropped, each changed item moves to a new
 //!   seq, and `meta.node_id` is rewritten. Peers that trusted the old id must
 //!   trust the new one; the outcome lists them.
+//!
+//! The chunks go where the restored config.toml says: the data dir's own
+//! chunk dir, or the object store it names (`--chunks` overrides the
+//! snapshot's choice). Objects already in that store with the right size
+//! are kept (the usual disaster: the machine is gone, its bucket is not);
+//! every read re-hashes them, as for any object.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
-use super::copy::{self, CopyJob};
+use super::copy::{self, CopyJob, End};
 use super::repo::{self, Repo, CONFIG_FILE, DB_FILE};
 use super::{fsync_dir, syncfs, TempTree};
+use crate::chunks::Chunks;
 use crate::crypto::{ChunkId, NodeId};
 use crate::error::{Error, IoContext, Result};
 use crate::identity::Identity;
@@ -39,6 +46,9 @@ pub(crate) struct RestoreOptions<'a> {
     /// Snapshot id or prefix; `None`: the latest snapshot that holds the node key.
     pub(crate) snapshot: Option<&'a str>,
     pub(crate) new_identity: bool,
+    /// Where the restored node keeps its chunks: "local" or `s3://bucket/prefix`
+    /// (`None`: where the snapshot's config.toml says).
+    pub(crate) chunks: Option<&'a str>,
 }
 
 #[derive(Debug)]
@@ -72,6 +82,7 @@ pub(crate) fn restore(
     let repo = Repo::open(repo_root)?;
     let _lock = repo.lock_shared()?;
     let meta = choose_snapshot(&repo, opts)?;
+    repo.fetch_files(&meta)?;
 
     // 1. Verify what the snapshot is made of (its chunks are checked as they are copied).
     let t0 = std::time::Instant::now();
@@ -88,20 +99,28 @@ pub(crate) fn restore(
     let old = repo::open_identity(&repo, &meta, &pass)?;
     let new = opts.new_identity.then(Identity::generate).transpose()?;
     let list = repo::chunk_list(&meta)?;
-    super::check_space(
-        dest,
-        meta.counts.chunk_bytes + meta.files.iter().map(|f| f.size).sum::<u64>(),
-    )?;
 
-    // 3. Build the data dir beside its final place.
+    // 3. Build the data dir beside its final place: its config first, which
+    // says where the chunks go.
     let parent = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let (staging, mut guard) = make_staging(parent, dest)?;
     let paths = Paths::new(&staging);
+    write_config(&repo, &meta, &paths, opts.chunks)?;
+    let store = super::bucket_of(&staging, true)?;
+    let local_chunks = if store.is_some() {
+        0
+    } else {
+        meta.counts.chunk_bytes
+    };
+    super::check_space(
+        dest,
+        local_chunks + meta.files.iter().map(|f| f.size).sum::<u64>(),
+    )?;
     let t1 = std::time::Instant::now();
-    copy_snapshot(&repo, &meta, &list, &paths, dest, progress)?;
+    copy_snapshot(&repo, &meta, &list, &paths, store.as_ref(), dest, progress)?;
     let (identity_used, rekey) = write_keys(&repo, &meta, &paths, &pass, &old, new.as_ref())?;
     let t2 = std::time::Instant::now();
     tracing::debug!(
@@ -241,11 +260,11 @@ fn choose_snapshot(repo: &Repo, opts: &RestoreOptions<'_>) -> Result<repo::Snaps
         .ok_or_else(|| match &newest {
             None => Error::not_found(format!(
                 "backup repository {} has no snapshots yet",
-                repo.root.display()
+                repo.name()
             )),
             Some(_) => Error::not_found(format!(
             "no snapshot in {} holds the node key: restore needs one taken with --with-identity",
-            repo.root.display()
+            repo.name()
         )),
         })?;
     if newest.as_deref() != Some(m.id.as_str()) {
@@ -257,25 +276,28 @@ fn choose_snapshot(repo: &Repo, opts: &RestoreOptions<'_>) -> Result<repo::Snaps
     Ok(m)
 }
 
-/// The snapshot's chunks, database and config.toml into the data dir being
-/// built at `paths`, each checked against the snapshot as it is copied.
+/// The snapshot's chunks and database into the data dir being built at
+/// `paths` (the chunks into `store` if its config names one), each checked
+/// against the snapshot as it is copied.
 fn copy_snapshot(
     repo: &Repo,
     meta: &repo::SnapshotMeta,
     list: &[(ChunkId, u64)],
     paths: &Paths,
+    store: Option<&Chunks>,
     dest: &Path,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<()> {
     let snap_dir = repo.snapshot_dir(&meta.id);
-    for d in [paths.chunks(), paths.quarantine()] {
-        fs::create_dir_all(&d).ctx(format!("creating {}", d.display()))?;
+    let ((repo_chunks, repo_store), chunk_dir) = (repo.chunk_end(), paths.chunks());
+    for d in [&chunk_dir, &paths.quarantine()] {
+        fs::create_dir_all(d).ctx(format!("creating {}", d.display()))?;
     }
     let job = CopyJob {
-        src_root: &repo.chunks(),
-        dst_root: &paths.chunks(),
-        tmp_dir: &paths.chunks().join("tmp"),
-        skip_existing: false,
+        src: repo_store.map_or(End::Dir(&repo_chunks), End::Store),
+        dst: store.map_or(End::Dir(&chunk_dir), End::Store),
+        tmp_dir: &chunk_dir.join("tmp"),
+        skip_existing: store.is_some(),
         src_label: "the backup repository",
         staged: true,
         outside_src: true,
@@ -289,10 +311,24 @@ fn copy_snapshot(
             ))
         },
     )?;
+    if let Some(s) = store {
+        s.sync()?;
+    }
     let entry = |name: &str| meta.files.iter().find(|f| f.path == name);
     let db_entry = entry(DB_FILE).ok_or_else(|| Error::integrity("snapshot lists no database"))?;
-    repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)?;
-    match entry(CONFIG_FILE) {
+    repo::copy_file_verified(&snap_dir.join(DB_FILE), &paths.db(), db_entry)
+}
+
+/// The snapshot's config.toml (or the default) into the data dir being
+/// built, with `[chunks] url` set from `chunks` ("local" removes it).
+fn write_config(
+    repo: &Repo,
+    meta: &repo::SnapshotMeta,
+    paths: &Paths,
+    chunks: Option<&str>,
+) -> Result<()> {
+    let snap_dir = repo.snapshot_dir(&meta.id);
+    match meta.files.iter().find(|f| f.path == CONFIG_FILE) {
         Some(c) => {
             let text = repo::read_snapshot_file(&snap_dir.join(CONFIG_FILE))?;
             if crate::crypto::Hash::of(&text).to_hex() != c.sha256 {
@@ -300,13 +336,21 @@ fn copy_snapshot(
                     "the snapshot's config.toml changed while it was read",
                 ));
             }
-            crate::durable::write_atomic(&paths.config(), &text, 0o600)
+            crate::durable::write_atomic(&paths.config(), &text, 0o600)?;
         }
         None => crate::durable::write_atomic(
             &paths.config(),
             crate::config::DEFAULT_CONFIG.as_bytes(),
             0o600,
-        ),
+        )?,
+    }
+    match chunks {
+        None => Ok(()),
+        Some("local") => crate::config::set_chunks_url(&paths.config(), None),
+        Some(url) => {
+            crate::chunks::BucketSpec::parse_url(url)?;
+            crate::config::set_chunks_url(&paths.config(), Some(url))
+        }
     }
 }
 

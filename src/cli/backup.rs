@@ -17,8 +17,9 @@ use crate::node::Paths;
 pub(crate) struct BackupArgs {
     #[command(subcommand)]
     pub(crate) command: Option<BackupCommand>,
-    /// Backup repository (created on first use; must be empty or a repository)
-    #[arg(long, value_name = "DIR", required = true)]
+    /// Backup repository: a directory, or s3://bucket/prefix with the AWS
+    /// environment (created on first use; must be empty or a repository)
+    #[arg(long, value_name = "REPO", required = true)]
     pub(crate) repo: Option<PathBuf>,
     /// After the snapshot, keep only the newest N snapshots and the chunks they need
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -32,7 +33,7 @@ pub(crate) struct BackupArgs {
 pub(crate) enum BackupCommand {
     /// Re-hash every file a snapshot needs and check its database; non-zero exit on any problem
     Verify {
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "REPO")]
         repo: PathBuf,
         /// Snapshot id (or unique prefix, or `latest`) [default: every snapshot]
         #[arg(long, value_name = "ID")]
@@ -40,7 +41,7 @@ pub(crate) enum BackupCommand {
     },
     /// List the snapshots of a repository
     Ls {
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "REPO")]
         repo: PathBuf,
         /// One JSON array instead of a table
         #[arg(long)]
@@ -51,7 +52,7 @@ pub(crate) enum BackupCommand {
 #[derive(Args, Debug)]
 pub(crate) struct RestoreArgs {
     /// Backup repository
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "REPO")]
     pub(crate) repo: PathBuf,
     /// Snapshot id (or unique prefix) [default: the latest taken --with-identity]
     #[arg(long, value_name = "ID")]
@@ -59,6 +60,12 @@ pub(crate) struct RestoreArgs {
     /// Give the restored node a new key; every item is re-wrapped for it
     #[arg(long)]
     pub(crate) new_identity: bool,
+    /// Where the restored node keeps its chunks: s3://bucket/prefix, or
+    /// "local" for <data-dir>/chunks [default: where the snapshot's node
+    /// kept them]. Endpoint, region and credentials as for any object store:
+    /// [chunks] in the snapshot's config.toml, else the AWS environment
+    #[arg(long, value_name = "URL")]
+    pub(crate) chunks: Option<String>,
 }
 
 /// Progress for the backup room's `(done, total)` byte callbacks.
@@ -214,6 +221,7 @@ pub(super) fn restore(cli: &Cli, a: &RestoreArgs) -> Result<()> {
     let opts = restore::RestoreOptions {
         snapshot: a.snapshot.as_deref(),
         new_identity: a.new_identity,
+        chunks: a.chunks.as_deref(),
     };
     let out = restore::restore(
         &a.repo,

@@ -160,8 +160,8 @@ pub(crate) enum Command {
         /// Read the invite token from this file (its first line)
         #[arg(long, value_name = "FILE", conflicts_with = "token_or_peer")]
         token_file: Option<PathBuf>,
-        /// Take chunks from this local backup repository (hash-checked); only the rest comes over the network
-        #[arg(long, value_name = "DIR")]
+        /// Take chunks from this backup repository (a directory or s3://bucket/prefix; hash-checked); only the rest comes over the network
+        #[arg(long, value_name = "REPO")]
         from_backup: Option<PathBuf>,
     },
     /// Show the running node: addresses, peers, mirrors with their lag, jobs with progress

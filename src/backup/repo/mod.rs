@@ -25,9 +25,12 @@
 //! listing a repository. Writing a snapshot (`bitsync backup`) is in
 //! `snapshot.rs`, `--keep-last` in `prune.rs`, `backup verify` and the checks
 //! before a restore in `verify.rs`, and the sealed node key and onion keys
-//! (`--with-identity`) in `sealed.rs`.
+//! (`--with-identity`) in `sealed.rs`. A repository in an object store
+//! (`s3://bucket/prefix`) has the same layout as keys; `remote.rs` gives the
+//! code here a local copy of what it reads and uploads what a backup made.
 
 mod prune;
+mod remote;
 mod sealed;
 mod snapshot;
 mod verify;
@@ -38,6 +41,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{fsync_dir, write_atomic, FileLock};
+use crate::chunks::Chunks;
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, IoContext, Result};
 
@@ -125,10 +129,87 @@ pub(crate) type SnapshotList = (Vec<SnapshotMeta>, Vec<(String, Error)>);
 
 /// An opened backup repository.
 pub(crate) struct Repo {
+    /// The repository's directory; for one in an object store, the private
+    /// local copy of its marker and of the snapshot files fetched so far.
     pub(crate) root: PathBuf,
+    remote: Option<remote::Remote>,
+}
+
+/// Whether a `--repo` argument names an object store rather than a directory.
+pub(crate) fn is_url(repo: &Path) -> bool {
+    repo.to_str().is_some_and(|s| s.starts_with("s3://"))
+}
+
+/// A new repository's marker text.
+fn new_marker() -> Vec<u8> {
+    let m = Marker {
+        format: REPO_FORMAT.into(),
+        version: REPO_VERSION,
+        created_at_ms: crate::manifest::now_ms(),
+    };
+    serde_json::to_vec_pretty(&m).expect("json")
 }
 
 impl Repo {
+    /// How the repository is named to people: its directory or its URL.
+    pub(crate) fn name(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url().to_string(),
+            None => self.root.display().to_string(),
+        }
+    }
+
+    pub(crate) fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The repository's chunks, as one side of a copy.
+    pub(crate) fn chunk_end(&self) -> (PathBuf, Option<&Chunks>) {
+        (self.chunks(), self.remote.as_ref().map(|r| &r.chunks))
+    }
+
+    /// Read chunk `id` (of `size` bytes, 0: any) into `buf`, checked against
+    /// its id; nothing in the repository changes either way.
+    pub(crate) fn read_chunk(&self, id: &ChunkId, size: u64, buf: &mut Vec<u8>) -> Result<()> {
+        let Some(r) = &self.remote else {
+            let path = super::copy::chunk_path(&self.chunks(), id);
+            return super::copy::read_verified(&path, id, size, buf, "the repository");
+        };
+        buf.clear();
+        let data = r.chunks.fetch_untouched(id)?;
+        if size != 0 && data.len() as u64 != size {
+            return Err(Error::integrity(format!(
+                "chunk {id} in {} is {} bytes, expected {size}: it is damaged",
+                r.url(),
+                data.len()
+            )));
+        }
+        *buf = data;
+        let actual = Hash::of(buf);
+        if actual != *id {
+            return Err(Error::integrity(format!(
+                "chunk {id} in {} fails its hash (its SHA-256 is {actual}): it is damaged",
+                r.url()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Make the files snapshot `m` lists readable under
+    /// [`snapshot_dir`](Self::snapshot_dir) (a repository in an object store
+    /// fetches them; a directory has them).
+    pub(crate) fn fetch_files(&self, m: &SnapshotMeta) -> Result<()> {
+        match &self.remote {
+            Some(r) if is_plain_name(&m.id) => r.fetch_files(m, &self.snapshot_dir(&m.id)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The object store, for a repository in one.
+    fn remote(&self) -> Option<&remote::Remote> {
+        self.remote.as_ref()
+    }
+
     pub(crate) fn chunks(&self) -> PathBuf {
         self.root.join("chunks")
     }
@@ -159,50 +240,33 @@ impl Repo {
         Ok(self.snapshot_dir(&m.id).join(name))
     }
 
-    /// Open an existing repository.
+    /// Open an existing repository: a directory, or `s3://bucket/prefix`.
     pub fn open(root: &Path) -> Result<Repo> {
-        let marker = root.join(MARKER);
-        let text = match fs::read(&marker) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::not_found(if root.is_dir() {
-                    format!(
-                        "{} is not a bitsync backup repository (it has no {MARKER})",
-                        root.display()
-                    )
-                } else {
-                    format!("no backup repository at {}", root.display())
-                }))
-            }
-            Err(e) => return Err(Error::from_io(e, format!("reading {}", marker.display()))),
-        };
-        let m: Marker = serde_json::from_slice(&text).map_err(|e| {
-            Error::integrity(format!(
-                "{} is damaged ({e}); is {} a backup repository?",
-                marker.display(),
-                root.display()
-            ))
-        })?;
-        if m.format != REPO_FORMAT {
-            return Err(Error::not_found(format!(
-                "{} is not a bitsync backup repository",
-                root.display()
-            )));
+        Repo::open_as(root, false)
+    }
+
+    fn open_as(root: &Path, create: bool) -> Result<Repo> {
+        if !is_url(root) {
+            check_marker(root, &root.display().to_string())?;
+            return Ok(Repo {
+                root: root.to_path_buf(),
+                remote: None,
+            });
         }
-        if m.version > REPO_VERSION {
-            return Err(Error::invalid(format!(
-                "{} has repository format version {}; this bitsync reads up to {REPO_VERSION}",
-                root.display(),
-                m.version
-            )));
-        }
+        let url = root.to_str().unwrap_or_default();
+        let (remote, cache) = remote::Remote::open(url, create)?;
+        check_marker(&cache, remote.url())?;
         Ok(Repo {
-            root: root.to_path_buf(),
+            root: cache,
+            remote: Some(remote),
         })
     }
 
     /// Open a repository, creating it if `root` is missing or an empty directory.
     pub(crate) fn open_or_create(root: &Path) -> Result<Repo> {
+        if is_url(root) {
+            return Repo::open_as(root, true);
+        }
         if root.join(MARKER).exists() {
             return Repo::open(root);
         }
@@ -216,17 +280,8 @@ impl Repo {
         for d in ["chunks", "snapshots", "tmp"] {
             fs::create_dir_all(root.join(d)).ctx(format!("creating {}", root.join(d).display()))?;
         }
-        let m = Marker {
-            format: REPO_FORMAT.into(),
-            version: REPO_VERSION,
-            created_at_ms: crate::manifest::now_ms(),
-        };
         // The marker is written last: a repository without one was never finished.
-        write_atomic(
-            &root.join(MARKER),
-            &serde_json::to_vec_pretty(&m).expect("json"),
-            0o600,
-        )?;
+        write_atomic(&root.join(MARKER), &new_marker(), 0o600)?;
         if let Some(p) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
             fsync_dir(p)?;
         }
@@ -239,7 +294,7 @@ impl Repo {
             exclusive,
             &format!(
                 "backup repository {} is in use by another bitsync (a backup or prune holds it); run the command again when it is done",
-                self.root.display()
+                self.name()
             ),
         )
     }
@@ -290,7 +345,7 @@ impl Repo {
             return all.into_iter().last().ok_or_else(|| {
                 Error::not_found(format!(
                     "backup repository {} has no snapshots yet",
-                    self.root.display()
+                    self.name()
                 ))
             });
         };
@@ -302,8 +357,8 @@ impl Repo {
             [one] => Ok((*one).clone()),
             [] => Err(Error::not_found(format!(
                 "no snapshot {w:?} in {} (see `bitsync backup ls --repo {}`)",
-                self.root.display(),
-                self.root.display()
+                self.name(),
+                self.name()
             ))),
             _ => Err(Error::invalid(format!(
                 "snapshot {w:?} is ambiguous: {} snapshots start with it",
@@ -311,6 +366,44 @@ impl Repo {
             ))),
         }
     }
+}
+
+/// Check the marker of the repository whose directory (or local copy) is
+/// `root`; `name` is how errors name the repository.
+fn check_marker(root: &Path, name: &str) -> Result<()> {
+    let marker = root.join(MARKER);
+    let text = match fs::read(&marker) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::not_found(if root.is_dir() {
+                format!(
+                    "{} is not a bitsync backup repository (it has no {MARKER})",
+                    name
+                )
+            } else {
+                format!("no backup repository at {}", name)
+            }))
+        }
+        Err(e) => return Err(Error::from_io(e, format!("reading {}", marker.display()))),
+    };
+    let m: Marker = serde_json::from_slice(&text).map_err(|e| {
+        Error::integrity(format!(
+            "{name}/{MARKER} is damaged ({e}); is {name} a backup repository?"
+        ))
+    })?;
+    if m.format != REPO_FORMAT {
+        return Err(Error::not_found(format!(
+            "{} is not a bitsync backup repository",
+            name
+        )));
+    }
+    if m.version > REPO_VERSION {
+        return Err(Error::invalid(format!(
+            "{} has repository format version {}; this bitsync reads up to {REPO_VERSION}",
+            name, m.version
+        )));
+    }
+    Ok(())
 }
 
 fn read_meta(dir: &Path) -> Result<SnapshotMeta> {

@@ -63,9 +63,15 @@ pub(crate) fn backup(
 ) -> Result<BackupOutcome> {
     let paths = Paths::new(data_dir);
     let node_id = data_dir_node_id(data_dir)?;
-    crate::backup::local_chunks_only(&paths.config(), "backup")?;
+    let bucket = crate::backup::bucket_of(data_dir, false)?;
     check_options(&paths, opts, &node_id)?;
     let repo = Repo::open_or_create(repo_root)?;
+    if repo.is_remote() && opts.keep_last.is_some() {
+        return Err(Error::invalid(format!(
+            "--keep-last is not supported for a repository in an object store ({}): S3 has no lock, and pruning could delete a chunk that a backup running elsewhere is about to list",
+            repo.name()
+        )));
+    }
     let _lock = repo.lock_exclusive()?;
     // Leftovers of interrupted runs: never visible, safe to clear under the writer's lock.
     clear_dir(&repo.tmp())?;
@@ -94,10 +100,18 @@ pub(crate) fn backup(
 
     // 3. Every chunk the database lists as present and the repository lacks.
     let t1 = Instant::now();
-    let stats = copy_new_chunks(&paths, &repo, &id, &facts, progress)?;
-    // Chunk files, the db copy and the key all durable before the snapshot can appear.
+    let chunk_dir = paths.chunks();
+    let src = match &bucket {
+        Some(b) => copy::End::Store(b),
+        None => copy::End::Dir(&chunk_dir),
+    };
+    let stats = copy_new_chunks(src, &repo, &id, &facts, progress)?;
+    // Chunk files, the db copy and the key all durable before the snapshot
+    // can appear (an object is durable once its PUT returns).
     let t2 = Instant::now();
-    syncfs(&repo.root)?;
+    if !repo.is_remote() {
+        syncfs(&repo.root)?;
+    }
     tracing::debug!(
         db_ms = (t1 - t0).as_millis() as u64,
         chunks_ms = (t2 - t1).as_millis() as u64,
@@ -112,11 +126,16 @@ pub(crate) fn backup(
         &serde_json::to_vec_pretty(&meta).expect("json"),
         0o600,
     )?;
-    fsync_dir(&staging)?;
-    let dest = repo.snapshot_dir(&id);
-    fs::rename(&staging, &dest).ctx(format!("moving the new snapshot into {}", dest.display()))?;
-    guard.disarm();
-    fsync_dir(&repo.snapshots())?;
+    if let Some(remote) = repo.remote() {
+        remote.publish(&id, &staging, &meta.files)?;
+    } else {
+        fsync_dir(&staging)?;
+        let dest = repo.snapshot_dir(&id);
+        fs::rename(&staging, &dest)
+            .ctx(format!("moving the new snapshot into {}", dest.display()))?;
+        guard.disarm();
+        fsync_dir(&repo.snapshots())?;
+    }
 
     let pruned = match opts.keep_last {
         Some(n) => Some(prune(&repo, n, &id)?),
@@ -168,28 +187,43 @@ fn copy_database(paths: &Paths, staging: &Path, node_id: &NodeId) -> Result<DbFa
 }
 
 fn copy_new_chunks(
-    paths: &Paths,
+    src: copy::End<'_>,
     repo: &Repo,
     id: &str,
     facts: &DbFacts,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<CopyStats> {
-    let total = facts.chunk_bytes();
     let tmp_dir = repo.tmp().join(format!("chunks-{id}"));
+    let (repo_chunks, store) = repo.chunk_end();
+    // In an object store, one listing says what is there (a HEAD per chunk
+    // would cost a round trip each).
+    let present = repo.remote().map(|r| r.present_chunks()).transpose()?;
+    let list: Vec<_> = match &present {
+        Some(p) => facts
+            .chunks
+            .iter()
+            .filter(|(c, size)| p.get(&c.to_hex()) != Some(size))
+            .copied()
+            .collect(),
+        None => facts.chunks.clone(),
+    };
     let job = CopyJob {
-        src_root: &paths.chunks(),
-        dst_root: &repo.chunks(),
+        src,
+        dst: store.map_or(copy::End::Dir(&repo_chunks), copy::End::Store),
         tmp_dir: &tmp_dir,
-        skip_existing: true,
+        skip_existing: present.is_none(),
         src_label: "the data dir",
         staged: false,
         outside_src: false,
     };
-    let stats = copy::copy_chunks(&job, &facts.chunks, &|done| progress(done, total)).map_err(|e| match e.kind() {
+    let already = (facts.chunks.len() - list.len()) as u64;
+    let total: u64 = list.iter().map(|(_, size)| size).sum();
+    let mut stats = copy::copy_chunks(&job, &list, &|done| progress(done, total)).map_err(|e| match e.kind() {
         Kind::Integrity | Kind::NotFound => e.context("backup stopped (run `bitsync verify` on the node, which quarantines damaged chunks, then back up again)"),
         _ => e,
     })?;
     let _ = fs::remove_dir_all(&tmp_dir);
+    stats.skipped += already;
     Ok(stats)
 }
 

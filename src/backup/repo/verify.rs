@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 
-use super::super::copy;
 use super::super::fsync_file;
 use super::{chunk_list, hash_file, FileEntry, Repo, SnapshotMeta, DB_FILE, SNAPSHOT_FILE};
 use crate::crypto::{ChunkId, Hash};
@@ -52,7 +51,7 @@ pub(crate) fn verify(
             if all.is_empty() && report.problems.is_empty() {
                 return Err(Error::not_found(format!(
                     "backup repository {} has no snapshots yet",
-                    repo.root.display()
+                    repo.name()
                 )));
             }
             all
@@ -66,6 +65,7 @@ pub(crate) fn verify(
     };
     for m in &metas {
         report.snapshots.push(m.id.clone());
+        repo.fetch_files(m)?;
         let dir = repo.snapshot_dir(&m.id);
         check_listed_files(&mut report, &dir, m);
         let db = dir.join(DB_FILE);
@@ -219,9 +219,8 @@ fn check_chunk(
     size: u64,
     buf: &mut Vec<u8>,
 ) -> Option<String> {
-    let path = copy::chunk_path(&repo.chunks(), id);
     let relp = format!("chunks/{}/{}", &id.to_hex()[..2], id.to_hex());
-    match copy::read_verified(&path, id, size, buf, "the repository") {
+    match repo.read_chunk(id, size, buf) {
         Ok(()) => None,
         Err(e) if e.kind() == Kind::NotFound => {
             Some(format!("{relp}: missing (needed by snapshot {})", m.id))
