@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
-use crate::support::seaweed::{s3, S3};
+use crate::support::seaweed::{s3, Cluster, Part, S3};
 use crate::support::*;
 
 const CHUNK: usize = 65536;
@@ -659,10 +659,12 @@ fn backup_to_and_restore_from_an_s3_repository() {
 /// cluster: every object still has its other copy, so the clone completes.
 /// While it is down nothing can be written with two copies, so a clone
 /// into the cluster ends UNAVAILABLE with nothing half-recorded, and with
-/// the server back the same command completes.
+/// the server back the same command completes. Last the S3 gateway is
+/// killed in the middle of a clone into the cluster: UNAVAILABLE, and after
+/// its restart the same command completes without starting over.
 #[test]
-fn a_volume_server_killed_in_a_replicated_seaweedfs_cluster() {
-    let cluster = crate::support::seaweed::Cluster::start();
+fn a_replicated_seaweedfs_cluster_loses_a_volume_server_then_its_gateway() {
+    let cluster = Cluster::start();
     let tmp = tempfile::tempdir().unwrap();
     let [a, b, c] = ["a", "b", "c"].map(|n| tmp.path().join(n));
     init(&a, Store::Dir, "");
@@ -702,7 +704,7 @@ fn a_volume_server_killed_in_a_replicated_seaweedfs_cluster() {
     wait_for(120, "a third of the chunks on C", || {
         (recorded_chunks(&c).len() >= total / 3).then_some(())
     });
-    cluster.kill_volume(1);
+    cluster.kill(Part::Volume(1));
     assert!(
         recorded_chunks(&c).len() < total,
         "the clone finished before the kill"
@@ -732,9 +734,52 @@ fn a_volume_server_killed_in_a_replicated_seaweedfs_cluster() {
             .unwrap_or_else(|| panic!("{hex} recorded, not stored"));
         assert_eq!(bitsync::crypto::Hash::of(&obj).to_hex(), hex);
     }
-    cluster.start_volume(1);
+    cluster.start_part(Part::Volume(1));
     cluster.s3.wait_writable(std::time::Duration::from_secs(60));
     ok_at(&b, &["clone", &sa.invite()]);
     assert_items(&b, &more_ids, &more);
+
+    // The S3 gateway killed mid-clone: UNAVAILABLE, and after a restart the
+    // same command completes without starting over.
+    let late: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("t-{i}"),
+                data(970 + i, 2 * 1024 * 1024 + i as usize),
+            )
+        })
+        .collect();
+    let late_ids = publish(&a, tmp.path(), &late);
+    let late_total: usize = late_ids.iter().map(|id| chunks_of(&a, id).len()).sum();
+    let wire = proxy(sa.addr.parse().unwrap(), Some(4 << 20));
+    let a_id = ok_at(&a, &["id"]).last_line();
+    ok_at(&b, &["peer", "add", &a_id, &wire.addr.to_string()]);
+    let before = recorded_chunks(&b).len();
+    let child = bitsync(&b)
+        .args(["clone", &a_id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(120, "a third of the new chunks on B", || {
+        (recorded_chunks(&b).len() >= before + late_total / 3).then_some(())
+    });
+    cluster.kill(Part::Gateway);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("cannot be reached"), "{stderr}");
+    assert!(recorded_chunks(&b).len() < before + late_total);
+    cluster.start_part(Part::Gateway);
+    cluster.s3.wait_writable(std::time::Duration::from_secs(60));
+    let sent = wire.down.load(Ordering::Relaxed);
+    ok_at(&b, &["clone", &a_id]);
+    let resent = wire.down.load(Ordering::Relaxed) - sent;
+    let late_bytes: u64 = late.iter().map(|(_, d)| d.len() as u64).sum();
+    assert!(
+        resent < late_bytes,
+        "the rerun fetched {resent} of {late_bytes} bytes"
+    );
+    assert_items(&b, &late_ids, &late);
     ok_at(&b, &["verify"]);
 }

@@ -126,8 +126,28 @@ pub struct Cluster {
     pub s3: S3,
     dir: tempfile::TempDir,
     ports: Vec<u16>,
-    pids: std::sync::Mutex<Vec<u32>>,
-    volumes: std::sync::Mutex<[u32; 2]>,
+    /// The pid of each [`Part`], by [`Part::index`].
+    pids: std::sync::Mutex<[u32; 5]>,
+}
+
+/// One process of a [`Cluster`].
+#[derive(Debug, Clone, Copy)]
+pub enum Part {
+    Master,
+    Volume(usize),
+    Filer,
+    Gateway,
+}
+
+impl Part {
+    fn index(self) -> usize {
+        match self {
+            Part::Master => 0,
+            Part::Volume(v) => 1 + v,
+            Part::Filer => 3,
+            Part::Gateway => 4,
+        }
+    }
 }
 
 /// `weed WHAT` bound to loopback on `ports[at]` (HTTP) and `ports[at + 1]`
@@ -169,59 +189,24 @@ impl Cluster {
             "credentials": [{"accessKey": s3.access_key, "secretKey": s3.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]});
         std::fs::write(dir.path().join("s3.json"), ident.to_string()).unwrap();
-        for d in ["m", "v0", "v1", "f"] {
+        for d in ["m", "v0", "v1"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
         }
-        let mut pids = vec![spawn_weed(
-            dir.path(),
-            "master.log",
-            weed_args(
-                "master",
-                &ports,
-                0,
-                &[
-                    "-mdir=m",
-                    "-defaultReplication=001",
-                    "-volumeSizeLimitMB=64",
-                ],
-            ),
-            &[],
-        )];
         let c = Cluster {
             s3,
             dir,
             ports,
-            pids: std::sync::Mutex::new(Vec::new()),
-            volumes: std::sync::Mutex::new([0, 0]),
+            pids: std::sync::Mutex::new([0; 5]),
         };
-        for v in 0..2 {
-            c.start_volume(v);
+        for part in [
+            Part::Master,
+            Part::Volume(0),
+            Part::Volume(1),
+            Part::Filer,
+            Part::Gateway,
+        ] {
+            c.start_part(part);
         }
-        let master = format!("-master={}", c.master());
-        pids.push(spawn_weed(
-            c.dir.path(),
-            "filer.log",
-            weed_args("filer", &c.ports, 6, &[&master]),
-            &[],
-        ));
-        let filer = format!("-filer={}", c.filer());
-        pids.push(spawn_weed(
-            c.dir.path(),
-            "s3.log",
-            weed_args(
-                "s3",
-                &c.ports,
-                8,
-                &[
-                    &filer,
-                    "-config=s3.json",
-                    "-port.iceberg=0",
-                    "-port.lance=0",
-                ],
-            ),
-            &[],
-        ));
-        c.pids.lock().unwrap().extend(pids);
         c.make_bucket();
         c.s3.wait_writable(Duration::from_secs(90));
         c
@@ -237,27 +222,59 @@ impl Cluster {
         format!("127.0.0.1:{}.{}", self.ports[6], self.ports[7])
     }
 
-    /// (Re)start volume server `v` (0 or 1) on its ports and its directory.
-    pub fn start_volume(&self, v: usize) {
+    /// (Re)start one process on its ports and its directory.
+    pub fn start_part(&self, part: Part) {
         let master = format!("-master={}", self.master());
-        let dir = format!("-dir=v{v}");
-        let pid = spawn_weed(
-            self.dir.path(),
-            &format!("volume{v}.log"),
-            weed_args(
-                "volume",
-                &self.ports,
-                2 + 2 * v,
-                &[&dir, "-max=20", "-rack=r1", &master],
+        let filer = format!("-filer={}", self.filer());
+        let (log, args) = match part {
+            Part::Master => (
+                "master.log".to_string(),
+                weed_args(
+                    "master",
+                    &self.ports,
+                    0,
+                    &[
+                        "-mdir=m",
+                        "-defaultReplication=001",
+                        "-volumeSizeLimitMB=64",
+                    ],
+                ),
             ),
-            &[],
-        );
-        self.volumes.lock().unwrap()[v] = pid;
+            Part::Volume(v) => (
+                format!("volume{v}.log"),
+                weed_args(
+                    "volume",
+                    &self.ports,
+                    2 + 2 * v,
+                    &[&format!("-dir=v{v}"), "-max=20", "-rack=r1", &master],
+                ),
+            ),
+            Part::Filer => (
+                "filer.log".to_string(),
+                weed_args("filer", &self.ports, 6, &[&master]),
+            ),
+            Part::Gateway => (
+                "s3.log".to_string(),
+                weed_args(
+                    "s3",
+                    &self.ports,
+                    8,
+                    &[
+                        &filer,
+                        "-config=s3.json",
+                        "-port.iceberg=0",
+                        "-port.lance=0",
+                    ],
+                ),
+            ),
+        };
+        let pid = spawn_weed(self.dir.path(), &log, args, &[]);
+        self.pids.lock().unwrap()[part.index()] = pid;
     }
 
-    /// SIGKILL volume server `v`.
-    pub fn kill_volume(&self, v: usize) {
-        let pid = self.volumes.lock().unwrap()[v];
+    /// SIGKILL one process.
+    pub fn kill(&self, part: Part) {
+        let pid = self.pids.lock().unwrap()[part.index()];
         // SAFETY: kill(2) on a child this harness started.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     }
@@ -301,9 +318,7 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        let mut all = self.pids.lock().unwrap().clone();
-        all.extend(*self.volumes.lock().unwrap());
-        for pid in all {
+        for pid in *self.pids.lock().unwrap() {
             // SAFETY: kill(2) on children this harness started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
