@@ -23,6 +23,9 @@
 //!   (RSA-OAEP), manifest signatures (RSA-PSS), passphrase sealing (scrypt).
 //! - [`identity`]: the node key; node id = SHA-256 of the public key (SPKI DER).
 //! - [`manifest`]: the signed description of an item; content id = SHA-256 of its body.
+//! - `objects`: an S3-compatible bucket as named objects (settings, bounded
+//!   time and sizes, errors that name bucket and key), shared by the chunk
+//!   store and backup repositories in a bucket.
 //! - `chunks` and [`store`]: the chunk store, one door with the rules
 //!   (hash before write, re-hash on read, quarantine) over two backends (a
 //!   chunk dir on disk, an S3-compatible bucket), and the SQLite database,
@@ -42,8 +45,8 @@
 //! - [`server`]: the gRPC services, Federation for peers and Admin for the
 //!   operator (which drives the replicator).
 //! - [`axon`]: reading Axon BBS backups for import.
-//! - [`backup`]: offline copies: backup repositories, restore, clone-instance,
-//!   and importing Axon backups.
+//! - [`backup`]: offline copies: backup repositories (a directory or a
+//!   bucket), restore, clone-instance, and importing Axon backups.
 //! - [`cli`]: the `bitsync` command.
 //! - `fuzz` (only in builds with `--cfg fuzzing`, as cargo-fuzz makes them):
 //!   the entry points of the fuzz targets in `fuzz/`, one per parser of
