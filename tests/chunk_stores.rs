@@ -305,15 +305,7 @@ fn the_store_going_away_mid_clone_is_unavailable_and_the_rerun_completes() {
     ok_at(&a, &["peer", "add", &b_id, "127.0.0.1:9"]);
     ok_at(&b, &["peer", "add", &a_id, &wire.addr.to_string()]);
 
-    let child = bitsync(&b)
-        .args(["clone", &a_id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(120, "a third of the chunks on B", || {
-        (recorded_chunks(&b).len() >= total_chunks / 3).then_some(())
-    });
+    let child = clone_until(&b, &a_id, total_chunks / 3, "a third of the chunks on B");
     store.set_cut(true);
     let cut_at = std::time::Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -545,6 +537,21 @@ fn backup_restore_and_clone_instance_of_a_bucket_node() {
     assert!(!quarantined(&n, Some(&url), hex));
 }
 
+/// `bitsync clone PEER` on `dir` in the background, returned once `dir`
+/// records at least `chunks` chunks (`what` says which, for the timeout).
+fn clone_until(dir: &Path, peer: &str, chunks: usize, what: &str) -> std::process::Child {
+    let child = bitsync(dir)
+        .args(["clone", peer])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(120, what, || {
+        (recorded_chunks(dir).len() >= chunks).then_some(())
+    });
+    child
+}
+
 /// Whether a config.toml sets `[chunks] url` (not just its comment).
 fn names_a_bucket(config: &str) -> bool {
     config.lines().any(|l| l.trim_start().starts_with("url ="))
@@ -695,15 +702,7 @@ fn a_replicated_seaweedfs_cluster_loses_a_volume_server_then_its_gateway() {
     ok_at(&b, &["peer", "add", &c_id, "127.0.0.1:9"]);
     ok_at(&c, &["peer", "add", &b_id, &wire.addr.to_string()]);
     let total = recorded_chunks(&b).len();
-    let child = bitsync(&c)
-        .args(["clone", &b_id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(120, "a third of the chunks on C", || {
-        (recorded_chunks(&c).len() >= total / 3).then_some(())
-    });
+    let child = clone_until(&c, &b_id, total / 3, "a third of the chunks on C");
     cluster.kill(Part::Volume(1));
     assert!(
         recorded_chunks(&c).len() < total,
@@ -755,15 +754,12 @@ fn a_replicated_seaweedfs_cluster_loses_a_volume_server_then_its_gateway() {
     let a_id = ok_at(&a, &["id"]).last_line();
     ok_at(&b, &["peer", "add", &a_id, &wire.addr.to_string()]);
     let before = recorded_chunks(&b).len();
-    let child = bitsync(&b)
-        .args(["clone", &a_id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(120, "a third of the new chunks on B", || {
-        (recorded_chunks(&b).len() >= before + late_total / 3).then_some(())
-    });
+    let child = clone_until(
+        &b,
+        &a_id,
+        before + late_total / 3,
+        "a third of the new chunks on B",
+    );
     cluster.kill(Part::Gateway);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

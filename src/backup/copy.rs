@@ -182,39 +182,62 @@ fn copy_one(
     id: &ChunkId,
     size: u64,
     buf: &mut Vec<u8>,
-    (pid, worker): (u32, usize),
+    worker: (u32, usize),
     n: &mut u64,
 ) -> Result<bool> {
+    if job.skip_existing && already_there(job.dst, id, size)? {
+        return Ok(false);
+    }
     let (src_root, dst_root) = match (job.src, job.dst) {
         (End::Dir(s), End::Dir(d)) => (s, d),
-        _ => return copy_through_memory(job, id, size, buf, (pid, worker), n),
+        _ => return copy_through_memory(job, id, size, buf, worker, n).map(|()| true),
     };
-    let dst = chunk_path(dst_root, id);
-    if job.skip_existing {
-        if let Ok(m) = fs::metadata(&dst) {
-            if m.len() == size {
-                return Ok(false);
-            }
-        }
-    }
     let src = chunk_path(src_root, id);
     let src_file = open_verified(&src, id, size, buf, job.src_label, job.outside_src)?;
-    let hex = id.to_hex();
+    place_file(job, dst_root, id, worker, n, |f, tmp| {
+        let copied = copy_range(&src_file, f, buf.len() as u64).ctx(format!(
+            "copying {} to {}",
+            src.display(),
+            tmp.display()
+        ))?;
+        if !copied {
+            f.write_all(buf).ctx(format!("writing {}", tmp.display()))?;
+        }
+        Ok(())
+    })?;
+    Ok(true)
+}
+
+/// Whether chunk `id` is at `dst` with the expected size.
+fn already_there(dst: End<'_>, id: &ChunkId, size: u64) -> Result<bool> {
+    let len = match dst {
+        End::Dir(d) => fs::metadata(chunk_path(d, id)).ok().map(|m| m.len()),
+        End::Store(s) => s.stamp(id)?.map(|st| st.size),
+    };
+    Ok(len == Some(size))
+}
+
+/// Create chunk `id`'s file under `dst_root` with `write`: under a temp name
+/// renamed into place, or (staged) under its own name; removed on failure.
+fn place_file(
+    job: &CopyJob<'_>,
+    dst_root: &Path,
+    id: &ChunkId,
+    (pid, worker): (u32, usize),
+    n: &mut u64,
+    write: impl FnOnce(&mut fs::File, &Path) -> Result<()>,
+) -> Result<()> {
+    let dst = chunk_path(dst_root, id);
     *n += 1;
     let tmp = if job.staged {
         dst.clone()
     } else {
-        job.tmp_dir.join(format!("{hex}.{pid}.{worker}.{n}"))
+        job.tmp_dir
+            .join(format!("{}.{pid}.{worker}.{n}", id.to_hex()))
     };
     let result = (|| {
         let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
-        if !copy_range(&src_file, &f, buf.len() as u64).ctx(format!(
-            "copying {} to {}",
-            src.display(),
-            tmp.display()
-        ))? {
-            f.write_all(buf).ctx(format!("writing {}", tmp.display()))?;
-        }
+        write(&mut f, &tmp)?;
         drop(f);
         if !job.staged {
             fs::rename(&tmp, &dst).ctx(format!("renaming a chunk into {}", dst.display()))?;
@@ -224,7 +247,7 @@ fn copy_one(
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
-    result.map(|_| true)
+    result
 }
 
 /// [`copy_one`] where one side is an object store: the chunk is fetched
@@ -234,28 +257,13 @@ fn copy_through_memory(
     id: &ChunkId,
     size: u64,
     buf: &mut Vec<u8>,
-    (pid, worker): (u32, usize),
+    worker: (u32, usize),
     n: &mut u64,
-) -> Result<bool> {
-    if job.skip_existing {
-        let there = match job.dst {
-            End::Dir(d) => fs::metadata(chunk_path(d, id)).ok().map(|m| m.len()),
-            End::Store(s) => s.stamp(id)?.map(|st| st.size),
-        };
-        if there == Some(size) {
-            return Ok(false);
-        }
-    }
+) -> Result<()> {
     match job.src {
         End::Dir(s) => {
-            open_verified(
-                &chunk_path(s, id),
-                id,
-                size,
-                buf,
-                job.src_label,
-                job.outside_src,
-            )?;
+            let src = chunk_path(s, id);
+            open_verified(&src, id, size, buf, job.src_label, job.outside_src)?;
         }
         End::Store(s) => {
             *buf = s.read_untouched(id)?;
@@ -269,32 +277,11 @@ fn copy_through_memory(
         }
     }
     match job.dst {
-        End::Store(s) => {
-            s.write(id, buf)?;
-        }
-        End::Dir(d) => {
-            let dst = chunk_path(d, id);
-            *n += 1;
-            let tmp = if job.staged {
-                dst.clone()
-            } else {
-                job.tmp_dir
-                    .join(format!("{}.{pid}.{worker}.{n}", id.to_hex()))
-            };
-            let written = fs::write(&tmp, &buf[..]).ctx(format!("writing {}", tmp.display()));
-            let placed = written.and_then(|()| {
-                if job.staged {
-                    return Ok(());
-                }
-                fs::rename(&tmp, &dst).ctx(format!("renaming a chunk into {}", dst.display()))
-            });
-            if placed.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            placed?;
-        }
+        End::Store(s) => s.write(id, buf).map(|_| ()),
+        End::Dir(d) => place_file(job, d, id, worker, n, |f, tmp| {
+            f.write_all(buf).ctx(format!("writing {}", tmp.display()))
+        }),
     }
-    Ok(true)
 }
 
 /// Copy `len` bytes from the start of `src` to the start of the empty `dst`
