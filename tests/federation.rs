@@ -947,7 +947,10 @@ async fn invite_works_once_then_fails_and_expires() {
 
     let resp = admin_client(&s.admin_socket)
         .await
-        .create_invite(CreateInviteRequest { ttl_seconds: 600 })
+        .create_invite(CreateInviteRequest {
+            ttl_seconds: 600,
+            blind: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -999,7 +1002,11 @@ async fn invite_works_once_then_fails_and_expires() {
     );
     server_node(&s)
         .db()
-        .create_invite(&old.secret_hash(), old.expires_at_ms)
+        .create_invite(
+            &old.secret_hash(),
+            old.expires_at_ms,
+            bitsync::store::Level::Keyed,
+        )
         .unwrap();
     let e = fk.join(join(old.secret_text())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
@@ -1008,7 +1015,10 @@ async fn invite_works_once_then_fails_and_expires() {
     // Expired through Admin with a 1-second TTL.
     let short = admin_client(&s.admin_socket)
         .await
-        .create_invite(CreateInviteRequest { ttl_seconds: 1 })
+        .create_invite(CreateInviteRequest {
+            ttl_seconds: 1,
+            blind: false,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -101,7 +101,12 @@ fn print_table(s: &StatusResponse, peers: &[PeerInfo], now_ms: i64) {
         for p in peers {
             t.row([
                 short(&p.node_id).into(),
-                p.state.clone(),
+                // A blind peer (PROTOCOL.md §2.1) says so; keyed is the default.
+                if p.level == "blind" {
+                    format!("{} (blind)", p.state)
+                } else {
+                    p.state.clone()
+                },
                 yes(p.mirror),
                 p.address.clone(),
                 p.name.clone(),

@@ -16,6 +16,10 @@ pub struct Listed {
     pub name: String,
     /// Every chunk of the item is present.
     pub complete: bool,
+    /// This node holds no envelope of its own for the item: it mirrors it
+    /// blind, so the name (encrypted) is not shown, only what the signed
+    /// manifest says in the clear (kind, size, publisher, seq).
+    pub blind: bool,
 }
 
 /// Up to `limit` items with seq > `after`, in seq order.
@@ -39,6 +43,7 @@ pub fn list(node: &Node, after: u64, limit: u32) -> Result<Vec<Listed>> {
                     "stored manifest {id} does not hash to its id: it was altered"
                 )));
             }
+            let blind = row.envelope.is_none();
             let name = row
                 .envelope
                 .and_then(|envelope| name_of(&mut opener, &id, &row.body, &envelope))
@@ -47,6 +52,7 @@ pub fn list(node: &Node, after: u64, limit: u32) -> Result<Vec<Listed>> {
                 summary: row.summary,
                 name,
                 complete: row.complete,
+                blind,
             })
         })
         .collect()

@@ -1,5 +1,7 @@
 //! Manifest acceptance: nothing a peer sends about an item is kept unless its
-//! signature checks, it is the item asked for, and our envelope opens it.
+//! signature checks, it is the item asked for, and our envelope opens it
+//! (or the source said it serves this node blind: then there is no envelope,
+//! PROTOCOL.md §2.1).
 
 use std::sync::Arc;
 
@@ -13,8 +15,11 @@ use crate::node::Node;
 use crate::proto::{GetLinkEnvelopesRequest, ManifestResult};
 use crate::replicator::Client;
 
-/// Check a GetManifests result: signature, id, and that our envelope opens it.
-fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
+/// Check a GetManifests result: signature, id, and that our envelope opens
+/// it. `blind`: the source said it serves this node blind, so the result
+/// has no envelope and the item is accepted on its signature and id alone;
+/// otherwise a missing envelope is DATA_LOSS, as a bad one is.
+fn accept_manifest(node: &Node, r: &ManifestResult, blind: bool) -> Result<Accepted> {
     if let Some(p) = &r.problem {
         return Err(Error::from(tonic::Status::new(
             tonic::Code::from_i32(p.code),
@@ -25,10 +30,6 @@ fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
         .manifest
         .as_ref()
         .ok_or_else(|| Error::integrity("result has no manifest"))?;
-    let env = r
-        .envelope
-        .as_ref()
-        .ok_or_else(|| Error::integrity("result has no envelope"))?;
     let m = Manifest::from_signed(sm.body.clone(), sm.signature.clone())?;
     if m.id().to_hex() != r.content_id {
         return Err(Error::integrity(format!(
@@ -37,13 +38,20 @@ fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
             r.content_id
         )));
     }
+    if blind {
+        return Ok((m, None));
+    }
+    let env = r
+        .envelope
+        .as_ref()
+        .ok_or_else(|| Error::integrity("result has no envelope"))?;
     if env.recipient != node.id().to_hex() {
         return Err(Error::integrity("peer sent an envelope for another node"));
     }
     let key = node.open_envelope(&m.id(), &env.wrapped_key)?;
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|_| Error::integrity("the envelope the peer sent does not open this item"))?;
-    Ok((m, env.wrapped_key.clone()))
+    Ok((m, Some(env.wrapped_key.clone())))
 }
 
 /// [`accept_manifest`] over a batch, spread over the cores (RSA work), on
@@ -53,6 +61,7 @@ fn accept_manifest(node: &Node, r: &ManifestResult) -> Result<Accepted> {
 pub(super) async fn accept_all(
     node: &Arc<Node>,
     results: Vec<ManifestResult>,
+    blind: bool,
 ) -> Result<Vec<(String, Result<Accepted>)>> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -71,7 +80,7 @@ pub(super) async fn accept_all(
             Ok(part
                 .into_iter()
                 .map(|r| {
-                    let verdict = accept_manifest(&node, &r);
+                    let verdict = accept_manifest(&node, &r, blind);
                     (r.content_id, verdict)
                 })
                 .collect::<Vec<_>>())

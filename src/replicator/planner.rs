@@ -21,8 +21,10 @@ use crate::proto::ManifestSummary;
 const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// A verified manifest and our envelope's wrapped key, to store once every
-/// chunk of the item is present (never before).
-pub(super) type Accepted = (Manifest, Vec<u8>);
+/// chunk of the item is present (never before). No envelope: the source
+/// serves this node blind (PROTOCOL.md §2.1), and the item is stored
+/// verified but unreadable here.
+pub(super) type Accepted = (Manifest, Option<Vec<u8>>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ItemState {

@@ -292,7 +292,13 @@ impl PeerSync<'_> {
                     return Err(Error::from(s).context(format!("fetching manifests from {who}")))
                 }
             };
-            let (results, left_out) = self.left_out(&batch, resp.results);
+            let blind = resp.caller_blind;
+            let (mut results, left_out) = self.left_out(&batch, resp.results);
+            if blind {
+                // The source serves us blind: whatever envelope it sent is
+                // dropped unread, so none is ever stored or opened here.
+                results.iter_mut().for_each(|r| r.envelope = None);
+            }
             queue
                 .answered(&batch, &left_out)
                 .map_err(|why| self.violation(&why))?;
@@ -301,7 +307,7 @@ impl PeerSync<'_> {
                 .filter(|i| !left_out.contains(i))
                 .collect();
             fetch_links(self.node(), &mut fed, &self.peer.node_id, &results).await;
-            let verdicts = accept_all(self.node(), results).await?;
+            let verdicts = accept_all(self.node(), results, blind).await?;
             let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {
                 self.t.error(line);
@@ -431,7 +437,8 @@ impl PeerSync<'_> {
     }
 }
 
-/// Store the manifests of complete items with our envelope, in one
+/// Store the manifests of complete items with our envelope (none for an
+/// item this node mirrors blind), in one
 /// transaction (one fsync). Returns the items not stored because a chunk is
 /// no longer present (quarantined meanwhile).
 fn store_complete(
@@ -443,7 +450,8 @@ fn store_complete(
     let mut batch = Vec::new();
     for (i, (m, env)) in &items {
         if node.db.is_complete_list(m)? {
-            batch.push((m, vec![(me.clone(), env.clone())]));
+            let envelopes = env.iter().map(|e| (me.clone(), e.clone())).collect();
+            batch.push((m, envelopes));
         } else {
             not_stored.insert(*i);
         }

@@ -97,6 +97,7 @@ pub(crate) fn peer_to_proto(p: &Peer) -> PeerInfo {
         state: p.state.as_str().to_string(),
         mirror: p.mirror,
         added_at_ms: p.added_at_ms,
+        level: p.level.as_str().to_string(),
     }
 }
 

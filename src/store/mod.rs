@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 pub use facts::integrity_problems;
 pub use facts::{DbFacts, Stats};
 pub use manifests::{Envelopes, RawManifest, Summary};
-pub use peers::{KemPin, Peer, PeerState};
+pub use peers::{KemPin, Level, Peer, PeerState};
 pub use rekey::RekeyReport;
 pub use schema::SCHEMA_VERSION;
 

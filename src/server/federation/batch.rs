@@ -1,6 +1,7 @@
 //! One GetManifests batch: the manifests asked for and the caller's
-//! envelopes (re-keyed just in time, PROTOCOL.md §5), sized by bytes so the
-//! answer stays under the message cap.
+//! envelopes (re-keyed just in time, PROTOCOL.md §5), or for a blind caller
+//! the manifests alone (§2.1), sized by bytes so the answer stays under the
+//! message cap.
 
 use std::collections::HashMap;
 
@@ -141,7 +142,55 @@ pub(super) fn manifests_for(
 ) -> Vec<ManifestResult> {
     let (fit, rest) = ids.split_at(fitting(state, ids));
     let mut out = answer(state, caller, caller_spki, fit);
-    // The estimate is an upper bound; measure anyway, the cap is hard.
+    cap_to_bytes(&mut out);
+    out.extend(rest.iter().map(|id| left_out(id)));
+    out
+}
+
+/// A blind caller's batch (PROTOCOL.md §2.1): the signed manifests and
+/// their seqs as stored, sized like any batch, and no envelope. Nothing is
+/// unwrapped, wrapped, stored or moved to a new seq for it.
+pub(super) fn manifests_only(state: &ServerState, ids: &[String]) -> Vec<ManifestResult> {
+    let (fit, rest) = ids.split_at(fitting(state, ids));
+    let mut out: Vec<ManifestResult> = fit.iter().map(|id| manifest_only(state, id)).collect();
+    cap_to_bytes(&mut out);
+    out.extend(rest.iter().map(|id| left_out(id)));
+    out
+}
+
+/// One item of a blind caller's batch: its manifest as stored (the caller
+/// verifies it), or the problem (a malformed id, no such item).
+fn manifest_only(state: &ServerState, id: &str) -> ManifestResult {
+    let raw = Hash::parse(id, "content id").and_then(|cid| {
+        state
+            .node
+            .db
+            .manifest_raw(&cid)?
+            .ok_or_else(|| Error::not_found(format!("no item {cid} here")))
+    });
+    match raw {
+        Ok(raw) => ManifestResult {
+            content_id: id.to_string(),
+            manifest: Some(SignedManifest {
+                body: raw.body,
+                signature: raw.signature,
+            }),
+            envelope: None,
+            seq: raw.seq,
+            problem: None,
+        },
+        Err(e) => ManifestResult {
+            content_id: id.to_string(),
+            problem: Some(problem(&e)),
+            ..Default::default()
+        },
+    }
+}
+
+/// Replace the results past [`BATCH_BYTES`] of encoded answer by
+/// [`left_out`]: the estimate of [`fitting`] is an upper bound, but the
+/// message cap is hard, so the answer is measured anyway.
+fn cap_to_bytes(out: &mut [ManifestResult]) {
     let mut total = 0u64;
     let mut keep = out.len();
     for (n, r) in out.iter().enumerate() {
@@ -154,8 +203,6 @@ pub(super) fn manifests_for(
     for r in &mut out[keep..] {
         *r = left_out(&r.content_id);
     }
-    out.extend(rest.iter().map(|id| left_out(id)));
-    out
 }
 
 /// Prepare a batch over the cores (re-keying is RSA work), store its new

@@ -1,0 +1,418 @@
+//! Blind peers (issue 14, PROTOCOL.md §2.1): a node trusted `blind` holds,
+//! verifies and serves an instance it cannot read. Real nodes, real
+//! processes: A publishes, M joins with an `invite --blind` token, clones
+//! and then mirrors A, and can read nothing of what it stores; the trust
+//! level is the operator's to set, shown by `peer ls` and Admin; and a
+//! schema-3 database made by the bitsync before trust levels migrates in place.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bitsync::crypto::{ContentId, Hash};
+use bitsync::keyring::ENVELOPE_FORMAT;
+use bitsync::proto::{GetLinkEnvelopesRequest, GetManifestsRequest, ListPeersRequest};
+use bitsync::store::{Level, PeerState};
+use tempfile::TempDir;
+use tonic::Code;
+
+use crate::support::*;
+
+/// The exit code of `get` on an item held without a key (src/error.rs).
+const NO_KEY_EXIT: i32 = 11;
+
+/// A CLI data dir with small chunks, so items span several chunk files.
+fn init_cli(dir: &Path) -> String {
+    let id = ok_at(dir, &["init"]).last_line();
+    set_chunk_size(dir, 4096);
+    id
+}
+
+/// `put` of `bytes` under `name` on `dir`; the content id.
+fn put_cli(dir: &Path, name: &str, bytes: &[u8]) -> String {
+    let f = dir.with_extension(format!("{name}.in"));
+    fs::write(&f, bytes).unwrap();
+    let id = ok_at(dir, &["put", f.to_str().unwrap(), "--name", name]).last_line();
+    fs::remove_file(&f).unwrap();
+    id
+}
+
+/// `peer ls --json` on `dir`, the entry of `id`.
+fn peer_entry(dir: &Path, id: &str) -> serde_json::Value {
+    let o = ok_at(dir, &["peer", "ls", "--json"]);
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    v.into_iter()
+        .find(|p| p["node_id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in peer ls: {o:?}"))
+}
+
+/// How many rows `sql` (a `SELECT count(*)`) counts in `dir`'s database.
+fn count(dir: &Path, sql: &str, param: &str) -> i64 {
+    db_read_only(dir)
+        .query_row(sql, [param], |r| r.get(0))
+        .unwrap()
+}
+
+/// Every file under `dir` (database, WAL, chunks, config, keys) holding `needle`.
+fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| {
+            let b = fs::read(p).unwrap_or_default();
+            b.windows(needle.len()).any(|w| w == needle)
+        })
+        .collect()
+}
+
+/// What M must never hold of an item: windows of its plaintext, its name,
+/// and its key.
+fn secrets_of(plain: &[u8], name: &str, key: &[u8]) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = [0, plain.len() / 2, plain.len() - 48]
+        .iter()
+        .map(|&at| plain[at..at + 48].to_vec())
+        .collect();
+    v.push(name.as_bytes().to_vec());
+    v.push(key.to_vec());
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_mirror_stores_verifies_and_serves_what_it_cannot_read() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let (a_dir, m_dir) = (tmp.path().join("a"), tmp.path().join("m"));
+    let a_hex = init_cli(&a_dir);
+    let items: Vec<(String, String, Vec<u8>)> = (0..3u64)
+        .map(|i| {
+            let name = format!("secret-name-{i}-9f3c.txt");
+            let plain = data(100 + i, 20_000 + 3_000 * i as usize);
+            (put_cli(&a_dir, &name, &plain), name, plain)
+        })
+        .collect();
+    let a = Serve::start(&a_dir);
+
+    // M joins with a blind token and clones A.
+    let token = ok_at(&a_dir, &["invite", "--blind"]).last_line();
+    let tf = tmp.path().join("token");
+    fs::write(&tf, &token).unwrap();
+    let m_hex = ok_at(&m_dir, &["init"]).last_line();
+    let o = ok_at(&m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    assert!(o.text().contains("cloned 3 items"), "{o:?}");
+
+    // The level is A's record of M, from the invite: blind. M trusts A keyed.
+    let pm = peer_entry(&a_dir, &m_hex);
+    assert_eq!(
+        (&pm["state"], &pm["level"]),
+        (&"trusted".into(), &"blind".into())
+    );
+    assert_eq!(peer_entry(&m_dir, &a_hex)["level"], "keyed");
+    let table = ok_at(&a_dir, &["peer", "ls"]).text();
+    let row = table.lines().find(|l| l.starts_with(&m_hex)).unwrap();
+    assert!(row.contains("  trusted  blind  "), "{table}");
+    let mut admin = admin_client(&a.socket()).await;
+    let listed = admin
+        .list_peers(ListPeersRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let info = listed.peers.iter().find(|p| p.node_id == m_hex).unwrap();
+    assert_eq!(info.level, "blind");
+
+    // M lists what the signed manifests say in the clear, never the names.
+    let ls = ls_json(&m_dir);
+    assert_eq!(ls.len(), 3, "{ls:?}");
+    for (id, _, plain) in &items {
+        let it = ls.iter().find(|x| x["content_id"] == id.as_str()).unwrap();
+        assert_eq!(it["blind"], true, "{it}");
+        assert_eq!(it["name"], "", "{it}");
+        assert_eq!(it["kind"], "file");
+        assert_eq!(it["size"], plain.len() as u64);
+        assert_eq!(it["publisher"], a_hex.as_str());
+        assert!(it["seq"].as_u64().unwrap() > 0);
+        assert_eq!(it["complete"], true);
+    }
+    let table = ok_at(&m_dir, &["ls"]).text();
+    assert!(
+        table.lines().next().unwrap().contains("SEQ  PUBLISHER"),
+        "{table}"
+    );
+    assert_eq!(table.matches("(blind: no key)").count(), 3, "{table}");
+    assert!(table.contains(&a_hex[..12]), "{table}");
+
+    // get: the blind error and its own exit code, and no output file.
+    let out = tmp.path().join("out");
+    let o = at(&m_dir, &["get", &items[0].0, "-o", out.to_str().unwrap()]);
+    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+    assert!(
+        o.stderr
+            .contains("no key: this node mirrors this item blind"),
+        "{o:?}"
+    );
+    assert!(!out.exists());
+    // A keyed node's get still works (A's own), so the code is M's verdict.
+    assert_eq!(
+        ok_at(&a_dir, &["get", &items[0].0]).stdout,
+        items[0].2,
+        "A reads its item"
+    );
+
+    // verify checks every chunk hash and manifest signature without a key.
+    let o = ok_at(&m_dir, &["verify"]);
+    assert!(o.stderr.contains("3 manifests: 0 problem(s)"), "{o:?}");
+
+    // Nothing readable under M's data dir: no plaintext, no name, no item key.
+    let a_node = open(&a_dir);
+    for (id, name, plain) in &items {
+        let cid: ContentId = Hash::parse(id, "content id").unwrap();
+        let own = a_node.db().envelope(&cid, &a_hex).unwrap().unwrap();
+        let key = a_node.open_envelope(&cid, &own).unwrap();
+        for s in secrets_of(plain, name, key.as_bytes()) {
+            let found = files_holding(&m_dir, &s);
+            assert!(found.is_empty(), "M holds a secret of {id} in {found:?}");
+        }
+    }
+    // The search can fail: a file that does hold a plaintext is found.
+    let probe = tmp.path().join("probe");
+    fs::create_dir(&probe).unwrap();
+    fs::write(probe.join("x"), &items[2].2).unwrap();
+    let window = &secrets_of(&items[2].2, &items[2].1, &[0; 32])[1];
+    assert_eq!(files_holding(&probe, window).len(), 1);
+    // No envelope or link key addressed to M, on M or on A.
+    let env_for = "SELECT count(*) FROM envelopes WHERE recipient = ?1";
+    // (M's own L(M→M) is not from anyone: only link keys made by another node count.)
+    let links_for = "SELECT count(*) FROM link_keys WHERE recipient = ?1 AND sender != ?1";
+    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
+    assert_eq!(
+        count(&m_dir, "SELECT count(*) FROM envelopes WHERE ?1 = ?1", "x"),
+        0
+    );
+    assert_eq!(count(&m_dir, links_for, &m_hex), 0);
+    assert_eq!(count(&a_dir, env_for, &m_hex), 0);
+    assert_eq!(count(&a_dir, links_for, &m_hex), 0);
+    assert_eq!(
+        count(&m_dir, "SELECT count(*) FROM manifests WHERE ?1 = ?1", "x"),
+        3
+    );
+
+    // M asking A for key material directly: refused, and A logs it.
+    let m_node = open(&m_dir);
+    let ch = within(
+        20,
+        "dialing A",
+        dialer(&m_node).channel(Hash::parse(&a_hex, "id").unwrap(), &a.addr),
+    )
+    .await
+    .unwrap();
+    let mut fed = bitsync::replicator::client(ch);
+    let e = fed
+        .get_link_envelopes(GetLinkEnvelopesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("blind peer"), "{e:?}");
+    let short = &m_hex[..12];
+    wait_for(10, "A to log the refusal", || {
+        a.log()
+            .lines()
+            .any(|l| l.contains("refused GetLinkEnvelopes from a blind peer") && l.contains(short))
+            .then_some(())
+    });
+    // GetManifests, with an ML-KEM key offered: manifests, no envelope, no pin.
+    let r = fed
+        .get_manifests(GetManifestsRequest {
+            content_ids: items.iter().map(|(id, _, _)| id.clone()).collect(),
+            envelope_format: ENVELOPE_FORMAT,
+            caller_kem_key: Some(m_node.signed_kem_key()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.caller_blind);
+    for x in &r.results {
+        assert!(x.problem.is_none() && x.manifest.is_some(), "{x:?}");
+        assert!(x.envelope.is_none(), "an envelope for a blind peer: {x:?}");
+    }
+    let pinned = "SELECT count(*) FROM peers WHERE node_id = ?1 AND kem_key IS NOT NULL";
+    assert_eq!(count(&a_dir, pinned, &m_hex), 0);
+    assert_eq!(count(&a_dir, env_for, &m_hex), 0);
+    // A refuses to rotate a link key it never made.
+    let o = at(&a_dir, &["peer", "rekey", &m_hex]);
+    assert_eq!(o.code, 2, "{o:?}");
+    assert!(o.stderr.contains("blind peer"), "{o:?}");
+
+    // A corrupted chunk on M is caught by verify (exit 5, the chunk named).
+    let chunk = chunks_of(&m_dir, &items[1].0)[1].clone();
+    flip_byte(
+        &chunk_file(&m_dir.join("chunks"), &Hash::parse(&chunk, "c").unwrap()),
+        10,
+    );
+    let o = at(&m_dir, &["verify"]);
+    assert_eq!(o.code, 5, "{o:?}");
+    assert!(o.text().contains(&chunk), "{o:?}");
+
+    // M mirrors A: a new item arrives through Watch, blind too.
+    ok_at(&m_dir, &["peer", "add", &a_hex, &a.addr, "--mirror"]);
+    drop((m_node, fed));
+    let _m = Serve::start(&m_dir);
+    let plain = data(200, 9_000);
+    let new_id = put_cli(&a_dir, "secret-name-new-9f3c.txt", &plain);
+    wait_for_every(
+        60,
+        std::time::Duration::from_millis(300),
+        "the new item to reach M",
+        || {
+            let ls = ls_json(&m_dir);
+            let it = ls.iter().find(|x| x["content_id"] == new_id.as_str())?;
+            (it["complete"] == true && it["blind"] == true).then_some(())
+        },
+    );
+    assert!(files_holding(&m_dir, &plain[..48]).is_empty());
+    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
+    let o = at(&m_dir, &["get", &new_id]);
+    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+}
+
+#[test]
+fn the_trust_level_is_the_operators_to_set() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let s_dir = tmp.path().join("s");
+    let s = new_node(&s_dir);
+    let p = fresh(&tmp, "p");
+    let p_hex = p.id().to_hex();
+    drop(s);
+
+    // peer add --blind, shown by peer ls; a plain re-add keeps the level.
+    ok_at(&s_dir, &["peer", "add", &p_hex, "127.0.0.1:1", "--blind"]);
+    assert_eq!(peer_entry(&s_dir, &p_hex)["level"], "blind");
+    ok_at(&s_dir, &["peer", "add", &p_hex, "127.0.0.1:2"]);
+    assert_eq!(peer_entry(&s_dir, &p_hex)["level"], "blind");
+    let o = ok_at(&s_dir, &["peer", "set-level", &p_hex, "keyed"]);
+    assert!(o.stderr.contains("is now keyed"), "{o:?}");
+    assert_eq!(peer_entry(&s_dir, &p_hex)["level"], "keyed");
+    // Malformed: usage (2); not a peer: NOT_FOUND (3).
+    assert_eq!(at(&s_dir, &["peer", "set-level", &p_hex, "half"]).code, 2);
+    let stranger = "cd".repeat(32);
+    assert_eq!(
+        at(&s_dir, &["peer", "set-level", &stranger, "blind"]).code,
+        3
+    );
+
+    // A keyed peer with a known key gets envelopes at put; made blind, it
+    // loses every envelope and link key made for it and gets none again.
+    let s = open(&s_dir);
+    s.db().set_peer_key(&p.id(), p.identity().spki()).unwrap();
+    let first = put(&s, "one", &data(1, 5000));
+    assert!(s.db().envelope(&first, &p_hex).unwrap().is_some());
+    let links = "SELECT count(*) FROM link_keys WHERE recipient = ?1";
+    assert_eq!(count(&s_dir, links, &p_hex), 1);
+    let peer = s.db().set_peer_level(&p.id(), Level::Blind).unwrap();
+    assert_eq!((peer.state, peer.level), (PeerState::Trusted, Level::Blind));
+    assert!(s.db().envelope(&first, &p_hex).unwrap().is_none());
+    assert_eq!(count(&s_dir, links, &p_hex), 0);
+    let second = put(&s, "two", &data(2, 5000));
+    assert!(s.db().envelope(&second, &p_hex).unwrap().is_none());
+    assert_eq!(count(&s_dir, links, &p_hex), 0);
+    assert_eq!(s.db().trust_level(&p.id()).unwrap(), Some(Level::Blind));
+    // Keyed again: envelopes for it at the next put.
+    s.db().set_peer_level(&p.id(), Level::Keyed).unwrap();
+    let third = put(&s, "three", &data(3, 5000));
+    assert!(s.db().envelope(&third, &p_hex).unwrap().is_some());
+    // Revoked: no level grants anything.
+    s.db().revoke_peer(&p.id()).unwrap();
+    assert_eq!(s.db().trust_level(&p.id()).unwrap(), None);
+}
+
+/// The sealed key of tests/fixtures/schema3 opens with this (its README).
+const FIXTURE_PASS: &str = "throwaway-fixture-passphrase";
+const SCHEMA3: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema3/s");
+
+#[test]
+fn a_schema_3_database_migrates_to_trust_levels_in_place() {
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("s");
+    fs::create_dir(&dir).unwrap();
+    for f in walk(Path::new(SCHEMA3)) {
+        let to = dir.join(f.strip_prefix(SCHEMA3).unwrap());
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(&f, &to).unwrap();
+    }
+    fs::rename(dir.join("node.key.sealed"), dir.join("node.key")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["node.key", "node.mlkem"] {
+        fs::set_permissions(dir.join(f), fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let columns = |table: &str| -> Vec<String> {
+        let c = db_read_only(&dir);
+        let mut st = c.prepare(&format!("PRAGMA table_info({table})")).unwrap();
+        st.query_map([], |r| r.get::<_, String>(1))
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect()
+    };
+    let version = || -> String {
+        db_read_only(&dir)
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(version(), "3", "the fixture is a schema-3 database");
+    assert!(!columns("peers").contains(&"level".to_string()));
+    assert!(!columns("invites").contains(&"level".to_string()));
+
+    let run = |args: &[&str]| {
+        let o = run(bitsync(&dir)
+            .env("BITSYNC_PASSPHRASE", FIXTURE_PASS)
+            .args(args));
+        assert_eq!(o.code, 0, "{args:?}: {o:?}");
+        o
+    };
+    // The first open migrates; the old peer and invite are what they were: keyed.
+    let o = run(&["peer", "ls", "--json"]);
+    let peers: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let old = "ab".repeat(32);
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0]["node_id"], old.as_str());
+    assert_eq!(
+        (&peers[0]["state"], &peers[0]["level"], &peers[0]["name"]),
+        (&"trusted".into(), &"keyed".into(), &"old-peer".into())
+    );
+    assert_eq!(version(), "4");
+    assert!(columns("peers").contains(&"level".to_string()));
+    assert!(columns("invites").contains(&"level".to_string()));
+    let c = db_read_only(&dir);
+    let invite_levels: Vec<String> = c
+        .prepare("SELECT level FROM invites")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(invite_levels, ["keyed"], "the unused invite stays keyed");
+    drop(c);
+    // The items still read, and the new column takes only the two levels.
+    let got = run(&[
+        "get",
+        "67def844f00409fb63571496e17cafd6f4312cdedaad87cf32fdfee0df540fab",
+    ]);
+    assert_eq!(got.stdout, "schema three item 1\n".repeat(50).into_bytes());
+    run(&["verify"]);
+    run(&["peer", "set-level", &old, "blind"]);
+    assert_eq!(
+        run(&["peer", "ls", "--json"])
+            .text()
+            .matches("\"blind\"")
+            .count(),
+        1
+    );
+    let w = rusqlite::Connection::open(dir.join("bitsync.db")).unwrap();
+    assert!(w
+        .execute("UPDATE peers SET level = 'half' WHERE node_id = ?1", [&old])
+        .is_err());
+    drop(w);
+    // A second open changes nothing more.
+    run(&["ls"]);
+    assert_eq!(version(), "4");
+}
