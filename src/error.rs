@@ -13,7 +13,7 @@
 //! | `Exists`      |  4   | `ALREADY_EXISTS`     | a destination that is not empty; a node already running |
 //! | `Integrity`   |  5   | `DATA_LOSS`          | a hash, signature or GCM tag that fails; `verify` found problems |
 //! | `Auth`        |  6   | `UNAUTHENTICATED`    | a wrong or missing passphrase; a bad, used or expired invite; no client certificate |
-//! | `Denied`      |  7   | `PERMISSION_DENIED`  | a peer that does not trust us, or that we do not trust; the wrong node at an address; no envelope for this node; a file we may not open |
+//! | `Denied`      |  7   | `PERMISSION_DENIED`  | a peer that does not trust us, or that we do not trust; the wrong node at an address; an Axon item imported without its key; a file we may not open |
 //! | `Unavailable` |  8   | `UNAVAILABLE`        | a peer that cannot be reached; Tor not bootstrapped; a clone left incomplete |
 //! | `Exhausted`   |  9   | `RESOURCE_EXHAUSTED` | a full disk; too many streams or ids in one request |
 //! | `Io`          | 10   | `INTERNAL`           | any other local I/O or database failure |
