@@ -382,6 +382,7 @@ fn a_schema_3_database_migrates_to_trust_levels_in_place() {
     assert_eq!(version(), "4");
     assert!(columns("peers").contains(&"level".to_string()));
     assert!(columns("invites").contains(&"level".to_string()));
+    assert!(columns("relayed_links").contains(&"sender_spki".to_string()));
     let c = db_read_only(&dir);
     let invite_levels: Vec<String> = c
         .prepare("SELECT level FROM invites")
@@ -415,4 +416,60 @@ fn a_schema_3_database_migrates_to_trust_levels_in_place() {
     // A second open changes nothing more.
     run(&["ls"]);
     assert_eq!(version(), "4");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_down() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let (a_dir, c_dir, m_dir) = (
+        tmp.path().join("a"),
+        tmp.path().join("c"),
+        tmp.path().join("m"),
+    );
+    let a_hex = init_cli(&a_dir);
+    let mut a = Serve::start(&a_dir);
+    // C joins A keyed before anything is published: A knows C's key, so
+    // every item gets an envelope for C at put.
+    let c_hex = ok_at(&c_dir, &["init"]).last_line();
+    let tf = tmp.path().join("token-c");
+    fs::write(&tf, a.invite()).unwrap();
+    ok_at(&c_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    let items: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| {
+            let plain = data(300 + i, 15_000 + 1_000 * i as usize);
+            (put_cli(&a_dir, &format!("relayed-{i}"), &plain), plain)
+        })
+        .collect();
+    // M joins blind and clones A: C's envelopes and L(A→C) come along.
+    fs::write(&tf, ok_at(&a_dir, &["invite", "--blind"]).last_line()).unwrap();
+    let m_hex = ok_at(&m_dir, &["init"]).last_line();
+    ok_at(&m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    let env_for = "SELECT count(*) FROM envelopes WHERE recipient = ?1";
+    assert_eq!(count(&m_dir, env_for, &c_hex), 3, "C's envelopes, relayed");
+    assert_eq!(count(&m_dir, env_for, &m_hex), 0, "none for M itself");
+    let links = "SELECT count(*) FROM relayed_links WHERE recipient = ?1";
+    assert!(count(&m_dir, links, &c_hex) >= 1, "L(A→C), relayed");
+    assert_eq!(count(&m_dir, links, &m_hex), 0);
+    assert!(ls_json(&m_dir).iter().all(|i| i["blind"] == true));
+
+    // A goes away; C clones from M and reads every item byte for byte.
+    assert!(a.terminate(30).success());
+    ok_at(&m_dir, &["peer", "add", &c_hex, "127.0.0.1:9"]);
+    let m = Serve::start(&m_dir);
+    ok_at(&c_dir, &["peer", "add", &m_hex, &m.addr]);
+    let o = ok_at(&c_dir, &["clone", &m_hex]);
+    assert!(o.text().contains("cloned 3 items"), "{o:?}");
+    for (id, plain) in &items {
+        assert_eq!(&ok_at(&c_dir, &["get", id]).stdout, plain, "C reads {id}");
+    }
+    // C holds L(A→C) now, from M, and M still holds no key of its own.
+    let from_a = "SELECT count(*) FROM link_keys WHERE sender = ?1";
+    assert!(count(&c_dir, from_a, &a_hex) >= 1);
+    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
+    let o = at(&m_dir, &["get", &items[0].0]);
+    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+    for (_, plain) in &items {
+        assert!(files_holding(&m_dir, &plain[100..148]).is_empty());
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tonic::transport::Channel;
 
-use super::accept::{accept_all, fetch_links};
+use super::accept::{accept_all, fetch_links, keep_relayed_links};
 use super::jobs::Tracker;
 use super::planner::{check_page, Accepted, Cursor, ManifestQueue, PageWork, MAX_SEQ};
 use super::{client, transfer, Outcome, Replicator};
@@ -296,8 +296,11 @@ impl PeerSync<'_> {
             let (mut results, left_out) = self.left_out(&batch, resp.results);
             if blind {
                 // The source serves us blind: whatever envelope it sent is
-                // dropped unread, so none is ever stored or opened here.
+                // dropped unread, so none is ever stored or opened here;
+                // the link envelopes it relays are checked and kept.
                 results.iter_mut().for_each(|r| r.envelope = None);
+                let spki = resp.relay_sender_spki;
+                keep_relayed_links(self.node(), &self.peer.node_id, spki, resp.relayed_links).await;
             }
             queue
                 .answered(&batch, &left_out)
@@ -307,7 +310,7 @@ impl PeerSync<'_> {
                 .filter(|i| !left_out.contains(i))
                 .collect();
             fetch_links(self.node(), &mut fed, &self.peer.node_id, &results).await;
-            let verdicts = accept_all(self.node(), results, blind).await?;
+            let verdicts = accept_all(self.node(), results, blind, self.peer.node_id).await?;
             let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {
                 self.t.error(line);
@@ -315,7 +318,7 @@ impl PeerSync<'_> {
             let node = self.node().clone();
             let sized: Vec<Vec<(ChunkId, u64)>> = accepted
                 .iter()
-                .map(|(_, (m, _))| {
+                .map(|(_, (m, _, _))| {
                     let n = m.chunk_count();
                     (0..n).map(|i| (m.chunk_id(i), m.chunk_len(i))).collect()
                 })
@@ -448,9 +451,11 @@ fn store_complete(
 ) -> Result<HashSet<usize>> {
     let mut not_stored = HashSet::new();
     let mut batch = Vec::new();
-    for (i, (m, env)) in &items {
+    for (i, (m, env, relayed)) in &items {
         if node.db.is_complete_list(m)? {
-            let envelopes = env.iter().map(|e| (me.clone(), e.clone())).collect();
+            let mut envelopes: Vec<(String, Vec<u8>)> =
+                env.iter().map(|e| (me.clone(), e.clone())).collect();
+            envelopes.extend(relayed.iter().cloned());
             batch.push((m, envelopes));
         } else {
             not_stored.insert(*i);

@@ -287,17 +287,27 @@ impl Federation for FederationService {
         let ids = req.content_ids;
         requests::check_manifest_batch(ids.len(), MAX_MANIFEST_BATCH)?;
         let state = self.state.clone();
-        let results = blocking(move || {
+        let (results, relayed_links) = blocking(move || {
             Ok(if blind {
                 batch::manifests_only(&state, &ids)
             } else {
-                batch::manifests_for(&state, &caller, &spki, &ids)
+                (
+                    batch::manifests_for(&state, &caller, &spki, &ids),
+                    Vec::new(),
+                )
             })
         })
         .await?;
+        let relay_sender_spki = if blind {
+            self.state.node.identity.spki().to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(GetManifestsResponse {
             results,
             caller_blind: blind,
+            relayed_links,
+            relay_sender_spki,
         }))
     }
 
@@ -318,9 +328,21 @@ impl Federation for FederationService {
             .db
             .link_envelopes(&node.id(), &caller)
             .map_err(Status::from)?;
+        // What this node keeps for the caller as a blind mirror of others (§2.2).
+        let relayed = node
+            .db
+            .relayed_links_for(&caller)
+            .map_err(Status::from)?
+            .into_iter()
+            .map(|(sender_spki, link_envelopes)| RelayedLinks {
+                sender_spki,
+                link_envelopes,
+            })
+            .collect();
         Ok(Response::new(GetLinkEnvelopesResponse {
             link_envelopes,
             sender_spki: node.identity.spki().to_vec(),
+            relayed,
         }))
     }
 

@@ -165,6 +165,13 @@ impl Db {
             "DELETE FROM link_keys WHERE sender = ?1 AND recipient = ?2 AND generation < ?3",
             params![sender, recipient, keep],
         )?;
+        if keep == u32::MAX {
+            // Revoked or made blind: what this node relays for it goes too.
+            tx.execute(
+                "DELETE FROM relayed_links WHERE recipient = ?1",
+                [recipient],
+            )?;
+        }
         Ok(tx.execute("DELETE FROM envelopes WHERE recipient = ?1", [recipient])?)
     }
 

@@ -94,12 +94,25 @@ CREATE TABLE IF NOT EXISTS chunk_checks(
 const PEER_KEM_KEY: &str = "ALTER TABLE peers ADD COLUMN kem_key BLOB;";
 
 /// What schema 4 added (FORMAT.md §4.8): the trust level of each peer and
-/// of the peer each invite makes, also the whole of the 3 → 4 migration.
-/// Every row that exists when it runs is `keyed`, which is what it was.
+/// of the peer each invite makes, also the whole of the 3 → 4 migration
+/// with [`RELAYED_LINKS`]. Every row that exists when it runs is `keyed`,
+/// which is what it was.
 const TRUST_LEVELS: &str = "
 ALTER TABLE peers ADD COLUMN level TEXT NOT NULL DEFAULT 'keyed' CHECK (level IN ('keyed', 'blind'));
 ALTER TABLE invites ADD COLUMN level TEXT NOT NULL DEFAULT 'keyed' CHECK (level IN ('keyed', 'blind'));
 ";
+
+/// Schema 4: the link envelopes a blind mirror keeps for other recipients
+/// (FORMAT.md §4.9), with the public key of their maker.
+pub(super) const RELAYED_LINKS: &str = r#"
+CREATE TABLE IF NOT EXISTS relayed_links(
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    sender_spki BLOB NOT NULL,
+    PRIMARY KEY (sender, recipient, generation));
+"#;
 
 pub const SCHEMA_VERSION: &str = "4";
 /// The version before link keys, which a writable open migrates in place.
@@ -114,6 +127,7 @@ pub(super) fn create(c: &Connection, node_id: &NodeId) -> Result<()> {
     c.execute_batch(SCHEMA)?;
     c.execute_batch(LINK_KEYS)?;
     c.execute_batch(CHUNK_CHECKS)?;
+    c.execute_batch(RELAYED_LINKS)?;
     c.execute(
         "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?1), ('node_id', ?2)",
         params![SCHEMA_VERSION, node_id.to_hex()],
@@ -195,6 +209,7 @@ fn migrate_from_2(c: &mut Connection) -> Result<()> {
 fn migrate_from_3(c: &mut Connection) -> Result<()> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(TRUST_LEVELS)?;
+    tx.execute_batch(RELAYED_LINKS)?;
     tx.execute(
         "UPDATE meta SET value = ?1 WHERE key = 'schema_version' AND value = ?2",
         params![SCHEMA_VERSION, FORMAT_3],

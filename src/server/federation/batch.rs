@@ -10,6 +10,7 @@ use crate::crypto::{self, ContentId, Hash, NodeId};
 use crate::error::{Error, Kind};
 use crate::proto::*;
 use crate::server::ServerState;
+use crate::store::MAX_RELAYED_LINKS;
 
 /// A GetManifests response stays under this many bytes of included results.
 /// The message cap is 8 MiB (`MAX_MESSAGE` in server/mod.rs and in the
@@ -148,28 +149,56 @@ pub(super) fn manifests_for(
 }
 
 /// A blind caller's batch (PROTOCOL.md §2.1): the signed manifests and
-/// their seqs as stored, sized like any batch, and no envelope. Nothing is
-/// unwrapped, wrapped, stored or moved to a new seq for it.
-pub(super) fn manifests_only(state: &ServerState, ids: &[String]) -> Vec<ManifestResult> {
+/// their seqs as stored, sized like any batch, and no envelope for it.
+/// Nothing is unwrapped, wrapped, stored or moved to a new seq for it. Each
+/// result carries the envelopes this node made for other recipients, for
+/// the caller to relay (§2.2), and the second value is the link envelopes
+/// that open them, at most [`MAX_RELAYED_LINKS`].
+pub(super) fn manifests_only(
+    state: &ServerState,
+    ids: &[String],
+) -> (Vec<ManifestResult>, Vec<Vec<u8>>) {
     let (fit, rest) = ids.split_at(fitting(state, ids));
     let mut out: Vec<ManifestResult> = fit.iter().map(|id| manifest_only(state, id)).collect();
     cap_to_bytes(&mut out);
     out.extend(rest.iter().map(|id| left_out(id)));
-    out
+    let me = state.node.id();
+    let mut recipients: Vec<&str> = out
+        .iter()
+        .flat_map(|r| r.relayed.iter().map(|e| e.recipient.as_str()))
+        .collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    let mut links = Vec::new();
+    for p in recipients {
+        let Ok(p) = Hash::parse(p, "node id") else {
+            continue;
+        };
+        let got = state.node.db.link_envelopes(&me, &p).unwrap_or_default();
+        links.extend(got);
+        if links.len() >= MAX_RELAYED_LINKS {
+            links.truncate(MAX_RELAYED_LINKS);
+            break;
+        }
+    }
+    (out, links)
 }
 
 /// One item of a blind caller's batch: its manifest as stored (the caller
-/// verifies it), or the problem (a malformed id, no such item).
+/// verifies it) with the envelopes to relay, or the problem (a malformed
+/// id, no such item).
 fn manifest_only(state: &ServerState, id: &str) -> ManifestResult {
+    let me = state.node.id();
     let raw = Hash::parse(id, "content id").and_then(|cid| {
-        state
+        let raw = state
             .node
             .db
             .manifest_raw(&cid)?
-            .ok_or_else(|| Error::not_found(format!("no item {cid} here")))
+            .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+        Ok((raw, state.node.db.envelopes_to_relay(&cid, &me)?))
     });
     match raw {
-        Ok(raw) => ManifestResult {
+        Ok((raw, relay)) => ManifestResult {
             content_id: id.to_string(),
             manifest: Some(SignedManifest {
                 body: raw.body,
@@ -178,6 +207,13 @@ fn manifest_only(state: &ServerState, id: &str) -> ManifestResult {
             envelope: None,
             seq: raw.seq,
             problem: None,
+            relayed: relay
+                .into_iter()
+                .map(|(recipient, wrapped_key)| Envelope {
+                    recipient,
+                    wrapped_key,
+                })
+                .collect(),
         },
         Err(e) => ManifestResult {
             content_id: id.to_string(),
