@@ -269,6 +269,20 @@ async fn a_blind_mirror_stores_verifies_and_serves_what_it_cannot_read() {
     assert_eq!(count(&m_dir, env_for, &m_hex), 0);
     let o = at(&m_dir, &["get", &new_id]);
     assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+
+    // A new keyed peer D clones A: A re-keys every item for it, which moves
+    // each to a new seq, and M, following Watch, keeps D's envelopes to relay.
+    let d_dir = tmp.path().join("d");
+    let d_hex = ok_at(&d_dir, &["init"]).last_line();
+    fs::write(&tf, a.invite()).unwrap();
+    ok_at(&d_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    wait_for_every(
+        60,
+        std::time::Duration::from_millis(300),
+        "D's envelopes to reach M",
+        || (count(&m_dir, env_for, &d_hex) == 4).then_some(()),
+    );
+    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
 }
 
 #[test]

@@ -21,6 +21,10 @@ pub(crate) const MAX_RELAYED_LINKS: usize = 256;
 /// Most senders whose relayed link envelopes one GetLinkEnvelopes carries.
 const MAX_RELAY_SENDERS: usize = 16;
 
+/// One sender's relayed link envelopes: its public key (SPKI DER) and the
+/// envelopes, newest first.
+pub(crate) type RelayedGroup = (Vec<u8>, Vec<Vec<u8>>);
+
 impl Db {
     /// The envelopes of item `cid` a blind caller may relay: item envelopes
     /// this node (`me`) made for other nodes, at most [`MAX_RELAYED`].
@@ -81,10 +85,7 @@ impl Db {
     /// The relayed link envelopes for `recipient`, by sender: (sender's
     /// public key, envelopes newest first), bounded like an answer of this
     /// node's own ([`super::links::MAX_LINK_ENVELOPES`] per sender).
-    pub(crate) fn relayed_links_for(
-        &self,
-        recipient: &NodeId,
-    ) -> Result<Vec<(Vec<u8>, Vec<Vec<u8>>)>> {
+    pub(crate) fn relayed_links_for(&self, recipient: &NodeId) -> Result<Vec<RelayedGroup>> {
         let c = self.r();
         let mut st = c.prepare_cached(
             "SELECT sender, sender_spki, envelope FROM relayed_links WHERE recipient = ?1
