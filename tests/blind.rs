@@ -105,6 +105,9 @@ async fn a_blind_mirror_stores_verifies_and_serves_what_it_cannot_read() {
         (&"trusted".into(), &"blind".into())
     );
     assert_eq!(peer_entry(&m_dir, &a_hex)["level"], "keyed");
+    // M's role at A, as A's answers said: blind; A has fetched nothing of M.
+    assert_eq!(peer_entry(&m_dir, &a_hex)["role"], "blind");
+    assert_eq!(peer_entry(&a_dir, &m_hex)["role"], serde_json::Value::Null);
     let table = ok_at(&a_dir, &["peer", "ls"]).text();
     let row = table.lines().find(|l| l.starts_with(&m_hex)).unwrap();
     assert!(row.contains("  trusted  blind  "), "{table}");
@@ -252,7 +255,13 @@ async fn a_blind_mirror_stores_verifies_and_serves_what_it_cannot_read() {
     // M mirrors A: a new item arrives through Watch, blind too.
     ok_at(&m_dir, &["peer", "add", &a_hex, &a.addr, "--mirror"]);
     drop((m_node, fed));
-    let _m = Serve::start(&m_dir);
+    let m = Serve::start(&m_dir);
+    let table = ok_at(&m_dir, &["status"]).text();
+    let row = table.lines().find(|l| l.starts_with(&a_hex[..12])).unwrap();
+    assert!(
+        row.contains("  trusted  blind  yes  "),
+        "M's role at A: {table}"
+    );
     let plain = data(200, 9_000);
     let new_id = put_cli(&a_dir, "secret-name-new-9f3c.txt", &plain);
     wait_for_every(
@@ -397,6 +406,8 @@ fn a_schema_3_database_migrates_to_trust_levels_in_place() {
     assert!(columns("peers").contains(&"level".to_string()));
     assert!(columns("invites").contains(&"level".to_string()));
     assert!(columns("relayed_links").contains(&"sender_spki".to_string()));
+    assert!(columns("peers").contains(&"role".to_string()));
+    assert_eq!(peers[0]["role"], serde_json::Value::Null, "not known yet");
     let c = db_read_only(&dir);
     let invite_levels: Vec<String> = c
         .prepare("SELECT level FROM invites")

@@ -103,7 +103,8 @@ fn list(n: &Node, json: bool) -> Result<()> {
             .iter()
             .map(|p| {
                 serde_json::json!({"node_id": p.node_id.to_hex(), "name": p.name, "address": p.address,
-                    "state": p.state.as_str(), "level": p.level.as_str(), "mirror": p.mirror,
+                    "state": p.state.as_str(), "level": p.level.as_str(),
+                    "role": p.role.map(|r| r.as_str()), "mirror": p.mirror,
                     "added_at_ms": p.added_at_ms})
             })
             .collect();
@@ -111,15 +112,17 @@ fn list(n: &Node, json: bool) -> Result<()> {
         return Ok(());
     }
     // The columns of `status`'s peer table, with the whole id (what `peer
-    // revoke` takes), the level and when the peer was added.
+    // revoke` takes), the level (what this node gives the peer), the role
+    // (what the peer gives this node) and when the peer was added.
     let mut t = Table::new(&[
-        "NODE ID", "STATE", "LEVEL", "MIRROR", "ADDRESS", "ADDED", "NAME",
+        "NODE ID", "STATE", "LEVEL", "ROLE", "MIRROR", "ADDRESS", "ADDED", "NAME",
     ]);
     for p in peers {
         t.row([
             p.node_id.to_hex(),
             p.state.as_str().to_string(),
             p.level.as_str().to_string(),
+            p.role.map_or("-", |r| r.as_str()).to_string(),
             if p.mirror { "yes" } else { "no" }.to_string(),
             p.address,
             added(p.added_at_ms),

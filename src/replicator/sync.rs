@@ -21,7 +21,7 @@ use crate::node::Node;
 use crate::proto::{
     progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestResult, ManifestSummary,
 };
-use crate::store::Peer;
+use crate::store::{Level, Peer};
 
 /// Items asked for in one ListManifests call.
 const PAGE: u32 = 500;
@@ -293,6 +293,9 @@ impl PeerSync<'_> {
                 }
             };
             let blind = resp.caller_blind;
+            let role = if blind { Level::Blind } else { Level::Keyed };
+            let (n, src) = (self.node().clone(), self.peer.node_id);
+            blocking(move || n.db.set_role(&src, role)).await?;
             let (mut results, left_out) = self.left_out(&batch, resp.results);
             if blind {
                 // The source serves us blind: whatever envelope it sent is

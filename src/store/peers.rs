@@ -100,6 +100,9 @@ pub struct Peer {
     pub(crate) cursor: u64,
     /// What this node gives the peer while it is trusted.
     pub level: Level,
+    /// What the peer gives this node, as its last GetManifests answer said
+    /// (`None` before the first): this node's role at that source.
+    pub role: Option<Level>,
 }
 
 impl Db {
@@ -118,12 +121,15 @@ impl Db {
                 added_at_ms: r.get(6)?,
                 cursor: r.get::<_, i64>(7)? as u64,
                 level: Level::from_column(&r.get::<_, String>(8)?),
+                role: r
+                    .get::<_, Option<String>>(9)?
+                    .map(|s| Level::from_column(&s)),
             },
         ))
     }
 
     const PEER_COLS: &'static str =
-        "node_id, name, address, state, mirror, public_key, added_at_ms, cursor, level";
+        "node_id, name, address, state, mirror, public_key, added_at_ms, cursor, level, role";
 
     /// Add or update a peer. Re-adding a revoked peer trusts it again. A
     /// new peer is keyed; an existing one keeps its level (a change of
@@ -301,6 +307,17 @@ impl Db {
         };
         tx.commit()?;
         Ok(pin)
+    }
+
+    /// Record what `source` gives this node (its GetManifests answers say
+    /// whether it serves us blind): shown by `peer ls` and `status`.
+    pub(crate) fn set_role(&self, source: &NodeId, role: Level) -> Result<()> {
+        self.w()
+            .prepare_cached(
+                "UPDATE peers SET role = ?2 WHERE node_id = ?1 AND (role IS NULL OR role != ?2)",
+            )?
+            .execute(params![source.to_hex(), role.as_str()])?;
+        Ok(())
     }
 
     pub(crate) fn set_cursor(&self, id: &NodeId, cursor: u64) -> Result<()> {

@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS peers(
     added_at_ms INTEGER NOT NULL,
     cursor INTEGER NOT NULL DEFAULT 0,
     kem_key BLOB,
-    level TEXT NOT NULL DEFAULT 'keyed' CHECK (level IN ('keyed', 'blind')));
+    level TEXT NOT NULL DEFAULT 'keyed' CHECK (level IN ('keyed', 'blind')),
+    role TEXT CHECK (role IN ('keyed', 'blind')));
 CREATE TABLE IF NOT EXISTS manifests(
     content_id TEXT PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,
@@ -94,11 +95,13 @@ CREATE TABLE IF NOT EXISTS chunk_checks(
 const PEER_KEM_KEY: &str = "ALTER TABLE peers ADD COLUMN kem_key BLOB;";
 
 /// What schema 4 added (FORMAT.md §4.8): the trust level of each peer and
-/// of the peer each invite makes, also the whole of the 3 → 4 migration
+/// of the peer each invite makes, and the role this node has at each
+/// source (what the source gives it), also the whole of the 3 → 4 migration
 /// with [`RELAYED_LINKS`]. Every row that exists when it runs is `keyed`,
 /// which is what it was.
 const TRUST_LEVELS: &str = "
 ALTER TABLE peers ADD COLUMN level TEXT NOT NULL DEFAULT 'keyed' CHECK (level IN ('keyed', 'blind'));
+ALTER TABLE peers ADD COLUMN role TEXT CHECK (role IN ('keyed', 'blind'));
 ALTER TABLE invites ADD COLUMN level TEXT NOT NULL DEFAULT 'keyed' CHECK (level IN ('keyed', 'blind'));
 ";
 
