@@ -75,223 +75,283 @@ fn secrets_of(plain: &[u8], name: &str, key: &[u8]) -> Vec<Vec<u8>> {
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blind_mirror_stores_verifies_and_serves_what_it_cannot_read() {
-    bitsync::tls::install_crypto_provider();
-    let tmp = TempDir::new().unwrap();
-    let (a_dir, m_dir) = (tmp.path().join("a"), tmp.path().join("m"));
-    let a_hex = init_cli(&a_dir);
-    let items: Vec<(String, String, Vec<u8>)> = (0..3u64)
-        .map(|i| {
-            let name = format!("secret-name-{i}-9f3c.txt");
-            let plain = data(100 + i, 20_000 + 3_000 * i as usize);
-            (put_cli(&a_dir, &name, &plain), name, plain)
-        })
-        .collect();
-    let a = Serve::start(&a_dir);
+/// No envelope for the node `?1` (in a node's `envelopes` table).
+const ENV_FOR: &str = "SELECT count(*) FROM envelopes WHERE recipient = ?1";
+/// Link keys made by another node for `?1` (a node's own `L(self→self)` is
+/// nobody's gift).
+const LINKS_FOR: &str = "SELECT count(*) FROM link_keys WHERE recipient = ?1 AND sender != ?1";
 
-    // M joins with a blind token and clones A.
-    let token = ok_at(&a_dir, &["invite", "--blind"]).last_line();
-    let tf = tmp.path().join("token");
-    fs::write(&tf, &token).unwrap();
-    let m_hex = ok_at(&m_dir, &["init"]).last_line();
-    let o = ok_at(&m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    assert!(o.text().contains("cloned 3 items"), "{o:?}");
+/// A publishing A (served) and M, which joined it with a blind token and
+/// cloned it; the items are (content id, name, plaintext).
+struct BlindScene {
+    tmp: TempDir,
+    a_dir: PathBuf,
+    m_dir: PathBuf,
+    a_hex: String,
+    m_hex: String,
+    items: Vec<(String, String, Vec<u8>)>,
+    a: Serve,
+}
 
-    // The level is A's record of M, from the invite: blind. M trusts A keyed.
-    let pm = peer_entry(&a_dir, &m_hex);
-    assert_eq!(
-        (&pm["state"], &pm["level"]),
-        (&"trusted".into(), &"blind".into())
-    );
-    assert_eq!(peer_entry(&m_dir, &a_hex)["level"], "keyed");
-    // M's role at A, as A's answers said: blind; A has fetched nothing of M.
-    assert_eq!(peer_entry(&m_dir, &a_hex)["role"], "blind");
-    assert_eq!(peer_entry(&a_dir, &m_hex)["role"], serde_json::Value::Null);
-    let table = ok_at(&a_dir, &["peer", "ls"]).text();
-    let row = table.lines().find(|l| l.starts_with(&m_hex)).unwrap();
-    assert!(row.contains("  trusted  blind  "), "{table}");
-    let mut admin = admin_client(&a.socket()).await;
-    let listed = admin
-        .list_peers(ListPeersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let info = listed.peers.iter().find(|p| p.node_id == m_hex).unwrap();
-    assert_eq!(info.level, "blind");
-
-    // M lists what the signed manifests say in the clear, never the names.
-    let ls = ls_json(&m_dir);
-    assert_eq!(ls.len(), 3, "{ls:?}");
-    for (id, _, plain) in &items {
-        let it = ls.iter().find(|x| x["content_id"] == id.as_str()).unwrap();
-        assert_eq!(it["blind"], true, "{it}");
-        assert_eq!(it["name"], "", "{it}");
-        assert_eq!(it["kind"], "file");
-        assert_eq!(it["size"], plain.len() as u64);
-        assert_eq!(it["publisher"], a_hex.as_str());
-        assert!(it["seq"].as_u64().unwrap() > 0);
-        assert_eq!(it["complete"], true);
+impl BlindScene {
+    fn new() -> BlindScene {
+        bitsync::tls::install_crypto_provider();
+        let tmp = TempDir::new().unwrap();
+        let (a_dir, m_dir) = (tmp.path().join("a"), tmp.path().join("m"));
+        let a_hex = init_cli(&a_dir);
+        let items = (0..3u64)
+            .map(|i| {
+                let name = format!("secret-name-{i}-9f3c.txt");
+                let plain = data(100 + i, 20_000 + 3_000 * i as usize);
+                (put_cli(&a_dir, &name, &plain), name, plain)
+            })
+            .collect();
+        let a = Serve::start(&a_dir);
+        let m_hex = ok_at(&m_dir, &["init"]).last_line();
+        let scene = BlindScene {
+            tmp,
+            a_dir,
+            m_dir,
+            a_hex,
+            m_hex,
+            items,
+            a,
+        };
+        let token = ok_at(&scene.a_dir, &["invite", "--blind"]).last_line();
+        let o = scene.clone_with(&scene.m_dir, &token);
+        assert!(o.text().contains("cloned 3 items"), "{o:?}");
+        scene
     }
-    let table = ok_at(&m_dir, &["ls"]).text();
-    assert!(
-        table.lines().next().unwrap().contains("SEQ  PUBLISHER"),
-        "{table}"
-    );
-    assert_eq!(table.matches("(blind: no key)").count(), 3, "{table}");
-    assert!(table.contains(&a_hex[..12]), "{table}");
 
-    // get: the blind error and its own exit code, and no output file.
-    let out = tmp.path().join("out");
-    let o = at(&m_dir, &["get", &items[0].0, "-o", out.to_str().unwrap()]);
-    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
-    assert!(
-        o.stderr
-            .contains("no key: this node mirrors this item blind"),
-        "{o:?}"
-    );
-    assert!(!out.exists());
-    // A keyed node's get still works (A's own), so the code is M's verdict.
-    assert_eq!(
-        ok_at(&a_dir, &["get", &items[0].0]).stdout,
-        items[0].2,
-        "A reads its item"
-    );
+    /// `clone --token-file` of `token` on `dir`, required to succeed.
+    fn clone_with(&self, dir: &Path, token: &str) -> Out {
+        let tf = self.tmp.path().join("token");
+        fs::write(&tf, token).unwrap();
+        ok_at(dir, &["clone", "--token-file", tf.to_str().unwrap()])
+    }
 
-    // verify checks every chunk hash and manifest signature without a key.
-    let o = ok_at(&m_dir, &["verify"]);
-    assert!(o.stderr.contains("3 manifests: 0 problem(s)"), "{o:?}");
+    /// The level is A's record of M, from the invite; M's role at A is
+    /// what A's answers said; peer ls and Admin/ListPeers show them.
+    async fn levels_and_roles(&self) {
+        let (a_dir, m_dir, a_hex, m_hex) = (&self.a_dir, &self.m_dir, &self.a_hex, &self.m_hex);
+        let pm = peer_entry(a_dir, m_hex);
+        assert_eq!(
+            (&pm["state"], &pm["level"]),
+            (&"trusted".into(), &"blind".into())
+        );
+        assert_eq!(
+            pm["role"],
+            serde_json::Value::Null,
+            "A fetched nothing of M"
+        );
+        let pa = peer_entry(m_dir, a_hex);
+        assert_eq!(
+            (&pa["level"], &pa["role"]),
+            (&"keyed".into(), &"blind".into())
+        );
+        let table = ok_at(a_dir, &["peer", "ls"]).text();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(m_hex.as_str()))
+            .unwrap();
+        assert!(row.contains("  trusted  blind  "), "{table}");
+        let mut admin = admin_client(&self.a.socket()).await;
+        let listed = admin
+            .list_peers(ListPeersRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let info = listed.peers.iter().find(|p| p.node_id == *m_hex).unwrap();
+        assert_eq!(info.level, "blind");
+    }
 
-    // Nothing readable under M's data dir: no plaintext, no name, no item key.
-    let a_node = open(&a_dir);
-    for (id, name, plain) in &items {
-        let cid: ContentId = Hash::parse(id, "content id").unwrap();
-        let own = a_node.db().envelope(&cid, &a_hex).unwrap().unwrap();
-        let key = a_node.open_envelope(&cid, &own).unwrap();
-        for s in secrets_of(plain, name, key.as_bytes()) {
-            let found = files_holding(&m_dir, &s);
-            assert!(found.is_empty(), "M holds a secret of {id} in {found:?}");
+    /// M lists what the signed manifests say in the clear, never the names;
+    /// `get` fails with the blind error and its exit code; `verify` passes.
+    fn listing_get_and_verify(&self) {
+        let ls = ls_json(&self.m_dir);
+        assert_eq!(ls.len(), 3, "{ls:?}");
+        for (id, _, plain) in &self.items {
+            let it = ls.iter().find(|x| x["content_id"] == id.as_str()).unwrap();
+            assert_eq!(
+                (&it["blind"], &it["name"], &it["kind"]),
+                (&true.into(), &"".into(), &"file".into()),
+                "{it}"
+            );
+            assert_eq!(it["size"], plain.len() as u64);
+            assert_eq!(it["publisher"], self.a_hex.as_str());
+            assert!(it["seq"].as_u64().unwrap() > 0);
+            assert_eq!(it["complete"], true);
+        }
+        let table = ok_at(&self.m_dir, &["ls"]).text();
+        assert!(
+            table.lines().next().unwrap().contains("SEQ  PUBLISHER"),
+            "{table}"
+        );
+        assert_eq!(table.matches("(blind: no key)").count(), 3, "{table}");
+        assert!(table.contains(&self.a_hex[..12]), "{table}");
+
+        let out = self.tmp.path().join("out");
+        let (id, _, plain) = &self.items[0];
+        let o = at(&self.m_dir, &["get", id, "-o", out.to_str().unwrap()]);
+        assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+        assert!(
+            o.stderr
+                .contains("no key: this node mirrors this item blind"),
+            "{o:?}"
+        );
+        assert!(!out.exists());
+        // A keyed node's get still works (A's own), so the code is M's verdict.
+        assert_eq!(
+            &ok_at(&self.a_dir, &["get", id]).stdout,
+            plain,
+            "A reads its item"
+        );
+
+        let o = ok_at(&self.m_dir, &["verify"]);
+        assert!(o.stderr.contains("3 manifests: 0 problem(s)"), "{o:?}");
+    }
+
+    /// Nothing readable under M's data dir (no plaintext, no name, no item
+    /// key), and no envelope or link key for M, on M or on A.
+    fn nothing_readable_on_m(&self) {
+        let (a_dir, m_dir, m_hex) = (&self.a_dir, &self.m_dir, &self.m_hex);
+        let a_node = open(a_dir);
+        for (id, name, plain) in &self.items {
+            let cid: ContentId = Hash::parse(id, "content id").unwrap();
+            let own = a_node.db().envelope(&cid, &self.a_hex).unwrap().unwrap();
+            let key = a_node.open_envelope(&cid, &own).unwrap();
+            for s in secrets_of(plain, name, key.as_bytes()) {
+                let found = files_holding(m_dir, &s);
+                assert!(found.is_empty(), "M holds a secret of {id} in {found:?}");
+            }
+        }
+        // The search can fail: a file that does hold a plaintext is found.
+        let probe = self.tmp.path().join("probe");
+        fs::create_dir(&probe).unwrap();
+        let (_, name, plain) = &self.items[2];
+        fs::write(probe.join("x"), plain).unwrap();
+        assert_eq!(
+            files_holding(&probe, &secrets_of(plain, name, &[0; 32])[1]).len(),
+            1
+        );
+
+        let all = |sql: &str| count(m_dir, sql, "x");
+        assert_eq!(all("SELECT count(*) FROM envelopes WHERE ?1 = ?1"), 0);
+        assert_eq!(all("SELECT count(*) FROM manifests WHERE ?1 = ?1"), 3);
+        for dir in [m_dir, a_dir] {
+            assert_eq!(count(dir, ENV_FOR, m_hex), 0, "{}", dir.display());
+            assert_eq!(count(dir, LINKS_FOR, m_hex), 0, "{}", dir.display());
         }
     }
-    // The search can fail: a file that does hold a plaintext is found.
-    let probe = tmp.path().join("probe");
-    fs::create_dir(&probe).unwrap();
-    fs::write(probe.join("x"), &items[2].2).unwrap();
-    let window = &secrets_of(&items[2].2, &items[2].1, &[0; 32])[1];
-    assert_eq!(files_holding(&probe, window).len(), 1);
-    // No envelope or link key addressed to M, on M or on A.
-    let env_for = "SELECT count(*) FROM envelopes WHERE recipient = ?1";
-    // (M's own L(M→M) is not from anyone: only link keys made by another node count.)
-    let links_for = "SELECT count(*) FROM link_keys WHERE recipient = ?1 AND sender != ?1";
-    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
-    assert_eq!(
-        count(&m_dir, "SELECT count(*) FROM envelopes WHERE ?1 = ?1", "x"),
-        0
-    );
-    assert_eq!(count(&m_dir, links_for, &m_hex), 0);
-    assert_eq!(count(&a_dir, env_for, &m_hex), 0);
-    assert_eq!(count(&a_dir, links_for, &m_hex), 0);
-    assert_eq!(
-        count(&m_dir, "SELECT count(*) FROM manifests WHERE ?1 = ?1", "x"),
-        3
-    );
 
-    // M asking A for key material directly: refused, and A logs it.
-    let m_node = open(&m_dir);
-    let ch = within(
-        20,
-        "dialing A",
-        dialer(&m_node).channel(Hash::parse(&a_hex, "id").unwrap(), &a.addr),
-    )
-    .await
-    .unwrap();
-    let mut fed = bitsync::replicator::client(ch);
-    let e = fed
-        .get_link_envelopes(GetLinkEnvelopesRequest {})
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("blind peer"), "{e:?}");
-    let short = &m_hex[..12];
-    wait_for(10, "A to log the refusal", || {
-        a.log()
-            .lines()
-            .any(|l| l.contains("refused GetLinkEnvelopes from a blind peer") && l.contains(short))
-            .then_some(())
-    });
-    // GetManifests, with an ML-KEM key offered: manifests, no envelope, no pin.
-    let r = fed
-        .get_manifests(GetManifestsRequest {
-            content_ids: items.iter().map(|(id, _, _)| id.clone()).collect(),
-            envelope_format: ENVELOPE_FORMAT,
-            caller_kem_key: Some(m_node.signed_kem_key()),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.caller_blind);
-    for x in &r.results {
-        assert!(x.problem.is_none() && x.manifest.is_some(), "{x:?}");
-        assert!(x.envelope.is_none(), "an envelope for a blind peer: {x:?}");
+    /// M asking A for key material directly: GetLinkEnvelopes refused and
+    /// logged; GetManifests, with an ML-KEM key offered, gives manifests
+    /// and no envelope, and pins nothing; A will not rotate a link it never made.
+    async fn key_material_refused(&self) {
+        let m_node = open(&self.m_dir);
+        let a_id = Hash::parse(&self.a_hex, "id").unwrap();
+        let ch = within(20, "dialing A", dialer(&m_node).channel(a_id, &self.a.addr))
+            .await
+            .unwrap();
+        let mut fed = bitsync::replicator::client(ch);
+        let e = fed
+            .get_link_envelopes(GetLinkEnvelopesRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("blind peer"), "{e:?}");
+        let short = &self.m_hex[..12];
+        wait_for(10, "A to log the refusal", || {
+            self.a
+                .log()
+                .lines()
+                .any(|l| {
+                    l.contains("refused GetLinkEnvelopes from a blind peer") && l.contains(short)
+                })
+                .then_some(())
+        });
+        let r = fed
+            .get_manifests(GetManifestsRequest {
+                content_ids: self.items.iter().map(|(id, _, _)| id.clone()).collect(),
+                envelope_format: ENVELOPE_FORMAT,
+                caller_kem_key: Some(m_node.signed_kem_key()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.caller_blind);
+        for x in &r.results {
+            assert!(x.problem.is_none() && x.manifest.is_some(), "{x:?}");
+            assert!(x.envelope.is_none(), "an envelope for a blind peer: {x:?}");
+        }
+        let pinned = "SELECT count(*) FROM peers WHERE node_id = ?1 AND kem_key IS NOT NULL";
+        assert_eq!(count(&self.a_dir, pinned, &self.m_hex), 0);
+        assert_eq!(count(&self.a_dir, ENV_FOR, &self.m_hex), 0);
+        let o = at(&self.a_dir, &["peer", "rekey", &self.m_hex]);
+        assert_eq!(o.code, 2, "{o:?}");
+        assert!(o.stderr.contains("blind peer"), "{o:?}");
     }
-    let pinned = "SELECT count(*) FROM peers WHERE node_id = ?1 AND kem_key IS NOT NULL";
-    assert_eq!(count(&a_dir, pinned, &m_hex), 0);
-    assert_eq!(count(&a_dir, env_for, &m_hex), 0);
-    // A refuses to rotate a link key it never made.
-    let o = at(&a_dir, &["peer", "rekey", &m_hex]);
-    assert_eq!(o.code, 2, "{o:?}");
-    assert!(o.stderr.contains("blind peer"), "{o:?}");
 
-    // A corrupted chunk on M is caught by verify (exit 5, the chunk named).
-    let chunk = chunks_of(&m_dir, &items[1].0)[1].clone();
-    flip_byte(
-        &chunk_file(&m_dir.join("chunks"), &Hash::parse(&chunk, "c").unwrap()),
-        10,
-    );
-    let o = at(&m_dir, &["verify"]);
-    assert_eq!(o.code, 5, "{o:?}");
-    assert!(o.text().contains(&chunk), "{o:?}");
+    /// A corrupted chunk on M is caught by verify (exit 5, the chunk named).
+    fn verify_catches_a_corrupted_chunk(&self) {
+        let chunk = chunks_of(&self.m_dir, &self.items[1].0)[1].clone();
+        let id = Hash::parse(&chunk, "chunk id").unwrap();
+        flip_byte(&chunk_file(&self.m_dir.join("chunks"), &id), 10);
+        let o = at(&self.m_dir, &["verify"]);
+        assert_eq!(o.code, 5, "{o:?}");
+        assert!(o.text().contains(&chunk), "{o:?}");
+    }
 
-    // M mirrors A: a new item arrives through Watch, blind too.
-    ok_at(&m_dir, &["peer", "add", &a_hex, &a.addr, "--mirror"]);
-    drop((m_node, fed));
-    let m = Serve::start(&m_dir);
-    let table = ok_at(&m_dir, &["status"]).text();
-    let row = table.lines().find(|l| l.starts_with(&a_hex[..12])).unwrap();
-    assert!(
-        row.contains("  trusted  blind  yes  "),
-        "M's role at A: {table}"
-    );
-    let plain = data(200, 9_000);
-    let new_id = put_cli(&a_dir, "secret-name-new-9f3c.txt", &plain);
-    wait_for_every(
-        60,
-        std::time::Duration::from_millis(300),
-        "the new item to reach M",
-        || {
-            let ls = ls_json(&m_dir);
+    /// M mirrors A: a new item arrives through Watch, blind too; and a new
+    /// keyed peer D cloning A (A re-keys every item for it, which moves each
+    /// to a new seq) reaches M through Watch as D's envelopes, kept to relay.
+    fn mirror_follows_a(&self) {
+        let (m_dir, m_hex) = (&self.m_dir, &self.m_hex);
+        ok_at(
+            m_dir,
+            &["peer", "add", &self.a_hex, &self.a.addr, "--mirror"],
+        );
+        let _m = Serve::start(m_dir);
+        let table = ok_at(m_dir, &["status"]).text();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&self.a_hex[..12]))
+            .unwrap();
+        assert!(
+            row.contains("  trusted  blind  yes  "),
+            "M's role at A: {table}"
+        );
+        let plain = data(200, 9_000);
+        let new_id = put_cli(&self.a_dir, "secret-name-new-9f3c.txt", &plain);
+        let every = std::time::Duration::from_millis(300);
+        wait_for_every(60, every, "the new item to reach M", || {
+            let ls = ls_json(m_dir);
             let it = ls.iter().find(|x| x["content_id"] == new_id.as_str())?;
             (it["complete"] == true && it["blind"] == true).then_some(())
-        },
-    );
-    assert!(files_holding(&m_dir, &plain[..48]).is_empty());
-    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
-    let o = at(&m_dir, &["get", &new_id]);
-    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+        });
+        assert!(files_holding(m_dir, &plain[..48]).is_empty());
+        assert_eq!(count(m_dir, ENV_FOR, m_hex), 0);
+        assert_eq!(at(m_dir, &["get", &new_id]).code, NO_KEY_EXIT);
 
-    // A new keyed peer D clones A: A re-keys every item for it, which moves
-    // each to a new seq, and M, following Watch, keeps D's envelopes to relay.
-    let d_dir = tmp.path().join("d");
-    let d_hex = ok_at(&d_dir, &["init"]).last_line();
-    fs::write(&tf, a.invite()).unwrap();
-    ok_at(&d_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    wait_for_every(
-        60,
-        std::time::Duration::from_millis(300),
-        "D's envelopes to reach M",
-        || (count(&m_dir, env_for, &d_hex) == 4).then_some(()),
-    );
-    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
+        let d_dir = self.tmp.path().join("d");
+        let d_hex = ok_at(&d_dir, &["init"]).last_line();
+        self.clone_with(&d_dir, &self.a.invite());
+        wait_for_every(60, every, "D's envelopes to reach M", || {
+            (count(m_dir, ENV_FOR, &d_hex) == 4).then_some(())
+        });
+        assert_eq!(count(m_dir, ENV_FOR, m_hex), 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blind_mirror_stores_verifies_and_serves_what_it_cannot_read() {
+    let scene = BlindScene::new();
+    scene.levels_and_roles().await;
+    scene.listing_get_and_verify();
+    scene.nothing_readable_on_m();
+    scene.key_material_refused().await;
+    scene.verify_catches_a_corrupted_chunk();
+    scene.mirror_follows_a();
 }
 
 #[test]
@@ -470,9 +530,8 @@ async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_do
     fs::write(&tf, ok_at(&a_dir, &["invite", "--blind"]).last_line()).unwrap();
     let m_hex = ok_at(&m_dir, &["init"]).last_line();
     ok_at(&m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    let env_for = "SELECT count(*) FROM envelopes WHERE recipient = ?1";
-    assert_eq!(count(&m_dir, env_for, &c_hex), 3, "C's envelopes, relayed");
-    assert_eq!(count(&m_dir, env_for, &m_hex), 0, "none for M itself");
+    assert_eq!(count(&m_dir, ENV_FOR, &c_hex), 3, "C's envelopes, relayed");
+    assert_eq!(count(&m_dir, ENV_FOR, &m_hex), 0, "none for M itself");
     let links = "SELECT count(*) FROM relayed_links WHERE recipient = ?1";
     assert!(count(&m_dir, links, &c_hex) >= 1, "L(A→C), relayed");
     assert_eq!(count(&m_dir, links, &m_hex), 0);
@@ -491,7 +550,7 @@ async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_do
     // C holds L(A→C) now, from M, and M still holds no key of its own.
     let from_a = "SELECT count(*) FROM link_keys WHERE sender = ?1";
     assert!(count(&c_dir, from_a, &a_hex) >= 1);
-    assert_eq!(count(&m_dir, env_for, &m_hex), 0);
+    assert_eq!(count(&m_dir, ENV_FOR, &m_hex), 0);
     let o = at(&m_dir, &["get", &items[0].0]);
     assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
     for (_, plain) in &items {
