@@ -194,8 +194,9 @@ fn read_full(input: &mut dyn Read, n: usize) -> Result<Vec<u8>> {
 
 /// The item key from this node's own envelope. A native item without one
 /// is an item this node mirrors blind (PROTOCOL.md §2.1: a blind mirror
-/// stores manifests with no envelope of its own), which is `NoKey` (exit
-/// 11); an Axon item imported without its key keeps `Denied`.
+/// stores manifests with no envelope of its own) or one awaiting its key
+/// (§2.3), both `NoKey` (exit 11); an Axon item imported without its key
+/// keeps `Denied`.
 pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
     let wrapped = node
         .db
@@ -205,9 +206,14 @@ pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
                 "item {} has no envelope for this node; it cannot be decrypted here",
                 m.id()
             )),
-            _ => Error::no_key(format!(
+            _ if mirrors_blind(node, &m.publisher()) => Error::no_key(format!(
                 "no key: this node mirrors this item blind (item {} is stored and verified here, \
                  but this node holds no envelope for it; read it on a keyed node)",
+                m.id()
+            )),
+            _ => Error::no_key(format!(
+                "no key: item {} awaits its key (it is stored and verified here, from a blind \
+                 mirror; a sync with a keyed peer of its publisher completes it)",
                 m.id()
             )),
         })?;
@@ -217,6 +223,17 @@ pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|e| e.context(format!("item {}", m.id())))?;
     Ok(key)
+}
+
+/// Whether this node holds items of `publisher` without a key by design:
+/// the publisher serves it blind (its role there, PROTOCOL.md §2.1). An
+/// item held without a key otherwise awaits one (§2.3).
+pub(crate) fn mirrors_blind(node: &Node, publisher: &crate::crypto::NodeId) -> bool {
+    node.db
+        .peer(publisher)
+        .ok()
+        .flatten()
+        .is_some_and(|p| p.role == Some(crate::store::Level::Blind))
 }
 
 /// The decrypted metadata of an item this node holds a key for.

@@ -17,7 +17,7 @@
 //! | `Unavailable` |  8   | `UNAVAILABLE`        | a peer that cannot be reached; Tor not bootstrapped; a clone left incomplete |
 //! | `Exhausted`   |  9   | `RESOURCE_EXHAUSTED` | a full disk; too many streams or ids in one request |
 //! | `Io`          | 10   | `INTERNAL`           | any other local I/O or database failure |
-//! | `NoKey`       | 11   | `FAILED_PRECONDITION` | `get` of an item this node mirrors blind: it holds the item, verified, but no key (PROTOCOL.md §2.1) |
+//! | `NoKey`       | 11   | `FAILED_PRECONDITION` | `get` of an item this node mirrors blind or that awaits its key: it holds the item, verified, but no key (PROTOCOL.md §2.1, §2.3) |
 //!
 //! Exit code 0 is success, and 2 is also what clap uses for a usage error, so
 //! a script can treat "the command line was wrong" alike either way. The

@@ -503,6 +503,9 @@ fn a_schema_3_database_migrates_to_trust_levels_in_place() {
     assert_eq!(version(), "4");
 }
 
+/// A publishes for C (known) and M (blind) mirrors it; with A down, C
+/// clones from M and reads everything (its envelopes relayed), and D (known
+/// to M only) gets everything verified, awaiting keys, until A trusts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_down() {
     bitsync::tls::install_crypto_provider();
@@ -556,4 +559,45 @@ async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_do
     for (_, plain) in &items {
         assert!(files_holding(&m_dir, &plain[100..148]).is_empty());
     }
+    a_stranger_awaits_its_keys(&tmp, (&a_dir, &m_dir), (&m_hex, &m.addr), &items);
+}
+
+/// D, never known to A, clones from M while A is down: every manifest and
+/// chunk is verified and stored, and the items await a key (PROTOCOL.md
+/// §2.3); A comes back and trusts D, whose next sync fetches only envelopes.
+fn a_stranger_awaits_its_keys(
+    tmp: &TempDir,
+    (a_dir, m_dir): (&Path, &Path),
+    (m_hex, m_addr): (&str, &str),
+    items: &[(String, Vec<u8>)],
+) {
+    let tf = tmp.path().join("token-d");
+    let d_dir = tmp.path().join("d");
+    let d_hex = ok_at(&d_dir, &["init"]).last_line();
+    ok_at(m_dir, &["peer", "add", &d_hex, "127.0.0.1:9"]);
+    ok_at(&d_dir, &["peer", "add", m_hex, m_addr]);
+    let o = ok_at(&d_dir, &["clone", m_hex]);
+    assert!(o.text().contains("cloned 3 items"), "{o:?}");
+    assert!(o.text().contains("3 items await a key"), "{o:?}");
+    let ls = ls_json(&d_dir);
+    assert!(
+        ls.iter()
+            .all(|i| i["awaiting_key"] == true && i["complete"] == true),
+        "{ls:?}"
+    );
+    let o = at(&d_dir, &["get", &items[0].0]);
+    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
+    assert!(o.stderr.contains("awaits its key"), "{o:?}");
+    ok_at(&d_dir, &["verify"]);
+    // A comes back and trusts D: D's next sync fetches only the envelopes
+    // (no chunk byte is sent again), and every item reads.
+    let a = Serve::start(a_dir);
+    fs::write(&tf, a.invite()).unwrap();
+    let o = ok_at(&d_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    assert!(o.text().contains(", 0 bytes received"), "{o:?}");
+    assert!(!o.text().contains("await a key"), "{o:?}");
+    for (id, plain) in items {
+        assert_eq!(&ok_at(&d_dir, &["get", id]).stdout, plain, "D reads {id}");
+    }
+    drop(a);
 }

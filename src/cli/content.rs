@@ -104,11 +104,12 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
     if json {
         let v: Vec<_> = rows
             .iter()
-            .map(|Listed { summary: s, name, complete, blind }| {
+            .map(|Listed { summary: s, name, complete, blind, awaiting_key }| {
                 serde_json::json!({
                     "content_id": s.content_id.to_hex(), "seq": s.seq, "kind": s.kind, "name": name,
                     "size": s.size, "chunks": s.chunk_count, "created_at_ms": s.created_at_ms,
                     "publisher": s.publisher.to_hex(), "complete": complete, "blind": blind,
+                    "awaiting_key": awaiting_key,
                 })
             })
             .collect();
@@ -116,7 +117,8 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
         return Ok(());
     }
     // SEQ and PUBLISHER are what a blind item shows beside its kind and
-    // size (its name is encrypted); NAME says "(blind: no key)" then.
+    // size (its name is encrypted); NAME says "(blind: no key)" then, or
+    // "(awaiting key)" for one that came from a blind mirror.
     outln!(
         "{:<64}  {:<8} {:>12}  {:<8}  {:>8}  {:<12}  NAME",
         "CONTENT ID",
@@ -131,6 +133,7 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
         name,
         complete,
         blind,
+        awaiting_key,
     } in rows
     {
         outln!(
@@ -141,10 +144,10 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
             if complete { "ok" } else { "partial" },
             s.seq,
             s.publisher.short(),
-            if blind {
-                "(blind: no key)"
-            } else {
-                name.as_str()
+            match (blind, awaiting_key) {
+                (true, true) => "(awaiting key)",
+                (true, false) => "(blind: no key)",
+                _ => name.as_str(),
             }
         );
     }

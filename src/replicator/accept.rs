@@ -20,14 +20,19 @@ use crate::store::{Envelopes, MAX_RELAYED, MAX_RELAYED_LINKS};
 /// Check a GetManifests result: signature, id, and that our envelope opens
 /// it. `blind`: the source said it serves this node blind, so the result
 /// has no envelope and the item is accepted on its signature and id alone;
-/// otherwise a missing envelope is DATA_LOSS, as a bad one is.
+/// otherwise a missing envelope is DATA_LOSS, as a bad one is. A result
+/// NOT_FOUND with `no_key` (the source holds the item without a key for
+/// us, PROTOCOL.md §2.3) is kept the same way: verified, awaiting a key.
 fn accept_manifest(
     node: &Node,
     r: &ManifestResult,
     blind: bool,
     source: &NodeId,
 ) -> Result<Accepted> {
-    if let Some(p) = &r.problem {
+    let awaiting = r.no_key
+        && r.manifest.is_some()
+        && r.problem.as_ref().map(|p| p.code) == Some(tonic::Code::NotFound as i32);
+    if let Some(p) = r.problem.as_ref().filter(|_| !awaiting) {
         return Err(Error::from(tonic::Status::new(
             tonic::Code::from_i32(p.code),
             p.message.clone(),
@@ -47,6 +52,9 @@ fn accept_manifest(
     }
     if blind {
         return Ok((m, None, relayed_envelopes(node, source, r)));
+    }
+    if awaiting {
+        return Ok((m, None, Vec::new()));
     }
     let env = r
         .envelope

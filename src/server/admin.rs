@@ -132,6 +132,7 @@ impl Admin for AdminService {
                          name,
                          complete,
                          blind,
+                         awaiting_key,
                      }| ContentInfo {
                         content_id: s.content_id.to_hex(),
                         seq: s.seq,
@@ -142,6 +143,7 @@ impl Admin for AdminService {
                         name,
                         complete,
                         blind,
+                        awaiting_key,
                     },
                 )
                 .collect();

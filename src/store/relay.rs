@@ -53,6 +53,26 @@ impl Db {
         Ok(out)
     }
 
+    /// How many items this node (`me`) holds without an envelope of its
+    /// own, by publisher: mirrored blind, or awaiting a key (§2.3).
+    pub(crate) fn keyless_by_publisher(&self, me: &NodeId) -> Result<Vec<(NodeId, u64)>> {
+        let c = self.r();
+        let mut st = c.prepare(
+            "SELECT m.publisher, count(*) FROM manifests m WHERE NOT EXISTS
+               (SELECT 1 FROM envelopes e WHERE e.content_id = m.content_id AND e.recipient = ?1)
+             GROUP BY m.publisher",
+        )?;
+        let rows = st.query_map([me.to_hex()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (p, n) = row?;
+            out.push((hex_id(p, "node id")?, n as u64));
+        }
+        Ok(out)
+    }
+
     /// Keep link envelopes to relay (already checked: made by the node
     /// whose key is `sender_spki`, for another recipient). Returns how many
     /// were new.

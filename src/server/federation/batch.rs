@@ -27,7 +27,9 @@ struct Prepared {
     body: Vec<u8>,
     signature: Vec<u8>,
     seq: u64,
-    envelope: Vec<u8>,
+    /// `None`: this node holds no key for the item (it mirrors it blind),
+    /// so the caller gets the manifest to keep, awaiting a key (§2.3).
+    envelope: Option<Vec<u8>>,
     /// The envelope was made just now and still has to be stored.
     fresh: bool,
 }
@@ -53,7 +55,7 @@ fn look_up(state: &ServerState, caller: &str, id: &str) -> Result<Found, Error> 
             body: raw.body,
             signature: raw.signature,
             seq: raw.seq,
-            envelope,
+            envelope: Some(envelope),
             fresh: false,
         }),
         None => Found::Rekey(cid, raw),
@@ -71,15 +73,16 @@ fn rekey(
 ) -> Result<Prepared, Error> {
     let node = &state.node;
     let started = std::time::Instant::now();
-    let own = node
-        .db
-        .envelope(&cid, &node.id().to_hex())?
-        .ok_or_else(|| {
-            Error::new(
-                Kind::NotFound,
-                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
-            )
-        })?;
+    let Some(own) = node.db.envelope(&cid, &node.id().to_hex())? else {
+        // A blind mirror's item: the manifest as stored, no key to give.
+        return Ok(Prepared {
+            body: raw.body,
+            signature: raw.signature,
+            seq: raw.seq,
+            envelope: None,
+            fresh: false,
+        });
+    };
     let m = crate::manifest::Manifest::from_signed(raw.body, raw.signature)?;
     let key = node
         .open_envelope(&cid, &own)
@@ -92,7 +95,7 @@ fn rekey(
         body: m.body_bytes().to_vec(),
         signature: m.signature().to_vec(),
         seq: raw.seq,
-        envelope,
+        envelope: Some(envelope),
         fresh: true,
     })
 }
@@ -207,6 +210,7 @@ fn manifest_only(state: &ServerState, id: &str) -> ManifestResult {
             envelope: None,
             seq: raw.seq,
             problem: None,
+            no_key: false,
             relayed: relay
                 .into_iter()
                 .map(|(recipient, wrapped_key)| Envelope {
@@ -258,7 +262,7 @@ fn answer(
             Ok(p) if p.fresh => Some((
                 Hash::parse(id, "content id").ok()?,
                 recipient.clone(),
-                p.envelope.clone(),
+                p.envelope.clone()?,
             )),
             _ => None,
         })
@@ -393,7 +397,7 @@ fn result_for(
             // A concurrent call stored its own wrap first: return that one.
             None => {
                 if let Ok(Some(env)) = state.node.db.envelope(&cid, recipient) {
-                    p.envelope = env;
+                    p.envelope = Some(env);
                 }
                 p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
             }
@@ -403,10 +407,26 @@ fn result_for(
         body: p.body,
         signature: p.signature,
     });
-    out.envelope = Some(Envelope {
-        recipient: recipient.to_string(),
-        wrapped_key: p.envelope,
-    });
     out.seq = p.seq;
+    match p.envelope {
+        Some(wrapped_key) => {
+            out.envelope = Some(Envelope {
+                recipient: recipient.to_string(),
+                wrapped_key,
+            })
+        }
+        // NOT_FOUND as before (a caller from before §2.3 skips the item);
+        // a newer one keeps the manifest, awaiting a key.
+        None => {
+            out.no_key = true;
+            out.problem = Some(problem(&Error::new(
+                Kind::NotFound,
+                format!(
+                    "this node holds no key for item {id}, so it cannot re-key it for you \
+                     (it mirrors it blind); its manifest is included"
+                ),
+            )));
+        }
+    }
     out
 }
