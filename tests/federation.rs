@@ -600,7 +600,10 @@ async fn get_manifests_reports_per_item_problems() {
                 .expect("the un-rekeyable item has a problem");
             assert_eq!(p.code, Code::NotFound as i32, "{p:?}");
             assert!(p.message.contains("key"), "{p:?}");
-            assert!(res.manifest.is_none() && res.envelope.is_none());
+            // The manifest comes along, flagged no_key, for the caller to
+            // keep awaiting a key (PROTOCOL.md §2.3); never an envelope.
+            assert!(res.no_key && res.envelope.is_none(), "{res:?}");
+            assert_eq!(manifest_of(res).id(), broken);
         } else if *id == unknown.to_hex() {
             assert_eq!(res.problem.as_ref().unwrap().code, Code::NotFound as i32);
         } else if id == "not-a-content-id" {
