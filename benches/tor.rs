@@ -90,7 +90,7 @@ async fn main() {
         .state
         .node
         .db()
-        .create_invite(&inv.secret_hash(), i64::MAX)
+        .create_invite(&inv.secret_hash(), i64::MAX, bitsync::store::Level::Keyed)
         .unwrap();
 
     // Raw floor and the Axon way: a plain onion service on its own arti client.

@@ -101,7 +101,7 @@ pub fn put(
     Ok(m.id())
 }
 
-/// Envelopes for this node and every trusted peer whose public key is known
+/// Envelopes for this node and every keyed trusted peer whose public key is known
 /// (peers known only by id get theirs just in time, when they first ask).
 /// Public so that benches fill a store with the envelopes `put` makes.
 pub fn envelopes_for_new_item(
@@ -112,6 +112,10 @@ pub fn envelopes_for_new_item(
     let mut out = vec![(node.id().to_hex(), node.wrap_own(content_id, key)?)];
     for p in node.db.peers()? {
         if p.state != crate::store::PeerState::Trusted {
+            continue;
+        }
+        // A blind peer never gets an envelope (PROTOCOL.md §2.1).
+        if p.level == crate::store::Level::Blind {
             continue;
         }
         if let Some(spki) = &p.public_key {
@@ -188,16 +192,30 @@ fn read_full(input: &mut dyn Read, n: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The item key from this node's own envelope.
+/// The item key from this node's own envelope. A native item without one
+/// is an item this node mirrors blind (PROTOCOL.md §2.1: a blind mirror
+/// stores manifests with no envelope of its own) or one awaiting its key
+/// (§2.3), both `NoKey` (exit 11); an Axon item imported without its key
+/// keeps `Denied`.
 pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
     let wrapped = node
         .db
         .envelope(&m.id(), &node.id().to_hex())?
-        .ok_or_else(|| {
-            Error::denied(format!(
+        .ok_or_else(|| match m.body().cipher() {
+            Cipher::AxonAes256Cbc => Error::denied(format!(
                 "item {} has no envelope for this node; it cannot be decrypted here",
                 m.id()
-            ))
+            )),
+            _ if mirrors_blind(node, &m.publisher()) => Error::no_key(format!(
+                "no key: this node mirrors this item blind (item {} is stored and verified here, \
+                 but this node holds no envelope for it; read it on a keyed node)",
+                m.id()
+            )),
+            _ => Error::no_key(format!(
+                "no key: item {} awaits its key (it is stored and verified here, from a blind \
+                 mirror; a sync with a keyed peer of its publisher completes it)",
+                m.id()
+            )),
         })?;
     let key = node
         .open_envelope(&m.id(), &wrapped)
@@ -205,6 +223,17 @@ pub(crate) fn own_key(node: &Node, m: &Manifest) -> Result<ItemKey> {
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|e| e.context(format!("item {}", m.id())))?;
     Ok(key)
+}
+
+/// Whether this node holds items of `publisher` without a key by design:
+/// the publisher serves it blind (its role there, PROTOCOL.md §2.1). An
+/// item held without a key otherwise awaits one (§2.3).
+pub(crate) fn mirrors_blind(node: &Node, publisher: &crate::crypto::NodeId) -> bool {
+    node.db
+        .peer(publisher)
+        .ok()
+        .flatten()
+        .is_some_and(|p| p.role == Some(crate::store::Level::Blind))
 }
 
 /// The decrypted metadata of an item this node holds a key for.

@@ -13,10 +13,11 @@
 //! | `Exists`      |  4   | `ALREADY_EXISTS`     | a destination that is not empty; a node already running |
 //! | `Integrity`   |  5   | `DATA_LOSS`          | a hash, signature or GCM tag that fails; `verify` found problems |
 //! | `Auth`        |  6   | `UNAUTHENTICATED`    | a wrong or missing passphrase; a bad, used or expired invite; no client certificate |
-//! | `Denied`      |  7   | `PERMISSION_DENIED`  | a peer that does not trust us, or that we do not trust; the wrong node at an address; no envelope for this node; a file we may not open |
+//! | `Denied`      |  7   | `PERMISSION_DENIED`  | a peer that does not trust us, or that we do not trust; the wrong node at an address; an Axon item imported without its key; a file we may not open |
 //! | `Unavailable` |  8   | `UNAVAILABLE`        | a peer that cannot be reached; Tor not bootstrapped; a clone left incomplete |
 //! | `Exhausted`   |  9   | `RESOURCE_EXHAUSTED` | a full disk; too many streams or ids in one request |
 //! | `Io`          | 10   | `INTERNAL`           | any other local I/O or database failure |
+//! | `NoKey`       | 11   | `FAILED_PRECONDITION` | `get` of an item this node mirrors blind or that awaits its key: it holds the item, verified, but no key (PROTOCOL.md §2.1, §2.3) |
 //!
 //! Exit code 0 is success, and 2 is also what clap uses for a usage error, so
 //! a script can treat "the command line was wrong" alike either way. The
@@ -84,6 +85,10 @@ pub enum Kind {
     Exhausted,
     /// Local I/O or database failure not covered above.
     Io,
+    /// The item is here and verified, but this node holds no key for it:
+    /// it mirrors it blind. Not `Denied` (7): nobody refused anything, and
+    /// a script must tell "cannot read this here, by design" from "not allowed".
+    NoKey,
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +133,9 @@ impl Error {
     pub(crate) fn io(m: impl Into<String>) -> Self {
         Self::new(Kind::Io, m)
     }
+    pub(crate) fn no_key(m: impl Into<String>) -> Self {
+        Self::new(Kind::NoKey, m)
+    }
 
     pub fn kind(&self) -> Kind {
         self.kind
@@ -159,12 +167,16 @@ impl Error {
             Kind::Unavailable => 8,
             Kind::Exhausted => 9,
             Kind::Io => 10,
+            Kind::NoKey => 11,
         }
     }
 
     /// The gRPC status code for this kind, used for every status and
     /// `Problem` this node sends. One code per kind, so that the code a peer
-    /// sends comes back as the same kind (see `From<tonic::Status>`).
+    /// sends comes back as the same kind (see `From<tonic::Status>`), except
+    /// `NoKey`: its `FAILED_PRECONDITION` comes back as `Invalid`, the kind
+    /// a peer's FAILED_PRECONDITION has always had (no node sends `NoKey`
+    /// to a peer: it is a local verdict).
     pub(crate) fn code(&self) -> tonic::Code {
         match self.kind {
             Kind::Invalid => tonic::Code::InvalidArgument,
@@ -176,6 +188,7 @@ impl Error {
             Kind::Unavailable => tonic::Code::Unavailable,
             Kind::Exhausted => tonic::Code::ResourceExhausted,
             Kind::Io => tonic::Code::Internal,
+            Kind::NoKey => tonic::Code::FailedPrecondition,
         }
     }
 

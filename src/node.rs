@@ -363,7 +363,8 @@ impl Node {
                 if pin == KemPin::New {
                     tracing::info!(peer = %peer.short(), "pinned the peer's ML-KEM-768 key");
                 }
-                if self.db.is_trusted(peer)? {
+                // A blind peer gets no link key (PROTOCOL.md §2.1).
+                if self.db.is_keyed(peer)? {
                     self.keyring
                         .ensure_link(&self.identity, &self.db, peer, spki)?;
                 }
@@ -413,14 +414,21 @@ impl Node {
         self.keyring.opener(&self.identity, &self.db)
     }
 
-    /// `bitsync peer rekey`: rotate `L(self→peer)`. The peer must be trusted
-    /// and its public key known (it has called this node at least once).
+    /// `bitsync peer rekey`: rotate `L(self→peer)`. The peer must be trusted,
+    /// keyed (a blind peer has no link key, and gets none: PROTOCOL.md
+    /// §2.1), and its public key known (it has called this node at least once).
     pub fn rotate_link(&self, peer: &NodeId) -> Result<u32> {
         let p = self
             .db
             .peer(peer)?
             .filter(|p| p.state == crate::store::PeerState::Trusted)
             .ok_or_else(|| Error::not_found(format!("node {peer} is not a trusted peer")))?;
+        if p.level == crate::store::Level::Blind {
+            return Err(Error::invalid(format!(
+                "node {peer} is a blind peer: no link key is made for it \
+                 (`bitsync peer set-level {peer} keyed` first, if it may read)"
+            )));
+        }
         let spki = p.public_key.ok_or_else(|| {
             Error::not_found(format!(
                 "node {peer} has not called this node yet, so it has no link key to rotate"

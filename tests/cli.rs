@@ -399,18 +399,25 @@ fn peer_add_ls_revoke() {
         .collect();
     assert_eq!(
         rows[0],
-        ["NODE ID", "STATE", "MIRROR", "ADDRESS", "ADDED", "NAME"],
+        ["NODE ID", "STATE", "LEVEL", "ROLE", "MIRROR", "ADDRESS", "ADDED", "NAME"],
         "{table}"
     );
     let row = |id: &str| rows.iter().find(|r| r[0] == id).unwrap().clone();
     let (r1, r2) = (row(&p1), row(&p2));
     assert_eq!(
-        [r1[1], r1[2], r1[3], r1[5]],
-        ["trusted", "no", "peer-one.example:7450", "one"],
+        [r1[1], r1[2], r1[3], r1[4], r1[5], r1[7]],
+        [
+            "trusted",
+            "keyed",
+            "-",
+            "no",
+            "peer-one.example:7450",
+            "one"
+        ],
         "{table}"
     );
-    assert!(r1[4].starts_with("20") && r1[4].ends_with('Z'), "{table}");
-    assert_eq!([r2[2], r2[5]], ["yes", "-"], "no name shows as -: {table}");
+    assert!(r1[6].starts_with("20") && r1[6].ends_with('Z'), "{table}");
+    assert_eq!([r2[4], r2[7]], ["yes", "-"], "no name shows as -: {table}");
 
     t.ok(&["peer", "revoke", &p1]);
     let peers = t.peers_json();

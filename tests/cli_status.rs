@@ -69,11 +69,11 @@ fn status_shows_peers_and_mirror_lag_as_a_table() {
     assert!(row(&table, "chunks in").ends_with(&store), "{table}");
     assert_eq!(
         cols(row(&table, "PEER")),
-        ["PEER", "STATE", "MIRROR", "ADDRESS", "NAME"]
+        ["PEER", "STATE", "ROLE", "MIRROR", "ADDRESS", "NAME"]
     );
     assert_eq!(
         cols(row(&table, a_short)),
-        [a_short, "trusted", "yes", &sa.addr, "node a"],
+        [a_short, "trusted", "keyed", "yes", &sa.addr, "node a"],
         "{table}"
     );
     let mirror = table

@@ -600,7 +600,10 @@ async fn get_manifests_reports_per_item_problems() {
                 .expect("the un-rekeyable item has a problem");
             assert_eq!(p.code, Code::NotFound as i32, "{p:?}");
             assert!(p.message.contains("key"), "{p:?}");
-            assert!(res.manifest.is_none() && res.envelope.is_none());
+            // The manifest comes along, flagged no_key, for the caller to
+            // keep awaiting a key (PROTOCOL.md §2.3); never an envelope.
+            assert!(res.no_key && res.envelope.is_none(), "{res:?}");
+            assert_eq!(manifest_of(res).id(), broken);
         } else if *id == unknown.to_hex() {
             assert_eq!(res.problem.as_ref().unwrap().code, Code::NotFound as i32);
         } else if id == "not-a-content-id" {
@@ -947,7 +950,10 @@ async fn invite_works_once_then_fails_and_expires() {
 
     let resp = admin_client(&s.admin_socket)
         .await
-        .create_invite(CreateInviteRequest { ttl_seconds: 600 })
+        .create_invite(CreateInviteRequest {
+            ttl_seconds: 600,
+            blind: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -999,7 +1005,11 @@ async fn invite_works_once_then_fails_and_expires() {
     );
     server_node(&s)
         .db()
-        .create_invite(&old.secret_hash(), old.expires_at_ms)
+        .create_invite(
+            &old.secret_hash(),
+            old.expires_at_ms,
+            bitsync::store::Level::Keyed,
+        )
         .unwrap();
     let e = fk.join(join(old.secret_text())).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
@@ -1008,7 +1018,10 @@ async fn invite_works_once_then_fails_and_expires() {
     // Expired through Admin with a 1-second TTL.
     let short = admin_client(&s.admin_socket)
         .await
-        .create_invite(CreateInviteRequest { ttl_seconds: 1 })
+        .create_invite(CreateInviteRequest {
+            ttl_seconds: 1,
+            blind: false,
+        })
         .await
         .unwrap()
         .into_inner();

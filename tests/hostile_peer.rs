@@ -54,6 +54,12 @@ enum Misbehave {
     Oversize,
     /// Watch: headers, then nothing (no heartbeat).
     StallWatch,
+    /// GetManifests: the manifests without the caller's envelopes, not
+    /// saying the caller is blind.
+    DropEnvelopes,
+    /// GetManifests: the manifests without envelopes, saying the caller is
+    /// blind (PROTOCOL.md §2.1).
+    ClaimBlind,
 }
 
 type Boxed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -126,7 +132,14 @@ impl Federation for Hostile {
         &self,
         r: Request<GetManifestsRequest>,
     ) -> Result<Response<GetManifestsResponse>, Status> {
-        self.up.clone().get_manifests(r.into_inner()).await
+        let mut resp = self.up.clone().get_manifests(r.into_inner()).await?;
+        let how = self.how();
+        if matches!(how, Misbehave::DropEnvelopes | Misbehave::ClaimBlind) {
+            let r = resp.get_mut();
+            r.results.iter_mut().for_each(|x| x.envelope = None);
+            r.caller_blind = how == Misbehave::ClaimBlind;
+        }
+        Ok(resp)
     }
     async fn get_link_envelopes(
         &self,
@@ -626,4 +639,32 @@ async fn a_rejected_item_makes_the_clone_exit_non_zero() {
     assert_code(&o, 5, "1 item(s)");
     assert!(o.stderr.contains("rejected"), "{o:?}");
     assert_eq!(scene.victim_items(), ids[..1]);
+}
+
+// ---- blind peers: an envelope may be missing only when the source says so ------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_envelope_is_data_loss_unless_the_source_serves_the_caller_blind() {
+    let scene = Scene::new(|n| {
+        for i in 0..2 {
+            put(n, &format!("b{i}"), &random_bytes(6000, 40 + i));
+        }
+    })
+    .await;
+    // Keyed: no envelope, and no word of being blind, rejects every item.
+    let r = scene
+        .hostile(Misbehave::DropEnvelopes, HashMap::new())
+        .await;
+    let o = scene.clone_via(&r.addr);
+    assert_code(&o, 5, "result has no envelope");
+    assert!(scene.victim_items().is_empty(), "nothing stored");
+    // Told it is blind: stored verified, without a key, and get says so.
+    let r = scene.hostile(Misbehave::ClaimBlind, HashMap::new()).await;
+    let o = scene.clone_via(&r.addr);
+    assert_eq!(o.code, 0, "{o:?}");
+    let items = scene.victim_items();
+    assert_eq!(items.len(), 2);
+    let o = blocking(|| at(&scene.victim, &["get", &items[0]]));
+    assert_code(&o, 11, "no key: this node mirrors this item blind");
+    blocking(|| ok_at(&scene.victim, &["verify"]));
 }

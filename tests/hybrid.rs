@@ -425,7 +425,11 @@ async fn a_format_2_pair_made_before_the_hybrid_keeps_working_and_upgrades() {
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(v, "3");
+        assert_eq!(
+            v,
+            bitsync::store::SCHEMA_VERSION,
+            "migrated through 3 to the current schema"
+        );
     }
     for (id, plain) in &items {
         assert_eq!(&get(&s, id), plain);

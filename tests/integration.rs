@@ -14,6 +14,7 @@ mod address_validation;
 mod admin_tcp;
 mod axon_format;
 mod backup;
+mod blind;
 mod chunk_stores;
 mod cli;
 mod cli_io;

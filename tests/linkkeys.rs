@@ -281,7 +281,10 @@ fn assert_migrated(dir: &Path) {
     // Its ML-KEM key was made on that first open, sealed like node.key.
     let kem = fs::read_to_string(dir.join("node.mlkem")).unwrap();
     assert!(kem.contains("BITSYNC SEALED KEY"), "node.mlkem is sealed");
-    assert_eq!(setting(dir, "schema_version").as_deref(), Some("3"));
+    assert_eq!(
+        setting(dir, "schema_version").as_deref(),
+        Some(bitsync::store::SCHEMA_VERSION)
+    );
     assert_eq!(setting(dir, "envelope_format").as_deref(), Some("2"));
 }
 
@@ -292,7 +295,7 @@ fn a_format_1_data_dir_migrates_in_place_and_resumes_after_kill_9() {
     let dir = tmp.path().join("node");
     assert_eq!(setting(&dir, "schema_version").as_deref(), Some("1"));
     // kill -9 at staggered points of the first opens: every state left
-    // behind is schema 1, 2 or 3, and the next open finishes the migration.
+    // behind is schema 1, 2, 3 or 4, and the next open finishes the migration.
     for delay_ms in [0u64, 20, 60, 120, 250] {
         let mut child = bitsync(&dir)
             .args(["ls"])
@@ -305,10 +308,7 @@ fn a_format_1_data_dir_migrates_in_place_and_resumes_after_kill_9() {
         let _ = child.kill();
         let _ = child.wait();
         let v = setting(&dir, "schema_version");
-        assert!(
-            matches!(v.as_deref(), Some("1") | Some("2") | Some("3")),
-            "{v:?}"
-        );
+        assert!(matches!(v.as_deref(), Some("1" | "2" | "3" | "4")), "{v:?}");
     }
     assert_migrated(&dir);
     assert_migrated(&dir); // a second open changes nothing

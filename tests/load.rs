@@ -76,7 +76,10 @@ async fn fifty_concurrent_clones_from_one_source_all_complete_and_verify() {
     let mut tokens = Vec::new();
     for _ in 0..CLONES {
         let r = admin
-            .create_invite(CreateInviteRequest { ttl_seconds: 600 })
+            .create_invite(CreateInviteRequest {
+                ttl_seconds: 600,
+                blind: false,
+            })
             .await
             .unwrap();
         tokens.push(r.into_inner().token);

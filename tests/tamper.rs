@@ -426,11 +426,14 @@ fn changed_envelope_is_an_error() {
     let e = f.get_fails(&id, Kind::Integrity);
     assert!(e.message().contains("metadata"), "{e}");
 
-    // No envelope for this node at all.
+    // No envelope for this node at all: what a blind mirror holds, or an
+    // item awaiting its key (PROTOCOL.md §2.1, §2.3): its own kind and
+    // exit code (11); here the publisher (this node) serves no one blind.
     f.sql()
         .execute("DELETE FROM envelopes WHERE content_id = ?1", [id.to_hex()])
         .unwrap();
-    f.get_fails(&id, Kind::Denied);
+    let e = f.get_fails(&id, Kind::NoKey);
+    assert!(e.message().starts_with("no key: item"), "{e}");
 }
 
 // ---- presence --------------------------------------------------------------------

@@ -128,6 +128,22 @@ async fn clone_command(n: Node, target: &str, local: Option<Arc<RepoChunks>>) ->
         secs,
         out.bytes as f64 / secs / 1e6
     );
+    // Items held without a key: by design (a source that serves us blind)
+    // or awaiting one (they came from a blind mirror; PROTOCOL.md §2.3).
+    let (mut blind, mut awaiting) = (0, 0);
+    for (publisher, k) in n.db.keyless_by_publisher(&n.id())? {
+        if crate::content::mirrors_blind(&n, &publisher) {
+            blind += k;
+        } else {
+            awaiting += k;
+        }
+    }
+    if blind > 0 {
+        outln!("{blind} items mirrored blind (no key here, by design)");
+    }
+    if awaiting > 0 {
+        outln!("{awaiting} items await a key: a sync with a keyed peer of their publisher completes them");
+    }
     if incomplete > 0 {
         return Err(Error::unavailable(format!(
             "{incomplete} item(s) are incomplete; run the clone again to resume"

@@ -104,37 +104,51 @@ pub(super) fn list(n: &Node, json: bool) -> Result<()> {
     if json {
         let v: Vec<_> = rows
             .iter()
-            .map(|Listed { summary: s, name, complete }| {
+            .map(|Listed { summary: s, name, complete, blind, awaiting_key }| {
                 serde_json::json!({
                     "content_id": s.content_id.to_hex(), "seq": s.seq, "kind": s.kind, "name": name,
                     "size": s.size, "chunks": s.chunk_count, "created_at_ms": s.created_at_ms,
-                    "publisher": s.publisher.to_hex(), "complete": complete,
+                    "publisher": s.publisher.to_hex(), "complete": complete, "blind": blind,
+                    "awaiting_key": awaiting_key,
                 })
             })
             .collect();
         outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(());
     }
+    // SEQ and PUBLISHER are what a blind item shows beside its kind and
+    // size (its name is encrypted); NAME says "(blind: no key)" then, or
+    // "(awaiting key)" for one that came from a blind mirror.
     outln!(
-        "{:<64}  {:<8} {:>12}  {:<8}  NAME",
+        "{:<64}  {:<8} {:>12}  {:<8}  {:>8}  {:<12}  NAME",
         "CONTENT ID",
         "KIND",
         "SIZE",
-        "STATE"
+        "STATE",
+        "SEQ",
+        "PUBLISHER"
     );
     for Listed {
         summary: s,
         name,
         complete,
+        blind,
+        awaiting_key,
     } in rows
     {
         outln!(
-            "{:<64}  {:<8} {:>12}  {:<8}  {}",
+            "{:<64}  {:<8} {:>12}  {:<8}  {:>8}  {:<12}  {}",
             s.content_id,
             s.kind,
             s.size,
             if complete { "ok" } else { "partial" },
-            name
+            s.seq,
+            s.publisher.short(),
+            match (blind, awaiting_key) {
+                (true, true) => "(awaiting key)",
+                (true, false) => "(blind: no key)",
+                _ => name.as_str(),
+            }
         );
     }
     Ok(())

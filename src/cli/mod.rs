@@ -150,6 +150,10 @@ pub(crate) enum Command {
         /// How long the token stays valid (e.g. 30m, 1h, 2d)
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+        /// The joiner becomes a blind peer: it may hold, verify and serve
+        /// this instance, never read it (recorded here, not in the token)
+        #[arg(long)]
+        blind: bool,
     },
     /// Make this node a complete copy of a peer's instance, from an invite token or a trusted peer's id
     Clone {
@@ -283,7 +287,7 @@ fn dispatch(cli: &Cli) -> Result<()> {
             };
             serve::serve(cli, opts)
         }
-        Command::Invite { ttl } => serve::invite(&cli.data_dir(), *ttl),
+        Command::Invite { ttl, blind } => serve::invite(&cli.data_dir(), *ttl, *blind),
         Command::Status { json } => status::status(&cli.data_dir(), *json),
         Command::Clone {
             token_or_peer,

@@ -97,11 +97,23 @@ fn print_table(s: &StatusResponse, peers: &[PeerInfo], now_ms: i64) {
     if peers.is_empty() {
         outln!("no peers: add one with `bitsync peer add` or `bitsync clone <invite>`");
     } else {
-        let mut t = Table::new(&["PEER", "STATE", "MIRROR", "ADDRESS", "NAME"]);
+        // ROLE: what that node gives this one (keyed, or blind: this node
+        // mirrors it without a key), once it has answered a fetch.
+        let mut t = Table::new(&["PEER", "STATE", "ROLE", "MIRROR", "ADDRESS", "NAME"]);
         for p in peers {
             t.row([
                 short(&p.node_id).into(),
-                p.state.clone(),
+                // A blind peer (PROTOCOL.md §2.1) says so; keyed is the default.
+                if p.level == "blind" {
+                    format!("{} (blind)", p.state)
+                } else {
+                    p.state.clone()
+                },
+                if p.role.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.role.clone()
+                },
                 yes(p.mirror),
                 p.address.clone(),
                 p.name.clone(),

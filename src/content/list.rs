@@ -2,12 +2,14 @@
 
 use prost::Message;
 
-use crate::crypto::{self, ContentId, Hash};
+use std::collections::HashSet;
+
+use crate::crypto::{self, ContentId, Hash, NodeId};
 use crate::error::{Error, Result};
 use crate::keyring::Opener;
 use crate::manifest::{ItemMeta, ManifestBody};
 use crate::node::Node;
-use crate::store::Summary;
+use crate::store::{Level, Summary};
 
 /// One item of a listing.
 pub struct Listed {
@@ -16,6 +18,13 @@ pub struct Listed {
     pub name: String,
     /// Every chunk of the item is present.
     pub complete: bool,
+    /// This node holds no envelope of its own for the item: it mirrors it
+    /// blind, so the name (encrypted) is not shown, only what the signed
+    /// manifest says in the clear (kind, size, publisher, seq).
+    pub blind: bool,
+    /// Held without a key, but not by design: its publisher does not serve
+    /// this node blind, so the item awaits a key (PROTOCOL.md §2.3).
+    pub awaiting_key: bool,
 }
 
 /// Up to `limit` items with seq > `after`, in seq order.
@@ -29,6 +38,13 @@ pub struct Listed {
 /// a row altered in place fails the listing as it fails everywhere else.
 pub fn list(node: &Node, after: u64, limit: u32) -> Result<Vec<Listed>> {
     let mut opener = node.opener();
+    let blind_at: HashSet<NodeId> = node
+        .db
+        .peers()?
+        .into_iter()
+        .filter(|p| p.role == Some(Level::Blind))
+        .map(|p| p.node_id)
+        .collect();
     node.db
         .listing_after(after, limit, &node.id())?
         .into_iter()
@@ -39,6 +55,8 @@ pub fn list(node: &Node, after: u64, limit: u32) -> Result<Vec<Listed>> {
                     "stored manifest {id} does not hash to its id: it was altered"
                 )));
             }
+            let blind = row.envelope.is_none();
+            let awaiting_key = blind && !blind_at.contains(&row.summary.publisher);
             let name = row
                 .envelope
                 .and_then(|envelope| name_of(&mut opener, &id, &row.body, &envelope))
@@ -47,6 +65,8 @@ pub fn list(node: &Node, after: u64, limit: u32) -> Result<Vec<Listed>> {
                 summary: row.summary,
                 name,
                 complete: row.complete,
+                blind,
+                awaiting_key,
             })
         })
         .collect()

@@ -20,9 +20,12 @@ use crate::proto::ManifestSummary;
 /// How often the cursor is saved while it moves within a sync.
 const CURSOR_SAVE_EVERY: Duration = Duration::from_secs(1);
 
-/// A verified manifest and our envelope's wrapped key, to store once every
-/// chunk of the item is present (never before).
-pub(super) type Accepted = (Manifest, Vec<u8>);
+/// A verified manifest, our envelope's wrapped key and the envelopes to
+/// relay, to store once every chunk of the item is present (never before).
+/// No envelope of ours: the source serves this node blind (PROTOCOL.md
+/// §2.1), and the item is stored verified but unreadable here, beside the
+/// envelopes the source made for other recipients (§2.2; none otherwise).
+pub(super) type Accepted = (Manifest, Option<Vec<u8>>, crate::store::Envelopes);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ItemState {

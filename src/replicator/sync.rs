@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use tonic::transport::Channel;
 
-use super::accept::{accept_all, fetch_links};
+use super::accept::{accept_all, fetch_links, keep_relayed_links};
 use super::jobs::Tracker;
 use super::planner::{check_page, Accepted, Cursor, ManifestQueue, PageWork, MAX_SEQ};
 use super::{client, transfer, Outcome, Replicator};
@@ -21,7 +21,7 @@ use crate::node::Node;
 use crate::proto::{
     progress::Phase, GetManifestsRequest, ListManifestsRequest, ManifestResult, ManifestSummary,
 };
-use crate::store::Peer;
+use crate::store::{Level, Peer};
 
 /// Items asked for in one ListManifests call.
 const PAGE: u32 = 500;
@@ -292,7 +292,19 @@ impl PeerSync<'_> {
                     return Err(Error::from(s).context(format!("fetching manifests from {who}")))
                 }
             };
-            let (results, left_out) = self.left_out(&batch, resp.results);
+            let blind = resp.caller_blind;
+            let role = if blind { Level::Blind } else { Level::Keyed };
+            let (n, src) = (self.node().clone(), self.peer.node_id);
+            blocking(move || n.db.set_role(&src, role)).await?;
+            let (mut results, left_out) = self.left_out(&batch, resp.results);
+            if blind {
+                // The source serves us blind: whatever envelope it sent is
+                // dropped unread, so none is ever stored or opened here;
+                // the link envelopes it relays are checked and kept.
+                results.iter_mut().for_each(|r| r.envelope = None);
+                let spki = resp.relay_sender_spki;
+                keep_relayed_links(self.node(), &self.peer.node_id, spki, resp.relayed_links).await;
+            }
             queue
                 .answered(&batch, &left_out)
                 .map_err(|why| self.violation(&why))?;
@@ -301,7 +313,7 @@ impl PeerSync<'_> {
                 .filter(|i| !left_out.contains(i))
                 .collect();
             fetch_links(self.node(), &mut fed, &self.peer.node_id, &results).await;
-            let verdicts = accept_all(self.node(), results).await?;
+            let verdicts = accept_all(self.node(), results, blind, self.peer.node_id).await?;
             let (accepted, report) = self.work.judge(&batch, verdicts, &who);
             for line in report {
                 self.t.error(line);
@@ -309,7 +321,7 @@ impl PeerSync<'_> {
             let node = self.node().clone();
             let sized: Vec<Vec<(ChunkId, u64)>> = accepted
                 .iter()
-                .map(|(_, (m, _))| {
+                .map(|(_, (m, _, _))| {
                     let n = m.chunk_count();
                     (0..n).map(|i| (m.chunk_id(i), m.chunk_len(i))).collect()
                 })
@@ -431,7 +443,8 @@ impl PeerSync<'_> {
     }
 }
 
-/// Store the manifests of complete items with our envelope, in one
+/// Store the manifests of complete items with our envelope (none for an
+/// item this node mirrors blind), in one
 /// transaction (one fsync). Returns the items not stored because a chunk is
 /// no longer present (quarantined meanwhile).
 fn store_complete(
@@ -441,9 +454,12 @@ fn store_complete(
 ) -> Result<HashSet<usize>> {
     let mut not_stored = HashSet::new();
     let mut batch = Vec::new();
-    for (i, (m, env)) in &items {
+    for (i, (m, env, relayed)) in &items {
         if node.db.is_complete_list(m)? {
-            batch.push((m, vec![(me.clone(), env.clone())]));
+            let mut envelopes: Vec<(String, Vec<u8>)> =
+                env.iter().map(|e| (me.clone(), e.clone())).collect();
+            envelopes.extend(relayed.iter().cloned());
+            batch.push((m, envelopes));
         } else {
             not_stored.insert(*i);
         }

@@ -19,7 +19,7 @@ use crate::manifest::now_ms;
 use crate::proto::admin_server::Admin;
 use crate::proto::*;
 use crate::replicator::JobState;
-use crate::store::PeerState;
+use crate::store::{Level, PeerState};
 use crate::transport::PeerAddress;
 
 const MAX_INVITE_TTL: u64 = 30 * 24 * 3600;
@@ -131,6 +131,8 @@ impl Admin for AdminService {
                          summary: s,
                          name,
                          complete,
+                         blind,
+                         awaiting_key,
                      }| ContentInfo {
                         content_id: s.content_id.to_hex(),
                         seq: s.seq,
@@ -140,6 +142,8 @@ impl Admin for AdminService {
                         publisher: s.publisher.to_hex(),
                         name,
                         complete,
+                        blind,
+                        awaiting_key,
                     },
                 )
                 .collect();
@@ -182,7 +186,24 @@ impl Admin for AdminService {
             PeerState::Trusted,
             r.mirror,
         )?;
-        tracing::info!(peer = %id.short(), "peer trusted by the operator");
+        let p = if r.blind {
+            self.state.node.db.set_peer_level(&id, Level::Blind)?
+        } else {
+            p
+        };
+        tracing::info!(peer = %id.short(), level = p.level.as_str(), "peer trusted by the operator");
+        Ok(Response::new(peer_to_proto(&p)))
+    }
+
+    async fn set_peer_level(
+        &self,
+        req: Request<SetPeerLevelRequest>,
+    ) -> Result<Response<PeerInfo>, Status> {
+        let r = req.into_inner();
+        let id = Hash::parse(&r.node_id, "node id")?;
+        let level = Level::parse(&r.level)?;
+        let p = self.state.node.db.set_peer_level(&id, level)?;
+        tracing::info!(peer = %id.short(), level = level.as_str(), "peer level set by the operator");
         Ok(Response::new(peer_to_proto(&p)))
     }
 
@@ -200,7 +221,9 @@ impl Admin for AdminService {
         &self,
         req: Request<CreateInviteRequest>,
     ) -> Result<Response<CreateInviteResponse>, Status> {
-        let ttl = match req.into_inner().ttl_seconds {
+        let r = req.into_inner();
+        let level = if r.blind { Level::Blind } else { Level::Keyed };
+        let ttl = match r.ttl_seconds {
             0 => 3600,
             t if t > MAX_INVITE_TTL => {
                 return Err(Status::invalid_argument(format!(
@@ -214,7 +237,7 @@ impl Admin for AdminService {
         self.state
             .node
             .db
-            .create_invite(&inv.secret_hash(), expires)?;
+            .create_invite(&inv.secret_hash(), expires, level)?;
         Ok(Response::new(CreateInviteResponse {
             token: inv.encode(),
             expires_at_ms: expires,

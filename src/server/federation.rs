@@ -4,6 +4,11 @@
 //! certificate (else UNAUTHENTICATED) whose node id is a trusted peer right
 //! now (else PERMISSION_DENIED, logged with the refused id). Streams re-check
 //! trust before every message, so revoking a peer cuts its open streams too.
+//!
+//! A trusted peer is keyed or blind (PROTOCOL.md §2.1). A blind one gets
+//! every call but `GetLinkEnvelopes` (PERMISSION_DENIED, logged), and
+//! `GetManifests` answers it with manifests only: nothing is ever wrapped,
+//! re-keyed or pinned for it, so no key of this instance can reach it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -19,7 +24,7 @@ use crate::crypto::{Hash, NodeId};
 use crate::error::{blocking, Error, Kind};
 use crate::proto::federation_server::Federation;
 use crate::proto::*;
-use crate::store::Summary;
+use crate::store::{Level, Summary};
 use crate::transport::CallerInfo;
 
 mod batch;
@@ -99,10 +104,10 @@ impl FederationService {
         Ok((id, spki, info.remote.clone()))
     }
 
-    /// The caller, if it is a trusted peer right now.
-    fn trusted<T>(&self, req: &Request<T>) -> Result<(NodeId, Vec<u8>), Status> {
+    /// The caller and its level, if it is a trusted peer right now.
+    fn trusted<T>(&self, req: &Request<T>) -> Result<(NodeId, Vec<u8>, Level), Status> {
         let (id, spki, remote) = Self::caller(req)?;
-        self.check_trusted(&id, &remote)?;
+        let level = self.check_trusted(&id, &remote)?;
         let first = self
             .keys_recorded
             .lock()
@@ -115,12 +120,12 @@ impl FederationService {
                 .set_peer_key(&id, &spki)
                 .map_err(Status::from)?;
         }
-        Ok((id, spki))
+        Ok((id, spki, level))
     }
 
-    fn check_trusted(&self, id: &NodeId, remote: &str) -> Result<(), Status> {
-        if self.state.node.db.is_trusted(id).map_err(Status::from)? {
-            return Ok(());
+    fn check_trusted(&self, id: &NodeId, remote: &str) -> Result<Level, Status> {
+        if let Some(level) = self.state.node.db.trust_level(id).map_err(Status::from)? {
+            return Ok(level);
         }
         tracing::warn!(peer = %id.short(), %remote, "refused a call from a node that is not a trusted peer");
         Err(Status::permission_denied(format!(
@@ -269,32 +274,75 @@ impl Federation for FederationService {
         &self,
         req: Request<GetManifestsRequest>,
     ) -> Result<Response<GetManifestsResponse>, Status> {
-        let (caller, spki) = self.trusted(&req)?;
+        let (caller, spki, level) = self.trusted(&req)?;
         let req = req.into_inner();
         requests::check_envelope_format(req.envelope_format)?;
-        self.check_caller_kem(&caller, &spki, req.caller_kem_key)
-            .await?;
+        let blind = level == Level::Blind;
+        // A blind caller's ML-KEM key is not even looked at: pinning it
+        // would make a hybrid link key for it (PROTOCOL.md §4.4b).
+        if !blind {
+            self.check_caller_kem(&caller, &spki, req.caller_kem_key)
+                .await?;
+        }
         let ids = req.content_ids;
         requests::check_manifest_batch(ids.len(), MAX_MANIFEST_BATCH)?;
         let state = self.state.clone();
-        let results =
-            blocking(move || Ok(batch::manifests_for(&state, &caller, &spki, &ids))).await?;
-        Ok(Response::new(GetManifestsResponse { results }))
+        let (results, relayed_links) = blocking(move || {
+            Ok(if blind {
+                batch::manifests_only(&state, &ids)
+            } else {
+                (
+                    batch::manifests_for(&state, &caller, &spki, &ids),
+                    Vec::new(),
+                )
+            })
+        })
+        .await?;
+        let relay_sender_spki = if blind {
+            self.state.node.identity.spki().to_vec()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(GetManifestsResponse {
+            results,
+            caller_blind: blind,
+            relayed_links,
+            relay_sender_spki,
+        }))
     }
 
     async fn get_link_envelopes(
         &self,
         req: Request<GetLinkEnvelopesRequest>,
     ) -> Result<Response<GetLinkEnvelopesResponse>, Status> {
-        let (caller, _) = self.trusted(&req)?;
+        let (caller, _, level) = self.trusted(&req)?;
+        if level == Level::Blind {
+            tracing::warn!(peer = %caller.short(), "refused GetLinkEnvelopes from a blind peer: it is never given key material");
+            return Err(Status::permission_denied(format!(
+                "node {caller} is a blind peer of node {}: it is never given key material",
+                self.state.node.id()
+            )));
+        }
         let node = &self.state.node;
         let link_envelopes = node
             .db
             .link_envelopes(&node.id(), &caller)
             .map_err(Status::from)?;
+        // What this node keeps for the caller as a blind mirror of others (§2.2).
+        let relayed = node
+            .db
+            .relayed_links_for(&caller)
+            .map_err(Status::from)?
+            .into_iter()
+            .map(|(sender_spki, link_envelopes)| RelayedLinks {
+                sender_spki,
+                link_envelopes,
+            })
+            .collect();
         Ok(Response::new(GetLinkEnvelopesResponse {
             link_envelopes,
             sender_spki: node.identity.spki().to_vec(),
+            relayed,
         }))
     }
 
@@ -302,7 +350,7 @@ impl Federation for FederationService {
         &self,
         req: Request<StreamChunksRequest>,
     ) -> Result<Response<Self::StreamChunksStream>, Status> {
-        let (caller, _) = self.trusted(&req)?;
+        let (caller, _, _) = self.trusted(&req)?;
         let ids = req.into_inner().chunk_ids;
         let max = self.state.node.config.limits.max_chunks_per_request as usize;
         let parsed = requests::chunk_ids(&ids, max)?;
@@ -401,7 +449,7 @@ impl Federation for FederationService {
         &self,
         req: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (caller, _) = self.trusted(&req)?;
+        let (caller, _, _) = self.trusted(&req)?;
         let mut cursor = req.into_inner().after_seq;
         check_after_seq(cursor)?;
         let slot = self.stream_slot(caller)?;

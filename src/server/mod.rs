@@ -97,6 +97,8 @@ pub(crate) fn peer_to_proto(p: &Peer) -> PeerInfo {
         state: p.state.as_str().to_string(),
         mirror: p.mirror,
         added_at_ms: p.added_at_ms,
+        level: p.level.as_str().to_string(),
+        role: p.role.map(|r| r.as_str().to_string()).unwrap_or_default(),
     }
 }
 

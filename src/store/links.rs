@@ -140,16 +140,39 @@ impl Db {
     ) -> Result<usize> {
         let mut c = self.w();
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "DELETE FROM link_keys WHERE sender = ?1 AND recipient = ?2 AND generation < ?3",
-            params![sender.to_hex(), recipient.to_hex(), keep],
-        )?;
-        let n = tx.execute(
-            "DELETE FROM envelopes WHERE recipient = ?1",
-            [recipient.to_hex()],
-        )?;
+        let n = Self::drop_links_below(&tx, &sender.to_hex(), &recipient.to_hex(), keep)?;
         tx.commit()?;
         Ok(n)
+    }
+
+    /// [`Db::drop_links`] of every generation, inside a caller's
+    /// transaction (a peer made blind, PROTOCOL.md §2.1).
+    pub(super) fn drop_links_in(
+        tx: &rusqlite::Transaction<'_>,
+        sender: &str,
+        recipient: &str,
+    ) -> Result<usize> {
+        Self::drop_links_below(tx, sender, recipient, u32::MAX)
+    }
+
+    fn drop_links_below(
+        tx: &rusqlite::Transaction<'_>,
+        sender: &str,
+        recipient: &str,
+        keep: u32,
+    ) -> Result<usize> {
+        tx.execute(
+            "DELETE FROM link_keys WHERE sender = ?1 AND recipient = ?2 AND generation < ?3",
+            params![sender, recipient, keep],
+        )?;
+        if keep == u32::MAX {
+            // Revoked or made blind: what this node relays for it goes too.
+            tx.execute(
+                "DELETE FROM relayed_links WHERE recipient = ?1",
+                [recipient],
+            )?;
+        }
+        Ok(tx.execute("DELETE FROM envelopes WHERE recipient = ?1", [recipient])?)
     }
 
     /// Up to `limit` of `me`'s own envelopes that are still RSA (format 1),

@@ -16,7 +16,8 @@
 //! The files: `schema.rs` (the tables and the version check), `manifests.rs`
 //! (manifests, envelopes, the seq counter, listing by cursor), `peers.rs`
 //! (the peer list and invites), `links.rs` (link keys, format 2), `chunk_index.rs` (which chunks are present),
-//! `chunk_checks.rs` (when each chunk file last hashed right),
+//! `chunk_checks.rs` (when each chunk file last hashed right), `relay.rs`
+//! (what a blind mirror keeps for other recipients),
 //! `facts.rs` (what a database says about itself: stats, facts, integrity)
 //! and `rekey.rs` (a copy's items re-wrapped for a new identity).
 
@@ -27,6 +28,7 @@ mod links;
 mod manifests;
 mod peers;
 mod rekey;
+mod relay;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -43,8 +45,9 @@ use crate::error::{Error, Result};
 pub use facts::integrity_problems;
 pub use facts::{DbFacts, Stats};
 pub use manifests::{Envelopes, RawManifest, Summary};
-pub use peers::{KemPin, Peer, PeerState};
+pub use peers::{KemPin, Level, Peer, PeerState};
 pub use rekey::RekeyReport;
+pub(crate) use relay::{MAX_RELAYED, MAX_RELAYED_LINKS};
 pub use schema::SCHEMA_VERSION;
 
 /// How long a statement waits for a lock (another writer, WAL recovery, a

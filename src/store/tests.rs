@@ -265,3 +265,42 @@ fn read_only_opens_change_nothing_and_refuse_what_is_not_a_database() {
     assert!(Db::open_read_only(&junk).is_err());
     assert_eq!(integrity_problems(&junk).unwrap().len(), 1);
 }
+
+#[test]
+fn an_invite_decides_the_joiners_level_and_a_blind_one_drops_what_was_made_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _) = new_db(&dir);
+    let peer = other().id();
+    let hash = |n: u8| Hash([n; 32]);
+    let far = crate::manifest::now_ms() + 60_000;
+    // A keyed invite makes a keyed peer, which gets an envelope.
+    db.create_invite(&hash(1), far, Level::Keyed).unwrap();
+    assert_eq!(
+        db.redeem_invite(&hash(1), &peer, "p", "").unwrap(),
+        Level::Keyed
+    );
+    assert_eq!(db.trust_level(&peer).unwrap(), Some(Level::Keyed));
+    let a = item(1);
+    db.insert_manifest(&a, &[envelope(me(), 1), envelope(other(), 2)], &[])
+        .unwrap();
+    assert!(db.envelope(&a.id(), &peer.to_hex()).unwrap().is_some());
+    // The same node redeeming a blind invite becomes blind, whatever it was,
+    // and what was made for it is gone; its own envelope stays.
+    db.create_invite(&hash(2), far, Level::Blind).unwrap();
+    assert_eq!(
+        db.redeem_invite(&hash(2), &peer, "p", "").unwrap(),
+        Level::Blind
+    );
+    assert_eq!(db.trust_level(&peer).unwrap(), Some(Level::Blind));
+    assert!(!db.is_keyed(&peer).unwrap());
+    assert!(db.envelope(&a.id(), &peer.to_hex()).unwrap().is_none());
+    assert!(db.envelope(&a.id(), &me().id().to_hex()).unwrap().is_some());
+    // A revoked peer has no level; re-added by `peer add`, it keeps blind.
+    db.revoke_peer(&peer).unwrap();
+    assert_eq!(db.trust_level(&peer).unwrap(), None);
+    db.upsert_peer(&peer, "", "", PeerState::Trusted, false)
+        .unwrap();
+    assert_eq!(db.trust_level(&peer).unwrap(), Some(Level::Blind));
+    assert_eq!(Level::parse("keyed").unwrap(), Level::Keyed);
+    assert_eq!(Level::parse("half").unwrap_err().kind(), Kind::Invalid);
+}

@@ -1,6 +1,7 @@
 //! One GetManifests batch: the manifests asked for and the caller's
-//! envelopes (re-keyed just in time, PROTOCOL.md §5), sized by bytes so the
-//! answer stays under the message cap.
+//! envelopes (re-keyed just in time, PROTOCOL.md §5), or for a blind caller
+//! the manifests alone (§2.1), sized by bytes so the answer stays under the
+//! message cap.
 
 use std::collections::HashMap;
 
@@ -9,6 +10,7 @@ use crate::crypto::{self, ContentId, Hash, NodeId};
 use crate::error::{Error, Kind};
 use crate::proto::*;
 use crate::server::ServerState;
+use crate::store::MAX_RELAYED_LINKS;
 
 /// A GetManifests response stays under this many bytes of included results.
 /// The message cap is 8 MiB (`MAX_MESSAGE` in server/mod.rs and in the
@@ -25,7 +27,9 @@ struct Prepared {
     body: Vec<u8>,
     signature: Vec<u8>,
     seq: u64,
-    envelope: Vec<u8>,
+    /// `None`: this node holds no key for the item (it mirrors it blind),
+    /// so the caller gets the manifest to keep, awaiting a key (§2.3).
+    envelope: Option<Vec<u8>>,
     /// The envelope was made just now and still has to be stored.
     fresh: bool,
 }
@@ -51,7 +55,7 @@ fn look_up(state: &ServerState, caller: &str, id: &str) -> Result<Found, Error> 
             body: raw.body,
             signature: raw.signature,
             seq: raw.seq,
-            envelope,
+            envelope: Some(envelope),
             fresh: false,
         }),
         None => Found::Rekey(cid, raw),
@@ -69,15 +73,16 @@ fn rekey(
 ) -> Result<Prepared, Error> {
     let node = &state.node;
     let started = std::time::Instant::now();
-    let own = node
-        .db
-        .envelope(&cid, &node.id().to_hex())?
-        .ok_or_else(|| {
-            Error::new(
-                Kind::NotFound,
-                format!("this node holds no key for item {cid}, so it cannot re-key it for you"),
-            )
-        })?;
+    let Some(own) = node.db.envelope(&cid, &node.id().to_hex())? else {
+        // A blind mirror's item: the manifest as stored, no key to give.
+        return Ok(Prepared {
+            body: raw.body,
+            signature: raw.signature,
+            seq: raw.seq,
+            envelope: None,
+            fresh: false,
+        });
+    };
     let m = crate::manifest::Manifest::from_signed(raw.body, raw.signature)?;
     let key = node
         .open_envelope(&cid, &own)
@@ -90,7 +95,7 @@ fn rekey(
         body: m.body_bytes().to_vec(),
         signature: m.signature().to_vec(),
         seq: raw.seq,
-        envelope,
+        envelope: Some(envelope),
         fresh: true,
     })
 }
@@ -141,7 +146,91 @@ pub(super) fn manifests_for(
 ) -> Vec<ManifestResult> {
     let (fit, rest) = ids.split_at(fitting(state, ids));
     let mut out = answer(state, caller, caller_spki, fit);
-    // The estimate is an upper bound; measure anyway, the cap is hard.
+    cap_to_bytes(&mut out);
+    out.extend(rest.iter().map(|id| left_out(id)));
+    out
+}
+
+/// A blind caller's batch (PROTOCOL.md §2.1): the signed manifests and
+/// their seqs as stored, sized like any batch, and no envelope for it.
+/// Nothing is unwrapped, wrapped, stored or moved to a new seq for it. Each
+/// result carries the envelopes this node made for other recipients, for
+/// the caller to relay (§2.2), and the second value is the link envelopes
+/// that open them, at most [`MAX_RELAYED_LINKS`].
+pub(super) fn manifests_only(
+    state: &ServerState,
+    ids: &[String],
+) -> (Vec<ManifestResult>, Vec<Vec<u8>>) {
+    let (fit, rest) = ids.split_at(fitting(state, ids));
+    let mut out: Vec<ManifestResult> = fit.iter().map(|id| manifest_only(state, id)).collect();
+    cap_to_bytes(&mut out);
+    out.extend(rest.iter().map(|id| left_out(id)));
+    let me = state.node.id();
+    let mut recipients: Vec<&str> = out
+        .iter()
+        .flat_map(|r| r.relayed.iter().map(|e| e.recipient.as_str()))
+        .collect();
+    recipients.sort_unstable();
+    recipients.dedup();
+    let mut links = Vec::new();
+    for p in recipients {
+        let Ok(p) = Hash::parse(p, "node id") else {
+            continue;
+        };
+        let got = state.node.db.link_envelopes(&me, &p).unwrap_or_default();
+        links.extend(got);
+        if links.len() >= MAX_RELAYED_LINKS {
+            links.truncate(MAX_RELAYED_LINKS);
+            break;
+        }
+    }
+    (out, links)
+}
+
+/// One item of a blind caller's batch: its manifest as stored (the caller
+/// verifies it) with the envelopes to relay, or the problem (a malformed
+/// id, no such item).
+fn manifest_only(state: &ServerState, id: &str) -> ManifestResult {
+    let me = state.node.id();
+    let raw = Hash::parse(id, "content id").and_then(|cid| {
+        let raw = state
+            .node
+            .db
+            .manifest_raw(&cid)?
+            .ok_or_else(|| Error::not_found(format!("no item {cid} here")))?;
+        Ok((raw, state.node.db.envelopes_to_relay(&cid, &me)?))
+    });
+    match raw {
+        Ok((raw, relay)) => ManifestResult {
+            content_id: id.to_string(),
+            manifest: Some(SignedManifest {
+                body: raw.body,
+                signature: raw.signature,
+            }),
+            envelope: None,
+            seq: raw.seq,
+            problem: None,
+            no_key: false,
+            relayed: relay
+                .into_iter()
+                .map(|(recipient, wrapped_key)| Envelope {
+                    recipient,
+                    wrapped_key,
+                })
+                .collect(),
+        },
+        Err(e) => ManifestResult {
+            content_id: id.to_string(),
+            problem: Some(problem(&e)),
+            ..Default::default()
+        },
+    }
+}
+
+/// Replace the results past [`BATCH_BYTES`] of encoded answer by
+/// [`left_out`]: the estimate of [`fitting`] is an upper bound, but the
+/// message cap is hard, so the answer is measured anyway.
+fn cap_to_bytes(out: &mut [ManifestResult]) {
     let mut total = 0u64;
     let mut keep = out.len();
     for (n, r) in out.iter().enumerate() {
@@ -154,8 +243,6 @@ pub(super) fn manifests_for(
     for r in &mut out[keep..] {
         *r = left_out(&r.content_id);
     }
-    out.extend(rest.iter().map(|id| left_out(id)));
-    out
 }
 
 /// Prepare a batch over the cores (re-keying is RSA work), store its new
@@ -175,7 +262,7 @@ fn answer(
             Ok(p) if p.fresh => Some((
                 Hash::parse(id, "content id").ok()?,
                 recipient.clone(),
-                p.envelope.clone(),
+                p.envelope.clone()?,
             )),
             _ => None,
         })
@@ -310,7 +397,7 @@ fn result_for(
             // A concurrent call stored its own wrap first: return that one.
             None => {
                 if let Ok(Some(env)) = state.node.db.envelope(&cid, recipient) {
-                    p.envelope = env;
+                    p.envelope = Some(env);
                 }
                 p.seq = state.node.db.seq_of(&cid).ok().flatten().unwrap_or(p.seq);
             }
@@ -320,10 +407,26 @@ fn result_for(
         body: p.body,
         signature: p.signature,
     });
-    out.envelope = Some(Envelope {
-        recipient: recipient.to_string(),
-        wrapped_key: p.envelope,
-    });
     out.seq = p.seq;
+    match p.envelope {
+        Some(wrapped_key) => {
+            out.envelope = Some(Envelope {
+                recipient: recipient.to_string(),
+                wrapped_key,
+            })
+        }
+        // NOT_FOUND as before (a caller from before §2.3 skips the item);
+        // a newer one keeps the manifest, awaiting a key.
+        None => {
+            out.no_key = true;
+            out.problem = Some(problem(&Error::new(
+                Kind::NotFound,
+                format!(
+                    "this node holds no key for item {id}, so it cannot re-key it for you \
+                     (it mirrors it blind); its manifest is included"
+                ),
+            )));
+        }
+    }
     out
 }
