@@ -136,9 +136,7 @@ pub fn snapshot_file(data: &[u8]) {
         return;
     };
     let _ = repo::chunk_list(&m);
-    let repo = Repo {
-        root: "/nonexistent/repo".into(),
-    };
+    let repo = Repo::unopened("/nonexistent/repo".into());
     let dir = repo.snapshot_dir(&m.id);
     let mut names: Vec<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
     if let Some(i) = &m.identity {

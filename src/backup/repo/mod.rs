@@ -240,6 +240,13 @@ impl Repo {
         Ok(self.snapshot_dir(&m.id).join(name))
     }
 
+    /// A directory repository at `root`, unopened (the fuzz targets check
+    /// path confinement without a repository on disk).
+    #[cfg(fuzzing)]
+    pub(crate) fn unopened(root: PathBuf) -> Repo {
+        Repo { root, remote: None }
+    }
+
     /// Open an existing repository: a directory, or `s3://bucket/prefix`.
     pub fn open(root: &Path) -> Result<Repo> {
         Repo::open_as(root, false)
