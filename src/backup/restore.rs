@@ -109,7 +109,12 @@ pub(crate) fn restore(
     let (staging, mut guard) = make_staging(parent, dest)?;
     let paths = Paths::new(&staging);
     write_config(&repo, &meta, &paths, opts.chunks)?;
-    let store = super::bucket_of(&staging, true)?;
+    let store = super::bucket_of(&staging, true).map_err(|e| match opts.chunks {
+        None => e.context(
+            "the snapshot's node kept its chunks in an object store (pass --chunks local, or --chunks s3://…, to restore them elsewhere)",
+        ),
+        Some(_) => e,
+    })?;
     let local_chunks = if store.is_some() {
         0
     } else {
