@@ -161,3 +161,60 @@ async fn keys_come_from_the_publisher_and_bytes_from_the_blind_mirror() {
     assert_eq!(super::peer_entry(d_dir, &a_hex)["state"], "imported");
     drop((a, m));
 }
+
+/// A chain (issue 14, item 6): A → blind M → keyed C, and C re-keys for D.
+/// C was trusted by A before A published; A goes down after M mirrored it;
+/// C clones from M (its envelopes relayed); D, trusted by C and never known
+/// to A, clones from C, which re-keys each item for D under `L(C→D)`, and
+/// D reads every item byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_peer_of_a_blind_mirror_re_keys_for_its_own_peers() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let dirs = ["a", "m", "c", "d"].map(|n| tmp.path().join(n));
+    let [a_dir, m_dir, c_dir, d_dir] = &dirs;
+    let a_hex = init_cli(a_dir);
+    let mut a = Serve::start(a_dir);
+    let tf = tmp.path().join("token");
+    let c_hex = ok_at(c_dir, &["init"]).last_line();
+    fs::write(&tf, a.invite()).unwrap();
+    ok_at(c_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    let items: Vec<(String, Vec<u8>)> = (0..4u64)
+        .map(|i| {
+            let plain = data(700 + i, 12_000 + 2_000 * i as usize);
+            (put_cli(a_dir, &format!("chained-{i}"), &plain), plain)
+        })
+        .collect();
+    fs::write(&tf, ok_at(a_dir, &["invite", "--blind"]).last_line()).unwrap();
+    let m_hex = ok_at(m_dir, &["init"]).last_line();
+    ok_at(m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    assert!(a.terminate(30).success());
+
+    // C clones from the blind M (A is down) and reads everything.
+    ok_at(m_dir, &["peer", "add", &c_hex, "127.0.0.1:9"]);
+    let m = Serve::start(m_dir);
+    ok_at(c_dir, &["peer", "add", &m_hex, &m.addr]);
+    let o = ok_at(c_dir, &["clone", &m_hex]);
+    assert!(o.text().contains("cloned 4 items"), "{o:?}");
+    assert!(!o.text().contains("await a key"), "{o:?}");
+
+    // D, unknown to A, clones from C: C re-keys each item for D.
+    let d_hex = ok_at(d_dir, &["init"]).last_line();
+    ok_at(c_dir, &["peer", "add", &d_hex, "127.0.0.1:9"]);
+    let c = Serve::start(c_dir);
+    ok_at(d_dir, &["peer", "add", &c_hex, &c.addr]);
+    let o = ok_at(d_dir, &["clone", &c_hex]);
+    assert!(o.text().contains("cloned 4 items"), "{o:?}");
+    assert!(!o.text().contains("await a key"), "{o:?}");
+    for (id, plain) in &items {
+        assert_eq!(&ok_at(d_dir, &["get", id]).stdout, plain, "D reads {id}");
+    }
+    assert_eq!(count(c_dir, ENV_FOR, &d_hex), 4, "C re-keyed for D");
+    let links_from = "SELECT count(*) FROM link_keys WHERE sender = ?1";
+    assert!(count(d_dir, links_from, &c_hex) >= 1, "L(C→D)");
+    assert_eq!(count(d_dir, links_from, &a_hex), 0, "nothing from A");
+    // M still holds nothing of its own, and nothing for D.
+    assert_eq!(count(m_dir, ENV_FOR, &m_hex), 0);
+    assert_eq!(count(m_dir, ENV_FOR, &d_hex), 0);
+    drop((m, c));
+}
