@@ -10,7 +10,7 @@
 //! cannot be reached, or refuses, leaves its items awaiting a key, as
 //! before; this is a best effort that never fails the command.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use super::accept::fetch_links;
@@ -99,16 +99,11 @@ impl Replicator {
             if resp.caller_blind {
                 return Err(Error::denied("it serves this node blind"));
             }
-            let (results, left): (Vec<ManifestResult>, Vec<ManifestResult>) =
-                resp.results.into_iter().partition(|r| !left_out(r));
+            let (results, left) = answered(&asked, resp.results);
             if left.len() >= asked.len() {
                 return Err(Error::integrity("it answered none of the ids asked for"));
             }
-            rest.extend(
-                left.into_iter()
-                    .map(|r| r.content_id)
-                    .filter(|id| asked.contains(id)),
-            );
+            rest.extend(left);
             fetch_links(&self.node, &mut fed, publisher, &results).await;
             let node = self.node.clone();
             keyed += blocking(move || keep_envelopes(&node, results)).await?;
@@ -117,11 +112,27 @@ impl Replicator {
     }
 }
 
-/// A result the publisher left out of a full batch ("ask again").
-fn left_out(r: &ManifestResult) -> bool {
-    r.problem
-        .as_ref()
-        .is_some_and(|p| p.code == tonic::Code::ResourceExhausted as i32)
+/// Split an answer into the results to check and the ids the publisher
+/// left out of a full batch ("ask again"). Only ids asked for count, each
+/// once: a publisher cannot make this node check more than it asked.
+fn answered(asked: &[String], results: Vec<ManifestResult>) -> (Vec<ManifestResult>, Vec<String>) {
+    let mut open: HashSet<&str> = asked.iter().map(String::as_str).collect();
+    let (mut kept, mut left) = (Vec::new(), Vec::new());
+    for r in results {
+        if !open.remove(r.content_id.as_str()) {
+            continue;
+        }
+        let full = r
+            .problem
+            .as_ref()
+            .is_some_and(|p| p.code == tonic::Code::ResourceExhausted as i32);
+        if full {
+            left.push(r.content_id);
+        } else {
+            kept.push(r);
+        }
+    }
+    (kept, left)
 }
 
 /// The items held here without a key that their publisher may key, by
@@ -193,4 +204,37 @@ fn check_envelope(
     crypto::decrypt_meta(&key, &m.body().encrypted_meta)
         .map_err(|_| Error::integrity("it does not open the item"))?;
     Ok(cid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::Problem;
+
+    fn result(id: &str, code: Option<tonic::Code>) -> ManifestResult {
+        ManifestResult {
+            content_id: id.to_string(),
+            problem: code.map(|c| Problem {
+                code: c as i32,
+                message: String::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_ids_asked_count_each_once_and_full_ones_are_asked_again() {
+        let asked = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let results = vec![
+            result("a", None),
+            result("a", None),
+            result("x", None),
+            result("b", Some(tonic::Code::ResourceExhausted)),
+            result("c", Some(tonic::Code::NotFound)),
+        ];
+        let (kept, left) = answered(&asked, results);
+        let kept: Vec<&str> = kept.iter().map(|r| r.content_id.as_str()).collect();
+        assert_eq!(kept, ["a", "c"]);
+        assert_eq!(left, ["b"]);
+    }
 }
