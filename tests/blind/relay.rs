@@ -155,6 +155,7 @@ async fn keys_come_from_the_publisher_and_bytes_from_the_blind_mirror() {
     // A sent D its envelopes and link key, the TLS handshake and HTTP/2
     // framing: no chunk (each item is over 150 kB) and no manifest body.
     let from_a = px.down.load(Ordering::SeqCst);
+    eprintln!("A sent D {from_a} bytes for 3 items of over 150 kB");
     assert!(from_a > 0, "D asked A");
     assert!(from_a < 40_000, "A sent {from_a} bytes");
     // A is known to D only as imported from M's config, for review.
