@@ -2,12 +2,14 @@
 //! or sync leaves items here awaiting a key (they came from a blind mirror,
 //! which holds none for this node), ask each item's publisher for just the
 //! envelopes, with `GetManifests` and `envelopes_only`: no manifest body
-//! and no chunk crosses the wire again, the mirror already sent them.
+//! and no chunk crosses the wire again, the mirror already sent them. What
+//! the publishers could not give is asked of this node's other trusted
+//! peers (a keyed peer re-keys what it reads), a few at most.
 //!
-//! Everything a publisher sends is checked against the manifest stored
-//! here (verified when it was stored): an envelope is kept only if it is
-//! addressed to this node and opens the item's metadata. A publisher that
-//! cannot be reached, or refuses, leaves its items awaiting a key, as
+//! Everything a peer sends is checked against the manifest stored here
+//! (verified when it was stored): an envelope is kept only if it is
+//! addressed to this node and opens the item's metadata. A peer that
+//! cannot be reached, or refuses, leaves the items awaiting a key, as
 //! before; this is a best effort that never fails the command.
 
 use std::collections::{BTreeMap, HashSet};
@@ -31,35 +33,61 @@ const MAX_ITEMS: u32 = 20_000;
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Replicator {
-    /// Ask the publishers of the items this node holds without a key (not
-    /// the ones it mirrors blind by design) for its envelopes, except
-    /// `source`, which was just asked. Returns how many items became
+    /// Ask for this node's envelopes of the items it holds without a key
+    /// (not the ones it mirrors blind by design): each item's publisher
+    /// first, then, for what is still missing, this node's other trusted
+    /// peers (a keyed peer of the publisher re-keys what it reads, §2.4);
+    /// never `source`, which was just asked. Returns how many items became
     /// readable. Never fails: what cannot be had stays awaiting a key.
     pub(super) async fn keys_from_publishers(&self, source: &NodeId) -> u64 {
         let node = self.node.clone();
         let src = *source;
-        let wanted = blocking(move || awaiting_by_publisher(&node, &src)).await;
-        let wanted = match wanted {
-            Ok(w) => w,
+        let plan = match blocking(move || plan(&node, &src)).await {
+            Ok(p) => p,
             Err(e) => {
                 tracing::warn!("listing the items awaiting a key failed: {e}");
                 return 0;
             }
         };
+        let mut left: Vec<ContentId> = plan.unreachable;
         let mut keyed = 0;
-        for (publisher, (address, ids)) in wanted {
-            let n = ids.len();
-            match self.keys_from(&publisher, &address, ids).await {
-                Ok(k) => {
-                    tracing::info!(peer = %publisher.short(), "{k} of {n} item(s) awaiting a key got their key from their publisher");
-                    keyed += k;
-                }
-                Err(e) => {
-                    tracing::info!(peer = %publisher.short(), "{n} item(s) still await a key: their publisher could not give it ({e})");
-                }
+        for (publisher, (address, ids)) in plan.by_publisher {
+            let got = self
+                .ask(&publisher, &address, &ids, "their publisher")
+                .await;
+            keyed += got.len() as u64;
+            left.extend(ids.into_iter().filter(|c| !got.contains(c)));
+        }
+        for (peer, address) in plan.others {
+            if left.is_empty() {
+                break;
             }
+            let got = self.ask(&peer, &address, &left, "a trusted peer").await;
+            keyed += got.len() as u64;
+            left.retain(|c| !got.contains(c));
         }
         keyed
+    }
+
+    /// [`Self::keys_from`], logged: the ids that got their key.
+    async fn ask(
+        &self,
+        peer: &NodeId,
+        address: &str,
+        ids: &[ContentId],
+        who: &str,
+    ) -> HashSet<ContentId> {
+        let n = ids.len();
+        match self.keys_from(peer, address, ids.to_vec()).await {
+            Ok(got) => {
+                tracing::info!(peer = %peer.short(), "{} of {n} item(s) awaiting a key got it from {who}", got.len());
+                got
+            }
+            Err(e) => {
+                tracing::info!(peer = %peer.short(), "{n} item(s) still await a key: {who} could not give it ({e})");
+                HashSet::new()
+            }
+        }
     }
 
     /// The envelopes-only calls to one publisher, [`BATCH`] ids at a time;
@@ -70,13 +98,13 @@ impl Replicator {
         publisher: &NodeId,
         address: &str,
         ids: Vec<ContentId>,
-    ) -> Result<u64> {
+    ) -> Result<HashSet<ContentId>> {
         let ch = tokio::time::timeout(CALL_TIMEOUT, self.channel(publisher, address))
             .await
             .map_err(|_| Error::unavailable("the dial timed out"))??;
         let mut fed = client(ch);
         let mut rest: Vec<String> = ids.iter().map(|c| c.to_hex()).collect();
-        let mut keyed = 0;
+        let mut keyed = HashSet::new();
         while !rest.is_empty() {
             let tail = rest.split_off(BATCH.min(rest.len()));
             let asked = std::mem::replace(&mut rest, tail);
@@ -106,7 +134,7 @@ impl Replicator {
             rest.extend(left);
             fetch_links(&self.node, &mut fed, publisher, &results).await;
             let node = self.node.clone();
-            keyed += blocking(move || keep_envelopes(&node, results)).await?;
+            keyed.extend(blocking(move || keep_envelopes(&node, results)).await?);
         }
         Ok(keyed)
     }
@@ -135,39 +163,77 @@ fn answered(asked: &[String], results: Vec<ManifestResult>) -> (Vec<ManifestResu
     (kept, left)
 }
 
-/// The items held here without a key that their publisher may key, by
-/// publisher, with the address to reach it: not `source`, not a publisher
-/// that serves this node blind, revoked or without an address (§2.4).
-fn awaiting_by_publisher(
-    node: &Node,
-    source: &NodeId,
-) -> Result<BTreeMap<NodeId, (String, Vec<ContentId>)>> {
-    let mut out: BTreeMap<NodeId, (String, Vec<ContentId>)> = BTreeMap::new();
-    for (cid, publisher) in node.db.keyless_items(&node.id(), MAX_ITEMS)? {
-        if publisher == *source || publisher == node.id() {
-            continue;
-        }
-        if let Some((_, ids)) = out.get_mut(&publisher) {
-            ids.push(cid);
-            continue;
-        }
-        let Some(p) = node.db.peer(&publisher)? else {
-            continue;
-        };
-        let reachable = matches!(p.state, PeerState::Trusted | PeerState::Imported)
+/// Who to ask for the keys of the items held here without one.
+struct Plan {
+    /// By publisher, with the address to reach it.
+    by_publisher: BTreeMap<NodeId, (String, Vec<ContentId>)>,
+    /// Items whose publisher this node cannot reach (unknown, revoked, no
+    /// address, or the source just synced).
+    unreachable: Vec<ContentId>,
+    /// The other trusted peers to ask for what is left, at most
+    /// [`MAX_OTHERS`].
+    others: Vec<(NodeId, String)>,
+}
+
+/// Most trusted peers beyond the publishers asked in one command.
+const MAX_OTHERS: usize = 4;
+
+/// What [`Plan`] says, from the database: items of a publisher that serves
+/// this node blind are skipped (no key is meant for it); a publisher is
+/// asked if it is trusted or imported from a source's instance config,
+/// has an address and is not `source`; the others are trusted peers with an
+/// address that do not serve this node blind, not `source` (§2.4).
+fn plan(node: &Node, source: &NodeId) -> Result<Plan> {
+    let me = node.id();
+    let askable = |p: &crate::store::Peer, states: &[PeerState]| {
+        states.contains(&p.state)
             && !p.address.is_empty()
-            && p.role != Some(Level::Blind);
-        if reachable {
-            out.insert(publisher, (p.address, vec![cid]));
+            && p.role != Some(Level::Blind)
+            && p.node_id != *source
+            && p.node_id != me
+    };
+    let mut plan = Plan {
+        by_publisher: BTreeMap::new(),
+        unreachable: Vec::new(),
+        others: Vec::new(),
+    };
+    let mut peers: BTreeMap<NodeId, Option<crate::store::Peer>> = BTreeMap::new();
+    for (cid, publisher) in node.db.keyless_items(&me, MAX_ITEMS)? {
+        if let std::collections::btree_map::Entry::Vacant(e) = peers.entry(publisher) {
+            e.insert(node.db.peer(&publisher)?);
+        }
+        match &peers[&publisher] {
+            Some(p) if p.role == Some(Level::Blind) => {}
+            Some(p) if askable(p, &[PeerState::Trusted, PeerState::Imported]) => {
+                let entry = plan.by_publisher.entry(publisher);
+                entry
+                    .or_insert_with(|| (p.address.clone(), Vec::new()))
+                    .1
+                    .push(cid);
+            }
+            _ => plan.unreachable.push(cid),
         }
     }
-    Ok(out)
+    if plan.by_publisher.is_empty() && plan.unreachable.is_empty() {
+        return Ok(plan);
+    }
+    plan.others = node
+        .db
+        .peers()?
+        .into_iter()
+        .filter(|p| {
+            askable(p, &[PeerState::Trusted]) && !plan.by_publisher.contains_key(&p.node_id)
+        })
+        .take(MAX_OTHERS)
+        .map(|p| (p.node_id, p.address))
+        .collect();
+    Ok(plan)
 }
 
 /// Store the envelopes of `results` that are addressed to this node and
 /// open the metadata of the item's stored manifest; others are logged and
-/// dropped (the item stays awaiting a key). Returns how many were kept.
-fn keep_envelopes(node: &Node, results: Vec<ManifestResult>) -> Result<u64> {
+/// dropped (the item stays awaiting a key). Returns the items keyed.
+fn keep_envelopes(node: &Node, results: Vec<ManifestResult>) -> Result<Vec<ContentId>> {
     let me = node.id().to_hex();
     let mut rows = Vec::new();
     for r in results {
@@ -181,7 +247,8 @@ fn keep_envelopes(node: &Node, results: Vec<ManifestResult>) -> Result<u64> {
         }
     }
     let added = node.db.add_envelopes(&rows)?;
-    Ok(added.iter().filter(|s| s.is_some()).count() as u64)
+    let keyed = rows.into_iter().zip(added).filter(|(_, s)| s.is_some());
+    Ok(keyed.map(|((cid, _, _), _)| cid).collect())
 }
 
 /// That an envelope is ours and opens the stored, verified manifest of `id`.

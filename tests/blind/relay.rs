@@ -167,7 +167,8 @@ async fn keys_come_from_the_publisher_and_bytes_from_the_blind_mirror() {
 /// C was trusted by A before A published; A goes down after M mirrored it;
 /// C clones from M (its envelopes relayed); D, trusted by C and never known
 /// to A, clones from C, which re-keys each item for D under `L(C→D)`, and
-/// D reads every item byte for byte.
+/// D reads every item byte for byte. And E, trusted by M and C, clones
+/// from M with A down and gets its keys from C in the same command.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_peer_of_a_blind_mirror_re_keys_for_its_own_peers() {
     bitsync::tls::install_crypto_provider();
@@ -217,5 +218,27 @@ async fn a_keyed_peer_of_a_blind_mirror_re_keys_for_its_own_peers() {
     // M still holds nothing of its own, and nothing for D.
     assert_eq!(count(m_dir, ENV_FOR, &m_hex), 0);
     assert_eq!(count(m_dir, ENV_FOR, &d_hex), 0);
+
+    // E, trusted by M and C and unknown to A, clones from M while A is
+    // down: the publisher cannot be reached, so the same clone asks E's
+    // other trusted peer C for the envelopes (PROTOCOL.md §2.4).
+    let e_dir = tmp.path().join("e");
+    let e_hex = ok_at(&e_dir, &["init"]).last_line();
+    drop(m);
+    ok_at(m_dir, &["peer", "add", &e_hex, "127.0.0.1:9"]);
+    let m = Serve::start(m_dir);
+    ok_at(&e_dir, &["peer", "add", &m_hex, &m.addr]);
+    let mut c = c;
+    assert!(c.terminate(30).success());
+    ok_at(c_dir, &["peer", "add", &e_hex, "127.0.0.1:9"]);
+    let c = Serve::start(c_dir);
+    ok_at(&e_dir, &["peer", "add", &c_hex, &c.addr]);
+    let o = ok_at(&e_dir, &["clone", &m_hex]);
+    assert!(o.text().contains("cloned 4 items"), "{o:?}");
+    assert!(!o.text().contains("await a key"), "{o:?}");
+    for (id, plain) in &items {
+        assert_eq!(&ok_at(&e_dir, &["get", id]).stdout, plain, "E reads {id}");
+    }
+    assert_eq!(count(c_dir, ENV_FOR, &e_hex), 4, "C re-keyed for E");
     drop((m, c));
 }
