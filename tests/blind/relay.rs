@@ -242,3 +242,63 @@ async fn a_keyed_peer_of_a_blind_mirror_re_keys_for_its_own_peers() {
     assert_eq!(count(c_dir, ENV_FOR, &e_hex), 4, "C re-keyed for E");
     drop((m, c));
 }
+
+/// Watch through a blind mirror (issue 14): C (keyed by A) mirrors the blind
+/// M, which mirrors A; a new item on A reaches M blind and C readable, with
+/// C's envelope relayed by M. Then A revokes M: M's mirror stops, and what
+/// A publishes next never reaches M.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_items_reach_a_keyed_peer_through_a_blind_mirror_until_it_is_revoked() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let dirs = ["a", "m", "c"].map(|n| tmp.path().join(n));
+    let [a_dir, m_dir, c_dir] = &dirs;
+    let a_hex = init_cli(a_dir);
+    let a = Serve::start(a_dir);
+    let tf = tmp.path().join("token");
+    let c_hex = ok_at(c_dir, &["init"]).last_line();
+    fs::write(&tf, a.invite()).unwrap();
+    ok_at(c_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    put_cli(a_dir, "first", &data(800, 10_000));
+    fs::write(&tf, ok_at(a_dir, &["invite", "--blind"]).last_line()).unwrap();
+    let m_hex = ok_at(m_dir, &["init"]).last_line();
+    ok_at(m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    ok_at(m_dir, &["peer", "add", &a_hex, &a.addr, "--mirror"]);
+    ok_at(m_dir, &["peer", "add", &c_hex, "127.0.0.1:9"]);
+    let m = Serve::start(m_dir);
+    ok_at(c_dir, &["peer", "add", &m_hex, &m.addr, "--mirror"]);
+    let _c = Serve::start(c_dir);
+
+    let plain = data(801, 30_000);
+    let fresh = put_cli(a_dir, "through-m", &plain);
+    let every = std::time::Duration::from_millis(300);
+    let complete_on = |dir: &Path, id: &str| {
+        let ls = ls_json(dir);
+        ls.into_iter()
+            .find(|x| x["content_id"] == id && x["complete"] == true)
+    };
+    wait_for_every(60, every, "the new item on M, blind", || {
+        complete_on(m_dir, &fresh).filter(|x| x["blind"] == true)
+    });
+    wait_for_every(60, every, "the new item on C, readable", || {
+        complete_on(c_dir, &fresh).filter(|x| x["awaiting_key"] == false)
+    });
+    assert_eq!(ok_at(c_dir, &["get", &fresh]).stdout, plain);
+    assert_eq!(count(m_dir, ENV_FOR, &m_hex), 0);
+
+    ok_at(a_dir, &["peer", "revoke", &m_hex]);
+    wait_for(30, "M to log that its mirror of A stopped", || {
+        m.log()
+            .contains("the source revoked this node's trust")
+            .then_some(())
+    });
+    let late = put_cli(a_dir, "after-revoke", &data(802, 5_000));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        complete_on(m_dir, &late).is_none(),
+        "reached M after revocation"
+    );
+    let listed = ls_json(m_dir);
+    assert!(listed.iter().all(|x| x["content_id"] != late.as_str()));
+    drop(a);
+}
