@@ -302,3 +302,48 @@ async fn new_items_reach_a_keyed_peer_through_a_blind_mirror_until_it_is_revoked
     assert!(listed.iter().all(|x| x["content_id"] != late.as_str()));
     drop(a);
 }
+
+/// A mirror of a blind mirror asks the publisher for keys too (PROTOCOL.md
+/// §2.4, once per connection): D, whom A trusts but never met, mirrors M
+/// while A is up, and every item becomes readable without a command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_of_a_blind_mirror_gets_its_keys_from_the_publisher() {
+    bitsync::tls::install_crypto_provider();
+    let tmp = TempDir::new().unwrap();
+    let dirs = ["a", "m", "d"].map(|n| tmp.path().join(n));
+    let [a_dir, m_dir, d_dir] = &dirs;
+    let a_hex = init_cli(a_dir);
+    let items: Vec<(String, Vec<u8>)> = (0..2u64)
+        .map(|i| {
+            let plain = data(900 + i, 20_000);
+            (put_cli(a_dir, &format!("mirrored-{i}"), &plain), plain)
+        })
+        .collect();
+    let d_hex = ok_at(d_dir, &["init"]).last_line();
+    ok_at(a_dir, &["peer", "add", &d_hex, "127.0.0.1:9"]);
+    let a = Serve::start(a_dir);
+    let tf = tmp.path().join("token");
+    fs::write(&tf, ok_at(a_dir, &["invite", "--blind"]).last_line()).unwrap();
+    let m_hex = ok_at(m_dir, &["init"]).last_line();
+    ok_at(m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
+    ok_at(m_dir, &["peer", "add", &d_hex, "127.0.0.1:9"]);
+    let m = Serve::start(m_dir);
+    // D knows A as a trusted peer (no mirror of it) and mirrors M.
+    ok_at(d_dir, &["peer", "add", &a_hex, &a.addr]);
+    ok_at(d_dir, &["peer", "add", &m_hex, &m.addr, "--mirror"]);
+    let _d = Serve::start(d_dir);
+    let every = std::time::Duration::from_millis(300);
+    wait_for_every(60, every, "every item on D, readable", || {
+        let ls = ls_json(d_dir);
+        (ls.len() == items.len()
+            && ls
+                .iter()
+                .all(|x| x["complete"] == true && x["awaiting_key"] == false))
+        .then_some(())
+    });
+    for (id, plain) in &items {
+        assert_eq!(&ok_at(d_dir, &["get", id]).stdout, plain, "D reads {id}");
+    }
+    assert_eq!(count(m_dir, ENV_FOR, &d_hex), 0, "the keys came from A");
+    drop((a, m));
+}
