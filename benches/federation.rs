@@ -109,6 +109,7 @@ async fn get_all(
                 content_ids: batch.to_vec(),
                 envelope_format: bitsync::keyring::ENVELOPE_FORMAT,
                 caller_kem_key: kem.clone(),
+                envelopes_only: false,
             })
             .await
             .unwrap()

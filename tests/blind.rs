@@ -17,6 +17,8 @@ use tonic::Code;
 
 use crate::support::*;
 
+mod relay;
+
 /// The exit code of `get` on an item held without a key (src/error.rs).
 const NO_KEY_EXIT: i32 = 11;
 
@@ -275,11 +277,24 @@ impl BlindScene {
                 content_ids: self.items.iter().map(|(id, _, _)| id.clone()).collect(),
                 envelope_format: ENVELOPE_FORMAT,
                 caller_kem_key: Some(m_node.signed_kem_key()),
+                envelopes_only: false,
             })
             .await
             .unwrap()
             .into_inner();
         assert!(r.caller_blind);
+        // Asking for envelopes alone (PROTOCOL.md §2.4) is asking for keys.
+        let e = fed
+            .get_manifests(GetManifestsRequest {
+                content_ids: vec![self.items[0].0.clone()],
+                envelope_format: ENVELOPE_FORMAT,
+                caller_kem_key: None,
+                envelopes_only: true,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("blind peer"), "{e:?}");
         for x in &r.results {
             assert!(x.problem.is_none() && x.manifest.is_some(), "{x:?}");
             assert!(x.envelope.is_none(), "an envelope for a blind peer: {x:?}");
@@ -501,103 +516,4 @@ fn a_schema_3_database_migrates_to_trust_levels_in_place() {
     // A second open changes nothing more.
     run(&["ls"]);
     assert_eq!(version(), "4");
-}
-
-/// A publishes for C (known) and M (blind) mirrors it; with A down, C
-/// clones from M and reads everything (its envelopes relayed), and D (known
-/// to M only) gets everything verified, awaiting keys, until A trusts it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_down() {
-    bitsync::tls::install_crypto_provider();
-    let tmp = TempDir::new().unwrap();
-    let (a_dir, c_dir, m_dir) = (
-        tmp.path().join("a"),
-        tmp.path().join("c"),
-        tmp.path().join("m"),
-    );
-    let a_hex = init_cli(&a_dir);
-    let mut a = Serve::start(&a_dir);
-    // C joins A keyed before anything is published: A knows C's key, so
-    // every item gets an envelope for C at put.
-    let c_hex = ok_at(&c_dir, &["init"]).last_line();
-    let tf = tmp.path().join("token-c");
-    fs::write(&tf, a.invite()).unwrap();
-    ok_at(&c_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    let items: Vec<(String, Vec<u8>)> = (0..3u64)
-        .map(|i| {
-            let plain = data(300 + i, 15_000 + 1_000 * i as usize);
-            (put_cli(&a_dir, &format!("relayed-{i}"), &plain), plain)
-        })
-        .collect();
-    // M joins blind and clones A: C's envelopes and L(A→C) come along.
-    fs::write(&tf, ok_at(&a_dir, &["invite", "--blind"]).last_line()).unwrap();
-    let m_hex = ok_at(&m_dir, &["init"]).last_line();
-    ok_at(&m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    assert_eq!(count(&m_dir, ENV_FOR, &c_hex), 3, "C's envelopes, relayed");
-    assert_eq!(count(&m_dir, ENV_FOR, &m_hex), 0, "none for M itself");
-    let links = "SELECT count(*) FROM relayed_links WHERE recipient = ?1";
-    assert!(count(&m_dir, links, &c_hex) >= 1, "L(A→C), relayed");
-    assert_eq!(count(&m_dir, links, &m_hex), 0);
-    assert!(ls_json(&m_dir).iter().all(|i| i["blind"] == true));
-
-    // A goes away; C clones from M and reads every item byte for byte.
-    assert!(a.terminate(30).success());
-    ok_at(&m_dir, &["peer", "add", &c_hex, "127.0.0.1:9"]);
-    let m = Serve::start(&m_dir);
-    ok_at(&c_dir, &["peer", "add", &m_hex, &m.addr]);
-    let o = ok_at(&c_dir, &["clone", &m_hex]);
-    assert!(o.text().contains("cloned 3 items"), "{o:?}");
-    for (id, plain) in &items {
-        assert_eq!(&ok_at(&c_dir, &["get", id]).stdout, plain, "C reads {id}");
-    }
-    // C holds L(A→C) now, from M, and M still holds no key of its own.
-    let from_a = "SELECT count(*) FROM link_keys WHERE sender = ?1";
-    assert!(count(&c_dir, from_a, &a_hex) >= 1);
-    assert_eq!(count(&m_dir, ENV_FOR, &m_hex), 0);
-    let o = at(&m_dir, &["get", &items[0].0]);
-    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
-    for (_, plain) in &items {
-        assert!(files_holding(&m_dir, &plain[100..148]).is_empty());
-    }
-    a_stranger_awaits_its_keys(&tmp, (&a_dir, &m_dir), (&m_hex, &m.addr), &items);
-}
-
-/// D, never known to A, clones from M while A is down: every manifest and
-/// chunk is verified and stored, and the items await a key (PROTOCOL.md
-/// §2.3); A comes back and trusts D, whose next sync fetches only envelopes.
-fn a_stranger_awaits_its_keys(
-    tmp: &TempDir,
-    (a_dir, m_dir): (&Path, &Path),
-    (m_hex, m_addr): (&str, &str),
-    items: &[(String, Vec<u8>)],
-) {
-    let tf = tmp.path().join("token-d");
-    let d_dir = tmp.path().join("d");
-    let d_hex = ok_at(&d_dir, &["init"]).last_line();
-    ok_at(m_dir, &["peer", "add", &d_hex, "127.0.0.1:9"]);
-    ok_at(&d_dir, &["peer", "add", m_hex, m_addr]);
-    let o = ok_at(&d_dir, &["clone", m_hex]);
-    assert!(o.text().contains("cloned 3 items"), "{o:?}");
-    assert!(o.text().contains("3 items await a key"), "{o:?}");
-    let ls = ls_json(&d_dir);
-    assert!(
-        ls.iter()
-            .all(|i| i["awaiting_key"] == true && i["complete"] == true),
-        "{ls:?}"
-    );
-    let o = at(&d_dir, &["get", &items[0].0]);
-    assert_eq!(o.code, NO_KEY_EXIT, "{o:?}");
-    assert!(o.stderr.contains("awaits its key"), "{o:?}");
-    ok_at(&d_dir, &["verify"]);
-    // A comes back and trusts D: D's next sync fetches only the envelopes
-    // (no chunk byte is sent again), and every item reads.
-    let a = Serve::start(a_dir);
-    fs::write(&tf, a.invite()).unwrap();
-    let o = ok_at(&d_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    assert!(o.text().contains(", 0 bytes received"), "{o:?}");
-    assert!(!o.text().contains("await a key"), "{o:?}");
-    for (id, plain) in items {
-        assert_eq!(&ok_at(&d_dir, &["get", id]).stdout, plain, "D reads {id}");
-    }
-    drop(a);
 }

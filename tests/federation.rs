@@ -161,6 +161,7 @@ async fn get_manifests(fed: &mut Client, content_ids: Vec<String>) -> GetManifes
         content_ids,
         envelope_format: ENVELOPE_FORMAT,
         caller_kem_key: None,
+        envelopes_only: false,
     })
     .await
     .unwrap()
@@ -452,6 +453,7 @@ async fn jit_rekey_makes_one_envelope_per_item_and_peer() {
         content_ids: ids.clone(),
         envelope_format: ENVELOPE_FORMAT,
         caller_kem_key: None,
+        envelopes_only: false,
     };
     let (ra1, ra2, rb) = within(60, "concurrent GetManifests", async {
         let (mut x, mut y, mut z) = (fa1.clone(), fa2.clone(), fb.clone());
@@ -779,6 +781,7 @@ async fn untrusted_and_revoked_callers_are_denied() {
                     content_ids: vec![item.to_hex()],
                     envelope_format: ENVELOPE_FORMAT,
                     caller_kem_key: None,
+                    envelopes_only: false,
                 })
                 .await
             ),
@@ -1208,6 +1211,7 @@ async fn limits_are_resource_exhausted() {
             content_ids: ids(1001),
             envelope_format: ENVELOPE_FORMAT,
             caller_kem_key: None,
+            envelopes_only: false,
         })
         .await
         .unwrap_err();
@@ -1418,6 +1422,7 @@ async fn a_huge_id_is_not_echoed_whole_in_errors() {
             content_ids: vec![huge.clone()],
             envelope_format: ENVELOPE_FORMAT,
             caller_kem_key: None,
+            envelopes_only: false,
         })
         .await;
     let text = match r {

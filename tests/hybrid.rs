@@ -36,6 +36,7 @@ async fn get_manifests(
             content_ids: ids.iter().map(|i| i.to_hex()).collect(),
             envelope_format: ENVELOPE_FORMAT,
             caller_kem_key: kem,
+            envelopes_only: false,
         })
         .await?
         .into_inner();

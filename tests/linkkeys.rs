@@ -30,6 +30,7 @@ async fn envelopes(fed: &mut Client, ids: &[ContentId]) -> Vec<Vec<u8>> {
             content_ids: ids.iter().map(|i| i.to_hex()).collect(),
             envelope_format: ENVELOPE_FORMAT,
             caller_kem_key: None,
+            envelopes_only: false,
         })
         .await
         .unwrap()
@@ -155,6 +156,7 @@ async fn a_format_1_caller_is_refused_naming_the_version() {
             content_ids: vec![id.to_hex()],
             envelope_format: 0,
             caller_kem_key: None,
+            envelopes_only: false,
         })
         .await
         .unwrap_err();

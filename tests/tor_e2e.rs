@@ -2,7 +2,8 @@
 //! node A serves on an onion service (embedded arti); node B, dialing with
 //! embedded arti, joins A by an invite carrying the onion address, clones A
 //! over Tor, then mirrors A over Tor; node C clones A through the network's
-//! C tor client as an external SOCKS5 proxy.
+//! C tor client as an external SOCKS5 proxy. And a blind mirror (issue 14)
+//! hosted as an onion service serves a keyed peer the keys it relays.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -239,4 +240,82 @@ fn clone_and_mirror_over_private_tor() {
         },
     );
     assert_eq!(status(&a2)["onion_address"].as_str().unwrap(), onion);
+}
+
+/// Issue 14, over Tor: A (plain TCP) trusts C, keyed, before publishing; M
+/// joins A with a `--blind` token and mirrors it, then hosts an onion
+/// service; A goes down; C, dialing with embedded arti, clones from M's
+/// onion address and reads every item byte for byte (its envelopes and
+/// `L(A→C)` relayed by M, which holds no key of its own).
+#[test]
+fn an_onion_hosted_mirror_serves_keys_it_cannot_read() {
+    let net = tornet::Network::up(2);
+    let arti = net.ready();
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let [a, m, c] = ["a", "m", "c"].map(|n| tmp.path().join(n));
+    let arti_line = format!(
+        "arti_config = {:?}\nbootstrap_timeout_secs = 90\nconnect_timeout_secs = 60",
+        arti.to_str().unwrap()
+    );
+    ok_at(&a, &["init"]);
+    let mut a_node = Serve::start(&a);
+    init_tor_node(&c, &arti_line);
+    clone_retrying(&c, &a_node.invite());
+    let published: Vec<(String, Vec<u8>)> = (0..3u64)
+        .map(|i| {
+            let size = 40_000 + 250_000 * i as usize;
+            let id = publish(&a, &scratch, &format!("onion-{i}"), size);
+            (id, data(size as u64, size))
+        })
+        .collect();
+    // M joins blind (over TCP) and mirrors A; then A goes away.
+    init_tor_node(&m, &format!("enabled = true\n{arti_line}"));
+    let m_hex = ok_at(&m, &["id"])
+        .text()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let blind = ok_at(&a, &["invite", "--blind"]).last_line();
+    ok_at(&m, &["clone", &blind]);
+    assert!(a_node.terminate(30).success());
+
+    // M serves on its onion service; C clones from it over Tor.
+    let c_hex = ok_at(&c, &["id"])
+        .text()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    ok_at(&m, &["peer", "add", &c_hex, "127.0.0.1:9"]);
+    let _m_node = Serve::spawn(&m, &[], SERVE_LOG);
+    wait_until("M's onion address", Duration::from_secs(120), || {
+        status(&m)["onion_address"]
+            .as_str()
+            .is_some_and(|s| s.ends_with(".onion:7450"))
+    });
+    let onion = status(&m)["onion_address"].as_str().unwrap().to_string();
+    ok_at(&c, &["peer", "add", &m_hex, &onion]);
+    clone_retrying(&c, &m_hex);
+    let listed = items(&c);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(
+        listed.iter().all(|i| i["awaiting_key"] == false),
+        "{listed:?}"
+    );
+    for (id, plain) in &published {
+        let f = scratch.join(format!("{id}.c"));
+        ok_at(&c, &["get", id, "-o", f.to_str().unwrap()]);
+        assert!(std::fs::read(&f).unwrap() == *plain, "C reads {id}");
+    }
+    // M can read none of it.
+    for i in items(&m) {
+        assert_eq!(i["blind"], true, "{i:?}");
+    }
+    let o = at(&m, &["get", &published[0].0]);
+    assert_eq!(o.status.code(), Some(11), "{}", o.stderr);
 }

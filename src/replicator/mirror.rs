@@ -1,6 +1,8 @@
 //! Mirror supervision: one task per mirror source, keeping a `Watch` stream
 //! open, syncing on every event and reconciling every minute, retrying a lost
-//! connection with exponential backoff and jitter.
+//! connection with exponential backoff and jitter. Once per connection,
+//! after the first sync, it asks for the keys of items awaiting one
+//! (`keys`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -181,6 +183,10 @@ impl Replicator {
             Ok(())
         };
         synced(self.sync_peer(&peer, t).await)?;
+        // Keys for items awaiting one (PROTOCOL.md §2.4): once per
+        // connection, before the watch stream is open, so a slow or
+        // unreachable publisher never holds up its events.
+        self.keys_from_publishers(&source).await;
         let ch = self.channel(&source, &peer.address).await?;
         let cursor = super::sync::stored_cursor(&self.node, &source)?;
         let mut events = client(ch)

@@ -60,6 +60,8 @@
 //! - `planner`: what is missing, which items settled, how far the cursor
 //!   moves (synchronous, no I/O, unit-tested).
 //! - `accept`: manifest acceptance (signature, id, envelope).
+//! - `keys`: envelopes for items left awaiting a key, asked of their
+//!   publisher after a clone or sync (PROTOCOL.md §2.4).
 //! - `transfer`: chunk streams, the group-commit recorder, adopting
 //!   leftovers, local sources ([`ChunkSource`]) and the other trusted peers.
 //! - `mirror`: mirror supervision.
@@ -83,6 +85,7 @@ use crate::transport::Dialer;
 mod accept;
 mod instance;
 mod jobs;
+mod keys;
 mod mirror;
 mod planner;
 mod sync;
@@ -214,7 +217,11 @@ impl Replicator {
             format!("sync:{}", peer.to_hex()),
             "sync",
             peer.to_hex(),
-            move |me, t| async move { me.sync_peer(&p, &t).await?.fail_on_rejected(&p.node_id) },
+            move |me, t| async move {
+                let out = me.sync_peer(&p, &t).await?;
+                me.keys_from_publishers(&p.node_id).await;
+                out.fail_on_rejected(&p.node_id)
+            },
         ))
     }
 
@@ -287,9 +294,9 @@ impl Replicator {
                 "imported {imported} peer(s) from it for review (`bitsync peer ls`)"
             );
         }
-        self.sync_peer(&peer, t)
-            .await?
-            .fail_on_rejected(&peer.node_id)
+        let out = self.sync_peer(&peer, t).await?;
+        self.keys_from_publishers(&peer.node_id).await;
+        out.fail_on_rejected(&peer.node_id)
     }
 
     /// Redeem an invite: pin the inviter, join, trust it.

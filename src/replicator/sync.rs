@@ -283,6 +283,7 @@ impl PeerSync<'_> {
                     content_ids: ids,
                     envelope_format: crate::keyring::ENVELOPE_FORMAT,
                     caller_kem_key: Some(self.node().signed_kem_key()),
+                    envelopes_only: false,
                 })
                 .await
             {

@@ -278,6 +278,14 @@ impl Federation for FederationService {
         let req = req.into_inner();
         requests::check_envelope_format(req.envelope_format)?;
         let blind = level == Level::Blind;
+        if blind && req.envelopes_only {
+            tracing::warn!(peer = %caller.short(), "refused GetManifests for envelopes only from a blind peer: it is never given key material");
+            return Err(Status::permission_denied(format!(
+                "node {caller} is a blind peer of node {}: it is never given key material",
+                self.state.node.id()
+            )));
+        }
+        let envelopes_only = req.envelopes_only;
         // A blind caller's ML-KEM key is not even looked at: pinning it
         // would make a hybrid link key for it (PROTOCOL.md §4.4b).
         if !blind {
@@ -287,7 +295,7 @@ impl Federation for FederationService {
         let ids = req.content_ids;
         requests::check_manifest_batch(ids.len(), MAX_MANIFEST_BATCH)?;
         let state = self.state.clone();
-        let (results, relayed_links) = blocking(move || {
+        let (mut results, relayed_links) = blocking(move || {
             Ok(if blind {
                 batch::manifests_only(&state, &ids)
             } else {
@@ -298,6 +306,10 @@ impl Federation for FederationService {
             })
         })
         .await?;
+        if envelopes_only {
+            // The caller holds the manifests (PROTOCOL.md §2.4).
+            results.iter_mut().for_each(|r| r.manifest = None);
+        }
         let relay_sender_spki = if blind {
             self.state.node.identity.spki().to_vec()
         } else {

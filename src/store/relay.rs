@@ -73,6 +73,31 @@ impl Db {
         Ok(out)
     }
 
+    /// Up to `limit` items this node (`me`) holds without an envelope of
+    /// its own, each with its publisher: the items a keyed peer may still
+    /// give it a key for (PROTOCOL.md §2.4), by content id.
+    pub(crate) fn keyless_items(
+        &self,
+        me: &NodeId,
+        limit: u32,
+    ) -> Result<Vec<(ContentId, NodeId)>> {
+        let c = self.r();
+        let mut st = c.prepare(
+            "SELECT m.content_id, m.publisher FROM manifests m WHERE NOT EXISTS
+               (SELECT 1 FROM envelopes e WHERE e.content_id = m.content_id AND e.recipient = ?1)
+             ORDER BY m.content_id LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![me.to_hex(), limit], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (cid, p) = row?;
+            out.push((hex_id(cid, "content id")?, hex_id(p, "node id")?));
+        }
+        Ok(out)
+    }
+
     /// Keep link envelopes to relay (already checked: made by the node
     /// whose key is `sender_spki`, for another recipient). Returns how many
     /// were new.
