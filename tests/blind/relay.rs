@@ -12,6 +12,9 @@ use tempfile::TempDir;
 use super::{count, files_holding, init_cli, put_cli, ENV_FOR, NO_KEY_EXIT};
 use crate::support::*;
 
+/// Items A publishes before its blind mirror clones it (the count).
+const ITEMS: usize = 50;
+
 /// A publishes for C (known) and M (blind) mirrors it; with A down, C
 /// clones from M and reads everything (its envelopes relayed), and D (known
 /// to M only) gets everything verified, awaiting keys, until A trusts it.
@@ -32,9 +35,10 @@ async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_do
     let tf = tmp.path().join("token-c");
     fs::write(&tf, a.invite()).unwrap();
     ok_at(&c_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    let items: Vec<(String, Vec<u8>)> = (0..3u64)
+    // The 50 items, small, so the 50 puts and reads stay quick.
+    let items: Vec<(String, Vec<u8>)> = (0..ITEMS as u64)
         .map(|i| {
-            let plain = data(300 + i, 15_000 + 1_000 * i as usize);
+            let plain = data(300 + i, 1_000 + 100 * i as usize);
             (put_cli(&a_dir, &format!("relayed-{i}"), &plain), plain)
         })
         .collect();
@@ -42,7 +46,11 @@ async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_do
     fs::write(&tf, ok_at(&a_dir, &["invite", "--blind"]).last_line()).unwrap();
     let m_hex = ok_at(&m_dir, &["init"]).last_line();
     ok_at(&m_dir, &["clone", "--token-file", tf.to_str().unwrap()]);
-    assert_eq!(count(&m_dir, ENV_FOR, &c_hex), 3, "C's envelopes, relayed");
+    assert_eq!(
+        count(&m_dir, ENV_FOR, &c_hex),
+        ITEMS as i64,
+        "C's envelopes, relayed"
+    );
     assert_eq!(count(&m_dir, ENV_FOR, &m_hex), 0, "none for M itself");
     let links = "SELECT count(*) FROM relayed_links WHERE recipient = ?1";
     assert!(count(&m_dir, links, &c_hex) >= 1, "L(A→C), relayed");
@@ -55,7 +63,7 @@ async fn a_blind_mirror_relays_each_keyed_peers_envelopes_while_the_origin_is_do
     let m = Serve::start(&m_dir);
     ok_at(&c_dir, &["peer", "add", &m_hex, &m.addr]);
     let o = ok_at(&c_dir, &["clone", &m_hex]);
-    assert!(o.text().contains("cloned 3 items"), "{o:?}");
+    assert!(o.text().contains(&format!("cloned {ITEMS} items")), "{o:?}");
     for (id, plain) in &items {
         assert_eq!(&ok_at(&c_dir, &["get", id]).stdout, plain, "C reads {id}");
     }
@@ -86,8 +94,11 @@ fn a_stranger_awaits_its_keys(
     ok_at(m_dir, &["peer", "add", &d_hex, "127.0.0.1:9"]);
     ok_at(&d_dir, &["peer", "add", m_hex, m_addr]);
     let o = ok_at(&d_dir, &["clone", m_hex]);
-    assert!(o.text().contains("cloned 3 items"), "{o:?}");
-    assert!(o.text().contains("3 items await a key"), "{o:?}");
+    assert!(o.text().contains(&format!("cloned {ITEMS} items")), "{o:?}");
+    assert!(
+        o.text().contains(&format!("{ITEMS} items await a key")),
+        "{o:?}"
+    );
     let ls = ls_json(&d_dir);
     assert!(
         ls.iter()
