@@ -229,40 +229,27 @@ impl Objects {
             .open(dest)
             .ctx(format!("creating {}", dest.display()))?;
         let (store, k) = (self.store.clone(), key.clone());
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(4);
-        let fetch = std::thread::scope(|s| {
-            let writer = s.spawn(move || -> Result<u64> {
-                let mut n = 0u64;
-                for piece in rx {
-                    out.write_all(&piece)
-                        .ctx(format!("writing {}", dest.display()))?;
-                    n += piece.len() as u64;
-                }
-                out.sync_all().ctx(format!("syncing {}", dest.display()))?;
-                Ok(n)
-            });
-            let fetched = run(async move {
-                use futures::StreamExt;
-                let r = store.get(&k).await?;
-                if r.meta.size > max {
-                    return Ok(Err(r.meta.size));
-                }
-                let mut stream = r.into_stream();
-                while let Some(piece) = stream.next().await {
-                    if tx.send(piece?).is_err() {
-                        break; // the writer failed; its error is the one to report
-                    }
-                }
-                Ok(Ok(()))
-            });
-            let written = writer.join().expect("the download writer panicked");
-            (fetched, written)
-        });
-        match fetch {
-            (Err(e), _) => Err(self.error(e, &key)),
-            (Ok(Err(size)), _) => Err(self.too_big(&key, size, max)),
-            (Ok(Ok(())), written) => written,
+        let r = run(async move { store.get(&k).await }).map_err(|e| self.error(e, &key))?;
+        if r.meta.size > max {
+            return Err(self.too_big(&key, r.meta.size, max));
         }
+        // Piece by piece: each is awaited on the runtime, written here.
+        let mut stream = r.into_stream();
+        let mut n = 0u64;
+        loop {
+            let (piece, back) = run(async move {
+                use futures::StreamExt;
+                (stream.next().await, stream)
+            });
+            stream = back;
+            let Some(piece) = piece else { break };
+            let piece = piece.map_err(|e| self.error(e, &key))?;
+            out.write_all(&piece)
+                .ctx(format!("writing {}", dest.display()))?;
+            n += piece.len() as u64;
+        }
+        out.sync_all().ctx(format!("syncing {}", dest.display()))?;
+        Ok(n)
     }
 
     /// The metadata of the object at `rel`; `None` if there is none.

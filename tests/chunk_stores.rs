@@ -472,11 +472,17 @@ fn backup_restore_and_clone_instance_of_a_bucket_node() {
     // every object is kept, nothing is uploaded again.
     let same = tmp.path().join("same");
     let objects_before = s3().keys(&url, "chunks").len();
+    let modified = |hex: &String| s3().last_modified(&S3::chunk_key(&url, hex));
+    let stamps: Vec<String> = recorded.iter().map(modified).collect();
+    // Last-Modified counts seconds: a PUT from here on would change it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     run(bitsync(&same)
         .args(["restore", "--repo", repo_arg])
         .envs(pass))
     .ok("restore into the snapshot's bucket");
     assert_eq!(s3().keys(&url, "chunks").len(), objects_before);
+    let after: Vec<String> = recorded.iter().map(modified).collect();
+    assert_eq!(after, stamps, "the restore uploaded chunks the bucket held");
     assert_items(&same, &ids, &items);
 
     // Into a new bucket prefix, and into a local chunk dir.

@@ -448,6 +448,12 @@ impl S3 {
         })
     }
 
+    /// An object's Last-Modified time (a PUT of the same bytes changes it).
+    pub fn last_modified(&self, key: &str) -> String {
+        let (c, k) = (self.client(&self.endpoint), Key::from(key));
+        block(async move { c.head(&k).await.unwrap().last_modified.to_rfc3339() })
+    }
+
     /// Write an object behind the node's back.
     pub fn put(&self, key: &str, bytes: Vec<u8>) {
         let (c, k) = (self.client(&self.endpoint), Key::from(key));

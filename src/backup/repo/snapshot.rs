@@ -198,14 +198,14 @@ fn copy_new_chunks(
     // In an object store, one listing says what is there (a HEAD per chunk
     // would cost a round trip each).
     let present = repo.remote().map(|r| r.present_chunks()).transpose()?;
-    let list: Vec<_> = match &present {
+    let list: std::borrow::Cow<[_]> = match &present {
         Some(p) => facts
             .chunks
             .iter()
             .filter(|(c, size)| p.get(&c.to_hex()) != Some(size))
             .copied()
             .collect(),
-        None => facts.chunks.clone(),
+        None => facts.chunks.as_slice().into(),
     };
     let job = CopyJob {
         src,
