@@ -277,12 +277,14 @@ pub fn get(
         Output::File(path) => {
             let tmp = temp_sibling(path);
             let result = (|| -> Result<u64> {
-                let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
+                let f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
                 let n = {
                     // Small chunks are gathered into writes of one piece;
                     // a whole piece passes straight through.
-                    let mut w =
-                        std::io::BufWriter::with_capacity(crate::durable::WRITE_PIECE, &mut f);
+                    let mut w = std::io::BufWriter::with_capacity(
+                        crate::durable::WRITE_PIECE,
+                        crate::durable::EarlyWriteback::new(&f),
+                    );
                     let n = decrypt_to(node, &m, &key, &mut w, progress)?;
                     w.flush().ctx(format!("writing {}", tmp.display()))?;
                     n

@@ -78,6 +78,8 @@ impl Backend for Dir {
             let mut f = fs::File::create(&tmp).ctx(format!("creating {}", tmp.display()))?;
             crate::durable::write_in_pieces(&mut f, data)
                 .ctx(format!("writing chunk {}", tmp.display()))?;
+            // The batch's syncfs comes later; let the disk start now.
+            crate::durable::start_writeback(&f, 0, 0);
             drop(f);
             if !dir.exists() {
                 fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
