@@ -202,7 +202,7 @@ fn put_and_verify(tmp: &TempDir, mb: u64, rounds: usize) {
             } else {
                 measure(bench::bitsync(&d).arg("init"));
             }
-            warm(&input);
+            bench::warm_file(&input);
             sync_all();
             let p: Run = measure(bench::bitsync(&d).arg("put").arg(&input));
             puts.push(p.wall);
@@ -240,10 +240,3 @@ fn put_and_verify(tmp: &TempDir, mb: u64, rounds: usize) {
     }
 }
 
-/// Read a file once so it sits in the page cache.
-fn warm(path: &Path) {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    while f.read(&mut buf).unwrap() > 0 {}
-}

@@ -13,17 +13,12 @@
 //! 4. `bitsync put IN`                — into a freshly initialized data dir
 //! 5. `bitsync get ID -o OUT`         — from that data dir
 //!
-//! Before every timed step the outputs of the previous step are removed, a
-//! scratch file of the input's size is written and deleted, `sync()` runs so
-//! no step pays for another's write-back, and the input is read once (page
-//! cache equally warm for every contender). The scratch file gives every step
-//! the same just-freed memory to write its output into: on a VM with free
-//! page reporting (virtio-balloon, as here) memory freed for a few seconds
-//! goes back to the host, and a step that writes into it pays the host's
-//! page faults inside its page-cache copy (2-3 × the write cost, measured in
-//! docs/BENCHMARKS.md), which would otherwise fall on whichever step runs
-//! after the longest pause. The median of the rounds is reported. Peak RSS
-//! and CPU times come from wait4(2)'s rusage.
+//! Before every timed step the outputs of the previous step are removed, the
+//! ground is levelled ([`support::bench::level`]: the same just-freed memory
+//! for every step, and `sync()` so none pays for another's write-back), and
+//! the input is read once (page cache equally warm for every contender). The
+//! median of the rounds is reported. Peak RSS and CPU times come from
+//! wait4(2)'s rusage.
 //!
 //! Environment:
 //! - `BITSYNC_BENCH_MB`      input size in MiB (default 1024)
@@ -42,26 +37,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::bench::{bin, bitsync, env_usize, measure, sync_all, Run};
+use support::bench::{self, bin, bitsync, env_usize, measure, warm_file, Run};
 use support::DataReader;
 
 const MIB: u64 = 1024 * 1024;
 
-/// Level the ground for the next timed step (see the module doc): a scratch
-/// copy of `input` written and deleted, everything synced, `input` warm.
-fn level(input: &Path) {
-    let scratch = input.with_extension("scratch");
-    fs::copy(input, &scratch).unwrap();
-    fs::remove_file(&scratch).unwrap();
-    sync_all();
-    warm(input);
-}
-
-/// Read a file once so it sits in the page cache.
-fn warm(path: &Path) {
-    let mut f = File::open(path).unwrap();
-    let mut buf = vec![0u8; 4 << 20];
-    while f.read(&mut buf).unwrap() > 0 {}
+/// Level the ground for the next timed step, then warm the input.
+fn level(input: &Path, bytes: u64) {
+    bench::level(input.parent().unwrap(), bytes);
+    warm_file(input);
 }
 
 fn make_input(path: &Path, bytes: u64) {
@@ -129,13 +113,13 @@ fn main() {
     for round in 1..=rounds {
         // cp
         let _ = fs::remove_file(&out);
-        level(&input);
+        level(&input, bytes);
         let r = measure(Command::new("cp").arg(&input).arg(&out));
         cp.add(&r, bytes);
         fs::remove_file(&out).unwrap();
 
         // cp + sync of the copy (coreutils `sync FILE` fsyncs that file)
-        level(&input);
+        level(&input, bytes);
         let r = measure(
             Command::new("sh")
                 .arg("-c")
@@ -148,7 +132,7 @@ fn main() {
         fs::remove_file(&out).unwrap();
 
         // cat + sync: the write(2) path get takes
-        level(&input);
+        level(&input, bytes);
         let r = measure(
             Command::new("sh")
                 .arg("-c")
@@ -163,14 +147,14 @@ fn main() {
         // put, into a fresh data dir
         let _ = fs::remove_dir_all(&data);
         measure(bitsync(&data).arg("init"));
-        level(&input);
+        level(&input, bytes);
         let r = measure(bitsync(&data).arg("put").arg(&input));
         let id = r.stdout.lines().last().unwrap_or("").trim().to_string();
         assert_eq!(id.len(), 64, "put printed no content id: {:?}", r.stdout);
         put.add(&r, bytes);
 
         // get
-        level(&input);
+        level(&input, bytes);
         let r = measure(bitsync(&data).arg("get").arg(&id).arg("-o").arg(&out));
         assert_eq!(
             fs::metadata(&out).unwrap().len(),

@@ -9,8 +9,9 @@
 //!     source chunks are read once (page cache equally warm), the previous
 //!     outputs are removed and `sync()` runs. The clone is durable when it
 //!     ends (syncfs before chunks are recorded); rsync and cp are not, so they
-//!     are also shown followed by `sync`. Memory is touched once before the
-//!     rounds (see [`warm_memory`]). Median of the rounds. Peak RSS: the
+//!     are also shown followed by `sync`. Before each, the ground is levelled
+//!     ([`bench::level`]: the same just-freed memory for every contender).
+//!     Median of the rounds. Peak RSS: the
 //!     VmHWM of both nodes (the cloner's polled every 10 ms until it exits).
 //!     Targets: clone ≤ 1.0× rsync, ≤ 1.5× cp -r, RSS ≤ 100 MiB each.
 //! (b) mirror lag: a mirror node follows the source; a 1 MiB item is
@@ -60,34 +61,6 @@ use support::bench::{self, bench_dir, env_usize, measure, proc_kib, sync_all};
 use support::*;
 
 const MIB: u64 = 1024 * 1024;
-
-/// Touch and free `bytes` of memory once, before anything is timed. A VM
-/// whose memory the host backs lazily (this one is a Firecracker VM) charges
-/// the first touch of each page several times the cost of the copy into it
-/// (here a first 1 GiB written into the page cache went at 404 MB/s, the
-/// next ones at 2.5 GB/s); without this, whichever contender runs first pays
-/// for the whole machine's warm-up.
-fn warm_memory(bytes: u64) {
-    let avail = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024;
-    let n = bytes.min(avail / 2) as usize;
-    let t = Instant::now();
-    let v = vec![1u8; n];
-    std::hint::black_box(&v);
-    drop(v);
-    println!(
-        "  warm-up: touched {:.1} GiB of memory in {:.1} s",
-        n as f64 / (1u64 << 30) as f64,
-        secs(t.elapsed())
-    );
-}
 
 fn cli(dir: &Path, args: &[&str]) -> String {
     measure(bench::bitsync(dir).args(args)).stdout
@@ -204,7 +177,6 @@ fn clone_bench() {
         "  setup: {i} items published in {:.1} s (not part of the figures)",
         secs(t.elapsed())
     );
-    warm_memory(4 * mb * MIB);
     let served = Serve::spawn(&a, &["--listen", "127.0.0.1:0"], "warn");
 
     // rsync daemon serving the source's chunk dir.
@@ -242,8 +214,8 @@ fn clone_bench() {
     for r in 0..rounds {
         // rsync
         let dst = tmp.path().join(format!("rsync-{r}"));
+        bench::level(tmp.path(), mb * MIB);
         warm(&chunks);
-        sync_all();
         let d0 = proc_cpu(daemon_pid, true);
         let run1 = measure(
             Command::new("rsync")
@@ -261,8 +233,8 @@ fn clone_bench() {
 
         // cp -r
         let dst = tmp.path().join(format!("cp-{r}"));
+        bench::level(tmp.path(), mb * MIB);
         warm(&chunks);
-        sync_all();
         let run2 = measure(Command::new("cp").arg("-r").arg(&chunks).arg(&dst));
         let s0 = Instant::now();
         sync_all();
@@ -285,8 +257,8 @@ fn clone_bench() {
             )
             .unwrap();
         drop(bn);
+        bench::level(tmp.path(), mb * MIB);
         warm(&chunks);
-        sync_all();
         let s0 = proc_cpu(served.pid(), false);
         let run3 = measure(bench::bitsync(&b).args(["clone", &a_id]));
         assert!(

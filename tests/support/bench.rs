@@ -75,6 +75,37 @@ pub fn sync_all() {
     unsafe { libc::sync() };
 }
 
+/// Level the ground for the next timed step: write a scratch file of
+/// `bytes` in `dir`, delete it, and sync(2). Every step then finds the same
+/// amount of just-freed memory for the page cache of what it writes. On a VM
+/// with free page reporting (virtio-balloon, as the CI machine is), memory
+/// freed for a few seconds goes back to the host, and writing into it costs
+/// the host's page faults inside the kernel's copy (2-3 × the write itself,
+/// docs/BENCHMARKS.md), which would otherwise fall on whichever contender
+/// runs after the longest pause or first.
+pub fn level(dir: &Path, bytes: u64) {
+    use std::io::Write;
+    let path = dir.join(".bench-level-scratch");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let piece = vec![0x5au8; 256 << 10];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(piece.len() as u64) as usize;
+        f.write_all(&piece[..n]).unwrap();
+        left -= n as u64;
+    }
+    drop(f);
+    std::fs::remove_file(&path).unwrap();
+    sync_all();
+}
+
+/// Read a file once so it sits in the page cache.
+pub fn warm_file(path: &Path) {
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 4 << 20];
+    while f.read(&mut buf).unwrap() > 0 {}
+}
+
 /// What one measured run took.
 pub struct Run {
     pub wall: Duration,
