@@ -19,7 +19,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -239,4 +238,3 @@ fn put_and_verify(tmp: &TempDir, mb: u64, rounds: usize) {
         }
     }
 }
-

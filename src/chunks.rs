@@ -84,7 +84,7 @@ trait Backend: Send + Sync + std::fmt::Debug {
     /// all; durable once [`sync`](Self::sync) returns. Returns the stamp of
     /// what was placed when the write tells it for free (`None`: it would
     /// take another request).
-    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Option<Stamp>>;
+    fn place(&self, id: &ChunkId, data: &[u8], reread: Reread) -> Result<Option<Stamp>>;
     fn sync(&self) -> Result<()>;
     /// The stored bytes, unchecked, with the stamp taken before they were
     /// read; an Integrity error from [`oversized`] if larger than any chunk.
@@ -93,6 +93,19 @@ trait Backend: Send + Sync + std::fmt::Debug {
     /// Move the chunk to quarantine; `false` if it was not there.
     fn quarantine(&self, id: &ChunkId) -> Result<bool>;
     fn remove(&self, id: &ChunkId) -> Result<()>;
+}
+
+/// Whether a chunk being placed is likely to be read again soon: a local
+/// store keeps it in the page cache then, and writes it straight to the disk
+/// otherwise (chunks/local.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reread {
+    /// A chunk this node just made (`put`): a `get` or a peer's fetch of
+    /// what was just published is the common next step.
+    Soon,
+    /// A chunk copied in from a peer or a repository: a clone or a restore
+    /// stores far more than anything reads back soon.
+    Later,
 }
 
 fn oversized(id: &ChunkId, len: u64) -> Error {
@@ -149,13 +162,13 @@ impl Chunks {
                 "chunk {id} has the wrong content (its hash is {actual})"
             )));
         }
-        self.backend.place(id, data)
+        self.backend.place(id, data, Reread::Later)
     }
 
     /// Write a chunk this node just made; its id is computed here, once.
     pub(crate) fn write_new(&self, data: &[u8]) -> Result<(ChunkId, Option<Stamp>)> {
         let id = Hash::of(data);
-        let stamp = self.backend.place(&id, data)?;
+        let stamp = self.backend.place(&id, data, Reread::Soon)?;
         Ok((id, stamp))
     }
 

@@ -8,7 +8,7 @@
 //! atomic (an object is visible whole or not at all) and durable once it
 //! returns, so there is no temp object and [`Backend::sync`] has nothing to do.
 
-use super::{Backend, Stamp, MAX_CHUNK_BYTES};
+use super::{Backend, Reread, Stamp, MAX_CHUNK_BYTES};
 use crate::crypto::{ChunkId, Hash};
 use crate::error::{Error, Result};
 use crate::objects::{BucketSpec, ObjectMeta, Objects};
@@ -95,7 +95,7 @@ impl Backend for Bucket {
     /// No stamp: a PUT's answer lacks the Last-Modified time a stamp
     /// holds, and a HEAD per chunk to learn it would cost a round trip on
     /// every write. The first send or scrub pass records the check instead.
-    fn place(&self, id: &ChunkId, data: &[u8]) -> Result<Option<Stamp>> {
+    fn place(&self, id: &ChunkId, data: &[u8], _: Reread) -> Result<Option<Stamp>> {
         self.objects
             .put(&Self::chunk_key(id), data.to_vec())
             .map(|()| None)
