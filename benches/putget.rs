@@ -12,6 +12,8 @@
 //!    (cp may hand the copy to the kernel whole: copy_file_range, no page copy)
 //! 4. `bitsync put IN`                — into a freshly initialized data dir
 //! 5. `bitsync get ID -o OUT`         — from that data dir
+//! 6. `openssl dgst -sha256` of that data dir's chunk files (through xargs)
+//! 7. `bitsync verify`                — of that data dir (the same chunk files)
 //!
 //! Before every timed step the outputs of the previous step are removed, the
 //! ground is levelled ([`support::bench::level`]: the same just-freed memory
@@ -26,7 +28,8 @@
 //! - `BITSYNC_BENCH_DIR`     where to put the files (default: cargo's target tmp dir)
 //! - `BITSYNC_BENCH_BIN`     the bitsync binary to measure (default: the one cargo built)
 //!
-//! Targets (issue 15): put ≥ 0.5 × `cp`+`sync`, get ≥ 0.5 × `cat`+`sync`;
+//! Targets (issue 15): put ≥ 0.5 × `cp`+`sync`, get ≥ 0.5 × `cat`+`sync`,
+//! verify ≥ 0.8 × `openssl dgst`;
 //! peak RSS < 64 MiB (an earlier issue's bound).
 
 #[path = "../tests/support/mod.rs"]
@@ -109,7 +112,8 @@ fn main() {
     eprintln!("putget: binary {}", bin().display());
     make_input(&input, bytes);
 
-    let [mut cp, mut cp_sync, mut cat_sync, mut put, mut get]: [Series; 5] = Default::default();
+    let [mut cp, mut cp_sync, mut cat_sync, mut put, mut get, mut dgst, mut verify]: [Series; 7] =
+        Default::default();
     for round in 1..=rounds {
         // cp
         let _ = fs::remove_file(&out);
@@ -120,27 +124,16 @@ fn main() {
 
         // cp + sync of the copy (coreutils `sync FILE` fsyncs that file)
         level(&input, bytes);
-        let r = measure(
-            Command::new("sh")
-                .arg("-c")
-                .arg("cp \"$1\" \"$2\" && sync \"$2\"")
-                .arg("sh")
-                .arg(&input)
-                .arg(&out),
-        );
+        let r = measure(&mut sh("cp \"$1\" \"$2\" && sync \"$2\"", &[&input, &out]));
         cp_sync.add(&r, bytes);
         fs::remove_file(&out).unwrap();
 
         // cat + sync: the write(2) path get takes
         level(&input, bytes);
-        let r = measure(
-            Command::new("sh")
-                .arg("-c")
-                .arg("cat \"$1\" > \"$2\" && sync \"$2\"")
-                .arg("sh")
-                .arg(&input)
-                .arg(&out),
-        );
+        let r = measure(&mut sh(
+            "cat \"$1\" > \"$2\" && sync \"$2\"",
+            &[&input, &out],
+        ));
         cat_sync.add(&r, bytes);
         fs::remove_file(&out).unwrap();
 
@@ -170,14 +163,25 @@ fn main() {
             );
         }
         fs::remove_file(&out).unwrap();
+
+        // openssl dgst, then verify, of the same (warm) chunk files
+        level(&input, bytes);
+        warm_dir(&data.join("chunks"));
+        let dgst_all = "find \"$1\" -path '*/chunks/??/*' -type f -print0 | xargs -0 openssl dgst -sha256 > /dev/null";
+        let r = measure(&mut sh(dgst_all, &[&data]));
+        dgst.add(&r, bytes);
+        let r = measure(bitsync(&data).arg("verify"));
+        verify.add(&r, bytes);
         fs::remove_dir_all(&data).unwrap();
         eprintln!(
-            "putget: round {round}: cp {:.0}, cp+sync {:.0}, cat+sync {:.0}, put {:.0}, get {:.0} MB/s",
+            "putget: round {round}: cp {:.0}, cp+sync {:.0}, cat+sync {:.0}, put {:.0}, get {:.0}, openssl dgst {:.0}, verify {:.0} MB/s",
             cp.mbps.last().unwrap(),
             cp_sync.mbps.last().unwrap(),
             cat_sync.mbps.last().unwrap(),
             put.mbps.last().unwrap(),
-            get.mbps.last().unwrap()
+            get.mbps.last().unwrap(),
+            dgst.mbps.last().unwrap(),
+            verify.mbps.last().unwrap()
         );
     }
 
@@ -192,6 +196,8 @@ fn main() {
         ("cat + sync", &cat_sync),
         ("bitsync put", &put),
         ("bitsync get", &get),
+        ("openssl dgst -sha256 (chunk files)", &dgst),
+        ("bitsync verify", &verify),
     ] {
         println!(
             "| {name} | {:.0} | {:.2} | {:.2} | {:.2} | {:.1} |",
@@ -215,6 +221,11 @@ fn main() {
         "get / (cat+sync) = {gr:.2}  (target >= 0.5: {})",
         verdict(gr >= 0.5)
     );
+    let vr = verify.mbps() / dgst.mbps();
+    println!(
+        "verify / dgst    = {vr:.2}  (target >= 0.8: {})",
+        verdict(vr >= 0.8)
+    );
     let (prss, grss) = (put.rss_kib as f64 / 1024.0, get.rss_kib as f64 / 1024.0);
     println!(
         "peak RSS put     = {prss:.1} MiB  (target < 64: {})",
@@ -224,6 +235,20 @@ fn main() {
         "peak RSS get     = {grss:.1} MiB  (target < 64: {})",
         verdict(grss < 64.0)
     );
+}
+
+/// `sh -c SCRIPT sh ARGS…`: the arguments are `$1`, `$2`, … in the script.
+fn sh(script: &str, args: &[&Path]) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).arg("sh").args(args);
+    c
+}
+
+/// Read every file under `dir` once (page cache warm).
+fn warm_dir(dir: &Path) {
+    for f in support::walk(dir) {
+        warm_file(&f);
+    }
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {
