@@ -40,7 +40,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::bench::{self, bin, bitsync, env_usize, measure, warm_file, Run};
+use support::bench::{self, bin, bitsync, env_usize, measure, warm_dir, warm_file, Run};
 use support::DataReader;
 
 const MIB: u64 = 1024 * 1024;
@@ -242,13 +242,6 @@ fn sh(script: &str, args: &[&Path]) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c").arg(script).arg("sh").args(args);
     c
-}
-
-/// Read every file under `dir` once (page cache warm).
-fn warm_dir(dir: &Path) {
-    for f in support::walk(dir) {
-        warm_file(&f);
-    }
 }
 
 fn files_equal(a: &Path, b: &Path) -> bool {

@@ -125,22 +125,6 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
-/// Read every file under `dir` once (page cache warm for every contender).
-fn warm(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut buf = vec![0u8; 4 << 20];
-    for e in walk(dir) {
-        let mut f = std::fs::File::open(&e).unwrap();
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-    }
-    total
-}
-
 fn main() {
     bitsync::tls::install_crypto_provider();
     let want = bench::selection();
@@ -215,7 +199,7 @@ fn clone_bench() {
         // rsync
         let dst = tmp.path().join(format!("rsync-{r}"));
         bench::level(tmp.path(), mb * MIB);
-        warm(&chunks);
+        bench::warm_dir(&chunks);
         let d0 = proc_cpu(daemon_pid, true);
         let run1 = measure(
             Command::new("rsync")
@@ -234,7 +218,7 @@ fn clone_bench() {
         // cp -r
         let dst = tmp.path().join(format!("cp-{r}"));
         bench::level(tmp.path(), mb * MIB);
-        warm(&chunks);
+        bench::warm_dir(&chunks);
         let run2 = measure(Command::new("cp").arg("-r").arg(&chunks).arg(&dst));
         let s0 = Instant::now();
         sync_all();
@@ -258,7 +242,7 @@ fn clone_bench() {
             .unwrap();
         drop(bn);
         bench::level(tmp.path(), mb * MIB);
-        warm(&chunks);
+        bench::warm_dir(&chunks);
         let s0 = proc_cpu(served.pid(), false);
         let run3 = measure(bench::bitsync(&b).args(["clone", &a_id]));
         assert!(
